@@ -1,0 +1,147 @@
+"""Result records of an analysis, shared by the CLI, the Slicer logic and the tests.
+
+Coordinates: world positions are stored in both LPS (SimpleITK / DICOM convention,
+used internally) and RAS (3D Slicer convention) millimetres.  RAS = (-L, -P, S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Nodule type labels (radiological composition estimate).
+NODULE_TYPES = ("solid", "part-solid", "ground-glass")
+
+#: Standard terminology of a nodule segment, as a 3D Slicer ``TerminologyEntry``
+#: string: category "Morphologically Altered Structure" (SCT 49755003),
+#: type "Nodule" (SCT 27925004), anatomic region "Lung" (SCT 39607008).
+NODULE_TERMINOLOGY = (
+    "Segmentation category and type - 3D Slicer General Anatomy list"
+    "~SCT^49755003^Morphologically Altered Structure"
+    "~SCT^27925004^Nodule"
+    "~^^"
+    "~Anatomic codes - DICOM master list"
+    "~SCT^39607008^Lung"
+    "~^^"
+)
+
+
+@dataclass
+class NetworkOutput:
+    """What one network says about one nodule.
+
+    Attributes:
+        network_id: one of :data:`NoduleMTLLib.NETWORK_IDS`.
+        malignancy_probability: P(malignant) in [0, 1].
+        sign_probabilities: radiological sign name -> probability in [0, 1].
+        dice_with_final: Dice of this network's own mask with the reported mask
+            (1.0 when it is the only network).
+    """
+
+    network_id: str
+    malignancy_probability: float
+    sign_probabilities: dict[str, float] = field(default_factory=dict)
+    dice_with_final: float | None = None
+
+
+@dataclass
+class NoduleResult:
+    """One analysed nodule.
+
+    Attributes:
+        id: 1-based nodule number (also the label value in ``labels.nrrd``).
+        point_lps_mm / point_ras_mm: the clicked point, world mm.
+        found: False when no nodule was segmented at the point (then the
+            measurements are None and ``mask`` is empty).
+        mask: bool array on the CT grid, numpy order (z, y, x) = (k, j, i).
+        diameter_mm: longest axial diameter (mm) over all axial slices.
+        short_axis_mm: longest diameter perpendicular to it on the same slice (mm).
+        volume_mm3: segmented volume (mm^3).
+        mean_hu: mean CT value inside the mask (HU).
+        solid_fraction: fraction of mask voxels >= -300 HU.
+        type: one of :data:`NODULE_TYPES` (heuristic, see ``postprocess.nodule_type``).
+        centroid_lps_mm: mask centroid (world LPS mm).
+        networks: network id -> :class:`NetworkOutput`.
+        message: human-readable note (e.g. why nothing was found).
+    """
+
+    id: int
+    point_lps_mm: tuple[float, float, float]
+    found: bool
+    mask: np.ndarray | None = None
+    diameter_mm: float | None = None
+    short_axis_mm: float | None = None
+    volume_mm3: float | None = None
+    mean_hu: float | None = None
+    solid_fraction: float | None = None
+    type: str | None = None
+    centroid_lps_mm: tuple[float, float, float] | None = None
+    networks: dict[str, NetworkOutput] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def label_value(self) -> int:
+        """Voxel value of this nodule in the label map (= ``id``)."""
+        return self.id
+
+    @property
+    def point_ras_mm(self) -> tuple[float, float, float]:
+        x, y, z = self.point_lps_mm
+        return (-x, -y, z)
+
+    @property
+    def name(self) -> str:
+        return f"Nodule {self.id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (no mask)."""
+        d = {
+            "id": self.id,
+            "label_value": self.label_value if self.found else None,
+            "name": self.name,
+            "found": self.found,
+            "point_ras_mm": [round(float(v), 3) for v in self.point_ras_mm],
+            "point_lps_mm": [round(float(v), 3) for v in self.point_lps_mm],
+            "centroid_lps_mm": None if self.centroid_lps_mm is None else [round(float(v), 3) for v in self.centroid_lps_mm],
+            "diameter_mm": _r(self.diameter_mm),
+            "short_axis_mm": _r(self.short_axis_mm),
+            "volume_mm3": _r(self.volume_mm3),
+            "mean_hu": _r(self.mean_hu),
+            "solid_fraction": _r(self.solid_fraction, 3),
+            "type": self.type,
+            "networks": {k: {kk: vv for kk, vv in asdict(v).items() if kk != "network_id"} for k, v in self.networks.items()},
+            "message": self.message,
+        }
+        return d
+
+
+def _r(v, nd=2):
+    return None if v is None else round(float(v), nd)
+
+
+@dataclass
+class AnalysisResult:
+    """All nodules of one run on one CT.
+
+    Attributes:
+        input: description of the input (path, size (i, j, k), spacing mm, origin LPS mm, direction).
+        run: description of the run (networks, device, version, timings s).
+        nodules: list of :class:`NoduleResult`, ``id`` 1..N in order.
+    """
+
+    input: dict[str, Any]
+    run: dict[str, Any]
+    nodules: list[NoduleResult]
+
+    def label_array(self, shape_zyx: tuple[int, int, int]) -> np.ndarray:
+        """uint16 label map (z, y, x): voxel value = nodule id; later nodules do not overwrite earlier ones."""
+        lab = np.zeros(shape_zyx, dtype=np.uint16)
+        for n in self.nodules:
+            if n.found and n.mask is not None:
+                lab[(n.mask) & (lab == 0)] = n.id
+        return lab
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": self.input, "run": self.run, "nodules": [n.to_dict() for n in self.nodules]}
