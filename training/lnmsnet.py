@@ -1,0 +1,127 @@
+"""Training and evaluation recipe for LNMSNet on ``lidc_slices`` (2D, four readers' masks).
+
+Segmentation target: the readers' >= 50 % consensus mask.  Classification target: see
+``training.data.malignancy_label`` (ratings 2.5-3.5 excluded from the loss and from AUC).
+Loss: BCE + soft Dice (segmentation) + ``cls_loss_weight`` x BCE (malignancy), joint
+training as in the paper (weights not given in the abstract; we use 1 and 0.5).
+Optimiser AdamW, linear warm-up then cosine decay (not specified in the paper).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from NoduleMTLLib.aggregation import nodule_logit_from_slices, sigmoid
+from NoduleMTLLib.metrics import binary_classification_stats, dice
+from NoduleMTLLib.networks.lnmsnet import LNMSNet
+from NoduleMTLLib.preprocessing import normalize_slices
+from training.augment import sample_batch
+from training.data import load_slice_nodules, load_split
+from training.losses import masked_bce, seg_loss
+
+
+def _lr_at(epoch_float: float, cfg: dict) -> float:
+    w = cfg["warmup_epochs"]
+    if epoch_float < w:
+        return cfg["lr"] * max(0.05, epoch_float / w)
+    t = (epoch_float - w) / max(1e-9, cfg["epochs"] - w)
+    return cfg["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.inference_mode()
+def evaluate_nodules(model: torch.nn.Module, nodules, cfg: dict, batch: int = 64) -> dict:
+    """Nodule-level evaluation on the network grid (centred, no augmentation).
+
+    Dice: per nodule over the whole slice stack (prediction > 0.5 vs resampled consensus),
+    then mean/median over nodules.  Malignancy: area-weighted slice logits
+    (``NoduleMTLLib.aggregation``), ACC/SEN/SPE/AUC over nodules with label 0/1.
+    """
+    model.eval()
+    dices, labels, probs = [], [], []
+    for nd in nodules:
+        s = len(nd.image)
+        x, y = sample_batch(list(nd.image), list(nd.consensus), [nd.spacing_mm] * s,
+                            cfg["input_size_px"], cfg["input_spacing_mm"], rng=None)
+        segs, logits = [], []
+        for i in range(0, s, batch):
+            sg, lg = model(normalize_slices(x[i:i + batch]))
+            segs.append(torch.sigmoid(sg)); logits.append(lg)
+        seg = torch.cat(segs)[:, 0].numpy() > 0.5
+        lg = torch.cat(logits).numpy()
+        dices.append(dice(seg, y[:, 0].numpy() > 0.5))
+        if nd.label >= 0:
+            labels.append(nd.label)
+            probs.append(float(sigmoid(nodule_logit_from_slices(lg, seg.reshape(s, -1).sum(1)))))
+    cls = binary_classification_stats(labels, probs)
+    return {"n_nodules": len(nodules), "dice_mean": float(np.mean(dices)), "dice_median": float(np.median(dices)),
+            "dices": [round(d, 4) for d in dices], "classification": cls, "probs": probs, "labels": labels}
+
+
+def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = None, log=print) -> Path:
+    """Train LNMSNet; resumes from ``out_dir/last.pt`` if present. Returns the best checkpoint path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.get("threads", 2))
+    torch.manual_seed(cfg["seed"])
+    split = load_split()
+    tr = load_slice_nodules(data_dir, set(split["train"]))
+    va = load_slice_nodules(data_dir, set(split["val"]))
+    if limit_nodules:
+        tr, va = tr[:limit_nodules], va[: max(4, limit_nodules // 4)]
+    log(f"train nodules {len(tr)} (slices {sum(len(n.image) for n in tr)}), val nodules {len(va)}")
+    model = LNMSNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    start, best, history = 0, -1.0, []
+    last = out_dir / "last.pt"
+    if last.exists():
+        ck = torch.load(last, weights_only=False)
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"])
+        start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
+        log(f"resumed from epoch {start}")
+    rng = np.random.default_rng(cfg["seed"] + start)
+    for epoch in range(start, cfg["epochs"]):
+        model.train()
+        t0 = time.time()
+        items = []
+        for ni, nd in enumerate(tr):
+            has = np.nonzero(nd.consensus.reshape(len(nd.image), -1).any(1))[0]
+            for _ in range(cfg["samples_per_nodule_per_epoch"]):
+                if len(has) and rng.random() < cfg["p_slice_with_mask"]:
+                    items.append((ni, int(rng.choice(has))))
+                else:
+                    items.append((ni, int(rng.integers(len(nd.image)))))
+        rng.shuffle(items)
+        nb = len(items) // cfg["batch_size"]
+        losses = []
+        for b in range(nb):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(epoch + b / nb, cfg)
+            chunk = items[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]]
+            x, y = sample_batch([tr[i].image[k] for i, k in chunk], [tr[i].consensus[k] for i, k in chunk],
+                                [tr[i].spacing_mm for i, _ in chunk], cfg["input_size_px"], cfg["input_spacing_mm"], rng,
+                                cfg["max_shift_mm"], tuple(cfg["zoom_range"]), cfg["p_zoom_out"])
+            # classification only on slices that show the nodule
+            lab = torch.tensor([tr[i].label if tr[i].consensus[k].any() else -1 for i, k in chunk])
+            seg, cls = model(normalize_slices(x))
+            loss = seg_loss(seg, y) + cfg["cls_loss_weight"] * masked_bce(cls, lab)
+            opt.zero_grad(); loss.backward(); opt.step()
+            losses.append(float(loss.detach()))
+        ev = evaluate_nodules(model, va, cfg)
+        score = ev["dice_mean"] + (ev["classification"]["auc"] if not math.isnan(ev["classification"]["auc"]) else 0)
+        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice_mean": ev["dice_mean"],
+               "val_auc": ev["classification"]["auc"], "val_acc": ev["classification"]["accuracy"],
+               "epoch_s": round(time.time() - t0, 1)}
+        history.append(rec)
+        log(json.dumps(rec))
+        if score > best:
+            best = score
+            torch.save({"model": model.state_dict(), "epoch": epoch, "val": rec, "config": cfg}, out_dir / "best.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best": best,
+                    "history": history, "config": cfg}, out_dir / "tmp_last.pt")
+        (out_dir / "tmp_last.pt").replace(last)
+    return out_dir / "best.pt"
