@@ -1,0 +1,94 @@
+"""``nodulemtl``: the command line of NoduleMTL.
+
+    nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks lnmsnet]
+                         [--device auto|cpu|cuda] --out DIR
+
+CT is an image file (NRRD, NIfTI, MetaImage) or a DICOM series folder.  Points are world
+millimetres, RAS (as 3D Slicer shows them) unless ``--lps``.  Writes DIR/labels.nrrd,
+DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing.
+Exit codes: 0 success, 1 bad input / weights / device / output folder, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _progress_bar(disable: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", disable=disable, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed} {postfix}")
+
+    def cb(fraction: float, message: str):
+        bar.n = int(round(100 * fraction)); bar.set_postfix_str(message); bar.refresh()
+
+    return bar, cb
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .device import DEVICE_CHOICES
+
+    ap = argparse.ArgumentParser(prog="nodulemtl", description="Pulmonary nodule segmentation and characterisation on chest CT.")
+    ap.add_argument("--version", action="version", version=f"NoduleMTL {__import__('NoduleMTLLib').__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("analyze", help="segment and characterise the nodule at each clicked point")
+    a.add_argument("ct", help="CT image file (.nrrd, .nii[.gz], .mha/.mhd) or DICOM series folder")
+    a.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"), required=True,
+                   help="world point in mm (RAS unless --lps); repeat for several nodules")
+    a.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
+    a.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
+    a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from .device import DeviceError
+    from .io import InputError, ras_to_lps, read_ct
+    from .outputs import OutputError, prepare_output_dir, write_outputs
+    from .pipeline import analyze_points
+    from .registry import WeightsError
+
+    try:
+        t0 = time.perf_counter()
+        nets = [n.strip() for n in args.networks.split(",") if n.strip()]
+        out_existed = __import__("os").path.isdir(args.out)
+        prepare_output_dir(args.out)  # fail fast on an unwritable folder
+        try:
+            ct = read_ct(args.ct)
+            pts = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point]
+            bar, cb = _progress_bar(args.quiet)
+            try:
+                res = analyze_points(ct, pts, network_ids=nets, device=args.device, progress=cb)
+            finally:
+                bar.close()
+            write_outputs(res, ct, args.out)
+        except BaseException:
+            if not out_existed:  # we created it: leave nothing behind
+                import shutil
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
+    except (InputError, WeightsError, DeviceError, OutputError, KeyError) as e:
+        print(f"nodulemtl: error: {e}", file=sys.stderr)
+        return 1
+    n_found = sum(n.found for n in res.nodules)
+    for n in res.nodules:
+        if n.found:
+            probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
+            print(f"Nodule {n.id}: {n.diameter_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.volume_mm3:.0f} mm3, {n.type}, "
+                  f"mean {n.mean_hu:.0f} HU; P(malignant): {probs}")
+        else:
+            print(f"Nodule {n.id}: not found ({n.message})")
+    print(f"{n_found}/{len(res.nodules)} nodules segmented on {res.run['device']} in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Writing an analysis to a folder: labels.nrrd, segmentation.seg.nrrd, nodules.json, nodules.csv.
+
+All files are first written into a hidden temporary folder beside the output folder and
+moved into place only when every one of them was written: a failure leaves no partial
+output (files of an earlier run in the folder are replaced only on success).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import CTVolume, ijk_to_lps_matrix
+from .results import NODULE_TERMINOLOGY, AnalysisResult
+
+OUTPUT_FILES = ("labels.nrrd", "segmentation.seg.nrrd", "nodules.json", "nodules.csv")
+
+#: Per-nodule segment colours (RGB 0-1), cycled.
+SEGMENT_COLORS = [(0.95, 0.35, 0.2), (0.2, 0.6, 0.95), (0.95, 0.8, 0.2), (0.55, 0.85, 0.3),
+                  (0.8, 0.4, 0.9), (0.3, 0.85, 0.8), (0.95, 0.55, 0.7), (0.6, 0.6, 0.6)]
+
+
+class OutputError(OSError):
+    """The output folder cannot be created or written."""
+
+
+def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` if needed and check it is writable (before any computation).
+
+    Raises OutputError with the reason.
+    """
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"Output path {p} exists and is not a folder")
+    created = not p.exists()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".nodulemtl-probe-", dir=p)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        if created:
+            shutil.rmtree(p, ignore_errors=True)
+        raise OutputError(f"Cannot write to output folder {p}: {e.strerror or e}") from None
+    return p
+
+
+def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
+    """Header and rows of nodules.csv (one row per nodule, per-network columns)."""
+    nets = list(result.run.get("networks", []))
+    head = ["id", "label_value", "found", "point_ras_mm", "diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu",
+            "solid_fraction", "type"] + [f"networks.{n}.malignancy_probability" for n in nets] + ["message"]
+    rows = []
+    for nd in result.nodules:
+        d = nd.to_dict()
+        row = {k: d.get(k) for k in head if not k.startswith("networks.")}
+        row["point_ras_mm"] = " ".join(f"{v:.2f}" for v in nd.point_ras_mm)
+        for n in nets:
+            row[f"networks.{n}.malignancy_probability"] = d["networks"].get(n, {}).get("malignancy_probability")
+        rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    return head, rows
+
+
+def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
+    """slicerio segmentation (voxels i, j, k) cropped to the nodules, with terminology and result tags."""
+    import slicerio
+
+    found = [n for n in result.nodules if n.found and n.mask is not None]
+    full = ijk_to_lps_matrix(ct.image)
+    if found:
+        union = np.logical_or.reduce([n.mask for n in found])
+        zz, yy, xx = np.nonzero(union)
+        lo = np.array([xx.min(), yy.min(), zz.min()]); hi = np.array([xx.max(), yy.max(), zz.max()]) + 1
+    else:
+        lo, hi = np.zeros(3, int), np.ones(3, int)
+    shift = np.eye(4); shift[:3, 3] = lo
+    seg = slicerio.create_segmentation(tuple(int(v) for v in hi - lo), full @ shift)
+    seg["referenceImageExtentOffset"] = [int(v) for v in lo]
+    term = slicerio.segmentation.terminology_entry_from_string(NODULE_TERMINOLOGY)
+    for nd in found:
+        sub = nd.mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].transpose(2, 1, 0)
+        d = nd.to_dict()
+        tags = {f"NoduleMTL.{k}": d[k] for k in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "type") if d[k] is not None}
+        for nid, o in d["networks"].items():
+            if o.get("malignancy_probability") is not None:
+                tags[f"NoduleMTL.{nid}.malignancy_probability"] = o["malignancy_probability"]
+        slicerio.add_segment(seg, sub, {
+            "id": f"nodule_{nd.id}", "name": nd.name,
+            "color": list(SEGMENT_COLORS[(nd.id - 1) % len(SEGMENT_COLORS)]),
+            "terminology": term, "tags": {k: str(v) for k, v in tags.items()},
+        })
+    # one label value per nodule in the single layer, whatever slicerio chose
+    return seg
+
+
+def write_outputs(result: AnalysisResult, ct: CTVolume, out_dir: str | os.PathLike) -> list[Path]:
+    """Write the four outputs atomically (see module docstring). Returns their paths.
+
+    Raises OutputError if the folder cannot be written.
+    """
+    import slicerio
+
+    out = prepare_output_dir(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".nodulemtl-tmp-", dir=out))
+    try:
+        lab = sitk.GetImageFromArray(result.label_array(ct.shape_zyx))
+        lab.CopyInformation(ct.image)
+        sitk.WriteImage(lab, str(tmp / "labels.nrrd"), True)
+        slicerio.write_segmentation(str(tmp / "segmentation.seg.nrrd"), segmentation_dict(result, ct), compression_level=1)
+        (tmp / "nodules.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        head, rows = csv_rows(result)
+        buf = _io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=head)
+        w.writeheader(); w.writerows(rows)
+        (tmp / "nodules.csv").write_text(buf.getvalue())
+        paths = []
+        for name in OUTPUT_FILES:
+            os.replace(tmp / name, out / name)
+            paths.append(out / name)
+        return paths
+    except OSError as e:
+        raise OutputError(f"Cannot write outputs to {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,198 @@
+"""Click -> ROI -> network -> mask on the CT grid -> measurements.
+
+``analyze_points`` is the single entry point used by the ``nodulemtl`` command, the
+Slicer module's logic and the tests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .aggregation import nodule_logit_from_slices, sigmoid
+from .device import resolve_device
+from .io import CTVolume, InputError
+from .postprocess import component_near, measure_nodule
+from .preprocessing import normalize_slices
+from .registry import NETWORKS, load_network
+from .results import AnalysisResult, NetworkOutput, NoduleResult
+from .roi import PatchGrid, extract_patch, patch_to_ct_region, slice_axis_spacing
+
+Progress = Callable[[float, str], None]
+
+#: Zoom ladder of the click path: the patch is re-run at 2x and 4x the input spacing
+#: when the nodule touches the patch border, so masses larger than the 77 mm field of
+#: view are not clipped (up to 307 mm).
+ZOOMS = (1.0, 2.0, 4.0)
+#: Probability threshold of the segmentation.
+THRESHOLD = 0.5
+#: How far (mm) from the click the nearest segmented component may lie.
+MAX_CLICK_DISTANCE_MM = 5.0
+#: Below this HU a voxel is air for the outside-body check.
+AIR_HU = -500.0
+
+
+@dataclass
+class ClickOutput:
+    """One network's answer for one click: ``mask`` on the CT grid (bool z, y, x) or None."""
+
+    mask: np.ndarray | None
+    malignancy_probability: float
+    sign_probabilities: dict
+    zoom: float
+    message: str = ""
+
+
+class Click2DNetwork:
+    """Runs a 2D slice network (LNMSNet) on an axial stack around a click.
+
+    Args:
+        network_id: registry id; model: loaded torch module in eval mode; device: torch device.
+    """
+
+    def __init__(self, network_id: str, model: torch.nn.Module, device: torch.device, batch: int = 32):
+        spec = NETWORKS[network_id].input_spec
+        self.network_id, self.model, self.device, self.batch = network_id, model, device, batch
+        self.size, self.spacing = int(spec["size_px"]), float(spec["spacing_mm"])
+
+    def grid(self, ct: CTVolume, point_lps, zoom: float) -> PatchGrid:
+        sxy = self.spacing * zoom
+        sz = max(slice_axis_spacing(ct), sxy)
+        nz = int(math.ceil(self.size * sxy / sz)) | 1  # odd: the click lies on the middle slice
+        return PatchGrid(tuple(float(v) for v in point_lps), (self.size, self.size, nz), (sxy, sxy, sz))
+
+    @torch.inference_mode()
+    def run_patch(self, hu_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(prob (z, y, x) float32, slice logits (z,)) for an HU patch."""
+        x = torch.from_numpy(hu_zyx)[:, None]
+        probs, logits = [], []
+        for i in range(0, len(x), self.batch):
+            xb = normalize_slices(x[i:i + self.batch]).to(self.device)
+            seg, cls = self.model(xb)
+            probs.append(torch.sigmoid(seg)[:, 0].float().cpu()); logits.append(cls.float().cpu())
+        return torch.cat(probs).numpy(), torch.cat(logits).numpy()
+
+    def analyze(self, ct: CTVolume, point_lps) -> ClickOutput:
+        for zoom in ZOOMS:
+            g = self.grid(ct, point_lps, zoom)
+            prob, logits = self.run_patch(extract_patch(ct, g))
+            center = tuple((n - 1) / 2 for n in g.size_xyz[::-1])
+            comp = component_near(prob > THRESHOLD, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
+            if not comp.any():
+                return ClickOutput(None, float("nan"), {}, zoom, "no nodule segmented at this point")
+            touches = comp[:, 0, :].any() or comp[:, -1, :].any() or comp[:, :, 0].any() or comp[:, :, -1].any() \
+                or comp[0].any() or comp[-1].any()
+            if not touches or zoom == ZOOMS[-1]:
+                break
+        # probability map restricted to the chosen component, back on the CT grid
+        region, sl = patch_to_ct_region(np.where(comp, prob, 0.0), g, ct)
+        mask = np.zeros(ct.shape_zyx, bool)
+        if region.size:
+            mask[sl] = region > THRESHOLD
+        # keep the CT-grid component at/near the click
+        seed = ct.world_lps_to_index(point_lps)[::-1]
+        mask = component_near(mask, seed, ct.spacing[::-1], MAX_CLICK_DISTANCE_MM + max(ct.spacing))
+        areas = comp.reshape(len(comp), -1).sum(1)
+        p = float(sigmoid(nodule_logit_from_slices(logits, areas)))
+        msg = "" if mask.any() else "segmentation vanished when resampled to the CT grid (nodule smaller than a voxel?)"
+        if touches:
+            msg = "nodule reaches the border of the largest patch; mask may be clipped"
+        return ClickOutput(mask if mask.any() else None, p, {}, zoom, msg)
+
+
+def check_point(ct: CTVolume, point_lps) -> None:
+    """Raise InputError if the point is outside the volume or clearly outside the body.
+
+    Outside-body test: on the CT slice through the point, air (< -500 HU) connected to the
+    slice border is outside the body.  Done only when the slice covers >= 150 mm in both
+    directions (on tight crops, lung air reaches the border too and the test would be wrong).
+    """
+    from skimage import measure
+
+    if not ct.contains_lps(point_lps):
+        ras = tuple(round(v, 1) for v in (-point_lps[0], -point_lps[1], point_lps[2]))
+        raise InputError(f"Point RAS {ras} mm (LPS {tuple(round(float(v), 1) for v in point_lps)}) is outside the CT volume")
+    i, j, k = (int(round(v)) for v in ct.world_lps_to_index(point_lps))
+    size = ct.image.GetSize()
+    i, j, k = min(max(i, 0), size[0] - 1), min(max(j, 0), size[1] - 1), min(max(k, 0), size[2] - 1)
+    if size[0] * ct.spacing[0] < 150 or size[1] * ct.spacing[1] < 150:
+        return
+    sl = np.asarray(ct.array[k]) < AIR_HU
+    if not sl[j, i]:
+        return
+    lab = measure.label(sl, connectivity=1)
+    border = set(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))) - {0}
+    if lab[j, i] in border:
+        ras = tuple(round(v, 1) for v in (-point_lps[0], -point_lps[1], point_lps[2]))
+        raise InputError(f"Point RAS {ras} mm lies in the air outside the body; click inside the lung")
+
+
+def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_ids=("lnmsnet",), device="auto",
+                   progress: Progress | None = None, networks: dict | None = None) -> AnalysisResult:
+    """Segment, measure and classify the nodule at each clicked point.
+
+    Args:
+        ct: the CT (HU, LPS geometry).
+        points_lps: world LPS points (mm), one per nodule.
+        network_ids: registry ids to run (the first network's mask is the reported mask).
+        device: "auto" | "cpu" | "cuda" | "mps".
+        progress: optional callback(fraction in [0, 1], message).
+        networks: optional pre-loaded {id: torch module} (reuse across calls).
+
+    Returns:
+        :class:`AnalysisResult`; nodule ids 1..N in point order.  A point where no nodule
+        is segmented gives ``found=False`` with a message (not an exception).
+
+    Raises:
+        InputError: a point outside the volume / body, no points, unknown network.
+        WeightsError: weights missing, unreadable or failing their checksum.
+        DeviceError: an unavailable device was requested.
+    """
+    t0 = time.perf_counter()
+    progress = progress or (lambda f, m: None)
+    if len(points_lps) == 0:
+        raise InputError("No points given: click at least one nodule")
+    unknown = [n for n in network_ids if n not in NETWORKS]
+    if unknown:
+        raise InputError(f"Unknown or not yet available network(s): {', '.join(unknown)}; available: {', '.join(NETWORKS)}")
+    pts = [tuple(float(v) for v in p) for p in points_lps]
+    for p in pts:
+        check_point(ct, p)
+    dev = resolve_device(device)
+    progress(0.02, f"loading {', '.join(network_ids)} on {dev}")
+    models = {}
+    for nid in network_ids:
+        m = (networks or {}).get(nid) or load_network(nid, dev)
+        models[nid] = Click2DNetwork(nid, m, dev)
+    t_load = time.perf_counter() - t0
+    nodules = []
+    for n, p in enumerate(pts, start=1):
+        outs = {}
+        for nid, net in models.items():
+            progress(0.05 + 0.9 * (n - 1) / len(pts), f"nodule {n}/{len(pts)}: {nid}")
+            outs[nid] = net.analyze(ct, p)
+        main = outs[network_ids[0]]
+        res = NoduleResult(id=n, point_lps_mm=p, found=main.mask is not None, message=main.message)
+        if main.mask is not None:
+            res.mask = main.mask
+            for k, v in measure_nodule(main.mask, ct).items():
+                setattr(res, k, v)
+        from .metrics import dice
+        for nid, o in outs.items():
+            dwf = None
+            if o.mask is not None and main.mask is not None:
+                dwf = round(dice(o.mask, main.mask), 4)
+            res.networks[nid] = NetworkOutput(nid, None if math.isnan(o.malignancy_probability) else round(o.malignancy_probability, 4),
+                                              o.sign_probabilities, dwf)
+        nodules.append(res)
+    progress(1.0, "done")
+    run = {"software": f"NoduleMTL {__version__}", "networks": list(network_ids), "device": str(dev),
+           "threshold": THRESHOLD, "timing_s": {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
+           "torch": torch.__version__}
+    return AnalysisResult(input=ct.describe(), run=run, nodules=nodules)

@@ -1,0 +1,181 @@
+"""Model registry: which networks exist, how to build them, where their weights are.
+
+Weights are looked up, in order, in
+1. the folder named by the ``NODULEMTL_WEIGHTS_DIR`` environment variable (override, e.g. a
+   shared network folder at an offline site);
+2. the extension's own ``Resources/Weights`` (shipped files);
+3. the user cache ``~/.cache/NoduleMTL/weights`` (``$XDG_CACHE_HOME`` respected).
+
+``Resources/Weights/models.json`` (the manifest) lists each file with its size and
+sha256, checked before loading.  Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class WeightsError(RuntimeError):
+    """Weights missing, unreadable, or failing their checksum."""
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A registered network: id, human title, paper, builder and input description."""
+
+    network_id: str
+    title: str
+    paper: str
+    builder: Callable[[], torch.nn.Module]
+    weights_file: str
+    input_spec: dict
+
+
+def _lnmsnet():
+    from .networks.lnmsnet import LNMSNet
+    return LNMSNet()
+
+
+def _specs() -> dict[str, NetworkSpec]:
+    from .networks import lnmsnet as L
+    return {
+        "lnmsnet": NetworkSpec(
+            "lnmsnet", "LNMSNet", "Li Y. et al., Front. Med. 2026, doi:10.3389/fmed.2026.1773338", _lnmsnet,
+            "lnmsnet.safetensors",
+            {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
+             "intensity": "per-slice robust (p1-p99) normalisation of HU"},
+        ),
+    }
+
+
+NETWORKS = _specs()
+
+
+def available_networks() -> list[str]:
+    """Ids of networks that can run a click analysis (registered in this version)."""
+    return list(NETWORKS)
+
+
+def resources_dir() -> Path:
+    """``Resources`` folder: beside the package (installed Slicer layout) or at the repo root."""
+    for cand in (PACKAGE_DIR / "Resources", PACKAGE_DIR.parent / "Resources"):
+        if cand.is_dir():
+            return cand
+    return PACKAGE_DIR.parent / "Resources"
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "NoduleMTL" / "weights"
+
+
+def weights_search_path() -> list[Path]:
+    dirs = []
+    if os.environ.get("NODULEMTL_WEIGHTS_DIR"):
+        dirs.append(Path(os.environ["NODULEMTL_WEIGHTS_DIR"]))
+    dirs += [resources_dir() / "Weights", cache_dir()]
+    return dirs
+
+
+def manifest() -> dict:
+    """The shipped manifest (``Resources/Weights/models.json``), {} if absent."""
+    p = resources_dir() / "Weights" / "models.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_weights(network_id: str) -> Path:
+    """Path of a network's weights file. Raises WeightsError naming the file and the folders searched."""
+    spec = NETWORKS[network_id]
+    for d in weights_search_path():
+        p = d / spec.weights_file
+        if p.is_file():
+            return p
+    raise WeightsError(f"Weights for {network_id} not found: no {spec.weights_file} in "
+                       + ", ".join(str(d) for d in weights_search_path()))
+
+
+def verify_weights(network_id: str, path: Path) -> None:
+    """Check size and sha256 against the manifest (when the manifest lists the network)."""
+    entry = manifest().get("networks", {}).get(network_id)
+    if not entry:
+        return
+    if path.stat().st_size != entry["size_bytes"]:
+        raise WeightsError(f"Weights file {path} has {path.stat().st_size} bytes, the manifest says {entry['size_bytes']}: "
+                           "incomplete or wrong file")
+    digest = sha256_of(path)
+    if digest != entry["sha256"]:
+        raise WeightsError(f"Weights file {path} fails its sha256 check (corrupt or a different version)")
+
+
+def build_network(network_id: str) -> torch.nn.Module:
+    """Untrained network instance. Raises KeyError with the known ids for an unknown id."""
+    if network_id not in NETWORKS:
+        raise KeyError(f"unknown network {network_id!r}; available: {', '.join(NETWORKS)}")
+    return NETWORKS[network_id].builder()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch checkpoint (``weights_only=True``)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            sd = ck.get("model", ck) if isinstance(ck, dict) else ck
+    except Exception as e:  # corrupt/truncated files raise various errors
+        raise WeightsError(f"Cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def load_weights_into(model: torch.nn.Module, path: Path | None, network_id: str | None = None) -> Path:
+    """Load weights into ``model`` (shipped/cached weights if ``path`` is None). Returns the path used."""
+    if path is None:
+        if network_id is None:
+            raise ValueError("network_id needed to locate shipped weights")
+        path = find_weights(network_id)
+        verify_weights(network_id, path)
+    sd = read_state_dict(Path(path))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"Weights file {path} does not match the network: {str(e).splitlines()[0]}") from None
+    return Path(path)
+
+
+def load_network(network_id: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Build, load (verified) shipped weights, eval mode, move to device."""
+    model = build_network(network_id)
+    load_weights_into(model, None, network_id)
+    return model.eval().to(device)
+
+
+def export_weights(network_id: str, checkpoint: Path, out: Path) -> None:
+    """Write a checkpoint's state dict as fp16 safetensors (integer buffers kept as they are)."""
+    from safetensors.torch import save_file
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    sd = ck.get("model", ck)
+    model = build_network(network_id)
+    model.load_state_dict(sd)
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".tmp-" + out.name)
+    save_file(half, str(tmp), metadata={"network_id": network_id, "source_checkpoint": checkpoint.name})
+    os.replace(tmp, out)

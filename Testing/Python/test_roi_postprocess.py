@@ -1,0 +1,125 @@
+"""Patches around clicks (padding at volume edges, world consistency) and measurements."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from NoduleMTLLib.io import CTVolume, read_ct
+from NoduleMTLLib.postprocess import axial_diameters, component_near, measure_nodule, nodule_type
+from NoduleMTLLib.preprocessing import PAD_HU, normalize_slices
+from NoduleMTLLib.roi import PatchGrid, extract_patch, patch_to_ct_region
+
+
+@pytest.fixture(scope="module")
+def sample(repo_dir):
+    d = repo_dir / "Resources" / "SampleData"
+    ct = read_ct(d / "LIDC-IDRI-0003_crop.nrrd")
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "LIDC-IDRI-0003_crop_labels.nrrd")))
+    return ct, lab
+
+
+def test_patch_on_ct_grid_reproduces_voxels(sample):
+    ct, _ = sample
+    sp = ct.spacing
+    center = ct.image.TransformIndexToPhysicalPoint((90, 100, 24))
+    g = PatchGrid(center, (33, 41, 9), sp)  # same spacing, voxel-aligned: no interpolation
+    patch = extract_patch(ct, g)
+    np.testing.assert_allclose(patch, ct.array[20:29, 80:121, 74:107], atol=1e-3)
+
+
+def test_patch_padded_at_volume_edge(sample):
+    """A click near the corner of a tight crop: the part outside the CT is air, the rest is CT."""
+    ct, _ = sample
+    corner = ct.image.TransformIndexToPhysicalPoint((0, 0, 0))
+    g = PatchGrid(corner, (21, 21, 5), ct.spacing)
+    patch = extract_patch(ct, g)
+    assert patch.shape == (5, 21, 21)
+    assert np.all(patch[:2] == PAD_HU) and np.all(patch[:, :10, :] == PAD_HU) and np.all(patch[:, :, :10] == PAD_HU)
+    np.testing.assert_allclose(patch[2:, 10:, 10:], ct.array[0:3, 0:11, 0:11], atol=1e-3)
+
+
+def test_patch_is_world_consistent_under_reorientation(sample):
+    """Same world patch from the CT and from a flipped-axes copy (non-identity direction)."""
+    ct, _ = sample
+    flipped = CTVolume(sitk.DICOMOrient(ct.image, "RAI"))
+    c = ct.image.TransformContinuousIndexToPhysicalPoint((88.3, 120.7, 20.2))
+    g = PatchGrid(c, (48, 48, 7), (0.8, 0.8, 2.5))
+    np.testing.assert_allclose(extract_patch(ct, g), extract_patch(flipped, g), atol=1e-2)
+
+
+def test_patch_back_to_ct_grid(sample):
+    """Reference mask -> patch (0.8 mm grid) -> back onto the CT grid overlaps itself (Dice > 0.9)."""
+    ct, lab = sample
+    m = (lab == 2)
+    mimg = sitk.GetImageFromArray(m.astype(np.float32)); mimg.CopyInformation(ct.image)
+    c = np.array(np.nonzero(m)).mean(1)[::-1]
+    center = ct.image.TransformContinuousIndexToPhysicalPoint(c.tolist())
+    g = PatchGrid(center, (96, 96, 31), (0.8, 0.8, 2.5))
+    patch = sitk.GetArrayFromImage(sitk.Resample(mimg, g.reference(), sitk.Transform(), sitk.sitkLinear, 0.0))
+    region, sl = patch_to_ct_region(patch, g, ct)
+    back = np.zeros_like(m); back[sl] = region > 0.5
+    from NoduleMTLLib.metrics import dice
+    assert dice(back, m) > 0.9
+
+
+def test_component_near_click(sample):
+    ct, lab = sample
+    mask = lab > 0
+    z, y, x = np.argwhere(lab == 3)[0]
+    comp = component_near(mask, (z, y, x), ct.spacing[::-1], 5.0)
+    assert np.array_equal(comp, lab == 3)
+    # a click 3 voxels (~2.5 mm) beside nodule 3 still finds it; far away finds nothing
+    vox = np.argwhere(lab == 3)
+    zz, yy, xx = vox[np.argmin(vox[:, 1])]  # the nodule's most anterior voxel
+    assert np.array_equal(component_near(mask, (zz, yy - 3, xx), ct.spacing[::-1], 5.0), lab == 3)
+    assert not component_near(mask, (zz, yy - 8, xx), ct.spacing[::-1], 5.0).any()  # 6.6 mm away
+    assert not component_near(mask, (0, 0, 0), ct.spacing[::-1], 5.0).any()
+
+
+def test_diameters_of_known_shapes(sample):
+    """A 21-pixel-wide square (0.82 mm pixels): long axis is its diagonal, short axis its width."""
+    ct, _ = sample
+    m = np.zeros(ct.shape_zyx, bool)
+    m[10, 50:71, 60:81] = True
+    s = ct.spacing[0]
+    long_ax, short_ax = axial_diameters(m, ct)
+    assert long_ax == pytest.approx(21 * s * np.sqrt(2), rel=1e-6)
+    assert short_ax == pytest.approx(21 * s * np.sqrt(2), rel=1e-6)  # perpendicular to a diagonal: the other diagonal
+    m[:] = False
+    m[10, 60, 40:90] = True  # a 50 x 1 pixel line
+    long_ax, short_ax = axial_diameters(m, ct)
+    assert long_ax == pytest.approx(np.hypot(50 * s, s), rel=1e-6)
+    # perpendicular to the diagonal a w x h rectangle measures 2wh / sqrt(w^2 + h^2)
+    assert short_ax == pytest.approx(2 * 50 * s / np.hypot(50, 1), rel=1e-6)
+
+
+def test_measurements_of_real_nodule(sample, shared_data):
+    """Consensus mask of LIDC-IDRI-0003 nodule 2 vs the readers' figures in nodules.csv."""
+    import csv
+    ct, lab = sample
+    rows = {int(r["nodule"]): r for r in csv.DictReader(open(shared_data / "whole_ct/lidc/LIDC-IDRI-0003/nodules.csv"))}
+    m = measure_nodule(lab == 2, ct)
+    assert m["volume_mm3"] == pytest.approx(float(rows[2]["volume_mm3"]), rel=0.05)
+    assert m["diameter_mm"] == pytest.approx(float(rows[2]["diameter_mm"]), rel=0.25)
+    assert 0 < m["short_axis_mm"] <= m["diameter_mm"]
+    assert m["centroid_lps_mm"] == pytest.approx((float(rows[2]["center_lps_x"]), float(rows[2]["center_lps_y"]),
+                                                  float(rows[2]["center_lps_z"])), abs=2.0)
+    assert m["type"] in ("solid", "part-solid")  # texture rating 4 (solid/mixed)
+    assert -600 < m["mean_hu"] < 100
+
+
+def test_nodule_type_thresholds():
+    assert nodule_type(0.05) == "ground-glass"
+    assert nodule_type(0.4) == "part-solid"
+    assert nodule_type(0.9) == "solid"
+
+
+def test_normalisation_is_affine_invariant(sample):
+    """The PNG training slices are a*HU+b: normalisation must give the same input either way."""
+    import torch
+    ct, _ = sample
+    x = torch.from_numpy(ct.array[20:24, :96, :96].astype(np.float32))[:, None]
+    a = normalize_slices(x)
+    b = normalize_slices(0.1 * x + 102.4)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert float(a.min()) >= -0.5 and float(a.max()) <= 1.5
