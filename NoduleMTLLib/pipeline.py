@@ -34,6 +34,8 @@ ZOOMS = (1.0, 2.0, 4.0)
 THRESHOLD = 0.5
 #: How far (mm) from the click the nearest segmented component may lie.
 MAX_CLICK_DISTANCE_MM = 5.0
+#: Median HU around the click at or above which an empty result triggers a zoom-out (soft tissue).
+SOLID_TISSUE_HU = -300.0
 #: Below this HU a voxel is air for the outside-body check.
 AIR_HU = -500.0
 
@@ -47,6 +49,12 @@ class ClickOutput:
     sign_probabilities: dict
     zoom: float
     message: str = ""
+
+
+def hu_center(ct: CTVolume, point_lps, radius_mm: float = 2.0) -> np.ndarray:
+    """HU values within ~``radius_mm`` of a point (in-plane 5 x 5 neighbourhood at 1 mm)."""
+    g = PatchGrid(tuple(float(v) for v in point_lps), (5, 5, 1), (radius_mm / 2, radius_mm / 2, 1.0))
+    return extract_patch(ct, g).ravel()
 
 
 class Click2DNetwork:
@@ -85,6 +93,10 @@ class Click2DNetwork:
             center = tuple((n - 1) / 2 for n in g.size_xyz[::-1])
             comp = component_near(prob > THRESHOLD, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
             if not comp.any():
+                # Inside a large solid mass the small field of view shows no edge to segment:
+                # zoom out while the click lies in soft tissue.
+                if zoom != ZOOMS[-1] and np.median(hu_center(ct, point_lps)) >= SOLID_TISSUE_HU:
+                    continue
                 return ClickOutput(None, float("nan"), {}, zoom, "no nodule segmented at this point")
             touches = comp[:, 0, :].any() or comp[:, -1, :].any() or comp[:, :, 0].any() or comp[:, :, -1].any() \
                 or comp[0].any() or comp[-1].any()

@@ -15,6 +15,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def update_manifest(network_id: str, weights: Path) -> None:
+    """Record a shipped weights file in ``Resources/Weights/models.json`` (size, sha256, input spec, metrics).
+
+    Metrics are copied from ``runs/NETWORK/eval_val.json`` / ``eval_test.json`` when present
+    (written by ``evaluate`` on those exact weights).
+    """
+    from NoduleMTLLib import __version__
+    from NoduleMTLLib.registry import NETWORKS, sha256_of
+    mpath = weights.parent / "models.json"
+    man = json.loads(mpath.read_text()) if mpath.exists() else {"format": 1, "networks": {}}
+    spec = NETWORKS[network_id]
+    entry = {
+        "title": spec.title, "paper": spec.paper, "file": weights.name, "size_bytes": weights.stat().st_size,
+        "sha256": sha256_of(weights), "version": __version__, "dtype": "float16", "input_spec": spec.input_spec,
+        "training_data": "LIDC-IDRI (TCIA, CC BY 3.0) via ../shared/data/lidc_slices; patient split training/splits/lidc_patient_split.json",
+        "model_card": f"{network_id}.md", "metrics": {},
+    }
+    for split in ("val", "test"):
+        ev = REPO / "runs" / network_id / f"eval_{split}.json"
+        if ev.exists():
+            e = json.loads(ev.read_text())
+            if e.get("sha256") == entry["sha256"]:
+                c = e["classification"]
+                entry["metrics"][split] = {"n_nodules": e["n_nodules"], "dice_mean": round(e["dice_mean"], 4),
+                                           "dice_median": round(e["dice_median"], 4), "auc": round(c["auc"], 4),
+                                           "accuracy": round(c["accuracy"], 4), "sensitivity": round(c["sensitivity"], 4),
+                                           "specificity": round(c["specificity"], 4), "n_classified": c["n"]}
+    man.setdefault("networks", {})[network_id] = entry
+    mpath.write_text(json.dumps(man, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="nodulemtl-train", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -51,7 +82,8 @@ def main(argv=None) -> int:
         from NoduleMTLLib.registry import export_weights
         out = a.out or REPO / "Resources" / "Weights" / f"{a.network}.safetensors"
         export_weights(a.network, a.checkpoint, out)
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        update_manifest(a.network, out)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and its manifest entry")
         return 0
     if a.cmd == "evaluate":
         import torch
@@ -61,11 +93,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(2)
         cfg = json.loads((REPO / "training" / "configs" / f"{a.network}.json").read_text())
         model = build_network(a.network)
-        load_weights_into(model, a.weights)
+        load_weights_into(model, a.weights, a.network)
         nodules = load_slice_nodules(a.data, set(load_split()[a.split]))
         ev = lnmsnet.evaluate_nodules(model, nodules, cfg)
         ev["split"] = a.split
-        ev["weights"] = str(a.weights or "shipped")
+        from NoduleMTLLib.registry import find_weights, sha256_of
+        wpath = a.weights or find_weights(a.network)
+        ev["weights"] = str(wpath)
+        ev["sha256"] = sha256_of(wpath)
         out = a.out or REPO / "runs" / a.network / f"eval_{a.split}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(ev, indent=1))
