@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     e.add_argument("--split", choices=["val", "test"], default="val")
     e.add_argument("--data", type=Path, default=None)
     e.add_argument("--out", type=Path, default=None, help="report JSON path")
+    e.add_argument("--vois", action="store_true", help="3D click-path evaluation on the HU VOIs (lidc_vois) instead")
     x = sub.add_parser("export", help="export a checkpoint to fp16 safetensors for shipping")
     x.add_argument("network", choices=["lnmsnet"])
     x.add_argument("checkpoint", type=Path)
@@ -91,6 +92,13 @@ def main(argv=None) -> int:
         from training import lnmsnet
         from training.data import load_slice_nodules, load_split
         torch.set_num_threads(2)
+        if a.vois:
+            from training.evaluate_click import evaluate_vois
+            ev = evaluate_vois(a.network, a.split, a.data)
+            out = a.out or REPO / "runs" / a.network / f"eval_vois_{a.split}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(ev, indent=1))
+            return 0
         cfg = json.loads((REPO / "training" / "configs" / f"{a.network}.json").read_text())
         model = build_network(a.network)
         load_weights_into(model, a.weights, a.network)
