@@ -1,0 +1,594 @@
+"""Thin MRML layer of NoduleMTL: converts between 3D Slicer scene nodes and the
+pure-Python records of :mod:`NoduleMTLLib` (``CTVolume``, ``AnalysisResult``).
+
+Uses only ``slicer`` (MRML and module-logic classes, ``slicer.util`` array
+helpers), ``vtk`` and numpy, never ``qt``/``ctk``/``slicer.app``/
+``slicer.modules``/``slicer.mrmlScene``: every function works on the scene its
+nodes belong to.  That makes it usable inside the Slicer application, in
+``PythonSlicer`` scripts, and in plain Python with the ``slicer-core`` wheel
+(see ``Testing/Python/test_mrml.py``).
+
+Coordinate conventions
+----------------------
+* Slicer world coordinates are RAS (millimetres); NoduleMTLLib works in LPS
+  (SimpleITK / DICOM).  LPS = (-R, -A, S): the first two axes change sign.
+* Voxel arrays are numpy ``(z, y, x) = (k, j, i)``, as ``slicer.util.arrayFromVolume``
+  returns them and as ``NoduleResult.mask`` stores them.
+* A volume under a *linear* parent transform is handled without modifying it: the
+  CT handed to the pipeline carries the world geometry (transform included), and
+  the output segmentation is placed under the same parent transform, so masks stay
+  aligned.  A volume under a *non-linear* (warping) transform is refused with
+  :class:`NoduleMTLLib.io.InputError` (harden the transform first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+from NoduleMTLLib.io import CTVolume, InputError, image_from_array
+from NoduleMTLLib.results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
+
+__all__ = [
+    "volume_node_to_ct",
+    "markups_to_points_lps",
+    "add_result_to_scene",
+    "label_array_from_segmentation",
+    "SEGMENT_TAG_PREFIX",
+    "NODULE_COLORS",
+]
+
+#: Prefix of the segment tags and node attributes written by NoduleMTL.
+SEGMENT_TAG_PREFIX = "NoduleMTL."
+
+#: Segment colours (RGB in [0, 1]), cycled by nodule id.  Distinct, saturated colours
+#: that stay visible on a lung-window CT (no greys, no near-black).
+NODULE_COLORS = (
+    (0.90, 0.30, 0.20),  # red-orange
+    (0.20, 0.60, 0.95),  # blue
+    (0.95, 0.80, 0.15),  # yellow
+    (0.40, 0.85, 0.35),  # green
+    (0.75, 0.40, 0.90),  # violet
+    (0.10, 0.85, 0.85),  # cyan
+    (0.95, 0.45, 0.70),  # pink
+    (0.95, 0.60, 0.20),  # orange
+)
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_CT_PIXEL_DTYPES = (np.int16, np.float32)
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------
+
+def _vtk_matrix_to_numpy(m: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
+
+
+def _ijk_to_ras_local(volumeNode) -> np.ndarray:
+    """4x4 IJK -> RAS of the volume itself (parent transforms not applied)."""
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    return _vtk_matrix_to_numpy(m)
+
+
+def _parent_transform_to_world(node) -> np.ndarray | None:
+    """4x4 matrix of the node's parent transform chain (local RAS -> world RAS), or None.
+
+    Raises:
+        InputError: the transform chain is not linear (a warping transform).
+    """
+    transformNode = node.GetParentTransformNode()
+    if transformNode is None:
+        return None
+    if not transformNode.IsTransformToWorldLinear():
+        raise InputError(
+            f"'{node.GetName()}' is under the non-linear transform '{transformNode.GetName()}'. "
+            "NoduleMTL needs the voxel grid in world coordinates: harden the transform first "
+            "(Transforms module > Harden transform) and run again."
+        )
+    m = vtk.vtkMatrix4x4()
+    transformNode.GetMatrixTransformToWorld(m)
+    return _vtk_matrix_to_numpy(m)
+
+
+def _volume_shape_zyx(volumeNode) -> tuple[int, int, int]:
+    image = volumeNode.GetImageData() if volumeNode is not None else None
+    if image is None:
+        raise InputError(f"Volume '{volumeNode.GetName() if volumeNode else None}' has no image data")
+    i, j, k = image.GetDimensions()
+    return (k, j, i)
+
+
+def _fmt(v, digits: int = 6) -> str:
+    """Float -> compact string for segment tags (``repr`` noise avoided)."""
+    return f"{float(v):.{digits}g}"
+
+
+def _check_volume_node(volumeNode, role: str = "Input") -> None:
+    if volumeNode is None:
+        raise ValueError(f"{role} volume node is None")
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError(f"{role} node '{volumeNode.GetName()}' ({volumeNode.GetClassName()}) is not a scalar volume")
+    if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"{role} node '{volumeNode.GetName()}' is a label map, not a CT volume")
+    image = volumeNode.GetImageData()
+    if image is None:
+        raise InputError(f"{role} volume '{volumeNode.GetName()}' has no image data")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(
+            f"{role} volume '{volumeNode.GetName()}' has {image.GetNumberOfScalarComponents()} components per voxel; "
+            "a CT volume has one HU value per voxel"
+        )
+
+
+# ---------------------------------------------------------------------------
+# volume -> CTVolume
+# ---------------------------------------------------------------------------
+
+def volume_node_to_ct(volumeNode) -> CTVolume:
+    """Convert a scalar volume node to a :class:`NoduleMTLLib.io.CTVolume` (LPS geometry).
+
+    The voxel array is read with ``slicer.util.arrayFromVolume`` (shape ``(z, y, x)``)
+    and copied.  The geometry is the volume's IJK->RAS matrix, composed with its parent
+    transform when the volume is under a linear transform (the node is not modified),
+    converted to IJK->LPS by negating the first two rows.  Pixel types other than int16
+    and float32 are converted to float32 (values unchanged).
+
+    Args:
+        volumeNode: ``vtkMRMLScalarVolumeNode`` holding a CT in Hounsfield units.
+
+    Returns:
+        CTVolume whose image has the volume's size, spacing (mm), origin (LPS mm) and
+        direction; ``source`` is the file it was loaded from ("" if none) and
+        ``dicom_series_uid`` the series UID recorded by the DICOM module (or None).
+
+    Raises:
+        ValueError: ``volumeNode`` is None.
+        NoduleMTLLib.io.InputError: not a scalar volume, a label map, no image data,
+            several components per voxel, a non-linear parent transform, or a transform
+            with shear (voxel axes no longer orthogonal).
+    """
+    _check_volume_node(volumeNode)
+    ijk_to_ras = _ijk_to_ras_local(volumeNode)
+    to_world = _parent_transform_to_world(volumeNode)
+    if to_world is not None:
+        ijk_to_ras = to_world @ ijk_to_ras
+    ijk_to_lps = _RAS_TO_LPS @ ijk_to_ras
+
+    lin = ijk_to_lps[:3, :3]
+    norms = np.linalg.norm(lin, axis=0)
+    if np.any(norms <= 0):
+        raise InputError(f"Volume '{volumeNode.GetName()}' has a zero voxel spacing")
+    direction = lin / norms
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError(
+            f"Volume '{volumeNode.GetName()}' has non-orthogonal voxel axes (sheared geometry or transform); "
+            "resample it to an orthogonal grid first"
+        )
+
+    array = slicer.util.arrayFromVolume(volumeNode)  # a view; image_from_array copies it
+    if array.dtype not in _CT_PIXEL_DTYPES:
+        array = array.astype(np.float32)
+    image = image_from_array(array, ijk_to_lps)
+
+    source = ""
+    storageNode = volumeNode.GetStorageNode()
+    if storageNode is not None and storageNode.GetFileName():
+        source = storageNode.GetFileName()
+    return CTVolume(image=image, source=source, dicom_series_uid=_dicom_series_uid(volumeNode))
+
+
+def _dicom_series_uid(volumeNode) -> str | None:
+    scene = volumeNode.GetScene()
+    shNode = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode") if scene is not None else None
+    if shNode is None:
+        return None
+    item = shNode.GetItemByDataNode(volumeNode)
+    if item == shNode.GetInvalidItemID():
+        return None
+    uid = shNode.GetItemUID(item, "DICOM")
+    return uid or None
+
+
+# ---------------------------------------------------------------------------
+# markups -> points
+# ---------------------------------------------------------------------------
+
+def markups_to_points_lps(markupsNode) -> list[tuple[float, float, float]]:
+    """World positions of a markups node's control points, in LPS millimetres.
+
+    Positions are world coordinates (parent transforms of the markups node applied),
+    converted RAS -> LPS.  Control points whose position is not defined yet (e.g. the
+    preview point while placing, or skipped points) are left out; the order of the
+    remaining points is kept (nodule ``id`` N is the N-th defined point).
+
+    Args:
+        markupsNode: a ``vtkMRMLMarkupsNode`` (typically ``vtkMRMLMarkupsFiducialNode``).
+
+    Returns:
+        list of ``(x, y, z)`` LPS tuples (mm); empty if there are no defined points.
+
+    Raises:
+        ValueError: ``markupsNode`` is None or not a markups node.
+    """
+    if markupsNode is None:
+        raise ValueError("Markups node is None")
+    if not markupsNode.IsA("vtkMRMLMarkupsNode"):
+        raise ValueError(f"'{markupsNode.GetName()}' ({markupsNode.GetClassName()}) is not a markups node")
+    points = []
+    defined = slicer.vtkMRMLMarkupsNode.PositionDefined
+    for i in range(markupsNode.GetNumberOfControlPoints()):
+        if markupsNode.GetNthControlPointPositionStatus(i) != defined:
+            continue
+        ras = [0.0, 0.0, 0.0]
+        markupsNode.GetNthControlPointPositionWorld(i, ras)
+        points.append((-float(ras[0]), -float(ras[1]), float(ras[2])))
+    return points
+
+
+# ---------------------------------------------------------------------------
+# AnalysisResult -> segmentation + table
+# ---------------------------------------------------------------------------
+
+def _network_ids(result: AnalysisResult) -> list[str]:
+    ids: list[str] = []
+    for net in (result.run or {}).get("networks", []) or []:
+        if isinstance(net, str) and net not in ids:
+            ids.append(net)
+    for n in result.nodules:
+        for net in n.networks:
+            if net not in ids:
+                ids.append(net)
+    return ids
+
+
+def _sign_names(result: AnalysisResult, network_id: str) -> list[str]:
+    names: list[str] = []
+    for n in result.nodules:
+        out = n.networks.get(network_id)
+        if out is None:
+            continue
+        for s in out.sign_probabilities or {}:
+            if s not in names:
+                names.append(s)
+    return names
+
+
+def _set_segment_terminology(segment) -> None:
+    if hasattr(segment, "SetTerminology"):  # Slicer >= 5.8
+        segment.SetTerminology(NODULE_TERMINOLOGY)
+    else:
+        segment.SetTag(segment.GetTerminologyEntryTagName(), NODULE_TERMINOLOGY)
+    # The name and colour are ours, not derived from the terminology entry.
+    if hasattr(segment, "SetNameAutoGenerated"):
+        segment.SetNameAutoGenerated(False)
+        segment.SetColorAutoGenerated(False)
+
+
+def _set_segment_result_tags(segment, nodule: NoduleResult) -> None:
+    p = SEGMENT_TAG_PREFIX
+    segment.SetTag(p + "id", str(nodule.id))
+    segment.SetTag(p + "label_value", str(nodule.label_value))
+    segment.SetTag(p + "point_ras_mm", ",".join(_fmt(v, 8) for v in nodule.point_ras_mm))
+    for key in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "solid_fraction"):
+        v = getattr(nodule, key)
+        if v is not None:
+            segment.SetTag(p + key, _fmt(v))
+    if nodule.type:
+        segment.SetTag(p + "type", nodule.type)
+    for net_id, out in nodule.networks.items():
+        if out.malignancy_probability is not None:
+            segment.SetTag(f"{p}malignancy_probability.{net_id}", _fmt(out.malignancy_probability))
+        for sign, prob in (out.sign_probabilities or {}).items():
+            if prob is not None:
+                segment.SetTag(f"{p}sign_probability.{net_id}.{sign}", _fmt(prob))
+        if out.dice_with_final is not None:
+            segment.SetTag(f"{p}dice_with_final.{net_id}", _fmt(out.dice_with_final))
+
+
+def _import_mask_as_segment(mask: np.ndarray, ijk_to_ras: np.ndarray, labelmapNode, segmentationNode) -> str:
+    """Import one bool mask (z, y, x) on the grid ``ijk_to_ras`` as a new segment; return its id.
+
+    Only the mask's bounding box is handed to Slicer (a labelmap whose origin is moved by a
+    whole number of voxels): the voxels stay on the reference grid, so nothing is
+    resampled, and memory stays small for small nodules in a large CT.
+    """
+    nz = np.nonzero(mask)
+    lo = [int(a.min()) for a in nz]  # (k, j, i)
+    hi = [int(a.max()) + 1 for a in nz]
+    box = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    shift = np.eye(4)
+    shift[:3, 3] = (lo[2], lo[1], lo[0])  # voxel offset (i, j, k)
+    labelmapNode.SetIJKToRASMatrix(_numpy_to_vtk_matrix(ijk_to_ras @ shift))
+    slicer.util.updateVolumeFromArray(labelmapNode, box.astype(np.uint8))
+    segmentation = segmentationNode.GetSegmentation()
+    before = set(segmentation.GetSegmentIDs())
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode)
+    new_ids = [s for s in segmentation.GetSegmentIDs() if s not in before]
+    if not ok or len(new_ids) != 1:
+        raise RuntimeError(f"Importing a nodule mask into '{segmentationNode.GetName()}' failed (new segments: {new_ids})")
+    return new_ids[0]
+
+
+def _add_table_column(table: vtk.vtkTable, array_class, name: str):
+    arr = array_class()
+    arr.SetName(name)
+    table.AddColumn(arr)
+    return arr
+
+
+def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str]) -> None:
+    """Fill ``tableNode`` with one row per nodule (see :func:`add_result_to_scene`)."""
+    nan = math.nan
+    nets = _network_ids(result)
+    # (name, vtk array class, title, unit, description, getter)
+    columns = [
+        ("id", vtk.vtkIntArray, "Id", "", "Nodule number (order of the clicked points)", lambda n: n.id),
+        ("label_value", vtk.vtkIntArray, "Label", "", "Voxel value in the label map export (0: not found)",
+         lambda n: n.label_value if n.found else 0),
+        ("name", vtk.vtkStringArray, "Name", "", "Segment name", lambda n: n.name),
+        ("segment_id", vtk.vtkStringArray, "Segment ID", "", "Segment ID in the output segmentation",
+         lambda n: segment_ids.get(n.id, "")),
+        ("found", vtk.vtkIntArray, "Found", "", "1 if a nodule was segmented at the point", lambda n: int(bool(n.found))),
+        ("point_ras_mm", vtk.vtkStringArray, "Point (RAS)", "mm", "Clicked point, world RAS (mm)",
+         lambda n: ", ".join(f"{v:.2f}" for v in n.point_ras_mm)),
+        ("diameter_mm", vtk.vtkDoubleArray, "Diameter", "mm", "Longest axial diameter",
+         lambda n: n.diameter_mm),
+        ("short_axis_mm", vtk.vtkDoubleArray, "Short axis", "mm",
+         "Longest diameter perpendicular to the long axis on the same slice", lambda n: n.short_axis_mm),
+        ("volume_mm3", vtk.vtkDoubleArray, "Volume", "mm3", "Segmented volume", lambda n: n.volume_mm3),
+        ("mean_hu", vtk.vtkDoubleArray, "Mean", "HU", "Mean CT value inside the mask", lambda n: n.mean_hu),
+        ("solid_fraction", vtk.vtkDoubleArray, "Solid fraction", "", "Fraction of mask voxels >= -300 HU",
+         lambda n: n.solid_fraction),
+        ("type", vtk.vtkStringArray, "Type", "", "Radiological type estimate (solid / part-solid / ground-glass)",
+         lambda n: n.type or ""),
+    ]
+    for net in nets:
+        columns.append((
+            f"networks.{net}.malignancy_probability", vtk.vtkDoubleArray, f"P(malignant) {net}", "",
+            f"Malignancy probability estimated by {net} (research use only)",
+            lambda n, net=net: n.networks[net].malignancy_probability if net in n.networks else None,
+        ))
+        for sign in _sign_names(result, net):
+            columns.append((
+                f"networks.{net}.sign_probability.{sign}", vtk.vtkDoubleArray, f"P({sign}) {net}", "",
+                f"Probability of the radiological sign '{sign}' estimated by {net}",
+                lambda n, net=net, sign=sign: (n.networks[net].sign_probabilities or {}).get(sign) if net in n.networks else None,
+            ))
+    columns.append(("message", vtk.vtkStringArray, "Message", "", "Note from the analysis", lambda n: n.message or ""))
+
+    table = tableNode.GetTable()
+    arrays = []
+    for name, cls, _title, _unit, _desc, getter in columns:
+        arrays.append((_add_table_column(table, cls, name), cls, getter))
+    for nodule in result.nodules:
+        for arr, cls, getter in arrays:
+            v = getter(nodule)
+            if cls is vtk.vtkStringArray:
+                arr.InsertNextValue("" if v is None else str(v))
+            elif cls is vtk.vtkIntArray:
+                arr.InsertNextValue(int(v))
+            else:
+                arr.InsertNextValue(nan if v is None else float(v))
+    table.Modified()
+    for name, _cls, title, unit, desc, _getter in columns:
+        tableNode.SetColumnTitle(name, title)
+        if unit:
+            tableNode.SetColumnUnitLabel(name, unit)
+        tableNode.SetColumnDescription(name, desc)
+    if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):
+        tableNode.SetUseColumnTitleAsColumnHeader(True)
+    tableNode.Modified()
+
+
+def _place_in_subject_hierarchy(scene, referenceVolumeNode, nodes) -> None:
+    """Put ``nodes`` under the parent (study) of the reference volume, if the scene has a hierarchy."""
+    shNode = scene.GetFirstNodeByClass("vtkMRMLSubjectHierarchyNode")
+    if shNode is None:
+        return
+    invalid = shNode.GetInvalidItemID()
+    volumeItem = shNode.GetItemByDataNode(referenceVolumeNode)
+    if volumeItem == invalid:
+        return
+    parentItem = shNode.GetItemParent(volumeItem)
+    if parentItem == invalid:
+        parentItem = shNode.GetSceneItemID()
+    for node in nodes:
+        item = shNode.GetItemByDataNode(node)
+        if item == invalid:
+            shNode.CreateItem(parentItem, node)
+        else:
+            shNode.SetItemParent(item, parentItem)
+
+
+def add_result_to_scene(scene, result: AnalysisResult, referenceVolumeNode, segmentationName: str | None = None):
+    """Add an analysis result to the scene as a new segmentation node and a new table node.
+
+    Nothing existing is modified: a NEW ``vtkMRMLSegmentationNode`` (default name
+    ``"<volume name> nodules"``, made unique in the scene) and a NEW ``vtkMRMLTableNode``
+    (``"<segmentation name> table"``) are created.
+
+    Segmentation: reference image geometry taken from ``referenceVolumeNode``
+    (``SetReferenceImageGeometryParameterFromVolumeNode``, as DICOM SEG export needs);
+    one segment per nodule with ``found`` True and a non-empty mask, named
+    ``NoduleResult.name`` ("Nodule N"), coloured from :data:`NODULE_COLORS`, with the
+    standard terminology :data:`NoduleMTLLib.results.NODULE_TERMINOLOGY` and the results
+    as segment tags (prefix ``NoduleMTL.``): ``id``, ``label_value``, ``point_ras_mm``,
+    ``diameter_mm``, ``short_axis_mm``, ``volume_mm3``, ``mean_hu``, ``solid_fraction``,
+    ``type``, ``malignancy_probability.<network>``, ``sign_probability.<network>.<sign>``,
+    ``dice_with_final.<network>`` (tags with unknown values are left out).  Masks are
+    imported exactly (no resampling) through a temporary labelmap volume holding the
+    mask's bounding box on the reference grid (one per nodule, so overlapping masks stay
+    intact); the temporary node never enters the scene.  If the volume is under a linear parent
+    transform, the segmentation is put under the same transform.
+
+    Table: one row per nodule (found or not), columns ``id``, ``label_value`` (int; 0 when
+    not found), ``name``, ``segment_id``, ``found`` (0/1), ``point_ras_mm`` (text "R, A, S"),
+    ``diameter_mm``, ``short_axis_mm``, ``volume_mm3``, ``mean_hu``, ``solid_fraction``
+    (double; NaN when unknown), ``type``, then per network
+    ``networks.<id>.malignancy_probability`` and ``networks.<id>.sign_probability.<sign>``
+    (double), and ``message``.  Column titles, units and descriptions are set.
+
+    Both nodes reference each other (``NoduleMTL.table`` / ``NoduleMTL.segmentation``),
+    carry the run description as attribute ``NoduleMTL.run`` (JSON), and are placed under
+    the reference volume's parent item (its study) in the subject hierarchy, if the scene
+    has one.
+
+    Args:
+        scene: the ``vtkMRMLScene`` holding ``referenceVolumeNode`` (None: the volume's scene).
+        result: the :class:`NoduleMTLLib.results.AnalysisResult` of a run on this volume.
+        referenceVolumeNode: the analysed ``vtkMRMLScalarVolumeNode``; masks are on its voxel grid.
+        segmentationName: name of the new segmentation node (made unique); default
+            ``"<volume name> nodules"``.
+
+    Returns:
+        ``(segmentationNode, tableNode)``.
+
+    Raises:
+        ValueError: no scene, the volume is not in ``scene``, or a mask's shape differs
+            from the volume's ``(z, y, x)`` shape.
+        NoduleMTLLib.io.InputError: the reference volume is not a usable scalar volume or
+            is under a non-linear transform.
+        RuntimeError: a mask could not be imported (the partial nodes are removed).
+    """
+    _check_volume_node(referenceVolumeNode, role="Reference")
+    if scene is None:
+        scene = referenceVolumeNode.GetScene()
+    if scene is None:
+        raise ValueError("No MRML scene: the reference volume is not in a scene")
+    if referenceVolumeNode.GetScene() is not scene:
+        raise ValueError(f"Reference volume '{referenceVolumeNode.GetName()}' is not in the given scene")
+    transform_to_world = _parent_transform_to_world(referenceVolumeNode)  # raises if non-linear
+    shape = _volume_shape_zyx(referenceVolumeNode)
+    for n in result.nodules:
+        if n.found and n.mask is not None and tuple(n.mask.shape) != shape:
+            raise ValueError(
+                f"Mask of nodule {n.id} has shape {tuple(n.mask.shape)}, volume '{referenceVolumeNode.GetName()}' "
+                f"has (z, y, x) = {shape}: the result belongs to another volume"
+            )
+
+    baseName = segmentationName or f"{referenceVolumeNode.GetName()} nodules"
+    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(baseName))
+    tableNode = None
+    try:
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+
+        labelmapNode = slicer.vtkMRMLLabelMapVolumeNode()  # temporary, never added to the scene
+        ijk_to_ras = _ijk_to_ras_local(referenceVolumeNode)
+        segment_ids: dict[int, str] = {}
+        segmentation = segmentationNode.GetSegmentation()
+        wasModifying = segmentationNode.StartModify()
+        try:
+            for nodule in result.nodules:
+                if not nodule.found or nodule.mask is None or not np.any(nodule.mask):
+                    continue
+                segmentId = _import_mask_as_segment(np.asarray(nodule.mask, dtype=bool), ijk_to_ras, labelmapNode,
+                                                     segmentationNode)
+                segment = segmentation.GetSegment(segmentId)
+                segment.SetName(nodule.name)
+                segment.SetColor(*NODULE_COLORS[(nodule.id - 1) % len(NODULE_COLORS)])
+                _set_segment_terminology(segment)
+                _set_segment_result_tags(segment, nodule)
+                segment_ids[nodule.id] = segmentId
+        finally:
+            segmentationNode.EndModify(wasModifying)
+            del labelmapNode
+
+        if transform_to_world is not None:
+            segmentationNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+
+        tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{segmentationNode.GetName()} table"))
+        _build_table(tableNode, result, segment_ids)
+
+        runJson = json.dumps(result.run or {}, default=str)
+        for node in (segmentationNode, tableNode):
+            node.SetAttribute(SEGMENT_TAG_PREFIX + "run", runJson)
+        segmentationNode.SetNodeReferenceID(SEGMENT_TAG_PREFIX + "table", tableNode.GetID())
+        tableNode.SetNodeReferenceID(SEGMENT_TAG_PREFIX + "segmentation", segmentationNode.GetID())
+
+        _place_in_subject_hierarchy(scene, referenceVolumeNode, (segmentationNode, tableNode))
+    except Exception:
+        for node in (tableNode, segmentationNode):
+            if node is not None and node.GetScene() is scene:
+                scene.RemoveNode(node)
+        raise
+    return segmentationNode, tableNode
+
+
+def _numpy_to_vtk_matrix(a: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+# ---------------------------------------------------------------------------
+# segment -> mask
+# ---------------------------------------------------------------------------
+
+def label_array_from_segmentation(segmentationNode, segmentId: str, referenceVolumeNode) -> np.ndarray:
+    """Binary mask of one segment on the voxel grid of a reference volume.
+
+    Used to re-classify a nodule after the user edited its segment: the returned array
+    has exactly the geometry of ``NoduleResult.mask`` for that volume.  The segment is
+    exported through a temporary labelmap node (removed again, together with any display
+    or colour node the export adds) with the reference volume's full extent; transforms between the segmentation and the volume are applied
+    by Slicer (resampling with nearest neighbour if the grids differ).
+
+    Args:
+        segmentationNode: ``vtkMRMLSegmentationNode`` holding the segment.
+        segmentId: segment ID (not name; see ``GetSegmentIdBySegmentName``).
+        referenceVolumeNode: volume that defines the output grid.
+
+    Returns:
+        bool array of shape ``(z, y, x)`` of the reference volume (all False if the segment is empty).
+
+    Raises:
+        ValueError: a node is None, the segmentation is not in a scene, or the segment
+            does not exist.
+        RuntimeError: the export failed.
+    """
+    if segmentationNode is None or referenceVolumeNode is None:
+        raise ValueError("Segmentation node and reference volume node are required")
+    if segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+        raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no segment with ID '{segmentId}'")
+    shape = _volume_shape_zyx(referenceVolumeNode)
+    scene = segmentationNode.GetScene()
+    if scene is None:
+        raise ValueError(f"Segmentation '{segmentationNode.GetName()}' is not in a scene")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentId)
+    # The export needs the labelmap in the scene; it may also add a display node and a
+    # colour table.  Every node added during the export is removed afterwards.
+    nodesBefore = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("__NoduleMTL_export"))
+    labelmapNode.SetHideFromEditors(True)
+    try:
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmapNode, referenceVolumeNode, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+        )
+        image = labelmapNode.GetImageData()
+        if not ok or image is None:
+            raise RuntimeError(f"Exporting segment '{segmentId}' of '{segmentationNode.GetName()}' failed")
+        i, j, k = image.GetDimensions()
+        scalars = image.GetPointData().GetScalars()
+        array = np.array(numpy_support.vtk_to_numpy(scalars).reshape((k, j, i)) != 0, copy=True)
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in nodesBefore and node is not labelmapNode:
+                scene.RemoveNode(node)
+        if labelmapNode.GetScene() is scene:
+            scene.RemoveNode(labelmapNode)
+    if array.shape != shape:
+        raise RuntimeError(f"Exported segment has shape {array.shape}, reference volume {shape}")
+    return array

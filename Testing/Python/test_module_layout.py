@@ -1,0 +1,409 @@
+"""Static checks of the Slicer module files (no Slicer application needed).
+
+NoduleMTL.py imports ``qt`` and ``slicer.ScriptedLoadableModule`` and so cannot be imported
+here; it is inspected with ``ast``.  The .ui file is parsed as XML, the CMake files as text
+(their globs are evaluated the way CMake would).
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "NoduleMTL"
+LIB_DIR = REPO / "NoduleMTLLib"
+RESOURCES_DIR = REPO / "Resources"
+MODULE_PY = MODULE_DIR / "NoduleMTL.py"
+MRML_PY = MODULE_DIR / "NoduleMTLMRML.py"
+UI_FILE = RESOURCES_DIR / "UI" / "NoduleMTL.ui"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+TOP_CMAKE = REPO / "CMakeLists.txt"
+
+#: Widget classes that need the scene (must get it through mrmlSceneChanged).
+MRML_WIDGET_CLASSES = {"qMRMLNodeComboBox", "qMRMLTableView", "qSlicerMarkupsPlaceWidget",
+                       "qMRMLSegmentsTableView", "qMRMLSubjectHierarchyTreeView"}
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _ignored(path: Path) -> bool:
+    return any(part == "__pycache__" or part.startswith(".") for part in path.parts) or path.suffix == ".pyc"
+
+
+def _files_under(folder: Path, pattern: str = "*") -> set[str]:
+    """Files under ``folder`` (recursive), relative to the repository root."""
+    return {p.relative_to(REPO).as_posix() for p in folder.rglob(pattern)
+            if p.is_file() and not _ignored(p.relative_to(REPO))}
+
+
+# ---------------------------------------------------------------------------
+# .ui file
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ui_root() -> ET.Element:
+    return ET.parse(UI_FILE).getroot()
+
+
+def _ui_widgets(root: ET.Element) -> dict[str, ET.Element]:
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def _widget_property(widget: ET.Element, name: str):
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            return prop
+    return None
+
+
+def _parameter_names(root: ET.Element) -> dict[str, ET.Element]:
+    """SlicerParameterName -> widget element."""
+    out = {}
+    for widget in root.iter("widget"):
+        prop = _widget_property(widget, "SlicerParameterName")
+        if prop is not None:
+            out[prop.findtext("string")] = widget
+    return out
+
+
+def _parameter_node_fields() -> dict[str, str]:
+    """Field name -> annotation source of the @parameterNodeWrapper class in NoduleMTL.py."""
+    source = MODULE_PY.read_text(encoding="utf-8")
+    for node in ast.walk(_tree(MODULE_PY)):
+        if isinstance(node, ast.ClassDef) and any(
+                (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper")
+                or (isinstance(d, ast.Call) and getattr(d.func, "id", None) == "parameterNodeWrapper")
+                for d in node.decorator_list):
+            return {stmt.target.id: ast.get_source_segment(source, stmt.annotation)
+                    for stmt in node.body if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
+    raise AssertionError("no @parameterNodeWrapper class in NoduleMTL.py")
+
+
+def test_ui_is_valid_qt_designer_xml(ui_root):
+    assert ui_root.tag == "ui"
+    top = ui_root.find("widget")
+    assert top is not None and top.get("class") == "qMRMLWidget" and top.get("name") == "NoduleMTL"
+    sections = {_widget_property(w, "text").findtext("string")
+                for w in ui_root.iter("widget") if w.get("class") == "ctkCollapsibleButton"}
+    assert {"Inputs", "Settings", "Results"} <= sections
+    names = [w.get("name") for w in ui_root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate object names"
+    declared = {cw.findtext("class") for cw in ui_root.iter("customwidget")}
+    used = {w.get("class") for w in ui_root.iter("widget")}
+    custom = {c for c in used if not c.startswith("Q")}
+    assert custom <= declared, f"custom widgets used but not declared: {custom - declared}"
+
+
+def test_every_slicer_parameter_name_is_a_parameter_node_field(ui_root):
+    fields = _parameter_node_fields()
+    assert {"inputVolume", "points", "network", "device", "outputSegmentation", "outputTable"} <= set(fields)
+    bound = _parameter_names(ui_root)
+    assert bound, "no widget is bound through SlicerParameterName"
+    unknown = set(bound) - set(fields)
+    assert not unknown, f"SlicerParameterName(s) not in NoduleMTLParameterNode: {unknown}"
+    for name, widget in bound.items():
+        annotation = fields[name]
+        node_class = re.fullmatch(r"(?:Optional\[)?(vtkMRML\w+Node)\]?", annotation)
+        if node_class:  # node fields -> node combo box listing that class
+            assert widget.get("class") == "qMRMLNodeComboBox", name
+            node_types = [s.text for s in _widget_property(widget, "nodeTypes").iter("string")]
+            assert node_class.group(1) in node_types, (name, node_types)
+        elif "Choice" in annotation:  # str with Choice -> plain QComboBox (QComboBoxToStringableConnector)
+            assert widget.get("class") == "QComboBox", name
+
+
+def test_ui_widgets_used_by_the_module_exist(ui_root):
+    """Every ``self.ui.<name>`` in NoduleMTL.py names a widget of the .ui file."""
+    widgets = set(_ui_widgets(ui_root))
+    used = set()
+    for node in ast.walk(_tree(MODULE_PY)):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            used.add(node.attr)
+    assert used, "NoduleMTL.py does not use self.ui"
+    assert used <= widgets, f"widgets used in NoduleMTL.py but missing in the .ui: {used - widgets}"
+
+
+def test_mrml_widgets_receive_the_scene(ui_root):
+    receivers = {c.findtext("receiver") for c in ui_root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml_widgets = {w.get("name") for w in ui_root.iter("widget") if w.get("class") in MRML_WIDGET_CLASSES}
+    assert mrml_widgets
+    assert mrml_widgets <= receivers, f"not connected to mrmlSceneChanged: {mrml_widgets - receivers}"
+
+
+# ---------------------------------------------------------------------------
+# Python sources
+# ---------------------------------------------------------------------------
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, [imported names]) for every import statement, at any depth."""
+    out = []
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import):
+            out.extend((alias.name, []) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.module, [alias.name for alias in node.names]))
+    return out
+
+
+def _lib_module_file(dotted: str) -> Path | None:
+    parts = dotted.split(".")
+    base = REPO.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in _tree(path).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", [MODULE_PY, MRML_PY], ids=lambda p: p.name)
+def test_imports_of_nodulemtllib_exist(path):
+    """Only existing NoduleMTLLib modules and names are imported (at any depth)."""
+    checked = 0
+    for module, names in _imports(path):
+        if module.split(".")[0] != "NoduleMTLLib":
+            continue
+        module_file = _lib_module_file(module)
+        assert module_file is not None, f"{path.name} imports missing module {module}"
+        defined = _top_level_names(module_file)
+        for name in names:
+            if _lib_module_file(f"{module}.{name}") is None:  # not a submodule: must be defined there
+                assert name in defined, f"{path.name}: {module} has no '{name}'"
+        checked += 1
+    assert checked
+
+
+def test_logic_calls_pipeline_with_its_signature():
+    """NoduleMTL.py calls ``pipeline.analyze_points(ct, points, network_ids=, device=, progress=)``."""
+    pipeline = LIB_DIR / "pipeline.py"
+    if not pipeline.is_file():
+        pytest.skip("NoduleMTLLib/pipeline.py not written yet")
+    funcs = {n.name: n for n in _tree(pipeline).body if isinstance(n, ast.FunctionDef)}
+    assert "analyze_points" in funcs
+    params = {a.arg for a in funcs["analyze_points"].args.args + funcs["analyze_points"].args.kwonlyargs}
+    calls = [n for n in ast.walk(_tree(MODULE_PY)) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "analyze_points"]
+    assert calls, "NoduleMTL.py never calls analyze_points"
+    for call in calls:
+        keywords = {k.arg for k in call.keywords}
+        assert keywords <= params, keywords - params
+        assert len(call.args) == 2
+
+
+def test_mrml_layer_is_gui_free():
+    """NoduleMTLMRML.py imports no qt/ctk and touches no slicer.app / modules / mrmlScene."""
+    for module, _names in _imports(MRML_PY):
+        assert module.split(".")[0] not in {"qt", "ctk", "PythonQt"}, module
+        assert not module.startswith("slicer.ScriptedLoadableModule"), module
+    for node in ast.walk(_tree(MRML_PY)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
+            assert node.attr not in {"app", "modules", "mrmlScene", "qMRMLUtils"}, f"slicer.{node.attr}"
+
+
+def test_module_classes_follow_the_template():
+    classes = {n.name: n for n in _tree(MODULE_PY).body if isinstance(n, ast.ClassDef)}
+    bases = {name: {getattr(b, "id", getattr(b, "attr", "")) for b in c.bases} for name, c in classes.items()}
+    assert "ScriptedLoadableModule" in bases["NoduleMTL"]
+    assert {"ScriptedLoadableModuleWidget", "VTKObservationMixin"} <= bases["NoduleMTLWidget"]
+    assert "ScriptedLoadableModuleLogic" in bases["NoduleMTLLogic"]
+    assert "ScriptedLoadableModuleTest" in bases["NoduleMTLTest"]
+    logic = {n.name: n for n in classes["NoduleMTLLogic"].body if isinstance(n, ast.FunctionDef)}
+    args = [a.arg for a in logic["process"].args.args]
+    assert args[:3] == ["self", "inputVolume", "pointsNode"]
+    assert {"networks", "device", "progressCallback"} <= set(args)
+    assert "setupPythonRequirements" in logic
+    test = {n.name for n in classes["NoduleMTLTest"].body if isinstance(n, ast.FunctionDef)}
+    assert {"setUp", "runTest", "test_NoduleMTL1"} <= test
+    widget = {n.name for n in classes["NoduleMTLWidget"].body if isinstance(n, ast.FunctionDef)}
+    assert "resourcePath" in widget, "resourcePath must be overridden (source and installed layouts)"
+    source = MODULE_PY.read_text(encoding="utf-8")
+    assert 'loadUI(self.resourcePath("UI/NoduleMTL.ui"))' in source
+    assert "installTorch(" in source and "PyTorchUtils" in source
+    assert not re.search(r"pip_(install|ensure)\([^)]*(SimpleITK|numpy)", source), "never (re)install SimpleITK/numpy"
+
+
+def _discovery_namespace(module_file: Path) -> dict:
+    """Execute only the library/resource discovery functions of NoduleMTL.py, as if the
+    file were at ``module_file``."""
+    import os
+
+    tree = _tree(MODULE_PY)
+    wanted = {"_candidateRoots", "libraryRoot", "resourcesDir", "resourcePath"}
+    body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    assert {n.name for n in body} == wanted
+    namespace = {"os": os, "_MODULE_DIR": str(module_file.parent), "_MODULE_NAME": "NoduleMTL"}
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(MODULE_PY), "exec"), namespace)
+    return namespace
+
+
+def test_library_and_resources_found_in_source_layout():
+    ns = _discovery_namespace(MODULE_PY)
+    assert Path(ns["libraryRoot"]()) == REPO
+    assert Path(ns["resourcePath"]("UI/NoduleMTL.ui")) == UI_FILE
+
+
+def test_library_and_resources_found_in_installed_layout(tmp_path):
+    installed = tmp_path / "lib" / "Slicer-5.9" / "qt-scripted-modules"
+    (installed / "NoduleMTLLib").mkdir(parents=True)
+    (installed / "NoduleMTLLib" / "__init__.py").write_text("")
+    (installed / "Resources" / "UI").mkdir(parents=True)
+    (installed / "Resources" / "UI" / "NoduleMTL.ui").write_text("<ui/>")
+    ns = _discovery_namespace(installed / "NoduleMTL.py")
+    assert Path(ns["libraryRoot"]()) == installed
+    assert Path(ns["resourcePath"]("Icons/NoduleMTL.png")) == installed / "Resources" / "Icons" / "NoduleMTL.png"
+
+
+# ---------------------------------------------------------------------------
+# CMake
+# ---------------------------------------------------------------------------
+
+def _cmake_text(path: Path) -> str:
+    """The file without comments (a ``#`` outside a quoted argument starts a comment)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        out, quoted = [], False
+        for ch in line:
+            if ch == '"':
+                quoted = not quoted
+            elif ch == "#" and not quoted:
+                break
+            out.append(ch)
+        lines.append("".join(out))
+    return "\n".join(lines)
+
+
+def _cmake_commands(text: str, name: str) -> list[list[str]]:
+    """Arguments of every ``name(...)`` call; quoted arguments keep their quotes and may
+    contain parentheses."""
+    calls = []
+    for m in re.finditer(rf"(?<![\w$]){name}\s*\(", text, flags=re.IGNORECASE):
+        i, depth, quoted = m.end(), 1, False
+        while depth:
+            ch = text[i]
+            if ch == '"':
+                quoted = not quoted
+            elif not quoted and ch == "(":
+                depth += 1
+            elif not quoted and ch == ")":
+                depth -= 1
+            i += 1
+        calls.append(re.findall(r'"[^"]*"|[^\s"]+', text[m.end():i - 1]))
+    return calls
+
+
+def _evaluate_cmake_lists(path: Path) -> dict[str, list[str]]:
+    """set(...) lists and file(GLOB_RECURSE ...) globs of NoduleMTL/CMakeLists.txt, evaluated
+    against the source tree (with list(FILTER ... EXCLUDE REGEX ...) applied)."""
+    text = _cmake_text(path)
+    variables = {"CMAKE_CURRENT_SOURCE_DIR": str(MODULE_DIR), "MODULE_NAME": None}
+    for args in _cmake_commands(text, "set"):
+        if args[0] == "MODULE_NAME":
+            variables["MODULE_NAME"] = args[1]
+
+    def expand(s: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: str(variables[m.group(1)]), s.strip('"'))
+
+    for args in _cmake_commands(text, "get_filename_component"):
+        variables[args[0]] = str(Path(expand(args[1])).resolve())
+    lists: dict[str, list[str]] = {}
+    for args in _cmake_commands(text, "set"):
+        if args[0] != "MODULE_NAME":
+            lists[args[0]] = [expand(a) for a in args[1:]]
+    for args in _cmake_commands(text, "file"):
+        assert args[0] == "GLOB_RECURSE", args
+        var, rest = args[1], args[2:]
+        assert rest[0] == "RELATIVE"
+        relative_to = Path(expand(rest[1]))
+        files = set()
+        for pattern in (expand(a) for a in rest[2:] if a != "CONFIGURE_DEPENDS"):
+            folder, file_pattern = Path(pattern).parent, Path(pattern).name
+            files |= {p.relative_to(relative_to).as_posix() for p in folder.rglob("*")
+                      if p.is_file() and fnmatch.fnmatch(p.name, file_pattern)}
+        lists[var] = sorted(files)
+    for args in _cmake_commands(text, "list"):
+        if args[0] == "FILTER":
+            var, mode, _regex_kw, regex = args[1], args[2], args[3], expand(args[4]).replace("\\\\", "\\")
+            assert mode == "EXCLUDE"
+            lists[var] = [f for f in lists[var] if not re.search(regex, f)]
+    return lists
+
+
+def test_module_cmake_covers_every_script_and_resource():
+    lists = _evaluate_cmake_lists(MODULE_CMAKE)
+    module_scripts = set(lists["MODULE_PYTHON_SCRIPTS"])
+    lib_scripts = set(lists["MODULE_LIB_PYTHON_SCRIPTS"])
+    resources = set(lists["MODULE_PYTHON_RESOURCES"])
+
+    assert module_scripts == {p.name for p in MODULE_DIR.glob("*.py")}, "every .py of NoduleMTL/ is listed"
+    assert lib_scripts == _files_under(LIB_DIR, "*.py"), "every .py of NoduleMTLLib/ is globbed"
+    assert resources == _files_under(RESOURCES_DIR), "every file of Resources/ is globbed"
+    assert {"Resources/UI/NoduleMTL.ui", "Resources/Icons/NoduleMTL.png"} <= resources
+    assert all(not f.endswith(".pyc") and "__pycache__" not in f for f in lib_scripts | resources)
+
+
+def test_module_cmake_installs_lib_and_resources_beside_the_module():
+    text = _cmake_text(MODULE_CMAKE)
+    [module_call] = _cmake_commands(text, "slicerMacroBuildScriptedModule")
+    assert "WITH_GENERIC_TESTS" in module_call
+    assert "${MODULE_PYTHON_SCRIPTS}" in module_call
+    [lib_call] = _cmake_commands(text, "ctkMacroCompilePythonScript")
+
+    def value(call, key):
+        return call[call.index(key) + 1]
+
+    assert value(lib_call, "SCRIPTS") == '"${MODULE_LIB_PYTHON_SCRIPTS}"'
+    assert value(lib_call, "RESOURCES") == '"${MODULE_PYTHON_RESOURCES}"'
+    # relative paths "NoduleMTLLib/..." and "Resources/..." are resolved from the repo root
+    # and copied to <DESTINATION_DIR>/<same path>, i.e. beside NoduleMTL.py
+    assert value(lib_call, "SOURCE_DIR") == "${NoduleMTL_SOURCE_ROOT}"
+    assert value(lib_call, "DESTINATION_DIR") == "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}"
+    assert value(lib_call, "INSTALL_DIR") == "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}"
+    assert "NO_INSTALL_SUBDIR" in lib_call
+    assert "WITH_SUBDIR" not in module_call, "the module script must stay at the top of qt-scripted-modules"
+    assert re.search(r"if\s*\(\s*BUILD_TESTING\s*\)[^)]*slicer_add_python_unittest\s*\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py",
+                     text, flags=re.S)
+
+
+def test_extension_cmake_metadata():
+    text = _cmake_text(TOP_CMAKE)
+    sets = {args[0]: args[1:] for args in _cmake_commands(text, "set")}
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert key in sets, key
+    assert "PyTorch" in " ".join(sets["EXTENSION_DEPENDS"])
+    assert _cmake_commands(text, "find_package")[0][:1] == ["Slicer"]
+    assert ["${Slicer_USE_FILE}"] in _cmake_commands(text, "include")
+    assert ["NoduleMTL"] in _cmake_commands(text, "add_subdirectory")
+    includes = [a[0] for a in _cmake_commands(text, "include")]
+    assert "${Slicer_EXTENSION_GENERATE_CONFIG}" in includes and "${Slicer_EXTENSION_CPACK}" in includes
+
+
+def test_icon_is_a_128px_png():
+    icon = RESOURCES_DIR / "Icons" / "NoduleMTL.png"
+    data = icon.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (128, 128)
