@@ -76,15 +76,43 @@ class Click2DNetwork:
         return PatchGrid(tuple(float(v) for v in point_lps), (self.size, self.size, nz), (sxy, sxy, sz))
 
     @torch.inference_mode()
-    def run_patch(self, hu_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(prob (z, y, x) float32, slice logits (z,)) for an HU patch."""
-        x = torch.from_numpy(hu_zyx)[:, None]
+    def _run(self, hu_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(hu_zyx))[:, None]
         probs, logits = [], []
         for i in range(0, len(x), self.batch):
             xb = normalize_slices(x[i:i + self.batch]).to(self.device)
             seg, cls = self.model(xb)
             probs.append(torch.sigmoid(seg)[:, 0].float().cpu()); logits.append(cls.float().cpu())
         return torch.cat(probs).numpy(), torch.cat(logits).numpy()
+
+    def run_patch(self, hu_zyx: np.ndarray, first_half_width: int = 4, step: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Run the network on the slices of an HU patch, from the middle slice outwards.
+
+        Starts with the middle 2 * ``first_half_width`` + 1 slices and extends a side by
+        ``step`` slices only while that side's outermost computed slice holds any pixel
+        above the threshold.  A connected component through the middle slice cannot
+        continue past a slice with no positive pixel, so the component at the click is the
+        same as with every slice computed, at a fraction of the cost for small nodules.
+
+        Returns:
+            (prob (z, y, x) float32, zeros on slices not computed; slice logits (z,) float32, NaN there).
+        """
+        nz = len(hu_zyx)
+        c = nz // 2
+        prob = np.zeros(hu_zyx.shape, np.float32)
+        logits = np.full(nz, np.nan, np.float32)
+        lo, hi = max(0, c - first_half_width), min(nz, c + first_half_width + 1)
+        prob[lo:hi], logits[lo:hi] = self._run(hu_zyx[lo:hi])
+        while True:
+            grew = False
+            if lo > 0 and (prob[lo] > THRESHOLD).any():
+                new = max(0, lo - step)
+                prob[new:lo], logits[new:lo] = self._run(hu_zyx[new:lo]); lo = new; grew = True
+            if hi < nz and (prob[hi - 1] > THRESHOLD).any():
+                new = min(nz, hi + step)
+                prob[hi:new], logits[hi:new] = self._run(hu_zyx[hi:new]); hi = new; grew = True
+            if not grew:
+                return prob, logits
 
     def analyze(self, ct: CTVolume, point_lps) -> ClickOutput:
         for zoom in ZOOMS:
@@ -111,7 +139,8 @@ class Click2DNetwork:
         seed = ct.world_lps_to_index(point_lps)[::-1]
         mask = component_near(mask, seed, ct.spacing[::-1], MAX_CLICK_DISTANCE_MM + max(ct.spacing))
         areas = comp.reshape(len(comp), -1).sum(1)
-        p = float(sigmoid(nodule_logit_from_slices(logits, areas)))
+        computed = ~np.isnan(logits)
+        p = float(sigmoid(nodule_logit_from_slices(logits[computed], areas[computed])))
         msg = "" if mask.any() else "segmentation vanished when resampled to the CT grid (nodule smaller than a voxel?)"
         if touches:
             msg = "nodule reaches the border of the largest patch; mask may be clipped"
