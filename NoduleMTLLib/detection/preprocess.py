@@ -1,0 +1,637 @@
+"""Preprocessing for the whole-scan nodule search network ``maskrcnn25d`` (paper section 3.2).
+
+The paper's pipeline, in its order: (1) HU clipping to [-1000, 400] and linear
+normalisation to [0, 1]; (2) slice-wise CLAHE; (3) multiplication by the lung mask;
+(5) five-slice stacks {z-2, ..., z+2} as the channels of one image.  (Step (4), the
+conversion of annotations to voxel space, belongs to the training data code.)
+``use_clahe`` and ``use_lung_mask`` switch steps (2) and (3) off for the paper's
+ablations (section 4.3.2 compares inputs with and without CLAHE).
+
+What the paper leaves open, and our choices:
+
+* CLAHE parameters are not specified in the paper; we use scikit-image's
+  ``equalize_adapthist`` defaults (kernel 1/8 of the slice height and width, i.e.
+  64 x 64 px on a 512 x 512 slice; clip limit 0.01; 256 bins), applied to the full
+  axial slice after the HU window.  Note that ``equalize_adapthist`` first stretches
+  each slice's own [min, max] to its full range (a no-op for chest slices, which
+  contain both air <= -1000 HU and bone >= 400 HU); constant slices are left unchanged.
+* The paper multiplies by LUNA16's provided lung masks.  Whole-scan inference has no
+  provided mask, so :func:`compute_lung_mask` computes one from the CT (classical
+  threshold / connected components / morphology; see its docstring).
+* Stacks at the first/last two slices repeat the edge slice (index clamping); the paper
+  only sampled stacks centred on nodules or in the mid-lung, never at volume edges.
+* Channels follow the array's k order (channel 0 = slice k-2) unless ``reverse`` is set;
+  :func:`preprocess_ct` sets it when the k axis points towards the feet, so channel 0 is
+  always the most inferior slice.  Not specified in the paper (LUNA16 volumes have
+  identity directions, where both orders agree).
+
+Arrays are numpy, (z, y, x) = (k, j, i) as :attr:`NoduleMTLLib.io.CTVolume.array` gives
+them; spacings are in mm.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..io import CTVolume, InputError
+
+#: HU window of the paper (section 3.2): values are clipped to it and mapped to [0, 1].
+HU_MIN = -1000.0
+HU_MAX = 400.0
+#: Number of adjacent slices per input stack (section 3.3.3: 5-slice stacks).
+STACK_SIZE = 5
+#: scikit-image CLAHE settings (not specified in the paper; skimage defaults).
+CLAHE_CLIP_LIMIT = 0.01
+CLAHE_KERNEL_SIZE = None  # None = 1/8 of the slice height and width
+CLAHE_NBINS = 256
+#: Slice spacing (mm) at and above which the input is flagged as thick-slice.  The paper
+#: trained on LUNA16 (slices <= 2.5 mm); a 5-slice stack of 5 mm slices spans 25 mm.
+THICK_SLICE_MM = 5.0
+
+# --- lung mask (not from the paper: it used LUNA16's provided masks) ---
+#: Voxels below this HU are air or aerated lung (the usual -320 HU lung/soft-tissue cut).
+LUNG_THRESHOLD_HU = -320.0
+#: Components whose median HU is below this are pure gas (bowel, stomach, air pockets
+#: outside the body, a separate trachea), not lung parenchyma (median about -850 HU,
+#: about -930 HU in severe emphysema).
+GAS_MEDIAN_HU = -975.0
+#: Below this total lung volume (mL) the CT has no plausible lung -> :class:`NoLungError`.
+#: Adult lungs hold 3-8 L; bowel gas in an abdominal CT is typically tens of mL in the
+#: partial-volume components that pass the gas test.
+MIN_LUNG_VOLUME_ML = 300.0
+#: Lung components smaller than this fraction of the largest one (or than
+#: ``MIN_COMPONENT_ML``) are dropped.
+MIN_COMPONENT_FRACTION = 0.02
+MIN_COMPONENT_ML = 10.0
+#: In-plane closing radius (mm) that puts juxtapleural / juxtavascular nodules (up to
+#: about 2 x this diameter of concavity) back into the mask.
+CLOSING_RADIUS_MM = 10.0
+#: The mask is computed on an in-plane grid of about this pixel size, then upsampled.
+WORK_PIXEL_MM = 1.5
+#: Largest in-plane erosion depth (mm) tried to separate left and right lungs.
+MAX_SPLIT_EROSION_MM = 15.0
+#: Default margins of :func:`lung_bounds` (mm).
+BOUNDS_MARGIN_MM = (5.0, 10.0, 10.0)  # (z, y, x)
+
+
+class NoLungError(InputError):
+    """No plausible lung was found in the CT (e.g. a head or abdomen CT, or a crop outside the lungs)."""
+
+
+class ThickSliceWarning(UserWarning):
+    """The CT's slice spacing is >= :data:`THICK_SLICE_MM`: detection quality is not validated."""
+
+
+# ----------------------------------------------------------------------------------------
+# intensities
+
+
+def hu_window(hu: np.ndarray, hu_min: float = HU_MIN, hu_max: float = HU_MAX) -> np.ndarray:
+    """Clip HU to [hu_min, hu_max] and map linearly to [0, 1] (paper section 3.2, step 1).
+
+    Args:
+        hu: any shape, any real dtype, Hounsfield units.
+        hu_min, hu_max: window (default the paper's [-1000, 400] HU).
+
+    Returns:
+        float32 array of the same shape in [0, 1]: 0 = hu_min (air), 1 = hu_max.
+
+    Raises:
+        ValueError: hu_max <= hu_min.
+    """
+    if hu_max <= hu_min:
+        raise ValueError(f"empty HU window [{hu_min}, {hu_max}]")
+    x = (np.asarray(hu, dtype=np.float32) - np.float32(hu_min)) / np.float32(hu_max - hu_min)
+    return np.clip(x, 0.0, 1.0, out=x)
+
+
+def clahe_slices(volume01: np.ndarray, slices=None, clip_limit: float = CLAHE_CLIP_LIMIT,
+                 kernel_size=CLAHE_KERNEL_SIZE, nbins: int = CLAHE_NBINS) -> np.ndarray:
+    """Slice-wise (2D, axial) CLAHE with ``skimage.exposure.equalize_adapthist`` (section 3.2, step 2).
+
+    Args:
+        volume01: (z, y, x) or (y, x) float array in [0, 1] (output of :func:`hu_window`).
+        slices: iterable of k indices to equalise (default all); the others are copied
+            unchanged (lets inference skip slices outside the lungs).
+        clip_limit, kernel_size, nbins: passed to ``equalize_adapthist``; not specified in
+            the paper, we use scikit-image's defaults (0.01, 1/8 of the slice, 256).
+
+    Returns:
+        float32 array of the same shape in [0, 1].  Constant slices are returned unchanged
+        (``equalize_adapthist`` would map them to 1).
+
+    Raises:
+        ValueError: not 2D/3D, or values outside [0, 1].
+    """
+    from skimage.exposure import equalize_adapthist
+
+    v = np.asarray(volume01, dtype=np.float32)
+    if v.ndim not in (2, 3):
+        raise ValueError(f"expected (z, y, x) or (y, x), got shape {v.shape}")
+    if v.size and (float(v.min()) < 0.0 or float(v.max()) > 1.0):
+        raise ValueError("CLAHE expects intensities in [0, 1] (apply hu_window first)")
+    squeeze = v.ndim == 2
+    v3 = v[None] if squeeze else v
+    out = v3.copy()
+    ks = range(v3.shape[0]) if slices is None else slices
+    for k in ks:
+        s = v3[k]
+        if float(s.max()) <= float(s.min()):
+            continue
+        out[k] = equalize_adapthist(s, kernel_size=kernel_size, clip_limit=clip_limit, nbins=nbins).astype(np.float32)
+    return out[0] if squeeze else out
+
+
+# ----------------------------------------------------------------------------------------
+# lung mask
+
+
+@dataclass
+class LungMask:
+    """Lung mask of a CT on its voxel grid.
+
+    Attributes:
+        labels: uint8 (z, y, x): 0 outside, 1 right lung, 2 left lung (patient sides,
+            from the LPS x of the centroids); when the lungs could not be separated the
+            whole mask is 1 and ``n_lungs`` is 1.
+        spacing_zyx: voxel spacing (mm) per array axis.
+        volumes_ml: volume (mL) per label, index 0 = label 1 ("right"), 1 = label 2.
+        n_lungs: 1 or 2.
+    """
+
+    labels: np.ndarray
+    spacing_zyx: tuple[float, float, float]
+    volumes_ml: tuple[float, ...]
+    n_lungs: int
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool (z, y, x): inside either lung."""
+        return self.labels > 0
+
+    @property
+    def volume_ml(self) -> float:
+        """Total lung volume in mL."""
+        return float(sum(self.volumes_ml))
+
+
+@dataclass(frozen=True)
+class LungBounds:
+    """Half-open voxel bounds of the lungs (with margin): ``z0 <= k < z1``, ``y0 <= j < y1``, ``x0 <= i < x1``."""
+
+    z0: int
+    z1: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        """numpy index for (z, y, x) arrays."""
+        return (slice(self.z0, self.z1), slice(self.y0, self.y1), slice(self.x0, self.x1))
+
+    @property
+    def z_range(self) -> range:
+        """Slice indices k the nodule search needs to visit."""
+        return range(self.z0, self.z1)
+
+
+def _inplane_structure() -> np.ndarray:
+    s = np.zeros((3, 3, 3), bool)
+    s[1] = ndi.generate_binary_structure(2, 1)
+    return s
+
+
+def _bbox(mask: np.ndarray):
+    """Half-open bounding box (z0, z1, y0, y1, x0, x1) of a non-empty 3D bool array."""
+    out = []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        out += [int(idx[0]), int(idx[-1]) + 1]
+    return tuple(out)
+
+
+def _grow(box, margin, shape):
+    z0, z1, y0, y1, x0, x1 = box
+    mz, my, mx = margin
+    return (max(0, z0 - mz), min(shape[0], z1 + mz), max(0, y0 - my), min(shape[1], y1 + my),
+            max(0, x0 - mx), min(shape[2], x1 + mx))
+
+
+def _inplane_closing(mask: np.ndarray, radius_mm: float, sy: float, sx: float) -> np.ndarray:
+    """Binary closing with an in-plane disk of ``radius_mm`` (exact, via distance transforms), slice by slice."""
+    if radius_mm <= 0:
+        return mask
+    pad = int(np.ceil(radius_mm / min(sy, sx))) + 1
+    m = np.pad(mask, ((0, 0), (pad, pad), (pad, pad)))
+    samp = (1e6, sy, sx)  # huge z spacing: distances never cross slices
+    dil = ndi.distance_transform_edt(~m, sampling=samp) <= radius_mm
+    clo = ndi.distance_transform_edt(dil, sampling=samp) > radius_mm
+    return clo[:, pad:-pad, pad:-pad] | mask
+
+
+def _split_lungs(comp: np.ndarray, sy: float, sx: float, sz: float):
+    """Separate a single lung+airway component into two by in-plane erosion; None if it does not split."""
+    st = _inplane_structure()
+    er = comp
+    max_it = max(1, int(np.ceil(MAX_SPLIT_EROSION_MM / min(sy, sx))))
+    for _ in range(max_it):
+        er = ndi.binary_erosion(er, structure=st)
+        if not er.any():
+            return None
+        lab, n = ndi.label(er)
+        if n < 2:
+            continue
+        vol = np.bincount(lab.ravel())[1:]
+        order = np.argsort(vol)[::-1]
+        if vol[order[1]] >= 0.1 * vol[order[0]]:
+            seeds = np.zeros(comp.shape, np.uint8)
+            seeds[lab == order[0] + 1] = 1
+            seeds[lab == order[1] + 1] = 2
+            _, ind = ndi.distance_transform_edt(seeds == 0, sampling=(sz, sy, sx), return_indices=True)
+            return seeds[tuple(ind)] * comp
+    return None
+
+
+def compute_lung_mask(hu: np.ndarray, spacing_zyx, *, ijk_to_lps: np.ndarray | None = None,
+                      threshold_hu: float = LUNG_THRESHOLD_HU, min_lung_volume_ml: float = MIN_LUNG_VOLUME_ML,
+                      closing_radius_mm: float = CLOSING_RADIUS_MM, work_pixel_mm: float = WORK_PIXEL_MM) -> LungMask:
+    """Lung mask computed from the CT itself (replaces LUNA16's provided masks, section 3.2 step 3).
+
+    Not specified in the paper (it used the masks shipped with LUNA16); we use a
+    classical, training-free 3D method:
+
+    1. Work on an in-plane subsampled grid (stride ``round(work_pixel_mm / pixel)``,
+       e.g. 2 for 0.7-0.9 mm pixels); the result is upsampled by repetition.
+    2. ``air = HU < threshold_hu`` (-320 HU).
+    3. Remove, slice by slice, the air connected to the slice border (air outside the
+       body, scanner padding).  Requires the whole axial body section in the field of
+       view: lungs cut by the field-of-view border are removed too.
+    4. 3D connected components (6-connectivity) of the rest.  Components whose median
+       HU is below :data:`GAS_MEDIAN_HU` are gas, not lung, and are dropped; so are those
+       below ``max(MIN_COMPONENT_ML, MIN_COMPONENT_FRACTION x largest)``.
+    5. If the total is below ``min_lung_volume_ml`` -> :class:`NoLungError`.
+    6. Left/right: two large components are the two lungs; a single one (lungs joined
+       through the trachea/carina or an anterior junction) is split by in-plane erosion
+       until it falls into two parts each >= 10 % of the larger, whose voxels then seed
+       a nearest-seed assignment of the whole component.  The lung with the larger LPS
+       x (patient left) gets label 2.  The airways stay in the mask, assigned to the
+       nearer lung.
+    7. Per lung: in-plane hole filling (vessels, nodules inside the lung), an in-plane
+       closing with a disk of ``closing_radius_mm`` (juxtapleural nodules), hole filling
+       again.
+
+    Known limitation: broad-based pleural or mediastinal masses larger than the closing
+    can handle (about 2 x ``closing_radius_mm``) are only partly inside the mask; the
+    6 cm adenocarcinoma of Lung-PET-CT-Dx A0001 has 24-62 % of its box inside, per slice.
+    (A slice-wise convex hull, tried, brings in the mediastinum up to the trachea, which
+    stays in the lung label.)  Use ``use_lung_mask=False`` (bounds only) when masses matter.
+
+    Args:
+        hu: (z, y, x) HU array (int16 or float).
+        spacing_zyx: voxel spacing in mm per array axis.
+        ijk_to_lps: optional 4x4 index->LPS matrix (:func:`NoduleMTLLib.io.ijk_to_lps_matrix`)
+            used to name the left/right lungs; default: i increases towards patient left.
+        threshold_hu, min_lung_volume_ml, closing_radius_mm, work_pixel_mm: see the
+            module constants.
+
+
+    Returns:
+        :class:`LungMask` on the input grid.
+
+    Raises:
+        ValueError: not a 3D array or non-positive spacing.
+        NoLungError: no plausible lung (total lung volume below ``min_lung_volume_ml``).
+    """
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {hu.shape}")
+    sz, sy, sx = (float(v) for v in spacing_zyx)
+    if min(sz, sy, sx) <= 0:
+        raise ValueError(f"non-positive spacing {spacing_zyx}")
+    f = max(1, int(np.floor(work_pixel_mm / min(sy, sx) + 0.5)))
+    work = hu[:, ::f, ::f]
+    wy, wx = sy * f, sx * f
+    vox_ml = sz * wy * wx / 1000.0
+
+    air = work < threshold_hu
+    lab2, n2 = ndi.label(air, structure=_inplane_structure())
+    border = np.zeros(n2 + 1, bool)
+    for edge in (lab2[:, 0, :], lab2[:, -1, :], lab2[:, :, 0], lab2[:, :, -1]):
+        border[np.unique(edge)] = True
+    border[0] = True
+    inner = ~border[lab2]
+    del lab2, air
+
+    lab3, n3 = ndi.label(inner)
+    del inner
+    found = 0.0
+    kept: list[int] = []
+    if n3:
+        vol = np.bincount(lab3.ravel(), minlength=n3 + 1)[1:] * vox_ml
+        objs = ndi.find_objects(lab3)
+        order = np.argsort(vol)[::-1]
+        largest = None
+        for o in order[:16]:
+            if vol[o] < MIN_COMPONENT_ML or (largest is not None and vol[o] < MIN_COMPONENT_FRACTION * largest):
+                break
+            sl = objs[o]
+            med = float(np.median(work[sl][lab3[sl] == o + 1]))
+            if med < GAS_MEDIAN_HU:
+                continue  # pure gas, not parenchyma
+            if largest is None:
+                largest = vol[o]
+            kept.append(int(o) + 1)
+            found += float(vol[o])
+    if found < min_lung_volume_ml:
+        raise NoLungError(
+            f"No plausible lung in this CT: {found:.0f} mL of aerated lung found (at least "
+            f"{min_lung_volume_ml:.0f} mL expected). Is this a chest CT covering the lungs, "
+            "with the whole body section inside the field of view?"
+        )
+
+    # left / right
+    vols = {c: float((lab3 == c).sum()) for c in kept}
+    kept.sort(key=lambda c: -vols[c])
+    total = sum(vols.values())
+    lr = np.zeros(work.shape, np.uint8)
+    if len(kept) >= 2 and vols[kept[1]] >= 0.15 * total:
+        lr[lab3 == kept[0]] = 1
+        lr[lab3 == kept[1]] = 2
+        rest = kept[2:]
+    else:
+        comp = lab3 == kept[0]
+        box = _grow(_bbox(comp), (1, 2, 2), comp.shape)
+        sl = (slice(box[0], box[1]), slice(box[2], box[3]), slice(box[4], box[5]))
+        split = _split_lungs(comp[sl], wy, wx, sz)
+        if split is not None:
+            lr[sl] = split
+        else:
+            lr[comp] = 1
+        rest = kept[1:]
+    n_lungs = int(lr.max())
+    if rest and n_lungs == 2:  # smaller pieces go to the lung with the nearer centroid (x)
+        cx = [np.nonzero((lr == v).any(axis=(0, 1)))[0].mean() for v in (1, 2)]
+        for c in rest:
+            x = np.nonzero((lab3 == c).any(axis=(0, 1)))[0].mean()
+            lr[lab3 == c] = 1 + int(abs(x - cx[1]) < abs(x - cx[0]))
+    else:
+        for c in rest:
+            lr[lab3 == c] = 1
+    del lab3
+
+    # left/right naming by LPS x of the centroids
+    if n_lungs == 2:
+        m = np.eye(4) if ijk_to_lps is None else np.asarray(ijk_to_lps, float)
+        xs = []
+        for v in (1, 2):
+            kk, jj, ii = (float(a.mean()) for a in np.nonzero(lr == v))
+            xs.append((m @ np.array([ii * f, jj * f, kk, 1.0]))[0])
+        if xs[0] > xs[1]:  # label 1 must be the right lung (smaller LPS x)
+            lr = np.where(lr > 0, 3 - lr, 0).astype(np.uint8)
+
+    # morphology per lung
+    st = _inplane_structure()
+    out = np.zeros(work.shape, np.uint8)
+    rad_px = int(np.ceil(closing_radius_mm / min(wy, wx))) + 1
+    for v in range(1, n_lungs + 1):
+        m = lr == v
+        box = _grow(_bbox(m), (0, rad_px, rad_px), m.shape)
+        sl = (slice(box[0], box[1]), slice(box[2], box[3]), slice(box[4], box[5]))
+        mm = ndi.binary_fill_holes(m[sl], structure=st)
+        mm = _inplane_closing(mm, closing_radius_mm, wy, wx)
+        mm = ndi.binary_fill_holes(mm, structure=st)
+        region = out[sl]
+        region[mm & (region == 0)] = v
+
+    if f > 1:
+        out = np.repeat(np.repeat(out, f, axis=1), f, axis=2)[:, : hu.shape[1], : hu.shape[2]]
+    out = np.ascontiguousarray(out)
+    vml = sz * sy * sx / 1000.0
+    counts = np.bincount(out.ravel(), minlength=n_lungs + 1)
+    volumes = tuple(float(counts[v]) * vml for v in range(1, n_lungs + 1))
+    return LungMask(labels=out, spacing_zyx=(sz, sy, sx), volumes_ml=volumes, n_lungs=n_lungs)
+
+
+def lung_mask_from_ct(ct: CTVolume, **kwargs) -> LungMask:
+    """:func:`compute_lung_mask` for a :class:`~NoduleMTLLib.io.CTVolume` (HU, LPS geometry).
+
+    Raises:
+        NoLungError: see :func:`compute_lung_mask`.
+    """
+    from ..io import ijk_to_lps_matrix
+
+    sx, sy, sz = ct.spacing
+    return compute_lung_mask(ct.array, (sz, sy, sx), ijk_to_lps=ijk_to_lps_matrix(ct.image), **kwargs)
+
+
+def lung_bounds(lung: LungMask | np.ndarray, spacing_zyx=None, margin_mm=BOUNDS_MARGIN_MM) -> LungBounds:
+    """z-range and in-plane bounding box of the lungs, grown by a margin, so the nodule
+    search can skip slices and pixels outside the lungs.
+
+    Not in the paper (it worked on stacks sampled inside the lungs); the margin (default
+    5 mm in z, 10 mm in-plane) keeps nodules at the lung surface and the 5-slice context.
+
+    Args:
+        lung: :class:`LungMask`, or a (z, y, x) bool mask together with ``spacing_zyx``.
+        spacing_zyx: mm per array axis (taken from the LungMask when omitted).
+        margin_mm: (z, y, x) margin in mm.
+
+    Returns:
+        :class:`LungBounds` (half-open voxel indices, clipped to the volume).
+
+    Raises:
+        NoLungError: the mask is empty.
+    """
+    if isinstance(lung, LungMask):
+        mask, spacing = lung.mask, lung.spacing_zyx if spacing_zyx is None else spacing_zyx
+    else:
+        mask, spacing = np.asarray(lung, bool), spacing_zyx
+        if spacing is None:
+            raise ValueError("spacing_zyx is required with a plain mask")
+    if not mask.any():
+        raise NoLungError("The lung mask is empty")
+    margin = tuple(int(np.ceil(m / s)) for m, s in zip(margin_mm, spacing))
+    return LungBounds(*_grow(_bbox(mask), margin, mask.shape))
+
+
+# ----------------------------------------------------------------------------------------
+# input checks, stacks, whole-CT preprocessing
+
+
+@dataclass
+class DetectionInputReport:
+    """Result of :func:`check_detection_input`.
+
+    Attributes:
+        n_slices: number of slices along k.
+        slice_spacing_mm: distance between slice centres (the k spacing).
+        slice_thickness_mm: DICOM SliceThickness (0018,0050) when the image carries it, else None.
+        thick_slices: True when max(spacing, thickness) >= :data:`THICK_SLICE_MM`.
+        warnings: human-readable notes (also issued as :class:`ThickSliceWarning`).
+    """
+
+    n_slices: int
+    slice_spacing_mm: float
+    slice_thickness_mm: float | None
+    thick_slices: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_detection_input(ct: CTVolume, warn: bool = True) -> DetectionInputReport:
+    """Check that a CT suits the 2.5D nodule search (5-slice stacks, thin slices).
+
+    Args:
+        ct: the CT volume.
+        warn: also issue a :class:`ThickSliceWarning` for thick slices.
+
+    Returns:
+        :class:`DetectionInputReport` (``thick_slices`` flags slice spacing or thickness
+        >= 5 mm: the network was designed for LUNA16's <= 2.5 mm slices, section 3.1).
+
+    Raises:
+        InputError: fewer than :data:`STACK_SIZE` (5) slices: no 5-slice stack can be formed.
+    """
+    n = ct.shape_zyx[0]
+    spacing = float(ct.spacing[2])
+    if n < STACK_SIZE:
+        raise InputError(
+            f"The CT has {n} slice(s); the nodule search stacks {STACK_SIZE} adjacent slices "
+            f"and needs a volume of at least {STACK_SIZE} slices"
+        )
+    thickness = None
+    if ct.image.HasMetaDataKey("0018|0050"):
+        try:
+            thickness = float(ct.image.GetMetaData("0018|0050").strip())
+        except ValueError:
+            thickness = None
+    eff = max(spacing, thickness or 0.0)
+    notes = []
+    thick = eff >= THICK_SLICE_MM
+    if thick:
+        notes.append(
+            f"Slices are {eff:g} mm apart/thick (>= {THICK_SLICE_MM:g} mm): a 5-slice stack spans "
+            f"{STACK_SIZE * eff:g} mm and small nodules cover one slice or none; the nodule search "
+            "was designed for <= 2.5 mm slices and is not validated on this input"
+        )
+        if warn:
+            warnings.warn(notes[-1], ThickSliceWarning, stacklevel=2)
+    return DetectionInputReport(n_slices=n, slice_spacing_mm=spacing, slice_thickness_mm=thickness,
+                                thick_slices=thick, warnings=notes)
+
+
+def stack_indices(k: int, n_slices: int, size: int = STACK_SIZE, reverse: bool = False) -> np.ndarray:
+    """Slice indices of the stack centred on slice k: k-2..k+2 clamped to [0, n_slices-1].
+
+    Edge handling: indices beyond the volume repeat the edge slice (not specified in the
+    paper; see the module docstring).
+
+    Args:
+        k: centre slice index (0 <= k < n_slices).
+        n_slices: number of slices in the volume.
+        size: stack size (odd; 5 in the paper).
+        reverse: return the indices in descending order.
+
+    Returns:
+        int64 array (size,).
+
+    Raises:
+        ValueError: even size, or k outside the volume.
+    """
+    if size % 2 != 1:
+        raise ValueError(f"stack size must be odd, got {size}")
+    if not 0 <= k < n_slices:
+        raise ValueError(f"slice {k} outside the volume (0..{n_slices - 1})")
+    h = size // 2
+    idx = np.clip(np.arange(k - h, k + h + 1), 0, n_slices - 1).astype(np.int64)
+    return idx[::-1].copy() if reverse else idx
+
+
+def stack_slices(volume: np.ndarray, k: int, size: int = STACK_SIZE, reverse: bool = False) -> np.ndarray:
+    """The 2.5D network input for slice k: slices {k-2, ..., k+2} as channels (section 3.2, step 5).
+
+    Args:
+        volume: (z, y, x) float array (preprocessed, [0, 1]).
+        k: centre slice; size: stack size (5); reverse: see :func:`stack_indices`.
+
+    Returns:
+        float32 (size, y, x); channel size//2 is slice k.
+
+    Raises:
+        ValueError: see :func:`stack_indices`; or volume not 3D.
+    """
+    v = np.asarray(volume)
+    if v.ndim != 3:
+        raise ValueError(f"expected a (z, y, x) volume, got shape {v.shape}")
+    return np.ascontiguousarray(v[stack_indices(k, v.shape[0], size, reverse)], dtype=np.float32)
+
+
+@dataclass
+class PreprocessedCT:
+    """Output of :func:`preprocess_ct`.
+
+    Attributes:
+        image: float32 (z, y, x) in [0, 1]: HU window, CLAHE (if on), times the lung mask
+            (if on).  With ``restrict_to_lungs`` the slices outside ``bounds`` +- 2 are
+            windowed but not equalised.
+        lung: the :class:`LungMask` (None when neither masking nor restriction asked for it).
+        bounds: lung bounds (None without a lung mask); the slices/pixels to search.
+        report: the :class:`DetectionInputReport`.
+        reverse_stack: pass to :func:`stack_slices` (True when the k axis points to the feet).
+        use_clahe, use_lung_mask: the switches used.
+    """
+
+    image: np.ndarray
+    lung: LungMask | None
+    bounds: LungBounds | None
+    report: DetectionInputReport
+    reverse_stack: bool
+    use_clahe: bool
+    use_lung_mask: bool
+
+    def stack(self, k: int) -> np.ndarray:
+        """(5, y, x) float32 network input centred on slice k (see :func:`stack_slices`)."""
+        return stack_slices(self.image, k, reverse=self.reverse_stack)
+
+
+def preprocess_ct(ct: CTVolume, use_clahe: bool = True, use_lung_mask: bool = True,
+                  restrict_to_lungs: bool = True, lung: LungMask | None = None) -> PreprocessedCT:
+    """Whole-CT preprocessing of section 3.2 (window, CLAHE, lung mask) for the nodule search.
+
+    Args:
+        ct: CT in HU.
+        use_clahe: apply slice-wise CLAHE (paper default: on; off for the ablation).
+        use_lung_mask: multiply by the lung mask (paper: on).
+        restrict_to_lungs: compute the lung bounds and equalise only the slices within
+            them (+- 2 for the stacks); needs the lung mask (computed even when
+            ``use_lung_mask`` is False).
+        lung: a precomputed :class:`LungMask` (skips :func:`lung_mask_from_ct`).
+
+    Returns:
+        :class:`PreprocessedCT`.
+
+    Raises:
+        InputError: fewer than 5 slices.
+        NoLungError: no plausible lung (when a lung mask is needed).
+    """
+    report = check_detection_input(ct)
+    need_lung = use_lung_mask or restrict_to_lungs
+    if need_lung and lung is None:
+        lung = lung_mask_from_ct(ct)
+    bounds = lung_bounds(lung) if need_lung else None
+    img = hu_window(ct.array)
+    if use_clahe:
+        n = img.shape[0]
+        ks = range(n) if bounds is None else range(max(0, bounds.z0 - 2), min(n, bounds.z1 + 2))
+        img = clahe_slices(img, slices=ks)
+    if use_lung_mask:
+        img *= lung.mask
+    d = np.asarray(ct.image.GetDirection(), float).reshape(3, 3)
+    return PreprocessedCT(image=img, lung=lung if need_lung else None, bounds=bounds, report=report,
+                          reverse_stack=bool(d[2, 2] < 0), use_clahe=use_clahe, use_lung_mask=use_lung_mask)
