@@ -1,0 +1,446 @@
+"""Whole-scan nodule search ``maskrcnn25d``: preprocessing, network, 3D merging, evaluation.
+
+Real CT: LIDC-IDRI-0003 (whole scan with its nodule label map) and Lung-PET-CT-Dx A0001
+from ``../shared/data/whole_ct``.  The network runs on one 128 x 128 crop (single thread).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from NoduleMTLLib.io import CTVolume, InputError
+from NoduleMTLLib.detection import evaluate as ev
+from NoduleMTLLib.detection import merge as mg
+from NoduleMTLLib.detection import preprocess as pp
+
+torch.set_num_threads(1)
+
+CROP = 128
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def lidc3(shared_data):
+    folder = shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003"
+    ct, refs = ev.load_lidc_whole_ct_references(folder)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "nodules_labels.nrrd")))
+    return ct, refs, labels
+
+
+@pytest.fixture(scope="module")
+def lidc3_lung(lidc3):
+    return pp.lung_mask_from_ct(lidc3[0])
+
+
+@pytest.fixture(scope="module")
+def model():
+    from NoduleMTLLib.detection.model import build_maskrcnn25d
+
+    torch.manual_seed(0)
+    return build_maskrcnn25d(min_size=CROP, max_size=CROP, box_detections_per_img=20)
+
+
+@pytest.fixture(scope="module")
+def nodule_crop(lidc3, lidc3_lung):
+    """Preprocessed 5-slice stack (128 x 128) centred on LIDC-0003 nodule 3 with its real box and mask."""
+    ct, refs, labels = lidc3
+    ref = next(r for r in refs if r.nodule_id == 3)
+    k = ref.centre_slice
+    ks = pp.stack_indices(k, ct.shape_zyx[0])
+    vol = pp.hu_window(ct.array[ks])
+    vol = pp.clahe_slices(vol) * lidc3_lung.mask[ks]
+    ci, cj = int(round(ref.centre_ijk[0])), int(round(ref.centre_ijk[1]))
+    x0, y0 = ci - CROP // 2, cj - CROP // 2
+    stack = vol[:, y0:y0 + CROP, x0:x0 + CROP]
+    m = (labels[k, y0:y0 + CROP, x0:x0 + CROP] == 3).astype(np.uint8)
+    jj, ii = np.nonzero(m)
+    box = [ii.min(), jj.min(), ii.max() + 1, jj.max() + 1]
+    target = {"boxes": torch.tensor([box], dtype=torch.float32), "labels": torch.tensor([1]),
+              "masks": torch.from_numpy(m)[None]}
+    return torch.from_numpy(stack), target
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def test_lung_mask_two_lungs_contain_reference_nodules(lidc3, lidc3_lung):
+    ct, refs, labels = lidc3
+    lung = lidc3_lung
+    assert lung.labels.shape == ct.shape_zyx and lung.labels.dtype == np.uint8
+    assert lung.n_lungs == 2
+    for v in lung.volumes_ml:  # each lung 1-5 L, both 3-9 L
+        assert 1000 < v < 5000
+    assert 3000 < lung.volume_ml < 9000
+    for r in refs:
+        i, j, k = (int(round(c)) for c in r.centre_ijk)
+        assert lung.mask[k, j, i], f"nodule {r.nodule_id} centre outside the lung mask"
+        assert lung.mask[labels == r.nodule_id].mean() > 0.95
+        # LPS x > 0 is the patient's left: label 2
+        assert lung.labels[k, j, i] == (2 if r.centre_lps[0] > 0 else 1)
+    b = pp.lung_bounds(lung)
+    assert 0 < b.z0 and b.z1 == ct.shape_zyx[0]  # LIDC-0003 starts below the lung bases
+    assert b.x1 - b.x0 < 512 and b.y1 - b.y0 < 512
+    assert lung.mask[b.slices].sum() == lung.mask.sum()
+
+
+def test_no_lung_below_the_lungs_or_outside_them(lidc3):
+    ct = lidc3[0]
+    below = CTVolume(ct.image[:, :, 0:8])  # the 8 lowest slices: upper abdomen
+    with pytest.raises(pp.NoLungError, match="No plausible lung"):
+        pp.lung_mask_from_ct(below)
+    corner = CTVolume(ct.image[0:150, 0:150, :])  # anterior-right corner, outside the lungs
+    with pytest.raises(InputError):  # NoLungError is an InputError
+        pp.lung_mask_from_ct(corner)
+
+
+def test_thick_slice_scan_flagged_and_lungs_found(shared_data):
+    from NoduleMTLLib.io import read_ct
+
+    ct = read_ct(shared_data / "whole_ct" / "lung_pet_ct_dx_A0001.nrrd")  # 5.0 mm slices
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rep = pp.check_detection_input(ct)
+    assert rep.thick_slices and rep.slice_spacing_mm == pytest.approx(5.0)
+    assert any(issubclass(x.category, pp.ThickSliceWarning) for x in w)
+    lung = pp.lung_mask_from_ct(ct)
+    assert lung.n_lungs == 2 and 3000 < lung.volume_ml < 9000
+
+
+def test_fewer_than_five_slices_is_an_error(lidc3):
+    thin = CTVolume(lidc3[0].image[:, :, 60:64])
+    with pytest.raises(InputError, match="at least 5 slices"):
+        pp.check_detection_input(thin)
+    rep = pp.check_detection_input(CTVolume(lidc3[0].image[:, :, 60:65]), warn=False)
+    assert rep.n_slices == 5 and not rep.thick_slices
+
+
+def test_hu_window_and_clahe_ranges(lidc3):
+    hu = np.array([-3024, -2048, -1000, -300, 400, 3000], np.int16)
+    w = pp.hu_window(hu)
+    assert w.dtype == np.float32
+    np.testing.assert_allclose(w, [0, 0, 0, 0.5, 1, 1], atol=1e-6)
+    ct = lidc3[0]
+    vol = pp.hu_window(ct.array[80:83])
+    out = pp.clahe_slices(vol, slices=[0, 1])
+    assert out.dtype == np.float32 and out.shape == vol.shape
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert np.abs(out[0] - vol[0]).mean() > 0.01  # equalised
+    np.testing.assert_array_equal(out[2], vol[2])  # not in `slices`: unchanged
+    flat = np.full((1, 32, 32), 0.3, np.float32)
+    np.testing.assert_array_equal(pp.clahe_slices(flat), flat)  # constant slice kept
+    with pytest.raises(ValueError):
+        pp.clahe_slices(vol * 2)
+
+
+def test_preprocess_switches(lidc3, lidc3_lung):
+    ct = lidc3[0]
+    sub = CTVolume(ct.image[:, :, 78:90])
+    lung = pp.LungMask(lidc3_lung.labels[78:90], lidc3_lung.spacing_zyx, lidc3_lung.volumes_ml, 2)
+    raw = pp.preprocess_ct(sub, use_clahe=False, use_lung_mask=False, restrict_to_lungs=False)
+    np.testing.assert_array_equal(raw.image, pp.hu_window(sub.array))
+    assert raw.lung is None and raw.bounds is None and not raw.reverse_stack
+    full = pp.preprocess_ct(sub, lung=lung)
+    assert (full.image[~lung.mask] == 0).all()
+    assert not np.allclose(full.image[lung.mask], raw.image[lung.mask])  # CLAHE changed the lungs
+    assert full.stack(0).shape == (5, 512, 512)
+
+
+def test_five_slice_stacks_at_volume_edges():
+    np.testing.assert_array_equal(pp.stack_indices(0, 10), [0, 0, 0, 1, 2])
+    np.testing.assert_array_equal(pp.stack_indices(1, 10), [0, 0, 1, 2, 3])
+    np.testing.assert_array_equal(pp.stack_indices(5, 10), [3, 4, 5, 6, 7])
+    np.testing.assert_array_equal(pp.stack_indices(9, 10), [7, 8, 9, 9, 9])
+    np.testing.assert_array_equal(pp.stack_indices(9, 10, reverse=True), [9, 9, 9, 8, 7])
+    vol = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((1, 4, 3), np.float32)
+    s = pp.stack_slices(vol, 5)
+    assert s.shape == (5, 4, 3) and s.dtype == np.float32
+    np.testing.assert_array_equal(s[:, 0, 0], [3, 4, 5, 5, 5])
+    with pytest.raises(ValueError):
+        pp.stack_indices(10, 10)
+    with pytest.raises(ValueError):
+        pp.stack_indices(2, 10, size=4)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def test_conv1_5ch_init():
+    from NoduleMTLLib.detection.model import adapt_conv1_to_5ch
+
+    conv3 = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+    conv5 = adapt_conv1_to_5ch(conv3)
+    assert conv5.in_channels == 5 and conv5.stride == (2, 2) and conv5.padding == (3, 3) and conv5.bias is None
+    w = conv5.weight.detach()
+    torch.testing.assert_close(w[:, :3], conv3.weight.detach())
+    mean = conv3.weight.detach().mean(1)
+    torch.testing.assert_close(w[:, 3], mean)
+    torch.testing.assert_close(w[:, 4], mean)
+    assert conv5.weight.requires_grad
+    with pytest.raises(ValueError):
+        adapt_conv1_to_5ch(torch.nn.Conv2d(1, 8, 3))
+
+
+def test_model_configuration(model):
+    from torchvision.models import resnet50
+
+    from NoduleMTLLib.detection.model import AuxRoIHeads, build_maskrcnn25d, count_trainable_parameters
+
+    ag = model.rpn.anchor_generator
+    assert ag.sizes == ((4, 6, 8), (8, 12, 16), (16, 24, 32), (32, 48, 64), (64, 96, 128))
+    assert all(r == (0.5, 1.0, 2.0) for r in ag.aspect_ratios)
+    assert ag.num_anchors_per_location() == [9] * 5
+    assert model.rpn._pre_nms_top_n == {"training": 2000, "testing": 300}
+    assert model.rpn._post_nms_top_n == {"training": 2000, "testing": 300}
+    assert model.backbone.body.conv1.in_channels == 5
+    assert len(model.transform.image_mean) == 5 and len(model.transform.image_std) == 5
+    assert isinstance(model.roi_heads, AuxRoIHeads)
+    assert model.roi_heads.aux_loss_weight == 0.3 and model.roi_heads.aux_iou_thresh == 0.3
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2
+    # With ImageNet-style RGB weights (random here, same shapes): the paper's 43.85 M trainable parameters
+    sd = resnet50(weights=None).state_dict()
+    m2 = build_maskrcnn25d(backbone_rgb_weights=sd)
+    assert round(count_trainable_parameters(m2) / 1e6, 2) == 43.85
+    w = m2.backbone.body.conv1.weight.detach()
+    torch.testing.assert_close(w[:, :3], sd["conv1.weight"])
+    torch.testing.assert_close(w[:, 4], sd["conv1.weight"].mean(1))
+
+
+def test_train_forward_backward_on_real_nodule(model, nodule_crop):
+    from NoduleMTLLib.detection.model import set_training_phase
+
+    x, target = nodule_crop
+    assert x.shape == (5, CROP, CROP) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert int(target["masks"].sum()) > 50  # nodule 3, ~13 mm
+    model.train()
+    set_training_phase(model, "joint")
+    model.zero_grad()
+    torch.manual_seed(0)
+    losses = model([x], [target])
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
+                           "loss_aux", "loss_mask"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for p in (model.roi_heads.aux_classifier.fc1.weight, model.backbone.body.conv1.weight,
+              model.roi_heads.mask_predictor.mask_fcn_logits.weight):
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0
+    # aux targets: a GT box is positive, a box with IoU < 0.3 negative
+    b = target["boxes"][0]
+    far = b + torch.tensor([60.0, 0, 60.0, 0])
+    t = model.roi_heads.aux_targets([torch.stack([b, far])], [target])
+    assert t.tolist() == [1.0, 0.0]
+    # a negative stack (no nodule), as the paper's mid-lung negatives
+    empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros((0, CROP, CROP), dtype=torch.uint8)}
+    neg = model([x], [empty])
+    assert all(torch.isfinite(v) for v in neg.values()) and float(neg["loss_box_reg"].detach()) == 0.0
+    sum(neg.values()).backward()
+
+
+def test_eval_returns_boxes_scores_masks_with_fused_scores(model, nodule_crop):
+    x, _ = nodule_crop
+    model.eval()
+    with torch.no_grad():
+        out = model([x])[0]
+    n = out["boxes"].shape[0]
+    assert out["boxes"].shape == (n, 4) and out["scores"].shape == (n,) and out["labels"].shape == (n,)
+    assert out["masks"].shape == (n, 1, CROP, CROP)
+    assert 0 < n <= 20  # untrained (seeded) weights still score many proposals above 0.05
+    assert float(out["scores"].min()) > 0.05 and float(out["scores"].max()) <= 1
+    w = model.roi_heads.aux_fusion_weight
+    torch.testing.assert_close(out["scores"], (1 - w) * out["scores_main"] + w * out["scores_aux"])
+    assert torch.all(out["scores"][:-1] >= out["scores"][1:])  # ranked by the fused score
+    assert out["masks"].min() >= 0 and out["masks"].max() <= 1
+    # crop output -> full-slice detections -> merge
+    det = mg.detections_from_output(out, slice_index=83, offset_xy=(100, 200), full_shape_yx=(512, 512))
+    np.testing.assert_allclose(det["boxes"], out["boxes"].numpy() + [100, 200, 100, 200], rtol=1e-6)
+    assert det["masks"].shape == (n, 512, 512) and det["masks"].dtype == bool
+    np.testing.assert_array_equal(det["masks"][:, 200:328, 100:228], out["masks"][:, 0].numpy() >= 0.5)
+    res = mg.merge_slice_detections([det], score_threshold=0.0)
+    assert res.n_kept == n and 1 <= len(res.nodules) <= n and all(nd.slices == [83] for nd in res.nodules)
+
+
+def test_training_phases(model, nodule_crop):
+    from NoduleMTLLib.detection.model import phase_for_epoch, phase_loss, set_training_phase
+
+    model.train()
+    spec = set_training_phase(model, "detection")
+    named = dict(model.named_parameters())
+    assert not any(p.requires_grad for n, p in named.items() if n.startswith("roi_heads.mask_"))
+    assert named["backbone.body.conv1.weight"].requires_grad
+    assert named["roi_heads.aux_classifier.fc1.weight"].requires_grad
+    x, target = nodule_crop
+    losses = model([x], [target])
+    assert "loss_mask" not in losses and "loss_aux" in losses  # mask branch skipped in phase 1
+    torch.testing.assert_close(phase_loss(losses, spec), sum(losses.values()))
+
+    set_training_phase(model, "mask")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("roi_heads.mask_head", "roi_heads.mask_predictor")) for n in trainable)
+    assert not any(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    fake = {"loss_mask": torch.tensor(2.0), "loss_classifier": torch.tensor(5.0)}
+    assert float(phase_loss(fake, "mask")) == 2.0
+
+    set_training_phase(model, "joint")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(model.nodulemtl_base_trainable)
+    assert [phase_for_epoch(e) for e in (1, 9, 10, 14, 15, 35)] == ["detection", "detection", "mask", "mask",
+                                                                    "joint", "joint"]
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _box_mask(box, shape=(64, 64), p=0.9):
+    m = np.zeros(shape, np.float32)
+    x1, y1, x2, y2 = (int(v) for v in box)
+    m[y1:y2, x1:x2] = p
+    return m
+
+
+def test_adaptive_threshold():
+    assert mg.adaptive_score_threshold([0.01, 0.02, 0.03, 0.9]) == pytest.approx(0.1)  # clipped low
+    assert mg.adaptive_score_threshold([0.8, 0.9, 0.95]) == pytest.approx(0.5)  # clipped high
+    assert mg.adaptive_score_threshold(np.linspace(0.0, 1.0, 11)) == pytest.approx(0.3)  # 30th percentile
+    assert mg.adaptive_score_threshold([]) == 0.5
+
+
+def test_merge_hand_made_slice_detections():
+    a = [(10, (10, 10, 20, 20), 0.9), (11, (11, 10, 21, 20), 0.8), (12, (10, 11, 20, 21), 0.7),
+         (14, (10, 10, 20, 20), 0.6)]  # one nodule; slice 13 missed (gap 2 <= 3)
+    dets = {}
+    for k, box, s in a:
+        dets.setdefault(k, []).append((box, s))
+    dets.setdefault(18, []).append(((10, 10, 20, 20), 0.5))  # gap 4 from slice 14: a new nodule
+    dets.setdefault(11, []).append(((40, 40, 50, 50), 0.4))  # elsewhere in-plane
+    dets.setdefault(12, []).append(((19, 10, 29, 20), 0.45))  # IoU 0.05 with nodule A: not linked
+    dets.setdefault(12, []).append(((11, 11, 19, 19), 0.05))  # below the threshold
+    slice_dets = [{"slice": k, "boxes": np.array([b for b, _ in v], float), "scores": np.array([s for _, s in v]),
+                   "masks": np.stack([_box_mask(b) for b, _ in v])} for k, v in sorted(dets.items())]
+
+    ct = CTVolume(sitk.Image(64, 64, 30, sitk.sitkInt16))
+    ct.image.SetSpacing((0.5, 0.5, 2.0))
+    ct.image.SetOrigin((10.0, 20.0, 30.0))
+    res = mg.merge_slice_detections(slice_dets, ct, score_threshold=0.1)
+    assert res.n_detections == 8 and res.n_kept == 7 and res.score_threshold == 0.1
+    assert [n.slices for n in res.nodules] == [[10, 11, 12, 14], [18], [12], [11]]
+    nod = res.nodules[0]
+    assert nod.score == 0.9 and len(nod.members) == 4
+    assert nod.box_xyxy == (10, 10, 21, 21) and nod.box_voxel == (10, 10, 10, 21, 21, 15)
+    assert nod.mask.shape == (5, 11, 11) and not nod.mask[3].any()  # slice 13 has no detection
+    assert nod.mask[0, :10, :10].all() and nod.mask.sum() == 4 * 100
+    kk, jj, ii = np.nonzero(nod.full_mask(ct.shape_zyx))
+    assert nod.centre_ijk == pytest.approx((ii.mean(), jj.mean(), kk.mean()))
+    assert nod.centre_slice == 12
+    assert nod.centre_lps == pytest.approx((10 + 0.5 * ii.mean(), 20 + 0.5 * jj.mean(), 30 + 2.0 * kk.mean()))
+    assert nod.box_lps_min == pytest.approx((10 + 0.5 * 9.5, 20 + 0.5 * 9.5, 30 + 2.0 * 9.5))
+    assert nod.box_lps_max == pytest.approx((10 + 0.5 * 20.5, 20 + 0.5 * 20.5, 30 + 2.0 * 14.5))
+    lab = mg.nodules_to_label_map(res.nodules, ct.shape_zyx)
+    assert lab.dtype == np.uint16 and set(np.unique(lab)) == {0, 1, 2, 3, 4}
+    assert (lab == 1).sum() == 400
+    # adaptive: the threshold is the clipped 30th percentile of all 8 scores
+    res2 = mg.merge_slice_detections(slice_dets, ct)
+    all_scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.45, 0.05]
+    assert res2.score_threshold == pytest.approx(mg.adaptive_score_threshold(all_scores))
+    assert res2.n_kept == sum(s >= res2.score_threshold for s in all_scores)
+    # without masks: the centre is the score-weighted mean of the box centres
+    nm = mg.merge_slice_detections([{k: v for k, v in d.items() if k != "masks"} for d in slice_dets],
+                                   score_threshold=0.1)
+    assert nm.nodules[0].mask is None and nm.nodules[0].centre_lps is None
+    w = np.array([0.9, 0.8, 0.7, 0.6])
+    assert nm.nodules[0].centre_ijk[2] == pytest.approx(np.average([10, 11, 12, 14], weights=w))
+
+
+def test_merge_real_nodule_masks_and_paper_match(lidc3):
+    """Perfect slice detections of LIDC-0003 nodule 3 merge to one nodule that matches it."""
+    ct, refs, labels = lidc3
+    ref = next(r for r in refs if r.nodule_id == 3)
+    dets = []
+    for k in range(*ref.k_range):
+        m = labels[k] == 3
+        if not m.any():
+            continue
+        jj, ii = np.nonzero(m)
+        dets.append({"slice": k, "boxes": np.array([[ii.min(), jj.min(), ii.max() + 1, jj.max() + 1]], float),
+                     "scores": np.array([0.8]), "masks": m[None]})
+    res = mg.merge_slice_detections(dets, ct)
+    assert len(res.nodules) == 1
+    nod = res.nodules[0]
+    np.testing.assert_array_equal(nod.full_mask(ct.shape_zyx), labels == 3)
+    assert math.dist(nod.centre_lps, ref.centre_lps) < 3.0
+    assert all(lo <= c <= hi for lo, c, hi in zip(nod.box_lps_min, ref.centre_lps, nod.box_lps_max))
+    rc = ev.reference_from_centre(ref.centre_lps, ref.diameter_mm, ct)  # LUNA16-style centre + diameter
+    assert mg.box_iou_np([rc.box_xyxy], [ref.box_xyxy])[0, 0] > 0.6
+    assert rc.k_range[0] <= ref.k_range[0] and rc.k_range[1] >= ref.k_range[1]
+    inc, exc = ev.split_references(refs)
+    assert [r.nodule_id for r in inc] == [2, 3, 4] and [r.nodule_id for r in exc] == [1]
+    m = ev.match_nodules(res.nodules, inc, exc)
+    assert (m.tp, m.fp, m.fn) == (1, 0, 2) and m.precision == 1.0 and m.recall == pytest.approx(1 / 3)
+    fr = ev.froc([ev.froc_scan_from_nodules(res.nodules, inc, exc)])
+    assert fr.n_detected == 1 and fr.sensitivities == pytest.approx((1 / 3,) * 7)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _ref(nid, k, box, n_readers=4):
+    return ev.ReferenceNodule(nid, (0.0, 0.0, 0.0), 10.0, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, float(k)),
+                              tuple(float(v) for v in box), (k - 2, k + 3), n_readers)
+
+
+class _Pred:
+    def __init__(self, score, k, box):
+        self.score, self.centre_slice, self.box_xyxy = score, k, box
+
+
+def test_paper_nodule_matching():
+    refs = [_ref(1, 12, (10, 10, 20, 20)), _ref(2, 40, (100, 100, 110, 110))]
+    excluded = [_ref(3, 30, (60, 60, 70, 70), n_readers=1)]
+    preds = [_Pred(0.9, 14, (11, 11, 21, 21)),    # TP on ref 1 (2 slices, IoU 0.68)
+             _Pred(0.8, 10, (12, 10, 22, 20)),    # duplicate on ref 1 -> FP
+             _Pred(0.7, 31, (60, 60, 70, 70)),    # on an excluded finding -> ignored
+             _Pred(0.6, 12, (200, 200, 210, 210)),  # nothing there -> FP
+             _Pred(0.5, 44, (100, 100, 110, 110))]  # 4 slices from ref 2 -> FP; ref 2 missed
+    m = ev.match_nodules(preds, refs, excluded)
+    assert (m.tp, m.fp, m.fn, m.duplicates, m.ignored) == (1, 3, 1, 1, 1)
+    assert m.pairs == [(0, 0)] and m.missed == [1]
+    assert m.precision == pytest.approx(0.25) and m.recall == pytest.approx(0.5) and m.f1 == pytest.approx(1 / 3)
+    # IoU must be strictly greater than 0.2; 3 slices apart is allowed
+    r = [_ref(1, 5, (0, 0, 10, 50))]
+    assert ev.match_nodules([_Pred(0.9, 8, (0, 0, 10, 10))], r).tp == 0  # IoU exactly 0.2
+    assert ev.match_nodules([_Pred(0.9, 8, (0, 0, 10, 11))], r).tp == 1  # IoU 0.22, 3 slices
+    assert math.isnan(ev.precision_recall_f1(0, 0, 0)["precision"])
+
+
+def test_froc_cpm_hand_checked():
+    """Two scans, 3 nodules.  Scan A: c1 (0.9) and c2 (0.6) hit N1 (c2 ignored as a double),
+    c3 (0.8) is FP, c4 (0.3) hits N2 at 2.5 mm < 3 mm.  Scan B: c5 (0.95) lies on an excluded
+    finding (ignored), c6 (0.7) hits N3 at 3.9 mm < 4 mm, c7 (0.5) FP, c8 (0.2) at exactly
+    4 mm is not a hit -> FP.  Detected scores 0.9, 0.7, 0.3; FP scores 0.8, 0.5, 0.2.
+    Curve (FP/scan, sens): (0,0) (0,1/3) (0.5,1/3) (0.5,2/3) (1,2/3) (1,1) (1.5,1), so the
+    sensitivities at 1/8..8 are 1/3, 1/3, 2/3, 1, 1, 1, 1 and CPM = (16/3)/7."""
+    a = ev.FROCScan(candidates_lps=np.array([[1, 1, 0], [2, 0, 0], [100, 100, 0], [50, 2.5, 0]], float),
+                    scores=np.array([0.9, 0.6, 0.8, 0.3]),
+                    nodules_lps=np.array([[0, 0, 0], [50, 0, 0]], float), nodule_diameters_mm=np.array([10.0, 6.0]))
+    b = ev.FROCScan(candidates_lps=np.array([[30, 1, 0], [0, 0, 3.9], [60, 0, 0], [0, 0, 4.0]], float),
+                    scores=np.array([0.95, 0.7, 0.5, 0.2]),
+                    nodules_lps=np.array([[0, 0, 0]], float), nodule_diameters_mm=np.array([8.0]),
+                    excluded_lps=np.array([[30, 0, 0]], float), excluded_diameters_mm=np.array([10.0]))
+    r = ev.froc([a, b])
+    assert (r.n_scans, r.n_nodules, r.n_detected, r.n_false_positives) == (2, 3, 3, 3)
+    assert (r.n_ignored_duplicates, r.n_ignored_excluded) == (1, 1)
+    np.testing.assert_allclose(r.fps_per_scan, [0, 0, 0.5, 0.5, 1, 1, 1.5])
+    np.testing.assert_allclose(r.sensitivity, [0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    assert r.fp_rates == (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    np.testing.assert_allclose(r.sensitivities, [1 / 3, 1 / 3, 2 / 3, 1, 1, 1, 1])
+    assert r.cpm == pytest.approx(16 / 21)
+    # candidate cap: with 1 candidate per scan only c1 (A) and c5 (B, ignored) remain
+    r1 = ev.froc([a, b], max_candidates_per_scan=1)
+    assert (r1.n_detected, r1.n_false_positives, r1.n_ignored_excluded) == (1, 0, 1)
+    np.testing.assert_allclose(r1.sensitivities, [1 / 3] * 7)
