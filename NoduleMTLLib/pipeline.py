@@ -18,7 +18,7 @@ from . import __version__
 from .aggregation import nodule_logit_from_slices, sigmoid
 from .device import resolve_device
 from .io import CTVolume, InputError
-from .postprocess import component_near, measure_nodule
+from .postprocess import component_near, measure_nodule, truncate_axial_leak
 from .preprocessing import normalize_slices
 from .registry import NETWORKS, load_network
 from .results import AnalysisResult, NetworkOutput, NoduleResult
@@ -126,6 +126,8 @@ class Click2DNetwork:
                 if zoom != ZOOMS[-1] and np.median(hu_center(ct, point_lps)) >= SOLID_TISSUE_HU:
                     continue
                 return ClickOutput(None, float("nan"), {}, zoom, "no nodule segmented at this point")
+            comp = truncate_axial_leak(comp, len(comp) // 2)
+            comp = component_near(comp, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
             touches = comp[:, 0, :].any() or comp[:, -1, :].any() or comp[:, :, 0].any() or comp[:, :, -1].any() \
                 or comp[0].any() or comp[-1].any()
             if not touches or zoom == ZOOMS[-1]:

@@ -116,3 +116,47 @@ def measure_nodule(mask: np.ndarray, ct: CTVolume) -> dict:
         "mean_hu": float(hu.mean()), "solid_fraction": solid, "type": nodule_type(solid),
         "centroid_lps_mm": tuple(float(v) for v in centroid),
     }
+
+
+#: A slice whose area is below this fraction of the largest slice area seen so far is "low".
+LEAK_LOW_FRACTION = 0.2
+
+
+def truncate_axial_leak(comp: np.ndarray, start_z: int, low_fraction: float = LEAK_LOW_FRACTION) -> np.ndarray:
+    """Cut a 3D component where it continues as a thin tube above/below the nodule.
+
+    A slice-wise (2D) network followed by 3D connected components can leak from a nodule or
+    mass into an adjacent vessel, the oesophagus or the mediastinum, which then continues
+    over many slices with a small, steady cross-section.  From ``start_z`` (the clicked
+    slice) outwards, each direction stops at a slice whose area is below ``low_fraction``
+    of the largest area met so far *and* whose next slice is low too; that slice is kept
+    (a nodule's tapering tip), the rest of that direction is dropped.  Not from the seed
+    papers; our safeguard, documented with its cost: at most one tip slice of a nodule
+    (its last, tiny, one) is dropped.
+
+    Args:
+        comp: bool (z, y, x) single connected component; start_z: slice index to start from.
+    Returns:
+        bool array of the same shape.
+    """
+    areas = comp.reshape(len(comp), -1).sum(1).astype(float)
+    if areas[start_z] == 0:
+        nz = np.nonzero(areas)[0]
+        if len(nz) == 0:
+            return comp
+        start_z = int(nz[np.argmin(np.abs(nz - start_z))])
+    keep = np.zeros(len(comp), bool)
+    keep[start_z] = True
+    for step in (-1, 1):
+        peak = areas[start_z]
+        z = start_z + step
+        while 0 <= z < len(comp) and areas[z] > 0:
+            keep[z] = True
+            peak = max(peak, areas[z])
+            nxt = z + step
+            low = areas[z] < low_fraction * peak
+            next_low = 0 <= nxt < len(comp) and 0 < areas[nxt] < low_fraction * peak
+            if low and next_low:
+                break
+            z = nxt
+    return comp & keep[:, None, None]

@@ -123,3 +123,15 @@ def test_normalisation_is_affine_invariant(sample):
     b = normalize_slices(0.1 * x + 102.4)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert float(a.min()) >= -0.5 and float(a.max()) <= 1.5
+
+
+def test_truncate_axial_leak_keeps_tips_and_cuts_tubes():
+    """Per-slice areas 0,1,2,9,9,9,1,1,1 from slice 4: downwards the tapering tip (2, 1) stays;
+    upwards the thin tube (1, 1, 1: < 20 % of 9 on consecutive slices) is cut after its first slice."""
+    from NoduleMTLLib.postprocess import truncate_axial_leak
+    c = np.zeros((9, 3, 3), bool)
+    for z, a in enumerate([0, 1, 2, 9, 9, 9, 1, 1, 1]):
+        c[z].flat[:a] = True
+    out = truncate_axial_leak(c, 4)
+    assert out.reshape(9, -1).sum(1).tolist() == [0, 1, 2, 9, 9, 9, 1, 0, 0]
+    assert not (out & ~c).any()
