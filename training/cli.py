@@ -42,6 +42,14 @@ def update_manifest(network_id: str, weights: Path) -> None:
                                            "dice_median": round(e["dice_median"], 4), "auc": round(c["auc"], 4),
                                            "accuracy": round(c["accuracy"], 4), "sensitivity": round(c["sensitivity"], 4),
                                            "specificity": round(c["specificity"], 4), "n_classified": c["n"]}
+    for split in ("val", "test"):
+        ev = REPO / "runs" / network_id / f"eval_vois_{split}.json"
+        if ev.exists():
+            e = json.loads(ev.read_text())
+            c = e["classification"]
+            entry["metrics"][f"{split}_click3d_hu"] = {
+                "n_nodules": e["n_nodules"], "segmented": e["found"], "dice3d_mean": round(e["dice3d_mean"], 4),
+                "dice3d_median": round(e["dice3d_median"], 4), "auc": round(c["auc"], 4), "n_classified": c["n"]}
     man.setdefault("networks", {})[network_id] = entry
     mpath.write_text(json.dumps(man, indent=2) + "\n")
 
