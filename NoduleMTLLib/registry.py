@@ -45,6 +45,11 @@ def _lnmsnet():
     return LNMSNet()
 
 
+def _detguided():
+    from .networks.detguided import build_detguided
+    return build_detguided("narrow")
+
+
 def _specs() -> dict[str, NetworkSpec]:
     from .networks import lnmsnet as L
     return {
@@ -53,6 +58,12 @@ def _specs() -> dict[str, NetworkSpec]:
             "lnmsnet.safetensors",
             {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
              "intensity": "per-slice robust (p1-p99) normalisation of HU"},
+        ),
+        "detguided": NetworkSpec(
+            "detguided", "Detection-guided seg/cls model (narrow variant)",
+            "Zhang J. et al., QIMS 2024 / arXiv 2410.20154", _detguided, "detguided.safetensors",
+            {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
+             "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow"},
         ),
     }
 

@@ -58,33 +58,33 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="nodulemtl-train", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a network (resumes from OUT/last.pt)")
-    t.add_argument("network", choices=["lnmsnet"])
+    t.add_argument("network", choices=["lnmsnet", "detguided"])
     t.add_argument("--config", type=Path, default=None, help="JSON config (default training/configs/NETWORK.json)")
     t.add_argument("--out", type=Path, default=None, help="run folder (default runs/NETWORK)")
     t.add_argument("--data", type=Path, default=None, help="data folder (default ../shared/data or $NODULEMTL_DATA)")
     t.add_argument("--limit-nodules", type=int, default=None, help="use only the first N training nodules (smoke runs)")
     t.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     e = sub.add_parser("evaluate", help="evaluate weights on a split; writes a JSON report")
-    e.add_argument("network", choices=["lnmsnet"])
+    e.add_argument("network", choices=["lnmsnet", "detguided"])
     e.add_argument("--weights", type=Path, default=None, help="checkpoint (.pt) or shipped .safetensors (default: shipped)")
     e.add_argument("--split", choices=["val", "test"], default="val")
     e.add_argument("--data", type=Path, default=None)
     e.add_argument("--out", type=Path, default=None, help="report JSON path")
     e.add_argument("--vois", action="store_true", help="3D click-path evaluation on the HU VOIs (lidc_vois) instead")
     x = sub.add_parser("export", help="export a checkpoint to fp16 safetensors for shipping")
-    x.add_argument("network", choices=["lnmsnet"])
+    x.add_argument("network", choices=["lnmsnet", "detguided"])
     x.add_argument("checkpoint", type=Path)
     x.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
 
     if a.cmd == "train":
-        from training import lnmsnet
+        from training import click2d
         cfg = json.loads((a.config or REPO / "training" / "configs" / f"{a.network}.json").read_text())
         if a.epochs:
             cfg["epochs"] = a.epochs
         out = a.out or REPO / "runs" / a.network
         t0 = time.time()
-        best = lnmsnet.train(cfg, out, a.data, a.limit_nodules, log=lambda s: print(s, flush=True))
+        best = click2d.train(cfg, out, a.data, a.limit_nodules, log=lambda s: print(s, flush=True))
         print(f"done in {time.time() - t0:.0f} s; best checkpoint {best}")
         return 0
     if a.cmd == "export":
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     if a.cmd == "evaluate":
         import torch
         from NoduleMTLLib.registry import build_network, load_weights_into
-        from training import lnmsnet
+        from training import click2d
         from training.data import load_slice_nodules, load_split
         torch.set_num_threads(2)
         if a.vois:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         model = build_network(a.network)
         load_weights_into(model, a.weights, a.network)
         nodules = load_slice_nodules(a.data, set(load_split()[a.split]))
-        ev = lnmsnet.evaluate_nodules(model, nodules, cfg)
+        ev = click2d.evaluate_nodules(model, nodules, cfg)
         ev["split"] = a.split
         from NoduleMTLLib.registry import find_weights, sha256_of
         wpath = a.weights or find_weights(a.network)

@@ -1,4 +1,8 @@
-"""Training and evaluation recipe for LNMSNet on ``lidc_slices`` (2D, four readers' masks).
+"""Training and evaluation recipe for the 2D click networks (LNMSNet, detection-guided model)
+on ``lidc_slices`` (2D, four readers' masks).  The network comes from ``cfg["network"]``
+through the registry; networks with ``forward_all`` (the detection-guided model) add their
+size-class loss and are trained on their raw segmentation logits (the spatial prior is
+applied at evaluation/inference, as in the click path).
 
 Segmentation target: the readers' >= 50 % consensus mask.  Classification target: see
 ``training.data.malignancy_label`` (ratings 2.5-3.5 excluded from the loss and from AUC).
@@ -19,7 +23,7 @@ import torch
 
 from NoduleMTLLib.aggregation import nodule_logit_from_slices, sigmoid
 from NoduleMTLLib.metrics import binary_classification_stats, dice
-from NoduleMTLLib.networks.lnmsnet import LNMSNet
+from NoduleMTLLib.registry import build_network
 from NoduleMTLLib.preprocessing import normalize_slices
 from training.augment import sample_batch
 from training.data import load_slice_nodules, load_split
@@ -63,8 +67,22 @@ def evaluate_nodules(model: torch.nn.Module, nodules, cfg: dict, batch: int = 64
             "dices": [round(d, 4) for d in dices], "classification": cls, "probs": probs, "labels": labels}
 
 
+def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """Segmentation (BCE + soft Dice) + ``cls_loss_weight`` x masked malignancy BCE
+    (+ ``size_loss_weight`` x size-class cross-entropy for networks with ``forward_all``)."""
+    if hasattr(model, "forward_all"):
+        import torch.nn.functional as F
+        from NoduleMTLLib.networks.detguided import size_class_from_mask
+        out = model.forward_all(x)
+        size_t = torch.tensor([size_class_from_mask(m[0], cfg["input_spacing_mm"]) for m in y])
+        return (seg_loss(out["seg"], y) + cfg["cls_loss_weight"] * masked_bce(out["malignancy"], lab)
+                + cfg.get("size_loss_weight", 0.5) * F.cross_entropy(out["size_logits"], size_t))
+    seg, cls = model(x)
+    return seg_loss(seg, y) + cfg["cls_loss_weight"] * masked_bce(cls, lab)
+
+
 def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = None, log=print) -> Path:
-    """Train LNMSNet; resumes from ``out_dir/last.pt`` if present. Returns the best checkpoint path."""
+    """Train a 2D click network (cfg["network"]); resumes from ``out_dir/last.pt`` if present. Returns the best checkpoint path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.get("threads", 2))
     torch.manual_seed(cfg["seed"])
@@ -74,8 +92,13 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     if limit_nodules:
         tr, va = tr[:limit_nodules], va[: max(4, limit_nodules // 4)]
     log(f"train nodules {len(tr)} (slices {sum(len(n.image) for n in tr)}), val nodules {len(va)}")
-    model = LNMSNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    model = build_network(cfg["network"])
+    if cfg.get("frozen_layers"):
+        from NoduleMTLLib.networks.detguided import freeze_layers
+        freeze_layers(model, cfg["frozen_layers"])
+    if cfg.get("init_from"):  # transfer learning: start from another run's weights
+        model.load_state_dict(torch.load(cfg["init_from"], weights_only=False)["model"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     start, best, history = 0, -1.0, []
     last = out_dir / "last.pt"
     if last.exists():
@@ -107,8 +130,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
                                 cfg["max_shift_mm"], tuple(cfg["zoom_range"]), cfg["p_zoom_out"])
             # classification only on slices that show the nodule
             lab = torch.tensor([tr[i].label if tr[i].consensus[k].any() else -1 for i, k in chunk])
-            seg, cls = model(normalize_slices(x))
-            loss = seg_loss(seg, y) + cfg["cls_loss_weight"] * masked_bce(cls, lab)
+            loss = joint_loss(model, normalize_slices(x), y, lab, cfg)
             opt.zero_grad(); loss.backward(); opt.step()
             losses.append(float(loss.detach()))
         ev = evaluate_nodules(model, va, cfg)
