@@ -2,11 +2,15 @@
 
     nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks lnmsnet]
                          [--device auto|cpu|cuda] --out DIR
+    nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
+                    [--networks lnmsnet] [--device auto] [--overwrite]
 
 CT is an image file (NRRD, NIfTI, MetaImage) or a DICOM series folder.  Points are world
 millimetres, RAS (as 3D Slicer shows them) unless ``--lps``.  Writes DIR/labels.nrrd,
 DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing.
 Exit codes: 0 success, 1 bad input / weights / device / output folder, 2 usage error.
+``batch`` runs the same analysis over many CTs (see :mod:`NoduleMTLLib.batch`): exit code 0
+when no case failed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+    b = sub.add_parser("batch", help="analyze many CTs (folder or list file), one output folder per case + summary.csv")
+    b.add_argument("input", help="folder of CT files / DICOM series folders, or a text file listing one path per line")
+    b.add_argument("--out", required=True, help="output folder: <case>/ per case and summary.csv")
+    b.add_argument("--points", help="CSV case,x,y,z[,frame]: points per case (mm, RAS unless frame LPS or --lps)")
+    b.add_argument("--lps", action="store_true", help="points without a frame are LPS (DICOM/ITK) instead of RAS")
+    b.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
+    b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
+    b.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs already exist")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
 
@@ -50,6 +63,9 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.cmd == "batch":
+        from . import batch
+        return batch.main(args)
     from .device import DeviceError
     from .io import InputError, ras_to_lps, read_ct
     from .outputs import OutputError, prepare_output_dir, write_outputs

@@ -117,6 +117,17 @@ def image_from_array(array_zyx: np.ndarray, ijk_to_lps: np.ndarray) -> sitk.Imag
     return img
 
 
+def _itk_reason(e: BaseException) -> str:
+    """One line from a SimpleITK/ITK exception: its last line that is not a source location
+    (e.g. "_nrrdEncodingGzip_read: expected 3379200 bytes but received 1457510")."""
+    import re
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not re.search(r"\.(cxx|cpp|h|hxx):\d+:?$", ln) and not ln.endswith(":")]
+    line = (useful or lines or [type(e).__name__])[-1]
+    return re.sub(r"^(\[\w+\]\s*|sitk::ERROR:\s*|ITK ERROR:\s*)+", "", line)
+
+
 def read_ct(path: str | os.PathLike) -> CTVolume:
     """Read and validate a CT volume.
 
@@ -152,8 +163,7 @@ def read_ct(path: str | os.PathLike) -> CTVolume:
     except InputError:
         raise
     except RuntimeError as e:  # SimpleITK raises RuntimeError on unreadable input
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"Cannot read {p}: {first}") from None
+        raise InputError(f"Cannot read {p}: {_itk_reason(e)}") from None
     ct = CTVolume(image=image, source=str(p), dicom_series_uid=series_uid)
     validate_ct(ct)
     return ct

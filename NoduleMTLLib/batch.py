@@ -1,0 +1,453 @@
+"""``nodulemtl batch``: the click path over many CTs, one output folder per case.
+
+    nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
+                    [--networks lnmsnet] [--device auto] [--overwrite] [--quiet]
+
+Cases
+    * INPUT is a folder: every CT file in it or below it (``.nrrd``, ``.nii``, ``.nii.gz``,
+      ``.mha``, ``.mhd``) is one case, and every sub-folder that holds a DICOM series is one
+      case (a folder without a series is searched further).  Hidden entries are ignored.
+    * INPUT is any other file: a text list, one path per line (file or DICOM folder);
+      blank lines and lines starting with ``#`` are ignored; relative paths are relative
+      to the list file's folder.  A listed path that does not exist is a failed case.
+
+Case names (the output sub-folder and the ``case`` key of the points CSV)
+    The file name without its CT extension (``LIDC-IDRI-0003_crop.nrrd`` ->
+    ``LIDC-IDRI-0003_crop``), or the DICOM folder's name.  When several inputs give the
+    same name (e.g. ``a/ct.nrrd`` and ``b/ct.nrrd``) each is prefixed with its parent
+    folder's name (``a_ct``, ``b_ct``); names that still clash get ``_2``, ``_3``, ... in
+    input order.  Inputs are sorted by path, so names are stable between runs.
+
+Points CSV
+    Header ``case,x,y,z`` and optionally ``frame`` (``RAS`` or ``LPS``) or ``lps``
+    (1/true/yes); world millimetres, RAS (as 3D Slicer shows them) unless the row says
+    LPS or ``--lps`` is given.  One row per nodule.  ``case`` is the case name or the input
+    path as listed.  A case without points is recorded ``skipped`` (no whole-scan
+    detector is available yet; see :func:`whole_scan_detector`).
+
+Outputs
+    ``DIR/<case>/`` holds the four files of ``nodulemtl analyze``
+    (:data:`NoduleMTLLib.outputs.OUTPUT_FILES`, written all-or-nothing).
+    ``DIR/summary.csv`` (:data:`SUMMARY_COLUMNS`) is rewritten atomically after every
+    case: status ``ok``, ``failed`` (message = the one-line reason), ``skipped`` or
+    ``done-before`` (the case folder already held all four outputs; recomputed only with
+    ``--overwrite``).  A failed case never stops the run.
+
+Exit code: 0 when no case failed, 1 when at least one failed or the run could not start
+(unwritable output folder, bad points CSV, missing weights, unavailable device), 2 usage.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+#: File name endings read as one CT each (lower case).
+CT_EXTENSIONS = (".nii.gz", ".nrrd", ".nii", ".mha", ".mhd")
+#: Columns of DIR/summary.csv.
+SUMMARY_COLUMNS = ("case", "input", "status", "n_nodules", "n_found", "seconds", "message")
+SUMMARY_FILE = "summary.csv"
+
+
+class BatchError(ValueError):
+    """The batch cannot start (bad input folder/list, bad points CSV)."""
+
+
+@dataclass
+class Case:
+    """One input of a batch: ``name`` (output sub-folder), ``path`` (file or DICOM folder),
+    ``listed`` (the path as written in the list file, or the path)."""
+
+    name: str
+    path: Path
+    listed: str = ""
+
+
+@dataclass
+class CaseResult:
+    """One row of summary.csv."""
+
+    case: str
+    input: str
+    status: str
+    n_nodules: int | str = ""
+    n_found: int | str = ""
+    seconds: float | str = ""
+    message: str = ""
+
+    def row(self) -> dict:
+        d = {k: getattr(self, k) for k in SUMMARY_COLUMNS}
+        if isinstance(d["seconds"], float):
+            d["seconds"] = f"{d['seconds']:.2f}"
+        return d
+
+
+# ---------------------------------------------------------------- finding cases
+
+
+def ct_stem(path: Path) -> str | None:
+    """File name without its CT extension, or None if the name has none of :data:`CT_EXTENSIONS`."""
+    low = path.name.lower()
+    for ext in CT_EXTENSIONS:
+        if low.endswith(ext) and len(low) > len(ext):
+            return path.name[: -len(ext)]
+    return None
+
+
+def _hidden(p: Path) -> bool:
+    return p.name.startswith(".") or p.name == "__pycache__"
+
+
+def holds_dicom_series(folder: Path) -> bool:
+    """True if GDCM finds at least one DICOM series directly in ``folder``."""
+    import SimpleITK as sitk
+
+    if not any(f.is_file() and ct_stem(f) is None for f in folder.iterdir()):
+        return False
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return False
+
+
+def scan_folder(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """CT files and DICOM series folders in or below ``folder`` (sorted, hidden entries and
+    the folders in ``exclude`` skipped)."""
+    excl = {Path(e).resolve() for e in exclude}
+    found: list[Path] = []
+
+    def walk(d: Path):
+        for p in sorted(d.iterdir(), key=lambda q: q.name):
+            if _hidden(p) or p.resolve() in excl:
+                continue
+            if p.is_dir():
+                if holds_dicom_series(p):
+                    found.append(p)
+                else:
+                    walk(p)
+            elif p.is_file() and ct_stem(p) is not None:
+                found.append(p)
+
+    walk(folder)
+    return found
+
+
+def read_list(list_file: Path) -> list[tuple[str, Path]]:
+    """(line as written, path) for each entry of a list file; relative paths are taken
+    from the list file's folder.  Raises BatchError if the file cannot be read."""
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BatchError(f"Cannot read input list {list_file}: {getattr(e, 'strerror', None) or e}") from None
+    out = []
+    for line in text.splitlines():
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        p = Path(os.path.expanduser(s))
+        out.append((s, p if p.is_absolute() else list_file.parent / p))
+    return out
+
+
+def _base_name(p: Path) -> str:
+    stem = ct_stem(p)
+    return stem if stem is not None else (p.name or "case")
+
+
+def name_cases(entries: list[tuple[str, Path]]) -> list[Case]:
+    """Distinct case names (see module docstring): base name, then ``<parent>_<base>``,
+    then a numbered suffix."""
+    bases = [_base_name(p) for _, p in entries]
+    names = []
+    for (_, p), b in zip(entries, bases):
+        if bases.count(b) > 1 and p.parent.name:
+            b = f"{p.parent.name}_{b}"
+        names.append(b)
+    seen: dict[str, int] = {}
+    final = []
+    for n in names:
+        if names.count(n) > 1:
+            seen[n] = seen.get(n, 0) + 1
+            n = n if seen[n] == 1 else f"{n}_{seen[n]}"
+        final.append(n)
+    return [Case(n, p, listed) for n, (listed, p) in zip(final, entries)]
+
+
+def find_cases(input_path: str | os.PathLike, exclude: Iterable[Path] = ()) -> list[Case]:
+    """The cases of a batch input (folder or list file; see module docstring).
+
+    Raises:
+        BatchError: the input does not exist, or a folder holds no CT.
+    """
+    p = Path(input_path)
+    if not p.exists():
+        raise BatchError(f"Input not found: {p}")
+    if p.is_dir():
+        entries = [(str(q), q) for q in scan_folder(p, exclude)]
+        if not entries:
+            raise BatchError(f"No CT files ({', '.join(CT_EXTENSIONS)}) or DICOM series folders found in {p}")
+    else:
+        entries = read_list(p)
+        if not entries:
+            raise BatchError(f"Input list {p} names no files")
+    return name_cases(entries)
+
+
+# ---------------------------------------------------------------- points
+
+
+def read_points_csv(path: str | os.PathLike, lps: bool = False) -> dict[str, list[tuple[float, float, float]]]:
+    """Points per case key from a CSV ``case,x,y,z[,frame|lps]`` as LPS mm.
+
+    Args:
+        path: the CSV file.
+        lps: default frame LPS instead of RAS (rows with a ``frame`` or ``lps`` value override it).
+
+    Raises:
+        BatchError: unreadable file, missing columns, a non-numeric coordinate or an unknown frame
+            (the message names the line).
+    """
+    from .io import ras_to_lps
+
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BatchError(f"Cannot read points file {path}: {getattr(e, 'strerror', None) or e}") from None
+    rd = csv.DictReader(_io.StringIO(text))
+    cols = {c.strip().lower(): c for c in (rd.fieldnames or [])}
+    missing = [c for c in ("case", "x", "y", "z") if c not in cols]
+    if missing:
+        raise BatchError(f"Points file {path} lacks column(s) {', '.join(missing)} (header case,x,y,z[,frame])")
+    out: dict[str, list] = {}
+    for lineno, row in enumerate(rd, start=2):
+        case = (row.get(cols["case"]) or "").strip()
+        if not case:
+            continue
+        try:
+            xyz = tuple(float(row[cols[c]]) for c in ("x", "y", "z"))
+        except (TypeError, ValueError):
+            raise BatchError(f"Points file {path}, line {lineno}: x, y, z must be numbers") from None
+        is_lps = lps
+        if "frame" in cols and (row.get(cols["frame"]) or "").strip():
+            f = row[cols["frame"]].strip().upper()
+            if f not in ("RAS", "LPS"):
+                raise BatchError(f"Points file {path}, line {lineno}: frame must be RAS or LPS, not {f!r}")
+            is_lps = f == "LPS"
+        elif "lps" in cols and (row.get(cols["lps"]) or "").strip():
+            is_lps = row[cols["lps"]].strip().lower() in ("1", "true", "yes", "y", "lps")
+        out.setdefault(case, []).append(xyz if is_lps else ras_to_lps(xyz))
+    return out
+
+
+def points_for(case: Case, points: dict[str, list]) -> list:
+    """Points of a case: by case name, else by the input path as listed, else by resolved path."""
+    for key in (case.name, case.listed, str(case.path)):
+        if key in points:
+            return points[key]
+    res = str(case.path.resolve())
+    for k, v in points.items():
+        if os.path.isabs(k) and str(Path(k).resolve()) == res:
+            return v
+    return []
+
+
+def whole_scan_detector(network_ids: Iterable[str] = ()) -> Callable | None:
+    """Hook for cases without points: a callable ``detect(ct) -> list of LPS points``, or None.
+
+    Whole-scan detection (``maskrcnn25d``, the 2.5D Mask R-CNN) is not trained yet and not in
+    the registry, so this returns None and such cases are ``skipped``.  When the registry
+    gains ``maskrcnn25d`` and ``NoduleMTLLib.pipeline`` a ``detect_nodules(ct, device=...)``
+    function, this returns it and the batch uses it.
+    """
+    from . import pipeline
+    from .registry import NETWORKS
+
+    detect = getattr(pipeline, "detect_nodules", None)
+    if "maskrcnn25d" in NETWORKS and callable(detect):
+        return detect
+    return None
+
+
+# ---------------------------------------------------------------- summary
+
+
+def write_summary(path: Path, results: list[CaseResult]) -> None:
+    """Write summary.csv atomically (temporary file in the same folder, then replace)."""
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    w.writerows(r.row() for r in results)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # plain open: permissions follow the umask
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def case_done(folder: Path) -> bool:
+    """True if ``folder`` holds all four outputs of an analysis."""
+    from .outputs import OUTPUT_FILES
+
+    return all((folder / f).is_file() for f in OUTPUT_FILES)
+
+
+def _one_line(e: BaseException) -> str:
+    s = " ".join(str(e).split())
+    return s or type(e).__name__
+
+
+# ---------------------------------------------------------------- run
+
+
+@dataclass
+class BatchRun:
+    """A batch over ``cases`` into ``out_dir`` (see module docstring).
+
+    ``points``: {case key: [LPS points]}.  ``progress``: optional callback(case index, case, result)
+    called after each case.  :meth:`run` returns the per-case results in input order.
+    """
+
+    cases: list[Case]
+    out_dir: Path
+    points: dict = field(default_factory=dict)
+    network_ids: tuple = ("lnmsnet",)
+    device: str = "auto"
+    overwrite: bool = False
+    _models: dict | None = None
+
+    def _networks(self) -> dict:
+        """Load the networks once, at the first case that needs them (WeightsError / DeviceError propagate)."""
+        if self._models is None:
+            from .device import resolve_device
+            from .registry import NETWORKS, load_network
+
+            dev = resolve_device(self.device)
+            self._models = {n: load_network(n, dev) for n in self.network_ids if n in NETWORKS}
+        return self._models
+
+    def run_case(self, case: Case) -> CaseResult:
+        """Analyse one case; input problems become a ``failed`` result, weights/device errors propagate."""
+        from .device import DeviceError
+        from .io import InputError, read_ct
+        from .outputs import OutputError, write_outputs
+        from .pipeline import analyze_points
+        from .registry import WeightsError
+
+        folder = self.out_dir / case.name
+        base = CaseResult(case.name, case.listed or str(case.path), "")
+        if case_done(folder) and not self.overwrite:
+            base.status, base.message = "done-before", "outputs present (use --overwrite to recompute)"
+            try:
+                nods = json.loads((folder / "nodules.json").read_text())["nodules"]
+                base.n_nodules, base.n_found = len(nods), sum(bool(n.get("found")) for n in nods)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            return base
+        t0 = time.perf_counter()
+        pts = points_for(case, self.points)
+        try:
+            if not case.path.exists():
+                raise InputError(f"Input not found: {case.path}")
+            if not pts:
+                detect = whole_scan_detector(self.network_ids)
+                if detect is None:
+                    base.status, base.message = "skipped", "no points (whole-scan detection not available yet)"
+                    base.n_nodules, base.n_found = 0, 0
+                    return base
+            ct = read_ct(case.path)
+            if not pts:
+                pts = list(detect(ct, device=self.device))
+            res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
+                                 networks=self._networks())
+            write_outputs(res, ct, folder)
+        except (WeightsError, DeviceError):
+            raise  # not a problem of this case: stop the run
+        except Exception as e:  # noqa: BLE001 - a bad case must not stop the batch
+            if not isinstance(e, (InputError, OutputError)):
+                log.warning("case %s: unexpected error", case.name, exc_info=True)
+            base.status, base.message = "failed", _one_line(e)
+            base.seconds = time.perf_counter() - t0
+            return base
+        base.status = "ok"
+        base.n_nodules, base.n_found = len(res.nodules), sum(n.found for n in res.nodules)
+        base.seconds = time.perf_counter() - t0
+        notfound = [f"{n.id}: {n.message}" for n in res.nodules if not n.found]
+        base.message = ("not found: " + "; ".join(notfound)) if notfound else ""
+        base.message = " ".join(base.message.split())
+        return base
+
+    def run(self, on_case: Callable[[int, Case, CaseResult], None] | None = None) -> list[CaseResult]:
+        """Run every case in order, rewriting summary.csv after each; returns the results."""
+        from .outputs import prepare_output_dir
+
+        prepare_output_dir(self.out_dir)
+        summary = self.out_dir / SUMMARY_FILE
+        pending = [CaseResult(c.name, c.listed or str(c.path), "pending") for c in self.cases]
+        results: list[CaseResult] = []
+        write_summary(summary, pending)
+        for i, case in enumerate(self.cases):
+            r = self.run_case(case)
+            results.append(r)
+            write_summary(summary, results + pending[i + 1:])
+            if on_case:
+                on_case(i, case, r)
+        return results
+
+
+def main(args) -> int:
+    """Handler of ``nodulemtl batch`` (``args`` from the argparse subparser); returns the exit code."""
+    import sys
+
+    from tqdm import tqdm
+
+    from .device import DeviceError
+    from .outputs import OutputError
+    from .registry import NETWORKS, WeightsError
+
+    out = Path(args.out)
+    try:
+        cases = find_cases(args.input, exclude=[out])
+        points = read_points_csv(args.points, lps=args.lps) if args.points else {}
+        unused = [k for k in points if not any(points_for(c, {k: [1]}) for c in cases)]
+        if unused:
+            log.warning("points for unknown case(s) ignored: %s", ", ".join(unused))
+        nets = tuple(n.strip() for n in args.networks.split(",") if n.strip())
+        unknown = [n for n in nets if n not in NETWORKS]
+        if unknown or not nets:
+            raise BatchError(f"Unknown or not yet available network(s): {', '.join(unknown) or '(none given)'}; "
+                             f"available: {', '.join(NETWORKS)}")
+        run = BatchRun(cases, out, points, nets, args.device, args.overwrite)
+        bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)
+
+        def on_case(i, case, r):
+            bar.set_postfix_str(f"{case.name}: {r.status}")
+            bar.update(1)
+
+        try:
+            results = run.run(on_case)
+        finally:
+            bar.close()
+    except (BatchError, OutputError, WeightsError, DeviceError) as e:
+        print(f"nodulemtl: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped", "done-before")}
+    for r in results:
+        if r.status == "failed":
+            print(f"{r.case}: failed: {r.message}", file=sys.stderr)
+    print(f"{len(results)} cases: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" -> {out / SUMMARY_FILE}")
+    return 1 if counts["failed"] else 0
