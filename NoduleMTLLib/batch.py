@@ -425,7 +425,7 @@ def main(args) -> int:
         points = read_points_csv(args.points, lps=args.lps) if args.points else {}
         unused = [k for k in points if not any(points_for(c, {k: [1]}) for c in cases)]
         if unused:
-            log.warning("points for unknown case(s) ignored: %s", ", ".join(unused))
+            print(f"nodulemtl: warning: points for unknown case(s) ignored: {', '.join(unused)}", file=sys.stderr)
         nets = tuple(n.strip() for n in args.networks.split(",") if n.strip())
         unknown = [n for n in nets if n not in NETWORKS]
         if unknown or not nets:
