@@ -6,7 +6,9 @@
 Cases
     * INPUT is a folder: every CT file in it or below it (``.nrrd``, ``.nii``, ``.nii.gz``,
       ``.mha``, ``.mhd``) is one case, and every sub-folder that holds a DICOM series is one
-      case (a folder without a series is searched further).  Hidden entries are ignored.
+      case (a folder without a series is searched further).  Hidden entries are ignored, and so
+      are label maps / segmentations recognised by their name (``*_labels.nrrd``,
+      ``*.seg.nrrd``, ``*_mask.nii.gz``; see :data:`ANNOTATION_WORDS`).
     * INPUT is any other file: a text list, one path per line (file or DICOM folder);
       blank lines and lines starting with ``#`` are ignored; relative paths are relative
       to the list file's folder.  A listed path that does not exist is a failed case.
@@ -56,6 +58,11 @@ CT_EXTENSIONS = (".nii.gz", ".nrrd", ".nii", ".mha", ".mhd")
 #: Columns of DIR/summary.csv.
 SUMMARY_COLUMNS = ("case", "input", "status", "n_nodules", "n_found", "seconds", "message")
 SUMMARY_FILE = "summary.csv"
+#: Suffixes of files that are never part of a DICOM series (a folder of only these is not scanned by GDCM).
+NOT_DICOM = (".csv", ".txt", ".json", ".md", ".raw", ".zraw", ".png", ".jpg", ".xml", ".py")
+#: A CT-extension file whose name (without extension) ends in one of these words, after
+#: "_", "-" or ".", is an annotation, not a case (e.g. ``nodules_labels.nrrd``, ``ct.seg.nrrd``).
+ANNOTATION_WORDS = ("label", "labels", "labelmap", "mask", "masks", "seg", "segmentation")
 
 
 class BatchError(ValueError):
@@ -103,6 +110,14 @@ def ct_stem(path: Path) -> str | None:
     return None
 
 
+def is_annotation(path: Path) -> bool:
+    """True for a label map / segmentation file by its name (see :data:`ANNOTATION_WORDS`)."""
+    import re
+
+    stem = (ct_stem(path) or path.name).lower()
+    return bool(re.search(r"(^|[_\-.])(" + "|".join(ANNOTATION_WORDS) + r")$", stem))
+
+
 def _hidden(p: Path) -> bool:
     return p.name.startswith(".") or p.name == "__pycache__"
 
@@ -111,12 +126,16 @@ def holds_dicom_series(folder: Path) -> bool:
     """True if GDCM finds at least one DICOM series directly in ``folder``."""
     import SimpleITK as sitk
 
-    if not any(f.is_file() and ct_stem(f) is None for f in folder.iterdir()):
+    if not any(f.is_file() and ct_stem(f) is None and f.suffix.lower() not in NOT_DICOM for f in folder.iterdir()):
         return False
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns "No Series were found" otherwise
     try:
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError:
         return False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
 
 
 def scan_folder(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
@@ -134,7 +153,7 @@ def scan_folder(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
                     found.append(p)
                 else:
                     walk(p)
-            elif p.is_file() and ct_stem(p) is not None:
+            elif p.is_file() and ct_stem(p) is not None and not is_annotation(p):
                 found.append(p)
 
     walk(folder)

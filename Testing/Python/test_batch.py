@@ -187,6 +187,15 @@ def test_case_names_are_distinct():
     assert len(set(names)) == len(names)
 
 
+def test_folder_scan_skips_annotations_and_hidden(tmp_path):
+    for name in ("p1/ct.nrrd", "p1/nodules_labels.nrrd", "p1/ct.seg.nrrd", "p2/scan.nii.gz", "p2/scan_mask.nii.gz",
+                 "p2/notes.txt", ".hidden/ct.nrrd", "vol.mha", "vol.raw"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    names = {c.name: c.path.relative_to(tmp_path).as_posix() for c in batch.find_cases(tmp_path)}
+    assert names == {"ct": "p1/ct.nrrd", "scan": "p2/scan.nii.gz", "vol": "vol.mha"}
+
+
 def test_points_csv_frames(tmp_path):
     p = tmp_path / "p.csv"
     p.write_text("case,x,y,z,frame\nc,1,2,3,RAS\nc,1,2,3,lps\nd,4,5,6,\n")
