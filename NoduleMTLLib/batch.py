@@ -33,7 +33,8 @@ Outputs
     ``DIR/summary.csv`` (:data:`SUMMARY_COLUMNS`) is rewritten atomically after every
     case: status ``ok``, ``failed`` (message = the one-line reason), ``skipped`` or
     ``done-before`` (the case folder already held all four outputs; recomputed only with
-    ``--overwrite``).  A failed case never stops the run.
+    ``--overwrite``); while the run goes on, cases not reached yet are listed as ``pending``.
+    A failed case never stops the run.
 
 Exit code: 0 when no case failed, 1 when at least one failed or the run could not start
 (unwritable output folder, bad points CSV, missing weights, unavailable device), 2 usage.
