@@ -18,7 +18,7 @@ from . import __version__
 from .aggregation import nodule_logit_from_slices, sigmoid
 from .device import resolve_device
 from .io import CTVolume, InputError
-from .postprocess import component_near, measure_nodule, truncate_axial_leak
+from .postprocess import component_near, cut_at_neck, measure_nodule, truncate_axial_leak
 from .preprocessing import normalize_slices
 from .registry import NETWORKS, load_network
 from .results import AnalysisResult, NetworkOutput, NoduleResult
@@ -127,6 +127,7 @@ class Click2DNetwork:
                     continue
                 return ClickOutput(None, float("nan"), {}, zoom, "no nodule segmented at this point")
             comp = truncate_axial_leak(comp, len(comp) // 2)
+            comp = cut_at_neck(comp, len(comp) // 2, g.spacing_xyz[0] * g.spacing_xyz[1])
             comp = component_near(comp, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
             touches = comp[:, 0, :].any() or comp[:, -1, :].any() or comp[:, :, 0].any() or comp[:, :, -1].any() \
                 or comp[0].any() or comp[-1].any()

@@ -160,3 +160,73 @@ def truncate_axial_leak(comp: np.ndarray, start_z: int, low_fraction: float = LE
                 break
             z = nxt
     return comp & keep[:, None, None]
+
+
+#: A slice whose area is below this fraction of the largest area met so far opens a "neck".
+NECK_FRACTION = 0.35
+#: A slice beyond a neck more than this many times larger than the neck starts another structure ...
+NECK_REGROWTH = 1.5
+#: ... if its cross-section is at least this large (mm^2; a 10 mm disk is 79 mm^2).
+NECK_MIN_REGROWTH_MM2 = 100.0
+
+
+def cut_at_neck(comp: np.ndarray, start_z: int, pixel_area_mm2: float, neck_fraction: float = NECK_FRACTION,
+                regrowth: float = NECK_REGROWTH, min_regrowth_mm2: float = NECK_MIN_REGROWTH_MM2) -> np.ndarray:
+    """Cut a 3D component where its axial cross-section narrows to a neck and widens again.
+
+    A nodule or mass is compact: going outwards from its largest slice, its slice area only
+    shrinks.  A slice-wise (2D) network followed by 3D connected components can instead run
+    from a mass through a narrow contact into an adjacent structure (hilum, mediastinum, a
+    neighbouring lesion) that widens again.  From ``start_z`` (the clicked slice) outwards,
+    each direction tracks the largest area met so far (``peak``); a slice below
+    ``neck_fraction * peak`` opens a neck; if a later slice in that direction is larger than
+    ``regrowth`` times the smallest area since the neck opened, than ``neck_fraction * peak``
+    and than ``min_regrowth_mm2``, the direction is cut after that smallest slice (the neck
+    is kept, as a tapering tip).  The size floor spares small nodules, on which the 2D
+    network sometimes misses most of one slice: such a one-slice dip followed by regrowth
+    of a few mm^2 is a dropout, not a neck (measured on the validation VOIs:
+    LIDC-IDRI-0794 nodule 2, a few mm across, lost half its slices without the floor).
+    Not from the seed papers; our safeguard.  Measured effect: Lung-PET-CT-Dx A0001
+    adenocarcinoma, whose mask continued through a neck into the left hilum for 7 slices,
+    0.72 -> 0.96 of the mask inside the reference boxes (+10 mm) (0.54 -> 0.82 for a click
+    2 mm to the right; unchanged for 6 other clicks within 7 mm); no change on the
+    validation VOIs or the sample nodules.  ``regrowth`` 2.0 instead of 1.5 made the cut
+    depend on a one-pixel area difference there (96 vs 2 x 48 pixels at 3.2 mm).
+
+    Args:
+        comp: bool (z, y, x) single connected component; start_z: slice index to start from;
+        pixel_area_mm2: in-plane area of one pixel of ``comp``.
+    Returns:
+        bool array of the same shape.
+    """
+    areas = comp.reshape(len(comp), -1).sum(1).astype(float)
+    if areas[start_z] == 0:
+        nz = np.nonzero(areas)[0]
+        if len(nz) == 0:
+            return comp
+        start_z = int(nz[np.argmin(np.abs(nz - start_z))])
+    min_regrowth_px = min_regrowth_mm2 / pixel_area_mm2
+    keep = np.zeros(len(comp), bool)
+    keep[start_z] = True
+    for step in (-1, 1):
+        peak = areas[start_z]
+        neck_z = None  # slice of the smallest area since the neck opened
+        z = start_z + step
+        while 0 <= z < len(comp) and areas[z] > 0:
+            a = areas[z]
+            if neck_z is None:
+                if a < neck_fraction * peak:
+                    neck_z = z
+                else:
+                    peak = max(peak, a)
+            elif a > regrowth * areas[neck_z] and a > neck_fraction * peak and a >= min_regrowth_px:
+                if step > 0:  # drop everything past the neck in this direction
+                    keep[neck_z + 1:] = False
+                else:
+                    keep[:neck_z] = False
+                break
+            elif a < areas[neck_z]:
+                neck_z = z
+            keep[z] = True
+            z += step
+    return comp & keep[:, None, None]

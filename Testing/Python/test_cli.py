@@ -103,8 +103,8 @@ def test_mass_is_not_clipped(shared_data, tmp_path):
     is: the mask is present on the boxed slices, lies mostly inside the boxes (grown by
     10 mm), and is large (long axis > 40 mm, width on the middle slice >= half the box
     width), i.e. it was not clipped to the 77 mm first patch nor confined to a small region.
-    Known limitation (measured 0.72 inside): below the boxed slices the mask leaks into the
-    left hilum for ~7 slices; "mostly" is therefore > 2/3, not "all".
+    Before ``cut_at_neck`` the mask leaked through a one-slice neck into the left hilum for
+    ~7 slices below the boxed ones (0.72 inside); now 0.96 inside (one neck slice left).
     """
     boxes = {int(r["slice_index_k"]): tuple(int(r[c]) for c in ("xmin_i", "ymin_j", "xmax_i", "ymax_j"))
              for r in csv.DictReader(open(shared_data / "whole_ct" / "lung_pet_ct_dx_boxes.csv"))
@@ -131,7 +131,7 @@ def test_mass_is_not_clipped(shared_data, tmp_path):
     print(f"mass: {inside:.2f} of the mask inside boxes+10 mm, on {len(present)}/{len(ks)} boxed slices, "
           f"width on slice {k}: {xs.max() - xs.min() + 1} of {x1 - x0 + 1} px, {n['diameter_mm']} x {n['short_axis_mm']} mm, "
           f"P {n['networks']['lnmsnet']['malignancy_probability']}")
-    assert inside > 2 / 3
+    assert inside > 0.9
     assert len(present) >= len(ks) - 2
     assert xs.max() - xs.min() + 1 >= 0.5 * (x1 - x0 + 1)
     assert n["diameter_mm"] > 40

@@ -135,3 +135,40 @@ def test_truncate_axial_leak_keeps_tips_and_cuts_tubes():
     out = truncate_axial_leak(c, 4)
     assert out.reshape(9, -1).sum(1).tolist() == [0, 1, 2, 9, 9, 9, 1, 0, 0]
     assert not (out & ~c).any()
+
+
+def _disk_stack(radii, centers=None, n=64):
+    """bool (z, y, x): a disk of the given radius (px) per slice, centred at (32, 32) or ``centers``."""
+    yy, xx = np.mgrid[:n, :n]
+    out = np.zeros((len(radii), n, n), bool)
+    for z, r in enumerate(radii):
+        cy, cx = centers[z] if centers else (32, 32)
+        out[z] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    return out
+
+
+def test_cut_at_neck_cuts_regrowth_beyond_a_neck():
+    """A mass (slices 4-8) joined through a one-slice neck (slice 3) to a wide, displaced structure
+    (slices 0-2, like A0001's hilum): cut after the neck; the mass and the neck are kept."""
+    from NoduleMTLLib.postprocess import cut_at_neck
+
+    radii = [9, 10, 9, 3, 10, 12, 12, 10, 6]
+    centers = [(32, 22)] * 3 + [(32, 28)] + [(32, 32)] * 5
+    c = _disk_stack(radii, centers)
+    out = cut_at_neck(c, 6, pixel_area_mm2=3.2 ** 2)
+    assert not out[:3].any()
+    np.testing.assert_array_equal(out[3:], c[3:])
+
+
+def test_cut_at_neck_spares_tapering_nodules_and_small_dropouts():
+    """A nodule tapering both ways is untouched; so is a small nodule whose mask has a one-slice
+    dropout (regrowth of a few mm^2, below the size floor, as LIDC-IDRI-0794 nodule 2)."""
+    from NoduleMTLLib.postprocess import cut_at_neck
+
+    c = _disk_stack([1, 3, 6, 8, 9, 8, 6, 3, 1])
+    np.testing.assert_array_equal(cut_at_neck(c, 4, pixel_area_mm2=0.64), c)
+    small = _disk_stack([2, 3, 3, 1, 2, 3, 2])  # dip on slice 3, regrowth 13-29 px at 0.8 mm
+    np.testing.assert_array_equal(cut_at_neck(small, 5, pixel_area_mm2=0.64), small)
+    # the same profile at 3.2 mm pixels (regrowth >= 100 mm^2) is a neck: cut
+    big = _disk_stack([8, 12, 12, 4, 8, 12, 8])
+    assert not cut_at_neck(big, 5, pixel_area_mm2=3.2 ** 2)[:3].any()
