@@ -214,3 +214,19 @@ def test_unavailable_device(sample, tmp_path, capsys):
         pytest.skip("a CUDA GPU is present")
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--device", "cuda", "--out", str(tmp_path / "o")], capsys)
     assert rc == 1 and "CUDA" in msg
+
+
+def test_two_networks(sample, tmp_path):
+    """``--networks lnmsnet,detguided``: both networks' probabilities and mask agreement are reported."""
+    out = tmp_path / "two"
+    rc = cli.main(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--networks", "lnmsnet,detguided", "--out", str(out),
+                   "--quiet", "--device", "cpu"])
+    assert rc == 0
+    js = json.loads((out / "nodules.json").read_text())
+    nets = js["nodules"][0]["networks"]
+    assert set(nets) == {"lnmsnet", "detguided"}
+    assert 0 <= nets["detguided"]["malignancy_probability"] <= 1
+    assert 0 <= nets["detguided"]["dice_with_final"] <= 1
+    assert nets["lnmsnet"]["dice_with_final"] == 1.0
+    row = next(csv.DictReader(open(out / "nodules.csv")))
+    assert float(row["networks.detguided.malignancy_probability"]) == pytest.approx(nets["detguided"]["malignancy_probability"], abs=1e-4)
