@@ -118,6 +118,17 @@ def measure_nodule(mask: np.ndarray, ct: CTVolume) -> dict:
     }
 
 
+def _slice_areas_and_start(comp: np.ndarray, start_z: int) -> tuple[np.ndarray, int | None]:
+    """Per-slice areas (pixels) of ``comp`` and the non-empty slice nearest ``start_z`` (None if empty)."""
+    areas = comp.reshape(len(comp), -1).sum(1).astype(float)
+    if areas[start_z] > 0:
+        return areas, start_z
+    nz = np.nonzero(areas)[0]
+    if len(nz) == 0:
+        return areas, None
+    return areas, int(nz[np.argmin(np.abs(nz - start_z))])
+
+
 #: A slice whose area is below this fraction of the largest slice area seen so far is "low".
 LEAK_LOW_FRACTION = 0.2
 
@@ -139,12 +150,9 @@ def truncate_axial_leak(comp: np.ndarray, start_z: int, low_fraction: float = LE
     Returns:
         bool array of the same shape.
     """
-    areas = comp.reshape(len(comp), -1).sum(1).astype(float)
-    if areas[start_z] == 0:
-        nz = np.nonzero(areas)[0]
-        if len(nz) == 0:
-            return comp
-        start_z = int(nz[np.argmin(np.abs(nz - start_z))])
+    areas, start_z = _slice_areas_and_start(comp, start_z)
+    if start_z is None:
+        return comp
     keep = np.zeros(len(comp), bool)
     keep[start_z] = True
     for step in (-1, 1):
@@ -199,12 +207,9 @@ def cut_at_neck(comp: np.ndarray, start_z: int, pixel_area_mm2: float, neck_frac
     Returns:
         bool array of the same shape.
     """
-    areas = comp.reshape(len(comp), -1).sum(1).astype(float)
-    if areas[start_z] == 0:
-        nz = np.nonzero(areas)[0]
-        if len(nz) == 0:
-            return comp
-        start_z = int(nz[np.argmin(np.abs(nz - start_z))])
+    areas, start_z = _slice_areas_and_start(comp, start_z)
+    if start_z is None:
+        return comp
     min_regrowth_px = min_regrowth_mm2 / pixel_area_mm2
     keep = np.zeros(len(comp), bool)
     keep[start_z] = True
