@@ -18,6 +18,7 @@ from . import __version__
 from .aggregation import nodule_logit_from_slices, sigmoid
 from .device import resolve_device
 from .io import CTVolume, InputError
+from .metrics import dice
 from .postprocess import component_near, cut_at_neck, measure_nodule, truncate_axial_leak
 from .preprocessing import normalize_slices
 from .registry import NETWORKS, load_network
@@ -227,7 +228,6 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
             res.mask = main.mask
             for k, v in measure_nodule(main.mask, ct).items():
                 setattr(res, k, v)
-        from .metrics import dice
         for nid, o in outs.items():
             dwf = None
             if o.mask is not None and main.mask is not None:
