@@ -59,7 +59,12 @@ def hu_center(ct: CTVolume, point_lps, radius_mm: float = 2.0) -> np.ndarray:
 
 
 class Click2DNetwork:
-    """Runs a 2D slice network (LNMSNet) on an axial stack around a click.
+    """Runs a 2D slice network (any registered click network) on an axial stack around a click.
+
+    Networks return ``(seg logits (N, 1, H, W), malignancy logit (N,))``; networks with
+    radiological-sign heads also provide ``forward_click`` -> ``(seg, malignancy, {sign:
+    (N,) logit})`` and ``sign_heads``; ``seg_border_px`` (optional) is the outer ring of
+    the patch that a network never segments (DSMT-Net's local crop), used by the zoom ladder.
 
     Args:
         network_id: registry id; model: loaded torch module in eval mode; device: torch device.
@@ -76,14 +81,25 @@ class Click2DNetwork:
         nz = int(math.ceil(self.size * sxy / sz)) | 1  # odd: the click lies on the middle slice
         return PatchGrid(tuple(float(v) for v in point_lps), (self.size, self.size, nz), (sxy, sxy, sz))
 
+    @property
+    def sign_names(self) -> tuple[str, ...]:
+        """Radiological-sign heads of the network (empty for malignancy-only networks)."""
+        return tuple(getattr(self.model, "sign_heads", ()))
+
     @torch.inference_mode()
     def _run(self, hu_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(z, y, x) HU -> (prob (z, y, x) float32, logits (z, 1 + n_signs) float32: malignancy, then signs)."""
         x = torch.from_numpy(np.ascontiguousarray(hu_zyx))[:, None]
         probs, logits = [], []
         for i in range(0, len(x), self.batch):
             xb = normalize_slices(x[i:i + self.batch]).to(self.device)
-            seg, cls = self.model(xb)
-            probs.append(torch.sigmoid(seg)[:, 0].float().cpu()); logits.append(cls.float().cpu())
+            if hasattr(self.model, "forward_click"):  # networks with sign heads (DSMT-Net)
+                seg, cls, signs = self.model.forward_click(xb)
+                lg = torch.stack([cls] + [signs[k] for k in self.sign_names], 1)
+            else:
+                seg, cls = self.model(xb)
+                lg = cls[:, None]
+            probs.append(torch.sigmoid(seg)[:, 0].float().cpu()); logits.append(lg.float().cpu())
         return torch.cat(probs).numpy(), torch.cat(logits).numpy()
 
     def run_patch(self, hu_zyx: np.ndarray, first_half_width: int = 4, step: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -96,12 +112,13 @@ class Click2DNetwork:
         same as with every slice computed, at a fraction of the cost for small nodules.
 
         Returns:
-            (prob (z, y, x) float32, zeros on slices not computed; slice logits (z,) float32, NaN there).
+            (prob (z, y, x) float32, zeros on slices not computed; slice logits (z, 1 + n_signs)
+            float32 - malignancy then :attr:`sign_names` - NaN on slices not computed).
         """
         nz = len(hu_zyx)
         c = nz // 2
         prob = np.zeros(hu_zyx.shape, np.float32)
-        logits = np.full(nz, np.nan, np.float32)
+        logits = np.full((nz, 1 + len(self.sign_names)), np.nan, np.float32)
         lo, hi = max(0, c - first_half_width), min(nz, c + first_half_width + 1)
         prob[lo:hi], logits[lo:hi] = self._run(hu_zyx[lo:hi])
         while True:
@@ -130,7 +147,8 @@ class Click2DNetwork:
             comp = truncate_axial_leak(comp, len(comp) // 2)
             comp = cut_at_neck(comp, len(comp) // 2, g.spacing_xyz[0] * g.spacing_xyz[1])
             comp = component_near(comp, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
-            touches = comp[:, 0, :].any() or comp[:, -1, :].any() or comp[:, :, 0].any() or comp[:, :, -1].any() \
+            b = int(getattr(self.model, "seg_border_px", 0))  # networks that segment only the patch centre
+            touches = comp[:, b, :].any() or comp[:, -1 - b, :].any() or comp[:, :, b].any() or comp[:, :, -1 - b].any() \
                 or comp[0].any() or comp[-1].any()
             if not touches or zoom == ZOOMS[-1]:
                 break
@@ -143,12 +161,14 @@ class Click2DNetwork:
         seed = ct.world_lps_to_index(point_lps)[::-1]
         mask = component_near(mask, seed, ct.spacing[::-1], MAX_CLICK_DISTANCE_MM + max(ct.spacing))
         areas = comp.reshape(len(comp), -1).sum(1)
-        computed = ~np.isnan(logits)
-        p = float(sigmoid(nodule_logit_from_slices(logits[computed], areas[computed])))
+        computed = ~np.isnan(logits[:, 0])
+        p = float(sigmoid(nodule_logit_from_slices(logits[computed, 0], areas[computed])))
+        signs = {name: round(float(sigmoid(nodule_logit_from_slices(logits[computed, 1 + k], areas[computed]))), 4)
+                 for k, name in enumerate(self.sign_names)}
         msg = "" if mask.any() else "segmentation vanished when resampled to the CT grid (nodule smaller than a voxel?)"
         if touches:
             msg = "nodule reaches the border of the largest patch; mask may be clipped"
-        return ClickOutput(mask if mask.any() else None, p, {}, zoom, msg)
+        return ClickOutput(mask if mask.any() else None, p, signs, zoom, msg)
 
 
 def check_point(ct: CTVolume, point_lps) -> None:

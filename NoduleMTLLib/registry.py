@@ -50,6 +50,16 @@ def _detguided():
     return build_detguided("narrow")
 
 
+def _dsmtnet():
+    from .networks.dsmtnet import build_dsmtnet_click
+    return build_dsmtnet_click("narrow")
+
+
+def _mtnet():
+    from .networks.mtnet import build_mtnet
+    return build_mtnet("narrow")
+
+
 def _specs() -> dict[str, NetworkSpec]:
     from .networks import lnmsnet as L
     return {
@@ -62,6 +72,20 @@ def _specs() -> dict[str, NetworkSpec]:
         "detguided": NetworkSpec(
             "detguided", "Detection-guided seg/cls model (narrow variant)",
             "Zhang J. et al., QIMS 2024 / arXiv 2410.20154", _detguided, "detguided.safetensors",
+            {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
+             "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow"},
+        ),
+        "dsmtnet": NetworkSpec(
+            "dsmtnet", "DSMT-Net (2D, narrow variant)", "DSMT-Net (seed 003): dual-scale multi-task network", _dsmtnet,
+            "dsmtnet.safetensors",
+            {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
+             "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow",
+             "dual_scale": "local: central 48 px at 0.8 mm; context: whole patch at 1.6 mm (48 px)",
+             "heads": ["malignancy", "spiculation", "lobulation", "calcification", "subsolid", "bubble_lucency"]},
+        ),
+        "mtnet": NetworkSpec(
+            "mtnet", "MT-Net (narrow variant)", "MT-Net (seed 004): coarse-to-fine segmentation + Class-net", _mtnet,
+            "mtnet.safetensors",
             {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
              "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow"},
         ),

@@ -48,28 +48,97 @@ def evaluate_nodules(model: torch.nn.Module, nodules, cfg: dict, batch: int = 64
     """
     model.eval()
     dices, labels, probs = [], [], []
+    sign_names = tuple(getattr(model, "sign_heads", ()))
+    sign_lp = {h: ([], []) for h in sign_names}  # head -> (labels, probs)
+    if sign_names:
+        from NoduleMTLLib.networks.dsmtnet import LIDC_HEAD_RULES, lidc_head_label
     for nd in nodules:
         s = len(nd.image)
         x, y = sample_batch(list(nd.image), list(nd.consensus), [nd.spacing_mm] * s,
                             cfg["input_size_px"], cfg["input_spacing_mm"], rng=None)
-        segs, logits = [], []
+        segs, logits, slogits = [], [], []
         for i in range(0, s, batch):
-            sg, lg = model(normalize_slices(x[i:i + batch]))
+            xb = normalize_slices(x[i:i + batch])
+            if sign_names:
+                sg, lg, sd = model.forward_click(xb)
+                slogits.append(torch.stack([sd[h] for h in sign_names], 1))
+            else:
+                sg, lg = model(xb)
             segs.append(torch.sigmoid(sg)); logits.append(lg)
         seg = torch.cat(segs)[:, 0].numpy() > 0.5
         lg = torch.cat(logits).numpy()
+        areas = seg.reshape(s, -1).sum(1)
         dices.append(dice(seg, y[:, 0].numpy() > 0.5))
         if nd.label >= 0:
             labels.append(nd.label)
-            probs.append(float(sigmoid(nodule_logit_from_slices(lg, seg.reshape(s, -1).sum(1)))))
+            probs.append(float(sigmoid(nodule_logit_from_slices(lg, areas))))
+        if sign_names:
+            sl = torch.cat(slogits).numpy()
+            for k, h in enumerate(sign_names):
+                field = LIDC_HEAD_RULES[h].field
+                t = lidc_head_label(h, nd.ratings[field]) if field in nd.ratings else -1
+                if t >= 0:
+                    sign_lp[h][0].append(t)
+                    sign_lp[h][1].append(float(sigmoid(nodule_logit_from_slices(sl[:, k], areas))))
     cls = binary_classification_stats(labels, probs)
-    return {"n_nodules": len(nodules), "dice_mean": float(np.mean(dices)), "dice_median": float(np.median(dices)),
-            "dices": [round(d, 4) for d in dices], "classification": cls, "probs": probs, "labels": labels}
+    out = {"n_nodules": len(nodules), "dice_mean": float(np.mean(dices)), "dice_median": float(np.median(dices)),
+           "dices": [round(d, 4) for d in dices], "classification": cls, "probs": probs, "labels": labels}
+    if sign_names:
+        out["signs"] = {h: {**binary_classification_stats(*sign_lp[h]), "labels": sign_lp[h][0],
+                            "probs": [round(v, 4) for v in sign_lp[h][1]]} for h in sign_names}
+    return out
 
 
-def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: torch.Tensor, cfg: dict) -> torch.Tensor:
-    """Segmentation (BCE + soft Dice) + ``cls_loss_weight`` x masked malignancy BCE
-    (+ ``size_loss_weight`` x size-class cross-entropy for networks with ``forward_all``)."""
+def head_labels(model: torch.nn.Module, nodules, chunk) -> dict | None:
+    """Per-sample labels of a multi-head network's sign heads (DSMT-Net), ``None`` otherwise.
+
+    Args: model (with ``sign_heads``); nodules: list of :class:`training.data.SliceNodule`;
+    chunk: [(nodule index, slice index)].  A slice without the nodule gets -1 (excluded),
+    as for malignancy.  Label rules: ``NoduleMTLLib.networks.dsmtnet.LIDC_HEAD_RULES``
+    (medians of the readers' ratings).
+    Returns: {head: (N,) long tensor in {-1, 0, 1}}.
+    """
+    heads = getattr(model, "sign_heads", ())
+    if not heads:
+        return None
+    from NoduleMTLLib.networks.dsmtnet import LIDC_HEAD_RULES, lidc_head_label
+    out = {}
+    for h in heads:
+        field = LIDC_HEAD_RULES[h].field
+        out[h] = torch.tensor([lidc_head_label(h, nodules[i].ratings[field])
+                               if field in nodules[i].ratings and nodules[i].consensus[k].any() else -1
+                               for i, k in chunk])
+    return out
+
+
+def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: torch.Tensor, cfg: dict,
+               signs: dict | None = None) -> torch.Tensor:
+    """Per-network joint loss on a batch x (N, 1, H, W), y (N, 1, H, W) {0, 1}, lab (N,) {-1, 0, 1}.
+
+    * LNMSNet: segmentation (BCE + soft Dice) + ``cls_loss_weight`` x masked malignancy BCE.
+    * Detection-guided model (``forward_all`` with a size head): + ``size_loss_weight`` x
+      size-class cross-entropy.
+    * MT-Net (``classnet``): ``training.losses.mtnet_loss`` - hybrid Dice + 0.02 rank loss
+      on the coarse and fine masks + ``cls_loss_weight`` x BCE of Class-net (paper 3.3).
+    * DSMT-Net (``forward_click``): auxiliary segmentation (BCE + soft Dice, on the local
+      crop only, weight ``seg_loss_weight``) + ``cls_loss_weight`` x sum of the heads' masked
+      BCE (``multi_head_bce``, weights ``model.head_loss_weights`` - stage 2 zeroes the
+      auxiliary heads).
+    """
+    if hasattr(model, "classnet"):
+        from training.losses import mtnet_loss
+        return mtnet_loss(model.forward_all(x), y, lab, cls_weight=cfg["cls_loss_weight"])["total"]
+    if hasattr(model, "forward_click"):
+        from training.losses import multi_head_bce
+        seg, main, sg = model.forward_click(x)
+        b = model.seg_border_px * x.shape[-1] // 96
+        h, w = x.shape[-2:]
+        ls = seg_loss(seg[..., b:h - b, b:w - b], y[..., b:h - b, b:w - b])
+        logits = {model.main_head: main, **sg}
+        labels = {model.main_head: lab, **(signs or {})}
+        weights = getattr(model, "head_loss_weights", None)
+        lc = multi_head_bce(logits, labels, weights)["total"]
+        return cfg.get("seg_loss_weight", 1.0) * getattr(model, "seg_weight", 1.0) * ls + cfg["cls_loss_weight"] * lc
     if hasattr(model, "forward_all"):
         import torch.nn.functional as F
         from NoduleMTLLib.networks.detguided import size_class_from_mask
@@ -99,15 +168,33 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     if cfg.get("init_from"):  # transfer learning: start from another run's weights
         model.load_state_dict(torch.load(cfg["init_from"], weights_only=False)["model"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    stage2_from = cfg["epochs"] - cfg.get("stage2_epochs", 0) if cfg.get("stage2_epochs") else None
+    stage = 1
+
+    def enter_stage2():
+        # DSMT-Net two-stage training: joint multi-task, then main-task fine-tuning (dsmtnet.stage_parameters)
+        from NoduleMTLLib.networks.dsmtnet import stage_parameters
+        plan = stage_parameters(model.net, 2, base_lr=cfg["lr"], backbone_lr_scale=cfg.get("stage2_backbone_lr_scale", 0.1))
+        model.head_loss_weights, model.seg_weight = plan.loss_weights, plan.seg_weight
+        groups = [{"params": g["params"], "lr": g["lr"], "lr_scale": g["lr"] / cfg["lr"]} for g in plan.param_groups]
+        log(f"stage 2: main-task fine-tuning, frozen {len(plan.frozen)} tensors")
+        return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
     start, best, history = 0, -1.0, []
     last = out_dir / "last.pt"
     if last.exists():
         ck = torch.load(last, weights_only=False)
-        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"])
+        model.load_state_dict(ck["model"])
+        if ck.get("stage", 1) == 2:
+            opt, stage = enter_stage2(), 2
+        opt.load_state_dict(ck["opt"])
         start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
         log(f"resumed from epoch {start}")
     rng = np.random.default_rng(cfg["seed"] + start)
     for epoch in range(start, cfg["epochs"]):
+        if stage2_from is not None and epoch >= stage2_from and stage == 1:
+            opt, stage = enter_stage2(), 2
+            best = -1.0  # stage 2 picks its own best checkpoint (main task)
         model.train()
         t0 = time.time()
         items = []
@@ -123,14 +210,14 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         losses = []
         for b in range(nb):
             for g in opt.param_groups:
-                g["lr"] = _lr_at(epoch + b / nb, cfg)
+                g["lr"] = _lr_at(epoch + b / nb, cfg) * g.get("lr_scale", 1.0)
             chunk = items[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]]
             x, y = sample_batch([tr[i].image[k] for i, k in chunk], [tr[i].consensus[k] for i, k in chunk],
                                 [tr[i].spacing_mm for i, _ in chunk], cfg["input_size_px"], cfg["input_spacing_mm"], rng,
                                 cfg["max_shift_mm"], tuple(cfg["zoom_range"]), cfg["p_zoom_out"])
             # classification only on slices that show the nodule
             lab = torch.tensor([tr[i].label if tr[i].consensus[k].any() else -1 for i, k in chunk])
-            loss = joint_loss(model, normalize_slices(x), y, lab, cfg)
+            loss = joint_loss(model, normalize_slices(x), y, lab, cfg, head_labels(model, tr, chunk))
             opt.zero_grad(); loss.backward(); opt.step()
             losses.append(float(loss.detach()))
         ev = evaluate_nodules(model, va, cfg)
@@ -144,6 +231,6 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
             best = score
             torch.save({"model": model.state_dict(), "epoch": epoch, "val": rec, "config": cfg}, out_dir / "best.pt")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best": best,
-                    "history": history, "config": cfg}, out_dir / "tmp_last.pt")
+                    "history": history, "config": cfg, "stage": stage}, out_dir / "tmp_last.pt")
         (out_dir / "tmp_last.pt").replace(last)
     return out_dir / "best.pt"

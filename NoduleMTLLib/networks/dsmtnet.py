@@ -450,3 +450,71 @@ def build_dsmtnet(variant: str = "narrow", **overrides) -> DSMTNet:
     if variant not in cfgs:
         raise ValueError(f"unknown DSMT-Net variant {variant!r}; available: {', '.join(cfgs)}")
     return DSMTNet(**{**cfgs[variant], **overrides})
+
+
+# ----------------------------------------------------------------------------- click-path adapter
+
+#: Heads of the shipped (LIDC-trained) DSMT-Net click model: malignancy is the main task
+#: (in place of the paper's invasiveness), then the radiological signs LIDC rates.
+CLICK_HEADS = ("malignancy", "spiculation", "lobulation", "calcification", "subsolid", "bubble_lucency")
+
+
+class DSMTNetClick(nn.Module):
+    """DSMT-Net (``dims=2``) behind the click pipeline's slice interface.
+
+    The click pipeline gives every network a (N, 1, 96, 96) axial patch at 0.8 mm
+    (normalised intensities).  :func:`dual_scale_from_patch` turns it into DSMT-Net's two
+    scales: **local** = the central 48 px at 0.8 mm (38.4 mm), **context** = the whole
+    patch at 1.6 mm (76.8 mm).  The auxiliary segmentation lives on the local grid; it is
+    placed back into the centre of a (N, 1, 96, 96) logit map whose outer ring holds
+    :attr:`OUTSIDE_LOGIT` (never foreground).  :attr:`seg_border_px` tells the pipeline
+    where the segmented field of view ends, so its zoom ladder still zooms out when the
+    nodule reaches the edge of the local crop.
+
+    Args:
+        heads: head names (main task first); variant: "narrow" or "paper" (see
+            :func:`build_dsmtnet`); local_fraction: local crop fraction of the patch (0.5).
+
+    Forward:
+        x: (N, 1, H, W) float32.  ``forward`` -> (seg logits (N, 1, H, W), main-head logit
+        (N,)); :meth:`forward_click` -> (seg logits, main logit, {sign head: (N,) logit}).
+    Source: DSMT-Net abstract (dual-scale dual encoder, auxiliary segmentation, parallel
+    heads); the 2D single-slice use and the crop geometry are not specified in the paper;
+    we use the above.
+    """
+
+    OUTSIDE_LOGIT = -20.0
+
+    def __init__(self, heads: Sequence[str] = CLICK_HEADS, variant: str = "narrow", local_fraction: float = 0.5):
+        super().__init__()
+        self.net = build_dsmtnet(variant, heads=tuple(heads), dims=2)
+        self.local_fraction = local_fraction
+        self.heads = self.net.heads
+        self.main_head = self.net.main_head
+        self.sign_heads = tuple(h for h in self.heads if h != self.main_head)
+        self._size = None
+
+    @property
+    def seg_border_px(self) -> int:
+        """Width (px) of the outer ring of a 96 px patch that the segmentation never covers."""
+        return int((96 - round(96 * self.local_fraction)) // 2)
+
+    def forward_click(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        if x.ndim != 4:
+            raise ValueError(f"DSMTNetClick expects (N, 1, H, W), got {tuple(x.shape)}")
+        local, ctx = dual_scale_from_patch(x, self.local_fraction)
+        seg_local, logits = self.net(local, ctx)
+        h, w = x.shape[-2:]
+        lh, lw = local.shape[-2:]
+        y0, x0 = (h - lh) // 2, (w - lw) // 2
+        seg = F.pad(seg_local, (x0, w - lw - x0, y0, h - lh - y0), value=self.OUTSIDE_LOGIT)
+        return seg, logits[self.main_head], {k: logits[k] for k in self.sign_heads}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seg, main, _ = self.forward_click(x)
+        return seg, main
+
+
+def build_dsmtnet_click(variant: str = "narrow", heads: Sequence[str] = CLICK_HEADS) -> DSMTNetClick:
+    """The registered ``dsmtnet`` click model (:class:`DSMTNetClick`)."""
+    return DSMTNetClick(heads, variant)
