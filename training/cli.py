@@ -42,6 +42,9 @@ def update_manifest(network_id: str, weights: Path) -> None:
                                            "dice_median": round(e["dice_median"], 4), "auc": round(c["auc"], 4),
                                            "accuracy": round(c["accuracy"], 4), "sensitivity": round(c["sensitivity"], 4),
                                            "specificity": round(c["specificity"], 4), "n_classified": c["n"]}
+                if e.get("signs"):
+                    entry["metrics"][split]["signs_auc"] = {
+                        h: {"auc": round(v["auc"], 4), "n": v["n"], "n_positive": v["n_positive"]} for h, v in e["signs"].items()}
     for split in ("val", "test"):
         ev = REPO / "runs" / network_id / f"eval_vois_{split}.json"
         if ev.exists():
