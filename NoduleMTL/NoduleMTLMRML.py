@@ -592,3 +592,100 @@ def label_array_from_segmentation(segmentationNode, segmentId: str, referenceVol
     if array.shape != shape:
         raise RuntimeError(f"Exported segment has shape {array.shape}, reference volume {shape}")
     return array
+
+
+# ---------------------------------------------------------------------------
+# malignancy-probability colours
+# ---------------------------------------------------------------------------
+
+#: Colour ramp of the segments by malignancy probability ``p`` (RGB in [0, 1]):
+#: green for ``p < 0.3``, yellow for ``0.3 <= p < 0.6``, red for ``p >= 0.6``, grey when
+#: unknown (no network gave a probability, or not classified).  Fixed thresholds chosen
+#: for display only (not from the papers, not a clinical cut-off).
+PROBABILITY_COLOR_THRESHOLDS = (0.3, 0.6)
+PROBABILITY_COLORS = {
+    "low": (0.20, 0.80, 0.20),  # green, p < 0.3
+    "intermediate": (0.95, 0.85, 0.10),  # yellow, 0.3 <= p < 0.6
+    "high": (0.90, 0.15, 0.15),  # red, p >= 0.6
+    "unknown": (0.60, 0.60, 0.60),  # grey
+}
+
+
+def probability_color(probability) -> tuple[float, float, float]:
+    """Segment colour (RGB in [0, 1]) of a malignancy probability, see :data:`PROBABILITY_COLORS`.
+
+    Args:
+        probability: P(malignant) in [0, 1], or None / NaN when unknown (-> grey).
+
+    Raises:
+        ValueError: a number outside [0, 1].
+    """
+    raise NotImplementedError  # implemented in the next commit
+
+
+def probability_legend() -> str:
+    """One-line legend of the colour ramp for the module panel, e.g.
+    ``"Segment colour = P(malignant): green < 0.3 <= yellow < 0.6 <= red; grey = unknown (research use only)"``."""
+    raise NotImplementedError  # implemented in the next commit
+
+
+# ---------------------------------------------------------------------------
+# refinement loop: re-classify an edited segment, export it for training
+# ---------------------------------------------------------------------------
+
+def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeNode, tableNode=None,
+                       network_ids=None, networks: dict | None = None, device: str = "auto") -> NoduleResult:
+    """Re-measure and re-classify a (possibly user-edited) nodule segment without re-segmenting.
+
+    Reads the segment with :func:`label_array_from_segmentation` on the reference volume's
+    grid, calls :func:`NoduleMTLLib.refine.reclassify_from_mask`, and updates that nodule's
+    row of the results table (measurements, per-network probabilities, message) and the
+    segment's ``NoduleMTL.*`` tags and colour.  The segment's labelmap is never modified.
+
+    Args:
+        scene: the ``vtkMRMLScene`` (None: the segmentation's scene).
+        segmentationNode, segmentId: the segment to re-classify (segment ID, not name).
+        referenceVolumeNode: the analysed CT volume (its grid defines the mask).
+        tableNode: results table to update (None: the table referenced by the segmentation
+            as ``NoduleMTL.table``; no table at all is allowed, then only tags change).
+        network_ids: networks to run (None: those of the original run, ``NoduleMTL.run``).
+        networks: optional pre-loaded ``{id: torch module}``.
+        device: "auto" | "cpu" | "cuda" | "mps".
+
+    Returns:
+        the new :class:`NoduleMTLLib.results.NoduleResult` (``id`` = the segment's
+        ``NoduleMTL.id`` tag, or the table row found by segment ID).
+
+    Raises:
+        ValueError: missing nodes, unknown segment.
+        NoduleMTLLib.io.InputError: empty segment, bad volume, unknown network.
+        NoduleMTLLib.registry.WeightsError, NoduleMTLLib.device.DeviceError: as for a run.
+    """
+    raise NotImplementedError  # implemented in a later commit
+
+
+def export_segment_for_training(segmentationNode, segmentId: str, referenceVolumeNode, out_dir,
+                                labels: dict | None = None, case_id: str | None = None,
+                                overwrite: bool = False) -> dict:
+    """Write a (possibly user-edited) segment with its CT patch and labels for fine-tuning.
+
+    Calls :func:`NoduleMTLLib.refine.export_for_training` with the segment's mask on the
+    reference grid: ``<out_dir>/<case_id>_ct.nrrd`` (HU crop around the mask, LPS
+    geometry kept), ``<out_dir>/<case_id>_mask.nrrd`` and a row in
+    ``<out_dir>/labels.csv``, readable by ``training.data.load_user_cases``.
+
+    Args:
+        segmentationNode, segmentId, referenceVolumeNode: as :func:`reclassify_segment`.
+        out_dir: output folder (created).
+        labels: annotator labels, e.g. ``{"malignancy": 4, "spiculation": 2, "patient_id": "X"}``
+            (keys: see ``NoduleMTLLib.refine.LABEL_KEYS``).
+        case_id: unique case name (default ``"<volume name>_<segment name>"``, sanitised).
+        overwrite: replace an existing case of that name.
+
+    Returns:
+        ``{"image": Path, "mask": Path, "labels_csv": Path, "case_id": str}``.
+
+    Raises:
+        ValueError / InputError: as :func:`NoduleMTLLib.refine.export_for_training`.
+    """
+    raise NotImplementedError  # implemented in a later commit
