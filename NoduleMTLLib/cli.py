@@ -1,7 +1,7 @@
 """``nodulemtl``: the command line of NoduleMTL.
 
     nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks lnmsnet]
-                         [--device auto|cpu|cuda] --out DIR
+                         [--device auto|cpu|cuda] [--mask first|consensus] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
                     [--networks lnmsnet] [--device auto] [--overwrite]
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
     a.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
     a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
+    a.add_argument("--mask", default="first", choices=("first", "consensus"),
+                   help="reported mask: the first network's (default) or the strict-majority consensus of the networks "
+                        "(2 networks: intersection); nodules.json has the consensus figures either way")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     b = sub.add_parser("batch", help="analyze many CTs (folder or list file), one output folder per case + summary.csv")
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
             pts = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point]
             bar, cb = _progress_bar(args.quiet)
             try:
-                res = analyze_points(ct, pts, network_ids=nets, device=args.device, progress=cb)
+                res = analyze_points(ct, pts, network_ids=nets, device=args.device, progress=cb, mask=args.mask)
             finally:
                 bar.close()
             write_outputs(res, ct, args.out)
@@ -98,6 +101,9 @@ def main(argv=None) -> int:
     for n in res.nodules:
         if n.found:
             probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
+            c = n.consensus
+            if c is not None and c.n_networks >= 2 and c.malignancy_probability is not None:
+                probs += f"; consensus {c.malignancy_probability:.2f}, disagreement {c.disagreement}"
             print(f"Nodule {n.id}: {n.diameter_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.volume_mm3:.0f} mm3, {n.type}, "
                   f"mean {n.mean_hu:.0f} HU; P(malignant): {probs}")
         else:

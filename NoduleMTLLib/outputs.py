@@ -53,11 +53,17 @@ def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
     return p
 
 
+#: Consensus columns of nodules.csv (``NoduleMTLLib.consensus``; empty when not computed,
+#: spread / Dice / disagreement empty with a single network).
+CONSENSUS_COLUMNS = ("consensus.malignancy_probability", "consensus.probability_spread", "consensus.dice_pairwise_min",
+                     "consensus.n_found", "consensus.disagreement")
+
+
 def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
     """Header and rows of nodules.csv (one row per nodule, per-network columns)."""
     nets = list(result.run.get("networks", []))
     head = ["id", "label_value", "found", "point_ras_mm", "diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu",
-            "solid_fraction", "type"] + [f"networks.{n}.malignancy_probability" for n in nets] + ["message"]
+            "solid_fraction", "type"] + [f"networks.{n}.malignancy_probability" for n in nets] + list(CONSENSUS_COLUMNS) + ["message"]
     rows = []
     for nd in result.nodules:
         d = nd.to_dict()
@@ -65,6 +71,8 @@ def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
         row["point_ras_mm"] = " ".join(f"{v:.2f}" for v in nd.point_ras_mm)
         for n in nets:
             row[f"networks.{n}.malignancy_probability"] = d["networks"].get(n, {}).get("malignancy_probability")
+        for col in CONSENSUS_COLUMNS:
+            row[col] = (d.get("consensus") or {}).get(col.split(".", 1)[1])
         rows.append({k: ("" if v is None else v) for k, v in row.items()})
     return head, rows
 
@@ -92,6 +100,11 @@ def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
         for nid, o in d["networks"].items():
             if o.get("malignancy_probability") is not None:
                 tags[f"NoduleMTL.{nid}.malignancy_probability"] = o["malignancy_probability"]
+        cons = d.get("consensus") or {}
+        if cons.get("n_networks", 0) >= 2:
+            for k in ("malignancy_probability", "disagreement"):
+                if cons.get(k) is not None:
+                    tags[f"NoduleMTL.consensus.{k}"] = cons[k]
         slicerio.add_segment(seg, sub, {
             "id": f"nodule_{nd.id}", "name": nd.name,
             "color": list(SEGMENT_COLORS[(nd.id - 1) % len(SEGMENT_COLORS)]),

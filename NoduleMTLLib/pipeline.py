@@ -199,23 +199,28 @@ def check_point(ct: CTVolume, point_lps) -> None:
 
 
 def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_ids=("lnmsnet",), device="auto",
-                   progress: Progress | None = None, networks: dict | None = None) -> AnalysisResult:
+                   progress: Progress | None = None, networks: dict | None = None, mask: str = "first") -> AnalysisResult:
     """Segment, measure and classify the nodule at each clicked point.
 
     Args:
         ct: the CT (HU, LPS geometry).
         points_lps: world LPS points (mm), one per nodule.
-        network_ids: registry ids to run (the first network's mask is the reported mask).
+        network_ids: registry ids to run.
         device: "auto" | "cpu" | "cuda" | "mps".
         progress: optional callback(fraction in [0, 1], message).
         networks: optional pre-loaded {id: torch module} (reuse across calls).
+        mask: which mask is reported (label map, segmentation, measurements): ``"first"``
+            the first network's (default), or ``"consensus"`` the strict-majority consensus
+            of the networks that found the nodule (``NoduleMTLLib.consensus``; with two
+            networks their intersection).  Every nodule carries every network's own mask
+            (``network_masks``) and the consensus figures (``consensus``) either way.
 
     Returns:
         :class:`AnalysisResult`; nodule ids 1..N in point order.  A point where no nodule
         is segmented gives ``found=False`` with a message (not an exception).
 
     Raises:
-        InputError: a point outside the volume / body, no points, unknown network.
+        InputError: a point outside the volume / body, no points, unknown network, unknown ``mask``.
         WeightsError: weights missing, unreadable or failing their checksum.
         DeviceError: an unavailable device was requested.
     """
@@ -223,6 +228,9 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
     progress = progress or (lambda f, m: None)
     if len(points_lps) == 0:
         raise InputError("No points given: click at least one nodule")
+    if mask not in ("first", "consensus"):
+        raise InputError(f"Unknown mask choice {mask!r}: use 'first' or 'consensus'")
+    from .consensus import MaskBox, compute_consensus
     unknown = [n for n in network_ids if n not in NETWORKS]
     if unknown:
         raise InputError(f"Unknown or not yet available network(s): {', '.join(unknown)}; available: {', '.join(NETWORKS)}")
@@ -243,20 +251,31 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
             progress(0.05 + 0.9 * (n - 1) / len(pts), f"nodule {n}/{len(pts)}: {nid}")
             outs[nid] = net.analyze(ct, p)
         main = outs[network_ids[0]]
-        res = NoduleResult(id=n, point_lps_mm=p, found=main.mask is not None, message=main.message)
-        if main.mask is not None:
-            res.mask = main.mask
-            for k, v in measure_nodule(main.mask, ct).items():
+        boxes = {nid: MaskBox.from_full(o.mask) for nid, o in outs.items()}
+        cons = compute_consensus(boxes, {nid: o.malignancy_probability for nid, o in outs.items()},
+                                 {nid: o.sign_probabilities for nid, o in outs.items()})
+        reported, msg = main.mask, main.message
+        if mask == "consensus":
+            reported = None if cons.mask is None else cons.mask.to_full()
+            msg = "; ".join(f"{nid}: {o.message}" for nid, o in outs.items() if o.message)
+            if reported is None and cons.n_found:
+                msg = "no voxel is segmented by a majority of the networks" + (f" ({msg})" if msg else "")
+        res = NoduleResult(id=n, point_lps_mm=p, found=reported is not None, message=msg,
+                           network_masks=boxes, consensus=cons, reported_mask=mask)
+        if reported is not None:
+            res.mask = reported
+            for k, v in measure_nodule(reported, ct).items():
                 setattr(res, k, v)
         for nid, o in outs.items():
             dwf = None
-            if o.mask is not None and main.mask is not None:
-                dwf = round(dice(o.mask, main.mask), 4)
+            if o.mask is not None and reported is not None:
+                dwf = round(dice(o.mask, reported), 4)
             res.networks[nid] = NetworkOutput(nid, None if math.isnan(o.malignancy_probability) else round(o.malignancy_probability, 4),
                                               o.sign_probabilities, dwf)
         nodules.append(res)
     progress(1.0, "done")
     run = {"software": f"NoduleMTL {__version__}", "networks": list(network_ids), "device": str(dev),
-           "threshold": THRESHOLD, "timing_s": {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
+           "threshold": THRESHOLD, "reported_mask": mask if mask == "consensus" else f"first ({network_ids[0]})",
+           "timing_s": {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
            "torch": torch.__version__}
     return AnalysisResult(input=ct.describe(), run=run, nodules=nodules)

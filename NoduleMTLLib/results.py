@@ -65,6 +65,12 @@ class NoduleResult:
         centroid_lps_mm: mask centroid (world LPS mm).
         networks: network id -> :class:`NetworkOutput`.
         message: human-readable note (e.g. why nothing was found).
+        network_masks: network id -> that network's own mask as a
+            :class:`NoduleMTLLib.consensus.MaskBox` (bounding box on the CT grid), None when
+            it found nothing.
+        consensus: :class:`NoduleMTLLib.consensus.Consensus` of the networks (mask, mean
+            probability, disagreement figures); None when not computed.
+        reported_mask: which mask ``mask`` is: ``"first"`` (the first network's) or ``"consensus"``.
     """
 
     id: int
@@ -80,6 +86,9 @@ class NoduleResult:
     centroid_lps_mm: tuple[float, float, float] | None = None
     networks: dict[str, NetworkOutput] = field(default_factory=dict)
     message: str = ""
+    network_masks: dict[str, Any] = field(default_factory=dict)
+    consensus: Any = None
+    reported_mask: str = "first"
 
     @property
     def label_value(self) -> int:
@@ -113,6 +122,8 @@ class NoduleResult:
             "type": self.type,
             "networks": {k: {kk: vv for kk, vv in asdict(v).items() if kk != "network_id"} for k, v in self.networks.items()},
             "message": self.message,
+            "reported_mask": self.reported_mask,
+            "consensus": None if self.consensus is None else self.consensus.to_dict(),
         }
         return d
 
