@@ -73,7 +73,9 @@ def load_split(path: Path = SPLIT_FILE) -> dict:
 class SliceNodule:
     """One LIDC nodule from ``lidc_slices``.
 
-    image: (S, 128, 128) uint8; consensus: (S, 128, 128) bool (>= 50 % of the readers who
+    image: (S, 128, 128) uint8 (``lidc_slices``) or float32 HU + 1024 (user cases, see
+    :func:`load_user_cases`; the networks' per-slice normalisation is affine-invariant);
+    consensus: (S, 128, 128) bool (>= 50 % of the readers who
     marked the nodule); readers: (R, S, 128, 128) bool non-empty reader masks;
     spacing_mm: in-plane pixel spacing; malignancy: median rating; label: see
     :func:`malignancy_label`; ratings: other median ratings by name.
@@ -126,6 +128,101 @@ def all_patients(data_dir: Path | None = None) -> list[str]:
         with open(d / sub / "labels.csv") as f:
             pats |= {r[col] for r in csv.DictReader(f)}
     return sorted(pats)
+
+
+#: User-case slices are HU + this offset, so 0 is air (-1024 HU): the value
+#: ``training.augment.sample_batch`` pads with, as 0 is the slice minimum in ``lidc_slices``.
+USER_CASE_HU_OFFSET = 1024.0
+#: Side (px) of user-case slices: the ``lidc_slices`` crop size, so both mix in one batch.
+USER_SLICE_SIZE = 128
+
+
+def _axial_grid(img, msk):
+    """Resample a crop and its mask onto an axis-aligned (identity direction) LPS grid with square
+    in-plane pixels, if they are not on one already.  Returns (HU float32 (z, y, x), bool mask, in-plane
+    spacing mm, slice spacing mm)."""
+    import SimpleITK as sitk
+
+    sp = np.asarray(img.GetSpacing(), float)
+    d = np.asarray(img.GetDirection(), float).reshape(3, 3)
+    if np.allclose(d, np.eye(3), atol=1e-4) and abs(sp[0] - sp[1]) <= 1e-4 * sp[0]:
+        return (sitk.GetArrayFromImage(img).astype(np.float32), sitk.GetArrayFromImage(msk) != 0,
+                float(sp[0]), float(sp[2]))
+    s, sz = float(min(sp[0], sp[1])), float(sp[int(np.argmax(np.abs(d[2, :])))])
+    size = np.asarray(img.GetSize())
+    corners = np.array([img.TransformContinuousIndexToPhysicalPoint([float(v) for v in np.array(c) * (size - 1)])
+                        for c in np.ndindex(2, 2, 2)])
+    lo, hi = corners.min(0), corners.max(0)
+    spacing = np.array([s, s, sz])
+    n = np.floor((hi - lo) / spacing).astype(int) + 1
+    ref = sitk.Image([int(v) for v in n], sitk.sitkFloat32)
+    ref.SetSpacing([float(v) for v in spacing]); ref.SetOrigin([float(v) for v in lo])
+    hu = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    m = sitk.Resample(sitk.Cast(msk, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(hu), sitk.GetArrayFromImage(m) >= 0.5, s, sz
+
+
+def load_user_cases(folder) -> list[SliceNodule]:
+    """Cases exported by the annotator refinement loop (``NoduleMTLLib.refine.export_for_training``,
+    Slicer: *Export for training*) as :class:`SliceNodule` objects the 2D trainers use.
+
+    ``folder/labels.csv`` lists the cases (``case_id, patient_id, image_file, mask_file,
+    malignancy, label``, spacing, LIDC ratings); each case is a HU crop (``*_ct.nrrd``) and a
+    0/1 mask (``*_mask.nrrd``) on the same grid.  A crop that is not axis-aligned, or has
+    non-square pixels, is first resampled (linear) onto an axis-aligned LPS grid with square
+    pixels of the finer in-plane spacing.  Each slice the mask covers becomes one 128 x 128
+    slice centred on the mask's in-plane centroid at native spacing (like ``lidc_slices``;
+    padded with air, -1024 HU, beyond the crop).
+
+    Returns:
+        list of :class:`SliceNodule`, one per case: ``image`` (S, 128, 128) float32 = HU +
+        :data:`USER_CASE_HU_OFFSET` (0 = air, the pad value of
+        ``training.augment.sample_batch``); ``consensus`` (S, 128, 128) bool = the mask;
+        ``readers`` = the mask as the only reader (1, S, 128, 128); ``spacing_mm`` /
+        ``slice_thickness_mm`` in mm; ``malignancy`` the 1-5 rating (NaN if not given);
+        ``label`` 1 / 0 / -1 as exported; ``ratings`` the LIDC ratings given;
+        ``patient_id`` (the case id when unknown) and ``nodule`` = case id.
+
+    Raises:
+        FileNotFoundError: no ``labels.csv`` or a listed file is missing.
+        ValueError: a mask does not match its image's grid, or is empty.
+    """
+    import SimpleITK as sitk
+
+    d = Path(folder)
+    if not (d / "labels.csv").is_file():
+        raise FileNotFoundError(f"No labels.csv in {d}: not a folder written by the refinement loop's export")
+    with open(d / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out, h = [], USER_SLICE_SIZE // 2
+    for r in rows:
+        paths = [d / r["image_file"], d / r["mask_file"]]
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} listed in {d / 'labels.csv'} is missing")
+        img, msk = (sitk.ReadImage(str(p)) for p in paths)
+        if (img.GetSize() != msk.GetSize() or not np.allclose(img.GetOrigin(), msk.GetOrigin(), atol=1e-4)
+                or not np.allclose(img.GetSpacing(), msk.GetSpacing(), atol=1e-6)):
+            raise ValueError(f"Case {r['case_id']}: mask {paths[1].name} is not on the grid of {paths[0].name}")
+        hu, m, s, sz = _axial_grid(img, msk)
+        ks = np.nonzero(m.reshape(len(m), -1).any(1))[0]
+        if len(ks) == 0:
+            raise ValueError(f"Case {r['case_id']}: empty mask")
+        _, yy, xx = np.nonzero(m)
+        cy, cx = int(round(yy.mean())), int(round(xx.mean()))
+        pad = ((0, 0), (h, h), (h, h))
+        hu_p = np.pad(hu[ks], pad, constant_values=-1024.0)
+        m_p = np.pad(m[ks], pad, constant_values=False)
+        win = (slice(None), slice(cy, cy + 2 * h), slice(cx, cx + 2 * h))  # centre cy + h in padded coordinates
+        image = (hu_p[win] + USER_CASE_HU_OFFSET).astype(np.float32)
+        mask = m_p[win]
+        mal = float(r["malignancy"]) if r.get("malignancy") not in (None, "") else float("nan")
+        out.append(SliceNodule(
+            patient_id=r.get("patient_id") or r["case_id"], nodule=r["case_id"], image=image, consensus=mask,
+            readers=mask[None], spacing_mm=s, slice_thickness_mm=sz, malignancy=mal, label=int(r["label"]),
+            ratings={k: float(r[k]) for k in RATINGS if r.get(k) not in (None, "")},
+        ))
+    return out
 
 
 if __name__ == "__main__":  # python -m training.data  -> (re)writes the split file
