@@ -30,7 +30,11 @@ class WeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """A registered network: id, human title, paper, builder and input description."""
+    """A registered network: id, human title, paper, builder and input description.
+
+    ``kind``: "click" (segments/classifies around a point; :data:`NETWORKS`,
+    :func:`available_networks`) or "detector" (whole-scan search; :data:`DETECTORS`).
+    """
 
     network_id: str
     title: str
@@ -38,6 +42,7 @@ class NetworkSpec:
     builder: Callable[[], torch.nn.Module]
     weights_file: str
     input_spec: dict
+    kind: str = "click"
 
 
 def _lnmsnet():
@@ -95,9 +100,41 @@ def _specs() -> dict[str, NetworkSpec]:
 NETWORKS = _specs()
 
 
+def _maskrcnn25d():
+    from .detection.model import build_maskrcnn25d
+    return build_maskrcnn25d(backbone="resnet18")
+
+
+#: Whole-scan detectors (kind "detector"): never in :data:`NETWORKS` (the click list).
+DETECTORS = {
+    "maskrcnn25d": NetworkSpec(
+        "maskrcnn25d", "2.5D Mask R-CNN nodule search (narrow variant, ResNet-18-FPN)",
+        "Li R., Honarvar Shakibaei Asli B., Electronics 2026, 15(4), 736", _maskrcnn25d, "maskrcnn25d.safetensors",
+        {"dims": 2.5, "channels": 5, "stack": "axial slices k-2..k+2 (edge slices repeated), channel 0 most inferior",
+         "spacing_mm": "native (no resampling, no resizing)",
+         "intensity": "HU window [-1000, 400] -> [0, 1], slice-wise CLAHE, times the lung mask "
+                      "(NoduleMTLLib.detection.preprocess)", "variant": "narrow"},
+        kind="detector",
+    ),
+}
+
+
 def available_networks() -> list[str]:
-    """Ids of networks that can run a click analysis (registered in this version)."""
+    """Ids of networks that can run a click analysis (registered in this version); detectors excluded."""
     return list(NETWORKS)
+
+
+def available_detectors() -> list[str]:
+    """Ids of whole-scan detectors (:data:`DETECTORS`)."""
+    return list(DETECTORS)
+
+
+def get_spec(network_id: str) -> NetworkSpec:
+    """The :class:`NetworkSpec` of a click network or detector. Raises KeyError listing the known ids."""
+    spec = NETWORKS.get(network_id) or DETECTORS.get(network_id)
+    if spec is None:
+        raise KeyError(f"unknown network {network_id!r}; available: {', '.join([*NETWORKS, *DETECTORS])}")
+    return spec
 
 
 def resources_dir() -> Path:
@@ -137,7 +174,7 @@ def sha256_of(path: Path) -> str:
 
 def find_weights(network_id: str) -> Path:
     """Path of a network's weights file. Raises WeightsError naming the file and the folders searched."""
-    spec = NETWORKS[network_id]
+    spec = get_spec(network_id)
     for d in weights_search_path():
         p = d / spec.weights_file
         if p.is_file():
@@ -160,10 +197,8 @@ def verify_weights(network_id: str, path: Path) -> None:
 
 
 def build_network(network_id: str) -> torch.nn.Module:
-    """Untrained network instance. Raises KeyError with the known ids for an unknown id."""
-    if network_id not in NETWORKS:
-        raise KeyError(f"unknown network {network_id!r}; available: {', '.join(NETWORKS)}")
-    return NETWORKS[network_id].builder()
+    """Untrained network instance (click network or detector). Raises KeyError with the known ids for an unknown id."""
+    return get_spec(network_id).builder()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -37,11 +37,40 @@ Not specified in the paper; our choices:
   paper's total (plus torchvision's two RPN losses, part of its "native" loss).
 * Input normalisation: 5-channel ``image_mean = 0.449``, ``image_std = 0.226`` (the RGB
   averages of torchvision's ImageNet statistics, the statistics an ImageNet conv1 expects).
-* ``min_size = max_size = 512``: 512 x 512 slices are used at native resolution (the
-  torchvision default 800 would upsample them 1.56x).
+* No resizing: torchvision's ``GeneralizedRCNNTransform`` rescales every input so its
+  short side is ``min_size`` (default 800, i.e. 512 x 512 slices upsampled 1.56x; with
+  ``min_size = 512`` a 96 px training crop or a 300 px lung-bounds crop would still be
+  upsampled 5.3x / 1.7x).  :class:`NoResizeTransform` (the default, ``resize=False``)
+  only normalises and pads to a multiple of 32, so anchors are in native CT pixels
+  whatever the input size; ``resize=True`` restores torchvision's behaviour with
+  ``min_size``/``max_size``.
 * Without ImageNet weights (the default here: nothing is downloaded) the model is
   torchvision's from-scratch build (BatchNorm, all layers trainable) and the 5-channel
   conv1 is freshly Kaiming-initialised.
+
+Narrow variant (``backbone="resnet18"``; registry id ``maskrcnn25d`` ships this one)
+----------------------------------------------------------------------------------------
+
+Not in the paper (which chose ResNet-50 over ResNet-34, section 3.5).  We train on a
+2-core CPU in under an hour and cannot download ImageNet weights; a from-scratch
+ResNet-50-FPN does not learn in that budget.  The narrow variant keeps everything the
+paper specifies about the detector (5-channel 2.5D input, anchors, 2000/300 proposals,
+box + mask heads, auxiliary RoI classifier with the same IoU / lambda / fusion, the three
+phases) and changes only widths:
+
+* backbone: torchvision ``resnet18`` (BatchNorm, all stages trainable) under
+  ``BackboneWithFPN`` (C2..C5 = layer1..layer4, 64/128/256/512 channels, P6 by max pool);
+* FPN width 128 (paper 256), box head ``TwoMLPHead`` 128 x 7 x 7 -> 512 -> 512
+  (paper 1024), mask head four 3x3 convs of 128 channels + 128-channel transposed conv
+  (paper 256), aux head 512 -> 128 -> 1;  about 16 M parameters (32 MB in fp16);
+* input normalisation mean 0, std 1: the [0, 1] windowed stack is given as it is, the
+  scale on which the LNMSNet encoder (below) was trained;
+* transfer instead of ImageNet: :func:`init_backbone_from_lnmsnet` copies our trained
+  LNMSNet encoder (a ResNet-18 trained on LIDC-IDRI nodule patches of the same training
+  patients; ``Resources/Weights/lnmsnet.safetensors``) into the body.  LNMSNet's conv1
+  takes 1 channel; its kernel is spread over the 5 slices as ``w / 5`` per channel
+  (the I3D "inflation" rule), so a stack of 5 identical slices gives exactly LNMSNet's
+  stem response to that slice.
 """
 
 from __future__ import annotations
@@ -53,8 +82,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.detection import maskrcnn_resnet50_fpn
+from torchvision.models import resnet18
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.roi_heads import (
     RoIHeads,
     fastrcnn_loss,
@@ -83,9 +118,14 @@ AUX_HIDDEN = 128
 #: Per-channel input normalisation (after the [0, 1] preprocessing).
 IMAGE_MEAN = (0.449,) * STACK_SIZE
 IMAGE_STD = (0.226,) * STACK_SIZE
-#: Image size given to torchvision's transform (no resizing of 512 x 512 slices).
+#: Image size given to torchvision's transform; used only with ``resize=True`` (default: no resizing).
 MIN_SIZE = 512
 MAX_SIZE = 512
+#: Backbones and their head widths: (FPN channels, box-head representation, mask-head channels).
+BACKBONES = {"resnet50": (256, 1024, 256), "resnet18": (128, 512, 128)}
+#: Input normalisation of the narrow (ResNet-18) variant: none (see the module docstring).
+NARROW_IMAGE_MEAN = (0.0,) * STACK_SIZE
+NARROW_IMAGE_STD = (1.0,) * STACK_SIZE
 #: Loss keys of the model in training mode.
 DETECTION_LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_aux")
 MASK_LOSS_KEYS = ("loss_mask",)
@@ -313,6 +353,20 @@ class AuxRoIHeads(RoIHeads):
         return result, losses
 
 
+class NoResizeTransform(GeneralizedRCNNTransform):
+    """torchvision's ``GeneralizedRCNNTransform`` without the resizing step.
+
+    Normalises each (C, H, W) image with ``image_mean``/``image_std``, pads the batch to a
+    multiple of ``size_divisible`` (32) and records the true sizes, exactly as torchvision;
+    images, boxes and masks keep their native pixel size (``postprocess`` then maps boxes
+    and pastes masks at scale 1).  ``min_size``/``max_size`` are stored but unused.
+    """
+
+    def resize(self, image: torch.Tensor, target: Optional[dict[str, torch.Tensor]] = None):
+        """Identity: (image (C, H, W), target) returned unchanged."""
+        return image, target
+
+
 def _freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``module`` by ``FrozenBatchNorm2d`` with the same statistics."""
     for name, child in module.named_children():
@@ -329,84 +383,199 @@ def _freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def _new_conv1(out_channels: int = 64) -> nn.Conv2d:
+    """Fresh 5-channel ResNet stem conv (7x7, stride 2, padding 3, no bias), Kaiming-initialised."""
+    conv = nn.Conv2d(STACK_SIZE, out_channels, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return conv
+
+
+def _resnet18_fpn(fpn_channels: int) -> BackboneWithFPN:
+    """ResNet-18 body (5-channel conv1, BatchNorm, all trainable) + FPN P2..P6 with ``fpn_channels``."""
+    body = resnet18(weights=None)
+    body.conv1 = _new_conv1(64)
+    return BackboneWithFPN(body, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+                           in_channels_list=[64, 128, 256, 512], out_channels=fpn_channels,
+                           extra_blocks=LastLevelMaxPool())
+
+
 def build_maskrcnn25d(num_classes: int = 2, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE, *,
+                      backbone: str = "resnet50", resize: bool = False,
                       anchor_sizes=ANCHOR_SIZES, aspect_ratios=ASPECT_RATIOS,
                       rpn_top_n_train: int = RPN_TOP_N_TRAIN, rpn_top_n_test: int = RPN_TOP_N_TEST,
                       aux_iou_thresh: float = AUX_IOU_THRESH, aux_loss_weight: float = AUX_LOSS_WEIGHT,
                       aux_fusion_weight: float = AUX_FUSION_WEIGHT, aux_hidden: int = AUX_HIDDEN,
-                      image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+                      image_mean=None, image_std=None,
                       backbone_rgb_weights: str | Path | dict | None = None,
                       trainable_backbone_layers: int = 3, **maskrcnn_kwargs) -> nn.Module:
-    """The ``maskrcnn25d`` network (sections 3.3, 3.5).
+    """The ``maskrcnn25d`` network (sections 3.3, 3.5): paper configuration or the narrow variant.
 
-    torchvision ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, ...)`` with
-    the paper's anchors and proposal counts, a 5-channel conv1 and :class:`AuxRoIHeads`.
+    ``backbone="resnet50"`` (default, the paper): torchvision
+    ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, ...)`` with the paper's
+    anchors and proposal counts, a 5-channel conv1 and :class:`AuxRoIHeads`.
+    ``backbone="resnet18"``: the narrow variant of the module docstring (ResNet-18-FPN,
+    FPN 128, box head 512, mask head 128, same anchors / proposals / aux head / phases);
+    initialise its body with :func:`init_backbone_from_lnmsnet` before training.
 
     Args:
         num_classes: including background (2: background, nodule).
-        min_size, max_size: torchvision transform sizes (px); 512 keeps 512 x 512 slices native.
+        min_size, max_size: torchvision transform sizes (px), used only when ``resize``.
+        backbone: "resnet50" (paper) or "resnet18" (narrow).
+        resize: False (default): :class:`NoResizeTransform`, inputs at native pixel size;
+            True: torchvision's rescaling to ``min_size``/``max_size``.
         anchor_sizes, aspect_ratios: per FPN level (5 levels) and for all levels.
         rpn_top_n_train, rpn_top_n_test: RPN pre- and post-NMS top-n (2000 / 300).
         aux_iou_thresh, aux_loss_weight, aux_fusion_weight, aux_hidden: aux classifier.
-        image_mean, image_std: 5 per-channel values applied to the [0, 1] stack.
-        backbone_rgb_weights: optional torchvision ResNet-50 ImageNet ``state_dict`` (or a
-            path to one saved with ``torch.save``; ``fc.*`` keys ignored).  When given, as in
-            the paper (3.3.1): weights loaded, BatchNorm frozen, only the last
-            ``trainable_backbone_layers`` stages trainable (torchvision's default 3), conv1
-            adapted with :func:`adapt_conv1_to_5ch` (and trainable).  When None, nothing is
-            downloaded: from-scratch BatchNorm ResNet-50, all stages trainable, new
-            Kaiming-initialised 5-channel conv1.
+        image_mean, image_std: 5 per-channel values applied to the [0, 1] stack (default
+            0.449 / 0.226 for resnet50, 0 / 1 for resnet18).
+        backbone_rgb_weights: resnet50 only: optional torchvision ResNet-50 ImageNet
+            ``state_dict`` (or a path to one saved with ``torch.save``; ``fc.*`` keys
+            ignored).  When given, as in the paper (3.3.1): weights loaded, BatchNorm
+            frozen, only the last ``trainable_backbone_layers`` stages trainable
+            (torchvision's default 3), conv1 adapted with :func:`adapt_conv1_to_5ch` (and
+            trainable).  When None, nothing is downloaded: from-scratch BatchNorm ResNet,
+            all stages trainable, new Kaiming-initialised 5-channel conv1.
         trainable_backbone_layers: see above (0..5).
         **maskrcnn_kwargs: further ``MaskRCNN`` keyword arguments (e.g. box_score_thresh).
 
     Returns:
         torchvision ``MaskRCNN`` whose ``roi_heads`` is an :class:`AuxRoIHeads`.
-        Input: list of (5, H, W) float32 tensors in [0, 1] (:func:`..preprocess.stack_slices`).
+        Input: list of (5, H, W) float32 tensors in [0, 1] (:func:`..preprocess.stack_slices`),
+        any H, W (padded to multiples of 32 internally).
         Training (with targets: boxes (G, 4) float32 xyxy px, labels (G,) int64, masks
-        (G, H, W) uint8): dict with loss_objectness, loss_rpn_box_reg, loss_classifier,
-        loss_box_reg, loss_aux, loss_mask (scalars).  Eval: per image dict with boxes
-        (N, 4), labels, scores (fused), scores_main, scores_aux (N,), masks (N, 1, H, W)
-        float probabilities.  ``model.nodulemtl_base_trainable`` records the parameters
-        trainable after the build (used by :func:`set_training_phase`).
+        (G, H, W) uint8; G may be 0 for a negative stack): dict with loss_objectness,
+        loss_rpn_box_reg, loss_classifier, loss_box_reg, loss_aux, loss_mask (scalars).
+        Eval: per image dict with boxes (N, 4) xyxy px, labels, scores (fused), scores_main,
+        scores_aux (N,), masks (N, 1, H, W) float probabilities.
+        ``model.nodulemtl_base_trainable`` records the parameters trainable after the build
+        (used by :func:`set_training_phase`); ``model.nodulemtl_backbone`` the backbone name.
 
     Raises:
-        ValueError: wrong number of anchor levels or mean/std values; missing backbone keys.
+        ValueError: unknown backbone, wrong number of anchor levels or mean/std values,
+            missing backbone keys, RGB weights with resnet18.
     """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
     if len(anchor_sizes) != 5:
-        raise ValueError(f"ResNet-50-FPN has 5 pyramid levels; got {len(anchor_sizes)} anchor size groups")
+        raise ValueError(f"ResNet-FPN has 5 pyramid levels; got {len(anchor_sizes)} anchor size groups")
+    narrow = backbone == "resnet18"
+    if image_mean is None:
+        image_mean = NARROW_IMAGE_MEAN if narrow else IMAGE_MEAN
+    if image_std is None:
+        image_std = NARROW_IMAGE_STD if narrow else IMAGE_STD
     if len(image_mean) != STACK_SIZE or len(image_std) != STACK_SIZE:
         raise ValueError(f"image_mean/std need {STACK_SIZE} values")
     anchor_gen = AnchorGenerator(tuple(tuple(s) for s in anchor_sizes), (tuple(aspect_ratios),) * len(anchor_sizes))
-    model = maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size, max_size=max_size,
-        image_mean=list(image_mean), image_std=list(image_std), rpn_anchor_generator=anchor_gen,
-        rpn_pre_nms_top_n_train=rpn_top_n_train, rpn_post_nms_top_n_train=rpn_top_n_train,
-        rpn_pre_nms_top_n_test=rpn_top_n_test, rpn_post_nms_top_n_test=rpn_top_n_test, **maskrcnn_kwargs)
-    body = model.backbone.body
-    if backbone_rgb_weights is not None:
-        sd = backbone_rgb_weights
-        if not isinstance(sd, dict):
-            sd = torch.load(str(sd), map_location="cpu", weights_only=True)
-        sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-        missing, unexpected = body.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"backbone weights do not fit ResNet-50: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        _freeze_batchnorm(body)
-        if not 0 <= trainable_backbone_layers <= 5:
-            raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
-        train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_backbone_layers]
-        for name, p in body.named_parameters():
-            p.requires_grad_(any(name.startswith(t) for t in train))
-        body.conv1 = adapt_conv1_to_5ch(body.conv1)
+    common = dict(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
+                  rpn_anchor_generator=anchor_gen,
+                  rpn_pre_nms_top_n_train=rpn_top_n_train, rpn_post_nms_top_n_train=rpn_top_n_train,
+                  rpn_pre_nms_top_n_test=rpn_top_n_test, rpn_post_nms_top_n_test=rpn_top_n_test, **maskrcnn_kwargs)
+    if narrow:
+        if backbone_rgb_weights is not None:
+            raise ValueError("backbone_rgb_weights is for the resnet50 backbone; use init_backbone_from_lnmsnet")
+        fpn_ch, rep, mask_ch = BACKBONES[backbone]
+        model = MaskRCNN(_resnet18_fpn(fpn_ch), num_classes=None,
+                         box_head=TwoMLPHead(fpn_ch * 7 * 7, rep), box_predictor=FastRCNNPredictor(rep, num_classes),
+                         mask_head=MaskRCNNHeads(fpn_ch, (mask_ch,) * 4, 1),
+                         mask_predictor=MaskRCNNPredictor(mask_ch, mask_ch, num_classes), **common)
     else:
-        conv = nn.Conv2d(STACK_SIZE, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        body.conv1 = conv
+        model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **common)
+        body = model.backbone.body
+        if backbone_rgb_weights is not None:
+            sd = backbone_rgb_weights
+            if not isinstance(sd, dict):
+                sd = torch.load(str(sd), map_location="cpu", weights_only=True)
+            sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+            missing, unexpected = body.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"backbone weights do not fit ResNet-50: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            _freeze_batchnorm(body)
+            if not 0 <= trainable_backbone_layers <= 5:
+                raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
+            train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_backbone_layers]
+            for name, p in body.named_parameters():
+                p.requires_grad_(any(name.startswith(t) for t in train))
+            body.conv1 = adapt_conv1_to_5ch(body.conv1)
+        else:
+            body.conv1 = _new_conv1(64)
+    if not resize:
+        t = model.transform
+        model.transform = NoResizeTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                            size_divisible=t.size_divisible, fixed_size=t.fixed_size)
     rep = model.roi_heads.box_head.fc7.out_features
     model.roi_heads = AuxRoIHeads(model.roi_heads, RoIAuxClassifier(rep, aux_hidden), aux_iou_thresh=aux_iou_thresh,
                                   aux_loss_weight=aux_loss_weight, aux_fusion_weight=aux_fusion_weight)
     model.nodulemtl_base_trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+    model.nodulemtl_backbone = backbone
     return model
+
+
+def lnmsnet_encoder_state_dict(lnmsnet_sd: dict[str, torch.Tensor], in_channels: int = STACK_SIZE) -> dict[str, torch.Tensor]:
+    """LNMSNet's ResNet-18 encoder as a torchvision ``resnet18`` state dict (without ``fc``).
+
+    Key mapping: ``stem.0.weight`` -> ``conv1.weight`` (spread from 1 to ``in_channels``
+    channels as ``w / in_channels`` each, the I3D inflation rule: a stack of identical
+    slices gives LNMSNet's response), ``stem.1.*`` -> ``bn1.*``, ``layer1..4.*`` unchanged.
+
+    Args:
+        lnmsnet_sd: an :class:`~NoduleMTLLib.networks.lnmsnet.LNMSNet` state dict (float).
+        in_channels: channels of the new conv1 (5).
+
+    Returns:
+        dict of float32 tensors; conv1.weight is (64, in_channels, 7, 7).
+
+    Raises:
+        ValueError: the state dict is not LNMSNet's (no 1-channel ``stem.0.weight``).
+    """
+    w = lnmsnet_sd.get("stem.0.weight")
+    if w is None or w.ndim != 4 or w.shape[1] != 1:
+        raise ValueError("not an LNMSNet state dict: expected a 1-channel 'stem.0.weight'")
+    out = {"conv1.weight": (w.float() / in_channels).repeat(1, in_channels, 1, 1)}
+    for k, v in lnmsnet_sd.items():
+        if k.startswith("stem.1."):
+            out["bn1." + k[len("stem.1."):]] = v
+        elif k.split(".")[0] in ("layer1", "layer2", "layer3", "layer4"):
+            out[k] = v
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in out.items()}
+
+
+def init_backbone_from_lnmsnet(model: nn.Module, source: str | Path | dict | None = None) -> Path | None:
+    """Initialise the narrow variant's ResNet-18 body from a trained LNMSNet encoder (transfer).
+
+    Args:
+        model: from ``build_maskrcnn25d(backbone="resnet18")``.
+        source: an LNMSNet state dict, a checkpoint / ``.safetensors`` path (read with
+            :func:`NoduleMTLLib.registry.read_state_dict`, e.g. ``runs/lnmsnet/best.pt``),
+            or None: the shipped ``lnmsnet.safetensors`` (located and sha256-checked by the
+            registry).
+
+    Returns:
+        the path read (None when a dict was given).
+
+    Raises:
+        ValueError: model is not the resnet18 variant, or the weights do not fit.
+        NoduleMTLLib.registry.WeightsError: shipped weights missing or corrupt.
+    """
+    from .. import registry
+
+    if getattr(model, "nodulemtl_backbone", None) != "resnet18":
+        raise ValueError("init_backbone_from_lnmsnet needs build_maskrcnn25d(backbone='resnet18')")
+    path = None
+    if isinstance(source, dict):
+        sd = source
+    else:
+        if source is None:
+            path = registry.find_weights("lnmsnet")
+            registry.verify_weights("lnmsnet", path)
+        else:
+            path = Path(source)
+        sd = registry.read_state_dict(path)
+    enc = lnmsnet_encoder_state_dict(sd)
+    body = model.backbone.body
+    missing, unexpected = body.load_state_dict(enc, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"LNMSNet encoder does not fit the ResNet-18 body: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return path
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
