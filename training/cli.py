@@ -1,4 +1,4 @@
-"""Headless training / evaluation command line: ``nodulemtl-train {train,evaluate,export} NETWORK``.
+"""Headless training / evaluation command line: ``nodulemtl-train {train,evaluate,export,report} NETWORK``.
 
 Uses the same ``NoduleMTLLib`` code (networks, preprocessing, metrics) as the Slicer
 module and the ``nodulemtl`` command.
@@ -78,7 +78,22 @@ def main(argv=None) -> int:
     x.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
     x.add_argument("checkpoint", type=Path)
     x.add_argument("--out", type=Path, default=None)
+    r = sub.add_parser("report", help="ROC / Dice-histogram PNGs and metric summaries from runs/NETWORK/eval_*.json")
+    r.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
+    r.add_argument("--runs", type=Path, default=None, help="runs folder holding NETWORK/eval_*.json (default runs)")
+    r.add_argument("--out", type=Path, default=None, help="output folder (default training/reports/NETWORK)")
     a = ap.parse_args(argv)
+
+    if a.cmd == "report":
+        from training.report import ReportError, write_report
+        try:
+            s = write_report(a.network, a.runs, a.out)
+        except ReportError as err:
+            print(f"nodulemtl-train: error: {err}", file=sys.stderr)
+            return 1
+        out = a.out or REPO / "training" / "reports" / a.network
+        print(f"{a.network}: {', '.join(s['evaluations'])} -> {out} ({', '.join(s['figures'] + ['summary.json', 'summary.md'])})")
+        return 0
 
     if a.cmd == "train":
         from training import click2d

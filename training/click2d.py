@@ -45,9 +45,15 @@ def evaluate_nodules(model: torch.nn.Module, nodules, cfg: dict, batch: int = 64
     Dice: per nodule over the whole slice stack (prediction > 0.5 vs resampled consensus),
     then mean/median over nodules.  Malignancy: area-weighted slice logits
     (``NoduleMTLLib.aggregation``), ACC/SEN/SPE/AUC over nodules with label 0/1.
+    Also MT-Net's segmentation set (paper Eqs. 7-11): per-nodule Jaccard (``jaccards``,
+    ``jaccard_mean``) and pixel counts TP/FP/TN/FN summed over every slice of every nodule on
+    the 96 x 96 px, 0.8 mm network grid (``pixel``: sums and the pooled ACC, recall = SEN,
+    SPE; ACC and SPE depend on the field of view, MT-Net used 64 px crops).
     """
+    from NoduleMTLLib.metrics import iou
     model.eval()
     dices, labels, probs = [], [], []
+    jaccards, pix = [], {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     sign_names = tuple(getattr(model, "sign_heads", ()))
     sign_lp = {h: ([], []) for h in sign_names}  # head -> (labels, probs)
     if sign_names:
@@ -68,7 +74,11 @@ def evaluate_nodules(model: torch.nn.Module, nodules, cfg: dict, batch: int = 64
         seg = torch.cat(segs)[:, 0].numpy() > 0.5
         lg = torch.cat(logits).numpy()
         areas = seg.reshape(s, -1).sum(1)
-        dices.append(dice(seg, y[:, 0].numpy() > 0.5))
+        ref = y[:, 0].numpy() > 0.5
+        dices.append(dice(seg, ref))
+        jaccards.append(iou(seg, ref))
+        for k, v in (("tp", seg & ref), ("fp", seg & ~ref), ("tn", ~seg & ~ref), ("fn", ~seg & ref)):
+            pix[k] += int(v.sum())
         if nd.label >= 0:
             labels.append(nd.label)
             probs.append(float(sigmoid(nodule_logit_from_slices(lg, areas))))
@@ -82,7 +92,11 @@ def evaluate_nodules(model: torch.nn.Module, nodules, cfg: dict, batch: int = 64
                     sign_lp[h][1].append(float(sigmoid(nodule_logit_from_slices(sl[:, k], areas))))
     cls = binary_classification_stats(labels, probs)
     out = {"n_nodules": len(nodules), "dice_mean": float(np.mean(dices)), "dice_median": float(np.median(dices)),
-           "dices": [round(d, 4) for d in dices], "classification": cls, "probs": probs, "labels": labels}
+           "dices": [round(d, 4) for d in dices], "classification": cls, "probs": probs, "labels": labels,
+           "jaccard_mean": float(np.mean(jaccards)), "jaccards": [round(j, 4) for j in jaccards],
+           "pixel": {**pix, "accuracy": (pix["tp"] + pix["tn"]) / max(1, sum(pix.values())),
+                     "recall": pix["tp"] / max(1, pix["tp"] + pix["fn"]),
+                     "specificity": pix["tn"] / max(1, pix["tn"] + pix["fp"])}}
     if sign_names:
         out["signs"] = {h: {**binary_classification_stats(*sign_lp[h]), "labels": sign_lp[h][0],
                             "probs": [round(v, 4) for v in sign_lp[h][1]]} for h in sign_names}
