@@ -1,0 +1,164 @@
+"""DICOM Segmentation (SEG) export of the nodule masks, with highdicom.
+
+Only for CTs read from a DICOM series: the SEG references the source series (its study,
+frame of reference and every source image), so a PACS or viewer (3D Slicer's
+QuantitativeReporting / DCMQI, OHIF) shows it on the CT.  One binary segment per found
+nodule; overlapping nodules stay separate segments (BINARY SEG frames are per segment).
+
+Frame alignment: SimpleITK/GDCM's ``ImageSeriesReader`` orders the series' files
+(``GetGDCMSeriesFileNames``) and array slice ``k`` of the CT is file ``k`` of that order;
+the masks are on that grid, so slice ``k`` of a mask becomes a frame referencing file
+``k``'s SOPInstanceUID with its ImagePositionPatient.  Empty frames are omitted
+(highdicom's default).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .colors import primary_probability, probability_color
+from .io import CTVolume, InputError
+from .results import NODULE_TERMINOLOGY, AnalysisResult
+
+#: Series number and description of the written SEG series.
+SEG_SERIES_NUMBER = 9901
+SEG_SERIES_DESCRIPTION = "NoduleMTL nodules"
+
+
+class DicomSegError(RuntimeError):
+    """The SEG could not be built from the source series (unexpected DICOM content)."""
+
+
+def _codes_from_terminology(entry: str = NODULE_TERMINOLOGY):
+    """(category, type, anatomic region) ``highdicom.sr.CodedConcept`` from a Slicer
+    terminology entry string (``context~cat~type~modifier~anatomic context~region~modifier``)."""
+    from highdicom.sr import CodedConcept
+
+    parts = entry.split("~")
+
+    def code(s):
+        scheme, value, meaning = s.split("^")
+        return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+    return code(parts[1]), code(parts[2]), code(parts[5])
+
+
+def source_files(ct: CTVolume, dicom_folder) -> list[str]:
+    """The files of the CT's series in the order GDCM sorted them when the CT was read.
+
+    Raises:
+        InputError: the CT did not come from DICOM, or the folder does not hold its series
+            with one file per CT slice.
+    """
+    import SimpleITK as sitk
+
+    if ct.dicom_series_uid is None:
+        raise InputError(
+            f"DICOM SEG export needs a CT read from a DICOM series; {ct.source or 'this CT'} was not "
+            "(NRRD/NIfTI/MetaImage input): use labels.nrrd or segmentation.seg.nrrd instead")
+    folder = Path(dicom_folder)
+    if not folder.is_dir():
+        raise InputError(f"DICOM folder {folder} not found")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ct.dicom_series_uid))
+    if not files:
+        raise InputError(f"Folder {folder} does not hold the CT's series {ct.dicom_series_uid}")
+    if len(files) != ct.shape_zyx[0]:
+        raise InputError(f"Series {ct.dicom_series_uid} in {folder} has {len(files)} files, the CT has "
+                         f"{ct.shape_zyx[0]} slices: not single-frame slices of this CT")
+    return files
+
+
+def write_dicom_seg(result: AnalysisResult, ct: CTVolume, dicom_folder, out_path, algorithm_type: str = "AUTOMATIC") -> Path:
+    """Write the found nodules of ``result`` as a DICOM SEG referencing the CT's source series.
+
+    One BINARY segment per found nodule, in nodule order (segment number 1..N; label
+    ``"Nodule <id>"``; tracking id ``"Nodule <id>"`` with a new tracking UID), coded with the
+    terminology of :data:`NoduleMTLLib.results.NODULE_TERMINOLOGY`: category
+    *Morphologically Altered Structure* (SCT 49755003), type *Nodule* (SCT 27925004),
+    anatomic region *Lung* (SCT 39607008); algorithm identification name ``NoduleMTL``,
+    family *Artificial Intelligence* (DCM 123110), version, parameter ``networks`` (the
+    run's network ids); recommended display colour from the malignancy probability ramp
+    (:mod:`NoduleMTLLib.colors`).  Equipment: manufacturer / model ``NoduleMTL``.
+
+    Args:
+        result: the analysis of ``ct`` (masks bool (z, y, x) on the CT grid).
+        ct: the CT, read from a DICOM series folder (``dicom_series_uid`` set).
+        dicom_folder: folder holding that series (usually ``ct.source``).
+        out_path: file to write (``.dcm``); written to a temporary file in the same folder,
+            then renamed, so no partial file is left.
+        algorithm_type: "AUTOMATIC" (click path) or "SEMIAUTOMATIC" (user-edited masks).
+
+    Returns:
+        ``out_path`` as a Path.
+
+    Raises:
+        InputError: CT not from DICOM, series not found / not matching the CT, no nodule
+            found, a mask of another shape.
+        DicomSegError: highdicom refused the source images.
+        OSError: the file cannot be written.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    files = source_files(ct, dicom_folder)
+    found = [n for n in result.nodules if n.found and n.mask is not None and np.any(n.mask)]
+    if not found:
+        raise InputError("No nodule was found: there is nothing to write as DICOM SEG")
+    for n in found:
+        if tuple(n.mask.shape) != tuple(ct.shape_zyx):
+            raise InputError(f"Mask of nodule {n.id} has shape {tuple(n.mask.shape)}, the CT {tuple(ct.shape_zyx)}")
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+    if (rows, cols) != tuple(ct.shape_zyx[1:]):
+        raise InputError(f"DICOM images are {rows} x {cols}, the CT slices {ct.shape_zyx[1]} x {ct.shape_zyx[2]}")
+    # the CT's slice k must be file k: compare the world positions
+    for k in (0, len(files) - 1):
+        ipp = [float(v) for v in sources[k].ImagePositionPatient]
+        if not np.allclose(ipp, ct.image.TransformIndexToPhysicalPoint((0, 0, k)), atol=1e-2):
+            raise InputError(f"Slice {k} of the CT is not at the position of {Path(files[k]).name}: "
+                             "the CT was not read from this series in GDCM order")
+
+    category, prop_type, region = _codes_from_terminology()
+    nets = [str(v) for v in (result.run or {}).get("networks", [])]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="NoduleMTL", family=codes.cid7162.ArtificialIntelligence, version=__version__,
+        parameters={"networks": ",".join(nets) or "unknown"})
+    descriptions, planes = [], []
+    for number, n in enumerate(found, start=1):
+        rgb = probability_color(primary_probability(n.networks, nets))
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=n.name, segmented_property_category=category,
+            segmented_property_type=prop_type, algorithm_type=algorithm_type, algorithm_identification=algorithm,
+            tracking_uid=hd.UID(), tracking_id=n.name, anatomic_regions=[region],
+            display_color=hd.color.CIELabColor.from_rgb(*(int(round(255 * c)) for c in rgb))))
+        planes.append(n.mask)
+    pixels = np.stack(planes, axis=-1).astype(np.uint8)  # (frames = slices, rows, cols, segments)
+    try:
+        with warnings.catch_warnings():  # the source's PatientName is copied as it is (often one component)
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+            seg = hd.seg.Segmentation(
+                source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER,
+                sop_instance_uid=hd.UID(), instance_number=1, manufacturer="NoduleMTL",
+                manufacturer_model_name="NoduleMTL", software_versions=f"NoduleMTL {__version__}", device_serial_number="0",
+                content_description="Pulmonary nodules (research use only)", content_label="NODULES",
+                series_description=SEG_SERIES_DESCRIPTION)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DicomSegError(f"Cannot build a DICOM SEG on series {ct.dicom_series_uid}: {e}") from None
+    out = Path(out_path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=out.parent)
+    os.close(fd)
+    try:
+        seg.save_as(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
