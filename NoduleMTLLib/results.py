@@ -71,6 +71,9 @@ class NoduleResult:
         consensus: :class:`NoduleMTLLib.consensus.Consensus` of the networks (mask, mean
             probability, disagreement figures); None when not computed.
         reported_mask: which mask ``mask`` is: ``"first"`` (the first network's) or ``"consensus"``.
+        detection: whole-scan search only (``NoduleMTLLib.detection.infer``): detector score,
+            score threshold, 3D voxel box (i0, j0, k0, i1, j1, k1, half-open), world box
+            (LPS mm), centre (ijk, LPS, RAS mm), slice range; None for clicked nodules.
     """
 
     id: int
@@ -89,6 +92,7 @@ class NoduleResult:
     network_masks: dict[str, Any] = field(default_factory=dict)
     consensus: Any = None
     reported_mask: str = "first"
+    detection: dict[str, Any] | None = None
 
     @property
     def label_value(self) -> int:
@@ -125,6 +129,8 @@ class NoduleResult:
             "reported_mask": self.reported_mask,
             "consensus": None if self.consensus is None else self.consensus.to_dict(),
         }
+        if self.detection is not None:
+            d["detection"] = self.detection
         return d
 
 
@@ -140,11 +146,14 @@ class AnalysisResult:
         input: description of the input (path, size (i, j, k), spacing mm, origin LPS mm, direction).
         run: description of the run (networks, device, version, timings s).
         nodules: list of :class:`NoduleResult`, ``id`` 1..N in order.
+        messages: notes about the whole run (e.g. thick slices in a whole-scan search);
+            written to ``nodules.json`` when not empty.
     """
 
     input: dict[str, Any]
     run: dict[str, Any]
     nodules: list[NoduleResult]
+    messages: list[str] = field(default_factory=list)
 
     def label_array(self, shape_zyx: tuple[int, int, int]) -> np.ndarray:
         """uint16 label map (z, y, x): voxel value = nodule id; later nodules do not overwrite earlier ones."""
@@ -155,4 +164,7 @@ class AnalysisResult:
         return lab
 
     def to_dict(self) -> dict[str, Any]:
-        return {"input": self.input, "run": self.run, "nodules": [n.to_dict() for n in self.nodules]}
+        d = {"input": self.input, "run": self.run, "nodules": [n.to_dict() for n in self.nodules]}
+        if self.messages:
+            d["messages"] = list(self.messages)
+        return d

@@ -1,0 +1,652 @@
+"""Whole-scan nodule search with ``maskrcnn25d``: CT -> ranked list of 3D nodules with masks.
+
+Source: Li R. & Honarvar Shakibaei Asli B., Electronics 2026, 15(4), 736 (seed 002):
+preprocessing of section 3.2, 5-slice stacks, slice-wise Mask R-CNN, 3D merging of
+section 3.4.3 and the adaptive score threshold of section 3.5.  The paper evaluates on
+stacks sampled inside the lungs; how a whole scan is searched is ours:
+
+1. **Input checks** (:func:`~.preprocess.check_detection_input`): fewer than 5 slices ->
+   :class:`~NoduleMTLLib.io.InputError`; slices >= 5 mm apart/thick -> a note in
+   ``AnalysisResult.messages`` and the search runs anyway.
+2. **Lung mask** computed from the CT (:func:`~.preprocess.lung_mask_from_ct`; no lung ->
+   :class:`~.preprocess.NoLungError`).  The search visits only slices with lung voxels
+   inside the lung bounds (:func:`~.preprocess.lung_bounds`: 5 mm / 10 mm margins) and
+   gives the network only the in-plane lung box (``restrict_to_lungs``, default on).
+3. **Preprocessing slice by slice** (HU window [-1000, 400] -> [0, 1], CLAHE on the *full*
+   axial slice, times the lung mask, then the in-plane crop): exactly the values
+   :func:`~.preprocess.preprocess_ct` gives, computed lazily for the slices a batch needs
+   and dropped once no later stack needs them, so memory does not grow with the number
+   of slices (huge scans are processed as a moving slab of ``batch_slices + 4`` slices).
+4. **Network**: batches of ``batch_slices`` stacks, ``torch.inference_mode``, at the
+   crop's native pixel size (a torchvision transform that would resize is set to scale 1
+   per call), or resized by ``input_scale`` (a speed option; boxes and masks are mapped
+   back to native pixels).
+5. **Merging**: detections are kept compactly (box + mask inside the box); the score
+   threshold is fixed or adaptive (30th percentile of all slice-detection scores of the
+   scan, clipped to [0.1, 0.5], :func:`~.merge.adaptive_score_threshold`); detections are
+   split into groups that cannot link to each other (no in-plane box intersection within
+   3 slices) and each group goes through :func:`~.merge.merge_slice_detections` (same
+   result as one call on the whole scan, without its N x N matrices); each nodule's mask
+   is the union of its members' masks on the CT grid, its centre the mask centroid
+   (merge rule 4).
+6. **Results**: one :class:`~NoduleMTLLib.results.NoduleResult` per merged nodule, by
+   descending score (ids 1..N), with the click path's measurements
+   (:func:`~NoduleMTLLib.postprocess.measure_nodule`) and a ``detection`` record (score,
+   3D box, centre, slices); optionally the click networks (``classify_with``) run at each
+   nodule's centre and add their malignancy / sign probabilities.
+
+Coordinates: slice boxes are xyxy pixels of the full axial slice (pixel i covers
+[i, i+1)); voxel boxes are half-open (i0, j0, k0, i1, j1, k1); world points are LPS mm.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..io import CTVolume, InputError
+from . import merge as mg
+from . import preprocess as pp
+
+Progress = Callable[[float, str], None]
+
+#: Registry id of the whole-scan detector.
+DETECTOR_ID = "maskrcnn25d"
+#: At most this many nodules are reported per scan (highest scores first); LUNA16's
+#: evaluation also keeps at most 100 candidates per scan.
+MAX_NODULES = 100
+#: Default number of stacks per network call (measured: see Testing/Benchmarks/bench_detect.py).
+BATCH_SLICES = 4
+
+
+def _weights_error():
+    from ..registry import WeightsError
+    return WeightsError
+
+
+class DetectorUnavailableError(_weights_error()):
+    """The whole-scan detector is not registered in this version (a
+    :class:`~NoduleMTLLib.registry.WeightsError`, so callers handle it like missing weights)."""
+
+
+@dataclass
+class SliceDetection:
+    """One slice-level detection, kept compactly.
+
+    Attributes:
+        slice: k of the stack's centre slice.
+        box: (4,) float64 xyxy px in full-slice coordinates.
+        score: fused score (aux classifier + main head, see :mod:`.model`).
+        mask: bool (j1 - j0, i1 - i0) mask inside the integer box, or None.
+        mask_origin: (i0, j0) full-slice index of ``mask[0, 0]``.
+    """
+
+    slice: int
+    box: np.ndarray
+    score: float
+    mask: np.ndarray | None = None
+    mask_origin: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class SliceDetections:
+    """All slice detections of one scan (output of :func:`run_slice_detections`).
+
+    Attributes:
+        detections: list of :class:`SliceDetection` (any order).
+        shape_zyx: CT array shape.
+        slices_searched: slice indices k the network ran on, ascending.
+        crop_yx: (y0, y1, x0, x1) in-plane box given to the network (half-open px).
+        lung: the :class:`~.preprocess.LungMask` (None when not computed).
+        report: the :class:`~.preprocess.DetectionInputReport`.
+        timing_s: "lung_mask", "preprocess", "network" seconds.
+        settings: the options used (for the run record).
+    """
+
+    detections: list[SliceDetection]
+    shape_zyx: tuple[int, int, int]
+    slices_searched: list[int]
+    crop_yx: tuple[int, int, int, int]
+    lung: pp.LungMask | None
+    report: pp.DetectionInputReport
+    timing_s: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def scores(self) -> np.ndarray:
+        """(N,) float64 scores of all slice detections."""
+        return np.array([d.score for d in self.detections], float)
+
+
+def load_detector(device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The registered ``maskrcnn25d`` in eval mode on ``device`` (weights verified by the registry).
+
+    Raises:
+        DetectorUnavailableError: ``maskrcnn25d`` not registered in this version.
+        WeightsError: weights missing, unreadable or failing their checksum.
+    """
+    from .. import registry
+
+    if DETECTOR_ID not in getattr(registry, "DETECTORS", registry.NETWORKS):
+        raise DetectorUnavailableError(f"The whole-scan detector {DETECTOR_ID} is not available in this version")
+    return registry.load_network(DETECTOR_ID, device)
+
+
+def parse_threshold(value) -> float | str:
+    """``"adaptive"`` or a float in [0, 1] (score threshold of the merge).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if isinstance(value, str):
+        if value.strip().lower() == "adaptive":
+            return "adaptive"
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"score threshold must be 'adaptive' or a number in [0, 1], got {value!r}") from None
+    v = float(value)
+    if not 0.0 <= v <= 1.0 or math.isnan(v):
+        raise ValueError(f"score threshold must be in [0, 1], got {v}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------
+# network stage
+
+
+@contextmanager
+def _native_size(model: torch.nn.Module, h: int, w: int):
+    """Make torchvision's ``GeneralizedRCNNTransform`` keep an (h, w) input at its size
+    (scale 1) instead of resizing it to its configured min/max size; restored afterwards.
+    (The narrow model's ``NoResizeTransform`` never resizes; this covers models built
+    with ``resize=True`` or plain torchvision ones.)"""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    tr = getattr(model, "transform", None)
+    if not isinstance(tr, GeneralizedRCNNTransform):
+        yield
+        return
+    old = (tr.min_size, tr.max_size, getattr(tr, "fixed_size", None))
+    tr.min_size = (int(min(h, w)),)
+    tr.max_size = int(max(h, w))
+    if hasattr(tr, "fixed_size"):
+        tr.fixed_size = None
+    try:
+        yield
+    finally:
+        tr.min_size, tr.max_size = old[0], old[1]
+        if hasattr(tr, "fixed_size"):
+            tr.fixed_size = old[2]
+
+
+@contextmanager
+def _threads(n: int | None):
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def search_plan(lung: pp.LungMask | None, shape_zyx, restrict_to_lungs: bool = True):
+    """Slices and in-plane box the search visits.
+
+    Args:
+        lung: lung mask (None: the whole volume).
+        shape_zyx: CT array shape.
+        restrict_to_lungs: use the lung bounds (slices with lung voxels within
+            :func:`~.preprocess.lung_bounds`, in-plane lung box with a 10 mm margin).
+
+    Returns:
+        (slices: list of k ascending, crop_yx: (y0, y1, x0, x1) half-open px).
+    """
+    nz, ny, nx = shape_zyx
+    if lung is None or not restrict_to_lungs:
+        return list(range(nz)), (0, ny, 0, nx)
+    b = pp.lung_bounds(lung)
+    has_lung = lung.labels.reshape(nz, -1).any(axis=1)
+    return [k for k in b.z_range if has_lung[k]], (b.y0, b.y1, b.x0, b.x1)
+
+
+class _SlicePreprocessor:
+    """Preprocessed, cropped slices on demand (section 3.2 steps 1-3), cached while needed."""
+
+    def __init__(self, ct: CTVolume, lung: pp.LungMask | None, crop_yx, use_clahe: bool, use_lung_mask: bool):
+        self.hu = ct.array
+        self.lung = lung
+        self.crop = crop_yx
+        self.use_clahe, self.use_lung_mask = use_clahe, use_lung_mask
+        self.cache: dict[int, np.ndarray] = {}
+        self.seconds = 0.0
+        self.n_computed = 0
+
+    def get(self, k: int) -> np.ndarray:
+        if k not in self.cache:
+            t = time.perf_counter()
+            s = pp.hu_window(self.hu[k])
+            if self.use_clahe:
+                s = pp.clahe_slices(s)
+            if self.use_lung_mask:
+                s *= self.lung.labels[k] > 0
+            y0, y1, x0, x1 = self.crop
+            self.cache[k] = np.ascontiguousarray(s[y0:y1, x0:x1])
+            self.seconds += time.perf_counter() - t
+            self.n_computed += 1
+        return self.cache[k]
+
+    def drop_below(self, k: int) -> None:
+        for key in [key for key in self.cache if key < k]:
+            del self.cache[key]
+
+
+def _compact(output: dict, k: int, x0: int, y0: int, crop_hw, scale: float, mask_threshold: float) -> list[SliceDetection]:
+    """One torchvision output (crop coordinates, input resized by ``scale``) -> compact
+    full-slice detections (boxes divided by ``scale``; each mask cut to its box and, when
+    ``scale`` != 1, resampled bilinearly to the box's native pixels)."""
+    import torch.nn.functional as F
+
+    boxes = output["boxes"].detach().float().cpu().numpy().astype(np.float64).reshape(-1, 4)
+    scores = output["scores"].detach().float().cpu().numpy().astype(np.float64).ravel()
+    masks = output.get("masks")
+    if masks is not None:
+        masks = masks.detach()[:, 0].float().cpu()
+    h, w = crop_hw
+    out = []
+    for n in range(len(boxes)):
+        bs = boxes[n]
+        bx = bs / scale
+        m, origin = None, (0, 0)
+        if masks is not None:
+            ci0, cj0 = max(0, int(math.floor(bx[0]))), max(0, int(math.floor(bx[1])))
+            ci1, cj1 = min(w, int(math.ceil(bx[2]))), min(h, int(math.ceil(bx[3])))
+            ci1, cj1 = max(ci1, ci0 + 1), max(cj1, cj0 + 1)
+            if scale == 1.0:
+                prob = masks[n, cj0:cj1, ci0:ci1]
+            else:
+                hs, ws = masks.shape[-2:]
+                si0, sj0 = max(0, int(math.floor(ci0 * scale))), max(0, int(math.floor(cj0 * scale)))
+                si1, sj1 = min(ws, max(si0 + 1, int(math.ceil(ci1 * scale)))), min(hs, max(sj0 + 1, int(math.ceil(cj1 * scale))))
+                prob = F.interpolate(masks[n, sj0:sj1, si0:si1][None, None], size=(cj1 - cj0, ci1 - ci0),
+                                     mode="bilinear", align_corners=False)[0, 0]
+            m = (prob >= mask_threshold).numpy()
+            origin = (ci0 + x0, cj0 + y0)
+        bx[[0, 2]] += x0
+        bx[[1, 3]] += y0
+        out.append(SliceDetection(int(k), bx, float(scores[n]), m, origin))
+    return out
+
+
+def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.device | str = "cpu", *,
+                         use_clahe: bool = True, use_lung_mask: bool = True, restrict_to_lungs: bool = True,
+                         batch_slices: int = BATCH_SLICES, input_scale: float = 1.0, channels_last: bool = False,
+                         num_threads: int | None = None, lung: pp.LungMask | None = None,
+                         progress: Progress | None = None, mask_threshold: float = mg.MASK_THRESHOLD) -> SliceDetections:
+    """Run the 2.5D network over the lung slices of a CT (steps 1-4 of the module docstring).
+
+    Args:
+        ct: CT in HU (LPS geometry).
+        model: a ``maskrcnn25d`` network (torchvision MaskRCNN interface: list of (5, h, w)
+            float32 tensors in [0, 1] -> list of dicts with "boxes" (N, 4), "scores" (N,),
+            optional "masks" (N, 1, h, w) probabilities).  Put in eval mode and moved to
+            ``device`` (and to channels-last memory format when ``channels_last``).
+        device: torch device for the network.
+        use_clahe, use_lung_mask: paper preprocessing switches (section 3.2 / 4.3.2).
+        restrict_to_lungs: search only slices with lung and the in-plane lung box.
+        batch_slices: stacks per network call (>= 1).
+        input_scale: resize factor of the network input (1.0 = native pixels; < 1 is faster
+            but shrinks nodules below the anchors the network was trained with: a speed
+            option to measure, not validated for accuracy).  Stacks are resized bilinearly
+            before the network; boxes and masks are mapped back to native pixels.
+        channels_last: convert the model to channels-last memory format.
+        num_threads: torch CPU threads during the call (None: leave as set).
+        lung: precomputed lung mask (skips its computation).
+        progress: callback(fraction in [0, 1], message).
+        mask_threshold: mask probability -> binary (0.5).
+
+    Returns:
+        :class:`SliceDetections`.
+
+    Raises:
+        InputError: fewer than 5 slices.
+        NoLungError: no plausible lung (when a lung mask is needed).
+        ValueError: batch_slices < 1 or input_scale outside (0, 4].
+    """
+    progress = progress or (lambda f, m: None)
+    if int(batch_slices) < 1:
+        raise ValueError(f"batch_slices must be >= 1, got {batch_slices}")
+    if not 0.0 < float(input_scale) <= 4.0:
+        raise ValueError(f"input_scale must be in (0, 4], got {input_scale}")
+    report = pp.check_detection_input(ct, warn=False)
+    timing = {}
+    t = time.perf_counter()
+    if lung is None and (use_lung_mask or restrict_to_lungs):
+        progress(0.01, "lung mask")
+        lung = pp.lung_mask_from_ct(ct)
+    timing["lung_mask"] = time.perf_counter() - t
+    slices, crop = search_plan(lung, ct.shape_zyx, restrict_to_lungs)
+    y0, y1, x0, x1 = crop
+    nz = ct.shape_zyx[0]
+    d = np.asarray(ct.image.GetDirection(), float).reshape(3, 3)
+    reverse = bool(d[2, 2] < 0)  # channel 0 = most inferior slice, as preprocess_ct
+    prep = _SlicePreprocessor(ct, lung, crop, use_clahe, use_lung_mask)
+
+    model.eval().to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    dets: list[SliceDetection] = []
+    t_net = 0.0
+    scale = float(input_scale)
+    with _threads(num_threads), torch.inference_mode():
+        for b0 in range(0, len(slices), int(batch_slices)):
+            ks = slices[b0:b0 + int(batch_slices)]
+            prep.drop_below(ks[0] - pp.STACK_SIZE // 2)
+            stacks = [np.stack([prep.get(int(j)) for j in pp.stack_indices(k, nz, reverse=reverse)]) for k in ks]
+            x = torch.from_numpy(np.stack(stacks)).to(device)
+            if scale != 1.0:
+                x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
+                                                    recompute_scale_factor=False)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            tn = time.perf_counter()
+            with _native_size(model, *x.shape[-2:]):
+                outs = model(list(x))
+            t_net += time.perf_counter() - tn
+            for k, o in zip(ks, outs):
+                dets.extend(_compact(o, k, x0, y0, (y1 - y0, x1 - x0), scale, mask_threshold))
+            progress(0.05 + 0.8 * (b0 + len(ks)) / max(1, len(slices)), f"slice {b0 + len(ks)}/{len(slices)}")
+    timing["preprocess"] = prep.seconds
+    timing["network"] = t_net
+    settings = {"use_clahe": bool(use_clahe), "use_lung_mask": bool(use_lung_mask),
+                "restrict_to_lungs": bool(restrict_to_lungs), "batch_slices": int(batch_slices),
+                "input_scale": float(input_scale), "channels_last": bool(channels_last),
+                "threads": torch.get_num_threads() if num_threads is None else int(num_threads),
+                "slices_preprocessed": prep.n_computed}
+    return SliceDetections(dets, ct.shape_zyx, slices, crop, lung, report, timing, settings)
+
+
+# ----------------------------------------------------------------------------------------
+# merging
+
+
+def _link_groups(dets: Sequence[SliceDetection], max_slice_gap: int) -> list[list[int]]:
+    """Groups of detections that might link under the merge rule (in-plane boxes intersect
+    and |dk| <= max_slice_gap; a superset of the merge's IoU >= 0.2 links): connected
+    components, computed slice window by slice window."""
+    n = len(dets)
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    by_k: dict[int, list[int]] = {}
+    for i, d in enumerate(dets):
+        by_k.setdefault(d.slice, []).append(i)
+    boxes = np.stack([d.box for d in dets]) if n else np.zeros((0, 4))
+    for k in sorted(by_k):
+        a = np.array(by_k[k])
+        for k2 in range(k, k + max_slice_gap + 1):
+            if k2 not in by_k:
+                continue
+            b = np.array(by_k[k2])
+            A, B = boxes[a], boxes[b]
+            inter = (np.minimum(A[:, None, 2], B[None, :, 2]) > np.maximum(A[:, None, 0], B[None, :, 0])) & \
+                    (np.minimum(A[:, None, 3], B[None, :, 3]) > np.maximum(A[:, None, 1], B[None, :, 1]))
+            if k2 == k:
+                inter = np.triu(inter, 1)
+            for ia, ib in zip(*np.nonzero(inter)):
+                ra, rb = find(int(a[ia])), find(int(b[ib]))
+                if ra != rb:
+                    parent[rb] = ra
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
+
+
+def merge_detections(sd: SliceDetections, ct: CTVolume, score_threshold: float | str = "adaptive", *,
+                     max_slice_gap: int = mg.MAX_SLICE_GAP, min_iou: float = mg.MIN_LINK_IOU) -> mg.MergeResult:
+    """Slice detections -> 3D nodules (paper sections 3.4.3 and 3.5; step 5 of the module docstring).
+
+    Equivalent to :func:`~.merge.merge_slice_detections` on all detections with their
+    full-slice masks, without materialising full-slice masks or N x N matrices.
+
+    Args:
+        sd: from :func:`run_slice_detections`.
+        ct: the CT (world coordinates).
+        score_threshold: "adaptive" (30th percentile of all slice scores clipped to
+            [0.1, 0.5]) or a float.
+        max_slice_gap, min_iou: linking rule (3 slices, IoU 0.2).
+
+    Returns:
+        :class:`~.merge.MergeResult` (nodules by descending score, ``mask`` set when the
+        detections carry masks).
+
+    Raises:
+        ValueError: bad threshold.
+    """
+    thr = parse_threshold(score_threshold)
+    if thr == "adaptive":
+        thr = mg.adaptive_score_threshold(sd.scores)
+    kept = [d for d in sd.detections if d.score >= thr]
+    nodules: list[mg.MergedNodule] = []
+    for group in _link_groups(kept, max_slice_gap):
+        members = [kept[i] for i in group]
+        per_slice: dict[int, list[SliceDetection]] = {}
+        for d in members:
+            per_slice.setdefault(d.slice, []).append(d)
+        dl = [{"slice": k, "boxes": np.stack([d.box for d in v]), "scores": np.array([d.score for d in v])}
+              for k, v in per_slice.items()]
+        res = mg.merge_slice_detections(dl, ct, score_threshold=thr, max_slice_gap=max_slice_gap, min_iou=min_iou)
+        lookup = {(d.slice, tuple(float(v) for v in d.box)): d for d in members}
+        for nod in res.nodules:
+            _paint_mask(nod, [lookup[(m["slice"], tuple(m["box"]))] for m in nod.members], ct)
+            nodules.append(nod)
+    nodules.sort(key=lambda nd: -nd.score)
+    return mg.MergeResult(nodules, float(thr), len(sd.detections), len(kept))
+
+
+def _paint_mask(nod: mg.MergedNodule, members: Sequence[SliceDetection], ct: CTVolume) -> None:
+    """Merge rule 4 for compact masks: union of member masks inside the nodule's voxel box;
+    centre = mask centroid (kept from the box centres when the union is empty)."""
+    if any(m.mask is None for m in members):
+        return
+    i0, j0, k0, i1, j1, k1 = nod.box_voxel
+    mask = np.zeros((k1 - k0, j1 - j0, i1 - i0), bool)
+    for m in members:
+        mi, mj = m.mask_origin
+        h, w = m.mask.shape
+        a0, a1 = max(mj, j0), min(mj + h, j1)
+        b0, b1 = max(mi, i0), min(mi + w, i1)
+        if a1 > a0 and b1 > b0:
+            mask[m.slice - k0, a0 - j0:a1 - j0, b0 - i0:b1 - i0] |= m.mask[a0 - mj:a1 - mj, b0 - mi:b1 - mi]
+    nod.mask = mask
+    if mask.any():
+        kk, jj, ii = np.nonzero(mask)
+        nod.centre_ijk = (float(ii.mean() + i0), float(jj.mean() + j0), float(kk.mean() + k0))
+        nod.centre_lps = tuple(float(v) for v in ct.image.TransformContinuousIndexToPhysicalPoint(list(nod.centre_ijk)))
+
+
+# ----------------------------------------------------------------------------------------
+# the whole search
+
+
+def detection_record(nod: mg.MergedNodule, threshold: float) -> dict:
+    """JSON-ready ``NoduleResult.detection`` of a merged nodule (see :func:`detect_nodules`)."""
+    r3 = lambda t: None if t is None else [round(float(v), 3) for v in t]  # noqa: E731
+    c = nod.centre_lps
+    return {
+        "detector": DETECTOR_ID,
+        "score": round(float(nod.score), 4),
+        "score_threshold": round(float(threshold), 4),
+        "box_ijk": [int(v) for v in nod.box_voxel],
+        "box_xyxy_px": [round(float(v), 2) for v in nod.box_xyxy],
+        "box_lps_min_mm": r3(nod.box_lps_min),
+        "box_lps_max_mm": r3(nod.box_lps_max),
+        "centre_ijk": [round(float(v), 3) for v in nod.centre_ijk],
+        "centre_lps_mm": r3(c),
+        "centre_ras_mm": None if c is None else [round(-float(c[0]), 3), round(-float(c[1]), 3), round(float(c[2]), 3)],
+        "centre_slice": int(nod.centre_slice),
+        "slices": [int(nod.slices[0]), int(nod.slices[-1])],
+        "n_slice_detections": len(nod.members),
+    }
+
+
+def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev) -> None:
+    """Run the click networks at the nodule's centre; add their outputs to ``res.networks``."""
+    from ..metrics import dice
+    from ..pipeline import Click2DNetwork, check_point
+    from ..results import NetworkOutput
+
+    try:
+        check_point(ct, res.point_lps_mm)
+    except InputError as e:
+        res.message = (res.message + "; " if res.message else "") + f"not classified: {e}"
+        return
+    for nid in network_ids:
+        o = Click2DNetwork(nid, nets[nid], dev).analyze(ct, res.point_lps_mm)
+        p = None if math.isnan(o.malignancy_probability) else round(o.malignancy_probability, 4)
+        dwf = None
+        if o.mask is not None and res.mask is not None:
+            dwf = round(dice(o.mask, res.mask), 4)
+        res.networks[nid] = NetworkOutput(nid, p, o.sign_probabilities, dwf)
+        if o.message:
+            res.message = (res.message + "; " if res.message else "") + f"{nid}: {o.message}"
+
+
+def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="auto",
+                   score_threshold: float | str = "adaptive", use_clahe: bool = True, use_lung_mask: bool = True,
+                   batch_slices: int = BATCH_SLICES, progress: Progress | None = None,
+                   classify_with: Sequence[str] = (), *, networks: dict | None = None,
+                   restrict_to_lungs: bool = True, input_scale: float = 1.0, channels_last: bool = False,
+                   num_threads: int | None = None, max_nodules: int = MAX_NODULES,
+                   lung: pp.LungMask | None = None):
+    """Find, segment and measure the nodules of a whole chest CT (module docstring, steps 1-6).
+
+    Args:
+        ct: CT in HU (LPS geometry), >= 5 slices.
+        model: the ``maskrcnn25d`` network; None loads the registered one (:func:`load_detector`).
+        device: "auto" (CUDA when present) | "cpu" | "cuda" | "mps", or a torch.device.
+        score_threshold: "adaptive" (paper section 3.5) or a float in [0, 1].
+        use_clahe, use_lung_mask: section 3.2 preprocessing switches.
+        batch_slices: stacks per network call.
+        progress: callback(fraction in [0, 1], message).
+        classify_with: click network ids (e.g. ("lnmsnet",)) run at each found nodule's
+            centre; their malignancy / sign probabilities go to ``NoduleResult.networks``
+            (``dice_with_final`` = Dice of their own mask with the detector's mask).
+        networks: pre-loaded {id: module} for ``classify_with``.
+        restrict_to_lungs, input_scale, channels_last, num_threads: speed options (see
+            :func:`run_slice_detections`).
+        max_nodules: report at most this many nodules (highest scores; 100).
+        lung: precomputed lung mask.
+
+    Returns:
+        :class:`~NoduleMTLLib.results.AnalysisResult`: ``nodules`` ranked by descending
+        detection score (id 1 = highest), each with ``mask`` (bool (z, y, x) on the CT
+        grid), the click path's measurements and ``detection`` (:func:`detection_record`:
+        score, voxel / world box, centre, slice range); ``run`` describes the search
+        (threshold used, slices searched, timings: lung_mask, preprocess, network, merge,
+        measure, classify, total seconds); ``messages`` holds notes (thick slices, nodule cap,
+        nothing found).
+
+    Raises:
+        InputError: fewer than 5 slices; unknown ``classify_with`` id.
+        NoLungError: no plausible lung in the CT.
+        ValueError: bad ``score_threshold`` / ``batch_slices`` / ``input_scale``.
+        DetectorUnavailableError, WeightsError: detector or click-network weights missing.
+        DeviceError: unavailable device.
+    """
+    from .. import __version__
+    from ..device import resolve_device
+    from ..postprocess import measure_nodule
+    from ..registry import NETWORKS, load_network
+    from ..results import AnalysisResult, NoduleResult
+
+    t0 = time.perf_counter()
+    progress = progress or (lambda f, m: None)
+    thr_mode = parse_threshold(score_threshold)
+    classify_with = tuple(classify_with)
+    unknown = [n for n in classify_with if n not in NETWORKS or n == DETECTOR_ID]
+    if unknown:
+        raise InputError(f"Unknown click network(s) for classification: {', '.join(unknown)}")
+    pp.check_detection_input(ct, warn=False)  # fail fast, before loading anything
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    t = time.perf_counter()
+    if model is None:
+        progress(0.0, f"loading {DETECTOR_ID} on {dev}")
+        model = load_detector(dev)
+    t_load = time.perf_counter() - t
+
+    sd = run_slice_detections(ct, model, dev, use_clahe=use_clahe, use_lung_mask=use_lung_mask,
+                              restrict_to_lungs=restrict_to_lungs, batch_slices=batch_slices, input_scale=input_scale,
+                              channels_last=channels_last, num_threads=num_threads, lung=lung, progress=progress)
+    progress(0.86, "merging slice detections")
+    t = time.perf_counter()
+    merged = merge_detections(sd, ct, thr_mode)
+    t_merge = time.perf_counter() - t
+    messages = list(sd.report.warnings)
+    found = merged.nodules
+    if len(found) > max_nodules:
+        messages.append(f"{len(found)} nodules above the score threshold {merged.score_threshold:.3f}; "
+                        f"the {max_nodules} highest-scoring are reported")
+        found = found[:max_nodules]
+    if not found:
+        messages.append(f"No nodule found: {merged.n_detections} slice detections, none at or above the score "
+                        f"threshold {merged.score_threshold:.3f}")
+
+    t = time.perf_counter()
+    results = []
+    for n, nod in enumerate(found, start=1):
+        res = NoduleResult(id=n, point_lps_mm=tuple(float(v) for v in nod.centre_lps), found=False,
+                           detection=detection_record(nod, merged.score_threshold))
+        if nod.mask is not None and nod.mask.any():
+            res.mask = nod.full_mask(ct.shape_zyx)
+            res.found = True
+            for key, v in measure_nodule(res.mask, ct).items():
+                setattr(res, key, v)
+        else:
+            res.message = "detected (box only): the mask head gave no voxel at the mask threshold"
+        results.append(res)
+    t_measure = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if classify_with and results:
+        nets = {nid: (networks or {}).get(nid) or load_network(nid, dev) for nid in classify_with}
+        for i, res in enumerate(results):
+            progress(0.9 + 0.09 * i / len(results), f"classifying nodule {res.id}/{len(results)}")
+            if res.found:
+                _classify(ct, res, classify_with, nets, dev)
+    t_classify = time.perf_counter() - t
+    progress(1.0, "done")
+
+    lung_ml = None if sd.lung is None else round(sd.lung.volume_ml, 1)
+    y0, y1, x0, x1 = sd.crop_yx
+    run = {
+        "software": f"NoduleMTL {__version__}", "mode": "detect", "detector": DETECTOR_ID,
+        "networks": list(classify_with), "device": str(dev), "torch": torch.__version__,
+        "score_threshold": round(float(merged.score_threshold), 4),
+        "threshold_mode": "adaptive" if thr_mode == "adaptive" else "fixed",
+        **sd.settings,
+        "n_slices": int(ct.shape_zyx[0]), "n_slices_searched": len(sd.slices_searched),
+        "search_box_ijk": [int(x0), int(y0), int(sd.slices_searched[0]) if sd.slices_searched else 0,
+                           int(x1), int(y1), int(sd.slices_searched[-1]) + 1 if sd.slices_searched else 0],
+        "lung_volume_ml": lung_ml, "n_slice_detections": merged.n_detections, "n_kept": merged.n_kept,
+        "n_nodules_merged": len(merged.nodules),
+        "timing_s": {k: round(v, 3) for k, v in {
+            "load": t_load, **sd.timing_s, "merge": t_merge, "measure": t_measure, "classify": t_classify,
+            "total": time.perf_counter() - t0}.items()},
+    }
+    return AnalysisResult(input=ct.describe(), run=run, nodules=results, messages=messages)
