@@ -349,6 +349,8 @@ class BatchRun:
     device: str = "auto"
     overwrite: bool = False
     _models: dict | None = None
+    #: also write ``<case>/segmentation.dcm`` (DICOM SEG) for cases read from a DICOM series
+    dicom_seg: bool = False
 
     def _networks(self) -> dict:
         """Load the networks once, at the first case that needs them (WeightsError / DeviceError propagate)."""
@@ -395,6 +397,9 @@ class BatchRun:
             res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
                                  networks=self._networks())
             write_outputs(res, ct, folder)
+            if self.dicom_seg and ct.dicom_series_uid is not None:
+                from .dicom_seg import write_seg_into_output_dir
+                write_seg_into_output_dir(res, ct, folder)
         except (WeightsError, DeviceError):
             raise  # not a problem of this case: stop the run
         except Exception as e:  # noqa: BLE001 - a bad case must not stop the batch
@@ -452,6 +457,7 @@ def main(args) -> int:
             raise BatchError(f"Unknown or not yet available network(s): {', '.join(unknown) or '(none given)'}; "
                              f"available: {', '.join(NETWORKS)}")
         run = BatchRun(cases, out, points, nets, args.device, args.overwrite)
+        run.dicom_seg = bool(getattr(args, "dicom_seg", False))
         bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)
 
         def on_case(i, case, r):

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(2 networks: intersection); nodules.json has the consensus figures either way")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.add_argument("--dicom-seg", action="store_true",
+                   help="also write DIR/segmentation.dcm: DICOM SEG of the nodules referencing the input series "
+                        "(input must be a DICOM series folder)")
     b = sub.add_parser("batch", help="analyze many CTs (folder or list file), one output folder per case + summary.csv")
     b.add_argument("input", help="folder of CT files / DICOM series folders, or a text file listing one path per line")
     b.add_argument("--out", required=True, help="output folder: <case>/ per case and summary.csv")
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
     b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     b.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs already exist")
+    b.add_argument("--dicom-seg", action="store_true",
+                   help="also write <case>/segmentation.dcm (DICOM SEG) for cases that are DICOM series folders")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -82,6 +87,8 @@ def main(argv=None) -> int:
         prepare_output_dir(args.out)  # fail fast on an unwritable folder
         try:
             ct = read_ct(args.ct)
+            if args.dicom_seg and ct.dicom_series_uid is None:
+                raise InputError(f"--dicom-seg needs a DICOM series folder as input; {args.ct} is not one")
             pts = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point]
             bar, cb = _progress_bar(args.quiet)
             try:
@@ -89,6 +96,10 @@ def main(argv=None) -> int:
             finally:
                 bar.close()
             write_outputs(res, ct, args.out)
+            if args.dicom_seg:
+                from .dicom_seg import write_seg_into_output_dir
+                if write_seg_into_output_dir(res, ct, args.out) is None:
+                    print("nodulemtl: warning: no nodule found: no DICOM SEG written", file=sys.stderr)
         except BaseException:
             if not out_existed:  # we created it: leave nothing behind
                 import shutil

@@ -162,3 +162,33 @@ def write_dicom_seg(result: AnalysisResult, ct: CTVolume, dicom_folder, out_path
         if os.path.exists(tmp):
             os.remove(tmp)
     return out
+
+
+#: File name of the DICOM SEG in an output folder (``nodulemtl analyze/batch --dicom-seg``).
+SEG_FILE = "segmentation.dcm"
+
+
+def write_seg_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir) -> Path | None:
+    """``--dicom-seg`` of the command line: write ``out_dir/segmentation.dcm`` beside the other outputs.
+
+    The SEG references ``ct.source`` (the DICOM series folder the CT was read from).  When no
+    nodule was found there is nothing to encode: no SEG is written, a SEG left by an earlier
+    run in that folder is removed (it would describe other masks), and None is returned.
+
+    Raises:
+        InputError: the CT was not read from a DICOM series, or the series does not match it.
+        NoduleMTLLib.outputs.OutputError: the SEG cannot be built or written.
+    """
+    from .outputs import OutputError
+
+    path = Path(out_dir) / SEG_FILE
+    if not any(n.found and n.mask is not None and np.any(n.mask) for n in result.nodules):
+        if path.is_file():
+            path.unlink()
+        return None
+    try:
+        return write_dicom_seg(result, ct, ct.source, path)
+    except DicomSegError as e:
+        raise OutputError(str(e)) from None
+    except OSError as e:
+        raise OutputError(f"Cannot write {path}: {e.strerror or e}") from None

@@ -166,3 +166,65 @@ def test_dicom_seg_errors(dicom_case, repo_dir, tmp_path):
     with pytest.raises(InputError, match="position"):
         write_dicom_seg(res, flipped, folder, tmp_path / "x.dcm")
     assert not list(tmp_path.glob("*.dcm")) and not list(tmp_path.glob(".tmp*"))
+
+
+# ---------------------------------------------------------------------------
+# command line: nodulemtl analyze / batch --dicom-seg
+# ---------------------------------------------------------------------------
+
+def _box_centre_lps(shared_data):
+    with open(shared_data / "whole_ct" / "lung_pet_ct_dx_boxes.csv", newline="") as f:
+        boxes = sorted((r for r in csv.DictReader(f) if r["volume"] == SERIES), key=lambda r: int(r["slice_index_k"]))
+    mid = boxes[len(boxes) // 2]
+    return ((float(mid["lps_min_x"]) + float(mid["lps_max_x"])) / 2, (float(mid["lps_min_y"]) + float(mid["lps_max_y"])) / 2,
+            float(mid["lps_z"]))
+
+
+def test_cli_analyze_dicom_seg(dicom_case, shared_data, tmp_path, capsys):
+    from NoduleMTLLib.cli import main
+
+    x, y, z = _box_centre_lps(shared_data)
+    out = tmp_path / "out"
+    rc = main(["analyze", str(dicom_case["folder"]), "--point", str(x), str(y), str(z), "--lps", "--dicom-seg",
+               "--device", "cpu", "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert "segmentation.dcm" in names and "labels.nrrd" in names and not [n for n in names if n.startswith(".")]
+    # the SEG holds the same mask as labels.nrrd
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
+    seg = hd.seg.segread(out / "segmentation.dcm")
+    uids = [ds.SOPInstanceUID for ds in _sources(dicom_case["folder"], dicom_case["ct"])[1]]
+    vol = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], assert_missing_frames_are_empty=True)
+    assert labels.any()
+    np.testing.assert_array_equal(vol[..., 0].astype(bool), labels == 1)
+
+
+def test_cli_dicom_seg_refuses_nrrd_input(repo_dir, tmp_path, capsys):
+    from NoduleMTLLib.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["analyze", str(repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"),
+               "--point", "-72.5", "-77.2", "-190.4", "--dicom-seg", "--device", "cpu", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--dicom-seg needs a DICOM series folder" in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_batch_dicom_seg_only_for_dicom_cases(dicom_case, shared_data, repo_dir, tmp_path, capsys):
+    import shutil
+
+    from NoduleMTLLib.cli import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "A0002").symlink_to(dicom_case["folder"], target_is_directory=True)
+    shutil.copy(repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd", inp / "sample.nrrd")
+    x, y, z = _box_centre_lps(shared_data)
+    (tmp_path / "points.csv").write_text(f"case,x,y,z,frame\nA0002,{x},{y},{z},LPS\nsample,-72.5,-77.2,-190.4,RAS\n")
+    rc = main(["batch", str(inp), "--points", str(tmp_path / "points.csv"), "--dicom-seg", "--device", "cpu",
+               "--out", str(tmp_path / "out"), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "A0002" / "segmentation.dcm").is_file()
+    assert (tmp_path / "out" / "sample" / "labels.nrrd").is_file()
+    assert not (tmp_path / "out" / "sample" / "segmentation.dcm").exists()
+    assert len(pydicom.dcmread(tmp_path / "out" / "A0002" / "segmentation.dcm").SegmentSequence) == 1
