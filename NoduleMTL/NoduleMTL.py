@@ -16,9 +16,9 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import time
-from typing import Annotated
 
 import qt
 import vtk
@@ -30,7 +30,7 @@ from slicer import (
     vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
 )
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -87,7 +87,7 @@ _ensureImportPaths()
 
 #: Default network and device.
 DEFAULT_NETWORK = "lnmsnet"
-DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+DEFAULT_DEVICE = "auto"
 
 #: Python packages needed besides torch/torchvision: (import name, pip requirement).
 #: SimpleITK and numpy are Slicer's own and are never (re)installed by this module;
@@ -101,7 +101,17 @@ PYTHON_REQUIREMENTS = (
 TORCH_VERSION_REQUIREMENT = ">=2.0"
 TORCHVISION_VERSION_REQUIREMENT = ">=0.15"
 
+#: How often the widget polls a background run (ms).
+POLL_INTERVAL_MS = 200
+
 _DISCLAIMER = "Research use only: not for clinical diagnosis."
+
+
+def _runner():
+    """``NoduleMTLLib.runner`` (Qt-free decisions of the background run; no torch import)."""
+    from NoduleMTLLib import runner
+
+    return runner
 
 
 #
@@ -125,10 +135,17 @@ networks that segment and classify jointly.</p>
 <ol>
 <li><b>Inputs</b>: select the CT volume (Hounsfield units), then place one point near the
 centre of each nodule in a slice view (Place button).</li>
-<li><b>Settings</b>: choose the network and the device (auto uses the GPU when there is one).</li>
-<li><b>Apply</b>: a new segmentation (one segment per nodule, standard terminology, results
-as segment tags) and a results table are created under the CT's study. Existing
-segmentations are never modified.</li>
+<li><b>Settings</b>: check the networks (the mask comes from the first checked one) and
+choose the device (auto uses the GPU when there is one; on GPU out-of-memory the run is
+repeated on the CPU). <i>Import model...</i> adds a weights file received offline.</li>
+<li><b>Apply</b>: the analysis runs in the background with a progress bar (Apply turns into
+Cancel; cancelling leaves the scene unchanged). A new segmentation (one segment per nodule,
+standard terminology, coloured by malignancy probability, results as segment tags) and a
+results table are created under the CT's study. Existing segmentations are never
+modified. <b>Find nodules</b> searches the whole scan instead (when the detector is installed).</li>
+<li><b>Results</b>: click a table row to centre the views on that nodule. After editing a
+segment in Segment Editor, <i>Re-classify from edited mask</i> recomputes its measurements
+and probabilities; <i>Export for training</i> writes the case for fine-tuning.</li>
 </ol>
 <p>The first run may ask to install PyTorch (through the PyTorch extension) and a few
 Python packages. Network weights ship with the extension; nothing is downloaded at run time.</p>
@@ -173,18 +190,19 @@ class NoduleMTLParameterNode:
 
     inputVolume - CT volume to analyse (Hounsfield units).
     points - point list: one point placed near the centre of each nodule.
-    network - id of the network to run (``NoduleMTLLib.registry.available_networks()``);
-        plain ``str`` because the list is only known at run time (the combo box is filled
-        by the widget, not through the wrapper).
-    device - "auto" (CUDA if available, else CPU), "cpu" or "cuda".
+    networks - comma-separated ids of the networks to run (``NoduleMTLLib.registry.NETWORKS``);
+        the first one's mask is reported.  Plain ``str`` because the list is only known
+        at run time (the checkable list is filled and synchronised by the widget).
+    device - "auto" (CUDA if available, else CPU), "cpu", "cuda" or "mps"; plain ``str``
+        because "mps" is offered only where torch reports it (combo synchronised by the widget).
     outputSegmentation - segmentation created by the last run.
     outputTable - results table created by the last run.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     points: vtkMRMLMarkupsFiducialNode
-    network: str = DEFAULT_NETWORK
-    device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
+    networks: str = DEFAULT_NETWORK
+    device: str = DEFAULT_DEVICE
     outputSegmentation: vtkMRMLSegmentationNode
     outputTable: vtkMRMLTableNode
 
@@ -194,7 +212,12 @@ class NoduleMTLParameterNode:
 #
 
 class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Module panel: inputs, settings, Apply, results."""
+    """Module panel: inputs, settings, Apply / Cancel, Find nodules, results.
+
+    Every decision (what to run, how to read progress, errors, the summary text) is in
+    ``NoduleMTLLib.runner`` and :class:`NoduleMTLLogic`; this class only moves values
+    between widgets and those.
+    """
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -203,7 +226,14 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._observedPointsNode = None
-        self._running = False
+        self._updatingGui = False
+        #: The background run in progress (``NoduleMTLLib.runner.AnalysisProcess``) and its input volume.
+        self._job = None
+        self._jobVolume = None
+        self._jobLabel = ""
+        #: Table row (0-based) of the nodule last clicked in the results table, or None.
+        self._selectedRow = None
+        self._timer = None
 
     def resourcePath(self, filename):
         return resourcePath(filename)
@@ -219,10 +249,12 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = NoduleMTLLogic()
 
-        # Network list comes from the registry at run time.
-        self.ui.networkComboBox.clear()
-        for networkId, title in self.logic.availableNetworks():
-            self.ui.networkComboBox.addItem(title, networkId)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self._onTimer)
+
+        self._populateNetworks()
+        self._populateDevices()
 
         # Point placement: several points in a row, one per nodule.
         self.ui.pointsPlaceWidget.setMRMLScene(slicer.mrmlScene)
@@ -230,19 +262,27 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.hide()
         self.ui.malignancyLabel.text = ""
         self.ui.statusLabel.text = ""
+        self.ui.legendLabel.text = self.logic.probabilityLegend()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.networkComboBox.connect("currentIndexChanged(int)", self.onNetworkChanged)
+        self.ui.findNodulesButton.connect("clicked(bool)", self.onFindNodulesButton)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModelButton)
+        self.ui.networksListWidget.connect("itemChanged(QListWidgetItem*)", self.onNetworkItemChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.pointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPointsNodeChanged)
         self.ui.outputTableSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputTableChanged)
+        self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultsTableClicked)
+        self.ui.reclassifyButton.connect("clicked(bool)", self.onReclassifyButton)
+        self.ui.exportTrainingButton.connect("clicked(bool)", self.onExportTrainingButton)
 
         self.initializeParameterNode()
 
     def cleanup(self):
         """Called when the application closes and the module widget is destroyed."""
+        self._cancelJob()
         self.removeObservers()
 
     def enter(self):
@@ -250,7 +290,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        """Called each time the user opens a different module."""
+        """Called each time the user opens a different module (a background run goes on)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -259,11 +299,14 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pointsPlaceWidget.placeModeEnabled = False
 
     def onSceneStartClose(self, caller, event):
+        self._cancelJob()  # its result would belong to a scene that is gone
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    # --- parameter node -------------------------------------------------------
 
     def initializeParameterNode(self):
         """Ensure the parameter node exists and is observed; pick sensible defaults."""
@@ -292,13 +335,19 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None):
         p = self._parameterNode
-        # network combo (not bound through the wrapper)
-        networkId = p.network if p else DEFAULT_NETWORK
-        index = self.ui.networkComboBox.findData(networkId)
-        if index >= 0 and index != self.ui.networkComboBox.currentIndex:
-            wasBlocked = self.ui.networkComboBox.blockSignals(True)
-            self.ui.networkComboBox.currentIndex = index
-            self.ui.networkComboBox.blockSignals(wasBlocked)
+        self._updatingGui = True
+        try:
+            # networks (checkable list) and device (combo) are synchronised here, not through connectGui
+            selected = _runner().split_networks(p.networks if p else DEFAULT_NETWORK)
+            for row in range(self.ui.networksListWidget.count):
+                item = self.ui.networksListWidget.item(row)
+                checked = item.data(qt.Qt.UserRole) in selected
+                item.setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
+            deviceIndex = self.ui.deviceComboBox.findText(p.device if p else DEFAULT_DEVICE)
+            if deviceIndex >= 0:
+                self.ui.deviceComboBox.currentIndex = deviceIndex
+        finally:
+            self._updatingGui = False
         pointsNode = p.points if p else None
         self.ui.pointsPlaceWidget.setCurrentNode(pointsNode)
         self._observePointsNode(pointsNode)
@@ -321,37 +370,108 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for event in events:
                 self.addObserver(pointsNode, event, self._checkCanApply)
 
-    def _checkCanApply(self, caller=None, event=None):
-        p = self._parameterNode
-        numberOfPoints = NoduleMTLLogic.numberOfDefinedPoints(p.points) if p and p.points else 0
-        if self._running:
-            self.ui.applyButton.enabled = False
-        elif p and p.inputVolume and numberOfPoints > 0:
-            self.ui.applyButton.toolTip = f"Analyse {numberOfPoints} nodule(s) in '{p.inputVolume.GetName()}'"
-            self.ui.applyButton.enabled = True
-        else:
-            self.ui.applyButton.toolTip = "Select a CT volume and place one point on each nodule"
-            self.ui.applyButton.enabled = False
+    # --- settings ---------------------------------------------------------------
 
-    def onNetworkChanged(self, index):
-        if self._parameterNode and index >= 0:
-            self._parameterNode.network = self.ui.networkComboBox.itemData(index)
+    def _populateNetworks(self):
+        """One checkable item per registered click network; greyed out (with the reason)
+        when its weights are missing.  Detectors are not listed (they run from Find nodules)."""
+        self._updatingGui = True
+        try:
+            self.ui.networksListWidget.clear()
+            for choice in self.logic.networkChoices():
+                if choice.detection:
+                    continue
+                item = qt.QListWidgetItem(f"{choice.title} ({choice.network_id})")
+                item.setData(qt.Qt.UserRole, choice.network_id)
+                if choice.available:
+                    item.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
+                    item.setToolTip(choice.paper)
+                else:
+                    item.setFlags(qt.Qt.ItemIsUserCheckable)  # shown, not enabled
+                    item.setToolTip(f"Not available: {choice.reason}")
+                item.setCheckState(qt.Qt.Unchecked)
+                self.ui.networksListWidget.addItem(item)
+        finally:
+            self._updatingGui = False
+        self._updateFindNodulesButton()
+
+    def _populateDevices(self):
+        self._updatingGui = True
+        try:
+            self.ui.deviceComboBox.clear()
+            for name in self.logic.deviceChoices():
+                self.ui.deviceComboBox.addItem(name)
+            self.ui.deviceComboBox.toolTip = self.logic.deviceTooltip()
+        finally:
+            self._updatingGui = False
+
+    def _checkedNetworks(self):
+        ids = []
+        for row in range(self.ui.networksListWidget.count):
+            item = self.ui.networksListWidget.item(row)
+            if item.checkState() == qt.Qt.Checked:
+                ids.append(item.data(qt.Qt.UserRole))
+        return ids
+
+    def onNetworkItemChanged(self, item):
+        if self._updatingGui or not self._parameterNode:
+            return
+        self._parameterNode.networks = ",".join(self._checkedNetworks())
 
     def onPointsNodeChanged(self, node):
         self.ui.pointsPlaceWidget.setCurrentNode(node)
         self._observePointsNode(node)
         self._checkCanApply()
 
-    def onOutputTableChanged(self, node):
-        self.ui.resultsTableView.setMRMLTableNode(node)
+    def onDeviceChanged(self, index):
+        if self._updatingGui or not self._parameterNode or index < 0:
+            return
+        self._parameterNode.device = self.ui.deviceComboBox.itemText(index)
 
-    def _onProgress(self, fraction, message):
-        self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, float(fraction)))))
-        self.ui.statusLabel.text = str(message)
-        slicer.app.processEvents()
+    def onImportModelButton(self):
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Import network weights", "",
+                                              "Network weights (*.safetensors)")
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not import the model.", waitCursor=True):
+            networkId, dest = self.logic.importModel(path)
+            self._populateNetworks()
+            self._onParameterNodeModified()
+            slicer.util.infoDisplay(f"Imported the weights of '{networkId}' into\n{dest}", windowTitle="NoduleMTL")
+
+    def _updateFindNodulesButton(self):
+        ok, reason = self.logic.detectionStatus()
+        self._detectionReady = ok
+        self.ui.findNodulesButton.toolTip = reason
+        self._checkCanApply()
+
+    # --- run, poll, cancel --------------------------------------------------------
+
+    def _checkCanApply(self, caller=None, event=None):
+        p = self._parameterNode
+        running = self._job is not None
+        numberOfPoints = NoduleMTLLogic.numberOfDefinedPoints(p.points) if p and p.points else 0
+        networks = _runner().split_networks(p.networks) if p else []
+        if running:
+            self.ui.applyButton.text = "Cancel"
+            self.ui.applyButton.toolTip = f"Stop {self._jobLabel}; the scene stays as it was"
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = "Apply"
+            if p and p.inputVolume and numberOfPoints > 0 and networks:
+                self.ui.applyButton.toolTip = (f"Analyse {numberOfPoints} nodule(s) in '{p.inputVolume.GetName()}' "
+                                               f"with {', '.join(networks)} (in the background)")
+                self.ui.applyButton.enabled = True
+            else:
+                self.ui.applyButton.toolTip = "Select a CT volume, check a network and place one point on each nodule"
+                self.ui.applyButton.enabled = False
+        self.ui.findNodulesButton.enabled = bool(not running and p and p.inputVolume
+                                                 and getattr(self, "_detectionReady", False))
+        hasResult = bool(not running and p and p.outputSegmentation and p.inputVolume)
+        self.ui.reclassifyButton.enabled = hasResult
+        self.ui.exportTrainingButton.enabled = hasResult
 
     def _setRunning(self, running):
-        self._running = running
         self.ui.progressBar.value = 0
         self.ui.progressBar.visible = running
         if running:
@@ -359,31 +479,133 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.settingsCollapsibleButton.enabled = not running
         self._checkCanApply()
-        slicer.app.processEvents()
+
+    def _startJob(self, detect):
+        p = self._parameterNode
+        self.ui.statusLabel.text = "Checking Python packages..."
+        if not self.logic.setupPythonRequirements(askConfirmation=True):
+            self.ui.statusLabel.text = "Required Python packages are not installed."
+            return
+        networks = _runner().split_networks(p.networks)
+        self._job = self.logic.startAnalysis(p.inputVolume, None if detect else p.points, networks=networks,
+                                             device=p.device, detect=detect)
+        self._jobVolume = p.inputVolume
+        self._jobLabel = "the nodule search" if detect else "the analysis"
+        self.ui.statusLabel.text = f"Starting {self._jobLabel} on {p.device}..."
+        self._setRunning(True)
+        self._timer.start()
 
     def onApplyButton(self):
-        """Install what is missing (with confirmation), run the analysis, show the results."""
-        if self._running or not self._parameterNode:
+        """Apply starts the analysis in the background; while it runs the button cancels it."""
+        if self._job is not None:
+            self._cancelJob()
             return
-        p = self._parameterNode
+        if not self._parameterNode:
+            return
         with slicer.util.tryWithErrorDisplay("Nodule analysis failed.", waitCursor=True):
-            self.ui.statusLabel.text = "Checking Python packages..."
-            if not self.logic.setupPythonRequirements(askConfirmation=True):
-                self.ui.statusLabel.text = "Required Python packages are not installed."
-                return
-            self._setRunning(True)
-            try:
-                segmentationNode, tableNode, result = self.logic.process(
-                    p.inputVolume, p.points, networks=(p.network,), device=p.device,
-                    progressCallback=self._onProgress)
-            finally:
-                self._setRunning(False)
-            p.outputSegmentation = segmentationNode
-            p.outputTable = tableNode
-            segmentationNode.CreateClosedSurfaceRepresentation()  # show the nodules in 3D views too
-            self.ui.malignancyLabel.text = NoduleMTLLogic.summaryHtml(result)
-            self.ui.statusLabel.text = NoduleMTLLogic.statusText(result, self.logic.lastRunSeconds)
-            self.ui.resultsCollapsibleButton.collapsed = False
+            self._startJob(detect=False)
+
+    def onFindNodulesButton(self):
+        if self._job is not None or not self._parameterNode:
+            return
+        with slicer.util.tryWithErrorDisplay("Nodule search failed.", waitCursor=True):
+            self._startJob(detect=True)
+
+    def _onTimer(self):
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        for event in job.poll():
+            if event.kind == "progress":
+                self.ui.progressBar.value = int(round(100 * event.fraction))
+            elif event.kind == "message":
+                self.ui.statusLabel.text = event.text
+            elif event.kind in ("output", "log"):
+                logging.info(f"NoduleMTL: {event.text}")
+        if job.finished:
+            self._timer.stop()
+            self._finishJob()
+
+    def _finishJob(self):
+        job, volume = self._job, self._jobVolume
+        self._job, self._jobVolume = None, None
+        try:
+            if job.state == "succeeded":
+                with slicer.util.tryWithErrorDisplay("Could not add the results to the scene.", waitCursor=True):
+                    segmentationNode, tableNode, result = self.logic.finishAnalysis(job, volume)
+                    self._showResult(segmentationNode, tableNode, result)
+            elif job.state == "failed":
+                logging.error(f"NoduleMTL: {self._jobLabel} failed: {job.error_text}\n{job.details}")
+                self.ui.statusLabel.text = f"Failed: {job.error_text}"
+                slicer.util.errorDisplay(f"NoduleMTL: {self._jobLabel} failed.\n\n{job.error_text}",
+                                         detailedText=job.details)
+            else:
+                self.ui.statusLabel.text = "Cancelled: the scene was not changed."
+        finally:
+            job.cleanup()
+            self._setRunning(False)
+
+    def _cancelJob(self):
+        if self._job is None:
+            return
+        self._timer.stop()
+        self._job.cancel()
+        self._finishJob()
+
+    def _showResult(self, segmentationNode, tableNode, result):
+        p = self._parameterNode
+        p.outputSegmentation = segmentationNode
+        p.outputTable = tableNode
+        segmentationNode.CreateClosedSurfaceRepresentation()  # show the nodules in 3D views too
+        self._selectedRow = None
+        self.ui.malignancyLabel.text = NoduleMTLLogic.summaryHtml(result)
+        self.ui.statusLabel.text = NoduleMTLLogic.statusText(result, self.logic.lastRunSeconds)
+        self.ui.legendLabel.text = self.logic.probabilityLegend()
+        self.ui.resultsCollapsibleButton.collapsed = False
+
+    # --- results ------------------------------------------------------------------
+
+    def onOutputTableChanged(self, node):
+        self.ui.resultsTableView.setMRMLTableNode(node)
+        self._selectedRow = None
+
+    def onResultsTableClicked(self, index):
+        """Centre the slice views on the nodule of the clicked row."""
+        tableNode = self.ui.resultsTableView.mrmlTableNode()
+        if tableNode is None or not index.isValid():
+            return
+        row = NoduleMTLLogic.tableRowFromViewRow(tableNode, index.row())
+        if row is None:
+            return
+        self._selectedRow = row
+        ras = self.logic.noduleCenterRAS(tableNode, row)
+        if ras is not None:
+            slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+
+    def _selectedSegmentIds(self):
+        """Segment of the selected table row, or every nodule segment of the output segmentation."""
+        p = self._parameterNode
+        return self.logic.noduleSegmentIds(p.outputSegmentation, p.outputTable, self._selectedRow)
+
+    def onReclassifyButton(self):
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Re-classification failed.", waitCursor=True):
+            results = self.logic.reclassifySegments(p.outputSegmentation, self._selectedSegmentIds(), p.inputVolume,
+                                                    p.outputTable, networks=_runner().split_networks(p.networks),
+                                                    device=p.device)
+            self.ui.malignancyLabel.text = NoduleMTLLogic.summaryHtml({"nodules": [r.to_dict() for r in results]})
+            self.ui.statusLabel.text = f"Re-classified {len(results)} nodule(s) from the edited mask(s)."
+
+    def onExportTrainingButton(self):
+        p = self._parameterNode
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Export for training: output folder")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Export for training failed.", waitCursor=True):
+            written = self.logic.exportSegmentsForTraining(p.outputSegmentation, self._selectedSegmentIds(),
+                                                           p.inputVolume, folder)
+            self.ui.statusLabel.text = f"Exported {len(written)} case(s) to {folder}."
 
 
 #
@@ -398,31 +620,79 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         import NoduleMTL
         logic = NoduleMTL.NoduleMTLLogic()
         logic.setupPythonRequirements(askConfirmation=False)
+        # synchronous (scripts, tests): runs in this process
         seg, table, result = logic.process(getNode("CT"), getNode("Nodule points"), device="cpu")
+        # background (what the panel does): a PythonSlicer child process
+        job = logic.process(getNode("CT"), getNode("Nodule points"), waitForCompletion=False)
+        ...  # job.poll() from a timer until job.finished
+        seg, table, result = logic.finishAnalysis(job, getNode("CT"))
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        #: Wall-clock seconds of the last :meth:`process` call (analysis + scene update).
+        #: Wall-clock seconds of the last finished run (analysis + scene update).
         self.lastRunSeconds = None
 
     def getParameterNode(self):
         return NoduleMTLParameterNode(super().getParameterNode())
 
-    # --- networks and dependencies -----------------------------------------
+    # --- networks, devices, models -------------------------------------------
+
+    @staticmethod
+    def networkChoices():
+        """``NoduleMTLLib.runner.network_choices()`` (every registered network, with whether
+        its weights are present); only the default network while torch is not installed."""
+        runner = _runner()
+        try:
+            return runner.network_choices()
+        except ImportError as e:  # torch not installed yet
+            logging.info(f"NoduleMTL: network registry not importable yet ({e}); offering '{DEFAULT_NETWORK}'")
+            return [runner.NetworkChoice(DEFAULT_NETWORK, "LNMSNet", "", True, "", False)]
 
     @staticmethod
     def availableNetworks():
-        """``[(network id, title), ...]`` that can run; falls back to the default network
-        when the registry cannot be imported yet (e.g. PyTorch not installed)."""
-        try:
-            from NoduleMTLLib import registry
+        """``[(network id, title), ...]`` of the click networks whose weights are present."""
+        return [(c.network_id, c.title) for c in NoduleMTLLogic.networkChoices() if c.available and not c.detection]
 
-            return [(nid, f"{registry.NETWORKS[nid].title} ({nid})" if nid in registry.NETWORKS else nid)
-                    for nid in registry.available_networks()]
-        except Exception as e:  # ImportError without torch, or an incomplete installation
-            logging.info(f"NoduleMTL: network registry not importable yet ({e}); offering '{DEFAULT_NETWORK}'")
-            return [(DEFAULT_NETWORK, DEFAULT_NETWORK)]
+    @staticmethod
+    def deviceChoices():
+        """auto / cpu / cuda, plus mps where torch reports it."""
+        return _runner().device_choices()
+
+    @staticmethod
+    def deviceTooltip():
+        return _runner().device_tooltip()
+
+    @staticmethod
+    def detectionStatus():
+        """``(ok, reason)``: whether Find nodules (whole-scan detection) can run."""
+        return _runner().detection_status()
+
+    @staticmethod
+    def importModel(path):
+        """Verify a ``.safetensors`` file against the manifest and copy it into the user
+        cache folder; returns ``(network_id, destination)``.
+
+        Raises:
+            NoduleMTLLib.model_import.ModelImportError: the file matches no manifest entry
+                (the message says why) or the cache folder cannot be written.
+        """
+        from NoduleMTLLib.model_import import import_weights_file
+
+        return import_weights_file(path)
+
+    @staticmethod
+    def probabilityLegend():
+        """Legend of the malignancy colour ramp (``NoduleMTLMRML.probability_legend``), "" if
+        this version of the MRML layer has none."""
+        try:
+            import NoduleMTLMRML
+
+            return NoduleMTLMRML.probability_legend()
+        except (ImportError, AttributeError, NotImplementedError):
+            return ""
+
+    # --- dependencies ----------------------------------------------------------
 
     @staticmethod
     def missingPythonRequirements():
@@ -517,40 +787,55 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         return sum(1 for i in range(pointsNode.GetNumberOfControlPoints())
                    if pointsNode.GetNthControlPointPositionStatus(i) == defined)
 
-    def process(self, inputVolume, pointsNode, networks=(DEFAULT_NETWORK,), device="auto", progressCallback=None):
+    @staticmethod
+    def _networkTuple(networks):
+        if isinstance(networks, str):
+            networks = _runner().split_networks(networks)
+        networks = tuple(networks)
+        if not networks:
+            raise ValueError("Select at least one network")
+        return networks
+
+    def process(self, inputVolume, pointsNode, networks=(DEFAULT_NETWORK,), device=DEFAULT_DEVICE,
+                progressCallback=None, waitForCompletion=True):
         """Analyse the nodule at each point of ``pointsNode`` and add the result to the scene.
 
         Args:
             inputVolume: ``vtkMRMLScalarVolumeNode``, CT in Hounsfield units.
             pointsNode: markups point list; one defined point per nodule (world positions).
-            networks: network ids to run; the first one's mask is reported (a single id is accepted).
-            device: "auto", "cpu" or "cuda".
-            progressCallback: optional ``callable(fraction: float, message: str)``.
+            networks: network ids to run (or a comma-separated string); the first one's mask
+                is reported.
+            device: "auto", "cpu", "cuda" or "mps"; CUDA out of memory -> retried on the CPU
+                (``NoduleMTLLib.runner.with_cpu_fallback``, recorded in ``result.run``).
+            progressCallback: optional ``callable(fraction: float, message: str)`` (synchronous path).
+            waitForCompletion: True (scripts, tests): run in this process and return the
+                scene nodes.  False: start a background ``PythonSlicer`` process and return
+                it at once (:meth:`startAnalysis`; finish with :meth:`finishAnalysis`).
 
         Returns:
             ``(segmentationNode, tableNode, result)``: the NEW segmentation and table nodes
             (see ``NoduleMTLMRML.add_result_to_scene``) and the
-            :class:`NoduleMTLLib.results.AnalysisResult`.
+            :class:`NoduleMTLLib.results.AnalysisResult`; or, with
+            ``waitForCompletion=False``, the started ``NoduleMTLLib.runner.AnalysisProcess``.
 
         Raises:
-            ValueError: missing input volume or point list, or no placed point.
+            ValueError: missing input volume or point list, no placed point, no network.
             NoduleMTLLib.io.InputError: the volume is not a usable CT, a point lies outside
                 the volume or body, or the network is unknown.
             RuntimeError (WeightsError, DeviceError): missing weights or unavailable device.
         """
+        if not waitForCompletion:
+            return self.startAnalysis(inputVolume, pointsNode, networks=networks, device=device)
         if inputVolume is None:
             raise ValueError("Select an input CT volume")
         if pointsNode is None:
             raise ValueError("Select a point list with one point on each nodule")
-        if isinstance(networks, str):
-            networks = (networks,)
-        networks = tuple(networks)
-        if not networks:
-            raise ValueError("Select at least one network")
+        networks = self._networkTuple(networks)
 
         import NoduleMTLMRML
         from NoduleMTLLib import pipeline
 
+        runner = _runner()
         start = time.time()
         ct = NoduleMTLMRML.volume_node_to_ct(inputVolume)
         pointsLps = NoduleMTLMRML.markups_to_points_lps(pointsNode)
@@ -558,46 +843,219 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"'{pointsNode.GetName()}' has no placed points: place one point on each nodule")
         logging.info(f"NoduleMTL: analysing {len(pointsLps)} point(s) in '{inputVolume.GetName()}' "
                      f"with {', '.join(networks)} on {device}")
-        result = pipeline.analyze_points(ct, pointsLps, network_ids=networks, device=device, progress=progressCallback)
+        result = runner.with_cpu_fallback(
+            lambda dev: pipeline.analyze_points(ct, pointsLps, network_ids=networks, device=dev, progress=progressCallback),
+            device, notify=lambda message: logging.warning(f"NoduleMTL: {message}"))
         scene = inputVolume.GetScene() or slicer.mrmlScene
         segmentationNode, tableNode = NoduleMTLMRML.add_result_to_scene(scene, result, inputVolume)
         self.lastRunSeconds = time.time() - start
         logging.info(f"NoduleMTL: {self.statusText(result, self.lastRunSeconds)}")
         return segmentationNode, tableNode, result
 
+    @staticmethod
+    def pythonExecutable():
+        """``PythonSlicer`` (Slicer's Python launcher) that runs the background process.
+
+        Raises:
+            RuntimeError: not found (neither on PATH nor in Slicer's bin folder).
+        """
+        exe = shutil.which("PythonSlicer")
+        if exe:
+            return exe
+        suffix = ".exe" if os.name == "nt" else ""
+        for folder in (os.path.join(slicer.app.slicerHome, "bin"), os.path.dirname(sys.executable)):
+            candidate = os.path.join(folder, "PythonSlicer" + suffix)
+            if os.path.isfile(candidate):
+                return candidate
+        raise RuntimeError("PythonSlicer (Slicer's Python) was not found: cannot run the analysis in the background")
+
+    def startAnalysis(self, inputVolume, pointsNode=None, networks=(DEFAULT_NETWORK,), device=DEFAULT_DEVICE,
+                      detect=False):
+        """Start the analysis in a background ``PythonSlicer`` process and return it at once.
+
+        The volume is converted with ``NoduleMTLMRML.volume_node_to_ct`` (world geometry,
+        checks) and written to the run's private temporary folder; the points are passed as
+        world LPS.  Nothing in the scene is changed (a cancelled run leaves it as it was).
+        Poll the returned ``NoduleMTLLib.runner.AnalysisProcess`` (``poll()`` /
+        ``finished``), then call :meth:`finishAnalysis`.
+
+        Args:
+            inputVolume: the CT volume node.
+            pointsNode: point list (one point per nodule); None with ``detect``.
+            networks, device: as :meth:`process`.
+            detect: whole-scan detection (``nodulemtl analyze --detect``) instead of points.
+
+        Raises:
+            ValueError / NoduleMTLLib.io.InputError: as :meth:`process`.
+            RuntimeError: PythonSlicer not found.  OSError: the temporary folder cannot be written.
+        """
+        if inputVolume is None:
+            raise ValueError("Select an input CT volume")
+        networks = self._networkTuple(networks)
+        import NoduleMTLMRML
+
+        ct = NoduleMTLMRML.volume_node_to_ct(inputVolume)
+        pointsLps = []
+        if not detect:
+            if pointsNode is None:
+                raise ValueError("Select a point list with one point on each nodule")
+            pointsLps = NoduleMTLMRML.markups_to_points_lps(pointsNode)
+            if not pointsLps:
+                raise ValueError(f"'{pointsNode.GetName()}' has no placed points: place one point on each nodule")
+        job = _runner().AnalysisProcess(ct, pointsLps, detect=detect, networks=networks, device=device,
+                                        python_executable=self.pythonExecutable(),
+                                        temp_root=slicer.app.temporaryPath)
+        job.start()
+        logging.info(f"NoduleMTL: started {' '.join(job.command)}")
+        return job
+
+    def finishAnalysis(self, job, inputVolume):
+        """Add the outputs of a finished background run to the scene (new nodes only) and
+        delete its temporary folder.
+
+        Returns:
+            ``(segmentationNode, tableNode, result)`` as :meth:`process`.
+
+        Raises:
+            RuntimeError: the run failed or was cancelled (message from the run), or the
+                volume was removed from the scene meanwhile.
+            ValueError: the volume's grid changed meanwhile (mask shapes differ).
+        """
+        import NoduleMTLMRML
+
+        try:
+            if job.state != "succeeded":
+                job.result()  # raises RuntimeError with the reason
+            if inputVolume is None or inputVolume.GetScene() is None:
+                raise RuntimeError("The input volume was removed from the scene while the analysis ran")
+            result = job.result()
+            segmentationNode, tableNode = NoduleMTLMRML.add_result_to_scene(inputVolume.GetScene(), result, inputVolume)
+        finally:
+            job.cleanup()
+        self.lastRunSeconds = job.seconds
+        logging.info(f"NoduleMTL: {self.statusText(result, self.lastRunSeconds)}")
+        return segmentationNode, tableNode, result
+
+    def findNodules(self, inputVolume, networks=(DEFAULT_NETWORK,), device=DEFAULT_DEVICE, progressCallback=None,
+                    waitForCompletion=True):
+        """Whole-scan detection (``nodulemtl analyze --detect``), always in a background
+        process; with ``waitForCompletion`` it is waited for and added to the scene
+        (returns ``(segmentationNode, tableNode, result)``), else the started process is returned.
+
+        Raises:
+            RuntimeError: the detector is not available, or the run failed (its message).
+        """
+        ok, reason = self.detectionStatus()
+        if not ok:
+            raise RuntimeError(reason)
+        job = self.startAnalysis(inputVolume, None, networks=networks, device=device, detect=True)
+        if not waitForCompletion:
+            return job
+
+        def onEvent(event):
+            if progressCallback is not None and event.kind == "progress":
+                progressCallback(event.fraction, job.message)
+
+        job.wait(callback=onEvent)
+        return self.finishAnalysis(job, inputVolume)
+
+    # --- results: navigation, refinement, export ------------------------------
+
+    @staticmethod
+    def tableRowFromViewRow(tableNode, viewRow):
+        """Table row shown at ``viewRow`` of a ``qMRMLTableView`` (the first view row holds
+        the column names unless they are used as the header), None for the header row."""
+        useHeader = True
+        for getter in ("GetUseColumnTitleAsColumnHeader", "GetUseColumnNameAsColumnHeader"):
+            if hasattr(tableNode, getter):
+                useHeader = bool(getattr(tableNode, getter)())
+                break
+        row = viewRow if useHeader else viewRow - 1
+        return row if 0 <= row < tableNode.GetNumberOfRows() else None
+
+    @staticmethod
+    def noduleCenterRAS(tableNode, row):
+        """World RAS position to centre the views on for a results table row: the centre of
+        the row's segment (``segment_id`` column, segmentation referenced as
+        ``NoduleMTL.segmentation``), else the clicked point (``point_ras_mm``); None if neither."""
+        table = tableNode.GetTable()
+        segmentationNode = tableNode.GetNodeReference("NoduleMTL.segmentation")
+        column = table.GetColumnByName("segment_id")
+        if segmentationNode is not None and column is not None:
+            segmentId = column.GetValue(row)
+            if segmentId and segmentationNode.GetSegmentation().GetSegment(segmentId) is not None:
+                center = segmentationNode.GetSegmentCenterRAS(segmentId)
+                if center is not None:
+                    return tuple(float(v) for v in center)
+        column = table.GetColumnByName("point_ras_mm")
+        if column is not None:
+            try:
+                return _runner().parse_ras_text(column.GetValue(row))
+            except ValueError:
+                return None
+        return None
+
+    @staticmethod
+    def noduleSegmentIds(segmentationNode, tableNode=None, row=None):
+        """Segment ID of a table row, or (row None) every segment of the segmentation."""
+        if segmentationNode is None:
+            raise ValueError("No result segmentation: run the analysis first")
+        if tableNode is not None and row is not None:
+            column = tableNode.GetTable().GetColumnByName("segment_id")
+            segmentId = column.GetValue(row) if column is not None else ""
+            if not segmentId:
+                raise ValueError(f"Row {row + 1} of '{tableNode.GetName()}' has no segment (nothing was found there)")
+            return [segmentId]
+        segmentation = segmentationNode.GetSegmentation()
+        return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+
+    @staticmethod
+    def _mrmlFunction(name):
+        import NoduleMTLMRML
+
+        function = getattr(NoduleMTLMRML, name, None)
+        if function is None:
+            raise RuntimeError(f"'{name}' is not available in this version of NoduleMTL")
+        return function
+
+    def reclassifySegments(self, segmentationNode, segmentIds, referenceVolumeNode, tableNode=None, networks=None,
+                           device=DEFAULT_DEVICE):
+        """Re-measure and re-classify (possibly edited) segments without re-segmenting
+        (``NoduleMTLMRML.reclassify_segment``); the segments' voxels are never changed.
+        Returns the new ``NoduleResult`` s.
+
+        Raises:
+            RuntimeError: this version has no refinement loop (or its error); ValueError /
+            InputError: empty segment, missing nodes.
+        """
+        reclassify = self._mrmlFunction("reclassify_segment")
+        try:
+            return [reclassify(referenceVolumeNode.GetScene(), segmentationNode, segmentId, referenceVolumeNode,
+                               tableNode, network_ids=list(networks) if networks else None, device=device)
+                    for segmentId in segmentIds]
+        except NotImplementedError:
+            raise RuntimeError("Re-classification is not available in this version of NoduleMTL") from None
+
+    def exportSegmentsForTraining(self, segmentationNode, segmentIds, referenceVolumeNode, outDir):
+        """Write each segment with its CT patch and labels for fine-tuning
+        (``NoduleMTLMRML.export_segment_for_training``); returns what each call wrote."""
+        export = self._mrmlFunction("export_segment_for_training")
+        try:
+            return [export(segmentationNode, segmentId, referenceVolumeNode, outDir) for segmentId in segmentIds]
+        except NotImplementedError:
+            raise RuntimeError("Export for training is not available in this version of NoduleMTL") from None
+
     # --- presentation helpers (GUI-free, used by the widget) -----------------
 
     @staticmethod
     def summaryHtml(result):
-        """One line per nodule: malignancy probability per network, size and type (HTML)."""
-        lines = []
-        for n in result.nodules:
-            if not n.found:
-                lines.append(f"<b>{n.name}</b>: no nodule found at the point. {n.message}".strip())
-                continue
-            probs = []
-            for networkId, out in n.networks.items():
-                p = out.malignancy_probability
-                probs.append(f"{networkId} {'n/a' if p is None else f'{100.0 * p:.0f}%'}")
-            size = f"{n.diameter_mm:.1f} mm" if n.diameter_mm is not None else "size n/a"
-            kind = f", {n.type}" if n.type else ""
-            lines.append(f"<b>{n.name}</b>: P(malignant) {', '.join(probs) or 'n/a'} &mdash; {size}{kind}")
-        lines.append(f"<i>{_DISCLAIMER}</i>")
-        return "<br>".join(lines)
+        """Per nodule: size, type, per-network probabilities and signs, consensus (HTML)."""
+        return _runner().summary_html(result, _DISCLAIMER)
 
     @staticmethod
     def statusText(result, seconds=None):
-        """"Done: N nodule(s) ... on <device> in <t> s"."""
-        run = result.run or {}
-        found = sum(1 for n in result.nodules if n.found)
-        timing = run.get("timing_s") or run.get("timings_s") or {}
-        total = seconds if seconds is not None else timing.get("total")
-        text = f"Done: {found} of {len(result.nodules)} nodule(s) segmented"
-        if run.get("device"):
-            text += f" on {run['device']}"
-        if total is not None:
-            text += f" in {float(total):.1f} s"
-        return text
+        """"Done: N of M nodule(s) segmented on <device> in <t> s", with the CPU-fallback note."""
+        return _runner().status_text(result, seconds)
 
 
 #
@@ -605,11 +1063,15 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
 #
 
 class NoduleMTLTest(ScriptedLoadableModuleTest):
-    """Self test: runs the logic on the sample CT crop shipped in Resources/SampleData."""
+    """Self test (runs in Slicer, also with ``--no-main-window``): the click path on the
+    sample CT crop shipped in Resources/SampleData, synchronously and in the background,
+    and a cancelled background run."""
 
-    #: Sample CT (LIDC-IDRI-0003, cropped) and a point on its nodule (RAS mm).
+    #: Sample CT (LIDC-IDRI-0003, cropped) and points on its two nodules (RAS mm).
     SAMPLE_CT = "SampleData/LIDC-IDRI-0003_crop.nrrd"
     NODULE_RAS = (-72.5, -77.2, -190.4)
+    NODULE2_RAS = (-23.5, 47.6, -172.3)
+    TIMEOUT_S = 600
 
     def setUp(self):
         """Reset the state: clear the scene."""
@@ -618,6 +1080,19 @@ class NoduleMTLTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_NoduleMTL1()
+        self.setUp()
+        self.test_NoduleMTL2_background()
+        self.setUp()
+        self.test_NoduleMTL3_cancel()
+
+    def _loadSample(self, points):
+        path = resourcePath(self.SAMPLE_CT)
+        self.assertTrue(os.path.isfile(path), f"sample CT not found: {path}")
+        volumeNode = slicer.util.loadVolume(path)
+        pointsNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Nodule points")
+        for ras in points:
+            pointsNode.AddControlPoint(vtk.vtkVector3d(*ras))
+        return volumeNode, pointsNode
 
     def test_NoduleMTL1(self):
         """Load the sample CT, place one point on the nodule, run the logic on the CPU and
@@ -625,12 +1100,7 @@ class NoduleMTLTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Starting the test")
         logic = NoduleMTLLogic()
         self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
-
-        path = resourcePath(self.SAMPLE_CT)
-        self.assertTrue(os.path.isfile(path), f"sample CT not found: {path}")
-        volumeNode = slicer.util.loadVolume(path)
-        pointsNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Nodule points")
-        pointsNode.AddControlPoint(vtk.vtkVector3d(*self.NODULE_RAS))
+        volumeNode, pointsNode = self._loadSample([self.NODULE_RAS])
         self.delayDisplay("Loaded sample data")
 
         progress = []
@@ -644,8 +1114,6 @@ class NoduleMTLTest(ScriptedLoadableModuleTest):
         self.assertEqual(segmentation.GetNumberOfSegments(), 1)
         segment = segmentation.GetNthSegment(0)
         self.assertEqual(segment.GetName(), "Nodule 1")
-        self.assertTrue(segment.HasTag(f"NoduleMTL.malignancy_probability.{DEFAULT_NETWORK}")
-                        or result.nodules[0].networks[DEFAULT_NETWORK].malignancy_probability is None)
         self.assertEqual(tableNode.GetNumberOfRows(), 1)
         self.assertGreater(result.nodules[0].volume_mm3, 0)
         self.assertTrue(progress, "the progress callback was never called")
@@ -654,4 +1122,50 @@ class NoduleMTLTest(ScriptedLoadableModuleTest):
         import NoduleMTLMRML
         mask = NoduleMTLMRML.label_array_from_segmentation(segmentationNode, segmentation.GetNthSegmentID(0), volumeNode)
         self.assertTrue((mask == result.nodules[0].mask).all())
+        # the table row leads to the nodule
+        ras = logic.noduleCenterRAS(tableNode, 0)
+        self.assertIsNotNone(ras)
+        self.assertLess(sum((a - b) ** 2 for a, b in zip(ras, self.NODULE_RAS)) ** 0.5, 15.0)
         self.delayDisplay("Test passed")
+
+    def test_NoduleMTL2_background(self):
+        """The same click path through the background PythonSlicer process: progress reaches
+        1 and the masks equal those of the synchronous path."""
+        self.delayDisplay("Starting the background test")
+        logic = NoduleMTLLogic()
+        volumeNode, pointsNode = self._loadSample([self.NODULE_RAS, self.NODULE2_RAS])
+        job = logic.process(volumeNode, pointsNode, networks=(DEFAULT_NETWORK,), device="cpu", waitForCompletion=False)
+        fractions = []
+        deadline = time.time() + self.TIMEOUT_S
+        while not job.finished and time.time() < deadline:
+            fractions += [e.fraction for e in job.poll() if e.kind == "progress"]
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertEqual(job.state, "succeeded", job.details)
+        self.assertEqual(fractions[-1], 1.0)
+        numberOfSegmentations = len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode"))
+        segmentationNode, tableNode, result = logic.finishAnalysis(job, volumeNode)
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")), numberOfSegmentations + 1)
+        self.assertFalse(os.path.exists(str(job.work_dir)), "the temporary folder was not removed")
+        self.assertEqual(tableNode.GetNumberOfRows(), 2)
+
+        _, _, direct = logic.process(volumeNode, pointsNode, networks=(DEFAULT_NETWORK,), device="cpu")
+        for got, want in zip(result.nodules, direct.nodules):
+            self.assertTrue((got.mask == want.mask).all(), f"nodule {got.id}: background and direct masks differ")
+        self.delayDisplay("Background test passed")
+
+    def test_NoduleMTL3_cancel(self):
+        """Cancel right after the start: the child is gone, its folder deleted, the scene unchanged."""
+        logic = NoduleMTLLogic()
+        volumeNode, pointsNode = self._loadSample([self.NODULE_RAS])
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        job = logic.startAnalysis(volumeNode, pointsNode, networks=(DEFAULT_NETWORK,), device="cpu")
+        job.cancel()
+        self.assertEqual(job.state, "cancelled")
+        self.assertIsNotNone(job.returncode)
+        self.assertFalse(os.path.exists(str(job.work_dir)))
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        with self.assertRaises(RuntimeError):
+            logic.finishAnalysis(job, volumeNode)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.delayDisplay("Cancel test passed")

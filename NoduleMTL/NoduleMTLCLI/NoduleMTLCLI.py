@@ -8,9 +8,10 @@ Parameters (``NoduleMTLCLI.xml``, Slicer Execution Model; :func:`build_parser` m
     outputTable  (index 2)  results CSV (the columns of ``nodulemtl analyze``'s nodules.csv)
     --points FILE           markups ``.mrk.json`` or ``.fcsv``: one control point per nodule
                             (coordinate system from the file: LPS or RAS; mm)
-    --detect                whole-scan detection instead of points (not available yet: error)
+    --detect                whole-scan detection (maskrcnn25d) instead of points; the click
+                            networks then classify each found nodule
     --networks IDS          comma-separated network ids (default lnmsnet)
-    --device auto|cpu|cuda  compute device
+    --device auto|cpu|cuda|mps  compute device (CUDA out of memory -> retried on the CPU)
 
 Progress is printed as ``<filter-progress>F</filter-progress>`` lines (F in [0, 1], flushed),
 which Slicer shows in the CLI's progress bar.  Errors: one line ``NoduleMTLCLI: error: ...``
@@ -31,7 +32,7 @@ _CLI_DIR = os.path.dirname(os.path.abspath(__file__))
 
 #: Parameter names of the XML, in the order of its positional indices.
 POSITIONAL = ("inputVolume", "outputLabel", "outputTable")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _candidateRoots():
@@ -64,7 +65,8 @@ def build_parser():
     ap.add_argument("outputLabel", help="output label map (.nrrd), value = nodule number")
     ap.add_argument("outputTable", help="output results table (.csv)")
     ap.add_argument("--points", default="", help="markups file (.mrk.json or .fcsv), one point per nodule")
-    ap.add_argument("--detect", action="store_true", help="detect nodules in the whole scan (not available yet)")
+    ap.add_argument("--detect", action="store_true",
+                    help="detect nodules in the whole scan (maskrcnn25d) instead of using points")
     ap.add_argument("--networks", default="lnmsnet", help="comma-separated network ids")
     ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device")
     return ap
@@ -138,6 +140,22 @@ def progress(fraction, message=""):
         print(f"<filter-comment>{message}</filter-comment>", flush=True)
 
 
+def _detector():
+    """``NoduleMTLLib.detection.infer.detect_nodules`` with the trained detector, or InputError
+    ("not available yet") when this version has no detector or its weights are missing."""
+    from NoduleMTLLib import registry
+    from NoduleMTLLib.io import InputError
+
+    if "maskrcnn25d" not in (getattr(registry, "DETECTORS", None) or {}):
+        raise InputError("whole-scan detection (maskrcnn25d) is not available yet in this version: give --points instead")
+    try:
+        registry.find_weights("maskrcnn25d")
+        from NoduleMTLLib.detection.infer import detect_nodules
+    except (registry.WeightsError, ImportError) as e:
+        raise InputError(f"whole-scan detection (maskrcnn25d) is not available yet: {e}; give --points instead") from None
+    return detect_nodules
+
+
 def run(args):
     """Run the analysis for parsed ``args``; returns the exit code (0 ok, 1 error)."""
     root = libraryRoot()
@@ -155,6 +173,7 @@ def run(args):
         from NoduleMTLLib.outputs import OutputError, csv_rows
         from NoduleMTLLib.pipeline import analyze_points
         from NoduleMTLLib.registry import WeightsError
+        from NoduleMTLLib.runner import with_cpu_fallback
     except ImportError as e:
         print(f"NoduleMTLCLI: error: {e}; open the NoduleMTL module once in Slicer to install its Python packages "
               "(torch via the PyTorch extension)", file=sys.stderr)
@@ -163,17 +182,23 @@ def run(args):
 
     try:
         progress(0.0, "reading")
-        if args.detect:
-            raise InputError("whole-scan detection (maskrcnn25d) is not available yet: give --points instead")
-        if not args.points:
+        if args.detect and args.points:
+            raise InputError("Give either a points file or --detect (whole-scan detection), not both")
+        if not args.detect and not args.points:
             raise InputError("No points given: pass a markups file (.mrk.json or .fcsv) with one point per nodule")
-        points = read_points_file(args.points)
-        if not points:
+        detect_nodules = _detector() if args.detect else None
+        points = read_points_file(args.points) if args.points else []
+        if args.points and not points:
             raise InputError(f"Points file {args.points} holds no defined control point")
         ct = read_ct(args.inputVolume)
         nets = [n.strip() for n in args.networks.split(",") if n.strip()]
-        res = analyze_points(ct, points, network_ids=nets, device=args.device,
-                             progress=lambda f, m: progress(0.05 + 0.9 * f, m))
+        step = lambda f, m: progress(0.05 + 0.9 * f, m)  # noqa: E731
+        if detect_nodules is not None:
+            run_on = lambda dev: detect_nodules(ct, device=dev, progress=step, classify_with=tuple(nets))  # noqa: E731
+        else:
+            run_on = lambda dev: analyze_points(ct, points, network_ids=nets, device=dev, progress=step)  # noqa: E731
+        res = with_cpu_fallback(run_on, args.device,
+                                notify=lambda m: print(f"<filter-comment>{m}</filter-comment>", flush=True))
         lab = sitk.GetImageFromArray(res.label_array(ct.shape_zyx))
         lab.CopyInformation(ct.image)
         try:

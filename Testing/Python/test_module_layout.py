@@ -104,7 +104,7 @@ def test_ui_is_valid_qt_designer_xml(ui_root):
 
 def test_every_slicer_parameter_name_is_a_parameter_node_field(ui_root):
     fields = _parameter_node_fields()
-    assert {"inputVolume", "points", "network", "device", "outputSegmentation", "outputTable"} <= set(fields)
+    assert {"inputVolume", "points", "networks", "device", "outputSegmentation", "outputTable"} <= set(fields)
     bound = _parameter_names(ui_root)
     assert bound, "no widget is bound through SlicerParameterName"
     unknown = set(bound) - set(fields)
@@ -139,6 +139,105 @@ def test_mrml_widgets_receive_the_scene(ui_root):
     mrml_widgets = {w.get("name") for w in ui_root.iter("widget") if w.get("class") in MRML_WIDGET_CLASSES}
     assert mrml_widgets
     assert mrml_widgets <= receivers, f"not connected to mrmlSceneChanged: {mrml_widgets - receivers}"
+
+
+#: Widgets of the panel the module relies on, with their classes.
+PANEL_WIDGETS = {
+    "inputVolumeSelector": "qMRMLNodeComboBox", "pointsSelector": "qMRMLNodeComboBox",
+    "pointsPlaceWidget": "qSlicerMarkupsPlaceWidget", "networksListWidget": "QListWidget",
+    "deviceComboBox": "QComboBox", "importModelButton": "QPushButton", "applyButton": "QPushButton",
+    "findNodulesButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+    "outputSegmentationSelector": "qMRMLNodeComboBox", "outputTableSelector": "qMRMLNodeComboBox",
+    "malignancyLabel": "QLabel", "legendLabel": "QLabel", "resultsTableView": "qMRMLTableView",
+    "reclassifyButton": "QPushButton", "exportTrainingButton": "QPushButton",
+}
+
+#: Signals the module connects to, per widget class (Qt / CTK / MRML widget API).
+KNOWN_SIGNALS = {
+    "QPushButton": {"clicked(bool)", "clicked()", "toggled(bool)"},
+    "QListWidget": {"itemChanged(QListWidgetItem*)", "currentRowChanged(int)"},
+    "QComboBox": {"currentIndexChanged(int)", "currentTextChanged(QString)"},
+    "qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)"},
+    "qMRMLTableView": {"clicked(QModelIndex)", "doubleClicked(QModelIndex)", "selectionChanged()"},
+}
+
+
+def _class_def(name: str) -> ast.ClassDef:
+    [cls] = [n for n in _tree(MODULE_PY).body if isinstance(n, ast.ClassDef) and n.name == name]
+    return cls
+
+
+def test_panel_widgets_have_the_expected_classes(ui_root):
+    widgets = _ui_widgets(ui_root)
+    for name, cls in PANEL_WIDGETS.items():
+        assert name in widgets, f"{name} missing in the .ui"
+        assert widgets[name].get("class") == cls, (name, widgets[name].get("class"))
+    # network and device lists are filled and synchronised by the widget, not by connectGui
+    for name in ("networksListWidget", "deviceComboBox"):
+        assert _widget_property(widgets[name], "SlicerParameterName") is None, name
+
+
+def test_signal_connections_name_known_signals_and_existing_slots(ui_root):
+    """``self.ui.<w>.connect("<signal>", self.<slot>)``: the signal exists for the widget's
+    class and the slot is a method of the widget class."""
+    widgets = _ui_widgets(ui_root)
+    widget_methods = {n.name for n in _class_def("NoduleMTLWidget").body if isinstance(n, ast.FunctionDef)}
+    connections = []
+    for node in ast.walk(_class_def("NoduleMTLWidget")):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and isinstance(node.func.value, ast.Attribute) and isinstance(node.func.value.value, ast.Attribute)
+                and node.func.value.value.attr == "ui"):
+            widget, (signal, slot) = node.func.value.attr, node.args
+            connections.append(widget)
+            cls = widgets[widget].get("class")
+            assert signal.value in KNOWN_SIGNALS[cls], (widget, cls, signal.value)
+            assert isinstance(slot, ast.Attribute) and slot.attr in widget_methods, (widget, ast.dump(slot))
+    assert {"applyButton", "findNodulesButton", "importModelButton", "networksListWidget", "deviceComboBox",
+            "resultsTableView", "reclassifyButton", "exportTrainingButton"} <= set(connections)
+
+
+def test_parameter_node_attributes_exist():
+    """Attributes read or written on the parameter node (``p.x``, ``self._parameterNode.x``)
+    are fields of NoduleMTLParameterNode (or the wrapper's own API)."""
+    fields = set(_parameter_node_fields())
+    wrapper_api = {"connectGui", "disconnectGui", "parameterNode"}
+    used = set()
+    for node in ast.walk(_class_def("NoduleMTLWidget")):
+        if isinstance(node, ast.Attribute):
+            base = node.value
+            if (isinstance(base, ast.Name) and base.id == "p") or (
+                    isinstance(base, ast.Attribute) and base.attr == "_parameterNode"
+                    and isinstance(base.value, ast.Name) and base.value.id == "self"):
+                used.add(node.attr)
+    assert {"networks", "device", "inputVolume", "points"} <= used
+    assert used <= fields | wrapper_api, used - fields - wrapper_api
+
+
+def test_module_uses_only_existing_runner_and_mrml_functions():
+    """``_runner().<name>`` (or ``runner.<name>``) / ``NoduleMTLMRML.<name>`` / ``_mrmlFunction("<name>")`` name
+    functions that exist in NoduleMTLLib/runner.py and NoduleMTLMRML.py."""
+    runner_names = _top_level_names(LIB_DIR / "runner.py")
+    mrml_names = _top_level_names(MRML_PY)
+    used_runner, used_mrml = set(), set()
+    for node in ast.walk(_tree(MODULE_PY)):
+        if isinstance(node, ast.Attribute):
+            if (isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "_runner") or (
+                    isinstance(node.value, ast.Name) and node.value.id == "runner"):  # runner = _runner()
+                used_runner.add(node.attr)
+            elif isinstance(node.value, ast.Name) and node.value.id == "NoduleMTLMRML":
+                used_mrml.add(node.attr)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_mrmlFunction":
+            used_mrml.add(node.args[0].value)
+    assert {"AnalysisProcess", "with_cpu_fallback", "summary_html", "network_choices"} <= used_runner
+    assert {"reclassify_segment", "export_segment_for_training", "add_result_to_scene"} <= used_mrml
+    assert used_runner <= runner_names, used_runner - runner_names
+    assert used_mrml <= mrml_names, used_mrml - mrml_names
+
+
+def test_module_compiles():
+    import py_compile
+
+    py_compile.compile(str(MODULE_PY), doraise=True, cfile=str(Path(__import__("tempfile").mkdtemp()) / "m.pyc"))
 
 
 # ---------------------------------------------------------------------------
@@ -233,10 +332,13 @@ def test_module_classes_follow_the_template():
     logic = {n.name: n for n in classes["NoduleMTLLogic"].body if isinstance(n, ast.FunctionDef)}
     args = [a.arg for a in logic["process"].args.args]
     assert args[:3] == ["self", "inputVolume", "pointsNode"]
-    assert {"networks", "device", "progressCallback"} <= set(args)
-    assert "setupPythonRequirements" in logic
-    test = {n.name for n in classes["NoduleMTLTest"].body if isinstance(n, ast.FunctionDef)}
-    assert {"setUp", "runTest", "test_NoduleMTL1"} <= test
+    assert {"networks", "device", "progressCallback", "waitForCompletion"} <= set(args)
+    assert {"setupPythonRequirements", "startAnalysis", "finishAnalysis", "findNodules", "importModel"} <= set(logic)
+    test = {n.name: n for n in classes["NoduleMTLTest"].body if isinstance(n, ast.FunctionDef)}
+    assert {"setUp", "runTest", "test_NoduleMTL1", "test_NoduleMTL2_background", "test_NoduleMTL3_cancel"} <= set(test)
+    run_test_calls = {n.func.attr for n in ast.walk(test["runTest"])
+                      if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert {name for name in test if name.startswith("test_")} <= run_test_calls, "runTest must run every test_*"
     widget = {n.name for n in classes["NoduleMTLWidget"].body if isinstance(n, ast.FunctionDef)}
     assert "resourcePath" in widget, "resourcePath must be overridden (source and installed layouts)"
     source = MODULE_PY.read_text(encoding="utf-8")
@@ -407,3 +509,78 @@ def test_icon_is_a_128px_png():
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (128, 128)
+
+
+# ---------------------------------------------------------------------------
+# Scripted CLI module (NoduleMTL/NoduleMTLCLI)
+# ---------------------------------------------------------------------------
+
+CLI_DIR = MODULE_DIR / "NoduleMTLCLI"
+CLI_PY, CLI_XML = CLI_DIR / "NoduleMTLCLI.py", CLI_DIR / "NoduleMTLCLI.xml"
+
+#: Slicer Execution Model parameter tag -> argparse ``type`` (None: str) and how the value is passed.
+SEM_TYPES = {"image": None, "pointfile": None, "table": None, "file": None, "directory": None, "string": None,
+             "string-enumeration": None, "integer": int, "float": float, "double": float, "boolean": "flag"}
+
+
+@pytest.fixture(scope="module")
+def cli_parser():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("NoduleMTLCLI_layout", CLI_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines functions only; main() runs under __main__
+    return module.build_parser()
+
+
+def test_cli_xml_parameters_match_the_argument_parser(cli_parser):
+    """Names, flags, positions, types, defaults and choices of the XML equal the parser's."""
+    root = ET.parse(CLI_XML).getroot()
+    params = [p for group in root.findall("parameters") for p in group if p.tag not in ("label", "description")]
+    names = [p.findtext("name") for p in params]
+    assert len(names) == len(set(names))
+    assert {"inputVolume", "points", "detect", "networks", "device", "outputLabel", "outputTable"} == set(names)
+    actions = {a.dest: a for a in cli_parser._actions if a.dest != "help"}
+    assert set(actions) == set(names), set(actions) ^ set(names)
+    positional = [a.dest for a in cli_parser._actions if not a.option_strings]
+    for p in params:
+        name, tag, action = p.findtext("name"), p.tag, actions[p.findtext("name")]
+        assert tag in SEM_TYPES, tag
+        index, longflag, flag = p.findtext("index"), p.findtext("longflag"), p.findtext("flag")
+        if index is not None:
+            assert positional.index(name) == int(index), name
+            assert longflag is None and flag is None and not action.option_strings
+        else:
+            assert set(action.option_strings) == {f for f in (longflag, flag and "-" + flag.lstrip("-")) if f}, name
+        if SEM_TYPES[tag] == "flag":
+            assert action.nargs == 0 and action.const is True, f"{name}: a boolean is a store_true flag"
+            assert action.default is ((p.findtext("default") or "false").lower() == "true")
+        else:
+            assert action.nargs is None, f"{name}: one value"
+            assert action.type is SEM_TYPES[tag], (name, action.type)
+            default = p.findtext("default")
+            if default is not None:
+                assert action.default == (SEM_TYPES[tag] or str)(default), name
+        if tag == "string-enumeration":
+            assert list(action.choices) == [e.text for e in p.findall("element")], name
+        if p.get("fileExtensions") and tag == "pointfile":
+            assert {".mrk.json", ".fcsv"} <= set(p.get("fileExtensions").split(","))
+        channel = p.findtext("channel")
+        if tag in ("image", "pointfile", "table"):
+            assert channel in ("input", "output"), name
+    assert [p.findtext("channel") for p in params if p.tag == "image"] == ["input", "output"]
+    device = next(p for p in params if p.findtext("name") == "device")
+    assert [e.text for e in device.findall("element")] == ["auto", "cpu", "cuda", "mps"]
+
+
+def test_cli_folder_is_built_completely():
+    """Every file of NoduleMTLCLI/ is picked up by SlicerMacroBuildScriptedCLI (NAME.py + NAME.xml)."""
+    files = {p.name for p in CLI_DIR.iterdir() if p.is_file() and not _ignored(p.relative_to(REPO))}
+    assert files == {"CMakeLists.txt", "NoduleMTLCLI.py", "NoduleMTLCLI.xml"}, files
+    text = _cmake_text(CLI_DIR / "CMakeLists.txt")
+    assert ["MODULE_NAME", "NoduleMTLCLI"] in _cmake_commands(text, "set")
+    assert _cmake_commands(text, "slicerMacroBuildScriptedCLI") == [["NAME", "${MODULE_NAME}"]]
+    assert ["NoduleMTLCLI"] in _cmake_commands(_cmake_text(MODULE_CMAKE), "add_subdirectory")
+    source = CLI_PY.read_text(encoding="utf-8")
+    assert source.startswith("#!/usr/bin/env python-real\n")
+    assert "<filter-progress>" in source and "flush=True" in source

@@ -421,3 +421,94 @@ def test_import_into_an_unwritable_cache(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ModelImportError, match="Cannot write"):
         import_weights_file(shipped, cache=blocker / "weights")
+
+
+# ---------------------------------------------------------------------------
+# The module's Logic (NoduleMTL/NoduleMTL.py) on a real slicer-core scene
+# ---------------------------------------------------------------------------
+
+@pytest.fixture()
+def module_under_test(monkeypatch, tmp_path):
+    """NoduleMTL.py imported in plain Python: only the GUI base classes it inherits
+    (ScriptedLoadableModule*, parameterNodeWrapper, the ``qt`` module, absent from the
+    slicer-core wheel) are replaced by empty stand-ins; the Logic runs against the real
+    MRML scene.  ``slicer.app`` gives the temporary folder; the child runs in this Python."""
+    import importlib.util
+    import types
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML in plain Python) is not installed")
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
+                 "ScriptedLoadableModuleWidget"):
+        setattr(slm, name, type(name, (), {"__init__": lambda self, *args, **kwargs: None}))
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = lambda cls: cls
+    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", pnw)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path), slicerHome=str(tmp_path)),
+                        raising=False)
+    spec = importlib.util.spec_from_file_location("NoduleMTL_under_test", REPO / "NoduleMTL" / "NoduleMTL.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module.NoduleMTLLogic, "pythonExecutable", staticmethod(lambda: sys.executable))
+    return module
+
+
+def test_module_logic_background_run_on_a_real_scene(module_under_test, tmp_path):
+    import vtk
+    from test_mrml import _write_share_folder, build_app_scene, load_volume_from_file
+
+    import NoduleMTLMRML
+
+    errors = vtk.vtkStringOutputWindow()
+    vtk.vtkOutputWindow.SetInstance(errors)
+    app = build_app_scene(_write_share_folder(tmp_path / "share"))
+    scene = app.scene
+    volume = load_volume_from_file(scene, SAMPLE_CT, "CT")
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Nodule points")
+    for ras in SAMPLE_POINTS_RAS:
+        points.AddControlPoint(vtk.vtkVector3d(*ras))
+    logic = module_under_test.NoduleMTLLogic()
+
+    def segmentation_nodes():
+        return scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+
+    # cancel right after the start: nothing added to the scene, no folder left
+    nodes_before = scene.GetNumberOfNodes()
+    job = logic.startAnalysis(volume, points, networks="lnmsnet", device="cpu")
+    assert job.running and job.command[0] == sys.executable
+    job.cancel()
+    assert job.state == "cancelled" and _process_gone(job.pid) and not job.work_dir.exists()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        logic.finishAnalysis(job, volume)
+    assert scene.GetNumberOfNodes() == nodes_before
+
+    # background run (what Apply does), then the synchronous path (scripts, the self-test)
+    job = logic.process(volume, points, networks=("lnmsnet",), device="cpu", waitForCompletion=False)
+    assert scene.GetNumberOfNodes() == nodes_before  # nothing added while it runs
+    assert job.wait(timeout=RUN_TIMEOUT_S) == "succeeded", job.details
+    segmentation, table, result = logic.finishAnalysis(job, volume)
+    assert not job.work_dir.exists() and logic.lastRunSeconds > 0
+    assert segmentation_nodes() == 1 and table.GetNumberOfRows() == 2
+    _, _, direct = logic.process(volume, points, networks="lnmsnet", device="cpu")
+    assert segmentation_nodes() == 2  # a new segmentation each run, never an existing one changed
+    for nodule, want in zip(result.nodules, direct.nodules):
+        segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(nodule.name)
+        on_grid = NoduleMTLMRML.label_array_from_segmentation(segmentation, segment_id, volume)
+        assert np.array_equal(on_grid, want.mask) and np.array_equal(nodule.mask, want.mask)
+
+    # results table: row -> nodule centre, row -> segment
+    Logic = module_under_test.NoduleMTLLogic
+    assert Logic.tableRowFromViewRow(table, 0) == 0 and Logic.tableRowFromViewRow(table, 2) is None
+    for row, ras in enumerate(SAMPLE_POINTS_RAS):
+        center = Logic.noduleCenterRAS(table, row)
+        assert np.linalg.norm(np.subtract(center, ras)) < 10.0, (row, center, ras)
+    ids = Logic.noduleSegmentIds(segmentation, table, 1)
+    assert ids == [segmentation.GetSegmentation().GetSegmentIdBySegmentName("Nodule 2")]
+    assert len(Logic.noduleSegmentIds(segmentation)) == 2
+    assert "Nodule 2" in Logic.summaryHtml(result) and Logic.statusText(result, 1.0).startswith("Done: 2 of 2")
+    assert [c.network_id for c in Logic.networkChoices()][:1] == ["lnmsnet"]
+    assert Logic.deviceChoices()[:3] == ["auto", "cpu", "cuda"]
+    assert "ERROR:" not in errors.GetOutput(), errors.GetOutput()
+    scene.Clear(1)
