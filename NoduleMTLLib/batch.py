@@ -24,8 +24,10 @@ Points CSV
     Header ``case,x,y,z`` and optionally ``frame`` (``RAS`` or ``LPS``) or ``lps``
     (1/true/yes); world millimetres, RAS (as 3D Slicer shows them) unless the row says
     LPS or ``--lps`` is given.  One row per nodule.  ``case`` is the case name or the input
-    path as listed.  A case without points is recorded ``skipped`` (no whole-scan
-    detector is available yet; see :func:`whole_scan_detector`).
+    path as listed.  A case without points is searched with the whole-scan detector
+    (``maskrcnn25d``, :func:`NoduleMTLLib.detection.infer.detect_nodules`, adaptive score
+    threshold) and each found nodule is classified with ``--networks``; when the detector's
+    weights are not installed such a case is recorded ``skipped`` (see :func:`whole_scan_detector`).
 
 Outputs
     ``DIR/<case>/`` holds the four files of ``nodulemtl analyze``
@@ -281,20 +283,21 @@ def points_for(case: Case, points: dict[str, list]) -> list:
 
 
 def whole_scan_detector(network_ids: Iterable[str] = ()) -> Callable | None:
-    """Hook for cases without points: a callable ``detect(ct) -> list of LPS points``, or None.
-
-    Whole-scan detection (``maskrcnn25d``, the 2.5D Mask R-CNN) is not trained yet and not in
-    the registry, so this returns None and such cases are ``skipped``.  When the registry
-    gains ``maskrcnn25d`` and ``NoduleMTLLib.pipeline`` a ``detect_nodules(ct, device=...)``
-    function, this returns it and the batch uses it.
+    """Hook for cases without points: :func:`NoduleMTLLib.detection.infer.detect_nodules`
+    (``detect(ct, model=..., device=..., classify_with=..., networks=...) -> AnalysisResult``),
+    or None when the whole-scan detector ``maskrcnn25d`` is not registered or its weights are
+    not installed (such cases are then ``skipped``).
     """
-    from . import pipeline
-    from .registry import NETWORKS
+    from . import registry
+    from .detection.infer import DETECTOR_ID, detect_nodules
 
-    detect = getattr(pipeline, "detect_nodules", None)
-    if "maskrcnn25d" in NETWORKS and callable(detect):
-        return detect
-    return None
+    if DETECTOR_ID not in getattr(registry, "DETECTORS", registry.NETWORKS):
+        return None
+    try:
+        registry.find_weights(DETECTOR_ID)
+    except registry.WeightsError:
+        return None
+    return detect_nodules
 
 
 # ---------------------------------------------------------------- summary
@@ -351,6 +354,16 @@ class BatchRun:
     _models: dict | None = None
     #: also write ``<case>/segmentation.dcm`` (DICOM SEG) for cases read from a DICOM series
     dicom_seg: bool = False
+    _detector_model: object = None
+
+    def _detector(self):
+        """Load the whole-scan detector once, at the first case without points."""
+        if self._detector_model is None:
+            from .detection.infer import load_detector
+            from .device import resolve_device
+
+            self._detector_model = load_detector(resolve_device(self.device))
+        return self._detector_model
 
     def _networks(self) -> dict:
         """Load the networks once, at the first case that needs them (WeightsError / DeviceError propagate)."""
@@ -388,14 +401,16 @@ class BatchRun:
             if not pts:
                 detect = whole_scan_detector(self.network_ids)
                 if detect is None:
-                    base.status, base.message = "skipped", "no points (whole-scan detection not available yet)"
+                    base.status, base.message = "skipped", "no points (whole-scan detector weights not installed)"
                     base.n_nodules, base.n_found = 0, 0
                     return base
             ct = read_ct(case.path)
             if not pts:
-                pts = list(detect(ct, device=self.device))
-            res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
-                                 networks=self._networks())
+                res = detect(ct, model=self._detector(), device=self.device, classify_with=self.network_ids,
+                             networks=self._networks())
+            else:
+                res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
+                                     networks=self._networks())
             write_outputs(res, ct, folder)
             if self.dicom_seg and ct.dicom_series_uid is not None:
                 from .dicom_seg import write_seg_into_output_dir

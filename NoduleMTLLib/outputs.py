@@ -59,11 +59,18 @@ CONSENSUS_COLUMNS = ("consensus.malignancy_probability", "consensus.probability_
                      "consensus.n_found", "consensus.disagreement")
 
 
+#: Whole-scan search columns of nodules.csv (only when the nodules come from ``--detect``):
+#: detector score and half-open voxel box "i0 j0 k0 i1 j1 k1".
+DETECTION_COLUMNS = ("detection.score", "detection.box_ijk")
+
+
 def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
     """Header and rows of nodules.csv (one row per nodule, per-network columns)."""
     nets = list(result.run.get("networks", []))
+    det_cols = list(DETECTION_COLUMNS) if any(getattr(n, "detection", None) for n in result.nodules) else []
     head = ["id", "label_value", "found", "point_ras_mm", "diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu",
-            "solid_fraction", "type"] + [f"networks.{n}.malignancy_probability" for n in nets] + list(CONSENSUS_COLUMNS) + ["message"]
+            "solid_fraction", "type"] + [f"networks.{n}.malignancy_probability" for n in nets] + list(CONSENSUS_COLUMNS) \
+        + det_cols + ["message"]
     rows = []
     for nd in result.nodules:
         d = nd.to_dict()
@@ -73,6 +80,9 @@ def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
             row[f"networks.{n}.malignancy_probability"] = d["networks"].get(n, {}).get("malignancy_probability")
         for col in CONSENSUS_COLUMNS:
             row[col] = (d.get("consensus") or {}).get(col.split(".", 1)[1])
+        if det_cols and d.get("detection"):
+            row["detection.score"] = d["detection"]["score"]
+            row["detection.box_ijk"] = " ".join(str(v) for v in d["detection"]["box_ijk"])
         rows.append({k: ("" if v is None else v) for k, v in row.items()})
     return head, rows
 
@@ -105,6 +115,8 @@ def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
             for k in ("malignancy_probability", "disagreement"):
                 if cons.get(k) is not None:
                     tags[f"NoduleMTL.consensus.{k}"] = cons[k]
+        if d.get("detection"):
+            tags["NoduleMTL.detection.score"] = d["detection"]["score"]
         slicerio.add_segment(seg, sub, {
             "id": f"nodule_{nd.id}", "name": nd.name,
             "color": list(SEGMENT_COLORS[(nd.id - 1) % len(SEGMENT_COLORS)]),

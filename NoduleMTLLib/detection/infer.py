@@ -250,10 +250,10 @@ class _SlicePreprocessor:
             del self.cache[key]
 
 
-def _compact(output: dict, k: int, x0: int, y0: int, crop_hw, scale: float, mask_threshold: float) -> list[SliceDetection]:
-    """One torchvision output (crop coordinates, input resized by ``scale``) -> compact
-    full-slice detections (boxes divided by ``scale``; each mask cut to its box and, when
-    ``scale`` != 1, resampled bilinearly to the box's native pixels)."""
+def _compact(output: dict, k: int, x0: int, y0: int, crop_hw, scale_yx, mask_threshold: float) -> list[SliceDetection]:
+    """One torchvision output (crop coordinates, input resized by ``scale_yx`` = (sy, sx))
+    -> compact full-slice detections (box x / sx, y / sy; each mask cut to its box and, when
+    resized, resampled bilinearly to the box's native pixels)."""
     import torch.nn.functional as F
 
     boxes = output["boxes"].detach().float().cpu().numpy().astype(np.float64).reshape(-1, 4)
@@ -262,21 +262,22 @@ def _compact(output: dict, k: int, x0: int, y0: int, crop_hw, scale: float, mask
     if masks is not None:
         masks = masks.detach()[:, 0].float().cpu()
     h, w = crop_hw
+    sy, sx = scale_yx
+    resized = (sy, sx) != (1.0, 1.0)
     out = []
     for n in range(len(boxes)):
-        bs = boxes[n]
-        bx = bs / scale
+        bx = boxes[n] / np.array([sx, sy, sx, sy])
         m, origin = None, (0, 0)
         if masks is not None:
             ci0, cj0 = max(0, int(math.floor(bx[0]))), max(0, int(math.floor(bx[1])))
             ci1, cj1 = min(w, int(math.ceil(bx[2]))), min(h, int(math.ceil(bx[3])))
             ci1, cj1 = max(ci1, ci0 + 1), max(cj1, cj0 + 1)
-            if scale == 1.0:
+            if not resized:
                 prob = masks[n, cj0:cj1, ci0:ci1]
             else:
                 hs, ws = masks.shape[-2:]
-                si0, sj0 = max(0, int(math.floor(ci0 * scale))), max(0, int(math.floor(cj0 * scale)))
-                si1, sj1 = min(ws, max(si0 + 1, int(math.ceil(ci1 * scale)))), min(hs, max(sj0 + 1, int(math.ceil(cj1 * scale))))
+                si0, sj0 = max(0, int(math.floor(ci0 * sx))), max(0, int(math.floor(cj0 * sy)))
+                si1, sj1 = min(ws, max(si0 + 1, int(math.ceil(ci1 * sx)))), min(hs, max(sj0 + 1, int(math.ceil(cj1 * sy))))
                 prob = F.interpolate(masks[n, sj0:sj1, si0:si1][None, None], size=(cj1 - cj0, ci1 - ci0),
                                      mode="bilinear", align_corners=False)[0, 0]
             m = (prob >= mask_threshold).numpy()
@@ -346,16 +347,16 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
         model.to(memory_format=torch.channels_last)
     dets: list[SliceDetection] = []
     t_net = 0.0
-    scale = float(input_scale)
+    size = (max(1, round((y1 - y0) * float(input_scale))), max(1, round((x1 - x0) * float(input_scale))))
+    scale_yx = (size[0] / (y1 - y0), size[1] / (x1 - x0))
     with _threads(num_threads), torch.inference_mode():
         for b0 in range(0, len(slices), int(batch_slices)):
             ks = slices[b0:b0 + int(batch_slices)]
             prep.drop_below(ks[0] - pp.STACK_SIZE // 2)
             stacks = [np.stack([prep.get(int(j)) for j in pp.stack_indices(k, nz, reverse=reverse)]) for k in ks]
             x = torch.from_numpy(np.stack(stacks)).to(device)
-            if scale != 1.0:
-                x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False,
-                                                    recompute_scale_factor=False)
+            if size != (y1 - y0, x1 - x0):
+                x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             tn = time.perf_counter()
@@ -363,7 +364,7 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
                 outs = model(list(x))
             t_net += time.perf_counter() - tn
             for k, o in zip(ks, outs):
-                dets.extend(_compact(o, k, x0, y0, (y1 - y0, x1 - x0), scale, mask_threshold))
+                dets.extend(_compact(o, k, x0, y0, (y1 - y0, x1 - x0), scale_yx, mask_threshold))
             progress(0.05 + 0.8 * (b0 + len(ks)) / max(1, len(slices)), f"slice {b0 + len(ks)}/{len(slices)}")
     timing["preprocess"] = prep.seconds
     timing["network"] = t_net
@@ -527,47 +528,30 @@ def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev) ->
             res.message = (res.message + "; " if res.message else "") + f"{nid}: {o.message}"
 
 
-def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="auto",
-                   score_threshold: float | str = "adaptive", use_clahe: bool = True, use_lung_mask: bool = True,
-                   batch_slices: int = BATCH_SLICES, progress: Progress | None = None,
-                   classify_with: Sequence[str] = (), *, networks: dict | None = None,
-                   restrict_to_lungs: bool = True, input_scale: float = 1.0, channels_last: bool = False,
-                   num_threads: int | None = None, max_nodules: int = MAX_NODULES,
-                   lung: pp.LungMask | None = None):
-    """Find, segment and measure the nodules of a whole chest CT (module docstring, steps 1-6).
+def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: float | str = "adaptive", *,
+                           classify_with: Sequence[str] = (), networks: dict | None = None, device="cpu",
+                           max_nodules: int = MAX_NODULES, progress: Progress | None = None,
+                           extra_timing: dict | None = None):
+    """Merge, measure and (optionally) classify: steps 5-6 of the module docstring.
 
     Args:
-        ct: CT in HU (LPS geometry), >= 5 slices.
-        model: the ``maskrcnn25d`` network; None loads the registered one (:func:`load_detector`).
-        device: "auto" (CUDA when present) | "cpu" | "cuda" | "mps", or a torch.device.
-        score_threshold: "adaptive" (paper section 3.5) or a float in [0, 1].
-        use_clahe, use_lung_mask: section 3.2 preprocessing switches.
-        batch_slices: stacks per network call.
-        progress: callback(fraction in [0, 1], message).
-        classify_with: click network ids (e.g. ("lnmsnet",)) run at each found nodule's
-            centre; their malignancy / sign probabilities go to ``NoduleResult.networks``
-            (``dice_with_final`` = Dice of their own mask with the detector's mask).
+        ct: the CT the detections come from.
+        sd: from :func:`run_slice_detections`.
+        score_threshold: "adaptive" or a float in [0, 1].
+        classify_with: click network ids run at each found nodule's centre.
         networks: pre-loaded {id: module} for ``classify_with``.
-        restrict_to_lungs, input_scale, channels_last, num_threads: speed options (see
-            :func:`run_slice_detections`).
-        max_nodules: report at most this many nodules (highest scores; 100).
-        lung: precomputed lung mask.
+        device: device of the click networks.
+        max_nodules: report at most this many nodules.
+        progress: callback(fraction, message).
+        extra_timing: seconds to add to ``run["timing_s"]`` (e.g. weight loading); its
+            "total" is the sum of the parts.
 
     Returns:
-        :class:`~NoduleMTLLib.results.AnalysisResult`: ``nodules`` ranked by descending
-        detection score (id 1 = highest), each with ``mask`` (bool (z, y, x) on the CT
-        grid), the click path's measurements and ``detection`` (:func:`detection_record`:
-        score, voxel / world box, centre, slice range); ``run`` describes the search
-        (threshold used, slices searched, timings: lung_mask, preprocess, network, merge,
-        measure, classify, total seconds); ``messages`` holds notes (thick slices, nodule cap,
-        nothing found).
+        :class:`~NoduleMTLLib.results.AnalysisResult` (see :func:`detect_nodules`).
 
     Raises:
-        InputError: fewer than 5 slices; unknown ``classify_with`` id.
-        NoLungError: no plausible lung in the CT.
-        ValueError: bad ``score_threshold`` / ``batch_slices`` / ``input_scale``.
-        DetectorUnavailableError, WeightsError: detector or click-network weights missing.
-        DeviceError: unavailable device.
+        InputError: unknown ``classify_with`` id; ValueError: bad threshold;
+        WeightsError: click-network weights missing.
     """
     from .. import __version__
     from ..device import resolve_device
@@ -575,24 +559,13 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
     from ..registry import NETWORKS, load_network
     from ..results import AnalysisResult, NoduleResult
 
-    t0 = time.perf_counter()
     progress = progress or (lambda f, m: None)
     thr_mode = parse_threshold(score_threshold)
     classify_with = tuple(classify_with)
     unknown = [n for n in classify_with if n not in NETWORKS or n == DETECTOR_ID]
     if unknown:
-        raise InputError(f"Unknown click network(s) for classification: {', '.join(unknown)}")
-    pp.check_detection_input(ct, warn=False)  # fail fast, before loading anything
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    t = time.perf_counter()
-    if model is None:
-        progress(0.0, f"loading {DETECTOR_ID} on {dev}")
-        model = load_detector(dev)
-    t_load = time.perf_counter() - t
-
-    sd = run_slice_detections(ct, model, dev, use_clahe=use_clahe, use_lung_mask=use_lung_mask,
-                              restrict_to_lungs=restrict_to_lungs, batch_slices=batch_slices, input_scale=input_scale,
-                              channels_last=channels_last, num_threads=num_threads, lung=lung, progress=progress)
+        raise InputError(f"Unknown click network(s) for classification: {', '.join(unknown)}; "
+                         f"available: {', '.join(NETWORKS)}")
     progress(0.86, "merging slice detections")
     t = time.perf_counter()
     merged = merge_detections(sd, ct, thr_mode)
@@ -623,6 +596,7 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
     t_measure = time.perf_counter() - t
 
     t = time.perf_counter()
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     if classify_with and results:
         nets = {nid: (networks or {}).get(nid) or load_network(nid, dev) for nid in classify_with}
         for i, res in enumerate(results):
@@ -634,19 +608,89 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
 
     lung_ml = None if sd.lung is None else round(sd.lung.volume_ml, 1)
     y0, y1, x0, x1 = sd.crop_yx
+    ks = sd.slices_searched
+    timing = {**(extra_timing or {}), **sd.timing_s, "merge": t_merge, "measure": t_measure, "classify": t_classify}
+    timing["total"] = sum(timing.values())
     run = {
         "software": f"NoduleMTL {__version__}", "mode": "detect", "detector": DETECTOR_ID,
         "networks": list(classify_with), "device": str(dev), "torch": torch.__version__,
         "score_threshold": round(float(merged.score_threshold), 4),
         "threshold_mode": "adaptive" if thr_mode == "adaptive" else "fixed",
         **sd.settings,
-        "n_slices": int(ct.shape_zyx[0]), "n_slices_searched": len(sd.slices_searched),
-        "search_box_ijk": [int(x0), int(y0), int(sd.slices_searched[0]) if sd.slices_searched else 0,
-                           int(x1), int(y1), int(sd.slices_searched[-1]) + 1 if sd.slices_searched else 0],
+        "n_slices": int(ct.shape_zyx[0]), "n_slices_searched": len(ks),
+        "search_box_ijk": [int(x0), int(y0), int(ks[0]) if ks else 0, int(x1), int(y1), int(ks[-1]) + 1 if ks else 0],
         "lung_volume_ml": lung_ml, "n_slice_detections": merged.n_detections, "n_kept": merged.n_kept,
         "n_nodules_merged": len(merged.nodules),
-        "timing_s": {k: round(v, 3) for k, v in {
-            "load": t_load, **sd.timing_s, "merge": t_merge, "measure": t_measure, "classify": t_classify,
-            "total": time.perf_counter() - t0}.items()},
+        "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
     return AnalysisResult(input=ct.describe(), run=run, nodules=results, messages=messages)
+
+
+def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="auto",
+                   score_threshold: float | str = "adaptive", use_clahe: bool = True, use_lung_mask: bool = True,
+                   batch_slices: int = BATCH_SLICES, progress: Progress | None = None,
+                   classify_with: Sequence[str] = (), *, networks: dict | None = None,
+                   restrict_to_lungs: bool = True, input_scale: float = 1.0, channels_last: bool = False,
+                   num_threads: int | None = None, max_nodules: int = MAX_NODULES,
+                   lung: pp.LungMask | None = None):
+    """Find, segment and measure the nodules of a whole chest CT (module docstring, steps 1-6).
+
+    :func:`run_slice_detections` followed by :func:`result_from_detections`.
+
+    Args:
+        ct: CT in HU (LPS geometry), >= 5 slices.
+        model: the ``maskrcnn25d`` network; None loads the registered one (:func:`load_detector`).
+        device: "auto" (CUDA when present) | "cpu" | "cuda" | "mps", or a torch.device.
+        score_threshold: "adaptive" (paper section 3.5) or a float in [0, 1].
+        use_clahe, use_lung_mask: section 3.2 preprocessing switches.
+        batch_slices: stacks per network call.
+        progress: callback(fraction in [0, 1], message).
+        classify_with: click network ids (e.g. ("lnmsnet",)) run at each found nodule's
+            centre; their malignancy / sign probabilities go to ``NoduleResult.networks``
+            (``dice_with_final`` = Dice of their own mask with the detector's mask).
+        networks: pre-loaded {id: module} for ``classify_with``.
+        restrict_to_lungs, input_scale, channels_last, num_threads: speed options (see
+            :func:`run_slice_detections`).
+        max_nodules: report at most this many nodules (highest scores; 100).
+        lung: precomputed lung mask.
+
+    Returns:
+        :class:`~NoduleMTLLib.results.AnalysisResult`: ``nodules`` ranked by descending
+        detection score (id 1 = highest), each with ``mask`` (bool (z, y, x) on the CT
+        grid), the click path's measurements, ``point_lps_mm`` = the nodule's centre and
+        ``detection`` (:func:`detection_record`: score, voxel / world box, centre, slice
+        range); ``run`` describes the search (threshold used, slices searched, timings:
+        load, lung_mask, preprocess, network, merge, measure, classify, total seconds);
+        ``messages`` holds notes (thick slices, nodule cap, nothing found).
+
+    Raises:
+        InputError: fewer than 5 slices; unknown ``classify_with`` id.
+        NoLungError: no plausible lung in the CT.
+        ValueError: bad ``score_threshold`` / ``batch_slices`` / ``input_scale``.
+        DetectorUnavailableError, WeightsError: detector or click-network weights missing.
+        DeviceError: unavailable device.
+    """
+    from ..device import resolve_device
+    from ..registry import NETWORKS
+
+    t0 = time.perf_counter()
+    progress = progress or (lambda f, m: None)
+    parse_threshold(score_threshold)  # fail fast, before loading anything
+    unknown = [n for n in classify_with if n not in NETWORKS or n == DETECTOR_ID]
+    if unknown:
+        raise InputError(f"Unknown click network(s) for classification: {', '.join(unknown)}; "
+                         f"available: {', '.join(NETWORKS)}")
+    pp.check_detection_input(ct, warn=False)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    t = time.perf_counter()
+    if model is None:
+        progress(0.0, f"loading {DETECTOR_ID} on {dev}")
+        model = load_detector(dev)
+    t_load = time.perf_counter() - t
+    sd = run_slice_detections(ct, model, dev, use_clahe=use_clahe, use_lung_mask=use_lung_mask,
+                              restrict_to_lungs=restrict_to_lungs, batch_slices=batch_slices, input_scale=input_scale,
+                              channels_last=channels_last, num_threads=num_threads, lung=lung, progress=progress)
+    res = result_from_detections(ct, sd, score_threshold, classify_with=classify_with, networks=networks, device=dev,
+                                 max_nodules=max_nodules, progress=progress, extra_timing={"load": t_load})
+    res.run["timing_s"]["total"] = round(time.perf_counter() - t0, 3)  # wall clock, overheads included
+    return res
