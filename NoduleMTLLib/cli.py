@@ -2,6 +2,8 @@
 
     nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks lnmsnet]
                          [--device auto|cpu|cuda] [--mask first|consensus] --out DIR
+    nodulemtl analyze CT --detect [--threshold adaptive|0.x] [--networks lnmsnet|none]
+                         [--device auto|cpu|cuda] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
                     [--networks lnmsnet] [--device auto] [--overwrite]
 
@@ -36,6 +38,25 @@ def _progress_bar(disable: bool, progress_format: str = "bar"):
     return bar, cb
 
 
+def _threshold_arg(text: str):
+    """argparse type of ``--threshold``: 'adaptive' or a float in [0, 1]."""
+    from .detection.infer import parse_threshold
+
+    try:
+        return parse_threshold(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _detect(args, ct, nets, progress):
+    """``analyze --detect``: the whole-scan search (:func:`NoduleMTLLib.detection.infer.detect_nodules`)."""
+    from .detection.infer import detect_nodules
+
+    classify = () if [n.lower() for n in nets] == ["none"] else tuple(nets)
+    return detect_nodules(ct, device=args.device, score_threshold=args.threshold, progress=progress,
+                          classify_with=classify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES
 
@@ -44,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("analyze", help="segment and characterise the nodule at each clicked point")
     a.add_argument("ct", help="CT image file (.nrrd, .nii[.gz], .mha/.mhd) or DICOM series folder")
-    a.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"), required=True,
-                   help="world point in mm (RAS unless --lps); repeat for several nodules")
+    a.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+                   help="world point in mm (RAS unless --lps); repeat for several nodules (required unless --detect)")
+    a.add_argument("--detect", action="store_true",
+                   help="search the whole scan for nodules (maskrcnn25d) instead of analysing clicked points; "
+                        "--networks then classifies each found nodule ('none': detection only)")
+    a.add_argument("--threshold", default="adaptive", type=_threshold_arg,
+                   help="--detect: score threshold, 'adaptive' (default: 30th percentile of the scan's slice "
+                        "scores clipped to [0.1, 0.5]) or a number in [0, 1]")
     a.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
     a.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
     a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
@@ -54,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(2 networks: intersection); nodules.json has the consensus figures either way")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
-    a.add_argument("--progress-format", default="bar", choices=("bar", "lines"),
-                   help="bar: progress bar on stderr; lines: flushed <filter-progress>F</filter-progress> and "
-                        "<filter-comment>TEXT</filter-comment> lines on stdout (machine-readable)")
     a.add_argument("--dicom-seg", action="store_true",
                    help="also write DIR/segmentation.dcm: DICOM SEG of the nodules referencing the input series "
                         "(input must be a DICOM series folder)")
+    a.add_argument("--progress-format", default="bar", choices=("bar", "lines"),
+                   help="bar: progress bar on stderr; lines: flushed <filter-progress>F</filter-progress> and "
+                        "<filter-comment>TEXT</filter-comment> lines on stdout (machine-readable)")
     b = sub.add_parser("batch", help="analyze many CTs (folder or list file), one output folder per case + summary.csv")
     b.add_argument("input", help="folder of CT files / DICOM series folders, or a text file listing one path per line")
     b.add_argument("--out", required=True, help="output folder: <case>/ per case and summary.csv")
@@ -81,6 +108,8 @@ def main(argv=None) -> int:
     if args.cmd == "batch":
         from . import batch
         return batch.main(args)
+    if bool(args.detect) == bool(args.point):
+        ap.error("analyze needs either --point (one or more) or --detect")
     from .device import DeviceError
     from .io import InputError, ras_to_lps, read_ct
     from .outputs import OutputError, prepare_output_dir, write_outputs
@@ -96,11 +125,11 @@ def main(argv=None) -> int:
             ct = read_ct(args.ct)
             if args.dicom_seg and ct.dicom_series_uid is None:
                 raise InputError(f"--dicom-seg needs a DICOM series folder as input; {args.ct} is not one")
-            pts = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point]
+            pts = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point or []]
             bar, cb = _progress_bar(args.quiet, args.progress_format)
             try:
                 from .runner import with_cpu_fallback  # CUDA out of memory -> retried on the CPU
-                res = with_cpu_fallback(
+                res = _detect(args, ct, nets, cb) if args.detect else with_cpu_fallback(
                     lambda dev: analyze_points(ct, pts, network_ids=nets, device=dev, progress=cb, mask=args.mask),
                     args.device, notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
             finally:
@@ -119,8 +148,15 @@ def main(argv=None) -> int:
         print(f"nodulemtl: error: {e}", file=sys.stderr)
         return 1
     n_found = sum(n.found for n in res.nodules)
+    for m in getattr(res, "messages", ()):
+        print(f"nodulemtl: note: {m}", file=sys.stderr)
     for n in res.nodules:
-        if n.found:
+        if n.found and n.detection is not None:
+            probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
+            print(f"Nodule {n.id}: score {n.detection['score']:.2f}, RAS {tuple(round(v, 1) for v in n.point_ras_mm)}, "
+                  f"{n.diameter_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.volume_mm3:.0f} mm3, {n.type}"
+                  + (f"; P(malignant): {probs}" if probs else ""))
+        elif n.found:
             probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
             c = n.consensus
             if c is not None and c.n_networks >= 2 and c.malignancy_probability is not None:
