@@ -464,7 +464,8 @@ def test_add_result_to_scene_segments_masks_tags_and_table(app, crop):
         segment = segmentation.GetNthSegment(i)
         sid = segmentation.GetNthSegmentID(i)
         assert segment.GetName() == f"Nodule {nodule.id}"
-        np.testing.assert_allclose(segment.GetColor(), M.NODULE_COLORS[i], atol=1e-6)
+        np.testing.assert_allclose(segment.GetColor(), M.probability_color(
+            nodule.networks["lnmsnet"].malignancy_probability), atol=1e-6)
         if hasattr(segment, "GetTerminology"):
             assert segment.GetTerminology() == NODULE_TERMINOLOGY
         tags = _segment_tags(segment)
@@ -642,7 +643,8 @@ def test_seg_nrrd_round_trip_keeps_segments(app, crop, tmp_path, slicer_share):
         for i, nodule in enumerate(n for n in result.nodules if n.found):
             segment = segmentation.GetNthSegment(i)
             assert segment.GetName() == nodule.name
-            np.testing.assert_allclose(segment.GetColor(), M.NODULE_COLORS[i], atol=1e-3)
+            np.testing.assert_allclose(segment.GetColor(), M.probability_color(
+                nodule.networks["lnmsnet"].malignancy_probability), atol=1e-3)
             assert _get_tag(segment, segment.GetTerminologyEntryTagName()) == NODULE_TERMINOLOGY
             assert float(_get_tag(segment, "NoduleMTL.diameter_mm")) == pytest.approx(nodule.diameter_mm, rel=1e-5)
             mask = M.label_array_from_segmentation(loaded, segmentation.GetNthSegmentID(i), volume2)
@@ -683,3 +685,289 @@ def test_unknown_values_give_nan_and_no_tag(app, crop):
     assert math.isnan(table.GetColumnByName("networks.lnmsnet.malignancy_probability").GetValue(0))
     assert math.isnan(table.GetColumnByName("short_axis_mm").GetValue(0))
     assert table.GetColumnByName("networks.lnmsnet.malignancy_probability").GetValue(1) == pytest.approx(0.23)
+
+
+# ---------------------------------------------------------------------------
+# probability colours and legend
+# ---------------------------------------------------------------------------
+
+def test_probability_color_ramp_and_legend():
+    green, yellow, red, grey = (M.PROBABILITY_COLORS[k] for k in ("low", "intermediate", "high", "unknown"))
+    assert len({green, yellow, red, grey}) == 4
+    for p, expected in ((0.0, green), (0.2999, green), (0.3, yellow), (0.5999, yellow), (0.6, red), (1.0, red),
+                        (None, grey), (math.nan, grey)):
+        assert M.probability_color(p) == expected, p
+    for bad in (-0.01, 1.01):
+        with pytest.raises(ValueError):
+            M.probability_color(bad)
+    legend = M.probability_legend()
+    for word in ("green", "yellow", "red", "grey", "0.3", "0.6"):
+        assert word in legend
+
+
+def test_segment_colors_follow_probabilities(app, crop):
+    volume = add_volume_from_array(app.scene, crop.ct)
+    result = make_result(crop)  # P(malignant) 0.81, 0.23, 0.79
+    result.nodules[2].networks = {"lnmsnet": NetworkOutput("lnmsnet", None, {}, None)}  # unknown -> grey
+    seg_node, _ = M.add_result_to_scene(app.scene, result, volume)
+    colors = [tuple(round(c, 6) for c in seg_node.GetSegmentation().GetNthSegment(i).GetColor()) for i in range(3)]
+    assert colors == [M.PROBABILITY_COLORS["high"], M.PROBABILITY_COLORS["low"], M.PROBABILITY_COLORS["unknown"]]
+    # the first network with a probability decides
+    result.run["networks"] = ["detguided", "lnmsnet"]
+    result.nodules[0].networks["detguided"] = NetworkOutput("detguided", 0.45, {}, None)
+    seg2, _ = M.add_result_to_scene(app.scene, result, volume)
+    assert seg2.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(M.PROBABILITY_COLORS["intermediate"])
+    assert seg2.GetSegmentation().GetNthSegment(1).GetColor() == pytest.approx(M.PROBABILITY_COLORS["low"])
+    seg3, _ = M.add_result_to_scene(app.scene, result, volume, colorBy="index")
+    for i in range(3):
+        assert seg3.GetSegmentation().GetNthSegment(i).GetColor() == pytest.approx(M.NODULE_COLORS[i])
+    with pytest.raises(ValueError, match="colorBy"):
+        M.add_result_to_scene(app.scene, result, volume, colorBy="rainbow")
+
+
+# ---------------------------------------------------------------------------
+# terminology resource
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def registered_terminology(app):
+    logic = app.logics["Terminologies"]
+    name = M.register_terminology(logic)
+    yield logic, name
+    M._registered_context = None  # module state: do not leak into other tests
+
+
+def test_terminology_resource_loaded_and_used(app, crop, registered_terminology, tmp_path, repo_dir):
+    logic, name = registered_terminology
+    assert name == M.TERMINOLOGY_CONTEXT_NAME and logic.IsTerminologyContextLoaded(name)
+    assert M.terminology_file() == str(repo_dir / "Resources" / "NoduleMTL.term.json")
+    assert M.register_terminology(logic) == name  # idempotent
+    assert logic.GetNumberOfCategoriesInTerminology(name) == 1
+    entry = slicer.vtkSlicerTerminologyEntry()
+    assert logic.FindTypeInTerminologyBy3dSlicerLabel(name, "lung nodule", entry)
+    assert entry.GetCategoryObject().GetCodeValue() == "49755003"
+    assert entry.GetTypeObject().GetCodeValue() == "27925004"
+    assert entry.GetTypeObject().GetCodingSchemeDesignator() == "SCT"
+    # the same codes as NODULE_TERMINOLOGY (used by the CLI's .seg.nrrd and the DICOM SEG)
+    parts = NODULE_TERMINOLOGY.split("~")
+    assert parts[1] == "SCT^49755003^" + entry.GetCategoryObject().GetCodeMeaning()
+    assert parts[2] == "SCT^27925004^" + entry.GetTypeObject().GetCodeMeaning()
+
+    volume = add_volume_from_array(app.scene, crop.ct)
+    seg_node, _ = M.add_result_to_scene(app.scene, make_result(crop), volume)
+    segment = seg_node.GetSegmentation().GetNthSegment(0)
+    text = _get_tag(segment, segment.GetTerminologyEntryTagName())
+    assert text == M.nodule_terminology_entry() and text.startswith(name + "~")
+    parsed = slicer.vtkSlicerTerminologyEntry()
+    assert logic.DeserializeTerminologyEntry(text, parsed)
+    assert parsed.GetTerminologyContextName() == name
+    assert parsed.GetTypeObject().GetCodeValue() == "27925004"
+    assert parsed.GetAnatomicRegionObject().GetCodeValue() == "39607008"
+    # an independent reader sees the codes in the written .seg.nrrd
+    slicerio = pytest.importorskip("slicerio")
+    path = tmp_path / "t.seg.nrrd"
+    storage = app.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    seg_node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.WriteData(seg_node)
+    info = slicerio.read_segmentation(str(path), skip_voxels=True)
+    assert info["segments"][0]["terminology"]["type"] == ["SCT", "27925004", "Nodule"]
+    assert info["segments"][0]["terminology"]["contextName"] == name
+
+
+def test_terminology_without_registration_is_general_anatomy():
+    assert M._registered_context is None
+    assert M.nodule_terminology_entry() == NODULE_TERMINOLOGY
+    with pytest.raises(ValueError):
+        M.register_terminology(None)
+
+
+# ---------------------------------------------------------------------------
+# refinement loop on a real scene: click path -> edit segment -> reclassify / export
+# ---------------------------------------------------------------------------
+
+SAMPLE_POINTS_RAS = [(-72.5, -77.2, -190.4), (-23.5, 47.6, -172.3)]
+
+
+@pytest.fixture
+def clicked_scene(app, repo_dir):
+    """The sample CT loaded by Slicer's reader, the click path run on its two nodules
+    (LNMSNet, CPU) and the result added to the scene."""
+    from NoduleMTLLib.io import ras_to_lps
+    from NoduleMTLLib.pipeline import analyze_points
+
+    volume = load_volume_from_file(app.scene, repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd",
+                                   name="LIDC-IDRI-0003 crop")
+    ct = M.volume_node_to_ct(volume)
+    result = analyze_points(ct, [ras_to_lps(p) for p in SAMPLE_POINTS_RAS], ["lnmsnet"], device="cpu")
+    assert all(n.found for n in result.nodules)
+    seg_node, table_node = M.add_result_to_scene(app.scene, result, volume)
+    return volume, ct, result, seg_node, table_node
+
+
+def _labelmap_state(seg_node, segment_id):
+    """The segment's stored binary labelmap, exactly: voxels, extent, geometry, label value."""
+    segment = seg_node.GetSegmentation().GetSegment(segment_id)
+    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    scalars = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).copy()
+    return (tuple(image.GetExtent()), tuple(m.GetElement(r, c) for r in range(4) for c in range(4)),
+            segment.GetLabelValue(), scalars)
+
+
+def _assert_same_labelmap(a, b):
+    assert a[:3] == b[:3]
+    np.testing.assert_array_equal(a[3], b[3])
+
+
+def _erode_segment_like_margin_effect(seg_node, segment_id):
+    """Shrink a segment by one voxel in-plane the way Segment Editor's Margin effect does:
+    vtkImageDilateErode3D on the segment's labelmap, written back with SetBinaryLabelmapToSegment."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    labelmap = slicer.vtkOrientedImageData()
+    assert logic.GetSegmentBinaryLabelmapRepresentation(seg_node, segment_id, labelmap, False)
+    erode = vtk.vtkImageDilateErode3D()
+    erode.SetInputData(labelmap)
+    erode.SetDilateValue(0)  # background grows into the segment
+    erode.SetErodeValue(1)
+    erode.SetKernelSize(3, 3, 1)
+    erode.Update()
+    modified = slicer.vtkOrientedImageData()
+    modified.ShallowCopy(erode.GetOutput())
+    modified.CopyDirections(labelmap)
+    assert logic.SetBinaryLabelmapToSegment(modified, seg_node, segment_id, logic.MODE_REPLACE, labelmap.GetExtent())
+
+
+def _row(table_node, name, row):
+    return table_node.GetTable().GetColumnByName(name).GetValue(row)
+
+
+def test_reclassify_segment_follows_user_edit_and_keeps_it(app, clicked_scene):
+    from NoduleMTLLib.refine import reclassify_from_mask
+
+    volume, ct, result, seg_node, table_node = clicked_scene
+    segmentation = seg_node.GetSegmentation()
+    seg_id = segmentation.GetNthSegmentID(1)  # nodule 2, the 11 mm nodule
+    other_id = segmentation.GetNthSegmentID(0)
+    original = result.nodules[1]
+    np.testing.assert_array_equal(M.label_array_from_segmentation(seg_node, seg_id, volume), original.mask)
+
+    _erode_segment_like_margin_effect(seg_node, seg_id)
+    edited = M.label_array_from_segmentation(seg_node, seg_id, volume)
+    assert 0 < edited.sum() < original.mask.sum()
+    assert not (edited & ~original.mask).any()
+    edited_state, other_state = _labelmap_state(seg_node, seg_id), _labelmap_state(seg_node, other_id)
+    segment = segmentation.GetSegment(seg_id)
+    name_before, term_before = segment.GetName(), _get_tag(segment, segment.GetTerminologyEntryTagName())
+    table_before_row0 = [_row(table_node, c, 0) for c in ("volume_mm3", "diameter_mm", "networks.lnmsnet.malignancy_probability")]
+    nodes_before = _node_ids(app.scene)
+
+    new = M.reclassify_segment(app.scene, seg_node, seg_id, volume, table_node, ["lnmsnet"], device="cpu")
+
+    # --- the user's edit is untouched (bit-identical labelmap), other segments too
+    _assert_same_labelmap(_labelmap_state(seg_node, seg_id), edited_state)
+    _assert_same_labelmap(_labelmap_state(seg_node, other_id), other_state)
+    assert segment.GetName() == name_before and _get_tag(segment, segment.GetTerminologyEntryTagName()) == term_before
+    assert _node_ids(app.scene) == nodes_before  # no leftover temporary nodes
+
+    # --- measurements follow the edit
+    vox = float(np.prod(ct.spacing))
+    assert new.id == 2 and new.found
+    np.testing.assert_array_equal(new.mask, edited)
+    assert new.volume_mm3 == pytest.approx(edited.sum() * vox)
+    assert new.volume_mm3 < original.volume_mm3 and new.diameter_mm < original.diameter_mm
+    np.testing.assert_allclose(new.point_lps_mm, original.point_lps_mm, atol=1e-5)  # the click is kept
+
+    # --- probabilities recomputed from the edited mask (and differ from those of the unedited mask)
+    p_new = new.networks["lnmsnet"].malignancy_probability
+    p_direct = reclassify_from_mask(ct, edited, ["lnmsnet"], device="cpu").networks["lnmsnet"].malignancy_probability
+    p_unedited = reclassify_from_mask(ct, original.mask, ["lnmsnet"], device="cpu").networks["lnmsnet"].malignancy_probability
+    assert p_new == pytest.approx(p_direct, abs=1e-4)
+    assert abs(p_new - p_unedited) > 0.01, (p_new, p_unedited)
+
+    # --- table row 2 updated, row 1 unchanged
+    assert _row(table_node, "volume_mm3", 1) == pytest.approx(new.volume_mm3)
+    assert _row(table_node, "diameter_mm", 1) == pytest.approx(new.diameter_mm)
+    assert _row(table_node, "networks.lnmsnet.malignancy_probability", 1) == pytest.approx(p_new)
+    assert "edited mask" in _row(table_node, "message", 1)
+    assert [_row(table_node, c, 0) for c in ("volume_mm3", "diameter_mm", "networks.lnmsnet.malignancy_probability")] \
+        == table_before_row0
+    # --- segment tags and colour updated
+    assert float(_get_tag(segment, "NoduleMTL.volume_mm3")) == pytest.approx(new.volume_mm3, rel=1e-5)
+    assert float(_get_tag(segment, "NoduleMTL.malignancy_probability.lnmsnet")) == pytest.approx(p_new, abs=1e-5)
+    assert _get_tag(segment, "NoduleMTL.reclassified") == "1"
+    assert not segment.HasTag("NoduleMTL.dice_with_final.lnmsnet")
+    assert segment.GetColor() == pytest.approx(M.probability_color(p_new))
+
+    # --- defaults: table found through the segmentation's reference, networks from the run
+    seg_node.GetSegmentation().GetSegment(other_id)  # nodule 1 untouched so far
+    new1 = M.reclassify_segment(None, seg_node, other_id, volume, device="cpu")
+    assert new1.id == 1 and set(new1.networks) == {"lnmsnet"}
+    assert _row(table_node, "volume_mm3", 0) == pytest.approx(result.nodules[0].volume_mm3)  # unedited: same volume
+
+
+def test_reclassify_segment_errors_and_user_drawn_segment(app, clicked_scene):
+    volume, ct, result, seg_node, table_node = clicked_scene
+    with pytest.raises(ValueError, match="no segment"):
+        M.reclassify_segment(app.scene, seg_node, "nope", volume, table_node, ["lnmsnet"], device="cpu")
+    with pytest.raises(ValueError):
+        M.reclassify_segment(app.scene, None, "x", volume)
+    # a segment the user drew (no NoduleMTL tags): a new table row, nothing else touched
+    mask = ndi_dilate(result.nodules[0].mask)
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    new_id = M._import_mask_as_segment(mask, M._ijk_to_ras_local(volume), labelmap, seg_node)
+    n_rows = table_node.GetNumberOfRows()
+    r = M.reclassify_segment(app.scene, seg_node, new_id, volume, table_node, ["lnmsnet"], device="cpu")
+    assert r.id == 3 and table_node.GetNumberOfRows() == n_rows + 1
+    assert _row(table_node, "segment_id", n_rows) == new_id
+    assert _row(table_node, "volume_mm3", n_rows) == pytest.approx(mask.sum() * float(np.prod(ct.spacing)))
+    # an erased segment: clear error, nothing changed
+    seg_id = seg_node.GetSegmentation().GetNthSegmentID(1)
+    empty = slicer.vtkOrientedImageData()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(seg_node, seg_id, empty, False)
+    vtk.util.numpy_support.vtk_to_numpy(empty.GetPointData().GetScalars())[:] = 0
+    empty.Modified()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        empty, seg_node, seg_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, empty.GetExtent())
+    before = _row(table_node, "volume_mm3", 1)
+    with pytest.raises(InputError, match="empty"):
+        M.reclassify_segment(app.scene, seg_node, seg_id, volume, table_node, ["lnmsnet"], device="cpu")
+    assert _row(table_node, "volume_mm3", 1) == before
+
+
+def ndi_dilate(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, structure=np.ones((1, 3, 3), bool), iterations=2)
+
+
+def test_export_segment_for_training_round_trip(app, clicked_scene, tmp_path):
+    from training.data import load_user_cases
+
+    volume, ct, result, seg_node, table_node = clicked_scene
+    sh = app.sh
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "LIDC-IDRI-0003")
+    sh.SetItemAttribute(patient, "DICOM.PatientID", "LIDC-IDRI-0003")
+    study = sh.CreateStudyItem(patient, "CT")
+    item = sh.GetItemByDataNode(volume)
+    if item == sh.GetInvalidItemID():
+        item = sh.CreateItem(sh.GetSceneItemID(), volume)
+    sh.SetItemParent(item, study)
+
+    seg_id = seg_node.GetSegmentation().GetNthSegmentID(1)
+    _erode_segment_like_margin_effect(seg_node, seg_id)
+    edited = M.label_array_from_segmentation(seg_node, seg_id, volume)
+    state = _labelmap_state(seg_node, seg_id)
+    out = M.export_segment_for_training(seg_node, seg_id, volume, tmp_path, {"malignancy": 2, "spiculation": 1})
+    _assert_same_labelmap(_labelmap_state(seg_node, seg_id), state)
+    assert out["case_id"] == "LIDC-IDRI-0003_crop_Nodule_2"
+    with open(out["labels_csv"], newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["patient_id"] == "LIDC-IDRI-0003" and row["label"] == "0"
+    (case,) = load_user_cases(tmp_path)
+    ks = np.nonzero(edited.any((1, 2)))[0]
+    np.testing.assert_array_equal(case.consensus.reshape(len(ks), -1).sum(1), edited[ks].reshape(len(ks), -1).sum(1))
+    assert case.label == 0 and case.ratings == {"spiculation": 1.0}
+    with pytest.raises(InputError, match="already"):
+        M.export_segment_for_training(seg_node, seg_id, volume, tmp_path, {"malignancy": 2})
