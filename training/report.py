@@ -253,3 +253,104 @@ def write_report(network: str, runs_dir: Path | None = None, out_dir: Path | Non
     (out / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
     (out / "summary.md").write_text(summary_markdown(network, summary))
     return summary
+
+
+def evaluate_consensus_vois(network_ids: tuple[str, ...], split: str = "val", data_dir=None, limit: int | None = None) -> dict:
+    """Consensus vs. single networks on the HU VOIs of held-out patients (3D click path).
+
+    Same protocol as ``training.evaluate_click.evaluate_vois`` (click at the labelled centre of
+    every ``lidc_vois`` nodule of the split, VOIs whose centre lies outside them skipped), but
+    all ``network_ids`` run together through ``analyze_points``: per nodule the 3D Dice of
+    each network's own mask, of the consensus mask (strict majority; 2 networks:
+    intersection) and of the union against the readers' consensus; malignancy AUC of each
+    network's probability and of the consensus (mean) probability; and how often the
+    disagreement flag is "high".  A mask a network did not produce counts as empty (Dice 0).
+
+    Returns: {"networks", "split", "n_nodules", "dice3d": {name: {"mean", "median"}},
+    "dices": {name: [per nodule]}, "classification": {name: stats}, "disagreement_high",
+    "high_vs_low_dice": mean consensus Dice of "high" vs "low" nodules}.
+    """
+    import csv as _csv
+
+    import SimpleITK as sitk
+
+    from NoduleMTLLib.io import CTVolume
+    from NoduleMTLLib.metrics import dice
+    from NoduleMTLLib.pipeline import analyze_points
+    from NoduleMTLLib.registry import load_network
+    from training.data import default_data_dir, load_split, malignancy_label
+
+    d = Path(data_dir or default_data_dir()) / "lidc_vois"
+    patients = set(load_split()[split])
+    rows = [r for r in _csv.DictReader(open(d / "labels.csv")) if r["patient_id"] in patients][:limit]
+    nets = {n: load_network(n, "cpu") for n in network_ids}
+    names = list(network_ids) + ["consensus", "union"]
+    dices = {k: [] for k in names}
+    probs = {k: [] for k in list(network_ids) + ["consensus"]}
+    labels, flags = [], []
+    for r in rows:
+        ct = CTVolume(sitk.ReadImage(str(d / r["image"])), source=r["image"])
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(d / r["mask"]))) > 0
+        c = (float(r["coordX"]), float(r["coordY"]), float(r["coordZ"]))
+        if not ct.contains_lps(c):
+            continue
+        nd = analyze_points(ct, [c], network_ids=network_ids, device="cpu", networks=nets).nodules[0]
+        full = {k: (b.to_full() if b is not None else np.zeros_like(ref)) for k, b in nd.network_masks.items()}
+        for k in network_ids:
+            dices[k].append(dice(full[k], ref))
+        cm = nd.consensus.mask.to_full() if nd.consensus.mask is not None else np.zeros_like(ref)
+        dices["consensus"].append(dice(cm, ref))
+        dices["union"].append(dice(np.logical_or.reduce([full[k] for k in network_ids]), ref))
+        flags.append(nd.consensus.disagreement)
+        lab = malignancy_label(float(r["Malignancy_value"]))
+        ps = {k: nd.networks[k].malignancy_probability for k in network_ids}
+        ps["consensus"] = nd.consensus.malignancy_probability
+        if lab >= 0 and all(v is not None for v in ps.values()):
+            labels.append(lab)
+            for k, v in ps.items():
+                probs[k].append(float(v))
+    hi = [dices["consensus"][i] for i, f in enumerate(flags) if f == "high"]
+    lo = [dices["consensus"][i] for i, f in enumerate(flags) if f == "low"]
+    return _clean({
+        "networks": list(network_ids), "split": split, "n_nodules": len(flags),
+        "dice3d": {k: {"mean": float(np.mean(v)), "median": float(np.median(v))} for k, v in dices.items()},
+        "classification": {k: binary_classification_stats(labels, v) for k, v in probs.items()},
+        "disagreement_high": int(sum(f == "high" for f in flags)),
+        "high_vs_low_dice": {"high": float(np.mean(hi)) if hi else None, "low": float(np.mean(lo)) if lo else None},
+        "dices": {k: [round(x, 4) for x in v] for k, v in dices.items()},
+        "labels": labels, "probs": {k: [round(x, 4) for x in v] for k, v in probs.items()},
+    })
+
+
+def main(argv=None) -> int:
+    """``python -m training.report consensus lnmsnet,detguided --split val``: write
+    ``runs/consensus_<ids>/eval_vois_<split>.json`` (:func:`evaluate_consensus_vois`) and print a summary."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m training.report")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("consensus", help="consensus vs. single networks on the HU VOIs")
+    c.add_argument("networks", help="comma-separated network ids (at least 2)")
+    c.add_argument("--split", choices=["val", "test"], default="val")
+    c.add_argument("--data", type=Path, default=None)
+    c.add_argument("--limit", type=int, default=None)
+    a = ap.parse_args(argv)
+    ids = tuple(n.strip() for n in a.networks.split(",") if n.strip())
+    if len(ids) < 2:
+        ap.error("consensus needs at least 2 networks")
+    import torch
+    torch.set_num_threads(2)
+    ev = evaluate_consensus_vois(ids, a.split, a.data, a.limit)
+    out = REPO / "runs" / f"consensus_{'_'.join(ids)}" / f"eval_vois_{a.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(ev, indent=1) + "\n")
+    for k, v in ev["dice3d"].items():
+        auc = ev["classification"].get(k, {}).get("auc")
+        print(f"{k:>12}: Dice3D mean {v['mean']:.3f} median {v['median']:.3f}" + (f"  AUC {auc:.3f}" if auc is not None else ""))
+    print(f"n={ev['n_nodules']}, disagreement high on {ev['disagreement_high']}; consensus Dice high {ev['high_vs_low_dice']['high']} "
+          f"vs low {ev['high_vs_low_dice']['low']} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

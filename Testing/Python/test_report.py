@@ -125,3 +125,35 @@ def test_evaluate_nodules_mtnet_metrics(shared_data):
     # pooled pixel Dice from the sums lies within the range of the per-nodule Dice
     pooled = 2 * px["tp"] / (2 * px["tp"] + px["fp"] + px["fn"])
     assert d.min() - 1e-9 <= pooled <= d.max() + 1e-9
+
+
+def test_results_table_sources_and_write(tmp_path):
+    """runs/ JSONs first, models.json as fallback, "pending" otherwise; stale weights flagged; block rewritten."""
+    from training import results_table as rt
+
+    repo = tmp_path
+    (repo / "runs" / "lnmsnet").mkdir(parents=True)
+    (repo / "runs" / "lnmsnet" / "eval_test.json").write_text(json.dumps(dict(EV_2D, split="test", sha256="old")))
+    (repo / "Resources" / "Weights").mkdir(parents=True)
+    man = {"networks": {
+        "lnmsnet": {"sha256": "new"},
+        "detguided": {"sha256": "d", "metrics": {"test": {"n_nodules": 9, "dice_mean": 0.7, "dice_median": 0.71, "auc": 0.8,
+                                                          "accuracy": 0.6, "sensitivity": 0.5, "specificity": 0.4, "n_classified": 5}}}}}
+    (repo / "Resources" / "Weights" / "models.json").write_text(json.dumps(man))
+    r = rt.collect("lnmsnet", "test", repo)
+    assert r["source"] == "runs/lnmsnet/" and r["stale"] and r["2d"]["pixel"]["recall"] == pytest.approx(0.75)
+    d = rt.collect("detguided", "test", repo)
+    assert d["source"] == "models.json" and d["2d"]["classification"]["auc"] == 0.8
+    assert rt.collect("mtnet", "test", repo)["source"] == "pending"
+    t = rt.tables(repo)
+    row = next(ln for ln in t.splitlines() if ln.startswith("| `lnmsnet` | 4 |"))
+    assert "| 0.625 | 0.650 | 0.513 | 0.930 | 0.750 | 0.950 | 4 (2) | 0.250 | 0.500 | 0.500 | 0.000 |" in row and "stale" in row
+    assert "| `detguided` | 9 | 0.700 | 0.710 |" in t and "| `mtnet` | pending |" in t
+    md = repo / "RESULTS.md"
+    md.write_text(f"head\n{rt.BEGIN}\nOLDBLOCK\n{rt.END}\ntail\n")
+    rt.write(md, repo)
+    text = md.read_text()
+    assert text.startswith("head\n") and text.endswith("tail\n") and "OLDBLOCK" not in text and "| `detguided` | 9 |" in text
+    md.write_text("no markers")
+    with pytest.raises(ValueError):
+        rt.write(md, repo)
