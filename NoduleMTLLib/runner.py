@@ -932,14 +932,18 @@ def consensus_text(consensus: dict | None) -> str:
 
 
 def summary_html(result, disclaimer: str = "Research use only: not for clinical diagnosis.") -> str:
-    """The panel's summary (HTML): per nodule its size and type, per network the
-    malignancy probability and sign probabilities, and the consensus line when present.
+    """The panel's summary (HTML): the run's notes (``messages``), then per nodule its size
+    and type (and detection score), per network the malignancy probability and sign
+    probabilities, and the consensus line when present.
 
     Args:
         result: an ``AnalysisResult`` or its ``to_dict()`` (``nodules.json``).
     """
     lines = []
-    for n in _result_dict(result).get("nodules", []):
+    d = _result_dict(result)
+    for message in d.get("messages") or []:
+        lines.append(f"<i>{html.escape(str(message))}</i>")
+    for n in d.get("nodules", []):
         name = html.escape(str(n.get("name") or f"Nodule {n.get('id')}"))
         if not n.get("found"):
             lines.append(f"<b>{name}</b>: no nodule found at the point. {html.escape(n.get('message') or '')}".strip())

@@ -209,6 +209,23 @@ def test_load_outputs_round_trips_records(direct_result, sample_ct, tmp_path):
     assert loaded.to_dict()["nodules"] == direct_result.to_dict()["nodules"]
     assert loaded.run == direct_result.run and loaded.input == direct_result.input
     assert np.array_equal(loaded.label_array(sample_ct.shape_zyx), direct_result.label_array(sample_ct.shape_zyx))
+    if direct_result.nodules[0].consensus is not None:  # rebuilt as a read-only record of the JSON
+        assert loaded.nodules[0].consensus.n_networks == direct_result.nodules[0].consensus.n_networks
+    # optional fields of whole-scan results (detection record, run notes) survive too
+    import copy
+    import dataclasses
+
+    if "detection" in {f.name for f in dataclasses.fields(direct_result.nodules[0])}:
+        res = copy.deepcopy(direct_result)
+        det = {"detector": "maskrcnn25d", "score": 0.87, "box_ijk": [60, 90, 10, 85, 118, 20]}
+        res.nodules[0].detection = det
+        res.messages = ["slices are 2.5 mm thick"]
+        write_outputs(res, sample_ct, tmp_path / "det")
+        loaded = load_outputs(tmp_path / "det")
+        assert loaded.nodules[0].detection == det
+        assert loaded.messages == ["slices are 2.5 mm thick"]
+        text = runner.summary_html(loaded)
+        assert "detection score 0.87" in text and "slices are 2.5 mm thick" in text
 
 
 def test_load_outputs_errors(direct_result, sample_ct, tmp_path):
