@@ -48,12 +48,13 @@ def _threshold_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _detect(args, ct, nets, progress):
-    """``analyze --detect``: the whole-scan search (:func:`NoduleMTLLib.detection.infer.detect_nodules`)."""
+def _detect(args, ct, nets, progress, device=None):
+    """``analyze --detect``: the whole-scan search (:func:`NoduleMTLLib.detection.infer.detect_nodules`)
+    on ``device`` (default ``args.device``)."""
     from .detection.infer import detect_nodules
 
     classify = () if [n.lower() for n in nets] == ["none"] else tuple(nets)
-    return detect_nodules(ct, device=args.device, score_threshold=args.threshold, progress=progress,
+    return detect_nodules(ct, device=device or args.device, score_threshold=args.threshold, progress=progress,
                           classify_with=classify)
 
 
@@ -129,8 +130,9 @@ def main(argv=None) -> int:
             bar, cb = _progress_bar(args.quiet, args.progress_format)
             try:
                 from .runner import with_cpu_fallback  # CUDA out of memory -> retried on the CPU
-                res = _detect(args, ct, nets, cb) if args.detect else with_cpu_fallback(
-                    lambda dev: analyze_points(ct, pts, network_ids=nets, device=dev, progress=cb, mask=args.mask),
+                res = with_cpu_fallback(
+                    lambda dev: _detect(args, ct, nets, cb, dev) if args.detect else
+                    analyze_points(ct, pts, network_ids=nets, device=dev, progress=cb, mask=args.mask),
                     args.device, notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
             finally:
                 bar.close()
