@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     e.add_argument("--data", type=Path, default=None)
     e.add_argument("--out", type=Path, default=None, help="report JSON path")
     e.add_argument("--vois", action="store_true", help="3D click-path evaluation on the HU VOIs (lidc_vois) instead")
+    e.add_argument("--whole-ct", action="store_true",
+                   help="maskrcnn25d: whole-scan evaluation on ../shared/data/whole_ct (LIDC test patients 0003/0005: "
+                        "P/R/F1, FROC/CPM; Lung-PET-CT-Dx A0001/A0002 tumour boxes), see training/evaluate_detection.py")
     x = sub.add_parser("export", help="export a checkpoint to fp16 safetensors for shipping")
     x.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
     x.add_argument("checkpoint", type=Path)
@@ -118,6 +121,12 @@ def main(argv=None) -> int:
         from training import click2d
         from training.data import load_slice_nodules, load_split
         torch.set_num_threads(2)
+        if a.whole_ct:
+            if a.network != "maskrcnn25d":
+                ap.error("--whole-ct is for the whole-scan detector maskrcnn25d")
+            from training import evaluate_detection
+            evaluate_detection.run(a.weights, data=a.data, out=a.out)
+            return 0
         if a.vois:
             from training.evaluate_click import evaluate_vois
             ev = evaluate_vois(a.network, a.split, a.data)

@@ -367,3 +367,69 @@ def test_trained_detector_finds_the_a0001_adenocarcinoma(repo_dir, shared_data):
             if n.mask is not None and n.mask[k, bj0:bj1 + 1, bi0:bi1 + 1].any():
                 hit = True
     assert hit, f"no detection overlaps the tumour box ({len(res.nodules)} nodules)"
+
+
+# ----------------------------------------------------------------------------- evaluation script
+
+
+def _oracle_detections(ct, labels, score=0.9):
+    """Slice detections copied from a reference label map: one per nodule and slice (box + mask)."""
+    dets = []
+    for k in range(labels.shape[0]):
+        for v in np.unique(labels[k]):
+            if v == 0:
+                continue
+            jj, ii = np.nonzero(labels[k] == v)
+            i0, j0, i1, j1 = ii.min(), jj.min(), ii.max() + 1, jj.max() + 1
+            dets.append(infer.SliceDetection(k, np.array([i0, j0, i1, j1], float), score,
+                                             labels[k, j0:j1, i0:i1] == v, (int(i0), int(j0))))
+    rep = pp.check_detection_input(ct, warn=False)
+    return infer.SliceDetections(dets, ct.shape_zyx, sorted({d.slice for d in dets}), (0, 512, 0, 512), None, rep)
+
+
+def test_evaluation_protocol_with_oracle_detections(shared_data, monkeypatch):
+    """training/evaluate_detection.py on the real references, with detections copied from them:
+    every counted nodule is a TP, nothing is an FP, FROC sensitivity 1 at every rate; the
+    Lung-PET-CT-Dx tumour boxes are all found.  (Checks the protocol, not a network.)"""
+    from training import evaluate_detection as E
+
+    def oracle(ct, model, device, **kw):
+        return _oracle_detections(ct, oracle.labels)
+
+    folder = shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "nodules_labels.nrrd")))
+    # Nodule 1 (one reader, k 62-70) sits right below nodule 2 (four readers, k 72-79) with
+    # overlapping boxes: copied together, the 3D merge joins them into one prediction whose
+    # centre slice is > 3 slices from either (an FP and a miss under the paper's rule).  The
+    # oracle therefore copies the counted nodules 2, 3, 4 only.
+    oracle.labels = np.where(labels == 1, 0, labels)
+    monkeypatch.setattr(infer, "run_slice_detections", oracle)
+    r = E.evaluate_lidc(None, folder, ("adaptive", 0.5))
+    fs = r.pop("_froc")
+    for key in ("adaptive", "0.5"):
+        t = r["thresholds"][key]
+        assert (t["tp"], t["fp"], t["fn"]) == (3, 0, 0), t  # nodule 1 (1 reader) is not counted
+        assert t["found"] == [2, 3, 4]
+    assert [x["counted"] for x in r["references"]] == [False, True, True, True]
+    f = ev.froc([fs])
+    assert f.sensitivities == pytest.approx((1.0,) * 7) and f.n_false_positives == 0
+    oracle.labels = labels  # with nodule 1: one merged prediction for 1 + 2
+    t = E.evaluate_lidc(None, folder, (0.5,))["thresholds"]["0.5"]
+    assert t["n_detections"] == 3 and (t["tp"], t["fp"], t["fn"]) == (2, 1, 1)
+
+    a1 = read_ct(shared_data / "whole_ct" / "lung_pet_ct_dx_A0001.nrrd")
+    boxes = E._pet_boxes(shared_data / "whole_ct" / "lung_pet_ct_dx_boxes.csv")["lung_pet_ct_dx_A0001.nrrd"]
+    lab = np.zeros(a1.shape_zyx, np.uint8)
+    for b in boxes:
+        i0, j0, i1, j1 = b["box"]
+        lab[b["k"], j0:j1 + 1, i0:i1 + 1] = 1
+    oracle.labels = lab
+    p = E.evaluate_pet(None, shared_data / "whole_ct" / "lung_pet_ct_dx_A0001.nrrd", boxes, (0.5,))
+    t = p["thresholds"]["0.5"]
+    assert t["tumour_found"] and t["boxes_found"] == len(boxes) == 11 and t["n_other_detections"] == 0
+    # one merged nodule over the 11 slices: its in-plane box is the union of the boxes
+    u = np.array([[min(b["box"][0] for b in boxes), min(b["box"][1] for b in boxes),
+                   max(b["box"][2] for b in boxes) + 1, max(b["box"][3] for b in boxes) + 1]], float)
+    for x in t["per_box"]:
+        i0, j0, i1, j1 = x["box_ij"]
+        assert x["best_box_iou"] == pytest.approx(mg.box_iou_np(u, np.array([[i0, j0, i1 + 1, j1 + 1]]))[0, 0], abs=1e-3)
