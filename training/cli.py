@@ -22,10 +22,10 @@ def update_manifest(network_id: str, weights: Path) -> None:
     (written by ``evaluate`` on those exact weights).
     """
     from NoduleMTLLib import __version__
-    from NoduleMTLLib.registry import NETWORKS, sha256_of
+    from NoduleMTLLib.registry import get_spec, sha256_of
     mpath = weights.parent / "models.json"
     man = json.loads(mpath.read_text()) if mpath.exists() else {"format": 1, "networks": {}}
-    spec = NETWORKS[network_id]
+    spec = get_spec(network_id)
     entry = {
         "title": spec.title, "paper": spec.paper, "file": weights.name, "size_bytes": weights.stat().st_size,
         "sha256": sha256_of(weights), "version": __version__, "dtype": "float16", "input_spec": spec.input_spec,
@@ -36,7 +36,11 @@ def update_manifest(network_id: str, weights: Path) -> None:
         ev = REPO / "runs" / network_id / f"eval_{split}.json"
         if ev.exists():
             e = json.loads(ev.read_text())
-            if e.get("sha256") == entry["sha256"]:
+            if e.get("sha256") == entry["sha256"] and "fixed" in e:  # detector (training.detection.evaluate_split)
+                entry["metrics"][split] = {"level": "slice crops", "n_nodules": e["n_nodules"], "n_images": e["n_images"],
+                                           **{k: {m: e[k][m] for m in ("threshold", "precision", "recall", "f1", "dice_mean")}
+                                              for k in ("fixed", "adaptive")}}
+            elif e.get("sha256") == entry["sha256"]:
                 c = e["classification"]
                 entry["metrics"][split] = {"n_nodules": e["n_nodules"], "dice_mean": round(e["dice_mean"], 4),
                                            "dice_median": round(e["dice_median"], 4), "auc": round(c["auc"], 4),
@@ -61,14 +65,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="nodulemtl-train", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a network (resumes from OUT/last.pt)")
-    t.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
+    t.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
     t.add_argument("--config", type=Path, default=None, help="JSON config (default training/configs/NETWORK.json)")
     t.add_argument("--out", type=Path, default=None, help="run folder (default runs/NETWORK)")
     t.add_argument("--data", type=Path, default=None, help="data folder (default ../shared/data or $NODULEMTL_DATA)")
     t.add_argument("--limit-nodules", type=int, default=None, help="use only the first N training nodules (smoke runs)")
     t.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    t.add_argument("--iterations", type=int, default=None, help="maskrcnn25d: override the config's iterations")
+    t.add_argument("--max-minutes", type=float, default=None, help="maskrcnn25d: override the config's time box")
     e = sub.add_parser("evaluate", help="evaluate weights on a split; writes a JSON report")
-    e.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
+    e.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
     e.add_argument("--weights", type=Path, default=None, help="checkpoint (.pt) or shipped .safetensors (default: shipped)")
     e.add_argument("--split", choices=["val", "test"], default="val")
     e.add_argument("--data", type=Path, default=None)
@@ -77,8 +83,9 @@ def main(argv=None) -> int:
     e.add_argument("--whole-ct", action="store_true",
                    help="maskrcnn25d: whole-scan evaluation on ../shared/data/whole_ct (LIDC test patients 0003/0005: "
                         "P/R/F1, FROC/CPM; Lung-PET-CT-Dx A0001/A0002 tumour boxes), see training/evaluate_detection.py")
+    e.add_argument("--limit-nodules", type=int, default=None, help="maskrcnn25d: first N nodules of the split only")
     x = sub.add_parser("export", help="export a checkpoint to fp16 safetensors for shipping")
-    x.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
+    x.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
     x.add_argument("checkpoint", type=Path)
     x.add_argument("--out", type=Path, default=None)
     r = sub.add_parser("report", help="ROC / Dice-histogram PNGs and metric summaries from runs/NETWORK/eval_*.json")
@@ -101,6 +108,15 @@ def main(argv=None) -> int:
     if a.cmd == "train":
         from training import click2d
         cfg = json.loads((a.config or REPO / "training" / "configs" / f"{a.network}.json").read_text())
+        if a.network == "maskrcnn25d":
+            from training import detection
+            for key, val in (("iterations", a.iterations), ("max_minutes", a.max_minutes)):
+                if val is not None:
+                    cfg[key] = val
+            best = detection.train(cfg, a.out or REPO / "runs" / a.network, a.data, a.limit_nodules,
+                                   log=lambda s: print(s, flush=True))
+            print(f"best checkpoint {best}" + ("" if best.exists() else " (not written: stopped before the mask phase; resume)"))
+            return 0
         if a.epochs:
             cfg["epochs"] = a.epochs
         out = a.out or REPO / "runs" / a.network
@@ -126,6 +142,23 @@ def main(argv=None) -> int:
                 ap.error("--whole-ct is for the whole-scan detector maskrcnn25d")
             from training import evaluate_detection
             evaluate_detection.run(a.weights, data=a.data, out=a.out)
+            return 0
+        if a.network == "maskrcnn25d":
+            from NoduleMTLLib.registry import find_weights, sha256_of
+            from training import detection
+            cfg = json.loads((REPO / "training" / "configs" / "maskrcnn25d.json").read_text())
+            model = build_network(a.network)
+            wpath = load_weights_into(model, a.weights, a.network)
+            ev = detection.evaluate_split(model, a.split, cfg, a.data, a.limit_nodules)
+            ev.update(weights=str(wpath), sha256=sha256_of(wpath))
+            out = a.out or REPO / "runs" / a.network / f"eval_{a.split}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(ev, indent=1))
+            def fmt(m):  # metrics may be null (undefined ratios)
+                return " ".join(f"{k} {'n/a' if m[key] is None else f'{m[key]:.3f}'}" for k, key in
+                                (("threshold", "threshold"), ("P", "precision"), ("R", "recall"), ("F1", "f1"), ("Dice", "dice_mean")))
+            print(f"maskrcnn25d {a.split} (slice crops: {ev['n_nodules']} nodules, {ev['n_images']} images): "
+                  f"fixed {fmt(ev['fixed'])}; adaptive {fmt(ev['adaptive'])} -> {out}")
             return 0
         if a.vois:
             from training.evaluate_click import evaluate_vois
