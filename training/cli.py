@@ -106,6 +106,9 @@ def main(argv=None) -> int:
         return 0
 
     if a.cmd == "train":
+        if a.network == "maskrcnn25d":  # before torch loads libgomp: no busy-waiting threads on a shared CPU
+            import os
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from training import click2d
         cfg = json.loads((a.config or REPO / "training" / "configs" / f"{a.network}.json").read_text())
         if a.network == "maskrcnn25d":

@@ -60,7 +60,9 @@ Progress: one JSON object per line on stdout (NaN written as null).
 
 CPU note: with two OpenMP threads on a 2-core machine shared with other processes,
 libgomp's default busy-waiting made an iteration 8x slower than with one thread in our
-measurements; start the run with ``OMP_WAIT_POLICY=PASSIVE`` (see the README command).
+measurements (15.5 vs 1.8 s per iteration; 1.6 s with two threads and
+``OMP_WAIT_POLICY=PASSIVE``).  ``nodulemtl-train train maskrcnn25d`` therefore sets
+``OMP_WAIT_POLICY=PASSIVE`` (unless already set) before torch is imported.
 """
 
 from __future__ import annotations
