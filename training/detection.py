@@ -8,22 +8,28 @@ encoder (no ImageNet weights can be downloaded here).
 
 Data (how this differs from the paper's LUNA16 setting): ``lidc_slices`` nodules of the
 *training-split patients* only (``training/splits/lidc_patient_split.json``; validation on
-the val-split patients).  Each nodule is a 128 x 128 axial crop at native pixel spacing
-around the nodule, on every slice the nodule spans, with four readers' masks.  A sample is
+the val-split patients).  Each nodule is a 128 x 128 axial field at native pixel spacing
+centred on the nodule, on every slice the nodule spans, with four readers' masks.
 
-* a 5-slice stack {k-2..k+2} of one nodule's slices (indices beyond the nodule's span
-  repeat the edge slice, as :func:`NoduleMTLLib.detection.preprocess.stack_indices`);
-* targets: one box + mask per connected component (8-connectivity, >= ``min_component_px``
-  pixels) of the readers' >= 50 % consensus on the centre slice; none -> a negative sample.
-  Positives: a slice with consensus (probability ``p_positive``); negatives: a slice of the
-  nodule's span without consensus, or, when it has none, a small ``negative_crop_px`` crop
-  at a corner of the 128 x 128 crop (targets are always recomputed from the cropped mask,
-  so a nodule reaching into it is still labelled).  Other nodules of the same patient that
-  happen to lie in a crop are unlabelled (the crops carry no coordinates).
-* spatial augmentation: a random ``crop_px`` crop of the 128 x 128 field (the nodule is
-  not always centred: its centre moves by up to +-(128 - crop_px) / 2 px), random left/
-  right and up/down flips, and a random reversal of the slice order (the order of the
+* A *tile* is one nodule's 5-slice stack {k-2..k+2} (indices beyond the nodule's span
+  repeat the edge slice, as :func:`NoduleMTLLib.detection.preprocess.stack_indices`) on the
+  128 px field, with the readers' >= 50 % consensus of slice k.  Slice k is a slice with
+  consensus (probability ``p_positive``) or a slice of the span without one.  Random
+  left/right and up/down flips and a random reversal of the slice order (the order of the
   PNG slices is not documented; at inference channel 0 is the most inferior slice).
+* A training *image* is a mosaic of tiles (:func:`draw_training_sample`): a size drawn
+  from ``canvas_sizes``, a grid of tiles cut at a random offset, each tile blank (zeros,
+  like the masked-out parts of a lung-masked whole slice) with probability
+  ``p_blank_tile``.  Why: every lidc_slices field is centred on its nodule; trained on
+  single fields (we tried 96 px random crops), the detector learned "a nodule sits in the
+  middle of a ~100 px image" (the GT box scored 0.3-0.9 on a centred 128 px crop of a
+  whole LIDC slice, ~0 on a 256 px crop or the same crop zero-padded), so it found nothing
+  on whole slices.  In a mosaic the nodules lie anywhere, images are larger than one field,
+  and several nodules and much lung without nodules share an image.
+* Targets: one box + mask per connected component (8-connectivity, >= ``min_component_px``
+  pixels) of each tile's consensus, clipped to the image; none -> a negative image.
+  Other nodules of the same patient that happen to lie in a field are unlabelled (the
+  fields carry no coordinates).
 
 Intensities.  The PNGs are not HU: each is a min-max normalisation of its whole
 512 x 512 source slice (``python -m training.calibrate_slices``: grey 0 = HU -1024 in the
@@ -49,7 +55,8 @@ Adam, constant learning rate after a linear warm-up (paper: Adam 1e-4; the confi
 ``lr`` 2e-4 because the CPU budget gives only a few thousand iterations, and the new
 heads start from random weights), gradient-norm clipping.  Validation F1 (slice level,
 the paper's 2D criterion: a detection is a TP when its box has IoU > 0.2 with a not yet
-matched reference box of the centre slice, greedy by score) at a fixed score threshold
+matched reference box of the centre slice, greedy by score; on fixed 2 x 2 mosaics of the
+val-split nodules, :func:`validation_samples`) at a fixed score threshold
 every ``eval_every`` iterations and at the end of each phase; ``best.pt`` = best F1 among
 evaluations made after the mask head has been trained (mask and joint phases), Dice as
 tie-break.  ``last.pt`` every ``ckpt_every`` iterations and after every evaluation
@@ -80,7 +87,7 @@ from scipy import ndimage as ndi
 from NoduleMTLLib.detection.evaluate import precision_recall_f1
 from NoduleMTLLib.detection.merge import adaptive_score_threshold, box_iou_np
 from NoduleMTLLib.detection.preprocess import (CLAHE_CLIP_LIMIT, CLAHE_NBINS, CLOSING_RADIUS_MM, LUNG_THRESHOLD_HU,
-                                               WORK_PIXEL_MM,
+                                               STACK_SIZE, WORK_PIXEL_MM,
                                                _inplane_closing, hu_window, stack_indices)
 from NoduleMTLLib.detection.model import init_backbone_from_lnmsnet, phase_loss, set_training_phase
 from NoduleMTLLib.registry import build_network
@@ -240,73 +247,147 @@ def targets_from_mask(mask: np.ndarray, min_component_px: int = 3) -> dict[str, 
 
 @dataclass
 class Sample:
-    """One training / validation sample: image (5, H, W) float32 tensor in [0, 1], target dict, origin."""
+    """One training / validation image: image (5, H, W) float32 tensor in [0, 1], target
+    dict (:func:`targets_from_mask` format), and the tiles it holds ("patient/nodule@k",
+    None for a blank tile)."""
 
     image: torch.Tensor
     target: dict
-    nodule: str
-    slice_index: int
+    tiles: list
 
 
-def make_sample(nd, k: int, cfg: dict, rng: np.random.Generator | None, negative_corner: bool = False) -> Sample:
-    """Build a sample centred on slice ``k`` of a :class:`training.data.SliceNodule`.
+def make_tile(nd, k: int, cfg: dict, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """One preprocessed 128 x 128 field: the stack centred on slice ``k`` of a
+    :class:`training.data.SliceNodule` and its consensus mask on slice k.
 
-    ``rng`` None: validation (median affine, whole 128 px field, no flips).  Otherwise the
-    augmentations of the module docstring; ``negative_corner`` takes a
-    ``negative_crop_px`` crop at a random corner instead of a ``crop_px`` crop.
+    ``rng`` None: validation (median PNG->HU map, no flips).  Otherwise a random PNG->HU map
+    (:func:`sample_png_affine`), random left/right and up/down flips and a random reversal
+    of the slice order.
+
+    Returns:
+        (x (5, 128, 128) float32 in [0, 1], mask (128, 128) bool).
     """
-    s = len(nd.image)
-    idx = stack_indices(k, s)
-    png = nd.image[idx]
-    mask = nd.consensus[k]
+    idx = stack_indices(k, len(nd.image))
     affine = MEDIAN_AFFINE if rng is None else sample_png_affine(rng)
-    x = preprocess_stack(png, nd.spacing_mm, affine, cfg.get("use_clahe", True), cfg.get("use_lung_mask", True))
+    x = preprocess_stack(nd.image[idx], nd.spacing_mm, affine, cfg.get("use_clahe", True), cfg.get("use_lung_mask", True))
+    mask = nd.consensus[k]
     if rng is not None:
-        h, w = mask.shape
-        if negative_corner:
-            c = int(cfg["negative_crop_px"])
-            y0 = 0 if rng.random() < 0.5 else h - c
-            x0 = 0 if rng.random() < 0.5 else w - c
-        else:
-            c = int(cfg["crop_px"])
-            y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
-        x = x[:, y0:y0 + c, x0:x0 + c]
-        mask = mask[y0:y0 + c, x0:x0 + c]
         if rng.random() < 0.5:
             x, mask = x[:, :, ::-1], mask[:, ::-1]
         if rng.random() < 0.5:
             x, mask = x[:, ::-1, :], mask[::-1, :]
         if rng.random() < 0.5:
             x = x[::-1]
-    t = targets_from_mask(np.ascontiguousarray(mask), cfg.get("min_component_px", 3))
-    return Sample(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), t, f"{nd.patient_id}/{nd.nodule}", int(k))
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(mask)
+
+
+def mosaic(tiles: list, grid: int, size: int, offset: tuple[int, int] = (0, 0), min_component_px: int = 3,
+           min_visible_fraction: float = 0.3) -> tuple[torch.Tensor, dict]:
+    """Assemble 128 px tiles row by row into a ``grid`` x ``grid`` mosaic and cut a
+    ``size`` x ``size`` window at ``offset`` (y, x) px.
+
+    Args:
+        tiles: ``grid * grid`` entries, each (x (5, 128, 128), mask (128, 128)) or None
+            (a blank tile: zeros, as the lung-masked-out parts of a whole slice).
+        grid, size, offset: ``offset + size <= grid * 128`` per axis.
+        min_component_px: smallest visible instance (px).
+        min_visible_fraction: a component cut by the window is an instance only when at
+            least this fraction of it is visible (a sliver of a nodule's edge is not a box
+            to learn).
+
+    Returns:
+        (image (5, size, size) float32 tensor, targets as :func:`targets_from_mask`): one
+        instance per 8-connected consensus component of each tile, clipped to the window
+        (components never merge across tiles).
+    """
+    f = FIELD_PX
+    oy, ox = offset
+    if len(tiles) != grid * grid or oy + size > grid * f or ox + size > grid * f:
+        raise ValueError("tiles / window do not fit the grid")
+    img = np.zeros((STACK_SIZE, size, size), np.float32)
+    boxes, masks = [], []
+    for n, t in enumerate(tiles):
+        if t is None:
+            continue
+        ty, tx = (n // grid) * f - oy, (n % grid) * f - ox  # tile origin in the window
+        y0, y1, x0, x1 = max(0, ty), min(size, ty + f), max(0, tx), min(size, tx + f)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        img[:, y0:y1, x0:x1] = t[0][:, y0 - ty:y1 - ty, x0 - tx:x1 - tx]
+        lab, n_comp = ndi.label(t[1], structure=np.ones((3, 3), bool))
+        for c in range(1, n_comp + 1):
+            comp = lab == c
+            m = np.zeros((size, size), bool)
+            m[y0:y1, x0:x1] = comp[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
+            vis = int(m.sum())
+            if vis < min_component_px or vis < min_visible_fraction * comp.sum():
+                continue
+            jj, ii = np.nonzero(m)
+            boxes.append(torch.tensor([[ii.min(), jj.min(), ii.max() + 1, jj.max() + 1]], dtype=torch.float32))
+            masks.append(torch.from_numpy(m.astype(np.uint8))[None])
+    boxes = torch.cat(boxes) if boxes else torch.zeros((0, 4))
+    masks = torch.cat(masks) if masks else torch.zeros((0, size, size), dtype=torch.uint8)
+    return torch.from_numpy(img), {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64), "masks": masks}
+
+
+def _pick_slice(nd, cfg: dict, rng: np.random.Generator) -> int:
+    """Positive slice (with consensus) with probability ``p_positive``, else a slice of the
+    nodule's span without consensus (a positive one when there is none)."""
+    has = nd.consensus.reshape(len(nd.image), -1).any(1)
+    pos, neg = np.nonzero(has)[0], np.nonzero(~has)[0]
+    if len(pos) and (rng.random() < cfg["p_positive"] or not len(neg)):
+        return int(rng.choice(pos))
+    return int(rng.choice(neg)) if len(neg) else int(rng.integers(len(nd.image)))
 
 
 def draw_training_sample(nodules, cfg: dict, rng: np.random.Generator) -> Sample:
-    """A random training sample: random nodule; positive slice with probability ``p_positive``,
-    otherwise a negative (slice without consensus, else a corner crop)."""
-    nd = nodules[int(rng.integers(len(nodules)))]
-    has = nd.consensus.reshape(len(nd.image), -1).any(1)
-    pos, neg = np.nonzero(has)[0], np.nonzero(~has)[0]
-    if len(pos) and rng.random() < cfg["p_positive"]:
-        return make_sample(nd, int(rng.choice(pos)), cfg, rng)
-    if len(neg):
-        return make_sample(nd, int(rng.choice(neg)), cfg, rng)
-    return make_sample(nd, int(rng.integers(len(nd.image))), cfg, rng, negative_corner=True)
+    """A random training image: a mosaic of random nodules' 128 px fields.
+
+    Size ``C`` drawn from ``canvas_sizes``; a grid of ``ceil(C / 128) + 1`` tiles per side
+    is cut at a random offset, so the nodules lie anywhere in the image and the image is
+    larger than one field (the lidc_slices fields are centred on their nodule; trained on
+    them alone, the detector learns "a nodule is in the middle of a 128 px image" and finds
+    nothing on a whole slice).  Each visible tile is blank (zeros) with probability
+    ``p_blank_tile``, otherwise a random nodule's field (:func:`make_tile`, slice by
+    :func:`_pick_slice`); tiles outside the window are not computed.
+    """
+    size = int(rng.choice(cfg["canvas_sizes"]))
+    grid = -(-size // FIELD_PX) + 1
+    oy, ox = (int(v) for v in rng.integers(0, grid * FIELD_PX - size + 1, size=2))
+    tiles, names = [], []
+    for n in range(grid * grid):
+        ty, tx = (n // grid) * FIELD_PX - oy, (n % grid) * FIELD_PX - ox
+        visible = ty < size and ty + FIELD_PX > 0 and tx < size and tx + FIELD_PX > 0
+        if not visible or rng.random() < cfg["p_blank_tile"]:
+            tiles.append(None)
+            names.append(None)
+            continue
+        nd = nodules[int(rng.integers(len(nodules)))]
+        k = _pick_slice(nd, cfg, rng)
+        tiles.append(make_tile(nd, k, cfg, rng))
+        names.append(f"{nd.patient_id}/{nd.nodule}@{k}")
+    img, t = mosaic(tiles, grid, size, (oy, ox), cfg.get("min_component_px", 3))
+    return Sample(img, t, names)
 
 
 def validation_samples(nodules, cfg: dict, max_nodules: int | None = None) -> list[Sample]:
-    """Deterministic evaluation samples: per nodule, the slice with the largest consensus area
-    (positive) and, when the nodule's span has one, its first slice without consensus
-    (negative); whole 128 px field, median PNG->HU map, no augmentation."""
-    out = []
+    """Deterministic evaluation images: per nodule, the slice with the largest consensus
+    area and, when the nodule's span has one, its first slice without consensus, as 128 px
+    fields (median PNG->HU map, no augmentation) shuffled with a fixed seed and packed four
+    at a time into 2 x 2 mosaics of 256 x 256 px (the last one padded with blank tiles)."""
+    fields = []
     for nd in nodules[:max_nodules] if max_nodules else nodules:
         area = nd.consensus.reshape(len(nd.image), -1).sum(1)
-        if area.max() > 0:
-            out.append(make_sample(nd, int(area.argmax()), cfg, None))
-        neg = np.nonzero(area == 0)[0]
-        if len(neg):
-            out.append(make_sample(nd, int(neg[0]), cfg, None))
+        ks = ([int(area.argmax())] if area.max() > 0 else []) + [int(k) for k in np.nonzero(area == 0)[0][:1]]
+        fields += [(nd, k) for k in ks]
+    order = np.random.default_rng(0).permutation(len(fields))
+    fields = [fields[i] for i in order]
+    out = []
+    for i in range(0, len(fields), 4):
+        group = fields[i:i + 4]
+        tiles = [make_tile(nd, k, cfg, None) for nd, k in group] + [None] * (4 - len(group))
+        img, t = mosaic(tiles, 2, 2 * FIELD_PX, (0, 0), cfg.get("min_component_px", 3))
+        out.append(Sample(img, t, [f"{nd.patient_id}/{nd.nodule}@{k}" for nd, k in group]))
     return out
 
 
@@ -330,12 +411,12 @@ def _match_image(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, min_iou:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, samples: list[Sample], batch: int = 8, max_detections: int = 20) -> list[dict]:
+def predict(model: torch.nn.Module, samples: list[Sample], batch: int = 4, max_detections: int = 30) -> list[dict]:
     """Model outputs (numpy: boxes, scores, masks (N, H, W) float) for each sample, eval mode.
 
     At most ``max_detections`` per image (the top-scoring; the model's own setting is
-    restored afterwards): a 128 px crop holds one to three nodules, and the mask head and
-    mask pasting of torchvision's default 100 detections dominate the CPU time.
+    restored afterwards): a 256 px validation mosaic holds at most eight nodules, and the
+    mask head and mask pasting of torchvision's default 100 detections dominate the CPU time.
     """
     model.eval()
     rh = model.roi_heads
@@ -376,7 +457,7 @@ def detection_metrics(samples: list[Sample], outputs: list[dict], threshold: flo
             "n_images": len(samples), "n_reference": n_ref, "fp_per_image": fp / max(1, len(samples))}
 
 
-def evaluate_samples(model: torch.nn.Module, samples: list[Sample], score_thresh: float, batch: int = 8) -> dict:
+def evaluate_samples(model: torch.nn.Module, samples: list[Sample], score_thresh: float, batch: int = 4) -> dict:
     """Metrics at the fixed ``score_thresh``, at the paper's adaptive threshold (30th percentile
     of all detection scores of the set, clipped to [0.1, 0.5]; the paper computes it per
     validation run) and the best F1 over thresholds 0.05..0.95 (step 0.05)."""
@@ -550,6 +631,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         if spec is None:
             model.train()
             spec = set_training_phase(model, phase)
+            window, t_window, n_window = {}, time.time(), 0  # loss means per phase
             emit({"event": "phase", "phase": phase, "iteration": it, "elapsed_min": round(elapsed() / 60, 2)})
         lr = cfg["lr"] * min(1.0, 0.1 + 0.9 * it / max(1, cfg.get("warmup_iterations", 0)))
         for g in opt.param_groups:
