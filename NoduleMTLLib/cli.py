@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
     a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     a.add_argument("--mask", default="first", choices=("first", "consensus"),
-                   help="reported mask: the first network's (default) or the strict-majority consensus of the networks "
-                        "(2 networks: intersection); nodules.json has the consensus figures either way")
+                   help="reported mask: the first network's (default) or the networks' consensus (voxels of at least "
+                        "half of them; 2 networks: union); nodules.json has the consensus figures either way")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--dicom-seg", action="store_true",

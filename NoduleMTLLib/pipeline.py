@@ -210,9 +210,9 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
         progress: optional callback(fraction in [0, 1], message).
         networks: optional pre-loaded {id: torch module} (reuse across calls).
         mask: which mask is reported (label map, segmentation, measurements): ``"first"``
-            the first network's (default), or ``"consensus"`` the strict-majority consensus
-            of the networks that found the nodule (``NoduleMTLLib.consensus``; with two
-            networks their intersection).  Every nodule carries every network's own mask
+            the first network's (default), or ``"consensus"`` the consensus of the networks
+            that found the nodule (``NoduleMTLLib.consensus``: voxels of at least half of
+            them; with two networks their union).  Every nodule carries every network's own mask
             (``network_masks``) and the consensus figures (``consensus``) either way.
 
     Returns:

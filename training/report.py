@@ -261,8 +261,9 @@ def evaluate_consensus_vois(network_ids: tuple[str, ...], split: str = "val", da
     Same protocol as ``training.evaluate_click.evaluate_vois`` (click at the labelled centre of
     every ``lidc_vois`` nodule of the split, VOIs whose centre lies outside them skipped), but
     all ``network_ids`` run together through ``analyze_points``: per nodule the 3D Dice of
-    each network's own mask, of the consensus mask (strict majority; 2 networks:
-    intersection) and of the union against the readers' consensus; malignancy AUC of each
+    each network's own mask, of the consensus mask (``NoduleMTLLib.consensus``: at least half
+    of the networks; 2 networks: union), of the strict majority (2 networks: intersection)
+    and of the union against the readers' consensus; malignancy AUC of each
     network's probability and of the consensus (mean) probability; and how often the
     disagreement flag is "high".  A mask a network did not produce counts as empty (Dice 0).
 
@@ -284,7 +285,8 @@ def evaluate_consensus_vois(network_ids: tuple[str, ...], split: str = "val", da
     patients = set(load_split()[split])
     rows = [r for r in _csv.DictReader(open(d / "labels.csv")) if r["patient_id"] in patients][:limit]
     nets = {n: load_network(n, "cpu") for n in network_ids}
-    names = list(network_ids) + ["consensus", "union"]
+    from NoduleMTLLib.consensus import majority_mask
+    names = list(network_ids) + ["consensus", "strict_majority", "union"]
     dices = {k: [] for k in names}
     probs = {k: [] for k in list(network_ids) + ["consensus"]}
     labels, flags = [], []
@@ -301,6 +303,9 @@ def evaluate_consensus_vois(network_ids: tuple[str, ...], split: str = "val", da
         cm = nd.consensus.mask.to_full() if nd.consensus.mask is not None else np.zeros_like(ref)
         dices["consensus"].append(dice(cm, ref))
         dices["union"].append(dice(np.logical_or.reduce([full[k] for k in network_ids]), ref))
+        found = [b for b in nd.network_masks.values() if b is not None]
+        sm = majority_mask(found, include_ties=False) if found else None
+        dices["strict_majority"].append(dice(sm.to_full() if sm is not None else np.zeros_like(ref), ref))
         flags.append(nd.consensus.disagreement)
         lab = malignancy_label(float(r["Malignancy_value"]))
         ps = {k: nd.networks[k].malignancy_probability for k in network_ids}

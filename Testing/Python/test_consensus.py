@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from NoduleMTLLib import cli
-from NoduleMTLLib.consensus import (DISAGREEMENT_MIN_DICE, DISAGREEMENT_SPREAD, MaskBox, box_dice, compute_consensus,
-                                    majority_mask)
+from NoduleMTLLib.consensus import (DISAGREEMENT_MIN_DICE, DISAGREEMENT_SPREAD, INCLUDE_TIES, MaskBox, box_dice,
+                                    compute_consensus, majority_mask)
 from NoduleMTLLib.io import InputError, ras_to_lps, read_ct
 from NoduleMTLLib.metrics import dice
 from NoduleMTLLib.outputs import CONSENSUS_COLUMNS, write_outputs
@@ -50,21 +50,27 @@ def test_box_dice_matches_full_dice():
     assert box_dice(MaskBox.from_full(A), MaskBox.from_full(B)) == pytest.approx(0.5)  # |A∩B| = 3, 2*3/(6+6)
 
 
-def test_majority_two_networks_is_intersection():
+def test_two_networks_union_by_default_intersection_when_strict():
+    assert INCLUDE_TIES  # the documented consensus rule: ties (1 of 2) count
     m = majority_mask([MaskBox.from_full(A), MaskBox.from_full(B)])
-    assert np.array_equal(m.to_full(), A & B) and m.voxels == 3  # x 3, 4, 5
+    assert np.array_equal(m.to_full(), A | B) and m.voxels == 9  # x 0..8
+    s = majority_mask([MaskBox.from_full(A), MaskBox.from_full(B)], include_ties=False)
+    assert np.array_equal(s.to_full(), A & B) and s.voxels == 3  # x 3, 4, 5
+    assert majority_mask([MaskBox.from_full(row_mask(0, 3)), MaskBox.from_full(row_mask(5, 8))], include_ties=False) is None
 
 
 def test_majority_three_networks():
-    # votes per x: 1 1 1 2 2 3 2 2 2 1 -> strict majority (>= 2 of 3) = x 3..8
-    m = majority_mask([MaskBox.from_full(x) for x in (A, B, C)])
-    assert np.array_equal(m.to_full(), row_mask(3, 9))
+    # votes per x: 1 1 1 2 2 3 2 2 2 1 -> >= 2 of 3 = x 3..8 (no ties possible with 3)
+    for ties in (True, False):
+        m = majority_mask([MaskBox.from_full(x) for x in (A, B, C)], include_ties=ties)
+        assert np.array_equal(m.to_full(), row_mask(3, 9))
 
 
-def test_majority_four_networks_tie_excluded():
-    # 2 of 4 is a tie, not a majority: D = C; votes x5 = 4, x3..4 = 2 (A, B), x6..8 = 3 (B, C, D)
-    m = majority_mask([MaskBox.from_full(x) for x in (A, B, C, C)])
-    assert np.array_equal(m.to_full(), row_mask(5, 9))
+def test_majority_four_networks_ties():
+    # D = C; votes x0..2 = 1 (A), x3..4 = 2 (A, B), x5 = 4, x6..8 = 3 (B, C, D), x9 = 2 (C, D)
+    boxes = [MaskBox.from_full(x) for x in (A, B, C, C)]
+    assert np.array_equal(majority_mask(boxes).to_full(), row_mask(3, 10))  # ties (2 of 4) in
+    assert np.array_equal(majority_mask(boxes, include_ties=False).to_full(), row_mask(5, 9))  # 3 of 4
 
 
 def test_consensus_three_networks_hand_computed():
@@ -78,9 +84,9 @@ def test_consensus_three_networks_hand_computed():
     assert c.dice_pairwise_min == pytest.approx(2 / 11)
     assert c.disagreement == "high" and len(c.reasons) == 2
     assert "spread 0.50" in c.reasons[0] and "0.18" in c.reasons[1]
-    assert c.mask.voxels == 6
+    assert c.mask.voxels == 6  # x 3..8
     d = c.to_dict()
-    assert d["mask_voxels"] == 6 and d["malignancy_probability"] == 0.5 and d["dice_pairwise_min"] == round(2 / 11, 4)
+    assert d["mask_voxels"] == 6 and "union" in d["mask_rule"] and d["malignancy_probability"] == 0.5 and d["dice_pairwise_min"] == round(2 / 11, 4)
     json.dumps(d)  # JSON-ready
 
 
@@ -105,8 +111,8 @@ def test_consensus_one_network_missed():
 
 def test_consensus_disjoint_masks_and_single_network():
     c = compute_consensus({"a": row_mask(0, 3), "b": row_mask(5, 8)}, {"a": 0.4, "b": 0.45})
-    assert c.mask is None and c.dice_pairwise_min == 0.0 and c.disagreement == "high"
-    assert any("no voxel" in r for r in c.reasons) and c.to_dict()["mask_voxels"] == 0
+    assert c.mask.voxels == 6 and c.dice_pairwise_min == 0.0 and c.disagreement == "high"  # union of both
+    assert len(c.reasons) == 1 and "Dice 0.00" in c.reasons[0] and c.to_dict()["mask_voxels"] == 6
     s = compute_consensus({"a": A}, {"a": 0.8})
     assert s.disagreement is None and s.reasons == [] and s.malignancy_probability == pytest.approx(0.8)
     assert s.probability_spread is None and s.dice_pairwise == {}
@@ -178,7 +184,7 @@ def test_end_to_end_consensus_fields(two_net_result):
         assert (c["disagreement"] == "high") == (c["probability_spread"] > DISAGREEMENT_SPREAD or pair < DISAGREEMENT_MIN_DICE)
         cm = nd.consensus.mask.to_full()
         assert not (cm & ~(full["lnmsnet"] | full["detguided"])).any()  # within the union
-        assert np.array_equal(cm, full["lnmsnet"] & full["detguided"])  # two networks: intersection
+        assert np.array_equal(cm, full["lnmsnet"] | full["detguided"])  # two networks: the union itself
         assert c["mask_voxels"] == int(cm.sum()) > 0
         assert d["networks"]["detguided"]["dice_with_final"] == pytest.approx(pair, abs=1e-4)
         print(f"nodule {nd.id}: P {probs} -> {c['malignancy_probability']}, Dice {pair:.3f}, {c['disagreement']} {c['reasons']}")
@@ -190,7 +196,7 @@ def test_end_to_end_consensus_mask_reported(two_net_result):
     for a, b in zip(first.nodules, cons.nodules):
         assert b.reported_mask == "consensus" and b.to_dict()["reported_mask"] == "consensus"
         assert np.array_equal(b.mask, b.consensus.mask.to_full())
-        assert b.volume_mm3 <= a.volume_mm3 + 1e-6  # the intersection is never larger than the first mask
+        assert b.volume_mm3 >= a.volume_mm3 - 1e-6  # the union is never smaller than the first mask
         assert b.networks["lnmsnet"].dice_with_final == pytest.approx(dice(a.mask, b.mask), abs=1e-4)
         assert b.consensus.to_dict()["malignancy_probability"] == a.consensus.to_dict()["malignancy_probability"]
 
