@@ -49,13 +49,17 @@ PAPER = {
 
 def _measured_cell(net: str, repo: Path) -> str:
     r = collect(net, "test", repo)
+    prefix = ""
+    if r["2d"] is None and r["3d"] is None and r["det"] is None:
+        r = collect(net, "val", repo)  # not yet evaluated on test: show val, say so
+        prefix = "**val only (test pending)**: "
     s2, s3 = r["2d"], r["3d"]
     if r["det"] is not None:
         d = r["det"]
         parts = [f"{k} threshold {_f(d[k].get('threshold'), 2)}: precision {_f(d[k].get('precision'))}, recall "
                  f"{_f(d[k].get('recall'))}, F1 {_f(d[k].get('f1'))}, Dice {_f(d[k].get('dice_mean'))}"
                  for k in ("adaptive", "fixed") if isinstance(d.get(k), dict)]
-        return (f"slice crops ({d.get('n_nodules')} nodules, {d.get('n_images')} images): " + "; ".join(parts)
+        return (prefix + f"slice crops ({d.get('n_nodules')} nodules, {d.get('n_images')} images): " + "; ".join(parts)
                 + (" (stale: evaluated weights differ from the shipped file)" if r["stale"] else ""))
     if s2 is None and s3 is None:
         return "pending"
@@ -76,12 +80,13 @@ def _measured_cell(net: str, repo: Path) -> str:
         parts.append(f"3D click on HU ({s3['n_nodules']} VOIs): Dice {_f(s3.get('dice3d_mean'))}, AUC {_f(c.get('auc'))}")
     if r["stale"]:
         parts.append("(stale: evaluated weights differ from the shipped file)")
-    return "; ".join(parts)
+    return prefix + "; ".join(parts)
 
 
 def comparison_table(repo: Path = REPO) -> str:
     """One row per network: the paper's data and figures beside our measured held-out test figures."""
-    lines = ["| network | paper: data | paper: reported | ours, held-out test patients (LIDC-IDRI) |", "|---|---|---|---|"]
+    lines = ["| network | paper: data | paper: reported | ours, held-out test patients (LIDC-IDRI; val where test is pending) |",
+             "|---|---|---|---|"]
     for net in NETWORKS:
         data, fig = PAPER[net]
         lines.append(f"| `{net}` | {data} | {fig} | {_measured_cell(net, repo)} |")
