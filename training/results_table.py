@@ -106,7 +106,8 @@ def consensus_table(repo: Path = REPO) -> str:
                     f"{ev['disagreement_high']} ({_f(hl['high'])} / {_f(hl['low'])}) |")
     if not rows:
         return "Consensus evaluation: pending (`python -m training.report consensus lnmsnet,detguided --split test`).\n"
-    return "\n".join(["| networks | split | VOIs | Dice3D mean / malignancy AUC (own masks, consensus = majority, union) "
+    return "\n".join(["| networks | split | VOIs | Dice3D mean / malignancy AUC (each network; consensus = at least half of the networks, "
+                      "mean probability; strict_majority = intersection for 2; union; AUC over nodules every network classified) "
                       "| disagreement high (consensus Dice high / low) |", "|---|---|---|---|---|"] + rows) + "\n"
 
 
