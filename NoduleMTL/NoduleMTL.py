@@ -97,6 +97,10 @@ PYTHON_REQUIREMENTS = (
     ("scipy", "scipy"),
     ("safetensors", "safetensors>=0.4"),
     ("slicerio", "slicerio>=1.1"),
+    ("nrrd", "pynrrd>=1.0"),
+    ("tqdm", "tqdm>=4.66"),
+    ("timm", "timm>=1.0"),  # MT-Net's aligned Xception / Xception blocks
+    ("highdicom", "highdicom>=0.23"),  # DICOM SEG export
 )
 TORCH_VERSION_REQUIREMENT = ">=2.0"
 TORCHVISION_VERSION_REQUIREMENT = ">=0.15"
@@ -263,6 +267,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.malignancyLabel.text = ""
         self.ui.statusLabel.text = ""
         self.ui.legendLabel.text = self.logic.probabilityLegend()
+        self._registerTerminology()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -279,6 +284,16 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportTrainingButton.connect("clicked(bool)", self.onExportTrainingButton)
 
         self.initializeParameterNode()
+
+    def _registerTerminology(self):
+        """Load the "Lung nodule" terminology context (``Resources/NoduleMTL.term.json``) so
+        new nodule segments carry it; a failure is logged, segments then get the same codes
+        under Slicer's general anatomy context."""
+        try:
+            import NoduleMTLMRML
+            NoduleMTLMRML.register_terminology(slicer.modules.terminologies.logic())
+        except Exception as e:  # missing Terminologies module or unreadable file: not fatal
+            logging.warning(f"NoduleMTL: terminology context not loaded: {e}")
 
     def cleanup(self):
         """Called when the application closes and the module widget is destroyed."""
@@ -562,6 +577,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.malignancyLabel.text = NoduleMTLLogic.summaryHtml(result)
         self.ui.statusLabel.text = NoduleMTLLogic.statusText(result, self.logic.lastRunSeconds)
         self.ui.legendLabel.text = self.logic.probabilityLegend()
+        self._registerTerminology()
         self.ui.resultsCollapsibleButton.collapsed = False
 
     # --- results ------------------------------------------------------------------

@@ -206,7 +206,30 @@ def test_points_csv_frames(tmp_path):
         batch.read_points_csv(p)
 
 
-def test_no_detector_yet():
+def _weights_missing(monkeypatch, network_id="maskrcnn25d"):
+    """Make ``registry.find_weights`` report ``network_id``'s file as missing (as on a site without it)."""
+    from NoduleMTLLib import registry
+
+    real = registry.find_weights
+
+    def find(nid):
+        if nid == network_id:
+            raise registry.WeightsError(f"Weights for {nid} not found (test)")
+        return real(nid)
+    monkeypatch.setattr(registry, "find_weights", find)
+
+
+def test_whole_scan_detector_follows_installed_weights(monkeypatch):
+    from NoduleMTLLib import registry
+    from NoduleMTLLib.detection.infer import detect_nodules
+
+    try:
+        registry.find_weights("maskrcnn25d")
+        shipped = True
+    except registry.WeightsError:
+        shipped = False
+    assert batch.whole_scan_detector() is (detect_nodules if shipped else None)
+    _weights_missing(monkeypatch)
     assert batch.whole_scan_detector() is None
 
 
@@ -311,8 +334,9 @@ def test_cli_points_files(cli_module, tmp_path):
         cli_module.read_points_file(str(tmp_path / "none.mrk.json"))
 
 
-def test_cli_detect_and_no_points_are_errors(cli_module, tmp_path, capsys):
+def test_cli_detect_and_no_points_are_errors(cli_module, tmp_path, capsys, monkeypatch):
     outs = [str(tmp_path / "l.nrrd"), str(tmp_path / "t.csv")]
+    _weights_missing(monkeypatch)
     assert cli_module.main([str(SAMPLE), *outs, "--detect"]) == 1
     assert "not available yet" in capsys.readouterr().err
     assert cli_module.main([str(SAMPLE), *outs]) == 1

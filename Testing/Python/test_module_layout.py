@@ -584,3 +584,23 @@ def test_cli_folder_is_built_completely():
     source = CLI_PY.read_text(encoding="utf-8")
     assert source.startswith("#!/usr/bin/env python-real\n")
     assert "<filter-progress>" in source and "flush=True" in source
+
+
+def test_slicer_requirements_cover_the_runtime_dependencies():
+    """Every runtime dependency in pyproject.toml that Slicer does not ship is installed by
+    ``setupPythonRequirements`` (torch/torchvision through the PyTorch extension; numpy and
+    SimpleITK come with Slicer)."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in deps}
+    tree = _tree(MODULE_PY)
+    reqs = next(n.value for n in tree.body if isinstance(n, ast.Assign)
+                and any(getattr(t, "id", None) == "PYTHON_REQUIREMENTS" for t in n.targets))
+    listed = {re.split(r"[<>=!~ \[]", elt.elts[1].value, maxsplit=1)[0].lower() for elt in reqs.elts}
+    shipped_by_slicer = {"numpy", "simpleitk", "torch", "torchvision", "pillow"}
+    assert names - shipped_by_slicer <= listed, f"not installed in Slicer: {sorted(names - shipped_by_slicer - listed)}"
+    # and the module loads the "Lung nodule" terminology context when its widget is set up
+    setup = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "NoduleMTLWidget"
+                 for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "setup")
+    assert "_registerTerminology" in ast.unparse(setup)
