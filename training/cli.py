@@ -53,10 +53,23 @@ def update_manifest(network_id: str, weights: Path) -> None:
         ev = REPO / "runs" / network_id / f"eval_vois_{split}.json"
         if ev.exists():
             e = json.loads(ev.read_text())
+            if e.get("sha256") != entry["sha256"]:
+                continue  # measured on other weights
             c = e["classification"]
             entry["metrics"][f"{split}_click3d_hu"] = {
                 "n_nodules": e["n_nodules"], "segmented": e["found"], "dice3d_mean": round(e["dice3d_mean"], 4),
                 "dice3d_median": round(e["dice3d_median"], 4), "auc": round(c["auc"], 4), "n_classified": c["n"]}
+    wc = REPO / "runs" / network_id / "eval_whole_ct.json"  # maskrcnn25d (training.evaluate_detection)
+    if wc.exists():
+        e = json.loads(wc.read_text())
+        if e.get("sha256") == entry["sha256"]:
+            entry["metrics"]["whole_ct"] = {
+                "lidc_test_scans": [r.get("patient", r.get("scan")) for r in e["lidc"]],
+                "lidc_nodule_level": e["lidc_total"],
+                "froc": {k: e["froc"][k] for k in ("fp_rates", "sensitivities", "cpm") if k in e["froc"]},
+                "lung_pet_ct_dx": {r["scan"]: {k: {"tumour_found": v["tumour_found"], "n_other_detections": v["n_other_detections"]}
+                                               for k, v in r["thresholds"].items()} for r in e["lung_pet_ct_dx"]},
+            }
     man.setdefault("networks", {})[network_id] = entry
     mpath.write_text(json.dumps(man, indent=2) + "\n")
 
@@ -88,6 +101,8 @@ def main(argv=None) -> int:
     x.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
     x.add_argument("checkpoint", type=Path)
     x.add_argument("--out", type=Path, default=None)
+    m = sub.add_parser("manifest", help="refresh the shipped file's manifest entry (size, sha256, metrics from runs/NETWORK/eval_*.json)")
+    m.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
     r = sub.add_parser("report", help="ROC / Dice-histogram PNGs and metric summaries from runs/NETWORK/eval_*.json")
     r.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
     r.add_argument("--runs", type=Path, default=None, help="runs folder holding NETWORK/eval_*.json (default runs)")
@@ -134,6 +149,15 @@ def main(argv=None) -> int:
         update_manifest(a.network, out)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and its manifest entry")
         return 0
+    if a.cmd == "manifest":
+        w = REPO / "Resources" / "Weights" / f"{a.network}.safetensors"
+        if not w.exists():
+            print(f"nodulemtl-train: error: {w} does not exist (export a checkpoint first)", file=sys.stderr)
+            return 1
+        update_manifest(a.network, w)
+        metrics = json.loads((w.parent / "models.json").read_text())["networks"][a.network]["metrics"]
+        print(f"{a.network}: manifest entry refreshed; metrics for {', '.join(metrics) or 'no split (no matching runs/ evaluation)'}")
+        return 0
     if a.cmd == "evaluate":
         import torch
         from NoduleMTLLib.registry import build_network, load_weights_into
@@ -166,6 +190,8 @@ def main(argv=None) -> int:
         if a.vois:
             from training.evaluate_click import evaluate_vois
             ev = evaluate_vois(a.network, a.split, a.data)
+            from NoduleMTLLib.registry import find_weights, sha256_of
+            ev["sha256"] = sha256_of(find_weights(a.network))  # the click path runs the installed (shipped) file
             out = a.out or REPO / "runs" / a.network / f"eval_vois_{a.split}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(ev, indent=1))
