@@ -26,7 +26,8 @@ class ModelImportError(ValueError):
     or the cache folder cannot be written)."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (read in 1 MiB chunks). Raises OSError if it cannot be read."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -64,7 +65,7 @@ def identify_weights_file(path: str | os.PathLike, manifest: dict | None = None)
     if not candidates:
         raise ModelImportError(f"{p.name} ({size} bytes) matches no network of this version's manifest; "
                                f"known weights: {known}")
-    digest = _sha256(p)
+    digest = sha256_of(p)
     for nid, e in candidates.items():
         if str(e.get("sha256", "")).lower() == digest:
             return nid, e
@@ -103,7 +104,7 @@ def import_weights_file(path: str | os.PathLike, cache: str | os.PathLike | None
     name = spec.weights_file if spec is not None else entry.get("file") or f"{network_id}.safetensors"
     dest_dir = Path(cache) if cache is not None else registry.cache_dir()
     dest = dest_dir / name
-    if dest.is_file() and dest.stat().st_size == entry["size_bytes"] and _sha256(dest) == entry["sha256"]:
+    if dest.is_file() and dest.stat().st_size == entry["size_bytes"] and sha256_of(dest) == entry["sha256"]:
         return network_id, dest
     tmp = None
     try:
@@ -112,7 +113,7 @@ def import_weights_file(path: str | os.PathLike, cache: str | os.PathLike | None
         os.close(fd)
         tmp = Path(tmp_name)
         shutil.copyfile(path, tmp)
-        if tmp.stat().st_size != entry["size_bytes"] or _sha256(tmp) != entry["sha256"]:
+        if tmp.stat().st_size != entry["size_bytes"] or sha256_of(tmp) != entry["sha256"]:
             raise ModelImportError(f"The copy of {Path(path).name} in {dest_dir} does not match the manifest "
                                    "(disk full or the file changed while copying)")
         os.replace(tmp, dest)

@@ -12,7 +12,6 @@ sha256, checked before loading.  Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .model_import import sha256_of  # noqa: F401  (re-exported: registry.sha256_of)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -164,12 +165,6 @@ def manifest() -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_weights(network_id: str) -> Path:
