@@ -375,6 +375,21 @@ def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str])
                 f"Probability of the radiological sign '{sign}' estimated by {net}",
                 lambda n, net=net, sign=sign: (n.networks[net].sign_probabilities or {}).get(sign) if net in n.networks else None,
             ))
+    if len(nets) > 1:  # consensus of the click networks (NoduleMTLLib.consensus)
+        def cons(attr):
+            return lambda n: getattr(n.consensus, attr, None) if getattr(n, "consensus", None) is not None else None
+        columns += [
+            ("consensus.malignancy_probability", vtk.vtkDoubleArray, "P(malignant) consensus", "",
+             "Mean malignancy probability of the networks that found the nodule (research use only)",
+             cons("malignancy_probability")),
+            ("consensus.probability_spread", vtk.vtkDoubleArray, "P spread", "",
+             "Max - min of the networks' malignancy probabilities", cons("probability_spread")),
+            ("consensus.dice_pairwise_mean", vtk.vtkDoubleArray, "Mask agreement (Dice)", "",
+             "Mean pairwise Dice of the networks' masks", cons("dice_pairwise_mean")),
+            ("consensus.disagreement", vtk.vtkStringArray, "Disagreement", "",
+             "low / high: whether the networks disagree (probability spread or mask Dice beyond the thresholds "
+             "of NoduleMTLLib.consensus)", cons("disagreement")),
+        ]
     columns.append(("message", vtk.vtkStringArray, "Message", "", "Note from the analysis", lambda n: n.message or ""))
 
     table = tableNode.GetTable()
@@ -794,6 +809,17 @@ def _update_table_row(tableNode, segmentId: str, result: NoduleResult) -> int:
         for sign, prob in (out.sign_probabilities or {}).items():
             _table_set(tableNode, row, f"networks.{net}.sign_probability.{sign}", prob, title=f"P({sign}) {net}",
                        desc=f"Probability of the radiological sign '{sign}' estimated by {net}")
+    if table.GetColumnByName("consensus.malignancy_probability") is not None and result.mask is not None:
+        # every network now classified the same (edited) mask: agreement is about probabilities only
+        from NoduleMTLLib.consensus import MaskBox, compute_consensus
+        box = MaskBox.from_full(result.mask)
+        c = compute_consensus({net: box for net in result.networks},
+                              {net: out.malignancy_probability for net, out in result.networks.items()})
+        for key, value, cls in (("consensus.malignancy_probability", c.malignancy_probability, None),
+                                ("consensus.probability_spread", c.probability_spread, None),
+                                ("consensus.dice_pairwise_mean", c.dice_pairwise_mean, None),
+                                ("consensus.disagreement", c.disagreement or "", vtk.vtkStringArray)):
+            _table_set(tableNode, row, key, value, *((cls,) if cls else ()))
     _table_set(tableNode, row, "message", result.message, vtk.vtkStringArray)
     table.Modified()
     tableNode.Modified()

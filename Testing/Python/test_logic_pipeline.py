@@ -64,3 +64,48 @@ def test_cli_seg_nrrd_reads_in_slicer(app, sample_paths, tmp_path):
     mask = NoduleMTLMRML.label_array_from_segmentation(seg_node, seg.GetNthSegmentID(0), volume)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
     assert np.array_equal(mask, labels == 1)
+
+
+def _click_networks_with_weights():
+    from NoduleMTLLib import registry
+
+    ids = []
+    for nid in registry.available_networks():
+        try:
+            registry.find_weights(nid)
+            ids.append(nid)
+        except registry.WeightsError:
+            pass
+    return ids
+
+
+def test_all_click_networks_on_real_scene(app, sample_paths):
+    """Every click network with shipped weights runs through the logic's path on the real
+    sample CT: per-network probabilities and signs in the table, the consensus columns, and a
+    re-classification that updates the consensus from the edited mask."""
+    nets = tuple(_click_networks_with_weights())
+    if len(nets) < 2:
+        pytest.skip("fewer than two click networks have weights")
+    scene = app.scene
+    volume = load_volume_from_file(scene, sample_paths[0], "sample CT")
+    ct = NoduleMTLMRML.volume_node_to_ct(volume)
+    result = analyze_points(ct, [(-NODULE3_RAS[0], -NODULE3_RAS[1], NODULE3_RAS[2])], network_ids=nets, device="cpu")
+    n = result.nodules[0]
+    assert n.found and set(n.networks) == set(nets)
+    seg_node, table = NoduleMTLMRML.add_result_to_scene(scene, result, volume)
+    t = table.GetTable()
+    for net in nets:
+        p = t.GetColumnByName(f"networks.{net}.malignancy_probability").GetValue(0)
+        assert 0.0 <= p <= 1.0 and p == pytest.approx(n.networks[net].malignancy_probability, abs=1e-6)
+    if "dsmtnet" in nets:
+        for sign, prob in n.networks["dsmtnet"].sign_probabilities.items():
+            assert t.GetColumnByName(f"networks.dsmtnet.sign_probability.{sign}").GetValue(0) == pytest.approx(prob, abs=1e-6)
+    cons = t.GetColumnByName("consensus.malignancy_probability").GetValue(0)
+    assert cons == pytest.approx(n.consensus.malignancy_probability, abs=1e-6)
+    assert t.GetColumnByName("consensus.disagreement").GetValue(0) in ("low", "high")
+    # after a re-classification every network saw the same mask: agreement 1, mean probability updated
+    seg_id = seg_node.GetSegmentation().GetNthSegmentID(0)
+    new = NoduleMTLMRML.reclassify_segment(scene, seg_node, seg_id, volume, table, network_ids=nets, device="cpu")
+    probs = [o.malignancy_probability for o in new.networks.values()]
+    assert t.GetColumnByName("consensus.malignancy_probability").GetValue(0) == pytest.approx(np.mean(probs), abs=1e-6)
+    assert t.GetColumnByName("consensus.dice_pairwise_mean").GetValue(0) == pytest.approx(1.0)
