@@ -23,9 +23,6 @@ from .results import NODULE_TERMINOLOGY, AnalysisResult
 
 OUTPUT_FILES = ("labels.nrrd", "segmentation.seg.nrrd", "nodules.json", "nodules.csv")
 
-#: Per-nodule segment colours (RGB 0-1), cycled.
-SEGMENT_COLORS = [(0.95, 0.35, 0.2), (0.2, 0.6, 0.95), (0.95, 0.8, 0.2), (0.55, 0.85, 0.3),
-                  (0.8, 0.4, 0.9), (0.3, 0.85, 0.8), (0.95, 0.55, 0.7), (0.6, 0.6, 0.6)]
 
 
 class OutputError(OSError):
@@ -88,8 +85,14 @@ def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
 
 
 def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
-    """slicerio segmentation (voxels i, j, k) cropped to the nodules, with terminology and result tags."""
+    """slicerio segmentation (voxels i, j, k) cropped to the nodules, with terminology and result tags.
+
+    Segment colours follow P(malignant) of the run's first network with a probability
+    (:mod:`NoduleMTLLib.colors`), as in the Slicer scene.
+    """
     import slicerio
+
+    from .colors import primary_probability, probability_color
 
     found = [n for n in result.nodules if n.found and n.mask is not None]
     full = ijk_to_lps_matrix(ct.image)
@@ -119,7 +122,7 @@ def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
             tags["NoduleMTL.detection.score"] = d["detection"]["score"]
         slicerio.add_segment(seg, sub, {
             "id": f"nodule_{nd.id}", "name": nd.name,
-            "color": list(SEGMENT_COLORS[(nd.id - 1) % len(SEGMENT_COLORS)]),
+            "color": list(probability_color(primary_probability(nd.networks, (result.run or {}).get("networks", []) or []))),
             "terminology": term, "tags": {k: str(v) for k, v in tags.items()},
         })
     # one label value per nodule in the single layer, whatever slicerio chose

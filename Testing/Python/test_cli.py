@@ -230,3 +230,18 @@ def test_two_networks(sample, tmp_path):
     assert nets["lnmsnet"]["dice_with_final"] == 1.0
     row = next(csv.DictReader(open(out / "nodules.csv")))
     assert float(row["networks.detguided.malignancy_probability"]) == pytest.approx(nets["detguided"]["malignancy_probability"], abs=1e-4)
+
+
+def test_seg_nrrd_colours_follow_malignancy(sample_run):
+    """segmentation.seg.nrrd segments use the same probability ramp as the Slicer scene."""
+    import slicerio
+
+    from NoduleMTLLib.colors import probability_color
+
+    rc, out, _ = sample_run
+    assert rc == 0
+    seg = slicerio.read_segmentation(str(out / "segmentation.seg.nrrd"), skip_voxels=True)
+    js = json.loads((out / "nodules.json").read_text())
+    for segment, n in zip(seg["segments"], js["nodules"]):
+        expected = probability_color(n["networks"]["lnmsnet"]["malignancy_probability"])
+        np.testing.assert_allclose(segment["color"], expected, atol=1e-3)
