@@ -349,6 +349,10 @@ def main(argv=None) -> int:
     out = REPO / "runs" / f"consensus_{'_'.join(ids)}" / f"eval_vois_{a.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(ev, indent=1) + "\n")
+    # a committed copy (runs/ is not committed): training.results_table reads it in a fresh checkout
+    kept = REPO / "training" / "reports" / "consensus" / f"{'_'.join(ids)}_vois_{a.split}.json"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(ev, indent=1) + "\n")
     for k, v in ev["dice3d"].items():
         auc = ev["classification"].get(k, {}).get("auc")
         print(f"{k:>12}: Dice3D mean {v['mean']:.3f} median {v['median']:.3f}" + (f"  AUC {auc:.3f}" if auc is not None else ""))

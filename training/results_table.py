@@ -7,8 +7,10 @@ Sources, per network (``lnmsnet``, ``detguided``, ``dsmtnet``, ``mtnet``, ``mask
 ``runs/NETWORK/eval_{val,test}.json`` (2D evaluation on the network grid, written by
 ``nodulemtl-train evaluate NETWORK --split S``) and ``runs/NETWORK/eval_vois_{val,test}.json``
 (3D click path on HU VOIs, ``... --vois``); when a run folder is absent (fresh checkout:
-``runs/`` is not committed), the metrics recorded in ``Resources/Weights/models.json`` at
-export time.  A network with neither is "pending".  An evaluation whose weights sha256
+``runs/`` is not committed), the committed ``training/reports/NETWORK/summary.json``
+(``nodulemtl-train report NETWORK``), then the metrics recorded in
+``Resources/Weights/models.json``.  Consensus rows: ``runs/consensus_*/`` or their committed
+copies in ``training/reports/consensus/``.  A network with neither is "pending".  An evaluation whose weights sha256
 differs from the shipped file's (manifest) is marked "stale".  The figures are the same
 code's as ``training.report`` (``summarize``).
 """
@@ -59,7 +61,19 @@ def _measured_cell(net: str, repo: Path) -> str:
         parts = [f"{k} threshold {_f(d[k].get('threshold'), 2)}: precision {_f(d[k].get('precision'))}, recall "
                  f"{_f(d[k].get('recall'))}, F1 {_f(d[k].get('f1'))}, Dice {_f(d[k].get('dice_mean'))}"
                  for k in ("adaptive", "fixed") if isinstance(d.get(k), dict)]
-        return (prefix + f"slice crops ({d.get('n_nodules')} nodules, {d.get('n_images')} images): " + "; ".join(parts)
+        whole = _whole_ct(repo)
+        head = ""
+        if whole:
+            tot = whole["lidc_nodule_level"]
+            head = ("whole scans, nodule level (LIDC-IDRI-0003 + 0005, test patients, "
+                    f"{next(iter(tot.values()))['tp'] + next(iter(tot.values()))['fn']} nodules of >= 3 readers): "
+                    + "; ".join(f"threshold {k}: P {_f(v['precision'])}, R {_f(v['recall'])}, F1 {_f(v['f1'])}"
+                                for k, v in tot.items())
+                    + f"; FROC CPM {_f(whole['froc'].get('cpm'))}; Lung-PET-CT-Dx adenocarcinoma found (adaptive): "
+                    + ", ".join(f"{scan.replace('lung_pet_ct_dx_', '').replace('.nrrd', '').replace('_dicom', ' (DICOM)')} "
+                                f"{'yes' if v.get('adaptive', {}).get('tumour_found') else 'no'}"
+                                for scan, v in whole["lung_pet_ct_dx"].items()) + ". ")
+        return (prefix + head + f"Slice crops ({d.get('n_nodules')} nodules, {d.get('n_images')} images): " + "; ".join(parts)
                 + (" (stale: evaluated weights differ from the shipped file)" if r["stale"] else ""))
     if s2 is None and s3 is None:
         return "pending"
@@ -95,9 +109,15 @@ def comparison_table(repo: Path = REPO) -> str:
 
 def consensus_table(repo: Path = REPO) -> str:
     """Consensus vs. single networks on the HU VOIs (``python -m training.report consensus ...``), if run."""
-    rows = []
-    for p in sorted((repo / "runs").glob("consensus_*/eval_vois_*.json")):
+    rows, seen = [], set()
+    paths = sorted((repo / "runs").glob("consensus_*/eval_vois_*.json")) + sorted(
+        (repo / "training" / "reports" / "consensus").glob("*_vois_*.json"))  # committed copies
+    for p in paths:
         ev = json.loads(p.read_text())
+        key = (tuple(ev["networks"]), ev["split"])
+        if key in seen:
+            continue
+        seen.add(key)
         cls = ev["classification"]
         cells = "; ".join(f"{k} {_f(v['mean'])}" + (f" / AUC {_f(cls[k]['auc'])}" if k in cls else "")
                           for k, v in ev["dice3d"].items())
@@ -109,6 +129,18 @@ def consensus_table(repo: Path = REPO) -> str:
     return "\n".join(["| networks | split | VOIs | Dice3D mean / malignancy AUC (each network; consensus = at least half of the networks, "
                       "mean probability; strict_majority = intersection for 2; union; AUC over nodules every network classified) "
                       "| disagreement high (consensus Dice high / low) |", "|---|---|---|---|---|"] + rows) + "\n"
+
+
+def _whole_ct(repo: Path) -> dict | None:
+    """Whole-scan detector figures: ``runs/maskrcnn25d/eval_whole_ct.json`` (condensed as the
+    manifest keeps them) or the manifest's ``metrics.whole_ct``; None when neither exists."""
+    p = repo / "runs" / "maskrcnn25d" / "eval_whole_ct.json"
+    if p.exists():
+        e = json.loads(p.read_text())
+        return {"lidc_nodule_level": e["lidc_total"], "froc": e["froc"],
+                "lung_pet_ct_dx": {r["scan"]: {k: {"tumour_found": v["tumour_found"]} for k, v in r["thresholds"].items()}
+                                   for r in e["lung_pet_ct_dx"]}}
+    return _manifest(repo).get("maskrcnn25d", {}).get("metrics", {}).get("whole_ct")
 
 
 def _f(v, nd=3):
@@ -138,10 +170,20 @@ def collect(network: str, split: str, repo: Path = REPO) -> dict:
         if p3.exists():
             out["3d"] = summarize(json.loads(p3.read_text()))
         return out
+    rep = repo / "training" / "reports" / network / "summary.json"  # committed by `nodulemtl-train report`
+    if rep.exists():
+        ev = json.loads(rep.read_text()).get("evaluations", {})
+        e2, e3 = ev.get(f"2D {split}"), ev.get(f"3D click {split} (HU)")
+        if e2 is not None or e3 is not None:
+            out.update({"2d": e2, "3d": e3, "source": f"training/reports/{network}/"})
+            out["stale"] = bool(e2 and man.get("sha256") and e2.get("sha256") and e2["sha256"] != man["sha256"])
+            return out
     m = man.get("metrics", {})
     if split in m or f"{split}_click3d_hu" in m:
         out["source"] = "models.json"
-        if split in m:
+        if split in m and "fixed" in m[split]:  # the detector's slice-crop figures
+            out["det"] = m[split]
+        elif split in m:
             e = m[split]
             out["2d"] = {"n_nodules": e["n_nodules"], "dice_mean": e["dice_mean"], "dice_median": e["dice_median"],
                          "classification": {"n": e["n_classified"], "auc": e["auc"], "accuracy": e["accuracy"],

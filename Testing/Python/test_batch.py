@@ -120,7 +120,8 @@ def test_folder_batch_second_run_skips_done_cases(folder_batch, capsys):
 # ---------------------------------------------------------------- list input
 
 
-def test_list_batch_missing_file_outside_point_no_points_and_overwrite(tmp_path, capsys):
+def test_list_batch_missing_file_outside_point_no_points_and_overwrite(tmp_path, capsys, monkeypatch):
+    _weights_missing(monkeypatch)  # a site without the whole-scan detector: a case without points is skipped
     d = tmp_path / "cts"
     d.mkdir()
     os.symlink(SAMPLE, d / "first.nrrd")
@@ -367,3 +368,23 @@ def test_cli_script_run_on_sample(tmp_path):
     assert 0 <= float(rows[0]["networks.lnmsnet.malignancy_probability"]) <= 1
     vox = np.prod(ct.GetSpacing())
     assert float(rows[1]["volume_mm3"]) == pytest.approx((arr == 2).sum() * vox, rel=0.05)
+
+
+def test_batch_case_without_points_uses_the_detector(shared_data, tmp_path):
+    """With the maskrcnn25d weights installed, a case without points is searched whole-scan
+    (real Lung-PET-CT-Dx A0002 DICOM series, 30 slices): outputs written, detections recorded."""
+    from NoduleMTLLib import registry
+
+    try:
+        registry.find_weights("maskrcnn25d")
+    except registry.WeightsError:
+        pytest.skip("maskrcnn25d weights not installed")
+    lst = tmp_path / "cases.txt"
+    lst.write_text(f"{shared_data / 'whole_ct' / 'lung_pet_ct_dx_A0002_dicom'}\n")
+    out = tmp_path / "out"
+    assert cli.main(["batch", str(lst), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    (row,) = _summary(out).values()
+    assert row["status"] == "ok" and int(row["n_nodules"]) >= 1
+    js = json.loads((out / row["case"] / "nodules.json").read_text())
+    assert all(n["detection"]["score"] >= n["detection"]["score_threshold"] for n in js["nodules"])
+    assert sorted(p.name for p in (out / row["case"]).iterdir()) == sorted(OUTPUT_FILES)
