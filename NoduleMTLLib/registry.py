@@ -243,4 +243,5 @@ def export_weights(network_id: str, checkpoint: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".tmp-" + out.name)
     save_file(half, str(tmp), metadata={"network_id": network_id, "source_checkpoint": checkpoint.name})
+    os.chmod(tmp, 0o644)  # shipped with the extension: readable by every user (safetensors writes 0600)
     os.replace(tmp, out)
