@@ -125,7 +125,7 @@ def consensus_table(repo: Path = REPO) -> str:
         rows.append(f"| {', '.join(ev['networks'])} | {ev['split']} | {ev['n_nodules']} | {cells} | "
                     f"{ev['disagreement_high']} ({_f(hl['high'])} / {_f(hl['low'])}) |")
     if not rows:
-        return "Consensus evaluation: pending (`python -m training.report consensus lnmsnet,detguided --split test`).\n"
+        return "Consensus evaluation: pending (`python -m training.report consensus lnmsnet,detguided,dsmtnet,mtnet --split test`).\n"
     return "\n".join(["| networks | split | VOIs | Dice3D mean / malignancy AUC (each network; consensus = at least half of the networks, "
                       "mean probability; strict_majority = intersection for 2; union; AUC over nodules every network classified) "
                       "| disagreement high (consensus Dice high / low) |", "|---|---|---|---|---|"] + rows) + "\n"

@@ -245,3 +245,29 @@ def test_seg_nrrd_colours_follow_malignancy(sample_run):
     for segment, n in zip(seg["segments"], js["nodules"]):
         expected = probability_color(n["networks"]["lnmsnet"]["malignancy_probability"])
         np.testing.assert_allclose(segment["color"], expected, atol=1e-3)
+
+
+def test_all_click_networks(sample, tmp_path):
+    """``--networks lnmsnet,detguided,dsmtnet,mtnet`` on the real sample CT: each network's
+    probability (and DSMT-Net's signs) in nodules.json / nodules.csv, and a 4-network consensus."""
+    nets = [n for n in ("lnmsnet", "detguided", "dsmtnet", "mtnet")
+            if (registry.resources_dir() / "Weights" / f"{n}.safetensors").exists()]
+    if len(nets) < 4:
+        pytest.skip(f"weights shipped for {nets} only")
+    out = tmp_path / "all"
+    rc = cli.main(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--networks", ",".join(nets), "--out", str(out),
+                   "--quiet", "--device", "cpu"])
+    assert rc == 0
+    n = json.loads((out / "nodules.json").read_text())["nodules"][0]
+    assert list(n["networks"]) == nets
+    for net in nets:
+        assert 0.0 <= n["networks"][net]["malignancy_probability"] <= 1.0
+    signs = n["networks"]["dsmtnet"]["sign_probabilities"]
+    assert {"spiculation", "lobulation", "calcification", "subsolid", "bubble_lucency"} <= set(signs)
+    c = n["consensus"]
+    assert c["n_networks"] == 4 and c["disagreement"] in ("low", "high")
+    probs = [n["networks"][k]["malignancy_probability"] for k in c["networks_found"]]
+    assert c["malignancy_probability"] == pytest.approx(float(np.mean(probs)), abs=1e-3)
+    assert len(c["dice_pairwise"]) == len(c["networks_found"]) * (len(c["networks_found"]) - 1) // 2
+    row = next(csv.DictReader(open(out / "nodules.csv")))
+    assert float(row["networks.mtnet.malignancy_probability"]) == pytest.approx(n["networks"]["mtnet"]["malignancy_probability"], abs=1e-4)
