@@ -99,7 +99,7 @@ def evaluate_nodules(model: torch.nn.Module, nodules, cfg: dict, batch: int = 64
                      "specificity": pix["tn"] / max(1, pix["tn"] + pix["fp"])}}
     if sign_names:
         out["signs"] = {h: {**binary_classification_stats(*sign_lp[h]), "labels": sign_lp[h][0],
-                            "probs": [round(v, 4) for v in sign_lp[h][1]]} for h in sign_names}
+                            "probs": [float(v) for v in sign_lp[h][1]]} for h in sign_names}
     return out
 
 
