@@ -165,8 +165,6 @@ def manifest() -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-
-
 def find_weights(network_id: str) -> Path:
     """Path of a network's weights file. Raises WeightsError naming the file and the folders searched."""
     spec = get_spec(network_id)

@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 def update_manifest(network_id: str, weights: Path) -> None:
     """Record a shipped weights file in ``Resources/Weights/models.json`` (size, sha256, input spec, metrics).
 
-    Metrics are copied from ``runs/NETWORK/eval_val.json`` / ``eval_test.json`` when present
-    (written by ``evaluate`` on those exact weights).
+    Metrics are copied from ``runs/NETWORK/eval_*.json`` when present and measured on this
+    exact file (sha256); metrics the manifest already holds for the same file are kept
+    where no new evaluation replaces them.
     """
     from NoduleMTLLib import __version__
     from NoduleMTLLib.registry import get_spec, sha256_of
@@ -32,6 +33,9 @@ def update_manifest(network_id: str, weights: Path) -> None:
         "training_data": "LIDC-IDRI (TCIA, CC BY 3.0) via ../shared/data/lidc_slices; patient split training/splits/lidc_patient_split.json",
         "model_card": f"{network_id}.md", "metrics": {},
     }
+    old = man.get("networks", {}).get(network_id) or {}
+    if old.get("sha256") == entry["sha256"]:  # same file: keep what was measured before (runs/ is not kept)
+        entry["metrics"] = dict(old.get("metrics") or {})
     for split in ("val", "test"):
         ev = REPO / "runs" / network_id / f"eval_{split}.json"
         if ev.exists():
