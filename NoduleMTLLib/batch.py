@@ -26,14 +26,16 @@ Points CSV
     LPS or ``--lps`` is given.  One row per nodule.  ``case`` is the case name or the input
     path as listed.  A case without points is searched with the whole-scan detector
     (``maskrcnn25d``, :func:`NoduleMTLLib.detection.infer.detect_nodules`, adaptive score
-    threshold) and each found nodule is classified with ``--networks``; when the detector's
+    threshold, or ``--threshold``) and each found nodule is classified with ``--networks``; when the detector's
     weights are not installed such a case is recorded ``skipped`` (see :func:`whole_scan_detector`).
 
 Outputs
     ``DIR/<case>/`` holds the four files of ``nodulemtl analyze``
     (:data:`NoduleMTLLib.outputs.OUTPUT_FILES`, written all-or-nothing).
     ``DIR/summary.csv`` (:data:`SUMMARY_COLUMNS`) is rewritten atomically after every
-    case: status ``ok``, ``failed`` (message = the one-line reason), ``skipped`` or
+    case: status ``ok`` (message: the run's notes, e.g. "120 nodules above the score
+    threshold ...; the 100 highest-scoring are reported", and nodules not found), ``failed``
+    (message = the one-line reason), ``skipped`` or
     ``done-before`` (the case folder already held all four outputs; recomputed only with
     ``--overwrite``); while the run goes on, cases not reached yet are listed as ``pending``.
     A failed case never stops the run.
@@ -354,6 +356,8 @@ class BatchRun:
     _models: dict | None = None
     #: also write ``<case>/segmentation.dcm`` (DICOM SEG) for cases read from a DICOM series
     dicom_seg: bool = False
+    #: score threshold of the whole-scan search (cases without points): "adaptive" or a float in [0, 1]
+    threshold: float | str = "adaptive"
     _detector_model: object = None
 
     def _detector(self):
@@ -407,7 +411,7 @@ class BatchRun:
             ct = read_ct(case.path)
             if not pts:
                 res = detect(ct, model=self._detector(), device=self.device, classify_with=self.network_ids,
-                             networks=self._networks())
+                             networks=self._networks(), score_threshold=self.threshold)
             else:
                 res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
                                      networks=self._networks())
@@ -427,8 +431,8 @@ class BatchRun:
         base.n_nodules, base.n_found = len(res.nodules), sum(n.found for n in res.nodules)
         base.seconds = time.perf_counter() - t0
         notfound = [f"{n.id}: {n.message}" for n in res.nodules if not n.found]
-        base.message = ("not found: " + "; ".join(notfound)) if notfound else ""
-        base.message = " ".join(base.message.split())
+        notes = list(getattr(res, "messages", ()) or ()) + (["not found: " + "; ".join(notfound)] if notfound else [])
+        base.message = " ".join("; ".join(notes).split())  # e.g. the nodule cap of a whole-scan search
         return base
 
     def run(self, on_case: Callable[[int, Case, CaseResult], None] | None = None) -> list[CaseResult]:
@@ -473,6 +477,7 @@ def main(args) -> int:
                              f"available: {', '.join(NETWORKS)}")
         run = BatchRun(cases, out, points, nets, args.device, args.overwrite)
         run.dicom_seg = bool(getattr(args, "dicom_seg", False))
+        run.threshold = getattr(args, "threshold", "adaptive")
         bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)
 
         def on_case(i, case, r):

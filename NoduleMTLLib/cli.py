@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
     b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     b.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs already exist")
+    b.add_argument("--threshold", default="adaptive", type=_threshold_arg,
+                   help="cases without points (whole-scan search): score threshold, 'adaptive' (default) or a number in [0, 1]")
     b.add_argument("--dicom-seg", action="store_true",
                    help="also write <case>/segmentation.dcm (DICOM SEG) for cases that are DICOM series folders")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -101,6 +101,9 @@ def main(argv=None) -> int:
                    help="maskrcnn25d: whole-scan evaluation on ../shared/data/whole_ct (LIDC test patients 0003/0005: "
                         "P/R/F1, FROC/CPM; Lung-PET-CT-Dx A0001/A0002 tumour boxes), see training/evaluate_detection.py")
     e.add_argument("--limit-nodules", type=int, default=None, help="maskrcnn25d: first N nodules of the split only")
+    e.add_argument("--layout", choices=["centred", "jitter"], default=None,
+                   help="maskrcnn25d crop evaluation: tile layout of the mosaics (default: the config's tile_layout; "
+                        "centred = whole 128 px fields, the nodule in the middle of each; jitter = moved windows)")
     x = sub.add_parser("export", help="export a checkpoint to fp16 safetensors for shipping")
     x.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
     x.add_argument("checkpoint", type=Path)
@@ -178,17 +181,21 @@ def main(argv=None) -> int:
             from NoduleMTLLib.registry import find_weights, sha256_of
             from training import detection
             cfg = json.loads((REPO / "training" / "configs" / "maskrcnn25d.json").read_text())
+            default_layout = cfg.get("tile_layout", "centred")
+            if a.layout:
+                cfg["tile_layout"] = a.layout
             model = build_network(a.network)
             wpath = load_weights_into(model, a.weights, a.network)
             ev = detection.evaluate_split(model, a.split, cfg, a.data, a.limit_nodules)
-            ev.update(weights=str(wpath), sha256=sha256_of(wpath))
-            out = a.out or REPO / "runs" / a.network / f"eval_{a.split}.json"
+            ev.update(weights=str(wpath), sha256=sha256_of(wpath), tile_layout=cfg.get("tile_layout", "centred"))
+            suffix = "" if ev["tile_layout"] == default_layout else f"_{ev['tile_layout']}"
+            out = a.out or REPO / "runs" / a.network / f"eval_{a.split}{suffix}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(ev, indent=1))
             def fmt(m):  # metrics may be null (undefined ratios)
                 return " ".join(f"{k} {'n/a' if m[key] is None else f'{m[key]:.3f}'}" for k, key in
                                 (("threshold", "threshold"), ("P", "precision"), ("R", "recall"), ("F1", "f1"), ("Dice", "dice_mean")))
-            print(f"maskrcnn25d {a.split} (slice crops: {ev['n_nodules']} nodules, {ev['n_images']} images): "
+            print(f"maskrcnn25d {a.split} ({ev['tile_layout']} crops: {ev['n_nodules']} nodules, {ev['n_images']} images): "
                   f"fixed {fmt(ev['fixed'])}; adaptive {fmt(ev['adaptive'])} -> {out}")
             return 0
         if a.vois:

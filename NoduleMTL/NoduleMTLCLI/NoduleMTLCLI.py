@@ -10,6 +10,7 @@ Parameters (``NoduleMTLCLI.xml``, Slicer Execution Model; :func:`build_parser` m
                             (coordinate system from the file: LPS or RAS; mm)
     --detect                whole-scan detection (maskrcnn25d) instead of points; the click
                             networks then classify each found nodule
+    --threshold T           with --detect: 'adaptive' (default) or a score in [0, 1]
     --networks IDS          comma-separated network ids (default lnmsnet)
     --device auto|cpu|cuda|mps  compute device (CUDA out of memory -> retried on the CPU)
 
@@ -67,6 +68,8 @@ def build_parser():
     ap.add_argument("--points", default="", help="markups file (.mrk.json or .fcsv), one point per nodule")
     ap.add_argument("--detect", action="store_true",
                     help="detect nodules in the whole scan (maskrcnn25d) instead of using points")
+    ap.add_argument("--threshold", default="adaptive",
+                    help="with --detect: score threshold, 'adaptive' (default) or a number in [0, 1]")
     ap.add_argument("--networks", default="lnmsnet", help="comma-separated network ids")
     ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device")
     return ap
@@ -186,6 +189,12 @@ def run(args):
             raise InputError("Give either a points file or --detect (whole-scan detection), not both")
         if not args.detect and not args.points:
             raise InputError("No points given: pass a markups file (.mrk.json or .fcsv) with one point per nodule")
+        if args.detect:
+            from NoduleMTLLib.detection.infer import parse_threshold
+            try:
+                parse_threshold(args.threshold)
+            except ValueError as e:
+                raise InputError(str(e)) from None
         detect_nodules = _detector() if args.detect else None
         points = read_points_file(args.points) if args.points else []
         if args.points and not points:
@@ -194,7 +203,8 @@ def run(args):
         nets = [n.strip() for n in args.networks.split(",") if n.strip()]
         step = lambda f, m: progress(0.05 + 0.9 * f, m)  # noqa: E731
         if detect_nodules is not None:
-            run_on = lambda dev: detect_nodules(ct, device=dev, progress=step, classify_with=tuple(nets))  # noqa: E731
+            run_on = lambda dev: detect_nodules(ct, device=dev, progress=step, classify_with=tuple(nets),  # noqa: E731
+                                                score_threshold=args.threshold)
         else:
             run_on = lambda dev: analyze_points(ct, points, network_ids=nets, device=dev, progress=step)  # noqa: E731
         res = with_cpu_fallback(run_on, args.device,

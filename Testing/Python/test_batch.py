@@ -263,7 +263,8 @@ def _xml_parameters() -> list[dict]:
 def test_cli_xml_and_parser_agree(cli_module):
     params = _xml_parameters()
     by_name = {p["name"]: p for p in params}
-    assert set(by_name) == {"inputVolume", "points", "detect", "networks", "device", "outputLabel", "outputTable"}
+    assert set(by_name) == {"inputVolume", "points", "detect", "threshold", "networks", "device", "outputLabel",
+                            "outputTable"}
     assert by_name["inputVolume"]["tag"] == "image" and by_name["inputVolume"]["channel"] == "input"
     assert by_name["outputLabel"]["tag"] == "image" and by_name["outputLabel"]["type"] == "label"
     assert by_name["outputLabel"]["channel"] == "output"
@@ -342,6 +343,8 @@ def test_cli_detect_and_no_points_are_errors(cli_module, tmp_path, capsys, monke
     assert "not available yet" in capsys.readouterr().err
     assert cli_module.main([str(SAMPLE), *outs]) == 1
     assert "No points" in capsys.readouterr().err
+    assert cli_module.main([str(SAMPLE), *outs, "--detect", "--threshold", "1.5"]) == 1
+    assert "score threshold must be in [0, 1]" in capsys.readouterr().err
     assert not any(Path(o).exists() for o in outs)
 
 

@@ -177,6 +177,37 @@ def test_training_and_validation_samples_real(few_nodules, cfg):
     assert [s.tiles for s in D.validation_samples(few_nodules, cfg)] == [s.tiles for s in val]  # deterministic
 
 
+def test_jitter_tile_moves_the_nodule_and_keeps_the_pixels(few_nodules, cfg):
+    """The "jitter" layout: the nodule is no longer at the centre of its patch of content,
+    the window's pixels are the field's, and validation tiles are jittered the same way each time."""
+    areas = [int(n.consensus.reshape(len(n.image), -1).sum(1).max()) for n in few_nodules]
+    nd = few_nodules[int(np.argmin([a if a > 0 else 10**9 for a in areas]))]  # the smallest nodule
+    k = int(nd.consensus.reshape(len(nd.image), -1).sum(1).argmax())
+    x, m = D.make_tile(nd, k, dict(cfg, tile_layout="centred"), None)
+    rng = np.random.default_rng(0)
+    offsets, n_with = [], 0
+    for _ in range(60):
+        xj, mj = D.jitter_tile(x, m, rng, min_px=56, p_contain=0.7)
+        assert xj.shape == x.shape and mj.shape == m.shape and mj.sum() <= m.sum()
+        nz = np.nonzero(xj.any(0))
+        if mj.any():
+            n_with += 1
+            # offset of the nodule from the centre of the content window
+            cy, cx = np.nonzero(mj)[0].mean(), np.nonzero(mj)[1].mean()
+            wy, wx = (nz[0].min() + nz[0].max()) / 2, (nz[1].min() + nz[1].max()) / 2
+            offsets.append((cy - wy, cx - wx))
+        # every non-zero pixel of the jittered tile is a pixel of the field (a shifted window)
+        vals = set(np.round(xj[2][xj[2] > 0], 6).tolist())
+        assert vals <= set(np.round(x[2].ravel(), 6).tolist())
+    offsets = np.array(offsets)
+    assert 30 <= n_with <= 59  # p_contain 0.7, plus windows that catch it by chance; some miss it
+    assert np.abs(offsets).max() > 20 and offsets.std(0).min() > 6  # the nodule is off-centre, anywhere
+    c = dict(cfg, tile_layout="jitter")
+    a1, a2 = D.make_tile(nd, k, c, None), D.make_tile(nd, k, c, None)
+    assert np.array_equal(a1[0], a2[0]) and np.array_equal(a1[1], a2[1])  # validation: fixed jitter
+    assert not np.array_equal(a1[0], x)
+
+
 def test_detection_metrics_paper_iou_rule():
     m = np.zeros((1, 32, 32), np.uint8)
     m[0, 10:20, 10:20] = 1
@@ -269,7 +300,8 @@ def _run_cli(capsys, *argv):
 @pytest.fixture(scope="module")
 def smoke_cfg(tmp_path_factory, cfg):
     c = dict(cfg, iterations=6, batch_size=1, canvas_sizes=[160], eval_every=100, ckpt_every=2, log_every=1,
-             threads=1, warmup_iterations=2, val_max_nodules=3, max_minutes=30)
+             threads=1, warmup_iterations=2, val_max_nodules=3, max_minutes=30, phase_fractions=[0.6, 0.15, 0.25],
+             init_weights=None)  # from the LNMSNet encoder (the shipped config fine-tunes the first detector)
     p = tmp_path_factory.mktemp("cfg") / "smoke.json"
     p.write_text(json.dumps(c))
     return p
@@ -356,6 +388,16 @@ def test_smoke_train_resume_export_reload_evaluate(shared_data, smoke_cfg, tmp_p
             torch.testing.assert_close(b, a, atol=0.05 * max(1.0, float(a.abs().max())), rtol=0.05)
         o = loaded([s.image])[0]
     assert set(o) >= {"boxes", "scores", "scores_main", "scores_aux", "masks"}
+
+    # fine-tuning start (config key init_weights): from the exported fp16 file and from a checkpoint
+    for src, tol in ((f, 1e-3), (run / "best.pt", 0.0)):
+        m2 = registry.build_network("maskrcnn25d")
+        assert D.load_init_weights(m2, src) == src
+        for k, v in m2.state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, ref.state_dict()[k], atol=tol * max(1.0, float(v.abs().max())), rtol=tol)
+    with pytest.raises(FileNotFoundError, match="init_weights"):
+        D.load_init_weights(registry.build_network("maskrcnn25d"), tmp_path / "nope.safetensors")
 
     # absent and corrupt weights: clear WeightsError
     monkeypatch.setattr(registry, "resources_dir", lambda: tmp_path / "empty")
