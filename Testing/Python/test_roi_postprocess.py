@@ -76,6 +76,33 @@ def test_component_near_click(sample):
     assert not component_near(mask, (0, 0, 0), ct.spacing[::-1], 5.0).any()
 
 
+
+def test_component_near_on_its_box_equals_the_whole_grid_rule(sample):
+    """The cropped implementation gives what labelling + distance transform of the whole grid
+    give (real CT: lung vessels and nodules above -400 HU, seeds in, near and far from them)."""
+    from scipy import ndimage as ndi
+    from skimage import measure
+
+    def whole_grid(mask, seed, spacing, dmax):
+        lab = measure.label(mask, connectivity=3)
+        if lab[seed] > 0:
+            return lab == lab[seed]
+        dist, inds = ndi.distance_transform_edt(lab == 0, sampling=spacing, return_indices=True)
+        if dist[seed] > dmax:
+            return np.zeros_like(mask)
+        return lab == lab[tuple(int(inds[a][seed]) for a in range(3))]
+
+    ct = sample[0]
+    arr = np.asarray(ct.array)[:, 100:260, 100:260]
+    mask = arr > -400
+    mask[:, :40, :] = False  # a region without mask voxels: seeds there are outside the mask's box
+    rng = np.random.default_rng(0)
+    seeds = [tuple(int(rng.integers(0, n)) for n in arr.shape) for _ in range(12)]
+    sp = ct.spacing[::-1]
+    for seed in seeds:
+        for dmax in (3.0, 30.0):
+            assert np.array_equal(component_near(mask, seed, sp, dmax), whole_grid(mask, seed, sp, dmax)), (seed, dmax)
+
 def test_diameters_of_known_shapes(sample):
     """A 21-pixel-wide square (0.82 mm pixels): long axis is its diagonal, short axis its width."""
     ct, _ = sample
