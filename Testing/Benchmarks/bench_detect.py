@@ -8,11 +8,15 @@
    whole_ct/lidc`` (512 x 512 x 140 and x 133), each in a fresh Python process, so the
    printed peak RSS (the worker's ``ru_maxrss``) is that scan's alone.  Breakdown: read,
    lung mask, preprocessing (HU window, CLAHE, lung mask, crop), network, merging,
-   measurements, total; slices searched, ms per searched slice, nodules found.
+   measurements, total; slices searched, ms per searched slice, nodules found; and the
+   projected time of a 300-slice scan like it (per-slice parts x 300 / slices searched).
+   LIDC-IDRI-0003 runs again with one lung box for the whole scan (``crop_per_batch``
+   off) to show what the per-batch lung box saves.
 2. **Speed options** on ``--subset`` mid-lung slices of LIDC-IDRI-0003 (the whole scan's
    lung mask, cropped): per-slice ms (preprocessing + network; median and min of
    ``--repeats`` rounds after a warm-up round, variants interleaved round robin so that
-   the machine's other load affects them alike; the projection uses the min) for lung crop on / off, batch 1 / 2 / 4 / 8, channels-last on /
+   the machine's other load affects them alike; the projection uses the min) for lung crop
+   per batch / per scan / off, batch 1 / 2 / 4 / 8, channels-last on /
    off, 1 / 2 threads, input scale 1 / 0.75 / 0.5 - each varied alone from the default
    (crop on, batch 4, contiguous, ``--threads``, scale 1).  Then the projected time of a
    300-slice scan: lung mask (scaled from the 140-slice scan) + 300 x ms per slice.
@@ -73,7 +77,7 @@ def _model(random: bool, dets: int):
     return m, f"RANDOM weights (narrow ResNet-18-FPN), capped at {dets} detections/slice"
 
 
-def whole_worker(scan: str, threads: int, random: bool, dets: int) -> dict:
+def whole_worker(scan: str, threads: int, random: bool, dets: int, crop_per_batch: bool = True) -> dict:
     """Fresh process: one whole scan, timing breakdown and peak RSS."""
     import torch
 
@@ -85,9 +89,10 @@ def whole_worker(scan: str, threads: int, random: bool, dets: int) -> dict:
     t = time.perf_counter()
     ct = read_ct(_data() / "whole_ct" / "lidc" / scan / "ct.nrrd")
     t_read = time.perf_counter() - t
-    res = detect_nodules(ct, model=model, device="cpu")
+    res = detect_nodules(ct, model=model, device="cpu", crop_per_batch=crop_per_batch)
     r = res.run
     return {"scan": scan, "weights": desc, "shape_zyx": list(ct.shape_zyx), "read_s": t_read,
+            "crop_per_batch": r.get("crop_per_batch"), "network_pixels": r.get("network_pixels"),
             "timing_s": r["timing_s"], "n_slices_searched": r["n_slices_searched"],
             "search_box_ijk": r["search_box_ijk"], "n_slice_detections": r["n_slice_detections"],
             "n_nodules": len(res.nodules), "score_threshold": r["score_threshold"],
@@ -112,8 +117,9 @@ def options_worker(threads: int, subset: int, repeats: int, random: bool, dets: 
     sub = CTVolume(ct.image[:, :, a:b])
     sub_lung = pp.LungMask(lung.labels[a:b], lung.spacing_zyx, lung.volumes_ml, lung.n_lungs)
     base = {"restrict_to_lungs": True, "batch_slices": 4, "channels_last": False, "num_threads": threads,
-            "input_scale": 1.0}
-    variants = [("default (crop, batch 4, contiguous, %d threads, scale 1)" % threads, {}),
+            "input_scale": 1.0, "crop_per_batch": True}
+    variants = [("default (crop per batch, batch 4, contiguous, %d threads, scale 1)" % threads, {}),
+                ("one lung box for the scan", {"crop_per_batch": False}),
                 ("lung crop off (full 512 x 512)", {"restrict_to_lungs": False}),
                 ("batch 1", {"batch_slices": 1}), ("batch 2", {"batch_slices": 2}), ("batch 8", {"batch_slices": 8}),
                 ("channels-last", {"channels_last": True}),
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.worker:
         if a.worker[0] == "whole":
-            print(json.dumps(whole_worker(a.worker[1], a.threads, a.random, a.dets)))
+            print(json.dumps(whole_worker(a.worker[1], a.threads, a.random, a.dets, a.worker[2:3] != ["scan-crop"])))
         else:
             print(json.dumps(options_worker(a.threads, a.subset, a.repeats, a.random, a.dets)))
         return 0
@@ -177,17 +183,26 @@ def main(argv=None) -> int:
     whole = []
     if not a.skip_whole:
         print("\n== whole scans (fresh process each) ==")
-        for scan in SCANS:
-            r = _spawn(["--worker", "whole", scan, *common])
+        runs = [(scan, []) for scan in SCANS] + [(SCANS[0], ["scan-crop"])]
+        for scan, extra in runs:
+            r = _spawn(["--worker", "whole", scan, *extra, *common])
             whole.append(r)
             t = r["timing_s"]
             n = r["n_slices_searched"]
-            print(f"{scan} {tuple(r['shape_zyx'])} [{r['weights']}]: total {t['total']:.1f} s = read {r['read_s']:.1f} + "
+            crop = "lung box per batch" if r["crop_per_batch"] else "one lung box for the scan"
+            print(f"{scan} {tuple(r['shape_zyx'])} [{r['weights']}; {crop}, "
+                  f"{r['network_pixels'] / 1e6:.1f} M network pixels]: total {t['total']:.1f} s = read {r['read_s']:.1f} + "
                   f"lung mask {t['lung_mask']:.1f} + preprocessing {t['preprocess']:.1f} + network {t['network']:.1f} + "
                   f"merging {t['merge']:.2f} + measurements {t['measure']:.2f} (+ load {t['load']:.2f}); "
                   f"{n} slices searched, {1000 * (t['preprocess'] + t['network']) / max(n, 1):.0f} ms/slice; "
                   f"{r['n_slice_detections']} slice detections -> {r['n_nodules']} nodules (threshold "
                   f"{r['score_threshold']}); peak RSS {r['peak_rss_mb'] / 1024:.2f} GB")
+            nz = r["shape_zyx"][0]
+            proj = (t["lung_mask"] * 300 / nz + (t["preprocess"] + t["network"]) * 300 / max(n, 1)
+                    + t["merge"] + t["measure"])
+            print(f"    projected 300-slice scan like this one (lung mask x 300/{nz} + (preprocessing + network) "
+                  f"x 300/{n} + merging + measurements): {proj:.0f} s (target <= {TARGET_S:.0f} s: "
+                  f"{'met' if proj <= TARGET_S else 'NOT met'})")
     if not a.skip_options:
         print(f"\n== speed options on {a.subset} mid-lung slices of LIDC-IDRI-0003 (median of {a.repeats}) ==")
         r = _spawn(["--worker", "options", *common])
@@ -199,7 +214,8 @@ def main(argv=None) -> int:
                   f"preprocessing {row['preprocess_ms']:.0f}; min {row['min_ms']:.0f}, max {row['max_ms']:.0f}) "
                   f"x{base / row['min_ms']:.2f}")
         lung300 = r["lung_mask_s_140"] * 300 / 140
-        print(f"\nprojected 300-slice scan (lung mask {lung300:.1f} s + 300 x min ms/slice; merging/measuring extra):")
+        print(f"\nprojected 300-slice scan (lung mask {lung300:.1f} s + 300 x min ms/slice of these mid-lung slices, "
+              f"the widest: an upper bound; merging/measuring extra):")
         for row in r["rows"]:
             proj = lung300 + 300 * row["min_ms"] / 1000
             print(f"  {row['option']:<52s} {proj:6.0f} s  (target <= {TARGET_S:.0f} s: "

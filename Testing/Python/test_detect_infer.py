@@ -87,11 +87,24 @@ def slab_run(slab, model):
     return sd, calls.shapes
 
 
+def _batch_shapes(sd, nz: int, batch: int, scale: float = 1.0) -> list[tuple]:
+    """Expected network input shapes with the per-batch lung box."""
+    out = []
+    ks = sd.slices_searched
+    for b0 in range(0, len(ks), batch):
+        part = ks[b0:b0 + batch]
+        idx = np.unique(np.concatenate([pp.stack_indices(k, nz) for k in part]))
+        y0, y1, x0, x1 = infer.batch_crop(sd.lung, idx, sd.crop_yx)
+        out += [(5, round((y1 - y0) * scale), round((x1 - x0) * scale))] * len(part)
+    return out
+
+
 # ----------------------------------------------------------------------------- network stage
 
 
 def test_lung_only_slices_and_crop(lidc3, lung3, model):
-    """Slices without lung are not given to the network; each input is the in-plane lung box."""
+    """Slices without lung are not given to the network; each input is the in-plane lung box
+    of the scan (``crop_per_batch=False``) or of its batch's slices (default)."""
     ct = lidc3[0]
     sub = CTVolume(ct.image[:, :, 0:24])  # 6 upper-abdomen slices below the lung bases, then lung
     lung = _sub_lung(lung3, 0, 24)
@@ -99,7 +112,8 @@ def test_lung_only_slices_and_crop(lidc3, lung3, model):
     assert has_lung[0] == 6 and len(has_lung) == 18
     calls = Calls(model)
     try:
-        sd = infer.run_slice_detections(sub, model, "cpu", lung=lung, input_scale=0.25, batch_slices=8)
+        sd = infer.run_slice_detections(sub, model, "cpu", lung=lung, input_scale=0.25, batch_slices=8,
+                                        crop_per_batch=False)
     finally:
         calls.handle.remove()
     b = pp.lung_bounds(lung)
@@ -118,13 +132,25 @@ def test_lung_only_slices_and_crop(lidc3, lung3, model):
         assert i0 >= b.x0 and j0 >= b.y0
         assert i0 + d.mask.shape[1] <= b.x1 and j0 + d.mask.shape[0] <= b.y1
         assert abs(d.mask.shape[1] - (d.box[2] - d.box[0])) < 2.5 and abs(d.mask.shape[0] - (d.box[3] - d.box[1])) < 2.5
+    # per batch: the lung box of the batch's stacks, smaller than the scan's near the lung base
+    calls = Calls(model)
+    try:
+        sd2 = infer.run_slice_detections(sub, model, "cpu", lung=lung, input_scale=0.25, batch_slices=8)
+    finally:
+        calls.handle.remove()
+    assert sd2.settings["crop_per_batch"] and sd2.crop_yx == sd.crop_yx and sd2.slices_searched == has_lung
+    assert calls.shapes == _batch_shapes(sd2, 24, 8, 0.25)
+    assert all(a <= round(h * 0.25) and c <= round(w * 0.25) for _, a, c in calls.shapes)
+    assert calls.shapes[0][1] * calls.shapes[0][2] < round(h * 0.25) * round(w * 0.25)  # the base's smaller lungs
+    assert sd2.settings["network_pixels"] == sum(a * b for _, a, b in calls.shapes)
+    for d in sd2.detections:
+        assert b.x0 - 1e-6 <= d.box[0] <= d.box[2] <= b.x1 + 1e-6 and b.y0 - 1e-6 <= d.box[1] <= d.box[3] <= b.y1 + 1e-6
 
 
 def test_slab_run_native_size(slab, slab_run):
     sd, shapes = slab_run
     assert sd.slices_searched == list(range(12))  # mid-lung: every slice has lung
-    y0, y1, x0, x1 = sd.crop_yx
-    assert set(shapes) == {(5, y1 - y0, x1 - x0)}  # native pixels, no torchvision resizing
+    assert shapes == _batch_shapes(sd, 12, infer.BATCH_SLICES)  # native pixels, no torchvision resizing
     assert len(sd.detections) == DETS_PER_SLICE * 12
     assert sd.settings["slices_preprocessed"] == 12  # each slice preprocessed once (stack context shared)
     assert not sd.report.thick_slices and sd.lung.n_lungs == 2
