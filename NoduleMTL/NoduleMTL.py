@@ -199,6 +199,8 @@ class NoduleMTLParameterNode:
         at run time (the checkable list is filled and synchronised by the widget).
     device - "auto" (CUDA if available, else CPU), "cpu", "cuda" or "mps"; plain ``str``
         because "mps" is offered only where torch reports it (combo synchronised by the widget).
+    detectionThreshold - score threshold of Find nodules in [0, 1); 0 = "adaptive" (the
+        paper's rule, 30th percentile of the scan's scores clipped to [0.1, 0.5]).
     outputSegmentation - segmentation created by the last run.
     outputTable - results table created by the last run.
     """
@@ -207,6 +209,7 @@ class NoduleMTLParameterNode:
     points: vtkMRMLMarkupsFiducialNode
     networks: str = DEFAULT_NETWORK
     device: str = DEFAULT_DEVICE
+    detectionThreshold: float = 0.0
     outputSegmentation: vtkMRMLSegmentationNode
     outputTable: vtkMRMLTableNode
 
@@ -503,7 +506,8 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         networks = _runner().split_networks(p.networks)
         self._job = self.logic.startAnalysis(p.inputVolume, None if detect else p.points, networks=networks,
-                                             device=p.device, detect=detect)
+                                             device=p.device, detect=detect,
+                                             detectionThreshold=p.detectionThreshold)
         self._jobVolume = p.inputVolume
         self._jobLabel = "the nodule search" if detect else "the analysis"
         self.ui.statusLabel.text = f"Starting {self._jobLabel} on {p.device}..."
@@ -886,7 +890,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         raise RuntimeError("PythonSlicer (Slicer's Python) was not found: cannot run the analysis in the background")
 
     def startAnalysis(self, inputVolume, pointsNode=None, networks=(DEFAULT_NETWORK,), device=DEFAULT_DEVICE,
-                      detect=False):
+                      detect=False, detectionThreshold=0.0):
         """Start the analysis in a background ``PythonSlicer`` process and return it at once.
 
         The volume is converted with ``NoduleMTLMRML.volume_node_to_ct`` (world geometry,
@@ -900,9 +904,11 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             pointsNode: point list (one point per nodule); None with ``detect``.
             networks, device: as :meth:`process`.
             detect: whole-scan detection (``nodulemtl analyze --detect``) instead of points.
+            detectionThreshold: with ``detect``, the score threshold in (0, 1); 0 (or None)
+                = "adaptive" (``--threshold``, see ``NoduleMTLLib.detection.infer``).
 
         Raises:
-            ValueError / NoduleMTLLib.io.InputError: as :meth:`process`.
+            ValueError / NoduleMTLLib.io.InputError: as :meth:`process`; a threshold outside [0, 1].
             RuntimeError: PythonSlicer not found.  OSError: the temporary folder cannot be written.
         """
         if inputVolume is None:
@@ -918,9 +924,15 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             pointsLps = NoduleMTLMRML.markups_to_points_lps(pointsNode)
             if not pointsLps:
                 raise ValueError(f"'{pointsNode.GetName()}' has no placed points: place one point on each nodule")
+        extra = []
+        if detect and detectionThreshold:
+            t = float(detectionThreshold)
+            if not 0.0 < t <= 1.0:
+                raise ValueError(f"The detection threshold must be in [0, 1] (0 = adaptive), got {t}")
+            extra = ["--threshold", repr(t)]
         job = _runner().AnalysisProcess(ct, pointsLps, detect=detect, networks=networks, device=device,
                                         python_executable=self.pythonExecutable(),
-                                        temp_root=slicer.app.temporaryPath)
+                                        temp_root=slicer.app.temporaryPath, extra_args=extra)
         job.start()
         logging.info(f"NoduleMTL: started {' '.join(job.command)}")
         return job
@@ -953,10 +965,11 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         return segmentationNode, tableNode, result
 
     def findNodules(self, inputVolume, networks=(DEFAULT_NETWORK,), device=DEFAULT_DEVICE, progressCallback=None,
-                    waitForCompletion=True):
+                    waitForCompletion=True, detectionThreshold=0.0):
         """Whole-scan detection (``nodulemtl analyze --detect``), always in a background
         process; with ``waitForCompletion`` it is waited for and added to the scene
         (returns ``(segmentationNode, tableNode, result)``), else the started process is returned.
+        ``detectionThreshold``: score threshold in (0, 1], 0 = adaptive (:meth:`startAnalysis`).
 
         Raises:
             RuntimeError: the detector is not available, or the run failed (its message).
@@ -964,7 +977,8 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         ok, reason = self.detectionStatus()
         if not ok:
             raise RuntimeError(reason)
-        job = self.startAnalysis(inputVolume, None, networks=networks, device=device, detect=True)
+        job = self.startAnalysis(inputVolume, None, networks=networks, device=device, detect=True,
+                                 detectionThreshold=detectionThreshold)
         if not waitForCompletion:
             return job
 

@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     t.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     t.add_argument("--iterations", type=int, default=None, help="maskrcnn25d: override the config's iterations")
     t.add_argument("--max-minutes", type=float, default=None, help="maskrcnn25d: override the config's time box")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="maskrcnn25d: training device (default auto: CUDA with mixed precision when a GPU is present)")
     e = sub.add_parser("evaluate", help="evaluate weights on a split; writes a JSON report")
     e.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
     e.add_argument("--weights", type=Path, default=None, help="checkpoint (.pt) or shipped .safetensors (default: shipped)")
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
                 if val is not None:
                     cfg[key] = val
             best = detection.train(cfg, a.out or REPO / "runs" / a.network, a.data, a.limit_nodules,
-                                   log=lambda s: print(s, flush=True))
+                                   log=lambda s: print(s, flush=True), device=a.device)
             print(f"best checkpoint {best}" + ("" if best.exists() else " (not written: stopped before the mask phase; resume)"))
             return 0
         if a.epochs:

@@ -469,7 +469,8 @@ def _match_image(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, min_iou:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, samples: list[Sample], batch: int = 4, max_detections: int = 30) -> list[dict]:
+def predict(model: torch.nn.Module, samples: list[Sample], batch: int = 4, max_detections: int = 30,
+            device=None) -> list[dict]:
     """Model outputs (numpy: boxes, scores, masks (N, H, W) float) for each sample, eval mode.
 
     At most ``max_detections`` per image (the top-scoring; the model's own setting is
@@ -482,7 +483,9 @@ def predict(model: torch.nn.Module, samples: list[Sample], batch: int = 4, max_d
     outs = []
     try:
         for i in range(0, len(samples), batch):
-            for o in model([s.image for s in samples[i:i + batch]]):
+            dev = device or next(model.parameters()).device
+            for o in model([s.image.to(dev) for s in samples[i:i + batch]]):
+                o = {k: v.float().cpu() for k, v in o.items()}
                 outs.append({"boxes": o["boxes"].numpy(), "scores": o["scores"].numpy(),
                              "masks": o["masks"][:, 0].numpy() if "masks" in o else None})
     finally:
@@ -515,11 +518,12 @@ def detection_metrics(samples: list[Sample], outputs: list[dict], threshold: flo
             "n_images": len(samples), "n_reference": n_ref, "fp_per_image": fp / max(1, len(samples))}
 
 
-def evaluate_samples(model: torch.nn.Module, samples: list[Sample], score_thresh: float, batch: int = 4) -> dict:
+def evaluate_samples(model: torch.nn.Module, samples: list[Sample], score_thresh: float, batch: int = 4,
+                     device=None) -> dict:
     """Metrics at the fixed ``score_thresh``, at the paper's adaptive threshold (30th percentile
     of all detection scores of the set, clipped to [0.1, 0.5]; the paper computes it per
     validation run) and the best F1 over thresholds 0.05..0.95 (step 0.05)."""
-    outs = predict(model, samples, batch)
+    outs = predict(model, samples, batch, device=device)
     scores = np.concatenate([o["scores"] for o in outs]) if outs else np.zeros(0)
     fixed = detection_metrics(samples, outs, score_thresh)
     adaptive = detection_metrics(samples, outs, adaptive_score_threshold(scores))
@@ -612,7 +616,8 @@ def _save(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = None, log=print) -> Path:
+def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = None, log=print,
+          device: str = "auto") -> Path:
     """Train ``maskrcnn25d`` (narrow) on lidc_slices; resumes from ``out_dir/last.pt``.
 
     Args:
@@ -622,6 +627,9 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         data_dir: data root (default ``../shared/data``).
         limit_nodules: smoke runs: first N training nodules (and max(4, N // 2) val nodules).
         log: called with one JSON string per event.
+        device: "auto" (CUDA when torch sees a GPU, else CPU) | "cpu" | "cuda" | "mps".  On
+            CUDA the forward pass runs under automatic mixed precision (float16 autocast
+            with a gradient scaler), as section 3.5 of the paper; elsewhere in float32.
 
     Returns:
         path of ``best.pt`` (written at the first evaluation of the mask phase, so it exists
@@ -642,10 +650,16 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     emit({"event": "data", "train_nodules": len(tr), "val_nodules": len(va), "val_images": len(val),
           "load_s": round(time.time() - t_start, 1)})
 
+    from NoduleMTLLib.device import resolve_device
+
+    dev = resolve_device(device)
+    use_amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     torch.manual_seed(cfg["seed"])
     model = build_network(NETWORK_ID)
     if cfg.get("roi_batch_size_per_image"):  # RoIs sampled per image for the box/aux/mask heads
         model.roi_heads.fg_bg_sampler.batch_size_per_image = int(cfg["roi_batch_size_per_image"])
+    model.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
     it, best, history, elapsed_before, ck = 0, None, [], 0.0, {}
     rng = np.random.default_rng(cfg["seed"])
@@ -653,7 +667,9 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     if last.exists():
         ck = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        opt.load_state_dict(ck["opt"])  # moves the optimiser state to the parameters' device
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         it, best, history, elapsed_before = ck["iteration"], ck["best"], ck["history"], ck.get("elapsed_s", 0.0)
         rng.bit_generator.state = ck["numpy_rng"]
         torch.set_rng_state(ck["torch_rng"])
@@ -682,12 +698,13 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     def checkpoint():
         _save(last, {"model": model.state_dict(), "opt": opt.state_dict(), "iteration": it, "best": best,
                      "history": history, "config": cfg, "numpy_rng": rng.bit_generator.state,
-                     "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed(), "phase_state": state})
+                     "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed(), "phase_state": state,
+                     "scaler": scaler.state_dict() if use_amp else None, "device": str(dev)})
 
     def run_eval():
         nonlocal best
         t0 = time.time()
-        ev = evaluate_samples(model, val, cfg["eval_score_thresh"])
+        ev = evaluate_samples(model, val, cfg["eval_score_thresh"], device=dev)
         phase = state["phase"]
         rec = {"event": "eval", "iteration": it, "phase": phase, "val_f1": ev["fixed"]["f1"],
                "val_precision": ev["fixed"]["precision"], "val_recall": ev["fixed"]["recall"],
@@ -729,12 +746,17 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         for g in opt.param_groups:
             g["lr"] = lr
         batch = [draw_training_sample(tr, cfg, rng) for _ in range(bs)]
-        losses = model([s.image for s in batch], [s.target for s in batch])
-        loss = phase_loss(losses, spec)
+        images = [s.image.to(dev) for s in batch]
+        targets = [{k: v.to(dev) for k, v in s.target.items()} for s in batch]
+        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+            losses = model(images, targets)
+            loss = phase_loss(losses, spec)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.grad is not None], cfg.get("clip_grad_norm", 10.0))
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         it += 1
         n_window += 1
         for k, v in losses.items():

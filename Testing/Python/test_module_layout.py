@@ -539,7 +539,7 @@ def test_cli_xml_parameters_match_the_argument_parser(cli_parser):
     params = [p for group in root.findall("parameters") for p in group if p.tag not in ("label", "description")]
     names = [p.findtext("name") for p in params]
     assert len(names) == len(set(names))
-    assert {"inputVolume", "points", "detect", "networks", "device", "outputLabel", "outputTable"} == set(names)
+    assert {"inputVolume", "points", "detect", "threshold", "networks", "device", "outputLabel", "outputTable"} == set(names)
     actions = {a.dest: a for a in cli_parser._actions if a.dest != "help"}
     assert set(actions) == set(names), set(actions) ^ set(names)
     positional = [a.dest for a in cli_parser._actions if not a.option_strings]

@@ -500,6 +500,20 @@ def test_module_logic_background_run_on_a_real_scene(module_under_test, tmp_path
     with pytest.raises(RuntimeError, match="cancelled"):
         logic.finishAnalysis(job, volume)
     assert scene.GetNumberOfNodes() == nodes_before
+    # Find nodules with a fixed score threshold (the panel's spin box; 0 = adaptive): passed to the child
+    job = logic.startAnalysis(volume, None, networks="lnmsnet", device="cpu", detect=True, detectionThreshold=0.5)
+    try:
+        assert "--detect" in job.command and job.command[job.command.index("--threshold") + 1] == "0.5"
+    finally:
+        job.cancel()
+    job = logic.startAnalysis(volume, None, networks="lnmsnet", device="cpu", detect=True, detectionThreshold=0.0)
+    try:
+        assert "--detect" in job.command and "--threshold" not in job.command  # adaptive: the CLI's default
+    finally:
+        job.cancel()
+    with pytest.raises(ValueError, match="threshold"):
+        logic.startAnalysis(volume, None, networks="lnmsnet", device="cpu", detect=True, detectionThreshold=1.5)
+    assert scene.GetNumberOfNodes() == nodes_before
 
     # background run (what Apply does), then the synchronous path (scripts, the self-test)
     job = logic.process(volume, points, networks=("lnmsnet",), device="cpu", waitForCompletion=False)
