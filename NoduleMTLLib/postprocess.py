@@ -64,7 +64,8 @@ def axial_diameters(mask: np.ndarray, ct: CTVolume) -> tuple[float, float]:
     longest long axis.  (0, 0) for an empty mask.
 
     Args:
-        mask: bool (z, y, x) on the CT grid.
+        mask: bool (z, y, x) on the CT grid, or any box of it (only index differences are
+            used, so the result does not depend on where the box starts).
     """
     from scipy.spatial import ConvexHull, QhullError
 
@@ -111,22 +112,35 @@ def nodule_type(solid_fraction: float) -> str:
     return "part-solid"
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """numpy index (z, y, x slices, half-open) of the bounding box of a 3D bool mask; None if empty."""
+    z = np.flatnonzero(np.asarray(mask).any(axis=(1, 2)))
+    if not len(z):
+        return None
+    sub = mask[z[0]:z[-1] + 1]
+    y = np.flatnonzero(sub.any(axis=(0, 2)))
+    x = np.flatnonzero(sub.any(axis=(0, 1)))
+    return (slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1))
+
+
 def measure_nodule(mask: np.ndarray, ct: CTVolume) -> dict:
     """Measurements of a nodule mask on the CT grid.
 
     Returns dict: diameter_mm, short_axis_mm, volume_mm3, mean_hu, solid_fraction, type,
     centroid_lps_mm.  Raises ValueError for an empty mask.
     """
-    if not mask.any():
+    box = bounding_box(mask)
+    if box is None:
         raise ValueError("empty mask")
-    hu = ct.array[mask].astype(np.float64)
+    m = np.asarray(mask[box], bool)  # every measurement on the mask's box (a whole CT grid is ~40 M voxels)
+    hu = np.asarray(ct.array[box])[m].astype(np.float64)
     vox = float(np.prod(ct.spacing)) * abs(float(np.linalg.det(np.asarray(ct.image.GetDirection()).reshape(3, 3))))
-    long_ax, short_ax = axial_diameters(mask, ct)
+    long_ax, short_ax = axial_diameters(m, ct)  # chord lengths: the same on the box as on the grid
     solid = float((hu >= SOLID_HU).mean())
-    c = np.array(np.nonzero(mask)).mean(1)  # z, y, x
+    c = np.array(np.nonzero(m)).mean(1) + [sl.start for sl in box]  # z, y, x on the CT grid
     centroid = ct.image.TransformContinuousIndexToPhysicalPoint([float(c[2]), float(c[1]), float(c[0])])
     return {
-        "diameter_mm": long_ax, "short_axis_mm": short_ax, "volume_mm3": float(mask.sum()) * vox,
+        "diameter_mm": long_ax, "short_axis_mm": short_ax, "volume_mm3": float(m.sum()) * vox,
         "mean_hu": float(hu.mean()), "solid_fraction": solid, "type": nodule_type(solid),
         "centroid_lps_mm": tuple(float(v) for v in centroid),
     }

@@ -199,3 +199,26 @@ def test_cut_at_neck_spares_tapering_nodules_and_small_dropouts():
     # the same profile at 3.2 mm pixels (regrowth >= 100 mm^2) is a neck: cut
     big = _disk_stack([8, 12, 12, 4, 8, 12, 8])
     assert not cut_at_neck(big, 5, pixel_area_mm2=3.2 ** 2)[:3].any()
+
+
+def test_measure_nodule_on_its_box_equals_the_whole_grid(sample):
+    """Measurements are computed on the mask's bounding box: same figures as on the whole grid."""
+    from NoduleMTLLib.postprocess import SOLID_HU, bounding_box
+
+    ct, lab = sample
+    for n in (2, 3):
+        mask = lab == n
+        box = bounding_box(mask)
+        assert box is not None and mask[box].sum() == mask.sum() and not mask[box][0].sum() == 0
+        m = measure_nodule(mask, ct)
+        hu = np.asarray(ct.array)[mask].astype(float)
+        vox = float(np.prod(ct.spacing))
+        assert m["volume_mm3"] == pytest.approx(mask.sum() * vox)
+        assert m["mean_hu"] == pytest.approx(hu.mean()) and m["solid_fraction"] == pytest.approx((hu >= SOLID_HU).mean())
+        assert (m["diameter_mm"], m["short_axis_mm"]) == pytest.approx(axial_diameters(mask, ct))
+        c = np.array(np.nonzero(mask)).mean(1)
+        want = ct.image.TransformContinuousIndexToPhysicalPoint([float(c[2]), float(c[1]), float(c[0])])
+        assert m["centroid_lps_mm"] == pytest.approx(want)
+    assert bounding_box(np.zeros((3, 4, 5), bool)) is None
+    with pytest.raises(ValueError, match="empty"):
+        measure_nodule(np.zeros(lab.shape, bool), ct)
