@@ -41,7 +41,8 @@ def update_manifest(network_id: str, weights: Path) -> None:
         if ev.exists():
             e = json.loads(ev.read_text())
             if e.get("sha256") == entry["sha256"] and "fixed" in e:  # detector (training.detection.evaluate_split)
-                entry["metrics"][split] = {"level": "slice crops", "n_nodules": e["n_nodules"], "n_images": e["n_images"],
+                entry["metrics"][split] = {"level": "slice crops", "tile_layout": e.get("tile_layout", "centred"),
+                                           "n_nodules": e["n_nodules"], "n_images": e["n_images"],
                                            **{k: {m: e[k][m] for m in ("threshold", "precision", "recall", "f1", "dice_mean")}
                                               for k in ("fixed", "adaptive")}}
             elif e.get("sha256") == entry["sha256"]:

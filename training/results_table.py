@@ -73,7 +73,7 @@ def _measured_cell(net: str, repo: Path) -> str:
                     + ", ".join(f"{scan.replace('lung_pet_ct_dx_', '').replace('.nrrd', '').replace('_dicom', ' (DICOM)')} "
                                 f"{'yes' if v.get('adaptive', {}).get('tumour_found') else 'no'}"
                                 for scan, v in whole["lung_pet_ct_dx"].items()) + ". ")
-        return (prefix + head + f"Slice crops ({d.get('n_nodules')} nodules, {d.get('n_images')} images): " + "; ".join(parts)
+        return (prefix + head + f"Slice crops, {d.get('tile_layout', 'centred')} tiles ({d.get('n_nodules')} nodules, {d.get('n_images')} images): " + "; ".join(parts)
                 + (" (stale: evaluated weights differ from the shipped file)" if r["stale"] else ""))
     if s2 is None and s3 is None:
         return "pending"
@@ -163,7 +163,7 @@ def collect(network: str, split: str, repo: Path = REPO) -> dict:
         if p2.exists():
             ev = json.loads(p2.read_text())
             if "fixed" in ev:  # the whole-scan detector (training.detection.evaluate_split): P/R/F1/Dice on slice crops
-                out["det"] = {k: ev[k] for k in ("n_nodules", "n_images", "fixed", "adaptive") if k in ev}
+                out["det"] = {k: ev[k] for k in ("n_nodules", "n_images", "fixed", "adaptive", "tile_layout") if k in ev}
             else:
                 out["2d"] = summarize(ev)
             out["stale"] = bool(man.get("sha256") and ev.get("sha256") and ev["sha256"] != man["sha256"])
