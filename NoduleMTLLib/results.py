@@ -157,10 +157,15 @@ class AnalysisResult:
 
     def label_array(self, shape_zyx: tuple[int, int, int]) -> np.ndarray:
         """uint16 label map (z, y, x): voxel value = nodule id; later nodules do not overwrite earlier ones."""
+        from .postprocess import bounding_box
+
         lab = np.zeros(shape_zyx, dtype=np.uint16)
         for n in self.nodules:
             if n.found and n.mask is not None:
-                lab[(n.mask) & (lab == 0)] = n.id
+                box = bounding_box(n.mask)  # work on the mask's box, not the whole grid
+                if box is not None:
+                    sub = lab[box]
+                    sub[np.asarray(n.mask[box], bool) & (sub == 0)] = n.id
         return lab
 
     def to_dict(self) -> dict[str, Any]:

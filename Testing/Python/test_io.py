@@ -100,3 +100,67 @@ def test_refuses_missing_and_corrupt(tmp_path, sample):
     empty.mkdir()
     with pytest.raises(InputError, match="No DICOM series"):
         read_ct(empty)
+
+
+def _result_from_labels(lab: np.ndarray, ids) -> "object":
+    from NoduleMTLLib.results import AnalysisResult, NoduleResult
+
+    nods = []
+    for i in ids:
+        n = NoduleResult(id=int(i), point_lps_mm=(0.0, 0.0, 0.0), found=True)
+        n.mask = lab == i
+        nods.append(n)
+    return AnalysisResult(input={}, run={"networks": []}, nodules=nods)
+
+
+def test_segmentation_dict_fast_path_equals_slicerio_add_segment(repo_dir):
+    """Disjoint nodules go into one layer directly; the result equals slicerio.add_segment's,
+    segment by segment (labels, layer, extent, fields) and voxel by voxel; overlapping
+    nodules take slicerio's layered path."""
+    import slicerio
+
+    from NoduleMTLLib.io import read_ct
+    from NoduleMTLLib.outputs import segmentation_dict
+
+    d = repo_dir / "Resources" / "SampleData"
+    ct = read_ct(d / "LIDC-IDRI-0003_crop.nrrd")
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "LIDC-IDRI-0003_crop_labels.nrrd")))
+    ids = [int(v) for v in np.unique(lab) if v]
+    assert len(ids) >= 2
+    res = _result_from_labels(lab, ids[::-1])  # not in label order
+    fast = segmentation_dict(res, ct)
+
+    # reference: the previous implementation (union box, slicerio.add_segment per nodule)
+    union = np.logical_or.reduce([n.mask for n in res.nodules])
+    zz, yy, xx = np.nonzero(union)
+    lo = np.array([xx.min(), yy.min(), zz.min()]); hi = np.array([xx.max(), yy.max(), zz.max()]) + 1
+    ref = slicerio.create_segmentation(tuple(int(v) for v in hi - lo), np.eye(4))
+    for n, f in zip(res.nodules, fast["segments"]):
+        base = {k: v for k, v in f.items() if k not in ("labelValue", "layer", "extent")}
+        slicerio.add_segment(ref, n.mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].transpose(2, 1, 0), base)
+    assert fast["referenceImageExtentOffset"] == [int(v) for v in lo]
+    assert fast["voxels"].shape == ref["voxels"].shape and np.array_equal(fast["voxels"], ref["voxels"])
+    assert fast["segments"] == ref["segments"]
+    assert [s["labelValue"] for s in fast["segments"]] == list(range(1, len(ids) + 1))
+
+    # two overlapping masks: the second goes to a second layer, as slicerio does it
+    over = _result_from_labels(lab, [ids[0], ids[0]])
+    over.nodules[1].id = 99
+    seg = segmentation_dict(over, ct)
+    assert seg["voxels"].ndim == 4 and [s["layer"] for s in seg["segments"]] == [0, 1]
+    assert np.array_equal(seg["voxels"][0] > 0, seg["voxels"][1] > 0)
+
+
+def test_label_array_first_nodule_keeps_shared_voxels(repo_dir):
+    """label_array: value = nodule id; where masks overlap the earlier nodule keeps the voxel."""
+    d = repo_dir / "Resources" / "SampleData"
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "LIDC-IDRI-0003_crop_labels.nrrd")))
+    ids = [int(v) for v in np.unique(lab) if v]
+    res = _result_from_labels(lab, ids)
+    assert np.array_equal(res.label_array(lab.shape), lab.astype(np.uint16))
+    over = _result_from_labels(lab, [ids[0], ids[1]])
+    from scipy import ndimage as ndi
+    over.nodules[1].mask = ndi.binary_dilation(lab == ids[0], iterations=2)  # covers nodule ids[0] and more
+    out = over.label_array(lab.shape)
+    assert np.array_equal(out == ids[0], lab == ids[0])
+    assert np.array_equal(out == ids[1], over.nodules[1].mask & (lab != ids[0]))
