@@ -159,7 +159,6 @@ def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
         seg["segments"] = []
         for nd, f in zip(found, fields):
             slicerio.add_segment(seg, nd.mask[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].transpose(2, 1, 0), f)
-    # one label value per nodule in the single layer, whatever slicerio chose
     return seg
 
 

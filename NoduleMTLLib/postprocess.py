@@ -33,13 +33,10 @@ def component_near(mask: np.ndarray, seed_zyx, spacing_zyx, max_distance_mm: flo
     out = np.zeros_like(mask)
     seed = tuple(int(round(v)) for v in seed_zyx)
     if not all(0 <= s < n for s, n in zip(seed, mask.shape)) or not mask.any():
-        return out
-    lo, hi = [], []
-    for ax in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != ax)
-        idx = np.flatnonzero(mask.any(axis=other))
-        lo.append(min(int(idx[0]), seed[ax]))
-        hi.append(max(int(idx[-1]), seed[ax]) + 1)
+        return out  # (bounding_box below is then never None)
+    mbox = bounding_box(mask)
+    lo = [min(sl.start, v) for sl, v in zip(mbox, seed)]
+    hi = [max(sl.stop, v + 1) for sl, v in zip(mbox, seed)]
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     lab = measure.label(mask[box], connectivity=3)
     s = tuple(v - a for v, a in zip(seed, lo))

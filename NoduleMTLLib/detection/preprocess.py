@@ -209,12 +209,9 @@ def _inplane_structure() -> np.ndarray:
 
 def _bbox(mask: np.ndarray):
     """Half-open bounding box (z0, z1, y0, y1, x0, x1) of a non-empty 3D bool array."""
-    out = []
-    for ax in range(3):
-        other = tuple(a for a in range(3) if a != ax)
-        idx = np.nonzero(mask.any(axis=other))[0]
-        out += [int(idx[0]), int(idx[-1]) + 1]
-    return tuple(out)
+    from ..postprocess import bounding_box
+
+    return tuple(v for sl in bounding_box(mask) for v in (sl.start, sl.stop))
 
 
 def _grow(box, margin, shape):
