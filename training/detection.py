@@ -567,22 +567,17 @@ def load_init_weights(model: torch.nn.Module, source) -> Path:
         the resolved path.
 
     Raises:
-        FileNotFoundError: no such file.  RuntimeError: the state dict does not fit (strict).
+        FileNotFoundError: no such file.  WeightsError: unreadable, or the state dict does
+            not fit (strict; :func:`NoduleMTLLib.registry.load_weights_into`).
     """
+    from NoduleMTLLib.registry import load_weights_into
+
     path = Path(source)
     if not path.is_absolute():
         path = Path(__file__).resolve().parents[1] / path
     if not path.exists():
         raise FileNotFoundError(f"init_weights: {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    ref = model.state_dict()
-    model.load_state_dict({k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}, strict=True)
-    return path
+    return load_weights_into(model, path)
 
 
 def _load_nodules(data_dir, patients: list[str], limit: int | None):
