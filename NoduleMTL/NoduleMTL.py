@@ -199,8 +199,8 @@ class NoduleMTLParameterNode:
         at run time (the checkable list is filled and synchronised by the widget).
     device - "auto" (CUDA if available, else CPU), "cpu", "cuda" or "mps"; plain ``str``
         because "mps" is offered only where torch reports it (combo synchronised by the widget).
-    detectionThreshold - score threshold of Find nodules in [0, 1); 0 = "adaptive" (the
-        paper's rule, 30th percentile of the scan's scores clipped to [0.1, 0.5]).
+    detectionThreshold - minimum score of Find nodules in [0, 1); 0 = the default operating
+        point (detector + false-positive reduction, chosen on validation scans).
     outputSegmentation - segmentation created by the last run.
     outputTable - results table created by the last run.
     """
@@ -904,8 +904,8 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             pointsNode: point list (one point per nodule); None with ``detect``.
             networks, device: as :meth:`process`.
             detect: whole-scan detection (``nodulemtl analyze --detect``) instead of points.
-            detectionThreshold: with ``detect``, the score threshold in (0, 1); 0 (or None)
-                = "adaptive" (``--threshold``, see ``NoduleMTLLib.detection.infer``).
+            detectionThreshold: with ``detect``, the minimum score in (0, 1); 0 (or None)
+                = the default operating point (``--threshold``, see ``NoduleMTLLib.detection.infer``).
 
         Raises:
             ValueError / NoduleMTLLib.io.InputError: as :meth:`process`; a threshold outside [0, 1].
@@ -928,7 +928,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         if detect and detectionThreshold:
             t = float(detectionThreshold)
             if not 0.0 < t <= 1.0:
-                raise ValueError(f"The detection threshold must be in [0, 1] (0 = adaptive), got {t}")
+                raise ValueError(f"The detection threshold must be in [0, 1] (0 = default), got {t}")
             extra = ["--threshold", repr(t)]
         job = _runner().AnalysisProcess(ct, pointsLps, detect=detect, networks=networks, device=device,
                                         python_executable=self.pythonExecutable(),
@@ -969,7 +969,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         """Whole-scan detection (``nodulemtl analyze --detect``), always in a background
         process; with ``waitForCompletion`` it is waited for and added to the scene
         (returns ``(segmentationNode, tableNode, result)``), else the started process is returned.
-        ``detectionThreshold``: score threshold in (0, 1], 0 = adaptive (:meth:`startAnalysis`).
+        ``detectionThreshold``: score threshold in (0, 1], 0 = the default operating point (:meth:`startAnalysis`).
 
         Raises:
             RuntimeError: the detector is not available, or the run failed (its message).

@@ -25,7 +25,7 @@ Points CSV
     (1/true/yes); world millimetres, RAS (as 3D Slicer shows them) unless the row says
     LPS or ``--lps`` is given.  One row per nodule.  ``case`` is the case name or the input
     path as listed.  A case without points is searched with the whole-scan detector
-    (``maskrcnn25d``, :func:`NoduleMTLLib.detection.infer.detect_nodules`, adaptive score
+    (``maskrcnn25d``, :func:`NoduleMTLLib.detection.infer.detect_nodules`, default operating point (detector + false-positive reduction ``fpr25d``)
     threshold, or ``--threshold``) and each found nodule is classified with ``--networks``; when the detector's
     weights are not installed such a case is recorded ``skipped`` (see :func:`whole_scan_detector`).
 
@@ -356,8 +356,8 @@ class BatchRun:
     _models: dict | None = None
     #: also write ``<case>/segmentation.dcm`` (DICOM SEG) for cases read from a DICOM series
     dicom_seg: bool = False
-    #: score threshold of the whole-scan search (cases without points): "adaptive" or a float in [0, 1]
-    threshold: float | str = "adaptive"
+    #: score threshold of the whole-scan search (cases without points): "default", "adaptive" or a float in [0, 1]
+    threshold: float | str = "default"
     _detector_model: object = None
 
     def _detector(self):
@@ -477,7 +477,7 @@ def main(args) -> int:
                              f"available: {', '.join(NETWORKS)}")
         run = BatchRun(cases, out, points, nets, args.device, args.overwrite)
         run.dicom_seg = bool(getattr(args, "dicom_seg", False))
-        run.threshold = getattr(args, "threshold", "adaptive")
+        run.threshold = getattr(args, "threshold", "default")
         bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)
 
         def on_case(i, case, r):

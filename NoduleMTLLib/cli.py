@@ -2,7 +2,7 @@
 
     nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks lnmsnet]
                          [--device auto|cpu|cuda] [--mask first|consensus] --out DIR
-    nodulemtl analyze CT --detect [--threshold adaptive|0.x] [--networks lnmsnet|none]
+    nodulemtl analyze CT --detect [--threshold default|adaptive|0.x] [--networks lnmsnet|none]
                          [--device auto|cpu|cuda] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
                     [--networks lnmsnet] [--device auto] [--overwrite]
@@ -39,7 +39,7 @@ def _progress_bar(disable: bool, progress_format: str = "bar"):
 
 
 def _threshold_arg(text: str):
-    """argparse type of ``--threshold``: 'adaptive' or a float in [0, 1]."""
+    """argparse type of ``--threshold``: 'default', 'adaptive' or a float in [0, 1]."""
     from .detection.infer import parse_threshold
 
     try:
@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detect", action="store_true",
                    help="search the whole scan for nodules (maskrcnn25d) instead of analysing clicked points; "
                         "--networks then classifies each found nodule ('none': detection only)")
-    a.add_argument("--threshold", default="adaptive", type=_threshold_arg,
-                   help="--detect: score threshold, 'adaptive' (default: 30th percentile of the scan's slice "
-                        "scores clipped to [0.1, 0.5]) or a number in [0, 1]")
+    a.add_argument("--threshold", default="default", type=_threshold_arg,
+                   help="--detect: 'default' (the two-stage search's operating point, chosen on validation scans for "
+                        "<= 2 false positives per scan), 'adaptive' (every candidate of the detector's adaptive "
+                        "threshold: highest sensitivity) or a minimum score in [0, 1]")
     a.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
     a.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
     a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
@@ -96,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
     b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     b.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs already exist")
-    b.add_argument("--threshold", default="adaptive", type=_threshold_arg,
-                   help="cases without points (whole-scan search): score threshold, 'adaptive' (default) or a number in [0, 1]")
+    b.add_argument("--threshold", default="default", type=_threshold_arg,
+                   help="cases without points (whole-scan search): 'default' (operating point), 'adaptive' "
+                        "(every candidate) or a minimum score in [0, 1]")
     b.add_argument("--dicom-seg", action="store_true",
                    help="also write <case>/segmentation.dcm (DICOM SEG) for cases that are DICOM series folders")
     b.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -57,8 +57,9 @@ CONSENSUS_COLUMNS = ("consensus.malignancy_probability", "consensus.probability_
 
 
 #: Whole-scan search columns of nodules.csv (only when the nodules come from ``--detect``):
-#: detector score and half-open voxel box "i0 j0 k0 i1 j1 k1".
-DETECTION_COLUMNS = ("detection.score", "detection.box_ijk")
+#: reported (combined) score, the detector's and the false-positive reduction's scores, and the
+#: half-open voxel box "i0 j0 k0 i1 j1 k1".
+DETECTION_COLUMNS = ("detection.score", "detection.detector_score", "detection.fp_reduction_score", "detection.box_ijk")
 
 
 def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
@@ -79,6 +80,8 @@ def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
             row[col] = (d.get("consensus") or {}).get(col.split(".", 1)[1])
         if det_cols and d.get("detection"):
             row["detection.score"] = d["detection"]["score"]
+            row["detection.detector_score"] = d["detection"].get("detector_score")
+            row["detection.fp_reduction_score"] = d["detection"].get("fp_reduction_score")
             row["detection.box_ijk"] = " ".join(str(v) for v in d["detection"]["box_ijk"])
         rows.append({k: ("" if v is None else v) for k, v in row.items()})
     return head, rows

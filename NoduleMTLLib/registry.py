@@ -120,6 +120,25 @@ DETECTORS = {
 }
 
 
+def _fpr25d():
+    from .detection.fp_reduction import FPR25D
+    return FPR25D()
+
+
+#: False-positive reduction of whole-scan candidates (kind "fp_reduction"; second stage of Find nodules).
+FP_REDUCERS = {
+    "fpr25d": NetworkSpec(
+        "fpr25d", "2.5D false-positive reduction of Find nodules candidates",
+        "ours, after Setio A.A.A. et al., IEEE TMI 2016 (multi-view ConvNets) and the LUNA16 FP-reduction track",
+        _fpr25d, "fpr25d.safetensors",
+        {"dims": 2.5, "channels": 3, "size_px": 32, "field_mm": 24.0,
+         "channels_are": "centre slice, mean and max over the candidate's slice range",
+         "scalar": "slice-range extent (mm) / 10", "intensity": "HU window [-1000, 400] -> [0, 1]"},
+        kind="fp_reduction",
+    ),
+}
+
+
 def available_networks() -> list[str]:
     """Ids of networks that can run a click analysis (registered in this version); detectors excluded."""
     return list(NETWORKS)
@@ -132,9 +151,9 @@ def available_detectors() -> list[str]:
 
 def get_spec(network_id: str) -> NetworkSpec:
     """The :class:`NetworkSpec` of a click network or detector. Raises KeyError listing the known ids."""
-    spec = NETWORKS.get(network_id) or DETECTORS.get(network_id)
+    spec = NETWORKS.get(network_id) or DETECTORS.get(network_id) or FP_REDUCERS.get(network_id)
     if spec is None:
-        raise KeyError(f"unknown network {network_id!r}; available: {', '.join([*NETWORKS, *DETECTORS])}")
+        raise KeyError(f"unknown network {network_id!r}; available: {', '.join([*NETWORKS, *DETECTORS, *FP_REDUCERS])}")
     return spec
 
 

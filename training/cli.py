@@ -117,7 +117,26 @@ def main(argv=None) -> int:
     r.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
     r.add_argument("--runs", type=Path, default=None, help="runs folder holding NETWORK/eval_*.json (default runs)")
     r.add_argument("--out", type=Path, default=None, help="output folder (default training/reports/NETWORK)")
+    w = sub.add_parser("wholescan", help="build the whole-scan training set (HU volumes, consensus masks, excluded marks) "
+                                         "from LIDC DICOM + reader annotations into a cache outside the repository")
+    w.add_argument("--dicom-root", type=Path, required=True, help="folder laid out like the repository bradfordb/pylidc")
+    w.add_argument("--out", type=Path, default=None, help="cache folder (default ~/.cache/nodulemtl/wholescan)")
+    w.add_argument("--patients", nargs="*", default=None, help="default: train, val and test of lidc_wholescan_split.json")
+    f = sub.add_parser("fpr", help="false-positive reduction fpr25d: train | select (operating point on the validation "
+                                   "scans) | export (see training/fp_reduction.py)")
+    f.add_argument("command", choices=["train", "select", "export"])
+    f.add_argument("--resume", action="store_true")
+    f.add_argument("--weights", type=Path, default=None)
     a = ap.parse_args(argv)
+
+    if a.cmd == "wholescan":
+        from training import wholescan
+        return wholescan.main(["--dicom-root", str(a.dicom_root)] + (["--out", str(a.out)] if a.out else [])
+                              + (["--patients", *a.patients] if a.patients else []))
+    if a.cmd == "fpr":
+        from training import fp_reduction
+        return fp_reduction.main([a.command] + (["--resume"] if a.resume else [])
+                                 + (["--weights", str(a.weights)] if a.weights else []))
 
     if a.cmd == "report":
         from training.report import ReportError, write_report

@@ -54,7 +54,10 @@ PET_SCANS = ("lung_pet_ct_dx_A0001.nrrd", "lung_pet_ct_dx_A0002_dicom")
 #: Thresholds reported by default: the paper's adaptive one, a fixed 0.5, and 0.9 / 0.95 - the
 #: region where the validation mosaics (val-split patients, never these test scans) had
 #: their best F1 during training (best thresholds 0.8-0.95; 0.95 at the shipped checkpoint, ``runs/maskrcnn25d/train.log``).
-DEFAULT_THRESHOLDS = ("adaptive", 0.5, 0.9, 0.95)
+DEFAULT_THRESHOLDS = ("default", "adaptive", 0.5, 0.9)
+#: Validation whole scans (training/splits/lidc_wholescan_split.json, built into the cache by
+#: ``nodulemtl-train wholescan``): reported separately, never mixed with the test scans.
+VAL_SCANS = ("LIDC-IDRI-0004", "LIDC-IDRI-0007")
 
 
 def data_dir(path=None) -> Path:
@@ -99,7 +102,18 @@ def _thr_key(t) -> str:
     return "adaptive" if t == "adaptive" else f"{float(t):g}"
 
 
-def evaluate_lidc(model, folder: Path, thresholds, device="cpu", **search) -> dict:
+def _excluded_marks(folder: Path, ct) -> list:
+    """Excluded single-point marks (``excluded.json`` of a cache scan) as 10 mm references."""
+    from NoduleMTLLib.detection import evaluate as ev
+
+    f = folder / "excluded.json"
+    if not f.exists():
+        return []
+    return [ev.reference_from_centre(e["centre_lps"], 2 * e["radius_mm"], ct, nodule_id=-1 - i)
+            for i, e in enumerate(json.loads(f.read_text())["excluded"])]
+
+
+def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None, **search) -> dict:
     """One whole LIDC scan: slice detections once, then matching per threshold and FROC candidates.
 
     Returns:
@@ -108,10 +122,13 @@ def evaluate_lidc(model, folder: Path, thresholds, device="cpu", **search) -> di
         :class:`~NoduleMTLLib.detection.evaluate.NoduleMatchResult`} (removed before writing).
     """
     from NoduleMTLLib.detection import evaluate as ev
-    from NoduleMTLLib.detection.infer import merge_detections, run_slice_detections
+    from NoduleMTLLib.detection.infer import merge_detections, run_slice_detections, select_nodules
 
     ct, refs = ev.load_lidc_whole_ct_references(folder)
     included, excluded = ev.split_references(refs)
+    marks = _excluded_marks(folder, ct)
+    excluded = excluded + marks
+    any_reader = [r for r in refs if r.diameter_mm >= ev.LUNA16_MIN_DIAMETER_MM]
     t0 = time.perf_counter()
     sd = run_slice_detections(ct, model, device, **search)
     t_search = time.perf_counter() - t0
@@ -121,23 +138,29 @@ def evaluate_lidc(model, folder: Path, thresholds, device="cpu", **search) -> di
            "references": [{"nodule": r.nodule_id, "n_readers": r.n_readers, "diameter_mm": round(r.diameter_mm, 1),
                            "centre_slice": r.centre_slice, "counted": r in included} for r in refs],
            "thresholds": {}, "_match": {}}
+    out["n_excluded_marks"] = len(marks)
     for thr in thresholds:
-        merged = merge_detections(sd, ct, thr)
-        m = ev.match_nodules(merged.nodules, included, excluded)
+        merged, nodules, cut = select_nodules(sd, ct, thr, fpr_model, device)
+        m = ev.match_nodules(nodules, included, excluded)
         found = {included[ri].nodule_id for _, ri in m.pairs}
         # single-reader nodules: found by the same rule, reported but not counted
-        m_exc = ev.match_nodules(merged.nodules, excluded) if excluded else None
-        found_exc = {excluded[ri].nodule_id for _, ri in m_exc.pairs} if m_exc else set()
+        m_exc = ev.match_nodules(nodules, excluded) if excluded else None
+        found_exc = {excluded[ri].nodule_id for _, ri in m_exc.pairs if excluded[ri].nodule_id > 0} if m_exc else set()
         out["thresholds"][_thr_key(thr)] = {
-            "score_threshold": _r(merged.score_threshold), "n_detections": len(merged.nodules),
+            "score_threshold": _r(cut), "n_detections": len(nodules),
             "tp": m.tp, "fp": m.fp, "fn": m.fn, "duplicates": m.duplicates, "ignored_on_excluded": m.ignored,
             "precision": _r(m.precision), "recall": _r(m.recall), "f1": _r(m.f1),
             "found": sorted(found | found_exc),
         }
         out["_match"][_thr_key(thr)] = m
-    allc = merge_detections(sd, ct, 0.0)
-    fs = ev.froc_scan_from_nodules(allc.nodules, included, excluded)
-    out["n_candidates"] = len(allc.nodules)
+    if fpr_model is None:
+        allc = merge_detections(sd, ct, 0.0).nodules
+    else:
+        allc = select_nodules(sd, ct, "adaptive", fpr_model, device)[1]
+    fs = ev.froc_scan_from_nodules(allc, included, excluded)
+    out["_froc_any"] = ev.froc_scan_from_nodules(allc, any_reader, marks)
+    out["n_candidates"] = len(allc)
+    ranked = sorted(allc, key=lambda n: -n.score)
     best = {}
     for r in refs:
         d2 = ((np.asarray(fs.candidates_lps) - np.asarray(r.centre_lps)) ** 2).sum(1) if len(fs.scores) else np.zeros(0)
@@ -145,6 +168,14 @@ def evaluate_lidc(model, folder: Path, thresholds, device="cpu", **search) -> di
         best[r.nodule_id] = _r(float(fs.scores[hit].max())) if hit.any() else None
     for rr in out["references"]:
         rr["best_candidate_score_within_radius"] = best[rr["nodule"]]
+        r = next(x for x in refs if x.nodule_id == rr["nodule"])
+        hits = [i for i, n in enumerate(ranked)
+                if float(np.sum((np.asarray(n.centre_lps) - np.asarray(r.centre_lps)) ** 2)) < (r.diameter_mm / 2.0) ** 2]
+        rr["rank"] = hits[0] + 1 if hits else None  # 1 = the scan's highest-scoring candidate
+        if hits:
+            n = ranked[hits[0]]
+            rr["candidate"] = {"score": _r(n.score), "detector_score": _r(n.detector_score if n.detector_score is not None else n.score),
+                               "fp_reduction_score": None if n.fp_reduction_score is None else _r(n.fp_reduction_score)}
     out["_froc"] = fs
     return out
 
@@ -159,9 +190,9 @@ def _pet_boxes(csv_path: Path) -> dict[str, list[dict]]:
     return out
 
 
-def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu", **search) -> dict:
+def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu", fpr_model=None, **search) -> dict:
     """One Lung-PET-CT-Dx scan: per tumour box found? (mask voxel in the box on its slice), detections."""
-    from NoduleMTLLib.detection.infer import merge_detections, run_slice_detections
+    from NoduleMTLLib.detection.infer import run_slice_detections, select_nodules
     from NoduleMTLLib.detection.merge import box_iou_np
     from NoduleMTLLib.io import read_ct
 
@@ -175,14 +206,14 @@ def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu",
            "seconds": {k: round(v, 2) for k, v in {**sd.timing_s, "search_total": t_search}.items()},
            "n_boxes": len(boxes), "thresholds": {}}
     for thr in thresholds:
-        merged = merge_detections(sd, ct, thr)
+        _, nodules, cut = select_nodules(sd, ct, thr, fpr_model, device)
         per_box = []
         touching = set()
         for b in boxes:
             k = b["k"]
             i0, j0, i1, j1 = b["box"]
             hit_mask, best_iou = False, 0.0
-            for n, nod in enumerate(merged.nodules):
+            for n, nod in enumerate(nodules):
                 bi0, bj0, bk0, bi1, bj1, bk1 = nod.box_voxel
                 if not bk0 <= k < bk1:
                     continue
@@ -196,32 +227,99 @@ def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu",
                 best_iou = max(best_iou, iou)
             per_box.append({"k": k, "box_ij": list(b["box"]), "found": hit_mask, "best_box_iou": round(best_iou, 3)})
         out["thresholds"][_thr_key(thr)] = {
-            "score_threshold": _r(merged.score_threshold), "n_detections": len(merged.nodules),
-            "n_detections_on_tumour": len(touching), "n_other_detections": len(merged.nodules) - len(touching),
+            "score_threshold": _r(cut), "n_detections": len(nodules),
+            "n_detections_on_tumour": len(touching), "n_other_detections": len(nodules) - len(touching),
             "boxes_found": sum(p["found"] for p in per_box), "tumour_found": any(p["found"] for p in per_box),
             "per_box": per_box,
         }
     return out
 
 
-def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="cpu", log=print, **search) -> dict:
-    """All four whole scans; see the module docstring.
+def _froc_json(f) -> dict:
+    return {"fp_rates": list(f.fp_rates), "sensitivities": [_r(v) for v in f.sensitivities], "cpm": _r(f.cpm),
+            "n_scans": f.n_scans, "n_nodules": f.n_nodules, "n_detected": f.n_detected,
+            "n_false_positives": f.n_false_positives, "n_ignored_duplicates": f.n_ignored_duplicates,
+            "n_ignored_excluded": f.n_ignored_excluded,
+            "curve": {"fps_per_scan": [_r(v) for v in f.fps_per_scan], "sensitivity": [_r(v) for v in f.sensitivity]}}
+
+
+def _lidc_group(model, folders, thresholds, device, fpr_model, log, **search) -> dict:
+    """Evaluate a group of whole LIDC scans; totals per threshold and FROC for both references."""
+    from NoduleMTLLib.detection import evaluate as ev
+
+    group = {"scans": [], "totals": {}, "froc": None, "froc_any_reader": None}
+    froc_scans, froc_any, totals = [], [], {}
+    for folder in folders:
+        r = evaluate_lidc(model, folder, thresholds, device, fpr_model, **search)
+        froc_scans.append(r.pop("_froc"))
+        froc_any.append(r.pop("_froc_any"))
+        for key, m in r.pop("_match").items():
+            t = totals.setdefault(key, [0, 0, 0])
+            t[0] += m.tp; t[1] += m.fp; t[2] += m.fn
+        group["scans"].append(r)
+        log(f"{folder.name}: {r['n_slices_searched']} slices, {r['n_candidates']} candidates; "
+            + "; ".join(f"thr {k} ({v['score_threshold']}): {v['n_detections']} det, TP {v['tp']} FP {v['fp']} FN {v['fn']}"
+                        for k, v in r["thresholds"].items()) + f"; {r['seconds']['search_total']} s")
+    group["totals"] = {k: {**{kk: _r(vv) if isinstance(vv, float) else vv for kk, vv in ev.precision_recall_f1(*t).items()},
+                           "fp_per_scan": _r(t[1] / max(1, len(folders)))} for k, t in totals.items()}
+    group["froc"] = _froc_json(ev.froc(froc_scans))
+    group["froc_any_reader"] = _froc_json(ev.froc(froc_any))
+    return group
+
+
+def plot_froc(report: dict, path: Path) -> None:
+    """FROC curves (>= 3-reader reference; test and validation scans) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
+    for key, label in (("test", "test scans (LIDC-IDRI-0003, -0005)"), ("val", "validation scans (LIDC-IDRI-0004, -0007)")):
+        g = report.get(key)
+        if not g:
+            continue
+        f = g["froc"]
+        ax.step(f["curve"]["fps_per_scan"], f["curve"]["sensitivity"], where="post",
+                label=f"{label}: CPM {f['cpm']}, {f['n_nodules']} nodules")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 8, 64)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity (nodules >= 3 mm, >= 3 readers)")
+    ax.set_title(f"Find nodules FROC ({report.get('search_stages', '')})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="cpu", log=print, fpr_model=None,
+                      cache=None, **search) -> dict:
+    """Test scans, validation scans and the Lung-PET-CT-Dx tumours; see the module docstring.
 
     Args:
         model: the ``maskrcnn25d`` network (eval mode).
         data: data folder (default: :func:`data_dir`).
-        thresholds: merge score thresholds ("adaptive" and/or floats).
+        thresholds: "default", "adaptive" and/or floats (:func:`~NoduleMTLLib.detection.infer.parse_threshold`).
         device: torch device.
         log: callable for progress lines.
+        fpr_model: the second stage (``fpr25d``) or None (single-stage search).
+        cache: whole-scan cache holding the validation scans (default
+            :func:`training.wholescan.default_cache`); skipped with a note when absent.
         **search: options of :func:`~NoduleMTLLib.detection.infer.run_slice_detections`.
 
     Returns:
-        JSON-ready report.
+        JSON-ready report: ``test`` and ``val`` groups (per scan: thresholds, references with
+        rank and scores; totals; FROC for the >= 3-reader and the >= 1-reader reference), and
+        ``lung_pet_ct_dx``; ``lidc_total`` / ``froc`` repeat the test group's (older readers).
 
     Raises:
         FileNotFoundError: a scan is missing; ValueError: an LIDC scan of a non-test patient.
     """
-    from NoduleMTLLib.detection import evaluate as ev
+    from training.wholescan import default_cache
 
     d = data_dir(data) / "whole_ct"
     test = test_split_patients()
@@ -229,28 +327,23 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
         if p not in test:
             raise ValueError(f"{p} is not in the test split: its whole scan cannot be used to evaluate")
     report = {"protocol": "see training/evaluate_detection.py", "thresholds": [_thr_key(t) for t in thresholds],
-              "search": {k: v for k, v in search.items()}, "lidc": [], "lung_pet_ct_dx": []}
-    froc_scans, totals = [], {}
-    for p in LIDC_SCANS:
-        r = evaluate_lidc(model, d / "lidc" / p, thresholds, device, **search)
-        froc_scans.append(r.pop("_froc"))
-        for key, m in r.pop("_match").items():
-            t = totals.setdefault(key, [0, 0, 0])
-            t[0] += m.tp; t[1] += m.fp; t[2] += m.fn
-        report["lidc"].append(r)
-        log(f"{p}: {r['n_slices_searched']} slices, {r['n_slice_detections']} slice detections, "
-            + "; ".join(f"thr {k} ({v['score_threshold']}): {v['n_detections']} det, TP {v['tp']} FP {v['fp']} FN {v['fn']}"
-                        for k, v in r["thresholds"].items()) + f"; {r['seconds']['search_total']} s")
-    report["lidc_total"] = {k: {kk: _r(vv) if isinstance(vv, float) else vv
-                                for kk, vv in ev.precision_recall_f1(*t).items()} for k, t in totals.items()}
-    f = ev.froc(froc_scans)
-    report["froc"] = {"fp_rates": list(f.fp_rates), "sensitivities": [_r(s) for s in f.sensitivities], "cpm": _r(f.cpm),
-                      "n_scans": f.n_scans, "n_nodules": f.n_nodules, "n_detected": f.n_detected,
-                      "n_false_positives": f.n_false_positives, "n_ignored_duplicates": f.n_ignored_duplicates,
-                      "n_ignored_excluded": f.n_ignored_excluded}
+              "search_stages": "maskrcnn25d + fpr25d" if fpr_model is not None else "maskrcnn25d only",
+              "search": {k: v for k, v in search.items()}, "lung_pet_ct_dx": []}
+    log("test scans:")
+    report["test"] = _lidc_group(model, [d / "lidc" / p for p in LIDC_SCANS], thresholds, device, fpr_model, log, **search)
+    cache = Path(cache or default_cache())
+    if all((cache / p / "ct.nrrd").exists() for p in VAL_SCANS):
+        log("validation scans:")
+        report["val"] = _lidc_group(model, [cache / p for p in VAL_SCANS], thresholds, device, fpr_model, log, **search)
+    else:
+        report["val"] = None
+        log(f"validation scans skipped: build them with nodulemtl-train wholescan (cache {cache})")
+    report["lidc"] = report["test"]["scans"]
+    report["lidc_total"] = report["test"]["totals"]
+    report["froc"] = report["test"]["froc"]
     boxes = _pet_boxes(d / "lung_pet_ct_dx_boxes.csv")
     for name in PET_SCANS:
-        r = evaluate_pet(model, d / name, boxes.get(name, []), thresholds, device, **search)
+        r = evaluate_pet(model, d / name, boxes.get(name, []), thresholds, device, fpr_model, **search)
         report["lung_pet_ct_dx"].append(r)
         log(f"{name}: " + "; ".join(f"thr {k}: tumour {'found' if v['tumour_found'] else 'MISSED'} "
                                      f"({v['boxes_found']}/{r['n_boxes']} boxes), {v['n_detections']} detections, "
@@ -261,15 +354,24 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
 
 def summary_lines(report: dict) -> list[str]:
     """Human-readable summary of :func:`evaluate_whole_ct`'s report."""
-    lines = [f"weights: {report.get('weights')}"]
-    for k, v in report["lidc_total"].items():
-        lines.append(f"LIDC 0003+0005 (>=3 readers, {v['tp'] + v['fn']} nodules), threshold {k}: "
-                     f"P {v['precision']} R {v['recall']} F1 {v['f1']} (TP {v['tp']} FP {v['fp']} FN {v['fn']}); "
-                     f"paper (LUNA16 subset0): P 0.80 R 0.62 F1 0.70")
-    f = report["froc"]
-    lines.append("FROC sensitivity at " + ", ".join(f"{r:g}" for r in f["fp_rates"]) + " FPs/scan: "
-                 + ", ".join(str(s) for s in f["sensitivities"]) + f"; CPM {f['cpm']} "
-                 f"({f['n_detected']}/{f['n_nodules']} nodules hit, {f['n_false_positives']} FPs on {f['n_scans']} scans)")
+    lines = [f"weights: {report.get('weights')}; fpr: {report.get('fpr_weights')}; search: {report.get('search_stages')}"]
+    for key, name in (("test", "test LIDC-IDRI-0003+0005"), ("val", "val LIDC-IDRI-0004+0007")):
+        g = report.get(key)
+        if not g:
+            continue
+        for k, v in g["totals"].items():
+            lines.append(f"{name} (>=3 readers, {v['tp'] + v['fn']} nodules), threshold {k}: "
+                         f"P {v['precision']} R {v['recall']} F1 {v['f1']} (TP {v['tp']} FP {v['fp']} FN {v['fn']}; "
+                         f"{v['fp_per_scan']} FP/scan); paper (LUNA16 subset0): P 0.80 R 0.62 F1 0.70")
+        for fk, ref in (("froc", ">=3 readers"), ("froc_any_reader", ">=1 reader")):
+            f = g[fk]
+            lines.append(f"{name} FROC ({ref}) sensitivity at " + ", ".join(f"{r:g}" for r in f["fp_rates"]) + " FPs/scan: "
+                         + ", ".join(str(s) for s in f["sensitivities"]) + f"; CPM {f['cpm']} "
+                         f"({f['n_detected']}/{f['n_nodules']} nodules hit, {f['n_false_positives']} FPs on {f['n_scans']} scans)")
+        for sc in g["scans"]:
+            for rr in sc["references"]:
+                lines.append(f"  {sc['scan']} nodule {rr['nodule']} ({rr['n_readers']} readers, {rr['diameter_mm']} mm): "
+                             f"rank {rr.get('rank')}, {rr.get('candidate')}")
     for r in report["lung_pet_ct_dx"]:
         for k, v in r["thresholds"].items():
             lines.append(f"{r['scan']} threshold {k}: adenocarcinoma {'found' if v['tumour_found'] else 'missed'} "
@@ -299,11 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--input-scale", type=float, default=1.0, help="network input scale (speed option; default 1)")
+    ap.add_argument("--fpr-weights", type=Path, default=None, help="fpr25d checkpoint/.safetensors (default: the installed one)")
+    ap.add_argument("--no-fpr", action="store_true", help="single-stage search (no false-positive reduction)")
+    ap.add_argument("--cache", type=Path, default=None, help="whole-scan cache with the validation scans")
     return ap
 
 
+def load_fpr_model(weights: Path | None, device="cpu"):
+    """The fpr25d network: from ``weights`` or the installed file (None when neither exists)."""
+    from NoduleMTLLib.detection.fp_reduction import FPR_ID, load_fpr
+    from NoduleMTLLib.registry import build_network, load_weights_into
+
+    if weights is None:
+        return load_fpr(device)
+    m = build_network(FPR_ID)
+    load_weights_into(m, Path(weights))
+    return m.eval().to(device)
+
+
 def run(weights=None, random_init=False, data=None, out=None, thresholds=None, device="auto", threads=2,
-        input_scale=1.0, log=print) -> dict:
+        input_scale=1.0, log=print, fpr_weights=None, no_fpr=False, cache=None) -> dict:
     """Load the model, evaluate, write the JSON report; returns it."""
     import torch
 
@@ -312,13 +429,21 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     torch.set_num_threads(int(threads))
     dev = resolve_device(device)
     model, wdesc, sha = load_model(weights, random_init, dev)
+    fpr = None if no_fpr else load_fpr_model(fpr_weights, dev)
     t0 = time.perf_counter()
-    rep = evaluate_whole_ct(model, data, tuple(thresholds or DEFAULT_THRESHOLDS), dev, log=log,
-                            input_scale=float(input_scale))
-    rep.update(weights=wdesc, sha256=sha, device=str(dev), threads=int(threads), seconds=round(time.perf_counter() - t0, 1))
+    rep = evaluate_whole_ct(model, data, tuple(thresholds or DEFAULT_THRESHOLDS), dev, log=log, fpr_model=fpr,
+                            cache=cache, input_scale=float(input_scale))
+    fdesc = None
+    if fpr is not None:
+        from NoduleMTLLib.registry import find_weights, sha256_of
+        fpath = Path(fpr_weights) if fpr_weights else find_weights("fpr25d")
+        fdesc = {"file": str(fpath), "sha256": sha256_of(fpath)}
+    rep.update(weights=wdesc, sha256=sha, fpr_weights=fdesc, device=str(dev), threads=int(threads),
+               seconds=round(time.perf_counter() - t0, 1))
     out = Path(out or REPO / "runs" / "maskrcnn25d" / "eval_whole_ct.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rep, indent=1) + "\n")
+    plot_froc(rep, out.with_suffix(".froc.png"))
     for line in summary_lines(rep):
         log(line)
     log(f"-> {out}")
@@ -330,7 +455,8 @@ def main(argv=None) -> int:
     from NoduleMTLLib.registry import WeightsError
 
     try:
-        run(a.weights, a.random_init, a.data, a.out, a.threshold, a.device, a.threads, a.input_scale)
+        run(a.weights, a.random_init, a.data, a.out, a.threshold, a.device, a.threads, a.input_scale,
+            fpr_weights=a.fpr_weights, no_fpr=a.no_fpr, cache=a.cache)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"evaluate_detection: error: {e}", file=sys.stderr)
         return 1

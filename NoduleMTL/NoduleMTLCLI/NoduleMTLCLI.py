@@ -10,7 +10,7 @@ Parameters (``NoduleMTLCLI.xml``, Slicer Execution Model; :func:`build_parser` m
                             (coordinate system from the file: LPS or RAS; mm)
     --detect                whole-scan detection (maskrcnn25d) instead of points; the click
                             networks then classify each found nodule
-    --threshold T           with --detect: 'adaptive' (default) or a score in [0, 1]
+    --threshold T           with --detect: 'default', 'adaptive' or a score in [0, 1]
     --networks IDS          comma-separated network ids (default lnmsnet)
     --device auto|cpu|cuda|mps  compute device (CUDA out of memory -> retried on the CPU)
 
@@ -68,8 +68,8 @@ def build_parser():
     ap.add_argument("--points", default="", help="markups file (.mrk.json or .fcsv), one point per nodule")
     ap.add_argument("--detect", action="store_true",
                     help="detect nodules in the whole scan (maskrcnn25d) instead of using points")
-    ap.add_argument("--threshold", default="adaptive",
-                    help="with --detect: score threshold, 'adaptive' (default) or a number in [0, 1]")
+    ap.add_argument("--threshold", default="default",
+                    help="with --detect: 'default' (operating point), 'adaptive' (every candidate) or a minimum score in [0, 1]")
     ap.add_argument("--networks", default="lnmsnet", help="comma-separated network ids")
     ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device")
     return ap

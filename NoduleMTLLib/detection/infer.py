@@ -141,18 +141,27 @@ def load_detector(device: torch.device | str = "cpu") -> torch.nn.Module:
 
 
 def parse_threshold(value) -> float | str:
-    """``"adaptive"`` or a float in [0, 1] (score threshold of the merge).
+    """``"default"``, ``"adaptive"`` or a float in [0, 1].
+
+    * ``"default"``: the operating point of the two-stage search (combined score >=
+      :data:`~.fp_reduction.OPERATING_THRESHOLD`, chosen on the validation scans); without
+      the ``fpr25d`` weights it falls back to ``"adaptive"``.
+    * ``"adaptive"``: every candidate above the paper's adaptive detector threshold (30th
+      percentile of the scan's slice scores clipped to [0.1, 0.5], section 3.5): the
+      highest-sensitivity setting.
+    * a number: the minimum reported score (the combined score when ``fpr25d`` is
+      installed, the detector score otherwise).
 
     Raises:
         ValueError: anything else.
     """
     if isinstance(value, str):
-        if value.strip().lower() == "adaptive":
-            return "adaptive"
+        if value.strip().lower() in ("adaptive", "default"):
+            return value.strip().lower()
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"score threshold must be 'adaptive' or a number in [0, 1], got {value!r}") from None
+            raise ValueError(f"score threshold must be 'default', 'adaptive' or a number in [0, 1], got {value!r}") from None
     v = float(value)
     if not 0.0 <= v <= 1.0 or math.isnan(v):
         raise ValueError(f"score threshold must be in [0, 1], got {v}")
@@ -479,7 +488,7 @@ def merge_detections(sd: SliceDetections, ct: CTVolume, score_threshold: float |
         ValueError: bad threshold.
     """
     thr = parse_threshold(score_threshold)
-    if thr == "adaptive":
+    if thr in ("adaptive", "default"):
         thr = mg.adaptive_score_threshold(sd.scores)
     kept = [d for d in sd.detections if d.score >= thr]
     nodules: list[mg.MergedNodule] = []
@@ -531,6 +540,8 @@ def detection_record(nod: mg.MergedNodule, threshold: float) -> dict:
     return {
         "detector": DETECTOR_ID,
         "score": round(float(nod.score), 4),
+        "detector_score": round(float(nod.score if nod.detector_score is None else nod.detector_score), 4),
+        "fp_reduction_score": None if nod.fp_reduction_score is None else round(float(nod.fp_reduction_score), 4),
         "score_threshold": round(float(threshold), 4),
         "box_ijk": [int(v) for v in nod.box_voxel],
         "box_xyxy_px": [round(float(v), 2) for v in nod.box_xyxy],
@@ -567,10 +578,49 @@ def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev) ->
             res.message = (res.message + "; " if res.message else "") + f"{nid}: {o.message}"
 
 
-def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: float | str = "adaptive", *,
+def rescore_with_fpr(nodules: Sequence[mg.MergedNodule], ct: CTVolume, model: torch.nn.Module, device="cpu") -> None:
+    """Second stage: set ``detector_score``, ``fp_reduction_score`` and ``score`` = the combined
+    score (:func:`~.fp_reduction.combined_score`) of each merged nodule, in place.
+
+    The FPR field covers the nodule's own slice range (first to last member slice) around its
+    centre (:func:`~.fp_reduction.candidate_patch`)."""
+    from . import fp_reduction as fpr
+
+    if not nodules:
+        return
+    p = fpr.score_candidates(model, ct.array, ct.spacing, [(n.centre_ijk, (n.slices[0], n.slices[-1])) for n in nodules],
+                             device)
+    for n, f in zip(nodules, p):
+        n.detector_score = float(n.score)
+        n.fp_reduction_score = float(f)
+        n.score = fpr.combined_score(n.detector_score, f)
+
+
+def select_nodules(sd: SliceDetections, ct: CTVolume, score_threshold: float | str = "default",
+                   fpr_model: torch.nn.Module | None = None, device="cpu") -> tuple[mg.MergeResult, list[mg.MergedNodule], float]:
+    """Candidates -> reported nodules (the two-stage search; :func:`parse_threshold` for the modes).
+
+    Returns:
+        (merge result of the candidates, reported nodules by descending score, the score
+        threshold that was applied to the reported score).
+    """
+    from . import fp_reduction as fpr
+
+    mode = parse_threshold(score_threshold)
+    if fpr_model is None:
+        merged = merge_detections(sd, ct, "adaptive" if mode == "default" else mode)
+        return merged, list(merged.nodules), float(merged.score_threshold)
+    merged = merge_detections(sd, ct, fpr.CANDIDATE_THRESHOLD)
+    rescore_with_fpr(merged.nodules, ct, fpr_model, device)
+    merged.nodules.sort(key=lambda nd: -nd.score)
+    cut = {"default": fpr.OPERATING_THRESHOLD, "adaptive": 0.0}.get(mode, mode)
+    return merged, [n for n in merged.nodules if n.score >= cut], float(cut)
+
+
+def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: float | str = "default", *,
                            classify_with: Sequence[str] = (), networks: dict | None = None, device="cpu",
                            max_nodules: int = MAX_NODULES, progress: Progress | None = None,
-                           extra_timing: dict | None = None):
+                           extra_timing: dict | None = None, fpr_model: torch.nn.Module | None | str = "auto"):
     """Merge, measure and (optionally) classify: steps 5-6 of the module docstring.
 
     Args:
@@ -584,6 +634,9 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
         progress: callback(fraction, message).
         extra_timing: seconds to add to ``run["timing_s"]`` (e.g. weight loading); its
             "total" is the sum of the parts.
+        fpr_model: the false-positive-reduction network; "auto" loads the installed
+            ``fpr25d`` (None when its weights are absent: single-stage search), None
+            disables the second stage.
 
     Returns:
         :class:`~NoduleMTLLib.results.AnalysisResult` (see :func:`detect_nodules`).
@@ -607,23 +660,28 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
                          f"available: {', '.join(NETWORKS)}")
     progress(0.86, "merging slice detections")
     t = time.perf_counter()
-    merged = merge_detections(sd, ct, thr_mode)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if isinstance(fpr_model, str):
+        from .fp_reduction import load_fpr
+        fpr_model = load_fpr(dev)
+    merged, found, cut = select_nodules(sd, ct, thr_mode, fpr_model, dev)
     t_merge = time.perf_counter() - t
     messages = list(sd.report.warnings)
-    found = merged.nodules
+    if fpr_model is None:
+        messages.append("single-stage search: the false-positive-reduction weights (fpr25d) are not installed")
     if len(found) > max_nodules:
-        messages.append(f"{len(found)} nodules above the score threshold {merged.score_threshold:.3f}; "
+        messages.append(f"{len(found)} nodules above the score threshold {cut:.3f}; "
                         f"the {max_nodules} highest-scoring are reported")
         found = found[:max_nodules]
     if not found:
-        messages.append(f"No nodule found: {merged.n_detections} slice detections, none at or above the score "
-                        f"threshold {merged.score_threshold:.3f}")
+        messages.append(f"No nodule found: {merged.n_detections} slice detections, {len(merged.nodules)} candidates, "
+                        f"none at or above the score threshold {cut:.3f}")
 
     t = time.perf_counter()
     results = []
     for n, nod in enumerate(found, start=1):
         res = NoduleResult(id=n, point_lps_mm=tuple(float(v) for v in nod.centre_lps), found=False,
-                           detection=detection_record(nod, merged.score_threshold))
+                           detection=detection_record(nod, cut))
         if nod.mask is not None and nod.mask.any():
             res.mask = nod.full_mask(ct.shape_zyx)
             res.found = True
@@ -635,7 +693,6 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     t_measure = time.perf_counter() - t
 
     t = time.perf_counter()
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
     if classify_with and results:
         nets = {nid: (networks or {}).get(nid) or load_network(nid, dev) for nid in classify_with}
         for i, res in enumerate(results):
@@ -653,25 +710,29 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     run = {
         "software": f"NoduleMTL {__version__}", "mode": "detect", "detector": DETECTOR_ID,
         "networks": list(classify_with), "device": str(dev), "torch": torch.__version__,
-        "score_threshold": round(float(merged.score_threshold), 4),
-        "threshold_mode": "adaptive" if thr_mode == "adaptive" else "fixed",
+        "score_threshold": round(float(cut), 4),
+        "threshold_mode": thr_mode if isinstance(thr_mode, str) else "fixed",
+        "candidate_threshold": round(float(merged.score_threshold), 4),
+        "fp_reduction": None if fpr_model is None else "fpr25d",
+        "score": "combined: sqrt(detector score x fpr25d probability)" if fpr_model is not None else "detector score",
         **sd.settings,
         "n_slices": int(ct.shape_zyx[0]), "n_slices_searched": len(ks),
         "search_box_ijk": [int(x0), int(y0), int(ks[0]) if ks else 0, int(x1), int(y1), int(ks[-1]) + 1 if ks else 0],
         "lung_volume_ml": lung_ml, "n_slice_detections": merged.n_detections, "n_kept": merged.n_kept,
-        "n_nodules_merged": len(merged.nodules),
+        "n_nodules_merged": len(merged.nodules), "n_candidates": len(merged.nodules),
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
     return AnalysisResult(input=ct.describe(), run=run, nodules=results, messages=messages)
 
 
 def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="auto",
-                   score_threshold: float | str = "adaptive", use_clahe: bool = True, use_lung_mask: bool = True,
+                   score_threshold: float | str = "default", use_clahe: bool = True, use_lung_mask: bool = True,
                    batch_slices: int = BATCH_SLICES, progress: Progress | None = None,
                    classify_with: Sequence[str] = (), *, networks: dict | None = None,
                    restrict_to_lungs: bool = True, input_scale: float = 1.0, channels_last: bool = False,
                    num_threads: int | None = None, max_nodules: int = MAX_NODULES,
-                   lung: pp.LungMask | None = None, crop_per_batch: bool = True):
+                   lung: pp.LungMask | None = None, crop_per_batch: bool = True,
+                   fpr_model: torch.nn.Module | None | str = "auto"):
     """Find, segment and measure the nodules of a whole chest CT (module docstring, steps 1-6).
 
     :func:`run_slice_detections` followed by :func:`result_from_detections`.
@@ -680,7 +741,8 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
         ct: CT in HU (LPS geometry), >= 5 slices.
         model: the ``maskrcnn25d`` network; None loads the registered one (:func:`load_detector`).
         device: "auto" (CUDA when present) | "cpu" | "cuda" | "mps", or a torch.device.
-        score_threshold: "adaptive" (paper section 3.5) or a float in [0, 1].
+        score_threshold: "default" (operating point of the two-stage search), "adaptive"
+            (paper section 3.5; every candidate) or a float in [0, 1] (:func:`parse_threshold`).
         use_clahe, use_lung_mask: section 3.2 preprocessing switches.
         batch_slices: stacks per network call.
         progress: callback(fraction in [0, 1], message).
@@ -692,6 +754,7 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
             options (see :func:`run_slice_detections`).
         max_nodules: report at most this many nodules (highest scores; 100).
         lung: precomputed lung mask.
+        fpr_model: second stage (:func:`result_from_detections`); "auto" = installed ``fpr25d``.
 
     Returns:
         :class:`~NoduleMTLLib.results.AnalysisResult`: ``nodules`` ranked by descending
@@ -731,6 +794,7 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
                               channels_last=channels_last, num_threads=num_threads, lung=lung, progress=progress,
                               crop_per_batch=crop_per_batch)
     res = result_from_detections(ct, sd, score_threshold, classify_with=classify_with, networks=networks, device=dev,
-                                 max_nodules=max_nodules, progress=progress, extra_timing={"load": t_load})
+                                 max_nodules=max_nodules, progress=progress, extra_timing={"load": t_load},
+                                 fpr_model=fpr_model)
     res.run["timing_s"]["total"] = round(time.perf_counter() - t0, 3)  # wall clock, overheads included
     return res

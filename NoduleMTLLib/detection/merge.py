@@ -101,6 +101,9 @@ class MergedNodule:
             every member detection carried a mask); :meth:`full_mask` and
             :func:`nodules_to_label_map` paste it onto the whole grid.
         members: the member detections (slice, box, score).
+        detector_score: the Mask R-CNN score (max member score) when a second stage
+            rescored the nodule (then ``score`` is the combined score), else None.
+        fp_reduction_score: the false-positive-reduction probability (``fpr25d``), or None.
     """
 
     score: float
@@ -113,6 +116,8 @@ class MergedNodule:
     box_lps_max: tuple[float, float, float] | None = None
     mask: np.ndarray | None = None
     members: list[dict] = field(default_factory=list)
+    detector_score: float | None = None
+    fp_reduction_score: float | None = None
 
     @property
     def centre_slice(self) -> int:

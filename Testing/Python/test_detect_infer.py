@@ -223,7 +223,7 @@ def test_adaptive_and_fixed_threshold(slab, slab_run):
 def slab_result(slab, slab_run):
     sd = slab_run[0]
     thr = float(np.quantile(sd.scores, 0.7))
-    return infer.result_from_detections(slab, sd, thr), thr
+    return infer.result_from_detections(slab, sd, thr, fpr_model=None), thr  # single stage (see test_fp_reduction)
 
 
 def test_result_types_geometry_and_outputs(slab, slab_result, tmp_path):
@@ -271,7 +271,7 @@ def test_result_types_geometry_and_outputs(slab, slab_result, tmp_path):
 def test_nodule_cap_and_classification(slab, slab_run):
     """max_nodules keeps the best-ranked; the click network adds malignancy at the nodule centre."""
     sd = slab_run[0]
-    res = infer.result_from_detections(slab, sd, 0.0, classify_with=("lnmsnet",), max_nodules=1)
+    res = infer.result_from_detections(slab, sd, 0.0, classify_with=("lnmsnet",), max_nodules=1, fpr_model=None)
     assert len(res.nodules) == 1 and any("highest-scoring are reported" in m for m in res.messages)
     allr = infer.merge_detections(sd, slab, 0.0)
     assert res.nodules[0].detection["score"] == round(allr.nodules[0].score, 4)

@@ -1,0 +1,179 @@
+"""False-positive reduction (``fpr25d``) and the two-stage Find nodules search, on real CT."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from NoduleMTLLib.detection import evaluate as ev
+from NoduleMTLLib.detection import fp_reduction as fpr
+from NoduleMTLLib.detection import infer
+from NoduleMTLLib.io import CTVolume
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "Resources" / "Weights" / "fpr25d.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lidc3(shared_data):
+    return ev.load_lidc_whole_ct_references(shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003")
+
+
+def test_candidate_patch_geometry_on_a_real_nodule(lidc3):
+    ct, refs = lidc3
+    r = next(x for x in refs if x.nodule_id == 3)  # 13 mm solid nodule, 4 readers
+    hu = ct.array
+    p = fpr.candidate_patch(hu, ct.spacing, r.centre_ijk, (r.k_range[0], r.k_range[1] - 1))
+    assert p.shape == (3, fpr.PATCH_PX, fpr.PATCH_PX) and p.dtype == np.float32
+    assert 0.0 <= p.min() and p.max() <= 1.0
+    c = fpr.PATCH_PX // 2
+    lo, hi = fpr.HU_WINDOW
+    centre_hu = lo + (hi - lo) * p[0, c - 1:c + 1, c - 1:c + 1].mean()
+    assert centre_hu > -300  # solid nodule tissue at the centre of the field
+    low_hu = lo + (hi - lo) * np.percentile(p[0], 10)
+    assert low_hu < -600 < centre_hu  # aerated lung in the 24 mm field around the 13 mm nodule
+    assert np.all(p[2] >= p[1] - 1e-6)  # max over the slice range >= mean
+    # the field follows the centre: a 6 mm shift moves the nodule off the middle pixel
+    q = fpr.candidate_patch(hu, ct.spacing, r.centre_ijk, (r.k_range[0], r.k_range[1] - 1), offset_mm=(9.0, 0.0))
+    assert q[0, c, c] < p[0, c, c]
+    with pytest.raises(ValueError, match="empty slice range"):
+        fpr.candidate_patch(hu, ct.spacing, r.centre_ijk, (5, 4))
+    assert fpr.extent_feature((10, 14), 2.5) == pytest.approx(1.25)
+
+
+def test_network_contract_and_combined_score():
+    m = fpr.FPR25D().eval()
+    with torch.no_grad():
+        out = m(torch.rand(3, 3, fpr.PATCH_PX, fpr.PATCH_PX), torch.tensor([0.5, 1.0, 2.0]))
+    assert out.shape == (3,) and out.dtype == torch.float32
+    assert fpr.combined_score(0.81, 0.25) == pytest.approx(0.45)
+    assert fpr.combined_score(0.9, 0.0) == 0.0
+
+
+def test_parse_threshold_modes():
+    assert infer.parse_threshold("default") == "default"
+    assert infer.parse_threshold(" Adaptive ") == "adaptive"
+    assert infer.parse_threshold("0.25") == 0.25
+    with pytest.raises(ValueError, match="'default', 'adaptive'"):
+        infer.parse_threshold("strict")
+
+
+@pytest.fixture(scope="module")
+def slab3(lidc3):
+    """LIDC-IDRI-0003 slices 64-84 (nodules 2-4 of the test scan, 2.5 mm slices)."""
+    ct = lidc3[0]
+    return CTVolume(ct.image[:, :, 64:85], source="LIDC-IDRI-0003 k 64-84")
+
+
+@pytest.fixture(scope="module")
+def slab_detections(slab3, repo_dir):
+    if not (repo_dir / "Resources" / "Weights" / "maskrcnn25d.safetensors").exists():
+        pytest.skip("maskrcnn25d weights not shipped")
+    return infer.run_slice_detections(slab3, infer.load_detector("cpu"), "cpu")
+
+
+def test_two_stage_selection_and_records(slab3, slab_detections):
+    """Combined score = sqrt(detector x FPR); 'adaptive' keeps every candidate; 'default' and a
+    number cut on the combined score; ranking by the combined score; records keep both."""
+    torch.manual_seed(0)
+    model = fpr.FPR25D().eval()  # any FPR network: the plumbing does not depend on its weights
+    merged, allc, cut = infer.select_nodules(slab_detections, slab3, "adaptive", model)
+    assert cut == 0.0 and len(allc) == len(merged.nodules) > 0
+    single = infer.merge_detections(slab_detections, slab3, fpr.CANDIDATE_THRESHOLD)
+    assert sorted(n.detector_score for n in allc) == pytest.approx(sorted(n.score for n in single.nodules))
+    for n in allc:
+        assert n.score == pytest.approx(math.sqrt(n.detector_score * n.fp_reduction_score))
+    assert [n.score for n in allc] == sorted((n.score for n in allc), reverse=True)
+    t = float(np.median([n.score for n in allc]))
+    _, kept, cut = infer.select_nodules(slab_detections, slab3, t, model)
+    assert cut == t and [n.score for n in kept] == [n.score for n in allc if n.score >= t]
+    _, dflt, cut = infer.select_nodules(slab_detections, slab3, "default", model)
+    assert cut == fpr.OPERATING_THRESHOLD and all(n.score >= cut for n in dflt)
+    rec = infer.detection_record(allc[0], cut)
+    assert rec["score"] == round(allc[0].score, 4)
+    assert rec["detector_score"] == round(allc[0].detector_score, 4)
+    assert rec["fp_reduction_score"] == round(allc[0].fp_reduction_score, 4)
+    # without a second stage: the single-stage search ("default" falls back to "adaptive")
+    m0, n0, c0 = infer.select_nodules(slab_detections, slab3, "default", None)
+    assert c0 == pytest.approx(single.score_threshold) and len(n0) == len(single.nodules)
+    assert infer.detection_record(n0[0], c0)["fp_reduction_score"] is None
+    res = infer.result_from_detections(slab3, slab_detections, "default", fpr_model=None)
+    assert res.run["fp_reduction"] is None and any("single-stage" in m for m in res.messages)
+
+
+def test_shipped_fpr_keeps_the_test_nodules_and_drops_most_candidates(slab3, slab_detections):
+    """With the shipped fpr25d: on the test scan's slab, the three >= 3-reader nodules
+    (30, 13 and 15 mm) are reported at the default operating point and fewer candidates
+    remain than in the single-stage search."""
+    if not SHIPPED.exists():
+        pytest.skip("fpr25d weights not shipped")
+    res = infer.result_from_detections(slab3, slab_detections, "default")
+    assert res.run["fp_reduction"] == "fpr25d"
+    single = infer.result_from_detections(slab3, slab_detections, "adaptive", fpr_model=None)
+    assert len(res.nodules) < len(single.nodules)
+    # centres (LPS mm) and radii of nodules 2, 3, 4 (whole_ct/lidc/LIDC-IDRI-0003/nodules.csv)
+    got = [np.asarray(n.point_lps_mm) for n in res.nodules]
+    for centre, radius in (((72.48, 77.23, -190.42), 15.1), ((23.52, -47.62, -172.26), 6.6), ((-47.20, -30.05, -169.48), 7.5)):
+        assert any(np.linalg.norm(g - np.asarray(centre)) < radius for g in got), centre
+    for n in res.nodules:
+        assert n.detection["score"] >= fpr.OPERATING_THRESHOLD - 1e-4
+
+
+def test_reserved_patients_are_never_read(tmp_path):
+    from training import wholescan
+
+    for p in ("LIDC-IDRI-0001", "LIDC-IDRI-0009"):
+        with pytest.raises(wholescan.WholeScanError, match="reserved"):
+            wholescan.build_scan(tmp_path, p, tmp_path / p)
+        with pytest.raises(wholescan.WholeScanError, match="reserved"):
+            wholescan.find_series(tmp_path, p, "1.2.3")
+    split = json.loads(wholescan.SPLIT_FILE.read_text())
+    used = set(split["train"]) | set(split["val"]) | set(split["test"])
+    assert not used & set(wholescan.RESERVED) and set(split["excluded"]) == set(wholescan.RESERVED)
+    assert not (set(split["train"]) & (set(split["val"]) | set(split["test"])))
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_operating_point_selection_rule():
+    from training.fp_reduction import select_threshold
+
+    def cand(score, hit=None, excluded=False):
+        return {"combined": score, "hit": hit, "excluded": excluded}
+
+    scans = [{"scan": "a", "references": [{"nodule": 1}], "candidates": [cand(0.9, 1), cand(0.8), cand(0.7), cand(0.6),
+                                                                         cand(0.95, None, True)]},
+             {"scan": "b", "references": [], "candidates": [cand(0.85), cand(0.5)]}]
+    sel = select_threshold(scans, 1.0)  # at most 1 FP per scan on average: 2 FPs over 2 scans
+    assert sel["threshold"] == 0.8 and sel["fp_per_scan"] == 1.0 and sel["nodules_hit"] == ["a#1"]
+    assert select_threshold(scans, 0.0)["threshold"] == 0.9
+
+
+def test_wholescan_builder_on_real_dicom(tmp_path):
+    """Builds LIDC-IDRI-0003 from its DICOM series + XML (when a pylidc-layout DICOM root is
+    given in $NODULEMTL_LIDC_DICOM) and compares with the shared whole-scan reference."""
+    import os
+
+    import SimpleITK as sitk
+
+    root = os.environ.get("NODULEMTL_LIDC_DICOM")
+    shared = REPO.parent / "shared" / "data" / "whole_ct" / "lidc" / "LIDC-IDRI-0003"
+    if not root or not Path(root).is_dir() or not shared.is_dir():
+        pytest.skip("set NODULEMTL_LIDC_DICOM to a folder laid out like bradfordb/pylidc (not in CI)")
+    from training import wholescan
+
+    info = wholescan.build_scan(Path(root), "LIDC-IDRI-0003", tmp_path / "LIDC-IDRI-0003")
+    assert info["n_nodules"] == 4 and sorted(info["n_readers"]) == [1, 4, 4, 4]
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "LIDC-IDRI-0003" / "nodules_labels.nrrd")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / "nodules_labels.nrrd")))
+    for n in range(1, 5):
+        inter = ((a == n) & (b == n)).sum()
+        assert 2 * inter / ((a == n).sum() + (b == n).sum()) > 0.75
+    ct_a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "LIDC-IDRI-0003" / "ct.nrrd")))
+    ct_b = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / "ct.nrrd")))
+    assert np.array_equal(ct_a, ct_b)
+    assert info["excluded"] and {e["kind"] for e in info["excluded"]} <= {"nodule<3mm", "non-nodule"}
