@@ -363,6 +363,19 @@ def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str])
         ("type", vtk.vtkStringArray, "Type", "", "Radiological type estimate (solid / part-solid / ground-glass)",
          lambda n: n.type or ""),
     ]
+    if any(getattr(n, "detection", None) for n in result.nodules):  # Find nodules: rows are ranked by this score
+        def det(key):
+            return lambda n: (n.detection or {}).get(key)
+        columns += [
+            ("detection.score", vtk.vtkDoubleArray, "Score", "",
+             "Find nodules score (rows ranked by it): sqrt(detector score x false-positive-reduction probability) "
+             "when the second stage ran, else the detector score", det("score")),
+            ("detection.detector_score", vtk.vtkDoubleArray, "Detector score", "",
+             "Score of the 2.5D Mask R-CNN (maskrcnn25d)", det("detector_score")),
+            ("detection.fp_reduction_score", vtk.vtkDoubleArray, "FP-reduction score", "",
+             "Probability that the candidate is a nodule, from the false-positive reduction (fpr25d)",
+             det("fp_reduction_score")),
+        ]
     for net in nets:
         columns.append((
             f"networks.{net}.malignancy_probability", vtk.vtkDoubleArray, f"P(malignant) {net}", "",

@@ -687,6 +687,24 @@ def test_unknown_values_give_nan_and_no_tag(app, crop):
     assert table.GetColumnByName("networks.lnmsnet.malignancy_probability").GetValue(1) == pytest.approx(0.23)
 
 
+def test_find_nodules_scores_in_the_table(app, crop):
+    """Whole-scan results: the table carries the reported (combined) score and both stages'
+    scores, in the result's (ranked) order; click results have no such columns."""
+    volume = add_volume_from_array(app.scene, crop.ct)
+    result = make_result(crop)
+    for rank, n in enumerate(result.nodules):
+        n.detection = {"score": 0.9 - 0.2 * rank, "detector_score": 0.95 - 0.1 * rank,
+                       "fp_reduction_score": (0.9 - 0.2 * rank) ** 2 / (0.95 - 0.1 * rank), "box_ijk": [0] * 6}
+    _, table_node = M.add_result_to_scene(app.scene, result, volume)
+    table = table_node.GetTable()
+    got = [table.GetColumnByName("detection.score").GetValue(r) for r in range(len(result.nodules))]
+    assert got == pytest.approx([0.9 - 0.2 * r for r in range(len(result.nodules))])
+    assert table.GetColumnByName("detection.detector_score").GetValue(1) == pytest.approx(0.85)
+    assert table_node.GetColumnTitle("detection.fp_reduction_score") == "FP-reduction score"
+    _, click_table = M.add_result_to_scene(app.scene, make_result(crop), volume)
+    assert click_table.GetTable().GetColumnByName("detection.score") is None
+
+
 # ---------------------------------------------------------------------------
 # probability colours and legend
 # ---------------------------------------------------------------------------
