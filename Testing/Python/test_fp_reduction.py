@@ -177,3 +177,19 @@ def test_wholescan_builder_on_real_dicom(tmp_path):
     ct_b = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / "ct.nrrd")))
     assert np.array_equal(ct_a, ct_b)
     assert info["excluded"] and {e["kind"] for e in info["excluded"]} <= {"nodule<3mm", "non-nodule"}
+
+
+def test_builder_names_a_dicom_folder_without_its_xml(tmp_path, shared_data):
+    """A DICOM series folder without the readers' XML: one-line error naming the folder."""
+    import shutil
+
+    from training import wholescan
+
+    src = shared_data / "whole_ct" / "lung_pet_ct_dx_A0002_dicom"
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for f in sorted(src.iterdir())[:3]:
+        shutil.copy(f, folder / f.name)
+    with pytest.raises(wholescan.WholeScanError, match="lacks its LIDC reader XML") as e:
+        wholescan._xml_file(folder)
+    assert str(folder) in str(e.value) and "\n" not in str(e.value)
