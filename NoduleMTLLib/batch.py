@@ -456,11 +456,15 @@ class BatchRun:
 
     def run(self, on_case: Callable[[int, Case, CaseResult], None] | None = None) -> list[CaseResult]:
         """Run every case in order, rewriting summary.csv after each; returns the results."""
-        from .outputs import prepare_output_dir
+        from .outputs import OutputError, prepare_output_dir
         from .safe_output import FolderLock, clean_stale
 
-        prepare_output_dir(self.out_dir)
+        try:
+            self.out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)  # the lock file lies beside --out
+        except OSError as e:
+            raise OutputError(f"Cannot write to output folder {self.out_dir}: {e.strerror or e}") from None
         with FolderLock(self.out_dir):  # one batch at a time into a folder
+            prepare_output_dir(self.out_dir)
             clean_stale(self.out_dir)  # temporary folders of a killed run
             for q in self.out_dir.glob(f".{SUMMARY_FILE}.*.tmp"):
                 q.unlink()

@@ -293,7 +293,7 @@ class OutputSet:
         self.committed = False
 
     def __enter__(self):
-        check_out_dir(self.out, self.inputs, self.overwrite)  # before taking the lock: the clearest message
+        check_out_dir(self.out, self.inputs, overwrite=True)  # earlier outputs: checked after repairing a killed run
         self._make_parents()
         try:
             if self._lock is not None:
@@ -313,11 +313,11 @@ class OutputSet:
         try:
             if self._stage is not None:
                 shutil.rmtree(self._stage, ignore_errors=True)
-            if not self.committed:
-                self._remove_created()
         finally:
             if self._lock is not None:
                 self._lock.release()
+            if not self.committed:
+                self._remove_created()  # after the lock file is gone
 
     def _make_parents(self) -> None:
         missing = []
