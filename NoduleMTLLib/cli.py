@@ -1,7 +1,7 @@
 """``nodulemtl``: the command line of NoduleMTL.
 
     nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks lnmsnet]
-                         [--device auto|cpu|cuda] [--mask first|consensus] --out DIR
+                         [--device auto|cpu|cuda] [--mask first|consensus] --out DIR [--overwrite]
     nodulemtl analyze CT --detect [--threshold default|adaptive|0.x] [--networks lnmsnet|none]
                          [--device auto|cpu|cuda] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
@@ -9,7 +9,8 @@
 
 CT is an image file (NRRD, NIfTI, MetaImage) or a DICOM series folder.  Points are world
 millimetres, RAS (as 3D Slicer shows them) unless ``--lps``.  Writes DIR/labels.nrrd,
-DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing.
+DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing; a DIR that
+already holds outputs is refused unless ``--overwrite`` (rules: :mod:`NoduleMTLLib.safe_output`).
 Exit codes: 0 success, 1 bad input / weights / device / output folder, 2 usage error.
 ``batch`` runs the same analysis over many CTs (see :mod:`NoduleMTLLib.batch`): exit code 0
 when no case failed, 1 otherwise.

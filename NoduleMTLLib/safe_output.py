@@ -148,8 +148,8 @@ class FolderLock:
     The file holds the owner's pid and is removed on release."""
 
     def __init__(self, folder: str | os.PathLike):
-        f = Path(folder)
-        self.folder = f
+        f = Path(os.path.abspath(folder))  # "." and ".." resolved: one lock per folder
+        self.folder = Path(folder)
         self.path = f.parent / f".{f.name}{LOCK_SUFFIX}"
         self._fd: int | None = None
 
@@ -236,7 +236,7 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
     an interrupted swap is rolled back (the old set is restored) and temporary folders
     (``.nodulemtl-tmp-<name>-*`` beside it, ``.nodulemtl-tmp-*`` inside it) are removed.
     Returns the paths removed or restored."""
-    f = Path(folder)
+    f = Path(os.path.abspath(folder))
     done = []
     if f.is_dir():
         for q in sorted(f.iterdir()):
@@ -285,6 +285,7 @@ class OutputSet:
 
     def __init__(self, out_dir: str | os.PathLike, inputs: Iterable = (), overwrite: bool = False, lock: bool = True):
         self.out = Path(out_dir)
+        self._abs = Path(os.path.abspath(out_dir))  # name and parent also for "." or "x/.."
         self.inputs = list(inputs)
         self.overwrite = overwrite
         self._lock = FolderLock(self.out) if lock else None
@@ -321,7 +322,7 @@ class OutputSet:
 
     def _make_parents(self) -> None:
         missing = []
-        q = self.out.absolute().parent
+        q = self._abs.parent
         while not q.exists():
             missing.append(q)
             q = q.parent
@@ -351,8 +352,7 @@ class OutputSet:
         """
         if self._stage is None:
             try:
-                self._stage = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self.out.name}-",
-                                                    dir=self.out.absolute().parent))
+                self._stage = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self._abs.name}-", dir=self._abs.parent))
                 umask = os.umask(0o022); os.umask(umask)
                 os.chmod(self._stage, 0o777 & ~umask)  # it becomes the output folder: mkdir's permissions, not 0700
             except OSError as e:
