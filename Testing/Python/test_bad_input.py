@@ -215,6 +215,43 @@ def test_slice_position_rules():
         check_slice_positions([tuple(2.0 * k * n) for k in range(8) if k != 3], tilted)
 
 
+def _already_handled_cases(tmp: Path, shared: Path) -> dict:
+    """Bad inputs that were refused cleanly before issue 16 (kept so that none regresses)."""
+    shifted = sitk.Cast(sitk.ReadImage(str(SAMPLE)), sitk.sitkFloat32) + 2000.0  # no air: not HU
+    sitk.WriteImage(shifted, str(tmp / "shifted.nrrd"))
+    (tmp / "empty").mkdir()
+    (tmp / "blocker").write_text("a file where a folder should be")
+    (tmp / "garbage.nrrd").write_bytes(b"NRRD0004\nnot a header\n")
+    (tmp / "empty.nii.gz").write_bytes(b"")
+    (tmp / "list.txt").write_text(f"{SAMPLE}\n")
+    png = next((shared / "lidc_slices" / "nodules").glob("LIDC-IDRI-0003_*_image.png"))
+    labels = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop_labels.nrrd"
+    out = ["--out", str(tmp / "o")]
+    return {
+        "missing input": (["analyze", str(tmp / "nope.nrrd"), *PT, *out], "Input not found"),
+        "2D image": (["analyze", str(png), *PT, *out], "3D"),
+        "label map": (["analyze", str(labels), *PT, *out], "label map"),
+        "not HU": (["analyze", str(tmp / "shifted.nrrd"), *PT, *out], "Hounsfield"),
+        "garbage file": (["analyze", str(tmp / "garbage.nrrd"), *PT, *out], "Cannot read"),
+        "empty file": (["analyze", str(tmp / "empty.nii.gz"), *PT, *out], "Cannot read"),
+        "folder without DICOM": (["analyze", str(tmp / "empty"), *PT, *out], "No DICOM series"),
+        "point outside the volume": (["analyze", str(SAMPLE), "--point", "0", "0", "500", *out], "outside the CT volume"),
+        "unknown network": (["analyze", str(SAMPLE), *PT, *out, "--networks", "nonet"], "nonet"),
+        "out under a file": (["analyze", str(SAMPLE), *PT, "--out", str(tmp / "blocker" / "o")], "output folder"),
+        "batch: missing input": (["batch", str(tmp / "nope"), *out], "Input not found"),
+        "batch: folder without CT": (["batch", str(tmp / "empty"), *out], "No CT files"),
+        "batch: unknown network": (["batch", str(tmp / "list.txt"), *out, "--networks", "nonet"], "nonet"),
+        "batch: binary file as list": (["batch", str(SAMPLE), *out], "Cannot read input list"),
+    }
+
+
+def test_inputs_refused_before_issue_16_still_are(tmp_path, shared_data, capsys):
+    for name, (args, fragment) in _already_handled_cases(tmp_path, shared_data).items():
+        a = args if "--networks" in args else args + ["--networks", "lnmsnet"]
+        _refused(a + ["--device", "cpu", "--quiet"], capsys, tmp_path, fragment)
+        assert not (tmp_path / "o").exists(), name
+
+
 # ---------------------------------------------------------------- outputs that must not overwrite
 
 
