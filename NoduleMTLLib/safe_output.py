@@ -169,6 +169,8 @@ class FolderLock:
             if not _lock_fd(fd):
                 try:
                     pid = os.read(fd, 32).decode(errors="replace").strip()
+                except OSError:  # Windows: the locked byte cannot be read
+                    pid = ""
                 finally:
                     os.close(fd)
                 raise OutputLocked(f"Another nodulemtl run{f' (pid {pid})' if pid else ''} is writing into "
