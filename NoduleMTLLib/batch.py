@@ -455,29 +455,24 @@ class BatchRun:
         return base
 
     def run(self, on_case: Callable[[int, Case, CaseResult], None] | None = None) -> list[CaseResult]:
-        """Run every case in order, rewriting summary.csv after each; returns the results."""
-        from .outputs import OutputError, prepare_output_dir
-        from .safe_output import FolderLock, clean_stale
+        """Run every case in order, rewriting summary.csv after each; returns the results.  Holds the
+        output folder's lock meanwhile (OutputLocked when another run holds it)."""
+        from .safe_output import locked_output_root
 
-        try:
-            self.out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)  # the lock file lies beside --out
-        except OSError as e:
-            raise OutputError(f"Cannot write to output folder {self.out_dir}: {e.strerror or e}") from None
-        with FolderLock(self.out_dir):  # one batch at a time into a folder
-            prepare_output_dir(self.out_dir)
-            clean_stale(self.out_dir)  # temporary folders of a killed run
-            for q in self.out_dir.glob(f".{SUMMARY_FILE}.*.tmp"):
-                q.unlink()
-            summary = self.out_dir / SUMMARY_FILE
-            pending = [CaseResult(c.name, c.listed or str(c.path), "pending") for c in self.cases]
-            results: list[CaseResult] = []
-            write_summary(summary, pending)
-            for i, case in enumerate(self.cases):
-                r = self.run_case(case)
-                results.append(r)
-                write_summary(summary, results + pending[i + 1:])
-                if on_case:
-                    on_case(i, case, r)
+        with locked_output_root(self.out_dir, stale=(f".{SUMMARY_FILE}.*.tmp",)):  # one batch at a time per folder
+            return self._run_cases(on_case)
+
+    def _run_cases(self, on_case) -> list[CaseResult]:
+        summary = self.out_dir / SUMMARY_FILE
+        pending = [CaseResult(c.name, c.listed or str(c.path), "pending") for c in self.cases]
+        results: list[CaseResult] = []
+        write_summary(summary, pending)
+        for i, case in enumerate(self.cases):
+            r = self.run_case(case)
+            results.append(r)
+            write_summary(summary, results + pending[i + 1:])
+            if on_case:
+                on_case(i, case, r)
         return results
 
 

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -255,6 +256,31 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
                 shutil.rmtree(q, ignore_errors=True)
                 done.append(q)
     return done
+
+
+@contextmanager
+def locked_output_root(out_dir: str | os.PathLike, stale: Iterable[str] = ()):
+    """A batch's output folder for the duration of the block: created (with its parents) and
+    checked writable, locked (:class:`FolderLock`), what a killed run left cleaned
+    (:func:`clean_stale`, plus files matching the glob patterns ``stale``).
+
+    Raises:
+        OutputError / OutputLocked: the folder cannot be created or written, or another run holds it.
+    """
+    from .outputs import prepare_output_dir
+
+    out = Path(out_dir)
+    try:
+        Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)  # the lock file lies beside it
+    except OSError as e:
+        raise OutputError(f"Cannot write to output folder {out}: {e.strerror or e}") from None
+    with FolderLock(out):
+        prepare_output_dir(out)
+        clean_stale(out)
+        for pattern in stale:
+            for q in out.glob(pattern):
+                q.unlink()
+        yield out
 
 
 # ---------------------------------------------------------------- all-or-nothing set
