@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .safe_output import safe_case_name
+
 log = logging.getLogger(__name__)
 
 #: File name endings read as one CT each (lower case).
@@ -145,14 +147,18 @@ def holds_dicom_series(folder: Path) -> bool:
 
 def scan_folder(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
     """CT files and DICOM series folders in or below ``folder`` (sorted, hidden entries and
-    the folders in ``exclude`` skipped)."""
+    the folders in ``exclude`` skipped).  Each real path is visited once: a symbolic link loop
+    (``loop/a -> .``) or several links to the same file or folder give one case."""
     excl = {Path(e).resolve() for e in exclude}
     found: list[Path] = []
+    seen = {Path(folder).resolve()}
 
     def walk(d: Path):
         for p in sorted(d.iterdir(), key=lambda q: q.name):
-            if _hidden(p) or p.resolve() in excl:
+            real = p.resolve()
+            if _hidden(p) or real in excl or real in seen:
                 continue
+            seen.add(real)
             if p.is_dir():
                 if holds_dicom_series(p):
                     found.append(p)
@@ -183,18 +189,21 @@ def read_list(list_file: Path) -> list[tuple[str, Path]]:
 
 
 def _base_name(p: Path) -> str:
+    p = Path(os.path.normpath(p))  # "sub/.." names the folder it means
     stem = ct_stem(p)
-    return stem if stem is not None else (p.name or "case")
+    return safe_case_name(stem if stem is not None else (p.name or "case"))
 
 
 def name_cases(entries: list[tuple[str, Path]]) -> list[Case]:
     """Distinct case names (see module docstring): base name, then ``<parent>_<base>``,
-    then a numbered suffix."""
+    then a numbered suffix; each sanitised (:func:`NoduleMTLLib.safe_output.safe_case_name`:
+    never ``.``, ``..``, a path separator or a hidden name)."""
     bases = [_base_name(p) for _, p in entries]
     names = []
     for (_, p), b in zip(entries, bases):
-        if bases.count(b) > 1 and p.parent.name:
-            b = f"{p.parent.name}_{b}"
+        parent = Path(os.path.normpath(p)).parent.name
+        if bases.count(b) > 1 and parent not in ("", ".", ".."):
+            b = safe_case_name(f"{parent}_{b}")
         names.append(b)
     seen: dict[str, int] = {}
     final = []
@@ -383,12 +392,17 @@ class BatchRun:
         """Analyse one case; input problems become a ``failed`` result, weights/device errors propagate."""
         from .device import DeviceError
         from .io import InputError, read_ct
-        from .outputs import OutputError, write_outputs
+        from .outputs import OutputError, write_output_files
         from .pipeline import analyze_points
         from .registry import WeightsError
+        from .safe_output import OutputSet, case_dir
 
-        folder = self.out_dir / case.name
         base = CaseResult(case.name, case.listed or str(case.path), "")
+        try:
+            folder = case_dir(self.out_dir, case.name)
+        except OutputError as e:
+            base.status, base.message = "failed", _one_line(e)
+            return base
         if case_done(folder) and not self.overwrite:
             base.status, base.message = "done-before", "outputs present (use --overwrite to recompute)"
             try:
@@ -408,17 +422,22 @@ class BatchRun:
                     base.status, base.message = "skipped", "no points (whole-scan detector weights not installed)"
                     base.n_nodules, base.n_found = 0, 0
                     return base
-            ct = read_ct(case.path)
-            if not pts:
-                res = detect(ct, model=self._detector(), device=self.device, classify_with=self.network_ids,
-                             networks=self._networks(), score_threshold=self.threshold)
-            else:
-                res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
-                                     networks=self._networks())
-            write_outputs(res, ct, folder)
-            if self.dicom_seg and ct.dicom_series_uid is not None:
-                from .dicom_seg import write_seg_into_output_dir
-                write_seg_into_output_dir(res, ct, folder)
+            # the case folder: not the input, no stray outputs unless --overwrite, all-or-nothing
+            # (the batch's lock covers it)
+            with OutputSet(folder, inputs=[case.path], overwrite=self.overwrite, lock=False) as outset:
+                ct = read_ct(case.path)
+                if not pts:
+                    res = detect(ct, model=self._detector(), device=self.device, classify_with=self.network_ids,
+                                 networks=self._networks(), score_threshold=self.threshold)
+                else:
+                    res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
+                                         networks=self._networks())
+                stage = outset.staging_dir()
+                write_output_files(res, ct, stage)
+                if self.dicom_seg and ct.dicom_series_uid is not None:
+                    from .dicom_seg import write_seg_into_output_dir
+                    write_seg_into_output_dir(res, ct, stage)
+                outset.commit()
         except (WeightsError, DeviceError):
             raise  # not a problem of this case: stop the run
         except Exception as e:  # noqa: BLE001 - a bad case must not stop the batch
@@ -436,10 +455,14 @@ class BatchRun:
         return base
 
     def run(self, on_case: Callable[[int, Case, CaseResult], None] | None = None) -> list[CaseResult]:
-        """Run every case in order, rewriting summary.csv after each; returns the results."""
-        from .outputs import prepare_output_dir
+        """Run every case in order, rewriting summary.csv after each; returns the results.  Holds the
+        output folder's lock meanwhile (OutputLocked when another run holds it)."""
+        from .safe_output import locked_output_root
 
-        prepare_output_dir(self.out_dir)
+        with locked_output_root(self.out_dir, stale=(f".{SUMMARY_FILE}.*.tmp",)):  # one batch at a time per folder
+            return self._run_cases(on_case)
+
+    def _run_cases(self, on_case) -> list[CaseResult]:
         summary = self.out_dir / SUMMARY_FILE
         pending = [CaseResult(c.name, c.listed or str(c.path), "pending") for c in self.cases]
         results: list[CaseResult] = []
@@ -465,6 +488,8 @@ def main(args) -> int:
 
     out = Path(args.out)
     try:
+        from .safe_output import check_out_dir
+        check_out_dir(out, [args.input], overwrite=True)  # not the input; case folders are checked one by one
         cases = find_cases(args.input, exclude=[out])
         points = read_points_csv(args.points, lps=args.lps) if args.points else {}
         unused = [k for k in points if not any(points_for(c, {k: [1]}) for c in cases)]

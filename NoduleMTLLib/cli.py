@@ -1,7 +1,7 @@
 """``nodulemtl``: the command line of NoduleMTL.
 
     nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks lnmsnet]
-                         [--device auto|cpu|cuda] [--mask first|consensus] --out DIR
+                         [--device auto|cpu|cuda] [--mask first|consensus] --out DIR [--overwrite]
     nodulemtl analyze CT --detect [--threshold default|adaptive|0.x] [--networks lnmsnet|none]
                          [--device auto|cpu|cuda] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
@@ -9,7 +9,8 @@
 
 CT is an image file (NRRD, NIfTI, MetaImage) or a DICOM series folder.  Points are world
 millimetres, RAS (as 3D Slicer shows them) unless ``--lps``.  Writes DIR/labels.nrrd,
-DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing.
+DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing; a DIR that
+already holds outputs is refused unless ``--overwrite`` (rules: :mod:`NoduleMTLLib.safe_output`).
 Exit codes: 0 success, 1 bad input / weights / device / output folder, 2 usage error.
 ``batch`` runs the same analysis over many CTs (see :mod:`NoduleMTLLib.batch`): exit code 0
 when no case failed, 1 otherwise.
@@ -60,6 +61,7 @@ def _detect(args, ct, nets, progress, device=None):
 
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES
+    from .safe_output import out_dir_arg
 
     ap = argparse.ArgumentParser(prog="nodulemtl", description="Pulmonary nodule segmentation and characterisation on chest CT.")
     ap.add_argument("--version", action="version", version=f"NoduleMTL {__import__('NoduleMTLLib').__version__}")
@@ -81,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mask", default="first", choices=("first", "consensus"),
                    help="reported mask: the first network's (default) or the networks' consensus (voxels of at least "
                         "half of them; 2 networks: union); nodules.json has the consensus figures either way")
-    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--out", required=True, type=out_dir_arg,
+                   help="output folder (created when the results are ready; must not be or contain the input)")
+    a.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out (refused otherwise)")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.add_argument("--dicom-seg", action="store_true",
                    help="also write DIR/segmentation.dcm: DICOM SEG of the nodules referencing the input series "
@@ -91,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "<filter-comment>TEXT</filter-comment> lines on stdout (machine-readable)")
     b = sub.add_parser("batch", help="analyze many CTs (folder or list file), one output folder per case + summary.csv")
     b.add_argument("input", help="folder of CT files / DICOM series folders, or a text file listing one path per line")
-    b.add_argument("--out", required=True, help="output folder: <case>/ per case and summary.csv")
+    b.add_argument("--out", required=True, type=out_dir_arg, help="output folder: <case>/ per case and summary.csv")
     b.add_argument("--points", help="CSV case,x,y,z[,frame]: points per case (mm, RAS unless frame LPS or --lps)")
     b.add_argument("--lps", action="store_true", help="points without a frame are LPS (DICOM/ITK) instead of RAS")
     b.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
@@ -110,6 +115,8 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if not any(n.strip() for n in args.networks.split(",")):
+        ap.error(f"argument --networks: no network id in {args.networks!r}")
     if args.cmd == "batch":
         from . import batch
         return batch.main(args)
@@ -117,16 +124,16 @@ def main(argv=None) -> int:
         ap.error("analyze needs either --point (one or more) or --detect")
     from .device import DeviceError
     from .io import InputError, ras_to_lps, read_ct
-    from .outputs import OutputError, prepare_output_dir, write_outputs
+    from .outputs import OutputError, write_output_files
+    from .safe_output import OutputSet
     from .pipeline import analyze_points
     from .registry import WeightsError
 
     try:
         t0 = time.perf_counter()
         nets = [n.strip() for n in args.networks.split(",") if n.strip()]
-        out_existed = __import__("os").path.isdir(args.out)
-        prepare_output_dir(args.out)  # fail fast on an unwritable folder
-        try:
+        # checks --out (not the input, no earlier outputs unless --overwrite), locks it; created at commit()
+        with OutputSet(args.out, inputs=[args.ct], overwrite=args.overwrite) as outset:
             ct = read_ct(args.ct)
             if args.dicom_seg and ct.dicom_series_uid is None:
                 raise InputError(f"--dicom-seg needs a DICOM series folder as input; {args.ct} is not one")
@@ -140,16 +147,16 @@ def main(argv=None) -> int:
                     args.device, notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
             finally:
                 bar.close()
-            write_outputs(res, ct, args.out)
+            stage = outset.staging_dir()
+            try:
+                write_output_files(res, ct, stage)
+            except OSError as e:
+                raise OutputError(f"Cannot write outputs to {args.out}: {e.strerror or e}") from None
             if args.dicom_seg:
                 from .dicom_seg import write_seg_into_output_dir
-                if write_seg_into_output_dir(res, ct, args.out) is None:
+                if write_seg_into_output_dir(res, ct, stage) is None:
                     print("nodulemtl: warning: no nodule found: no DICOM SEG written", file=sys.stderr)
-        except BaseException:
-            if not out_existed:  # we created it: leave nothing behind
-                import shutil
-                shutil.rmtree(args.out, ignore_errors=True)
-            raise
+            outset.commit()
     except (InputError, WeightsError, DeviceError, OutputError, KeyError) as e:
         print(f"nodulemtl: error: {e}", file=sys.stderr)
         return 1

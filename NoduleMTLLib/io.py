@@ -6,7 +6,10 @@ Supported inputs (all through SimpleITK): NRRD (``.nrrd``/``.nhdr``), NIfTI
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import SimpleITK as sitk
 #: outside the field of view with values down to -3024; bone/metal reach +3000 or more.
 CT_MIN_PLAUSIBLE_HU = -3100.0
 CT_MAX_PLAUSIBLE_HU = 40000.0
+
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -128,6 +133,168 @@ def _itk_reason(e: BaseException) -> str:
     return re.sub(r"^(\[\w+\]\s*|sitk::ERROR:\s*|ITK ERROR:\s*)+", "", line)
 
 
+@contextmanager
+def native_stderr_to_log(lines: list | None = None):
+    """Route what ITK, GDCM and MetaIO print on the process's stderr (file descriptor 2) during
+    the block into this module's log (level INFO), not the user's terminal; the captured lines
+    are also appended to ``lines``.  Without a usable descriptor 2 (e.g. a GUI process) nothing
+    is redirected."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield lines if lines is not None else []
+        return
+    out = lines if lines is not None else []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for ln in tmp.read().decode(errors="replace").splitlines():
+                if ln.strip():
+                    out.append(ln.strip())
+                    log.info("ITK: %s", ln.strip())
+
+
+def _nifti_expected_bytes(path: Path) -> tuple[int, int, int]:
+    """(vox_offset, bytes per slice, slices) that a NIfTI file's header declares (read by ITK)."""
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    r.ReadImageInformation()
+    meta = {k: r.GetMetaData(k) for k in r.GetMetaDataKeys()}
+    ndim = int(meta["dim[0]"])
+    dims = [int(meta[f"dim[{i}]"]) for i in range(1, ndim + 1)]
+    per_voxel = int(meta["bitpix"]) // 8
+    per_slice = per_voxel * int(np.prod(dims[:2])) * int(np.prod(dims[3:]) if len(dims) > 3 else 1)
+    return int(float(meta["vox_offset"])), per_slice, dims[2] if len(dims) > 2 else 1
+
+
+def _gzip_data_bytes(path: Path, wanted: int) -> int:
+    """Bytes a gzip file decompresses to, counted up to ``wanted`` (a truncated or corrupt
+    stream counts what it yields before the damage).  The gzip trailer's size field answers
+    without decompressing when it matches ``wanted``."""
+    import zlib
+
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == wanted % 2**32:
+            return wanted
+    n = 0
+    z = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+    try:
+        with open(path, "rb") as f:
+            while n < wanted:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                n += len(z.decompress(chunk))
+    except zlib.error:
+        pass
+    return n
+
+
+def check_data_complete(path: str | os.PathLike) -> None:
+    """Check that an image file holds all the voxel data its header declares.
+
+    NIfTI (``.nii``, ``.nii.gz``): ITK reads missing data of a truncated file (or of a header
+    declaring more slices than the file holds) as zeros, so the file size (uncompressed) or the
+    decompressed size (gzip) is compared with ``vox_offset`` + voxels x ``bitpix`` / 8.  NRRD and
+    MetaImage need no check here: ITK already refuses their incomplete data.
+
+    Raises:
+        InputError: the data is incomplete (the message gives the slices present and declared).
+    """
+    p = Path(path)
+    low = p.name.lower()
+    if not (low.endswith(".nii") or low.endswith(".nii.gz")):
+        return
+    try:
+        offset, per_slice, slices = _nifti_expected_bytes(p)
+    except (RuntimeError, KeyError, ValueError):
+        return  # ITK read it; no NIfTI header fields to check against
+    expected = offset + per_slice * slices
+    got = _gzip_data_bytes(p, expected) if low.endswith(".gz") else p.stat().st_size
+    if got < expected:
+        have = max(0, got - offset) / per_slice if per_slice else 0
+        holds = "decompresses to" if low.endswith(".gz") else "holds"
+        raise InputError(f"{p} is incomplete: its header declares {slices} slices ({expected} bytes) but the file "
+                         f"{holds} {got} bytes, data for {have:.1f} slices (truncated file, or a header declaring "
+                         "more slices than the data)")
+
+
+def check_slice_positions(positions_lps, orientation) -> None:
+    """Check that DICOM slices are evenly spaced along the slice normal with none missing.
+
+    Args:
+        positions_lps: ImagePositionPatient (mm) of each slice of the series.
+        orientation: ImageOrientationPatient (row and column direction cosines, 6 numbers).
+
+    Raises:
+        InputError: two slices at the same position, a gap of a whole number of slice spacings
+            ("slice 15 of 30 is missing or unreadable (gap of 16 mm between z=184 and z=200)"),
+            or otherwise uneven spacing.  The tolerance is 10 % of the median spacing (at least
+            0.01 mm); z is the position along the normal in mm.
+    """
+    pos = np.asarray(positions_lps, dtype=float).reshape(-1, 3)
+    if len(pos) < 2:
+        return
+    o = np.asarray(orientation, dtype=float).ravel()
+    normal = np.cross(o[:3], o[3:6])
+    z = np.sort(pos @ normal)
+    d = np.diff(z)
+    step = float(np.median(d))
+    tol = max(0.01, 0.1 * abs(step))
+    for i, di in enumerate(d):
+        if di <= tol:
+            raise InputError(f"DICOM series: slices {i + 1} and {i + 2} of {len(z)} lie at the same position "
+                             f"(z={z[i]:g} mm): duplicate or mixed series")
+    if step <= tol:
+        return
+    missing = np.rint(d / step).astype(int) - 1
+    total = len(z) + int(missing[missing > 0].sum())
+    for i, di in enumerate(d):
+        k = int(round(di / step))
+        if abs(di - k * step) > tol:
+            raise InputError(f"DICOM series: slice spacing is not uniform ({di:g} mm between z={z[i]:g} and "
+                             f"z={z[i + 1]:g}, {step:g} mm between the other slices)")
+        if k > 1:
+            first = i + 2
+            which = f"slice {first}" if k == 2 else f"slices {first}-{first + k - 2}"
+            verb = "is" if k == 2 else "are"
+            raise InputError(f"DICOM series: {which} of {total} {verb} missing or unreadable (gap of {di:g} mm "
+                             f"between z={z[i]:g} and z={z[i + 1]:g}; the other slices are {step:g} mm apart)")
+
+
+def _read_series(folder: Path):
+    """Read the one DICOM series in ``folder`` and check its slice positions.
+    Returns (image, SeriesInstanceUID)."""
+    reader = sitk.ImageSeriesReader()
+    uids = reader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise InputError(f"No DICOM series found in folder {folder}")
+    if len(uids) > 1:
+        raise InputError(f"Folder {folder} holds {len(uids)} DICOM series; point to a folder with exactly one")
+    files = reader.GetGDCMSeriesFileNames(str(folder), uids[0])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    try:
+        pos = [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(len(files))]
+        ori = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        pos = ori = None  # no ImagePositionPatient / ImageOrientationPatient: nothing to check against
+    if pos is not None and len(ori) == 6:
+        check_slice_positions(pos, ori)
+    return image, uids[0]
+
+
 def read_ct(path: str | os.PathLike) -> CTVolume:
     """Read and validate a CT volume.
 
@@ -139,31 +306,33 @@ def read_ct(path: str | os.PathLike) -> CTVolume:
         :class:`CTVolume` in HU with LPS geometry.
 
     Raises:
-        InputError: missing path, unreadable file, no/multiple DICOM series,
-            not 3D, more than one component, or values that are not CT (see :func:`validate_ct`).
+        InputError: missing path, unreadable file, incomplete voxel data
+            (:func:`check_data_complete`), no/multiple DICOM series, missing or unevenly
+            spaced DICOM slices (:func:`check_slice_positions`), not 3D, more than one
+            component, or values that are not CT (see :func:`validate_ct`).  What ITK prints
+            while reading goes to the log (:func:`native_stderr_to_log`), not the terminal.
     """
     p = Path(path)
     if not p.exists():
         raise InputError(f"Input not found: {p}")
     series_uid = None
+    printed: list[str] = []
     try:
-        if p.is_dir():
-            reader = sitk.ImageSeriesReader()
-            uids = reader.GetGDCMSeriesIDs(str(p))
-            if not uids:
-                raise InputError(f"No DICOM series found in folder {p}")
-            if len(uids) > 1:
-                raise InputError(f"Folder {p} holds {len(uids)} DICOM series; point to a folder with exactly one")
-            series_uid = uids[0]
-            files = reader.GetGDCMSeriesFileNames(str(p), series_uid)
-            reader.SetFileNames(files)
-            image = reader.Execute()
-        else:
-            image = sitk.ReadImage(str(p))
+        with native_stderr_to_log(printed):
+            if p.is_dir():
+                image, series_uid = _read_series(p)
+            else:
+                image = sitk.ReadImage(str(p))
+                check_data_complete(p)
     except InputError:
         raise
     except RuntimeError as e:  # SimpleITK raises RuntimeError on unreadable input
-        raise InputError(f"Cannot read {p}: {_itk_reason(e)}") from None
+        detail = [ln for ln in printed if "not read completely" in ln or "ideal =" in ln]
+        reason = " ".join(" ".join(detail).split()) if detail else _itk_reason(e)
+        m = re.search(r"ideal = (\d+) : actual = (\d+)", reason)
+        if m:  # MetaIO: the exception itself only says "No such file or directory"
+            reason = f"data incomplete: {m.group(1)} bytes expected, {m.group(2)} read (truncated file?)"
+        raise InputError(f"Cannot read {p}: {reason}") from None
     ct = CTVolume(image=image, source=str(p), dicom_series_uid=series_uid)
     validate_ct(ct)
     return ct
@@ -173,8 +342,8 @@ def validate_ct(ct: CTVolume) -> None:
     """Check that a volume is a 3D CT in HU.
 
     Raises:
-        InputError: not 3D (or a single slice), vector/multi-component pixels, a
-            label map (few distinct integer values), or a value range incompatible
+        InputError: not 3D (or a single slice), vector/multi-component pixels, a voxel that
+            is NaN or infinite, a label map (few distinct integer values), or a value range incompatible
             with HU (no voxel below -500 HU, i.e. no air/lung, or values outside
             [-3100, 40000]).
     """
@@ -187,6 +356,12 @@ def validate_ct(ct: CTVolume) -> None:
     if min(size) < 2:
         raise InputError(f"Input has size {size}: a single slice is 2D; a 3D CT volume is required")
     arr = sitk.GetArrayViewFromImage(img)
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            k, j, i = (int(v) for v in np.argwhere(bad)[0])
+            raise InputError(f"Input has {int(bad.sum())} voxels that are not numbers (NaN or infinite), the first at "
+                             f"voxel (i, j, k) = ({i}, {j}, {k}); a CT holds a Hounsfield value in every voxel")
     step = max(1, int(round((arr.size / 2_000_000) ** (1 / 3))))
     sample = np.asarray(arr[::step, ::step, ::step])
     lo, hi = float(sample.min()), float(sample.max())

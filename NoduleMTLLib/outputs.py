@@ -2,7 +2,8 @@
 
 All files are first written into a hidden temporary folder beside the output folder and
 moved into place only when every one of them was written: a failure leaves no partial
-output (files of an earlier run in the folder are replaced only on success).
+output (files of an earlier run in the folder are replaced only on success; the rules are in
+:mod:`NoduleMTLLib.safe_output`).
 """
 
 from __future__ import annotations
@@ -165,32 +166,40 @@ def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
     return seg
 
 
-def write_outputs(result: AnalysisResult, ct: CTVolume, out_dir: str | os.PathLike) -> list[Path]:
-    """Write the four outputs atomically (see module docstring). Returns their paths.
+def write_output_files(result: AnalysisResult, ct: CTVolume, folder: str | os.PathLike) -> list[Path]:
+    """Write the four outputs into an existing (staging) folder, as they are: no temporary files,
+    no replacement rules (see :class:`NoduleMTLLib.safe_output.OutputSet` for those).
 
-    Raises OutputError if the folder cannot be written.
+    Raises OSError if a file cannot be written.
     """
     import slicerio
 
-    out = prepare_output_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".nodulemtl-tmp-", dir=out))
-    try:
-        lab = sitk.GetImageFromArray(result.label_array(ct.shape_zyx))
-        lab.CopyInformation(ct.image)
-        sitk.WriteImage(lab, str(tmp / "labels.nrrd"), True)
-        slicerio.write_segmentation(str(tmp / "segmentation.seg.nrrd"), segmentation_dict(result, ct), compression_level=1)
-        (tmp / "nodules.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        head, rows = csv_rows(result)
-        buf = _io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=head)
-        w.writeheader(); w.writerows(rows)
-        (tmp / "nodules.csv").write_text(buf.getvalue())
-        paths = []
-        for name in OUTPUT_FILES:
-            os.replace(tmp / name, out / name)
-            paths.append(out / name)
-        return paths
-    except OSError as e:
-        raise OutputError(f"Cannot write outputs to {out}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    folder = Path(folder)
+    lab = sitk.GetImageFromArray(result.label_array(ct.shape_zyx))
+    lab.CopyInformation(ct.image)
+    sitk.WriteImage(lab, str(folder / "labels.nrrd"), True)
+    slicerio.write_segmentation(str(folder / "segmentation.seg.nrrd"), segmentation_dict(result, ct), compression_level=1)
+    (folder / "nodules.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    head, rows = csv_rows(result)
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=head)
+    w.writeheader(); w.writerows(rows)
+    (folder / "nodules.csv").write_text(buf.getvalue())
+    return [folder / name for name in OUTPUT_FILES]
+
+
+def write_outputs(result: AnalysisResult, ct: CTVolume, out_dir: str | os.PathLike) -> list[Path]:
+    """Write the four outputs atomically (see module docstring), replacing NoduleMTL's files of an
+    earlier run in ``out_dir`` (library use; the command line refuses that without ``--overwrite``).
+    Returns their paths.
+
+    Raises OutputError if the folder cannot be written (or another run holds its lock).
+    """
+    from .safe_output import OutputSet
+
+    with OutputSet(out_dir, overwrite=True) as s:
+        try:
+            write_output_files(result, ct, s.staging_dir())
+        except OSError as e:
+            raise OutputError(f"Cannot write outputs to {out_dir}: {e.strerror or e}") from None
+        return s.commit()

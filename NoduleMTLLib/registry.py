@@ -213,6 +213,17 @@ def build_network(network_id: str) -> torch.nn.Module:
     return get_spec(network_id).builder()
 
 
+def numpy_safe_globals() -> list:
+    """Numpy's scalar constructor and dtype classes, allowed by ``torch.load(weights_only=True)``
+    for checkpoints holding numpy scalars (they only build numbers; nothing else is allowed)."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return [scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch checkpoint (``weights_only=True``)."""
     try:
@@ -220,7 +231,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(numpy_safe_globals()):  # checkpoints with numpy scalars
+                ck = torch.load(path, map_location="cpu", weights_only=True)
             sd = ck.get("model", ck) if isinstance(ck, dict) else ck
     except Exception as e:  # corrupt/truncated files raise various errors
         raise WeightsError(f"Cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -252,8 +264,7 @@ def load_network(network_id: str, device: torch.device | str = "cpu") -> torch.n
 def export_weights(network_id: str, checkpoint: Path, out: Path) -> None:
     """Write a checkpoint's state dict as fp16 safetensors (integer buffers kept as they are)."""
     from safetensors.torch import save_file
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    sd = ck.get("model", ck)
+    sd = read_state_dict(Path(checkpoint))  # weights_only=True: a crafted checkpoint cannot run code
     model = build_network(network_id)
     model.load_state_dict(sd)
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}

@@ -26,6 +26,7 @@ from NoduleMTLLib.metrics import binary_classification_stats, dice
 from NoduleMTLLib.registry import build_network
 from NoduleMTLLib.preprocessing import normalize_slices
 from training.augment import sample_batch
+from training.checkpoint import load_checkpoint, plain
 from training.data import load_slice_nodules, load_split
 from training.losses import masked_bce, seg_loss
 
@@ -180,7 +181,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         from NoduleMTLLib.networks.detguided import freeze_layers
         freeze_layers(model, cfg["frozen_layers"])
     if cfg.get("init_from"):  # transfer learning: start from another run's weights
-        model.load_state_dict(torch.load(cfg["init_from"], weights_only=False)["model"])
+        model.load_state_dict(load_checkpoint(cfg["init_from"])["model"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     stage2_from = cfg["epochs"] - cfg.get("stage2_epochs", 0) if cfg.get("stage2_epochs") else None
     stage = 1
@@ -197,7 +198,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     start, best, history = 0, -1.0, []
     last = out_dir / "last.pt"
     if last.exists():
-        ck = torch.load(last, weights_only=False)
+        ck = load_checkpoint(last)
         model.load_state_dict(ck["model"])
         if ck.get("stage", 1) == 2:
             opt, stage = enter_stage2(), 2
@@ -243,8 +244,9 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         log(json.dumps(rec))
         if score > best:
             best = score
-            torch.save({"model": model.state_dict(), "epoch": epoch, "val": rec, "config": cfg}, out_dir / "best.pt")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch, "best": best,
-                    "history": history, "config": cfg, "stage": stage}, out_dir / "tmp_last.pt")
+            torch.save({"model": model.state_dict(), **plain({"epoch": epoch, "val": rec, "config": cfg})}, out_dir / "best.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    **plain({"epoch": epoch, "best": best, "history": history, "config": cfg, "stage": stage})},
+                   out_dir / "tmp_last.pt")
         (out_dir / "tmp_last.pt").replace(last)
     return out_dir / "best.pt"

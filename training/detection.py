@@ -91,6 +91,7 @@ from NoduleMTLLib.detection.preprocess import (CLAHE_CLIP_LIMIT, CLAHE_NBINS, CL
                                                _inplane_closing, hu_window, stack_indices)
 from NoduleMTLLib.detection.model import init_backbone_from_lnmsnet, phase_loss, set_training_phase
 from NoduleMTLLib.registry import build_network
+from training.checkpoint import load_checkpoint, plain
 from training.data import load_slice_nodules, load_split
 
 NETWORK_ID = "maskrcnn25d"
@@ -660,7 +661,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     rng = np.random.default_rng(cfg["seed"])
     last = out_dir / "last.pt"
     if last.exists():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(last)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])  # moves the optimiser state to the parameters' device
         if ck.get("scaler"):
@@ -691,10 +692,10 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         return elapsed_before + time.time() - t_start
 
     def checkpoint():
-        _save(last, {"model": model.state_dict(), "opt": opt.state_dict(), "iteration": it, "best": best,
-                     "history": history, "config": cfg, "numpy_rng": rng.bit_generator.state,
-                     "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed(), "phase_state": state,
-                     "scaler": scaler.state_dict() if use_amp else None, "device": str(dev)})
+        _save(last, {"model": model.state_dict(), "opt": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                     **plain({"iteration": it, "best": best, "history": history, "config": cfg,
+                              "numpy_rng": rng.bit_generator.state, "elapsed_s": elapsed(), "phase_state": state,
+                              "scaler": scaler.state_dict() if use_amp else None, "device": str(dev)})})
 
     def run_eval():
         nonlocal best
@@ -713,7 +714,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         dice = 0.0 if math.isnan(rec["val_dice"]) else rec["val_dice"]
         if phase in ("mask", "joint") and (best is None or (f1, dice) > (best["f1"], best["dice"])):
             best = {"f1": f1, "dice": dice, "iteration": it}
-            _save(out_dir / "best.pt", {"model": model.state_dict(), "iteration": it, "val": rec, "config": cfg})
+            _save(out_dir / "best.pt", {"model": model.state_dict(), **plain({"iteration": it, "val": rec, "config": cfg})})
             rec["saved_best"] = True
         emit(rec)
         (out_dir / "history.json").write_text(json.dumps(json_safe(history), indent=1))

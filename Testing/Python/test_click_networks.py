@@ -105,14 +105,14 @@ def test_dsmtnet_two_stage_training_run(tmp_path, shared_data):
     cfg = json.loads((__import__("pathlib").Path(__file__).resolve().parents[2] / "training" / "configs" / "dsmtnet.json").read_text())
     cfg.update(epochs=2, stage2_epochs=1, samples_per_nodule_per_epoch=1, batch_size=8, threads=1)
     click2d.train(cfg, tmp_path, shared_data, limit_nodules=16, log=lambda s: None)
-    ck = torch.load(tmp_path / "last.pt", weights_only=False)
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck["stage"] == 2 and ck["epoch"] == 1
-    first = torch.load(tmp_path / "best.pt", weights_only=False)
+    first = torch.load(tmp_path / "best.pt", weights_only=True)
     hist = ck["history"]
     assert len(hist) == 2
     cfg["epochs"] = 3
     click2d.train(cfg, tmp_path, shared_data, limit_nodules=16, log=lambda s: None)
-    ck2 = torch.load(tmp_path / "last.pt", weights_only=False)
+    ck2 = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ck2["epoch"] == 2 and ck2["stage"] == 2
     # stage 2 froze the segmentation decoder and trains the main head
     assert torch.equal(ck["model"]["net.seg_head.weight"], ck2["model"]["net.seg_head.weight"])

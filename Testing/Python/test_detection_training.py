@@ -335,7 +335,7 @@ def test_smoke_train_resume_export_reload_evaluate(shared_data, smoke_cfg, tmp_p
     assert len(json.loads((run / "history.json").read_text())) == 3
 
     # resume: more iterations continue the joint phase from last.pt
-    ck = torch.load(run / "last.pt", weights_only=False)
+    ck = torch.load(run / "last.pt", weights_only=True)
     assert ck["iteration"] == 7 and ck["phase_state"]["starts"] == {"detection": 0, "mask": 4, "joint": 5}
     rc, recs2, _ = _run_cli(capsys, "train", "maskrcnn25d", "--config", str(smoke_cfg), "--out", str(run),
                             "--data", str(shared_data), "--limit-nodules", "6", "--iterations", "16")
@@ -344,7 +344,7 @@ def test_smoke_train_resume_export_reload_evaluate(shared_data, smoke_cfg, tmp_p
     assert [r["iteration"] for r in recs2 if r["event"] == "train"] == [8, 9]  # joint ends at 5 + round(0.25 * 16) = 9
     assert [r["phase"] for r in recs2 if r["event"] == "train"] == ["joint", "joint"]
     assert recs2[-1]["iteration"] == 9
-    ck2 = torch.load(run / "last.pt", weights_only=False)
+    ck2 = torch.load(run / "last.pt", weights_only=True)
     changed = [k for k, v in ck2["model"].items() if v.is_floating_point() and not torch.equal(v, ck["model"][k])]
     assert any(k.startswith("roi_heads.mask_head") for k in changed) and any(k.startswith("backbone.body") for k in changed)
 
@@ -364,7 +364,7 @@ def test_smoke_train_resume_export_reload_evaluate(shared_data, smoke_cfg, tmp_p
     loaded = registry.load_network("maskrcnn25d", "cpu")
     assert not loaded.training
     ref = registry.build_network("maskrcnn25d")
-    ref.load_state_dict(torch.load(run / "best.pt", weights_only=False)["model"])
+    ref.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
     ref.eval()
     from training.data import load_split
 
