@@ -194,6 +194,8 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
     os.close(fd)
     try:
         sr.save_as(tmp)
+        from .report_html import _umask
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the SR is an ordinary output file
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
