@@ -213,3 +213,24 @@ def test_found_nodules_of_a_search_get_the_fields_and_a_count_note():
     assert "lung_rads.category" in head and "detection.score" in head
     assert rows[0]["lung_rads.category"] == "4A" and rows[1]["lung_rads.category"] == ""
     assert res.to_dict()["nodules"][1]["brock"] is None
+
+
+def test_batch_writes_report_files_and_fields(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(SAMPLE, src / "sample.nrrd")
+    pts = tmp_path / "points.csv"
+    pts.write_text("case,x,y,z\n" + "".join(f"sample,{x},{y},{z}\n" for x, y, z in (NODULE2_RAS, NODULE3_RAS)))
+    out = tmp_path / "out"
+    # --dicom-sr applies to DICOM cases only: the NRRD case is ok, without SEG / SR
+    assert cli.main(["batch", str(src), "--points", str(pts), "--out", str(out), "--device", "cpu", "--quiet",
+                     "--dicom-sr", "--age", "66", "--sex", "F"]) == 0
+    case = out / "sample"
+    assert (case / "report.html").is_file() and not (case / "report.sr.dcm").exists()
+    d = json.loads((case / "nodules.json").read_text())
+    assert d["run"]["lung_rads"]["category"] in ("2", "3", "4A", "4B")
+    for n in d["nodules"]:
+        assert n["lung_rads"]["category"] and n["brock"]["inputs"]["age"] == 66
+        assert (case / "pictures" / f"nodule_{n['id']}.png").is_file()
+    head = next(csv.reader(open(case / "nodules.csv")))
+    assert {"lung_rads.category", "brock.probability"} <= set(head)
