@@ -19,6 +19,9 @@ from . import brock, lung_rads
 
 log = logging.getLogger(__name__)
 
+#: In-plane working pixel (mm) of the lung mask used for the upper-lobe estimate.
+LUNG_WORK_PIXEL_MM = 3.0
+
 
 def patient_for(ct, age=None, sex=None, family_history=None, emphysema=None) -> brock.PatientInfo:
     """Brock patient inputs: the DICOM header of a CT read from a DICOM series, overridden by the options.
@@ -37,10 +40,10 @@ def nodule_locations(result, ct) -> dict:
     found = [n for n in result.nodules if n.found and n.centroid_lps_mm is not None]
     if not found:
         return {}
-    try:
-        lung = lung_mask_from_ct(ct)
+    try:  # coarse grid: only each lung's craniocaudal extent is used (~4x faster than the detector's 1.5 mm)
+        lung = lung_mask_from_ct(ct, work_pixel_mm=LUNG_WORK_PIXEL_MM)
     except NoLungError as e:
-        return {n.id: {"upper_lobe": None, "fraction_from_apex": None, "how": f"no lung mask: {e}"} for n in found}
+        return {n.id: {"upper_lobe": None, "fraction_from_apex": None, "how": f"no lung mask: {str(e).split('. ')[0]}"} for n in found}
     d = np.asarray(ct.image.GetDirection()).reshape(3, 3)
     superior_is_low_k = bool(d[2, 2] < 0)  # LPS z = superior; k axis pointing down
     out = {}

@@ -1,8 +1,12 @@
 """DICOM Structured Report of the nodules: Comprehensive 3D SR, TID 1500 (Measurement Report), with highdicom.
 
 Modelled on the standard representation of the LIDC-IDRI annotations on TCIA (Fedorov A.
-et al., "Standardized representation of the LIDC annotations using DICOM", PeerJ Preprints
-2018; DICOM SEG + TID 1500 SR per reader): one *Imaging Measurements* group per nodule
+et al., "DICOM re-encoding of volumetrically annotated Lung Imaging Database Consortium
+(LIDC) nodules", Med Phys 2020, doi:10.1002/mp.14445; DICOM SEG + TID 1500 SR per reader;
+their highdicom converter ``lidc2dicom_highdicom.py`` in github.com/QIICR/lidc2dicom uses the
+same concepts: finding *Nodule*, site *Lung*, *Volume* / *Diameter*, tracking identifier and
+UID shared with the segment, a hand-built ``ReferencedSegment``, evidence = CT + SEG,
+procedure *CT unspecified body region*): one *Imaging Measurements* group per nodule
 (TID 1411, Volumetric ROI Measurements and Qualitative Evaluations), whose ROI is the
 nodule's segment in the DICOM SEG written beside it (``segmentation.dcm``,
 :mod:`NoduleMTLLib.dicom_seg`; same tracking identifier and tracking UID as the segment),
@@ -172,7 +176,7 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
             uid=_device_uid(), name="NoduleMTL", manufacturer_name="NoduleMTL", model_name=f"NoduleMTL {__version__}"))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_code("24627-2", "CT Chest", "LN"), imaging_measurements=groups)
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=groups)  # as the LIDC SRs
     try:
         with warnings.catch_warnings():  # the source's PatientName is copied as it is (often one component)
             warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
