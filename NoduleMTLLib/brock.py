@@ -301,9 +301,13 @@ def assess_nodule(nodule, patient: PatientInfo, nodule_count: int, location: dic
         notes.append("longer than 30 mm (a mass): the model was fitted on screen-detected nodules")
     prob = None
     if not missing:
-        prob = round(probability(inputs["age"], inputs["female"], inputs["family_history"], inputs["emphysema"],
-                                 float(nodule.diameter_mm), nodule.type, inputs["upper_lobe"], inputs["nodule_count"],
-                                 inputs["spiculation"]), 4)
+        try:
+            prob = round(probability(inputs["age"], inputs["female"], inputs["family_history"], inputs["emphysema"],
+                                     float(nodule.diameter_mm), nodule.type, inputs["upper_lobe"], inputs["nodule_count"],
+                                     inputs["spiculation"]), 4)
+        except ValueError as e:  # e.g. no type estimate, zero size: no number rather than a made-up one
+            missing.append("valid nodule inputs")
+            notes.append(f"no probability: {e}")
     else:
         notes.append("no probability: " + " and ".join(missing) + " unknown (give --age / --sex)")
     return {"model": MODEL, "probability": prob, "complete": not missing and not assumed,

@@ -223,7 +223,12 @@ def assess_nodule(nodule, ct) -> dict | None:
             why.append(f"calcification probability {p_calc:.2f} ({calc_net})")
         notes.append("calcification present (" + "; ".join(why) + "): if central, popcorn or concentric, "
                      "category 1 applies (pattern not assessed automatically)")
-    category, key = categorize(ntype, size, solid_mm, calc["complete"])
+    try:
+        category, key = categorize(ntype, size, solid_mm, calc["complete"])
+    except ValueError as e:  # no composition estimate: no category rather than a guessed one
+        return {"category": None, "size_mm": size, "long_axis_mm": round1(long_ax), "short_axis_mm": round1(short_ax),
+                "type": ntype, "solid_component_mm": solid_mm, "rule": None, "notes": notes + [f"no category: {e}"],
+                "suggestions": [], "version": VERSION}
     if category in ("3", "4A", "4B"):
         for sign in ("spiculation", "bubble_lucency"):
             p, net = _sign(nodule, sign)
@@ -242,7 +247,7 @@ def scan_category(records) -> dict | None:
     or None when no nodule has a category (nothing found: that is not "no nodule", only
     the analysed points / candidates are assessed).
     """
-    recs = [(i, r) for i, r in records if r is not None]
+    recs = [(i, r) for i, r in records if r is not None and r.get("category") is not None]
     if not recs:
         return None
     top = max((r["category"] for _, r in recs), key=CATEGORY_ORDER.index)

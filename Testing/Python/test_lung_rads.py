@@ -172,3 +172,17 @@ def test_4x_is_only_suggested():
 
 def test_not_found_nodule_has_no_category():
     assert lr.assess_nodule(NoduleResult(id=1, point_lps_mm=(0, 0, 0), found=False), None) is None
+
+
+def test_nodule_without_type_gets_no_category_and_is_skipped_per_scan():
+    shape = (20, 30, 30)
+    hu = np.full(shape, -850, np.int16)
+    ball = _ball(shape, (10, 15, 15), 4)
+    hu[ball] = 30
+    ct = _ct(hu)
+    nd = _nodule(ball, ct, "solid")
+    nd.type = None
+    rec = lr.assess_nodule(nd, ct)
+    assert rec["category"] is None and any("no category" in n for n in rec["notes"])
+    assert lr.scan_category([(1, rec), (2, {"category": "3"})])["category"] == "3"
+    assert lr.scan_category([(1, rec)]) is None
