@@ -16,6 +16,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: What :func:`write_report_files` adds to an output folder besides ``outputs.OUTPUT_FILES``
+#: (``report.sr.dcm`` too with ``--dicom-sr``; ``pictures`` holds ``nodule_<id>.png``).
+REPORT_FILES = ("pictures", "report.html")
+
 
 def _age(text: str) -> float:
     from .brock import parse_age
