@@ -285,6 +285,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultsTableClicked)
         self.ui.reclassifyButton.connect("clicked(bool)", self.onReclassifyButton)
         self.ui.exportTrainingButton.connect("clicked(bool)", self.onExportTrainingButton)
+        self.ui.exportReportButton.connect("clicked(bool)", self.onExportReportButton)
 
         self.initializeParameterNode()
 
@@ -488,6 +489,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasResult = bool(not running and p and p.outputSegmentation and p.inputVolume)
         self.ui.reclassifyButton.enabled = hasResult
         self.ui.exportTrainingButton.enabled = hasResult
+        self.ui.exportReportButton.enabled = hasResult
 
     def _setRunning(self, running):
         self.ui.progressBar.value = 0
@@ -581,6 +583,8 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.malignancyLabel.text = NoduleMTLLogic.summaryHtml(result)
         self.ui.statusLabel.text = NoduleMTLLogic.statusText(result, self.logic.lastRunSeconds)
         self.ui.legendLabel.text = self.logic.probabilityLegend()
+        import NoduleMTLMRML
+        self.ui.lungRadsLabel.text = NoduleMTLMRML.scan_lung_rads_text(getattr(result, "run", None))
         self._registerTerminology()
         self.ui.resultsCollapsibleButton.collapsed = False
 
@@ -626,6 +630,15 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             written = self.logic.exportSegmentsForTraining(p.outputSegmentation, self._selectedSegmentIds(),
                                                            p.inputVolume, folder)
             self.ui.statusLabel.text = f"Exported {len(written)} case(s) to {folder}."
+
+    def onExportReportButton(self):
+        p = self._parameterNode
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Export report: output folder")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Export report failed.", waitCursor=True):
+            written = self.logic.exportReport(p.outputSegmentation, p.inputVolume, folder, p.outputTable)
+            self.ui.statusLabel.text = f"Report written to {folder} ({len(written)} file(s))."
 
 
 #
@@ -866,6 +879,8 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         result = runner.with_cpu_fallback(
             lambda dev: pipeline.analyze_points(ct, pointsLps, network_ids=networks, device=dev, progress=progressCallback),
             device, notify=lambda message: logging.warning(f"NoduleMTL: {message}"))
+        from NoduleMTLLib.assessment import annotate_result
+        annotate_result(result, ct, self.patientInfo(inputVolume))  # Lung-RADS, Brock columns
         scene = inputVolume.GetScene() or slicer.mrmlScene
         segmentationNode, tableNode = NoduleMTLMRML.add_result_to_scene(scene, result, inputVolume)
         self.lastRunSeconds = time.time() - start
@@ -930,6 +945,12 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             if not 0.0 < t <= 1.0:
                 raise ValueError(f"The detection threshold must be in [0, 1] (0 = default), got {t}")
             extra = ["--threshold", repr(t)]
+        extra.append("--no-pictures")  # the child's folder is temporary; "Export report" draws them
+        patient = self.patientInfo(inputVolume)
+        if patient.age is not None:
+            extra += ["--age", f"{patient.age:g}"]
+        if patient.sex is not None:
+            extra += ["--sex", patient.sex]
         job = _runner().AnalysisProcess(ct, pointsLps, detect=detect, networks=networks, device=device,
                                         python_executable=self.pythonExecutable(),
                                         temp_root=slicer.app.temporaryPath, extra_args=extra)
@@ -1074,6 +1095,44 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             return [export(segmentationNode, segmentId, referenceVolumeNode, outDir) for segmentId in segmentIds]
         except NotImplementedError:
             raise RuntimeError("Export for training is not available in this version of NoduleMTL") from None
+
+    @staticmethod
+    def dicomSeriesFolder(volumeNode):
+        """Folder holding the DICOM files a volume was loaded from (Slicer's DICOM database;
+        a temporary folder of links when they lie in several folders), or None."""
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split() if volumeNode else []
+        db = getattr(slicer, "dicomDatabase", None)
+        if not uids or db is None:
+            return None
+        files = [f for f in (db.fileForInstance(u) for u in uids) if f and os.path.isfile(f)]
+        if len(files) != len(uids):
+            return None
+        dirs = {os.path.dirname(f) for f in files}
+        if len(dirs) == 1:
+            return dirs.pop()
+        import tempfile
+        folder = tempfile.mkdtemp(prefix="NoduleMTL-dicom-", dir=slicer.app.temporaryPath)
+        for n, f in enumerate(files):
+            os.symlink(f, os.path.join(folder, f"{n:05d}.dcm"))
+        return folder
+
+    def patientInfo(self, volumeNode):
+        """Brock patient inputs (age, sex) from the DICOM header of a DICOM-loaded volume; empty otherwise."""
+        from NoduleMTLLib.brock import PatientInfo, patient_from_dicom
+
+        folder = self.dicomSeriesFolder(volumeNode)
+        if folder is None:
+            return PatientInfo()
+        import NoduleMTLMRML
+        return patient_from_dicom(folder, NoduleMTLMRML._dicom_series_uid(volumeNode))
+
+    def exportReport(self, segmentationNode, referenceVolumeNode, outDir, tableNode=None):
+        """``NoduleMTLMRML.export_report``: pictures + report.html, and DICOM SEG + SR when the
+        volume was loaded from DICOM (its files found in the DICOM database).  Returns the paths."""
+        import NoduleMTLMRML
+
+        return NoduleMTLMRML.export_report(segmentationNode, referenceVolumeNode, outDir,
+                                           dicom_folder=self.dicomSeriesFolder(referenceVolumeNode), tableNode=tableNode)
 
     # --- presentation helpers (GUI-free, used by the widget) -----------------
 

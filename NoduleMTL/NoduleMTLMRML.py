@@ -376,6 +376,7 @@ def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str])
              "Probability that the candidate is a nodule, from the false-positive reduction (fpr25d)",
              det("fp_reduction_score")),
         ]
+    columns += _report_columns()  # Lung-RADS, Brock (NoduleMTLLib.assessment)
     for net in nets:
         columns.append((
             f"networks.{net}.malignancy_probability", vtk.vtkDoubleArray, f"P(malignant) {net}", "",
@@ -981,3 +982,168 @@ def export_segment_for_training(segmentationNode, segmentId: str, referenceVolum
             labels["patient_id"] = pid
     cid = case_id or f"{referenceVolumeNode.GetName()}_{segment.GetName()}"
     return export_for_training(ct, mask, labels, out_dir, cid, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------
+# the radiologist's report (issue 15): Lung-RADS / Brock columns, per-scan category, Export report
+# ---------------------------------------------------------------------------
+
+def _brock_status(brock: dict | None) -> str:
+    if not brock:
+        return ""
+    if brock.get("probability") is None:
+        return "incomplete: " + ", ".join(brock.get("missing", [])) + " unknown"
+    if brock.get("assumed"):
+        return "lower bound: " + ", ".join(brock["assumed"]) + " assumed no"
+    return "complete"
+
+
+def _report_columns() -> list:
+    """Lung-RADS and Brock columns of the results table (``_build_table`` layout)."""
+    def rec(name, key):
+        return lambda n: (getattr(n, name, None) or {}).get(key)
+    return [
+        ("lung_rads.category", vtk.vtkStringArray, "Lung-RADS", "",
+         "Lung-RADS v2022 category, baseline rules (NoduleMTLLib.lung_rads; no prior-scan comparison)",
+         rec("lung_rads", "category")),
+        ("lung_rads.size_mm", vtk.vtkDoubleArray, "Mean diameter", "mm",
+         "Lung-RADS size: mean of long and short axis, one decimal", rec("lung_rads", "size_mm")),
+        ("lung_rads.solid_component_mm", vtk.vtkDoubleArray, "Solid part", "mm",
+         "Part-solid nodules: mean diameter of the largest solid (>= -300 HU) component", rec("lung_rads", "solid_component_mm")),
+        ("lung_rads.rule", vtk.vtkStringArray, "Lung-RADS rule", "", "The guideline sentence that gave the category",
+         rec("lung_rads", "rule")),
+        ("brock.probability", vtk.vtkDoubleArray, "Brock risk", "",
+         "Brock (PanCan) full model, McWilliams et al. NEJM 2013: a different model from the networks", rec("brock", "probability")),
+        ("brock.status", vtk.vtkStringArray, "Brock inputs", "", "complete / lower bound (inputs assumed no) / incomplete",
+         lambda n: _brock_status(getattr(n, "brock", None))),
+    ]
+
+
+def scan_lung_rads_text(run: dict | None) -> str:
+    """Panel line of the per-scan Lung-RADS category (``run["lung_rads"]``), "" when there is none."""
+    s = (run or {}).get("lung_rads")
+    if not s:
+        return ""
+    ids = ", ".join(str(i) for i in s.get("nodule_ids", []))
+    return f"Lung-RADS (per scan, baseline rules): {s['category']} (nodule {ids}); research software, not for clinical use"
+
+
+def _set_report_cells(tableNode, segmentId: str, nodule: NoduleResult) -> None:
+    row = _table_row(tableNode, segmentId, nodule.id)
+    if row < 0:
+        return
+    for name, cls, title, _unit, desc, getter in _report_columns():
+        _table_set(tableNode, row, name, getter(nodule), cls, title=title, desc=desc)
+    tableNode.GetTable().Modified()
+    tableNode.Modified()
+
+
+def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume | None = None) -> AnalysisResult:
+    """The nodules of a NoduleMTL segmentation as they are now (masks possibly edited).
+
+    Masks from the segments on the reference grid, measurements recomputed on them, the
+    networks' probabilities and the point from the segment tags (what the run or the last
+    re-classification wrote), the run from the node's ``NoduleMTL.run`` attribute.
+
+    Raises:
+        ValueError: no segmentation / volume, or no non-empty NoduleMTL segment.
+    """
+    from NoduleMTLLib.postprocess import measure_nodule
+    from NoduleMTLLib.results import NetworkOutput
+
+    if segmentationNode is None or referenceVolumeNode is None:
+        raise ValueError("Segmentation node and reference volume node are required")
+    ct = ct or volume_node_to_ct(referenceVolumeNode)
+    try:
+        run = json.loads(segmentationNode.GetAttribute(SEGMENT_TAG_PREFIX + "run") or "{}")
+    except ValueError:
+        run = {}
+    seg = segmentationNode.GetSegmentation()
+    nodules, segment_ids = [], {}
+    for i in range(seg.GetNumberOfSegments()):
+        sid = seg.GetNthSegmentID(i)
+        segment = seg.GetSegment(sid)
+        nid = _get_tag(segment, SEGMENT_TAG_PREFIX + "id")
+        mask = label_array_from_segmentation(segmentationNode, sid, referenceVolumeNode)
+        if nid is None or not mask.any():
+            continue
+        m = measure_nodule(mask, ct)
+        nets = {}
+        p = SEGMENT_TAG_PREFIX + "malignancy_probability."
+        for net in _run_networks(segmentationNode) or []:
+            prob = _get_tag(segment, p + net)
+            if prob is not None:
+                signs = {}
+                for sign in ("spiculation", "lobulation", "calcification", "subsolid", "bubble_lucency"):
+                    v = _get_tag(segment, f"{SEGMENT_TAG_PREFIX}sign_probability.{net}.{sign}")
+                    if v is not None:
+                        signs[sign] = float(v)
+                nets[net] = NetworkOutput(net, float(prob), signs)
+        ras = _get_tag(segment, SEGMENT_TAG_PREFIX + "point_ras_mm")
+        r = [float(v) for v in ras.split(",")] if ras else [-c for c in m["centroid_lps_mm"][:2]] + [m["centroid_lps_mm"][2]]
+        nd = NoduleResult(id=int(nid), point_lps_mm=(-r[0], -r[1], r[2]), found=True, mask=mask, networks=nets,
+                          **{k: m[k] for k in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "solid_fraction",
+                                               "type", "centroid_lps_mm")})
+        nodules.append(nd)
+        segment_ids[nd.id] = sid
+    if not nodules:
+        raise ValueError(f"'{segmentationNode.GetName()}' has no non-empty NoduleMTL nodule segment")
+    nodules.sort(key=lambda n: n.id)
+    res = AnalysisResult(ct.describe(), dict(run), nodules)
+    res.segment_ids = segment_ids
+    return res
+
+
+def export_report(segmentationNode, referenceVolumeNode, out_dir, dicom_folder=None, patient=None,
+                  pictures: bool = True, tableNode=None) -> list:
+    """"Export report": pictures + ``report.html`` for any volume; ``segmentation.dcm`` +
+    ``report.sr.dcm`` (TID 1500) as well for a DICOM-loaded volume whose series folder is given.
+
+    The nodules are taken as they are now (:func:`result_from_segmentation`); Lung-RADS and
+    Brock are recomputed on the current masks (:func:`NoduleMTLLib.assessment.annotate_result`)
+    and written into the results table's Lung-RADS / Brock columns (``tableNode``, default
+    the segmentation's ``NoduleMTL.table`` reference).  Also writes ``nodules.json``.
+
+    Args:
+        segmentationNode, referenceVolumeNode: the NoduleMTL segmentation and its CT volume.
+        out_dir: output folder (created).
+        dicom_folder: folder holding the volume's DICOM series (the volume must carry its
+            SeriesInstanceUID in the subject hierarchy); None: no SEG / SR.
+        patient: :class:`NoduleMTLLib.brock.PatientInfo` (default: the DICOM header of
+            ``dicom_folder``, else unknown: Brock incomplete).
+        pictures: write ``pictures/nodule_<id>.png`` and embed them.
+
+    Returns:
+        The written paths.
+
+    Raises:
+        ValueError: no nodule segment.  NoduleMTLLib.io.InputError: ``dicom_folder`` given for a
+        volume not loaded from DICOM, or not holding its series.  OSError /
+        NoduleMTLLib.outputs.OutputError: the folder cannot be written.
+    """
+    from pathlib import Path
+
+    from NoduleMTLLib.assessment import annotate_result, patient_for
+    from NoduleMTLLib.outputs import prepare_output_dir
+    from NoduleMTLLib.reporting import write_report_files
+
+    ct = volume_node_to_ct(referenceVolumeNode)
+    if dicom_folder is not None:
+        if ct.dicom_series_uid is None:
+            raise InputError(f"'{referenceVolumeNode.GetName()}' was not loaded from DICOM: no DICOM SEG / SR")
+        ct.source = str(dicom_folder)
+    result = result_from_segmentation(segmentationNode, referenceVolumeNode, ct)
+    annotate_result(result, ct, patient if patient is not None else patient_for(ct))
+    out = prepare_output_dir(out_dir)
+    paths = []
+    (out / "nodules.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    paths.append(out / "nodules.json")
+    if dicom_folder is not None:
+        from NoduleMTLLib.dicom_seg import write_seg_into_output_dir
+        paths.append(write_seg_into_output_dir(result, ct, out))
+    paths += write_report_files(result, ct, out, pictures=pictures, dicom_sr=dicom_folder is not None)
+    tableNode = tableNode or segmentationNode.GetNodeReference(SEGMENT_TAG_PREFIX + "table")
+    if tableNode is not None:
+        for n in result.nodules:
+            _set_report_cells(tableNode, result.segment_ids[n.id], n)
+    return [Path(p) for p in paths if p is not None]

@@ -368,6 +368,8 @@ class BatchRun:
     #: score threshold of the whole-scan search (cases without points): "default", "adaptive" or a float in [0, 1]
     threshold: float | str = "default"
     _detector_model: object = None
+    #: report options (``NoduleMTLLib.reporting.add_arguments``: dicom_sr, no_pictures, age, sex, ...); None: defaults
+    report_options: object = None
 
     def _detector(self):
         """Load the whole-scan detector once, at the first case without points."""
@@ -432,11 +434,16 @@ class BatchRun:
                 else:
                     res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
                                          networks=self._networks())
+                from . import reporting
+                reporting.annotate(res, ct, self.report_options)  # Lung-RADS, Brock -> nodules.json / .csv
                 stage = outset.staging_dir()
                 write_output_files(res, ct, stage)
                 if self.dicom_seg and ct.dicom_series_uid is not None:
                     from .dicom_seg import write_seg_into_output_dir
                     write_seg_into_output_dir(res, ct, stage)
+                opts = self.report_options
+                reporting.write_report_files(res, ct, stage, pictures=not getattr(opts, "no_pictures", False),
+                                             dicom_sr=bool(getattr(opts, "dicom_sr", False)) and ct.dicom_series_uid is not None)
                 outset.commit()
         except (WeightsError, DeviceError):
             raise  # not a problem of this case: stop the run
@@ -503,6 +510,7 @@ def main(args) -> int:
         run = BatchRun(cases, out, points, nets, args.device, args.overwrite)
         run.dicom_seg = bool(getattr(args, "dicom_seg", False))
         run.threshold = getattr(args, "threshold", "default")
+        run.report_options = args
         bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)
 
         def on_case(i, case, r):

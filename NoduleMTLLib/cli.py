@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dicom-seg", action="store_true",
                    help="also write DIR/segmentation.dcm: DICOM SEG of the nodules referencing the input series "
                         "(input must be a DICOM series folder)")
+    from . import reporting
+    reporting.add_arguments(a)
     a.add_argument("--progress-format", default="bar", choices=("bar", "lines"),
                    help="bar: progress bar on stderr; lines: flushed <filter-progress>F</filter-progress> and "
                         "<filter-comment>TEXT</filter-comment> lines on stdout (machine-readable)")
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(every candidate) or a minimum score in [0, 1]")
     b.add_argument("--dicom-seg", action="store_true",
                    help="also write <case>/segmentation.dcm (DICOM SEG) for cases that are DICOM series folders")
+    reporting.add_arguments(b, batch=True)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     if not any(n.strip() for n in args.networks.split(",")):
         ap.error(f"argument --networks: no network id in {args.networks!r}")
+    from . import reporting
+    reporting.prepare(args)  # --dicom-sr implies --dicom-seg
     if args.cmd == "batch":
         from . import batch
         return batch.main(args)
@@ -136,7 +141,8 @@ def main(argv=None) -> int:
         with OutputSet(args.out, inputs=[args.ct], overwrite=args.overwrite) as outset:
             ct = read_ct(args.ct)
             if args.dicom_seg and ct.dicom_series_uid is None:
-                raise InputError(f"--dicom-seg needs a DICOM series folder as input; {args.ct} is not one")
+                raise InputError(f"{'--dicom-sr' if args.dicom_sr else '--dicom-seg'} needs a DICOM series folder as "
+                                 f"input; {args.ct} is not one")
             pts = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point or []]
             bar, cb = _progress_bar(args.quiet, args.progress_format)
             try:
@@ -147,6 +153,7 @@ def main(argv=None) -> int:
                     args.device, notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
             finally:
                 bar.close()
+            reporting.annotate(res, ct, args)  # Lung-RADS, Brock -> nodules.json / .csv
             stage = outset.staging_dir()
             try:
                 write_output_files(res, ct, stage)
@@ -156,6 +163,7 @@ def main(argv=None) -> int:
                 from .dicom_seg import write_seg_into_output_dir
                 if write_seg_into_output_dir(res, ct, stage) is None:
                     print("nodulemtl: warning: no nodule found: no DICOM SEG written", file=sys.stderr)
+            reporting.write_report_files(res, ct, stage, pictures=not args.no_pictures, dicom_sr=args.dicom_sr)
             outset.commit()
     except (InputError, WeightsError, DeviceError, OutputError, KeyError) as e:
         print(f"nodulemtl: error: {e}", file=sys.stderr)
@@ -178,6 +186,8 @@ def main(argv=None) -> int:
                   f"mean {n.mean_hu:.0f} HU; P(malignant): {probs}")
         else:
             print(f"Nodule {n.id}: not found ({n.message})")
+    if (res.run or {}).get("lung_rads"):
+        print(f"Lung-RADS (per scan, baseline rules): {res.run['lung_rads']['category']}")
     print(f"{n_found}/{len(res.nodules)} nodules segmented on {res.run['device']} in {time.perf_counter() - t0:.1f} s -> {args.out}")
     return 0
 

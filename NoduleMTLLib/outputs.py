@@ -62,6 +62,10 @@ CONSENSUS_COLUMNS = ("consensus.malignancy_probability", "consensus.probability_
 #: half-open voxel box "i0 j0 k0 i1 j1 k1".
 DETECTION_COLUMNS = ("detection.score", "detection.detector_score", "detection.fp_reduction_score", "detection.box_ijk")
 
+#: Report columns of nodules.csv (:mod:`NoduleMTLLib.assessment`; empty when not assessed).
+REPORT_COLUMNS = ("lung_rads.category", "lung_rads.size_mm", "lung_rads.solid_component_mm", "lung_rads.rule",
+                  "brock.probability", "brock.complete", "brock.assumed", "brock.missing")
+
 
 def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
     """Header and rows of nodules.csv (one row per nodule, per-network columns)."""
@@ -69,7 +73,7 @@ def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
     det_cols = list(DETECTION_COLUMNS) if any(getattr(n, "detection", None) for n in result.nodules) else []
     head = ["id", "label_value", "found", "point_ras_mm", "diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu",
             "solid_fraction", "type"] + [f"networks.{n}.malignancy_probability" for n in nets] + list(CONSENSUS_COLUMNS) \
-        + det_cols + ["message"]
+        + det_cols + list(REPORT_COLUMNS) + ["message"]
     rows = []
     for nd in result.nodules:
         d = nd.to_dict()
@@ -84,6 +88,10 @@ def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
             row["detection.detector_score"] = d["detection"].get("detector_score")
             row["detection.fp_reduction_score"] = d["detection"].get("fp_reduction_score")
             row["detection.box_ijk"] = " ".join(str(v) for v in d["detection"]["box_ijk"])
+        for col in REPORT_COLUMNS:
+            rec, key = col.split(".", 1)
+            v = (d.get(rec) or {}).get(key)
+            row[col] = " ".join(v) if isinstance(v, list) else v
         rows.append({k: ("" if v is None else v) for k, v in row.items()})
     return head, rows
 

@@ -74,6 +74,10 @@ class NoduleResult:
         detection: whole-scan search only (``NoduleMTLLib.detection.infer``): detector score,
             score threshold, 3D voxel box (i0, j0, k0, i1, j1, k1, half-open), world box
             (LPS mm), centre (ijk, LPS, RAS mm), slice range; None for clicked nodules.
+        lung_rads: Lung-RADS v2022 baseline record (:func:`NoduleMTLLib.lung_rads.assess_nodule`);
+            None when not assessed or not found.
+        brock: Brock (PanCan) risk record (:func:`NoduleMTLLib.brock.assess_nodule`), a
+            different model from the networks' probabilities; None when not assessed or not found.
     """
 
     id: int
@@ -93,6 +97,8 @@ class NoduleResult:
     consensus: Any = None
     reported_mask: str = "first"
     detection: dict[str, Any] | None = None
+    lung_rads: dict[str, Any] | None = None
+    brock: dict[str, Any] | None = None
 
     @property
     def label_value(self) -> int:
@@ -128,6 +134,8 @@ class NoduleResult:
             "message": self.message,
             "reported_mask": self.reported_mask,
             "consensus": None if self.consensus is None else self.consensus.to_dict(),
+            "lung_rads": self.lung_rads,
+            "brock": self.brock,
         }
         if self.detection is not None:
             d["detection"] = self.detection

@@ -34,8 +34,9 @@ from typing import Iterable
 
 from .outputs import OUTPUT_FILES, OutputError
 
-#: Every file NoduleMTL writes into an output folder (the four outputs and the optional DICOM SEG).
-MANAGED_FILES = tuple(OUTPUT_FILES) + ("segmentation.dcm",)
+#: Every file or folder NoduleMTL writes into an output folder (the four outputs, the optional DICOM SEG
+#: and SR, the report page and its pictures).
+MANAGED_FILES = tuple(OUTPUT_FILES) + ("segmentation.dcm", "report.sr.dcm", "report.html", "pictures")
 TMP_PREFIX = ".nodulemtl-tmp-"
 OLD_PREFIX = ".nodulemtl-old-"
 LOCK_SUFFIX = ".nodulemtl-lock"

@@ -215,6 +215,8 @@ def run(args):
             sitk.WriteImage(lab, args.outputLabel, True)
         except RuntimeError as e:
             raise OutputError(f"Cannot write {args.outputLabel}: {' '.join(str(e).split())}") from None
+        from NoduleMTLLib.reporting import annotate
+        annotate(res, ct)  # Lung-RADS / Brock columns (no patient data here: Brock incomplete)
         head, rows = csv_rows(res)
         try:
             with open(args.outputTable, "w", newline="", encoding="utf-8") as f:

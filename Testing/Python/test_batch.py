@@ -19,6 +19,7 @@ import SimpleITK as sitk
 
 from NoduleMTLLib import batch, cli
 from NoduleMTLLib.outputs import OUTPUT_FILES
+from NoduleMTLLib.reporting import REPORT_FILES
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -92,7 +93,7 @@ def test_folder_batch_first_run(folder_batch):
     assert s["broken"]["message"].startswith("Cannot read") and "\n" not in s["broken"]["message"]
     assert s["a_ct"]["input"].endswith(os.path.join("a", "ct.nrrd"))
     for case in ("a_ct", "b_ct", "A0002"):
-        assert sorted(p.name for p in (out / case).iterdir()) == sorted(OUTPUT_FILES)
+        assert sorted(p.name for p in (out / case).iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
     assert not (out / "broken").exists()
     assert sorted(p.name for p in out.iterdir()) == ["A0002", "a_ct", "b_ct", "summary.csv"]  # no temp files
     # the DICOM case: label map on the series' grid, a large mass
@@ -390,4 +391,4 @@ def test_batch_case_without_points_uses_the_detector(shared_data, tmp_path):
     assert row["status"] == "ok" and int(row["n_nodules"]) >= 1
     js = json.loads((out / row["case"] / "nodules.json").read_text())
     assert all(n["detection"]["score"] >= n["detection"]["score_threshold"] for n in js["nodules"])
-    assert sorted(p.name for p in (out / row["case"]).iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in (out / row["case"]).iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)

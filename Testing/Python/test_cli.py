@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from NoduleMTLLib import cli, registry
 from NoduleMTLLib.metrics import dice
 from NoduleMTLLib.outputs import OUTPUT_FILES
+from NoduleMTLLib.reporting import REPORT_FILES
 
 # Reference nodules of the sample crop (LIDC-IDRI-0003, readers' consensus), RAS mm
 NODULE2_RAS = (-72.5, -77.2, -190.4)   # 4 readers, ~30 mm
@@ -42,7 +43,7 @@ def sample_run(sample, tmp_path_factory):
 def test_sample_outputs_and_dice(sample_run, sample):
     rc, out, ref = sample_run
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
     lab_img = sitk.ReadImage(str(out / "labels.nrrd"))
     ct_img = sitk.ReadImage(str(sample[0]))
     assert lab_img.GetPixelID() == sitk.sitkUInt16

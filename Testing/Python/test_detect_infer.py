@@ -26,6 +26,7 @@ from NoduleMTLLib.detection import merge as mg
 from NoduleMTLLib.detection import preprocess as pp
 from NoduleMTLLib.io import CTVolume, InputError, read_ct
 from NoduleMTLLib.outputs import OUTPUT_FILES, write_outputs
+from NoduleMTLLib.reporting import REPORT_FILES
 from NoduleMTLLib.results import AnalysisResult, NoduleResult
 
 torch.set_num_threads(1)
@@ -324,7 +325,7 @@ def test_cli_detect_end_to_end(slab_file, model, monkeypatch, tmp_path, capsys):
     rc = cli.main(["analyze", str(slab_file), "--detect", "--threshold", "0.5", "--networks", "none",
                    "--out", str(out), "--quiet", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
     js = json.loads((out / "nodules.json").read_text())
     assert js["run"]["mode"] == "detect" and js["run"]["score_threshold"] == 0.5 and js["run"]["networks"] == []
     assert all(n["detection"]["score"] >= 0.5 for n in js["nodules"])

@@ -150,6 +150,7 @@ PANEL_WIDGETS = {
     "outputSegmentationSelector": "qMRMLNodeComboBox", "outputTableSelector": "qMRMLNodeComboBox",
     "malignancyLabel": "QLabel", "legendLabel": "QLabel", "resultsTableView": "qMRMLTableView",
     "reclassifyButton": "QPushButton", "exportTrainingButton": "QPushButton",
+    "exportReportButton": "QPushButton", "lungRadsLabel": "QLabel",
 }
 
 #: Signals the module connects to, per widget class (Qt / CTK / MRML widget API).
@@ -193,7 +194,7 @@ def test_signal_connections_name_known_signals_and_existing_slots(ui_root):
             assert signal.value in KNOWN_SIGNALS[cls], (widget, cls, signal.value)
             assert isinstance(slot, ast.Attribute) and slot.attr in widget_methods, (widget, ast.dump(slot))
     assert {"applyButton", "findNodulesButton", "importModelButton", "networksListWidget", "deviceComboBox",
-            "resultsTableView", "reclassifyButton", "exportTrainingButton"} <= set(connections)
+            "resultsTableView", "reclassifyButton", "exportTrainingButton", "exportReportButton"} <= set(connections)
 
 
 def test_parameter_node_attributes_exist():
@@ -229,7 +230,8 @@ def test_module_uses_only_existing_runner_and_mrml_functions():
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_mrmlFunction":
             used_mrml.add(node.args[0].value)
     assert {"AnalysisProcess", "with_cpu_fallback", "summary_html", "network_choices"} <= used_runner
-    assert {"reclassify_segment", "export_segment_for_training", "add_result_to_scene"} <= used_mrml
+    assert {"reclassify_segment", "export_segment_for_training", "add_result_to_scene", "export_report",
+            "scan_lung_rads_text"} <= used_mrml
     assert used_runner <= runner_names, used_runner - runner_names
     assert used_mrml <= mrml_names, used_mrml - mrml_names
 
