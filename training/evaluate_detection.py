@@ -99,7 +99,7 @@ def _r(v, nd=4):
 
 
 def _thr_key(t) -> str:
-    return "adaptive" if t == "adaptive" else f"{float(t):g}"
+    return t if t in ("adaptive", "default") else f"{float(t):g}"
 
 
 def _excluded_marks(folder: Path, ct) -> list:

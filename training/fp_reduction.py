@@ -342,10 +342,18 @@ def main(argv=None) -> int:
         print(json.dumps({k: rep[k] for k in ("operating_point", "high_sensitivity_8fp")}, indent=1))
         return 0
     if a.command == "export":
-        from NoduleMTLLib.registry import export_weights
+        # float32 (the network is 0.1 M parameters, 0.3 MB): the shipped file gives exactly the
+        # scores that were evaluated, at a threshold chosen to 4 decimals
+        from safetensors.torch import save_file
 
-        export_weights("fpr25d", Path(a.weights or REPO / "runs" / "fpr25d" / "best.pt"),
-                       REPO / "Resources" / "Weights" / "fpr25d.safetensors")
+        m = load_trained(a.weights)
+        out = REPO / "Resources" / "Weights" / "fpr25d.safetensors"
+        tmp = out.with_name(".tmp-" + out.name)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp),
+                  metadata={"network_id": "fpr25d", "source_checkpoint": Path(a.weights or "runs/fpr25d/best.pt").name})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
         return 0
     return 2
 

@@ -45,9 +45,9 @@ FIELD_MM = 24.0
 HU_WINDOW = (-1000.0, 400.0)
 #: Combined-score threshold for <= 2 false positives per validation scan (set by
 #: ``python -m training.fp_reduction select`` from the validation scans; see the model card).
-OPERATING_THRESHOLD = 0.5
+OPERATING_THRESHOLD = 0.9473
 #: High-sensitivity setting quoted in the README (validation scans; see the model card).
-HIGH_SENSITIVITY_THRESHOLD = 0.3
+HIGH_SENSITIVITY_THRESHOLD = 0.7609
 
 
 def candidate_patch(hu_zyx: np.ndarray, spacing_xyz, centre_ijk, k_range, offset_mm=(0.0, 0.0)) -> np.ndarray:
