@@ -72,8 +72,8 @@ def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
     nets = list(result.run.get("networks", []))
     det_cols = list(DETECTION_COLUMNS) if any(getattr(n, "detection", None) for n in result.nodules) else []
     head = ["id", "label_value", "found", "point_ras_mm", "diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu",
-            "solid_fraction", "type"] + [f"networks.{n}.malignancy_probability" for n in nets] + list(CONSENSUS_COLUMNS) \
-        + det_cols + list(REPORT_COLUMNS) + ["message"]
+            "solid_fraction", "type", "malignancy_probability"] + [f"networks.{n}.malignancy_probability" for n in nets] \
+        + list(CONSENSUS_COLUMNS) + det_cols + list(REPORT_COLUMNS) + ["message"]
     rows = []
     for nd in result.nodules:
         d = nd.to_dict()

@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .aggregation import nodule_logit_from_slices, sigmoid
+from .calibration import apply_to_result as apply_calibration
 from .device import resolve_device
 from .io import CTVolume, InputError
 from .metrics import dice
@@ -68,11 +69,16 @@ class Click2DNetwork:
 
     Args:
         network_id: registry id; model: loaded torch module in eval mode; device: torch device.
+        tta: test-time augmentation: every slice is also run mirrored left-right and the two
+            answers are averaged (segmentation probability after mirroring back; malignancy
+            and sign logits).  Doubles the network time.  Off by default: measured on the
+            held-out VOIs in ``training/RESULTS.md`` ("Test-time augmentation").
     """
 
-    def __init__(self, network_id: str, model: torch.nn.Module, device: torch.device, batch: int = 32):
+    def __init__(self, network_id: str, model: torch.nn.Module, device: torch.device, batch: int = 32,
+                 tta: bool = False):
         spec = NETWORKS[network_id].input_spec
-        self.network_id, self.model, self.device, self.batch = network_id, model, device, batch
+        self.network_id, self.model, self.device, self.batch, self.tta = network_id, model, device, batch, tta
         self.size, self.spacing = int(spec["size_px"]), float(spec["spacing_mm"])
 
     def grid(self, ct: CTVolume, point_lps, zoom: float) -> PatchGrid:
@@ -86,6 +92,16 @@ class Click2DNetwork:
         """Radiological-sign heads of the network (empty for malignancy-only networks)."""
         return tuple(getattr(self.model, "sign_heads", ()))
 
+    def _forward(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised slices (N, 1, H, W) -> (seg probability (N, H, W), logits (N, 1 + n_signs))."""
+        if hasattr(self.model, "forward_click"):  # networks with sign heads (DSMT-Net)
+            seg, cls, signs = self.model.forward_click(xb)
+            lg = torch.stack([cls] + [signs[k] for k in self.sign_names], 1)
+        else:
+            seg, cls = self.model(xb)
+            lg = cls[:, None]
+        return torch.sigmoid(seg)[:, 0].float(), lg.float()
+
     @torch.inference_mode()
     def _run(self, hu_zyx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(z, y, x) HU -> (prob (z, y, x) float32, logits (z, 1 + n_signs) float32: malignancy, then signs)."""
@@ -93,13 +109,11 @@ class Click2DNetwork:
         probs, logits = [], []
         for i in range(0, len(x), self.batch):
             xb = normalize_slices(x[i:i + self.batch]).to(self.device)
-            if hasattr(self.model, "forward_click"):  # networks with sign heads (DSMT-Net)
-                seg, cls, signs = self.model.forward_click(xb)
-                lg = torch.stack([cls] + [signs[k] for k in self.sign_names], 1)
-            else:
-                seg, cls = self.model(xb)
-                lg = cls[:, None]
-            probs.append(torch.sigmoid(seg)[:, 0].float().cpu()); logits.append(lg.float().cpu())
+            pr, lg = self._forward(xb)
+            if self.tta:  # left-right mirror, answers averaged (the mask mirrored back)
+                pf, lf = self._forward(torch.flip(xb, dims=(-1,)))
+                pr, lg = (pr + torch.flip(pf, dims=(-1,))) / 2, (lg + lf) / 2
+            probs.append(pr.cpu()); logits.append(lg.cpu())
         return torch.cat(probs).numpy(), torch.cat(logits).numpy()
 
     def run_patch(self, hu_zyx: np.ndarray, first_half_width: int = 4, step: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +213,8 @@ def check_point(ct: CTVolume, point_lps) -> None:
 
 
 def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_ids=("lnmsnet",), device="auto",
-                   progress: Progress | None = None, networks: dict | None = None, mask: str = "first") -> AnalysisResult:
+                   progress: Progress | None = None, networks: dict | None = None, mask: str = "first",
+                   tta: bool = False) -> AnalysisResult:
     """Segment, measure and classify the nodule at each clicked point.
 
     Args:
@@ -214,10 +229,14 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
             that found the nodule (``NoduleMTLLib.consensus``: voxels of at least half of
             them; with two networks their union).  Every nodule carries every network's own mask
             (``network_masks``) and the consensus figures (``consensus``) either way.
+        tta: left-right mirrored test-time augmentation in every network (:class:`Click2DNetwork`).
 
     Returns:
         :class:`AnalysisResult`; nodule ids 1..N in point order.  A point where no nodule
-        is segmented gives ``found=False`` with a message (not an exception).
+        is segmented gives ``found=False`` with a message (not an exception).  Each found
+        nodule's top-level ``malignancy_probability`` is the calibrated probability of the
+        run's configuration (``NoduleMTLLib.calibration``; ``run["malignancy_probability"]``
+        names the model).
 
     Raises:
         InputError: a point outside the volume / body, no points, unknown network, unknown ``mask``.
@@ -242,7 +261,7 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
     models = {}
     for nid in network_ids:
         m = (networks or {}).get(nid) or load_network(nid, dev)
-        models[nid] = Click2DNetwork(nid, m, dev)
+        models[nid] = Click2DNetwork(nid, m, dev, tta=tta)
     t_load = time.perf_counter() - t0
     nodules = []
     for n, p in enumerate(pts, start=1):
@@ -278,4 +297,8 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
            "threshold": THRESHOLD, "reported_mask": mask if mask == "consensus" else f"first ({network_ids[0]})",
            "timing_s": {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
            "torch": torch.__version__}
-    return AnalysisResult(input=ct.describe(), run=run, nodules=nodules)
+    if tta:
+        run["tta"] = "left-right flip"
+    result = AnalysisResult(input=ct.describe(), run=run, nodules=nodules)
+    apply_calibration(result)  # top-level calibrated malignancy_probability + run["malignancy_probability"]
+    return result

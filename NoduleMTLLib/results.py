@@ -62,6 +62,10 @@ class NoduleResult:
         mean_hu: mean CT value inside the mask (HU).
         solid_fraction: fraction of mask voxels >= -300 HU.
         type: one of :data:`NODULE_TYPES` (heuristic, see ``postprocess.nodule_type``).
+        malignancy_probability: the reported P(malignant) in [0, 1]: the calibrated probability
+            of the run's configuration (``NoduleMTLLib.calibration.apply_to_result``; which
+            model made it is in ``AnalysisResult.run["malignancy_probability"]``); None when
+            not found or when no calibrated model applies.
         centroid_lps_mm: mask centroid (world LPS mm).
         networks: network id -> :class:`NetworkOutput`.
         message: human-readable note (e.g. why nothing was found).
@@ -90,6 +94,7 @@ class NoduleResult:
     mean_hu: float | None = None
     solid_fraction: float | None = None
     type: str | None = None
+    malignancy_probability: float | None = None
     centroid_lps_mm: tuple[float, float, float] | None = None
     networks: dict[str, NetworkOutput] = field(default_factory=dict)
     message: str = ""
@@ -130,6 +135,7 @@ class NoduleResult:
             "mean_hu": _r(self.mean_hu),
             "solid_fraction": _r(self.solid_fraction, 3),
             "type": self.type,
+            "malignancy_probability": self.malignancy_probability,
             "networks": {k: {kk: vv for kk, vv in asdict(v).items() if kk != "network_id"} for k, v in self.networks.items()},
             "message": self.message,
             "reported_mask": self.reported_mask,

@@ -1,0 +1,407 @@
+"""Calibrated malignancy probability: applying the calibrators fitted on validation patients.
+
+A network's raw P(malignant) ranks nodules (AUC) but is not a frequency: a nodule given 0.8
+is not malignant 8 times in 10.  ``training/calibration.py`` fits, on the **validation
+patients' HU VOIs only** (3D click path, click at the labelled centre), a small model that
+maps what a run produced to a calibrated probability, and stores it in
+``Resources/Weights/calibration.json`` (a few kB of numbers, no pickles).  This module reads
+that file and applies it; it never fits anything.
+
+A *probability model* (``models.<id>`` in the JSON) is:
+
+* ``networks``: the click networks whose outputs it needs (the run must include all of them);
+* ``score``: how the raw score is formed - ``"network:<id>"`` (that network's probability),
+  ``"mean"`` (the mean probability of ``networks``; the consensus probability), or
+  ``"stack"`` (a logistic regression of :data:`FEATURES` named in ``stack.features``);
+* ``calibrator``: the monotone map from the raw probability to the calibrated one -
+  ``identity``; ``temperature`` (``sigmoid(logit(p) / T)``, Guo et al. 2017); ``platt``
+  (``sigmoid(a * logit(p) + b)``, Platt 1999); ``isotonic`` (piecewise-linear interpolation
+  through the step points ``x`` -> ``y`` of a pool-adjacent-violators fit, Zadrozny & Elkan 2002;
+  outside ``[x[0], x[-1]]`` the end values).  A stacked model's logistic regression is its
+  own calibration (``identity``).
+
+``default`` names the configuration chosen by measurement (``networks``, ``mask``,
+``model``): what ``nodulemtl analyze`` / ``batch`` / the Slicer module run without an
+explicit network choice.  For a run, :func:`select_model` picks the model whose ``networks``
+equal the run's set of networks (and whose ``mask`` matches the reported mask), else the
+calibrated single-network model of the run's first network (the network whose mask is
+reported), else none (then the top-level probability is None and the run record says why).
+
+Units: probabilities in [0, 1]; ``volume_mm3`` in mm^3 (feature ``log_volume`` =
+``log(1 + volume_mm3)``); ``solid_fraction`` in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+CALIBRATION_FILE = "calibration.json"
+#: Format version of calibration.json understood by this module.
+FORMAT = 1
+#: Probabilities are clipped to [EPS, 1 - EPS] before the logit.
+EPS = 1e-4
+#: Feature names a stacked model may use (computed by :func:`nodule_features`):
+#: ``logit:<network>`` (logit of that network's probability), ``log_volume``,
+#: ``solid_fraction``, ``diameter_mm``, ``sign:<network>:<sign>`` (that network's sign probability).
+FEATURES = ("logit:<network>", "log_volume", "solid_fraction", "diameter_mm", "sign:<network>:<sign>")
+
+
+class CalibrationError(ValueError):
+    """calibration.json is malformed, or a model cannot be applied to a run."""
+
+
+def logit(p) -> np.ndarray:
+    """log(p / (1 - p)) after clipping p to [EPS, 1 - EPS]; array-like -> float64 array."""
+    q = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
+    return np.log(q / (1 - q))
+
+
+def sigmoid(z) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """A monotone map of raw probabilities to calibrated ones.
+
+    Attributes:
+        method: ``identity`` | ``temperature`` | ``platt`` | ``isotonic``.
+        params: ``{"temperature": T > 0}`` | ``{"a": float, "b": float}`` |
+            ``{"x": increasing raw probabilities, "y": non-decreasing calibrated values}``.
+    """
+
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        m, p = self.method, self.params
+        if m == "identity":
+            return
+        if m == "temperature":
+            if not float(p.get("temperature", 0)) > 0:
+                raise CalibrationError(f"temperature must be > 0, got {p.get('temperature')!r}")
+        elif m == "platt":
+            if not all(isinstance(p.get(k), (int, float)) for k in ("a", "b")):
+                raise CalibrationError(f"platt needs numbers a and b, got {dict(p)!r}")
+        elif m == "isotonic":
+            x, y = np.asarray(p.get("x", []), float), np.asarray(p.get("y", []), float)
+            if len(x) < 1 or x.shape != y.shape or np.any(np.diff(x) < 0) or np.any(np.diff(y) < -1e-12) \
+                    or np.any((y < 0) | (y > 1)):
+                raise CalibrationError("isotonic needs x increasing and y non-decreasing in [0, 1], of equal length >= 1")
+        else:
+            raise CalibrationError(f"unknown calibration method {m!r}")
+
+    def __call__(self, p) -> np.ndarray:
+        """Raw probabilities (any shape) -> calibrated probabilities (same shape, float64)."""
+        p = np.asarray(p, dtype=np.float64)
+        if self.method == "identity":
+            return p.copy()
+        if self.method == "temperature":
+            return sigmoid(logit(p) / float(self.params["temperature"]))
+        if self.method == "platt":
+            return sigmoid(float(self.params["a"]) * logit(p) + float(self.params["b"]))
+        x, y = np.asarray(self.params["x"], float), np.asarray(self.params["y"], float)
+        return np.interp(p, x, y)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **{k: (list(v) if isinstance(v, (list, tuple, np.ndarray)) else v)
+                                          for k, v in self.params.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Calibrator":
+        d = dict(d)
+        return cls(d.pop("method", None), d)
+
+
+@dataclass(frozen=True)
+class LinearStack:
+    """Logistic regression on standardised features: P = sigmoid(intercept + sum coef_k (f_k - mean_k) / scale_k).
+
+    Attributes:
+        features: feature names (see :data:`FEATURES`); mean, scale, coef: one float each.
+    """
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+
+    def __post_init__(self):
+        n = len(self.features)
+        if not (len(self.mean) == len(self.scale) == len(self.coef) == n) or n == 0:
+            raise CalibrationError("stack: features, mean, scale and coef must have the same non-zero length")
+        if any(not s > 0 for s in self.scale):
+            raise CalibrationError("stack: every scale must be > 0")
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        """X: (N, n_features) float in :attr:`features` order -> (N,) probabilities."""
+        X = np.asarray(X, dtype=np.float64)
+        z = self.intercept + ((X - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.coef)
+        return sigmoid(z)
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                "coef": list(self.coef), "intercept": self.intercept}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LinearStack":
+        return cls(tuple(d["features"]), tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["scale"]),
+                   tuple(float(v) for v in d["coef"]), float(d["intercept"]))
+
+
+def nodule_features(probabilities: Mapping[str, float | None], measurements: Mapping[str, Any] | None = None,
+                    signs: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, float]:
+    """The named features of one nodule (missing inputs are simply absent from the dict).
+
+    Args:
+        probabilities: network id -> raw P(malignant) (None / NaN when the network gave none).
+        measurements: of the reported mask: ``volume_mm3`` (mm^3), ``solid_fraction``, ``diameter_mm`` (mm).
+        signs: network id -> {sign name: probability}.
+    Returns:
+        {feature name: float}, names as in :data:`FEATURES`.
+    """
+    f: dict[str, float] = {}
+    for nid, p in probabilities.items():
+        if p is not None and not math.isnan(float(p)):
+            f[f"logit:{nid}"] = float(logit(float(p)))
+    m = measurements or {}
+    if m.get("volume_mm3") is not None:
+        f["log_volume"] = math.log1p(max(0.0, float(m["volume_mm3"])))
+    for k in ("solid_fraction", "diameter_mm"):
+        if m.get(k) is not None:
+            f[k] = float(m[k])
+    for nid, ss in (signs or {}).items():
+        for name, v in (ss or {}).items():
+            if v is not None:
+                f[f"sign:{nid}:{name}"] = float(v)
+    return f
+
+
+@dataclass(frozen=True)
+class ProbabilityModel:
+    """One fitted way to turn a run's outputs into a calibrated P(malignant).
+
+    Attributes:
+        id: key in calibration.json; networks: click networks it needs; mask: ``"first"`` (the
+        mask of ``networks[0]``) or ``"consensus"``: the reported mask its size features were
+        measured on (irrelevant for models without size features); score:
+        ``"network:<id>"`` | ``"mean"`` | ``"stack"``; calibrator; stack (score ``"stack"`` only);
+        info: provenance and metrics, copied from the JSON as is.
+    """
+
+    id: str
+    networks: tuple[str, ...]
+    score: str
+    calibrator: Calibrator
+    mask: str = "first"
+    stack: LinearStack | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.networks:
+            raise CalibrationError(f"model {self.id!r}: no networks")
+        if self.score == "stack":
+            if self.stack is None:
+                raise CalibrationError(f"model {self.id!r}: score 'stack' needs a stack")
+        elif self.score.startswith("network:"):
+            if self.score.split(":", 1)[1] not in self.networks:
+                raise CalibrationError(f"model {self.id!r}: {self.score} is not one of its networks")
+        elif self.score != "mean":
+            raise CalibrationError(f"model {self.id!r}: unknown score {self.score!r}")
+
+    @property
+    def uses_size(self) -> bool:
+        """True when the model reads measurements of the reported mask (a stack with size features)."""
+        return self.stack is not None and any(f in ("log_volume", "solid_fraction", "diameter_mm") for f in self.stack.features)
+
+    def raw(self, features: Mapping[str, float]) -> float | None:
+        """The uncalibrated score (a probability) from :func:`nodule_features`; None when an input is missing."""
+        if self.score == "stack":
+            if any(k not in features for k in self.stack.features):
+                return None
+            return float(self.stack(np.array([[features[k] for k in self.stack.features]]))[0])
+        nets = [self.score.split(":", 1)[1]] if self.score.startswith("network:") else list(self.networks)
+        if any(f"logit:{n}" not in features for n in nets):
+            return None
+        return float(np.mean(sigmoid([features[f"logit:{n}"] for n in nets])))
+
+    def predict(self, features: Mapping[str, float]) -> float | None:
+        """Calibrated P(malignant) in [0, 1], or None when an input is missing."""
+        r = self.raw(features)
+        return None if r is None else float(self.calibrator(r))
+
+    def to_dict(self) -> dict:
+        d = {"networks": list(self.networks), "mask": self.mask, "score": self.score,
+             "calibrator": self.calibrator.to_dict()}
+        if self.stack is not None:
+            d["stack"] = self.stack.to_dict()
+        d.update({k: v for k, v in self.info.items() if k not in d})
+        return d
+
+    @classmethod
+    def from_dict(cls, mid: str, d: Mapping[str, Any]) -> "ProbabilityModel":
+        known = {"networks", "mask", "score", "calibrator", "stack"}
+        try:
+            return cls(mid, tuple(d["networks"]), d["score"], Calibrator.from_dict(d["calibrator"]), d.get("mask", "first"),
+                       LinearStack.from_dict(d["stack"]) if d.get("stack") else None,
+                       {k: v for k, v in d.items() if k not in known})
+        except KeyError as e:
+            raise CalibrationError(f"model {mid!r}: missing key {e}") from None
+
+
+@dataclass
+class CalibrationSet:
+    """Every model of calibration.json and the default configuration.
+
+    Attributes:
+        models: id -> :class:`ProbabilityModel`.
+        default: ``{"networks": [...], "mask": "first"|"consensus", "model": id}``, or empty.
+        source: path it was read from (for the run record), or None.
+        info: the rest of the file (provenance), as is.
+    """
+
+    models: dict[str, ProbabilityModel]
+    default: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def select_model(self, networks: Sequence[str], mask: str = "first") -> ProbabilityModel | None:
+        """The model for a run of ``networks`` (first one = reported mask) with the reported ``mask``.
+
+        Order: the default model when the run is the default configuration; a model whose
+        set of networks equals the run's (a model with size features only when it measured
+        the same mask: the run's first network's mask for ``mask="first"``, the consensus for
+        ``"consensus"``); the single-network model of the first network (``score ==
+        "network:<first>"``); else None.
+        """
+        nets = tuple(networks)
+        if not nets:
+            return None
+        d = self.default
+        if d and tuple(d.get("networks", ())) == nets and d.get("mask", "first") == mask and d.get("model") in self.models:
+            return self.models[d["model"]]
+        for m in self.models.values():
+            if set(m.networks) != set(nets) or (len(nets) > 1 and m.score.startswith("network:")):
+                continue
+            if m.uses_size and (m.mask != mask or (mask == "first" and m.networks[0] != nets[0])):
+                continue
+            return m
+        for m in self.models.values():
+            if m.networks == (nets[0],) and m.score == f"network:{nets[0]}":
+                return m
+        return None
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, **self.info, "default": self.default,
+                "models": {k: m.to_dict() for k, m in self.models.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> "CalibrationSet":
+        if not isinstance(d, Mapping) or d.get("format") != FORMAT:
+            raise CalibrationError(f"calibration file {source or ''}: format {d.get('format') if isinstance(d, Mapping) else d!r}, expected {FORMAT}")
+        models = {k: ProbabilityModel.from_dict(k, v) for k, v in (d.get("models") or {}).items()}
+        default = dict(d.get("default") or {})
+        if default and default.get("model") not in models:
+            raise CalibrationError(f"calibration file {source or ''}: default model {default.get('model')!r} is not in models")
+        info = {k: v for k, v in d.items() if k not in ("format", "default", "models")}
+        return cls(models, default, source, info)
+
+
+def calibration_path() -> Path | None:
+    """Where calibration.json is read: ``$NODULEMTL_CALIBRATION`` (a file) if set, else the
+    first ``calibration.json`` in the weights search path (``NoduleMTLLib.registry``); None if none exists."""
+    env = os.environ.get("NODULEMTL_CALIBRATION")
+    if env:
+        return Path(env)
+    from .registry import weights_search_path
+
+    for d in weights_search_path():
+        p = Path(d) / CALIBRATION_FILE
+        if p.is_file():
+            return p
+    return None
+
+
+def load_calibration(path: str | os.PathLike | None = None) -> CalibrationSet | None:
+    """Read calibration.json (``path``, else :func:`calibration_path`); None when there is none.
+
+    Raises:
+        CalibrationError: the file exists but is not valid JSON or not a valid calibration set.
+    """
+    p = Path(path) if path is not None else calibration_path()
+    if p is None or not p.is_file():
+        if path is not None or os.environ.get("NODULEMTL_CALIBRATION"):
+            raise CalibrationError(f"calibration file {p} not found")
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"calibration file {p}: {e}") from None
+    return CalibrationSet.from_dict(d, str(p))
+
+
+def default_networks(fallback: Sequence[str] = ("lnmsnet",)) -> tuple[str, ...]:
+    """The click networks of the measured default configuration (calibration.json ``default``),
+    or ``fallback`` when there is no calibration file or it names no default."""
+    try:
+        cs = load_calibration()
+    except CalibrationError:
+        return tuple(fallback)
+    if cs is None or not cs.default.get("networks"):
+        return tuple(fallback)
+    return tuple(cs.default["networks"])
+
+
+def apply_to_result(result, calibration: CalibrationSet | None = None) -> None:
+    """Set each nodule's top-level ``malignancy_probability`` and describe it in ``result.run``.
+
+    The features of a nodule are its networks' raw probabilities and signs and the
+    measurements of its reported mask.  A nodule whose reported mask is empty (not found)
+    gets None.  ``result.run["malignancy_probability"]`` records the model id, networks,
+    score, calibration method, the file and the model's provenance (``fitted_on``), or why
+    no calibrated probability could be given.
+
+    Args:
+        result: :class:`NoduleMTLLib.results.AnalysisResult` of the click path.
+        calibration: a loaded set; None reads the default file (:func:`load_calibration`).
+    """
+    try:
+        cs = calibration if calibration is not None else load_calibration()
+    except CalibrationError as e:
+        cs, why = None, str(e)
+    else:
+        why = "no calibration.json found"
+    nets = list(result.run.get("networks", []))
+    mask = "consensus" if result.run.get("reported_mask") == "consensus" else "first"
+    model = cs.select_model(nets, mask) if cs is not None else None
+    if model is None:
+        if cs is not None:
+            why = f"no calibrated model for networks {','.join(nets)} (mask {mask})"
+        for n in result.nodules:
+            n.malignancy_probability = None
+        result.run["malignancy_probability"] = {"model": None, "reason": why}
+        return
+    for n in result.nodules:
+        if not n.found:
+            n.malignancy_probability = None
+            continue
+        probs = {k: v.malignancy_probability for k, v in n.networks.items()}
+        signs = {k: v.sign_probabilities for k, v in n.networks.items()}
+        meas = {"volume_mm3": n.volume_mm3, "solid_fraction": n.solid_fraction, "diameter_mm": n.diameter_mm}
+        p = model.predict(nodule_features(probs, meas, signs))
+        n.malignancy_probability = None if p is None else round(p, 4)
+    result.run["malignancy_probability"] = {
+        "model": model.id, "networks": list(model.networks), "score": model.score, "mask": model.mask,
+        "calibration": model.calibrator.method, "file": None if cs.source is None else Path(cs.source).name,
+        "default_configuration": bool(cs.default and cs.default.get("model") == model.id
+                                      and list(cs.default.get("networks", [])) == nets),
+        "fitted_on": model.info.get("fitted_on")}
