@@ -38,7 +38,7 @@ MASS = ("A0001 adenocarcinoma (~6 cm)", "whole_ct/lung_pet_ct_dx_A0001.nrrd", (4
 TARGET_S = 1.0
 
 
-def worker(networks: list[str], threads: int, repeats: int) -> dict:
+def worker(networks: list[str], threads: int, repeats: int, tta: bool = False) -> dict:
     """Run in a fresh process: load, warm up, time. Returns the figures as a dict."""
     import torch
     from NoduleMTLLib.io import ras_to_lps, read_ct
@@ -57,11 +57,11 @@ def worker(networks: list[str], threads: int, repeats: int) -> dict:
     for name, path, p, frame in cases:
         ct = read_ct(path)
         pt = ras_to_lps(p) if frame == "ras" else p
-        analyze_points(ct, [pt], network_ids=tuple(networks), device="cpu", networks=nets)  # warm-up
+        analyze_points(ct, [pt], network_ids=tuple(networks), device="cpu", networks=nets, tta=tta)  # warm-up
         ts = []
         for _ in range(repeats):
             t = time.perf_counter()
-            r = analyze_points(ct, [pt], network_ids=tuple(networks), device="cpu", networks=nets)
+            r = analyze_points(ct, [pt], network_ids=tuple(networks), device="cpu", networks=nets, tta=tta)
             ts.append(time.perf_counter() - t)
         n = r.nodules[0]
         c = n.consensus.to_dict() if n.consensus is not None else {}
@@ -90,24 +90,27 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--networks", default=None, help="comma-separated ids (default: every registered click network with weights)")
+    ap.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (pipeline tta=True)")
+    ap.add_argument("--only-together", action="store_true", help="time only the listed networks together, not each alone")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        print("RESULT " + json.dumps(worker(a.worker.split(","), a.threads, a.repeats)))
+        print("RESULT " + json.dumps(worker(a.worker.split(","), a.threads, a.repeats, a.tta)))
         return
     if a.networks:
         nets, missing = [n.strip() for n in a.networks.split(",") if n.strip()], {}
     else:
         nets, missing = available_click_networks()
-    print(f"device cpu, torch threads {a.threads}, {a.repeats} timed runs after 1 warm-up, OMP_NUM_THREADS="
+    print(f"device cpu, torch threads {a.threads}, {a.repeats} timed runs after 1 warm-up, tta {a.tta}, "
+          f"load average {os.getloadavg()[0]:.1f}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs visible")
     for n, why in missing.items():
         print(f"left out {n}: {why}")
-    configs = [[n] for n in nets] + ([nets] if len(nets) > 1 else [])
+    configs = ([] if a.only_together else [[n] for n in nets]) + ([nets] if len(nets) > 1 or a.only_together else [])
     together = None
     for cfg in configs:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(cfg), "--threads", str(a.threads),
-               "--repeats", str(a.repeats)]
+               "--repeats", str(a.repeats)] + (["--tta"] if a.tta else [])
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if p.returncode or line is None:
