@@ -47,6 +47,8 @@ CALIBRATION_FILE = "calibration.json"
 FORMAT = 1
 #: Probabilities are clipped to [EPS, 1 - EPS] before the logit.
 EPS = 1e-4
+#: Standardised stack features are clipped to +- this many standard deviations.
+Z_CLIP = 4.0
 #: Feature names a stacked model may use (computed by :func:`nodule_features`):
 #: ``logit:<network>`` (logit of that network's probability), ``log_volume``,
 #: ``solid_fraction``, ``diameter_mm``, ``sign:<network>:<sign>`` (that network's sign probability).
@@ -143,10 +145,14 @@ class LinearStack:
             raise CalibrationError("stack: every scale must be > 0")
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
-        """X: (N, n_features) float in :attr:`features` order -> (N,) probabilities."""
+        """X: (N, n_features) float in :attr:`features` order -> (N,) probabilities.
+
+        Standardised features are clipped to +-:data:`Z_CLIP` so that a value far outside
+        what the model was fitted on (e.g. a sign probability of 0.5 where validation had
+        only values near 0) cannot swing the probability by itself."""
         X = np.asarray(X, dtype=np.float64)
-        z = self.intercept + ((X - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.coef)
-        return sigmoid(z)
+        zf = np.clip((X - np.asarray(self.mean)) / np.asarray(self.scale), -Z_CLIP, Z_CLIP)
+        return sigmoid(self.intercept + zf @ np.asarray(self.coef))
 
     def to_dict(self) -> dict:
         return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
@@ -347,18 +353,6 @@ def load_calibration(path: str | os.PathLike | None = None) -> CalibrationSet | 
     except (OSError, ValueError) as e:
         raise CalibrationError(f"calibration file {p}: {e}") from None
     return CalibrationSet.from_dict(d, str(p))
-
-
-def default_networks(fallback: Sequence[str] = ("lnmsnet",)) -> tuple[str, ...]:
-    """The click networks of the measured default configuration (calibration.json ``default``),
-    or ``fallback`` when there is no calibration file or it names no default."""
-    try:
-        cs = load_calibration()
-    except CalibrationError:
-        return tuple(fallback)
-    if cs is None or not cs.default.get("networks"):
-        return tuple(fallback)
-    return tuple(cs.default["networks"])
 
 
 def apply_to_result(result, calibration: CalibrationSet | None = None) -> None:

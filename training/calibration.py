@@ -19,8 +19,10 @@ A four-network ``<split>.json`` of ``voi_predictions`` is used instead when pres
 2. Fits the **stacked** models (L2 logistic regression on standardised features, the L2
    strength chosen by the same cross-validated Brier score on val): ``stack4`` - logits of
    the four networks + log(1 + volume), solid fraction and long axis of DSMT-Net's mask +
-   DSMT-Net's five sign probabilities; ``stack_dsmtnet`` - DSMT-Net's logit + the same
-   measurements and signs (needs only DSMT-Net, so it runs at its speed).
+   four of DSMT-Net's sign probabilities (not bubble lucency: no positive in val);
+   ``stack_dsmtnet`` - DSMT-Net's logit + the same measurements and signs (needs only
+   DSMT-Net, so it runs at its speed); ``size_only`` - log(1 + volume) alone, the size
+   baseline as a calibrated model.
 3. **Reports on the test patients** (never used for any fit or choice): malignancy AUC
    (with a 95 % patient-level bootstrap interval), Brier score and expected calibration
    error (10 equal-width bins) before and after calibration, beside the **size-only AUC**
@@ -77,13 +79,18 @@ CONFIGS = {
     "mtnet": (("mtnet",), "mtnet", "network:mtnet"),
     "mean4": (("dsmtnet", "lnmsnet", "detguided", "mtnet"), "consensus", "mean"),
     "stack_dsmtnet": (("dsmtnet",), "dsmtnet", "stack"),
+    "size_only": (("dsmtnet",), "dsmtnet", "stack"),
     "stack4": (("dsmtnet", "lnmsnet", "detguided", "mtnet"), "dsmtnet", "stack"),
 }
 SIZE_SOURCE = "dsmtnet"
+#: Sign heads used as stack features: bubble lucency is left out (no positive nodule in the
+#: validation split, its probabilities are all near 0: a feature with nothing to learn from).
+STACK_SIGNS = ("spiculation", "lobulation", "calcification", "subsolid")
 STACK_FEATURES = {
-    "stack_dsmtnet": ["logit:dsmtnet", "log_volume", "solid_fraction", "diameter_mm"] + [f"sign:dsmtnet:{s}" for s in SIGNS],
+    "stack_dsmtnet": ["logit:dsmtnet", "log_volume", "solid_fraction", "diameter_mm"] + [f"sign:dsmtnet:{s}" for s in STACK_SIGNS],
+    "size_only": ["log_volume"],
     "stack4": [f"logit:{n}" for n in NETWORKS] + ["log_volume", "solid_fraction", "diameter_mm"]
-    + [f"sign:dsmtnet:{s}" for s in SIGNS],
+    + [f"sign:dsmtnet:{s}" for s in STACK_SIGNS],
 }
 CONSENSUS_DIR = REPO / "training" / "reports" / "consensus"
 
@@ -391,7 +398,7 @@ def choose_default(results: dict, speed: dict) -> str:
     (lower) - all on **validation** figures; test is only reported.  A stacked model of the
     same networks replaces the calibrated single probability only if it beats that network on
     validation CV Brier *and* on test AUC (the issue's "only if it beats the best single
-    network on test" rule)."""
+    network on test" rule).  ``size_only`` is a baseline, never the default."""
     ok = [c for c in results if meets_speed(c, speed)]
     if not ok:
         raise ValueError("no configuration meets the measured speed target (run Testing/Benchmarks/bench_click.py)")
@@ -401,7 +408,7 @@ def choose_default(results: dict, speed: dict) -> str:
     choice = min(cands, key=lambda c: results[c]["fit"]["cv_brier"])
     single_best_test_auc = max(results[c]["test"]["auc"] for c in results if CONFIGS[c][2].startswith("network:"))
     for c in ok:
-        if CONFIGS[c][2] == "stack" and CONFIGS[c][0] == CONFIGS[choice][0] \
+        if CONFIGS[c][2] == "stack" and c != "size_only" and CONFIGS[c][0] == CONFIGS[choice][0] \
                 and results[c]["fit"]["cv_brier"] < results[choice]["fit"]["cv_brier"] \
                 and results[c]["test"]["auc"] > single_best_test_auc:
             choice = c
