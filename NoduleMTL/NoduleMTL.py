@@ -85,8 +85,11 @@ def _ensureImportPaths():
 
 _ensureImportPaths()
 
-#: Default network and device.
-DEFAULT_NETWORK = "lnmsnet"
+#: Default network (the measured default configuration, ``NoduleMTLLib.DEFAULT_NETWORKS``:
+#: ``training/RESULTS.md``, "Calibrated malignancy and the default configuration") and device.
+from NoduleMTLLib import DEFAULT_NETWORKS  # noqa: E402  (import paths set just above)
+
+DEFAULT_NETWORK = DEFAULT_NETWORKS[0]
 DEFAULT_DEVICE = "auto"
 
 #: Python packages needed besides torch/torchvision: (import name, pip requirement).
@@ -680,7 +683,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             return runner.network_choices()
         except ImportError as e:  # torch not installed yet
             logging.info(f"NoduleMTL: network registry not importable yet ({e}); offering '{DEFAULT_NETWORK}'")
-            return [runner.NetworkChoice(DEFAULT_NETWORK, "LNMSNet", "", True, "", False)]
+            return [runner.NetworkChoice(DEFAULT_NETWORK, DEFAULT_NETWORK, "", True, "", False)]
 
     @staticmethod
     def availableNetworks():

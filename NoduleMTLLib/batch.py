@@ -1,7 +1,7 @@
 """``nodulemtl batch``: the click path over many CTs, one output folder per case.
 
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
-                    [--networks lnmsnet] [--device auto] [--overwrite] [--quiet]
+                    [--networks dsmtnet] [--device auto] [--overwrite] [--quiet]
 
 Cases
     * INPUT is a folder: every CT file in it or below it (``.nrrd``, ``.nii``, ``.nii.gz``,
@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import DEFAULT_NETWORKS
 from .safe_output import safe_case_name
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ class BatchRun:
     cases: list[Case]
     out_dir: Path
     points: dict = field(default_factory=dict)
-    network_ids: tuple = ("lnmsnet",)
+    network_ids: tuple = DEFAULT_NETWORKS
     device: str = "auto"
     overwrite: bool = False
     _models: dict | None = None

@@ -1,11 +1,11 @@
 """``nodulemtl``: the command line of NoduleMTL.
 
-    nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks lnmsnet]
+    nodulemtl analyze CT --point X Y Z [--point ...] [--lps] [--networks dsmtnet]
                          [--device auto|cpu|cuda] [--mask first|consensus] --out DIR [--overwrite]
-    nodulemtl analyze CT --detect [--threshold default|adaptive|0.x] [--networks lnmsnet|none]
+    nodulemtl analyze CT --detect [--threshold default|adaptive|0.x] [--networks dsmtnet|none]
                          [--device auto|cpu|cuda] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
-                    [--networks lnmsnet] [--device auto] [--overwrite]
+                    [--networks dsmtnet] [--device auto] [--overwrite]
 
 CT is an image file (NRRD, NIfTI, MetaImage) or a DICOM series folder.  Points are world
 millimetres, RAS (as 3D Slicer shows them) unless ``--lps``.  Writes DIR/labels.nrrd,
@@ -22,6 +22,8 @@ import argparse
 import logging
 import sys
 import time
+
+from . import DEFAULT_NETWORKS
 
 
 def _progress_bar(disable: bool, progress_format: str = "bar"):
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "<= 2 false positives per scan), 'adaptive' (every candidate of the detector's adaptive "
                         "threshold: highest sensitivity) or a minimum score in [0, 1]")
     a.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
-    a.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
+    a.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
+                   help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     a.add_argument("--mask", default="first", choices=("first", "consensus"),
                    help="reported mask: the first network's (default) or the networks' consensus (voxels of at least "
@@ -101,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, type=out_dir_arg, help="output folder: <case>/ per case and summary.csv")
     b.add_argument("--points", help="CSV case,x,y,z[,frame]: points per case (mm, RAS unless frame LPS or --lps)")
     b.add_argument("--lps", action="store_true", help="points without a frame are LPS (DICOM/ITK) instead of RAS")
-    b.add_argument("--networks", default="lnmsnet", help="comma-separated network ids (default lnmsnet)")
+    b.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
+                   help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     b.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs already exist")
     b.add_argument("--threshold", default="default", type=_threshold_arg,

@@ -11,7 +11,7 @@ Parameters (``NoduleMTLCLI.xml``, Slicer Execution Model; :func:`build_parser` m
     --detect                whole-scan detection (maskrcnn25d) instead of points; the click
                             networks then classify each found nodule
     --threshold T           with --detect: 'default', 'adaptive' or a score in [0, 1]
-    --networks IDS          comma-separated network ids (default lnmsnet)
+    --networks IDS          comma-separated network ids (default dsmtnet, the measured default)
     --device auto|cpu|cuda|mps  compute device (CUDA out of memory -> retried on the CPU)
 
 Progress is printed as ``<filter-progress>F</filter-progress>`` lines (F in [0, 1], flushed),
@@ -70,7 +70,7 @@ def build_parser():
                     help="detect nodules in the whole scan (maskrcnn25d) instead of using points")
     ap.add_argument("--threshold", default="default",
                     help="with --detect: 'default' (operating point), 'adaptive' (every candidate) or a minimum score in [0, 1]")
-    ap.add_argument("--networks", default="lnmsnet", help="comma-separated network ids")
+    ap.add_argument("--networks", default="dsmtnet", help="comma-separated network ids (default: the measured default)")
     ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device")
     return ap
 

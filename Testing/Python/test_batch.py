@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib import batch, cli
+from NoduleMTLLib import DEFAULT_NETWORKS, batch, cli
 from NoduleMTLLib.outputs import OUTPUT_FILES
 from NoduleMTLLib.reporting import REPORT_FILES
 
@@ -369,7 +369,8 @@ def test_cli_script_run_on_sample(tmp_path):
     assert [r["id"] for r in rows] == ["1", "2"]
     assert all(r["found"] == "True" for r in rows)
     assert 20 < float(rows[0]["diameter_mm"]) < 45
-    assert 0 <= float(rows[0]["networks.lnmsnet.malignancy_probability"]) <= 1
+    assert 0 <= float(rows[0][f"networks.{DEFAULT_NETWORKS[0]}.malignancy_probability"]) <= 1
+    assert 0 <= float(rows[0]["malignancy_probability"]) <= 1  # the calibrated, reported probability
     vox = np.prod(ct.GetSpacing())
     assert float(rows[1]["volume_mm3"]) == pytest.approx((arr == 2).sum() * vox, rel=0.05)
 

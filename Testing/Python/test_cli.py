@@ -1,4 +1,5 @@
-"""End to end: ``nodulemtl analyze`` on real CT with the shipped LNMSNet weights, and bad input."""
+"""End to end: ``nodulemtl analyze`` on real CT with the shipped weights (default configuration:
+``NoduleMTLLib.DEFAULT_NETWORKS``), and bad input."""
 
 import csv
 import json
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib import cli, registry
+from NoduleMTLLib import DEFAULT_NETWORKS, cli, registry
 from NoduleMTLLib.metrics import dice
 from NoduleMTLLib.outputs import OUTPUT_FILES
 from NoduleMTLLib.reporting import REPORT_FILES
@@ -20,6 +21,8 @@ NODULE3_RAS = (-23.5, 47.6, -172.3)    # 4 readers, ~13 mm
 #: 2D network and the 0.8 mm <-> CT-grid resampling while still failing on a misplaced,
 #: clipped or empty mask.
 MIN_DICE = 0.6
+#: The network of the default configuration (what ``analyze`` runs without ``--networks``).
+NET = DEFAULT_NETWORKS[0]
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +70,26 @@ def test_json_and_csv(sample_run):
     assert n1["point_ras_mm"] == pytest.approx(list(NODULE2_RAS))
     assert 20 < n1["diameter_mm"] < 45 and 0 < n1["short_axis_mm"] <= n1["diameter_mm"]
     assert n1["type"] in ("solid", "part-solid", "ground-glass")
-    p = n1["networks"]["lnmsnet"]["malignancy_probability"]
+    p = n1["networks"][NET]["malignancy_probability"]
     assert 0.0 <= p <= 1.0
+    # the reported, calibrated probability of the default configuration, and where it came from
+    from NoduleMTLLib.calibration import load_calibration
+    cs = load_calibration()
+    model = cs.models[cs.default["model"]]
+    assert js["run"]["networks"] == list(DEFAULT_NETWORKS)
+    assert js["run"]["malignancy_probability"]["model"] == model.id
+    assert js["run"]["malignancy_probability"]["default_configuration"] is True
+    pc = n1["malignancy_probability"]
+    assert 0.0 <= pc <= 1.0
+    if model.calibrator.method != "identity" or model.score == "stack":
+        assert pc != pytest.approx(p, abs=1e-4)  # calibrated, not the raw network output
     rows = list(csv.DictReader(open(out / "nodules.csv")))
     assert len(rows) == 2
     for col in ("id", "label_value", "point_ras_mm", "diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "type",
-                "networks.lnmsnet.malignancy_probability"):
+                "malignancy_probability", f"networks.{NET}.malignancy_probability"):
         assert col in rows[0]
-    assert float(rows[0]["networks.lnmsnet.malignancy_probability"]) == pytest.approx(p, abs=1e-4)
+    assert float(rows[0][f"networks.{NET}.malignancy_probability"]) == pytest.approx(p, abs=1e-4)
+    assert float(rows[0]["malignancy_probability"]) == pytest.approx(pc, abs=1e-4)
     assert float(rows[1]["volume_mm3"]) == pytest.approx(js["nodules"][1]["volume_mm3"], rel=1e-3)
 
 
@@ -86,7 +101,7 @@ def test_seg_nrrd_matches_labels(sample_run):
     s0 = seg["segments"][0]
     assert s0["terminology"]["type"][1] == "27925004"  # SCT Nodule
     assert s0["terminology"]["anatomicRegion"][1] == "39607008"  # SCT Lung
-    assert "NoduleMTL.lnmsnet.malignancy_probability" in s0["tags"]
+    assert f"NoduleMTL.{NET}.malignancy_probability" in s0["tags"]
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
     off = seg["referenceImageExtentOffset"] if "referenceImageExtentOffset" in seg else [0, 0, 0]
     vox = slicerio.segment_mask(seg, "nodule_1") if hasattr(slicerio, "segment_mask") else None
@@ -131,12 +146,12 @@ def test_mass_is_not_clipped(shared_data, tmp_path):
     n = js["nodules"][0]
     print(f"mass: {inside:.2f} of the mask inside boxes+10 mm, on {len(present)}/{len(ks)} boxed slices, "
           f"width on slice {k}: {xs.max() - xs.min() + 1} of {x1 - x0 + 1} px, {n['diameter_mm']} x {n['short_axis_mm']} mm, "
-          f"P {n['networks']['lnmsnet']['malignancy_probability']}")
+          f"P {n['networks'][NET]['malignancy_probability']} (calibrated {n['malignancy_probability']})")
     assert inside > 0.9
     assert len(present) >= len(ks) - 2
     assert xs.max() - xs.min() + 1 >= 0.5 * (x1 - x0 + 1)
     assert n["diameter_mm"] > 40
-    assert 0.0 <= n["networks"]["lnmsnet"]["malignancy_probability"] <= 1.0
+    assert 0.0 <= n["networks"][NET]["malignancy_probability"] <= 1.0
 
 
 # ---------------------------------------------------------------- bad input
@@ -192,18 +207,18 @@ def test_failure_keeps_previous_outputs(sample, tmp_path, capsys):
 def test_missing_weights(sample, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(registry, "weights_search_path", lambda: [tmp_path / "empty"])
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 1 and "lnmsnet.safetensors" in msg and "not found" in msg
+    assert rc == 1 and f"{NET}.safetensors" in msg and "not found" in msg
     assert not (tmp_path / "o").exists()
 
 
 def test_corrupt_weights(sample, tmp_path, capsys, monkeypatch):
     wd = tmp_path / "w"
     wd.mkdir()
-    good = registry.find_weights("lnmsnet").read_bytes()
-    (wd / "lnmsnet.safetensors").write_bytes(good[: len(good) // 3])  # truncated download
+    good = registry.find_weights(NET).read_bytes()
+    (wd / f"{NET}.safetensors").write_bytes(good[: len(good) // 3])  # truncated download
     monkeypatch.setattr(registry, "weights_search_path", lambda: [wd])
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 1 and "lnmsnet.safetensors" in msg and ("sha256" in msg or "bytes" in msg)
+    assert rc == 1 and f"{NET}.safetensors" in msg and ("sha256" in msg or "bytes" in msg)
     monkeypatch.setattr(registry, "manifest", lambda: {})  # no manifest entry: the reader itself must refuse it
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--out", str(tmp_path / "o")], capsys)
     assert rc == 1 and "Cannot read weights" in msg
@@ -244,7 +259,7 @@ def test_seg_nrrd_colours_follow_malignancy(sample_run):
     seg = slicerio.read_segmentation(str(out / "segmentation.seg.nrrd"), skip_voxels=True)
     js = json.loads((out / "nodules.json").read_text())
     for segment, n in zip(seg["segments"], js["nodules"]):
-        expected = probability_color(n["networks"]["lnmsnet"]["malignancy_probability"])
+        expected = probability_color(n["networks"][NET]["malignancy_probability"])
         np.testing.assert_allclose(segment["color"], expected, atol=1e-3)
 
 
