@@ -478,17 +478,20 @@ def summary_markdown(results: dict, default: str, speed: dict) -> str:
     t0 = next(iter(results.values()))["test"]
     lines = [f"Test patients' HU VOIs (3D click path, click at the labelled centre): {t0['n_vois']} VOIs; "
              f"malignancy on the {t0['n']} labelled nodules ({t0['n_positive']} malignant) that every network classified. "
-             "Calibrators and stacked models fitted on the validation patients only.", "",
-             "| configuration | networks | calibration (val CV) | Dice mean | Dice median | missed | AUC [95 % CI] | size-only AUC | "
-             "Brier raw -> cal. | ECE raw -> cal. | speed target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Calibrators and stacked models fitted on the validation patients only; AUC raw = the network's own "
+             "probability (isotonic calibration creates ties and can lower the AUC); for a stack, raw = calibrated; "
+             "missed = Dice 0; size-only AUC = volume of DSMT-Net's mask alone.", "",
+             "| configuration | networks | calibration (val CV) | Dice mean | Dice median | missed | AUC raw | AUC cal. [95 % CI] | "
+             "size-only AUC | Brier raw -> cal. | ECE raw -> cal. | speed target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cid, r in results.items():
         t = r["test"]
         spd = {True: "met", False: "not met", None: "not measured"}[r["meets_speed_target"]]
         name = f"**{cid}** (default)" if cid == default else cid
         method = r["fit"]["method"] + (f", l2 {r['fit']['l2']}" if "l2" in r["fit"] else "")
         lines.append(f"| {name} | {','.join(r['networks'])} | {method} | {f(t['dice_mean'])} | {f(t['dice_median'])} | "
-                     f"{t['missed']} / {t['n_vois']} | {f(t['auc'])} [{f(t['auc_ci95'][0])}, {f(t['auc_ci95'][1])}] | "
+                     f"{t['missed']} / {t['n_vois']} | {'-' if r['score'] == 'stack' else f(t['auc_raw'])} | "
+                     f"{f(t['auc'])} [{f(t['auc_ci95'][0])}, {f(t['auc_ci95'][1])}] | "
                      f"{f(t['size_only_auc'])} | {f(t['brier_raw'])} -> {f(t['brier'])} | {f(t['ece_raw'])} -> {f(t['ece'])} | {spd} |")
     v0 = next(iter(results.values()))["val"]
     lines += ["", f"Validation patients ({v0['n_vois']} VOIs, {v0['n']} classified nodules, {v0['n_positive']} malignant; "
