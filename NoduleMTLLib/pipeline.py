@@ -75,6 +75,9 @@ class Click2DNetwork:
             held-out VOIs in ``training/RESULTS.md`` ("Test-time augmentation").
     """
 
+    #: class default, so subclasses that skip ``__init__`` (``refine._PatchNetwork``) run without TTA
+    tta: bool = False
+
     def __init__(self, network_id: str, model: torch.nn.Module, device: torch.device, batch: int = 32,
                  tta: bool = False):
         spec = NETWORKS[network_id].input_spec

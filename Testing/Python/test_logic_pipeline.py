@@ -9,7 +9,7 @@ slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
 
 import NoduleMTLMRML  # noqa: E402
-from NoduleMTLLib import cli  # noqa: E402
+from NoduleMTLLib import DEFAULT_NETWORKS, cli  # noqa: E402
 from NoduleMTLLib.metrics import dice  # noqa: E402
 from NoduleMTLLib.pipeline import analyze_points  # noqa: E402
 from test_cli import MIN_DICE, NODULE2_RAS, NODULE3_RAS  # noqa: E402
@@ -60,7 +60,7 @@ def test_cli_seg_nrrd_reads_in_slicer(app, sample_paths, tmp_path):
     segment = seg.GetNthSegment(0)
     assert segment.GetName() == "Nodule 1"
     tag = vtk.reference("")
-    assert segment.GetTag("NoduleMTL.lnmsnet.malignancy_probability", tag) and 0 <= float(tag.get()) <= 1
+    assert segment.GetTag(f"NoduleMTL.{DEFAULT_NETWORKS[0]}.malignancy_probability", tag) and 0 <= float(tag.get()) <= 1
     mask = NoduleMTLMRML.label_array_from_segmentation(seg_node, seg.GetNthSegmentID(0), volume)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
     assert np.array_equal(mask, labels == 1)
