@@ -31,7 +31,10 @@ stacks sampled inside the lungs; how a whole scan is searched is ours:
    is the union of its members' masks on the CT grid, its centre the mask centroid
    (merge rule 4).
 6. **Results**: one :class:`~NoduleMTLLib.results.NoduleResult` per merged nodule, by
-   descending score (ids 1..N), with the click path's measurements
+   descending score (ids 1..N), its mask stored as its bounding box
+   (:class:`~NoduleMTLLib.consensus.MaskBox`: a few kB, not a CT-sized array per
+   candidate; measuring, classifying, writing and the Slicer scene all work on the box),
+   with the click path's measurements
    (:func:`~NoduleMTLLib.postprocess.measure_nodule`) and a ``detection`` record (score,
    3D box, centre, slices); optionally the click networks (``classify_with``) run at each
    nodule's centre and add their malignancy / sign probabilities.
@@ -769,8 +772,9 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
 
     Returns:
         :class:`~NoduleMTLLib.results.AnalysisResult`: ``nodules`` ranked by descending
-        detection score (id 1 = highest), each with ``mask`` (bool (z, y, x) on the CT
-        grid), the click path's measurements, ``point_lps_mm`` = the nodule's centre and
+        detection score (id 1 = highest), each with its mask stored as a
+        :class:`~NoduleMTLLib.consensus.MaskBox` (``mask_box``; reading ``mask`` gives the
+        bool (z, y, x) array on the CT grid), the click path's measurements, ``point_lps_mm`` = the nodule's centre and
         ``detection`` (:func:`detection_record`: score, voxel / world box, centre, slice
         range); ``run`` describes the search (threshold used, slices searched, timings:
         load, lung_mask, preprocess, network, merge, measure, classify, total seconds);
