@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..io import CTVolume, InputError
@@ -703,16 +702,10 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     t = time.perf_counter()
     if classify_with and results:
         nets = {nid: (networks or {}).get(nid) or load_network(nid, dev) for nid in classify_with}
-        # The click path resamples a float32 CT (roi.extract_patch casts a CT of another
-        # pixel type, whole, on every call: 2-3 casts per candidate).  Cast once for all
-        # candidates: the same values, one float32 copy of the CT held while classifying.
-        ct_f = ct if ct.image.GetPixelID() == sitk.sitkFloat32 else \
-            CTVolume(sitk.Cast(ct.image, sitk.sitkFloat32), ct.source, ct.dicom_series_uid)
         for i, res in enumerate(results):
             progress(0.9 + 0.09 * i / len(results), f"classifying nodule {res.id}/{len(results)}")
             if res.found:
-                _classify(ct_f, res, classify_with, nets, dev)
-        del ct_f
+                _classify(ct, res, classify_with, nets, dev)
     t_classify = time.perf_counter() - t
     progress(1.0, "done")
 
