@@ -33,6 +33,7 @@ from vtk.util import numpy_support
 
 import slicer
 from NoduleMTLLib.io import CTVolume, InputError, image_from_array
+from NoduleMTLLib.consensus import MaskBox
 from NoduleMTLLib.results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 from NoduleMTLLib import colors as _colors
 
@@ -306,17 +307,25 @@ def _set_segment_result_tags(segment, nodule: NoduleResult) -> None:
             segment.SetTag(f"{p}dice_with_final.{net_id}", _fmt(out.dice_with_final))
 
 
-def _import_mask_as_segment(mask: np.ndarray, ijk_to_ras: np.ndarray, labelmapNode, segmentationNode) -> str:
-    """Import one bool mask (z, y, x) on the grid ``ijk_to_ras`` as a new segment; return its id.
+def _import_mask_as_segment(mask, ijk_to_ras: np.ndarray, labelmapNode, segmentationNode) -> str:
+    """Import one non-empty mask on the grid ``ijk_to_ras`` as a new segment; return its id.
+
+    Args:
+        mask: a :class:`NoduleMTLLib.consensus.MaskBox` (bool (dz, dy, dx) box + offset
+            (k, j, i) on the grid; what ``NoduleResult.mask_box`` gives) or a full-grid bool
+            (z, y, x) array.
 
     Only the mask's bounding box is handed to Slicer (a labelmap whose origin is moved by a
     whole number of voxels): the voxels stay on the reference grid, so nothing is
     resampled, and memory stays small for small nodules in a large CT.
     """
-    nz = np.nonzero(mask)
-    lo = [int(a.min()) for a in nz]  # (k, j, i)
-    hi = [int(a.max()) + 1 for a in nz]
-    box = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    if isinstance(mask, MaskBox):
+        lo, box = list(mask.offset_zyx), mask.array  # (k, j, i)
+    else:
+        nz = np.nonzero(mask)
+        lo = [int(a.min()) for a in nz]  # (k, j, i)
+        hi = [int(a.max()) + 1 for a in nz]
+        box = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     shift = np.eye(4)
     shift[:3, 3] = (lo[2], lo[1], lo[0])  # voxel offset (i, j, k)
     labelmapNode.SetIJKToRASMatrix(_numpy_to_vtk_matrix(ijk_to_ras @ shift))
@@ -516,9 +525,9 @@ def add_result_to_scene(scene, result: AnalysisResult, referenceVolumeNode, segm
     transform_to_world = _parent_transform_to_world(referenceVolumeNode)  # raises if non-linear
     shape = _volume_shape_zyx(referenceVolumeNode)
     for n in result.nodules:
-        if n.found and n.mask is not None and tuple(n.mask.shape) != shape:
+        if n.found and n.mask_shape_zyx is not None and n.mask_shape_zyx != shape:
             raise ValueError(
-                f"Mask of nodule {n.id} has shape {tuple(n.mask.shape)}, volume '{referenceVolumeNode.GetName()}' "
+                f"Mask of nodule {n.id} has shape {n.mask_shape_zyx}, volume '{referenceVolumeNode.GetName()}' "
                 f"has (z, y, x) = {shape}: the result belongs to another volume"
             )
 
@@ -536,10 +545,10 @@ def add_result_to_scene(scene, result: AnalysisResult, referenceVolumeNode, segm
         wasModifying = segmentationNode.StartModify()
         try:
             for nodule in result.nodules:
-                if not nodule.found or nodule.mask is None or not np.any(nodule.mask):
+                box = nodule.mask_box if nodule.found else None  # bounding box: no CT-sized array per nodule
+                if box is None:
                     continue
-                segmentId = _import_mask_as_segment(np.asarray(nodule.mask, dtype=bool), ijk_to_ras, labelmapNode,
-                                                     segmentationNode)
+                segmentId = _import_mask_as_segment(box, ijk_to_ras, labelmapNode, segmentationNode)
                 segment = segmentation.GetSegment(segmentId)
                 segment.SetName(nodule.name)
                 segment.SetColor(*_nodule_color(nodule, _network_ids(result), colorBy))
@@ -823,10 +832,10 @@ def _update_table_row(tableNode, segmentId: str, result: NoduleResult) -> int:
         for sign, prob in (out.sign_probabilities or {}).items():
             _table_set(tableNode, row, f"networks.{net}.sign_probability.{sign}", prob, title=f"P({sign}) {net}",
                        desc=f"Probability of the radiological sign '{sign}' estimated by {net}")
-    if table.GetColumnByName("consensus.malignancy_probability") is not None and result.mask is not None:
+    if table.GetColumnByName("consensus.malignancy_probability") is not None and result.mask_shape_zyx is not None:
         # every network now classified the same (edited) mask: agreement is about probabilities only
-        from NoduleMTLLib.consensus import MaskBox, compute_consensus
-        box = MaskBox.from_full(result.mask)
+        from NoduleMTLLib.consensus import compute_consensus
+        box = result.mask_box
         c = compute_consensus({net: box for net in result.networks},
                               {net: out.malignancy_probability for net, out in result.networks.items()})
         for key, value, cls in (("consensus.malignancy_probability", c.malignancy_probability, None),

@@ -44,7 +44,8 @@ AIR_HU = -500.0
 
 @dataclass
 class ClickOutput:
-    """One network's answer for one click: ``mask`` on the CT grid (bool z, y, x) or None."""
+    """One network's answer for one click: ``mask`` on the CT grid (bool z, y, x; a
+    :class:`~NoduleMTLLib.consensus.MaskBox` from :meth:`Click2DNetwork.analyze_box`) or None."""
 
     mask: np.ndarray | None
     malignancy_probability: float
@@ -150,6 +151,24 @@ class Click2DNetwork:
                 return prob, logits
 
     def analyze(self, ct: CTVolume, point_lps) -> ClickOutput:
+        """Segment and classify the nodule at a click.
+
+        Returns:
+            :class:`ClickOutput` with ``mask`` bool (z, y, x) on the whole CT grid, or None
+            when nothing was segmented (see :meth:`analyze_box` for the same answer with the
+            mask as its bounding box).
+        """
+        out = self.analyze_box(ct, point_lps)
+        if out.mask is not None:
+            out.mask = out.mask.to_full()
+        return out
+
+    def analyze_box(self, ct: CTVolume, point_lps) -> ClickOutput:
+        """:meth:`analyze` without any CT-sized array: ``ClickOutput.mask`` is a
+        :class:`~NoduleMTLLib.consensus.MaskBox` (tight bounding box + offset on the CT
+        grid; the same voxels as :meth:`analyze`'s full-grid mask) or None."""
+        from .consensus import MaskBox
+
         for zoom in ZOOMS:
             g = self.grid(ct, point_lps, zoom)
             prob, logits = self.run_patch(extract_patch(ct, g))
@@ -171,21 +190,30 @@ class Click2DNetwork:
                 break
         # probability map restricted to the chosen component, back on the CT grid
         region, sl = patch_to_ct_region(np.where(comp, prob, 0.0), g, ct)
-        mask = np.zeros(ct.shape_zyx, bool)
-        if region.size:
-            mask[sl] = region > THRESHOLD
-        # keep the CT-grid component at/near the click
-        seed = ct.world_lps_to_index(point_lps)[::-1]
-        mask = component_near(mask, seed, ct.spacing[::-1], MAX_CLICK_DISTANCE_MM + max(ct.spacing))
+        # keep the CT-grid component at/near the click; component_near only looks at the
+        # box of the mask and the seed, so the region around both gives the full grid's answer
+        seed = tuple(int(round(v)) for v in ct.world_lps_to_index(point_lps)[::-1])
+        mask = None
+        if region.size and all(0 <= v < n for v, n in zip(seed, ct.shape_zyx)):
+            lo = [min(s_.start, v) for s_, v in zip(sl, seed)]
+            hi = [max(s_.stop, v + 1) for s_, v in zip(sl, seed)]
+            sub = np.zeros([b - a for a, b in zip(lo, hi)], bool)
+            sub[tuple(slice(s_.start - a, s_.stop - a) for s_, a in zip(sl, lo))] = region > THRESHOLD
+            sub = component_near(sub, [v - a for v, a in zip(seed, lo)], ct.spacing[::-1],
+                                 MAX_CLICK_DISTANCE_MM + max(ct.spacing))
+            box = MaskBox.from_full(sub)  # tight box inside the region (None when empty)
+            if box is not None:
+                mask = MaskBox(tuple(int(o + a) for o, a in zip(box.offset_zyx, lo)), box.array,
+                               tuple(int(v) for v in ct.shape_zyx))
         areas = comp.reshape(len(comp), -1).sum(1)
         computed = ~np.isnan(logits[:, 0])
         p = float(sigmoid(nodule_logit_from_slices(logits[computed, 0], areas[computed])))
         signs = {name: round(float(sigmoid(nodule_logit_from_slices(logits[computed, 1 + k], areas[computed]))), 4)
                  for k, name in enumerate(self.sign_names)}
-        msg = "" if mask.any() else "segmentation vanished when resampled to the CT grid (nodule smaller than a voxel?)"
+        msg = "" if mask is not None else "segmentation vanished when resampled to the CT grid (nodule smaller than a voxel?)"
         if touches:
             msg = "nodule reaches the border of the largest patch; mask may be clipped"
-        return ClickOutput(mask if mask.any() else None, p, signs, zoom, msg)
+        return ClickOutput(mask, p, signs, zoom, msg)
 
 
 def check_point(ct: CTVolume, point_lps) -> None:

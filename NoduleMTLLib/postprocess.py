@@ -120,16 +120,28 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     return (slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1))
 
 
-def measure_nodule(mask: np.ndarray, ct: CTVolume) -> dict:
+def measure_nodule(mask, ct: CTVolume) -> dict:
     """Measurements of a nodule mask on the CT grid.
+
+    Args:
+        mask: bool (z, y, x) on the CT grid, or a :class:`~NoduleMTLLib.consensus.MaskBox`
+            (bounding box + offset on that grid; same figures, no full-grid array).
+        ct: the CT (HU, geometry).
 
     Returns dict: diameter_mm, short_axis_mm, volume_mm3, mean_hu, solid_fraction, type,
     centroid_lps_mm.  Raises ValueError for an empty mask.
     """
-    box = bounding_box(mask)
-    if box is None:
-        raise ValueError("empty mask")
-    m = np.asarray(mask[box], bool)  # every measurement on the mask's box (a whole CT grid is ~40 M voxels)
+    from .consensus import MaskBox
+
+    if isinstance(mask, MaskBox):
+        box, m = mask.slices, np.asarray(mask.array, bool)
+        if not m.any():
+            raise ValueError("empty mask")
+    else:
+        box = bounding_box(mask)
+        if box is None:
+            raise ValueError("empty mask")
+        m = np.asarray(mask[box], bool)  # every measurement on the mask's box (a whole CT grid is ~40 M voxels)
     hu = np.asarray(ct.array[box])[m].astype(np.float64)
     vox = float(np.prod(ct.spacing)) * abs(float(np.linalg.det(np.asarray(ct.image.GetDirection()).reshape(3, 3))))
     long_ax, short_ax = axial_diameters(m, ct)  # chord lengths: the same on the box as on the grid

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .consensus import MaskBox
+
 #: Nodule type labels (radiological composition estimate).
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
 
@@ -55,7 +57,12 @@ class NoduleResult:
         point_lps_mm / point_ras_mm: the clicked point, world mm.
         found: False when no nodule was segmented at the point (then the
             measurements are None and ``mask`` is empty).
-        mask: bool array on the CT grid, numpy order (z, y, x) = (k, j, i).
+        mask: bool array on the CT grid, numpy order (z, y, x) = (k, j, i).  May be
+            *assigned* either that full-grid array or a :class:`~NoduleMTLLib.consensus.MaskBox`
+            (the mask's bounding box + offset on the grid, what the whole-scan search
+            stores: a few kB per nodule instead of one CT-sized array each).  Reading
+            ``mask`` always gives the full-grid bool (z, y, x) array (built on each read
+            when a box is stored); code that can work on the box reads :attr:`mask_box`.
         diameter_mm: longest axial diameter (mm) over all axial slices.
         short_axis_mm: longest diameter perpendicular to it on the same slice (mm).
         volume_mm3: segmented volume (mm^3).
@@ -119,6 +126,24 @@ class NoduleResult:
     def name(self) -> str:
         return f"Nodule {self.id}"
 
+    @property
+    def mask_box(self) -> MaskBox | None:
+        """The mask as a :class:`~NoduleMTLLib.consensus.MaskBox` (tight bounding box, bool
+        (dz, dy, dx) + offset (k, j, i) + grid shape); None when there is no mask or it is
+        empty.  No full-grid array is built when a box is stored."""
+        m = self.__dict__.get("_mask")
+        if m is None or isinstance(m, MaskBox):
+            return m
+        return MaskBox.from_full(m)
+
+    @property
+    def mask_shape_zyx(self) -> tuple[int, int, int] | None:
+        """Shape (z, y, x) of the grid the mask lives on (None without a mask)."""
+        m = self.__dict__.get("_mask")
+        if m is None:
+            return None
+        return tuple(m.shape_zyx) if isinstance(m, MaskBox) else tuple(np.shape(m))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (no mask)."""
         d = {
@@ -148,6 +173,20 @@ class NoduleResult:
         return d
 
 
+def _get_mask(self) -> np.ndarray | None:
+    m = self.__dict__.get("_mask")
+    return m.to_full() if isinstance(m, MaskBox) else m
+
+
+def _set_mask(self, value) -> None:
+    self.__dict__["_mask"] = value
+
+
+# ``mask`` is a dataclass field (constructor argument, ``fields()``) backed by this property,
+# so a MaskBox can be stored while readers keep getting the full-grid array.
+NoduleResult.mask = property(_get_mask, _set_mask, doc="bool (z, y, x) mask on the CT grid, or None (see the class docstring).")
+
+
 def _r(v, nd=2):
     return None if v is None else round(float(v), nd)
 
@@ -171,15 +210,12 @@ class AnalysisResult:
 
     def label_array(self, shape_zyx: tuple[int, int, int]) -> np.ndarray:
         """uint16 label map (z, y, x): voxel value = nodule id; later nodules do not overwrite earlier ones."""
-        from .postprocess import bounding_box
-
         lab = np.zeros(shape_zyx, dtype=np.uint16)
         for n in self.nodules:
-            if n.found and n.mask is not None:
-                box = bounding_box(n.mask)  # work on the mask's box, not the whole grid
-                if box is not None:
-                    sub = lab[box]
-                    sub[np.asarray(n.mask[box], bool) & (sub == 0)] = n.id
+            box = n.mask_box if n.found else None  # work on the mask's box, not the whole grid
+            if box is not None:
+                sub = lab[box.slices]
+                sub[box.array & (sub == 0)] = n.id
         return lab
 
     def to_dict(self) -> dict[str, Any]:

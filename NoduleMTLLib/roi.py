@@ -53,11 +53,13 @@ def extract_patch(ct: CTVolume, grid: PatchGrid, pad_hu: float = PAD_HU) -> np.n
 
     Returns:
         float32 array (z, y, x) of shape ``grid.size_xyz[::-1]``, HU.
+
+    The CT is resampled in its own pixel type (int16 / int32 / float32) straight into a
+    float32 patch: ITK's linear interpolation runs in double precision either way, so the
+    values equal those of a float32 copy of the CT, without making that copy (a whole CT
+    per call: 150-300 MB and ~0.1 s for a 512 x 512 x 140-280 scan).
     """
-    img = ct.image
-    if img.GetPixelID() != sitk.sitkFloat32:
-        img = sitk.Cast(img, sitk.sitkFloat32)
-    out = sitk.Resample(img, grid.reference(), sitk.Transform(), sitk.sitkLinear, float(pad_hu), sitk.sitkFloat32)
+    out = sitk.Resample(ct.image, grid.reference(), sitk.Transform(), sitk.sitkLinear, float(pad_hu), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 
 

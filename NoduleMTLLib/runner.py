@@ -785,13 +785,15 @@ def _dataclass_from_json(cls, data: dict, **fixed):
 
 
 def _masks_from_seg_nrrd(path: Path, ct_ijk_to_lps, shape_zyx) -> dict[int, Any] | None:
-    """Per-nodule masks (z, y, x) from ``segmentation.seg.nrrd`` (segments ``nodule_<id>``,
-    overlaps kept in layers); None if slicerio is missing or the grid does not line up."""
+    """Per-nodule masks from ``segmentation.seg.nrrd`` (segments ``nodule_<id>``, overlaps
+    kept in layers) as :class:`~NoduleMTLLib.consensus.MaskBox` on the CT grid ``shape_zyx``
+    (None for an empty segment); None if slicerio is missing or the grid does not line up."""
     try:
         import numpy as np
         import slicerio
     except ImportError:
         return None
+    from .consensus import MaskBox
     seg = slicerio.read_segmentation(str(path))
     seg_ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
     if not np.allclose(seg_ijk_to_lps[:3, :3], ct_ijk_to_lps[:3, :3], atol=1e-4):
@@ -811,10 +813,10 @@ def _masks_from_seg_nrrd(path: Path, ct_ijk_to_lps, shape_zyx) -> dict[int, Any]
         m = re.fullmatch(r"nodule_(\d+)", str(s.get("id", "")))
         if not m:
             continue
-        sub = layers[int(s.get("layer", 0))] == int(s["labelValue"])  # (i, j, k)
-        full = np.zeros(shape_zyx, dtype=bool)
-        full[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = sub.transpose(2, 1, 0)
-        masks[int(m.group(1))] = full
+        sub = (layers[int(s.get("layer", 0))] == int(s["labelValue"])).transpose(2, 1, 0)  # (z, y, x)
+        box = MaskBox.from_full(sub)  # its box inside the segmentation's extent, then on the CT grid
+        masks[int(m.group(1))] = None if box is None else MaskBox(
+            tuple(int(o + v) for o, v in zip(box.offset_zyx, lo[::-1])), box.array, tuple(int(v) for v in shape_zyx))
     return masks
 
 
@@ -824,7 +826,9 @@ def load_outputs(out_dir: str | os.PathLike):
     ``nodules.json`` gives the records (every field of ``NoduleResult`` /
     ``NetworkOutput`` / ``AnalysisResult`` present in it, dataclass fields rebuilt, other
     JSON objects as :class:`JsonRecord`); masks are bool arrays on the CT grid, shape
-    ``(z, y, x)`` of ``labels.nrrd``: from ``segmentation.seg.nrrd`` (exact, overlapping
+    ``(z, y, x)`` of ``labels.nrrd`` (held as :class:`~NoduleMTLLib.consensus.MaskBox`,
+    so a hundred whole-scan candidates do not each hold a CT-sized array; ``mask`` reads
+    as the full-grid array): from ``segmentation.seg.nrrd`` (exact, overlapping
     masks kept) when it is there and lines up with ``labels.nrrd``, else
     ``labels.nrrd == id`` (where masks overlap, the earlier nodule owns the voxel).
     Per-network masks (``network_masks``) are not written to the folder and stay empty.
@@ -836,7 +840,9 @@ def load_outputs(out_dir: str | os.PathLike):
     """
     import numpy as np
     import SimpleITK as sitk
+    from scipy import ndimage as ndi
 
+    from .consensus import MaskBox
     from .io import ijk_to_lps_matrix
     from .results import AnalysisResult, NetworkOutput, NoduleResult
 
@@ -859,8 +865,14 @@ def load_outputs(out_dir: str | os.PathLike):
     seg_path = out / "segmentation.seg.nrrd"
     if seg_path.is_file():
         masks = _masks_from_seg_nrrd(seg_path, ijk_to_lps_matrix(labels_image), labels.shape)
-        if masks is not None and any(np.any((labels == k) & ~v) for k, v in masks.items()):
-            masks = None  # the two files disagree: trust the label map
+        if masks is not None:  # a voxel labelled k outside segment k: the files disagree, trust the label map
+            counts = np.bincount(labels.ravel(), minlength=max(masks, default=0) + 1)
+            for k, v in masks.items():
+                inside = 0 if v is None or k < 0 else int((labels[v.slices] == k).sum())
+                if (k >= 0 and counts[k] > inside) or (v is not None and np.any((labels[v.slices] == k) & ~v.array)):
+                    masks = None
+                    break
+    boxes = ndi.find_objects(labels)  # tight box of each label value (index value - 1)
 
     nodules = []
     for rec in records:
@@ -870,10 +882,13 @@ def load_outputs(out_dir: str | os.PathLike):
         nodule = _dataclass_from_json(NoduleResult, {k: v for k, v in rec.items() if k not in ("networks", "mask")},
                                       networks=networks)
         if nodule.found:
-            mask = masks.get(nid) if masks is not None else None
+            if masks is not None and nid in masks:
+                mask = masks[nid]  # None: an empty segment
+            else:
+                box = boxes[nid - 1] if 0 < nid <= len(boxes) else None
+                mask = None if box is None else MaskBox(tuple(int(b.start) for b in box), labels[box] == nid,
+                                                        tuple(int(v) for v in labels.shape))
             if mask is None:
-                mask = labels == nid
-            if not mask.any():
                 raise OutputsError(f"Nodule {nid} is marked found but has no voxel in {out}")
             nodule.mask = mask
         nodules.append(nodule)

@@ -31,7 +31,10 @@ stacks sampled inside the lungs; how a whole scan is searched is ours:
    is the union of its members' masks on the CT grid, its centre the mask centroid
    (merge rule 4).
 6. **Results**: one :class:`~NoduleMTLLib.results.NoduleResult` per merged nodule, by
-   descending score (ids 1..N), with the click path's measurements
+   descending score (ids 1..N), its mask stored as its bounding box
+   (:class:`~NoduleMTLLib.consensus.MaskBox`: a few kB, not a CT-sized array per
+   candidate; measuring, classifying, writing and the Slicer scene all work on the box),
+   with the click path's measurements
    (:func:`~NoduleMTLLib.postprocess.measure_nodule`) and a ``detection`` record (score,
    3D box, centre, slices); optionally the click networks (``classify_with``) run at each
    nodule's centre and add their malignancy / sign probabilities.
@@ -557,8 +560,10 @@ def detection_record(nod: mg.MergedNodule, threshold: float) -> dict:
 
 
 def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev) -> None:
-    """Run the click networks at the nodule's centre; add their outputs to ``res.networks``."""
-    from ..metrics import dice
+    """Run the click networks at the nodule's centre; add their outputs to ``res.networks``
+    (``dice_with_final``: Dice of the network's mask with the detector's, computed on their
+    bounding boxes - no CT-sized array)."""
+    from ..consensus import box_dice
     from ..pipeline import Click2DNetwork, check_point
     from ..results import NetworkOutput
 
@@ -568,11 +573,12 @@ def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev) ->
         res.message = (res.message + "; " if res.message else "") + f"not classified: {e}"
         return
     for nid in network_ids:
-        o = Click2DNetwork(nid, nets[nid], dev).analyze(ct, res.point_lps_mm)
+        o = Click2DNetwork(nid, nets[nid], dev).analyze_box(ct, res.point_lps_mm)
         p = None if math.isnan(o.malignancy_probability) else round(o.malignancy_probability, 4)
         dwf = None
-        if o.mask is not None and res.mask is not None:
-            dwf = round(dice(o.mask, res.mask), 4)
+        final = res.mask_box
+        if o.mask is not None and final is not None:
+            dwf = round(box_dice(o.mask, final), 4)
         res.networks[nid] = NetworkOutput(nid, p, o.sign_probabilities, dwf)
         if o.message:
             res.message = (res.message + "; " if res.message else "") + f"{nid}: {o.message}"
@@ -682,10 +688,11 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     for n, nod in enumerate(found, start=1):
         res = NoduleResult(id=n, point_lps_mm=tuple(float(v) for v in nod.centre_lps), found=False,
                            detection=detection_record(nod, cut))
-        if nod.mask is not None and nod.mask.any():
-            res.mask = nod.full_mask(ct.shape_zyx)
+        box = nod.mask_box(ct.shape_zyx)  # the mask's bounding box + offset, not a CT-sized array
+        if box is not None:
+            res.mask = box
             res.found = True
-            for key, v in measure_nodule(res.mask, ct).items():
+            for key, v in measure_nodule(box, ct).items():
                 setattr(res, key, v)
         else:
             res.message = "detected (box only): the mask head gave no voxel at the mask threshold"
@@ -762,8 +769,9 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
 
     Returns:
         :class:`~NoduleMTLLib.results.AnalysisResult`: ``nodules`` ranked by descending
-        detection score (id 1 = highest), each with ``mask`` (bool (z, y, x) on the CT
-        grid), the click path's measurements, ``point_lps_mm`` = the nodule's centre and
+        detection score (id 1 = highest), each with its mask stored as a
+        :class:`~NoduleMTLLib.consensus.MaskBox` (``mask_box``; reading ``mask`` gives the
+        bool (z, y, x) array on the CT grid), the click path's measurements, ``point_lps_mm`` = the nodule's centre and
         ``detection`` (:func:`detection_record`: score, voxel / world box, centre, slice
         range); ``run`` describes the search (threshold used, slices searched, timings:
         load, lung_mask, preprocess, network, merge, measure, classify, total seconds);

@@ -98,8 +98,9 @@ class MergedNodule:
         box_lps_min, box_lps_max: world LPS mm corners of the voxel box (voxel edges;
             axis-aligned hull for oblique volumes; None without a CT).
         mask: bool (k1-k0, j1-j0, i1-i0) on the CT grid inside ``box_voxel`` (None unless
-            every member detection carried a mask); :meth:`full_mask` and
-            :func:`nodules_to_label_map` paste it onto the whole grid.
+            every member detection carried a mask); :meth:`mask_box` crops it to its
+            voxels, :meth:`full_mask` and :func:`nodules_to_label_map` paste it onto the
+            whole grid.
         members: the member detections (slice, box, score).
         detector_score: the Mask R-CNN score (max member score) when a second stage
             rescored the nodule (then ``score`` is the combined score), else None.
@@ -123,6 +124,30 @@ class MergedNodule:
     def centre_slice(self) -> int:
         """Centre slice index (rounded centre k): the paper's "centre slice" (section 3.4.3)."""
         return int(round(self.centre_ijk[2]))
+
+    def mask_box(self, shape_zyx):
+        """The mask as a :class:`~NoduleMTLLib.consensus.MaskBox` on a grid of ``shape_zyx``:
+        the tight bounding box of its voxels (bool (dz, dy, dx)) and its offset (k, j, i) -
+        what :meth:`full_mask` gives, without the full-grid array.  None when there is no
+        mask or it is empty.
+
+        Raises:
+            ValueError: shape smaller than the nodule's voxel box.
+        """
+        from ..consensus import MaskBox
+        from ..postprocess import bounding_box
+
+        if self.mask is None:
+            return None
+        i0, j0, k0, i1, j1, k1 = self.box_voxel
+        shape = tuple(int(v) for v in shape_zyx)
+        if k1 > shape[0] or j1 > shape[1] or i1 > shape[2]:
+            raise ValueError(f"shape {shape} does not contain the nodule box {self.box_voxel}")
+        box = bounding_box(self.mask)
+        if box is None:
+            return None
+        return MaskBox((k0 + box[0].start, j0 + box[1].start, i0 + box[2].start),
+                       np.ascontiguousarray(self.mask[box], bool), shape)
 
     def full_mask(self, shape_zyx) -> np.ndarray:
         """bool (z, y, x) mask on the whole CT grid (empty if no mask).

@@ -251,7 +251,8 @@ def _split_lungs(comp: np.ndarray, sy: float, sx: float, sz: float):
             seeds = np.zeros(comp.shape, np.uint8)
             seeds[lab == order[0] + 1] = 1
             seeds[lab == order[1] + 1] = 2
-            _, ind = ndi.distance_transform_edt(seeds == 0, sampling=(sz, sy, sx), return_indices=True)
+            ind = ndi.distance_transform_edt(seeds == 0, sampling=(sz, sy, sx), return_distances=False,
+                                             return_indices=True)  # nearest seed; no float64 distance map
             return seeds[tuple(ind)] * comp
     return None
 

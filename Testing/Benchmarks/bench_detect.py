@@ -3,6 +3,8 @@
     uv run --frozen python Testing/Benchmarks/bench_detect.py [--threads 2] [--subset 8]
                                                              [--repeats 2] [--random] [--dets 10]
                                                              [--skip-whole] [--skip-options]
+                                                             [--skip-e2e] [--e2e-repeats 1]
+                                                             [--dicom-root DIR]
 
 1. **Whole scans**: ``detect_nodules`` on the two whole LIDC scans of ``../shared/data/
    whole_ct/lidc`` (512 x 512 x 140 and x 133), each in a fresh Python process, so the
@@ -20,6 +22,19 @@
    off, 1 / 2 threads, input scale 1 / 0.75 / 0.5 - each varied alone from the default
    (crop on, batch 4, contiguous, ``--threads``, scale 1).  Then the projected time of a
    300-slice scan: lung mask (scaled from the 140-slice scan) + 300 x ms per slice.
+
+3. **End to end** (issue 12, item 6): the command a user runs, ``nodulemtl analyze CT
+   --detect --out DIR`` with default options (adaptive threshold, ``lnmsnet`` malignancy
+   for every candidate, all four output files), in a child process per run, on
+   LIDC-IDRI-0003 (``ct.nrrd`` of the shared data, 140 slices of 2.5 mm) and LIDC-IDRI-0010
+   (DICOM series, 277 slices of 1.25 mm), found under ``--dicom-root`` or
+   ``$NODULEMTL_WHOLESCAN_DICOM`` (a folder laid out like the ``bradfordb/pylidc``
+   repository, ``[LIDC-IDRI/]LIDC-IDRI-0010/<study>/<series>/*.dcm``; "skipped" when
+   absent).  Printed per run: wall time, the child's CPU time and peak RSS (``os.wait4``:
+   that child's own ``ru_maxrss``), the breakdown from ``nodules.json`` (load, lung mask,
+   preprocessing, network, merging, measurements, classification; the rest = start-up,
+   reading and writing), the number of candidates, the load average, and each figure's
+   ratio to its target (<= 45 s / <= 80 s, peak RSS <= 3 GB; ratio <= 1 = met).
 
 Weights: the shipped ``Resources/Weights/maskrcnn25d.safetensors`` when present, else (or
 with ``--random``) a randomly initialised narrow model.  Timing does not depend on the
@@ -50,6 +65,11 @@ SCANS = ("LIDC-IDRI-0003", "LIDC-IDRI-0005")
 #: Mid-lung start slice of the option subset (LIDC-IDRI-0003, lungs k 6-139).
 SUBSET_START = 70
 TARGET_S, TARGET_RSS_GB = 60.0, 4.0
+#: End-to-end targets of issue 12 item 6 (2 cores): wall seconds per scan, peak RSS (GB).
+E2E_TARGET_S = {"LIDC-IDRI-0003": 45.0, "LIDC-IDRI-0010": 80.0}
+E2E_TARGET_RSS_GB = 3.0
+#: Environment variable naming the folder that holds the whole-scan DICOM series.
+DICOM_ROOT_ENV = "NODULEMTL_WHOLESCAN_DICOM"
 
 
 def _data() -> Path:
@@ -152,6 +172,78 @@ def options_worker(threads: int, subset: int, repeats: int, random: bool, dets: 
     return {"weights": desc, "subset": [a, b], "lung_mask_s_140": t_lung, "crop_hw": [y1 - y0, x1 - x0], "rows": rows}
 
 
+def find_dicom_series(root: str | os.PathLike | None, patient: str) -> Path | None:
+    """The CT series folder of ``patient`` under ``root`` (``root/[LIDC-IDRI/]<patient>/<study>/
+    <series>``): the series folder holding the most ``*.dcm`` files; None when absent.
+    Only ``patient``'s folder is looked at."""
+    if not root:
+        return None
+    for base in (Path(root) / patient, Path(root) / "LIDC-IDRI" / patient):
+        if base.is_dir():
+            series = [s for study in base.iterdir() if study.is_dir() for s in study.iterdir() if s.is_dir()]
+            counts = {s: sum(1 for f in s.iterdir() if f.suffix.lower() == ".dcm") for s in series}
+            best = max(counts, key=counts.get, default=None)
+            return best if best is not None and counts[best] >= 5 else None
+    return None
+
+
+def e2e_scans(dicom_root: str | None) -> list[tuple[str, Path | None, str]]:
+    """(name, input path or None when absent, description) of the end-to-end scans."""
+    nrrd = _data() / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd"
+    root = dicom_root or os.environ.get(DICOM_ROOT_ENV)
+    return [("LIDC-IDRI-0003", nrrd if nrrd.is_file() else None, f"{nrrd}"),
+            ("LIDC-IDRI-0010", find_dicom_series(root, "LIDC-IDRI-0010"),
+             f"DICOM series under --dicom-root / ${DICOM_ROOT_ENV} ({root or 'not set'})")]
+
+
+def run_cli_e2e(ct_path: Path, threads: int | None = None) -> dict:
+    """``nodulemtl analyze CT --detect --out TMP --quiet`` (default options) in a child
+    process: wall s, the child's CPU s and peak RSS (GB, its own ``ru_maxrss`` from
+    ``os.wait4``), return code, ``nodules.json``'s ``run`` and nodule count, load averages."""
+    import shutil
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="nodulemtl-bench-e2e-"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "NoduleMTLLib.cli", "analyze", str(ct_path), "--detect", "--out", str(out / "o"), "--quiet"]
+    load0 = os.getloadavg()[0]
+    try:
+        with open(out / "stdout.txt", "w") as so, open(out / "stderr.txt", "w") as se:
+            t = time.perf_counter()
+            p = subprocess.Popen(cmd, stdout=so, stderr=se, cwd=REPO, env=env)
+            _, status, ru = os.wait4(p.pid, 0)
+            wall = time.perf_counter() - t
+            p.returncode = os.waitstatus_to_exitcode(status)
+        r = {"cmd": " ".join(cmd[1:]), "rc": p.returncode, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
+             "peak_rss_gb": ru.ru_maxrss / 2**20, "load": (load0, os.getloadavg()[0]),
+             "stderr": (out / "stderr.txt").read_text()[-2000:]}
+        js = out / "o" / "nodules.json"
+        if p.returncode == 0 and js.is_file():
+            d = json.loads(js.read_text())
+            r["run"], r["n_nodules"] = d["run"], len(d["nodules"])
+        return r
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _print_e2e(name: str, r: dict) -> None:
+    target = E2E_TARGET_S[name]
+    if r["rc"] != 0 or "run" not in r:
+        print(f"  {name}: FAILED (exit {r['rc']}): {r['stderr'].strip().splitlines()[-1:] or ''}")
+        return
+    t = r["run"]["timing_s"]
+    parts = ("load", "lung_mask", "preprocess", "network", "merge", "measure", "classify")
+    rest = r["wall_s"] - t.get("total", 0.0)
+    print(f"  {name}: wall {r['wall_s']:.1f} s (x{r['wall_s'] / target:.2f} of the {target:.0f} s target), "
+          f"CPU {r['cpu_s']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB (x{r['peak_rss_gb'] / E2E_TARGET_RSS_GB:.2f} "
+          f"of {E2E_TARGET_RSS_GB:.0f} GB); {r['run']['n_slices']} slices, {r['run']['n_slices_searched']} searched, "
+          f"{r['n_nodules']} candidates; load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}")
+    print("      " + " + ".join(f"{k} {t.get(k, 0.0):.1f}" for k in parts)
+          + f" + start-up/read/write {rest:.1f} s")
+
+
 def _spawn(args: list[str]) -> dict:
     p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
     if p.returncode != 0:
@@ -168,6 +260,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dets", type=int, default=10, help="random weights: detections per slice (default 10)")
     ap.add_argument("--skip-whole", action="store_true")
     ap.add_argument("--skip-options", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI runs")
+    ap.add_argument("--e2e-repeats", type=int, default=1, help="end-to-end runs per scan (default 1)")
+    ap.add_argument("--dicom-root", help=f"folder holding LIDC-IDRI-0010's DICOM series (default ${DICOM_ROOT_ENV})")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -220,6 +315,21 @@ def main(argv=None) -> int:
             proj = lung300 + 300 * row["min_ms"] / 1000
             print(f"  {row['option']:<52s} {proj:6.0f} s  (target <= {TARGET_S:.0f} s: "
                   f"{'met' if proj <= TARGET_S else 'NOT met'})")
+    if not a.skip_e2e:
+        print(f"\n== end to end: nodulemtl analyze CT --detect --out DIR (default options; child process, "
+              f"{a.e2e_repeats} run(s) per scan) ==")
+        for name, path, desc in e2e_scans(a.dicom_root):
+            if path is None:
+                print(f"  {name}: skipped ({desc} not found)")
+                continue
+            runs = []
+            for _ in range(max(1, a.e2e_repeats)):
+                runs.append(run_cli_e2e(path))
+                _print_e2e(name, runs[-1])
+            ok = [r for r in runs if r["rc"] == 0]
+            if len(ok) > 1:
+                print(f"  {name}: best of {len(ok)}: wall {min(r['wall_s'] for r in ok):.1f} s, peak RSS "
+                      f"{min(r['peak_rss_gb'] for r in ok):.2f} GB")
     if whole:
         peak = max(w["peak_rss_mb"] for w in whole) / 1024
         print(f"\npeak RSS of a whole-scan run: {peak:.2f} GB (target <= {TARGET_RSS_GB:.0f} GB: "

@@ -284,6 +284,62 @@ def test_nodule_cap_and_classification(slab, slab_run):
         infer.result_from_detections(slab, sd, 0.5, classify_with=("maskrcnn25d",))
 
 
+def test_box_masks_equal_full_grid_masks_on_real_ct(slab, slab_run, tmp_path):
+    """The search keeps each nodule's mask as its bounding box (``MaskBox``); everything
+    computed from it - measurements, the click network's answer and Dice, the label map,
+    the segmentation and the written files - equals what the full-grid masks give
+    (real CT slab, every merged nodule at threshold 0, overlapping ones included)."""
+    import slicerio
+
+    from NoduleMTLLib.consensus import MaskBox, box_dice
+    from NoduleMTLLib.metrics import dice
+    from NoduleMTLLib.outputs import segmentation_dict
+    from NoduleMTLLib.pipeline import Click2DNetwork
+    from NoduleMTLLib.postprocess import measure_nodule
+    from NoduleMTLLib.registry import load_network
+
+    sd = slab_run[0]
+    res = infer.result_from_detections(slab, sd, 0.0, max_nodules=12, fpr_model=None)
+    merged = infer.merge_detections(sd, slab, 0.0).nodules[:12]
+    assert len(res.nodules) == len(merged) >= 2
+    full = AnalysisResult(res.input, res.run, [], res.messages)
+    for n, nod in zip(res.nodules, merged):
+        assert isinstance(n.mask_box, MaskBox) and n.mask_shape_zyx == slab.shape_zyx  # stored as a box
+        want = nod.full_mask(slab.shape_zyx)
+        np.testing.assert_array_equal(n.mask, want)
+        assert MaskBox.from_full(want).offset_zyx == n.mask_box.offset_zyx  # tight box
+        assert measure_nodule(want, slab) == measure_nodule(n.mask_box, slab)
+        f = NoduleResult(**{k: getattr(n, k) for k in ("id", "point_lps_mm", "found", "detection")}, mask=want)
+        for k, v in measure_nodule(want, slab).items():
+            setattr(f, k, v)
+        full.nodules.append(f)
+    overlapping = any((a.mask & b.mask).any() for i, a in enumerate(res.nodules) for b in res.nodules[i + 1:])
+    assert overlapping  # the label map's "higher rank wins" rule is exercised
+    np.testing.assert_array_equal(res.label_array(slab.shape_zyx), full.label_array(slab.shape_zyx))
+    np.testing.assert_array_equal(res.label_array(slab.shape_zyx), mg.nodules_to_label_map(merged, slab.shape_zyx))
+    a, b = segmentation_dict(res, slab), segmentation_dict(full, slab)
+    np.testing.assert_array_equal(a["voxels"], b["voxels"])
+    assert a["segments"] == b["segments"] and a["ijkToLPS"].tolist() == b["ijkToLPS"].tolist()
+    write_outputs(res, slab, tmp_path / "box")
+    write_outputs(full, slab, tmp_path / "full")
+    for name in ("labels.nrrd", "segmentation.seg.nrrd"):
+        read = (lambda p: sitk.GetArrayFromImage(sitk.ReadImage(str(p)))) if name == "labels.nrrd" else \
+            (lambda p: slicerio.read_segmentation(str(p))["voxels"])
+        np.testing.assert_array_equal(read(tmp_path / "box" / name), read(tmp_path / "full" / name))
+    assert (tmp_path / "box" / "nodules.json").read_text() == (tmp_path / "full" / "nodules.json").read_text()
+
+    # the click network on a box: the same voxels, probability and Dice as on the full grid
+    net = Click2DNetwork("lnmsnet", load_network("lnmsnet", "cpu"), torch.device("cpu"))
+    for n in res.nodules[:3]:
+        o_full, o_box = net.analyze(slab, n.point_lps_mm), net.analyze_box(slab, n.point_lps_mm)
+        assert o_full.malignancy_probability == o_box.malignancy_probability and o_full.message == o_box.message
+        if o_full.mask is None:
+            assert o_box.mask is None
+            continue
+        np.testing.assert_array_equal(o_box.mask.to_full(), o_full.mask)
+        assert box_dice(o_box.mask, n.mask_box) == dice(o_full.mask, n.mask)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

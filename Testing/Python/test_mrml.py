@@ -562,6 +562,39 @@ def test_add_result_rejects_mismatched_masks_and_leaves_scene_clean(app, crop):
     assert _node_ids(app.scene) == before
 
 
+def test_box_masks_give_the_same_segments_as_full_masks(app, crop):
+    """Nodules holding their masks as bounding boxes (``MaskBox``, what the whole-scan search
+    stores) give exactly the segments of the same masks held as full-grid arrays (real CT
+    crop, overlapping masks included); a box on another grid is refused like a full mask."""
+    from NoduleMTLLib.consensus import MaskBox
+
+    volume = add_volume_from_array(app.scene, crop.ct)
+    full = make_result(crop)
+    boxed = make_result(crop)
+    for n in boxed.nodules:
+        if n.found:
+            n.mask = MaskBox.from_full(n.mask)
+            assert isinstance(n.mask_box, MaskBox) and n.mask_shape_zyx == full.nodules[0].mask.shape
+    seg_full, table_full = M.add_result_to_scene(app.scene, full, volume)
+    seg_box, table_box = M.add_result_to_scene(app.scene, boxed, volume)
+    a, b = seg_full.GetSegmentation(), seg_box.GetSegmentation()
+    assert a.GetNumberOfSegments() == b.GetNumberOfSegments() == 3
+    for i in range(3):
+        assert a.GetNthSegment(i).GetName() == b.GetNthSegment(i).GetName()
+        got = M.label_array_from_segmentation(seg_box, b.GetNthSegmentID(i), volume)
+        np.testing.assert_array_equal(got, M.label_array_from_segmentation(seg_full, a.GetNthSegmentID(i), volume))
+        np.testing.assert_array_equal(got, full.nodules[i].mask)
+    assert table_full.GetNumberOfRows() == table_box.GetNumberOfRows()
+
+    shape = tuple(full.nodules[0].mask.shape)
+    box = boxed.nodules[0].mask_box
+    boxed.nodules[0].mask = MaskBox(box.offset_zyx, box.array, (shape[0] + 1,) + shape[1:])
+    before = _node_ids(app.scene)
+    with pytest.raises(ValueError, match="shape"):
+        M.add_result_to_scene(app.scene, boxed, volume)
+    assert _node_ids(app.scene) == before
+
+
 def test_subject_hierarchy_placement_under_study(app, crop):
     scene, sh = app.scene, app.sh
     volume = add_volume_from_array(scene, crop.ct)
