@@ -29,6 +29,7 @@ import SimpleITK as sitk
 from NoduleMTLLib import batch, cli, pipeline, registry, safe_output
 from NoduleMTLLib.io import InputError, check_slice_positions, read_ct
 from NoduleMTLLib.outputs import OUTPUT_FILES
+from NoduleMTLLib.reporting import REPORT_FILES
 from NoduleMTLLib.results import AnalysisResult, NoduleResult
 
 REPO = Path(__file__).resolve().parents[2]
@@ -329,7 +330,7 @@ def test_out_folder_appears_only_with_the_results(tmp_path, capsys, monkeypatch)
     rc, stdout, err = _run(["analyze", str(SAMPLE), *PT, "--out", str(out), *FAST], capsys)
     assert rc == 0, err
     assert seen == {"out_existed": False}
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
     assert sorted(p.name for p in out.parent.iterdir()) == ["o"]  # no lock file, no temporary folder
     # a failing run into another new folder leaves nothing, not even the parents it made
     bad = tmp_path / "a" / "b" / "o"
@@ -346,7 +347,8 @@ def test_overwrite_replaces_only_our_files(tmp_path, capsys, fake_analysis):
     (out / "notes.txt").write_text("the user's notes")
     rc, _, err = _run(["analyze", str(SAMPLE), *PT, "--out", str(out), *FAST, "--overwrite"], capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + ("notes.txt",))  # the old SEG is not ours now
+    # the old SEG is gone (this run wrote none); the user's notes stay
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES + ("notes.txt",))
     assert (out / "notes.txt").read_text() == "the user's notes"
     assert b"stand-in" in (out / "nodules.json").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
@@ -429,7 +431,7 @@ def test_batch_case_names_cannot_leave_out(tmp_path, capsys, fake_analysis, dico
     assert len(cases) == 3 and "A0002" in cases and sorted(p.name for p in out.iterdir()) == sorted(cases + ["summary.csv"])
     for c in cases:
         assert c not in (".", "..") and not c.startswith(".")
-        assert sorted(x.name for x in (out / c).iterdir()) == sorted(OUTPUT_FILES)
+        assert sorted(x.name for x in (out / c).iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
 
 
 def test_case_name_rules(tmp_path):
@@ -464,7 +466,7 @@ def test_batch_partial_outputs_in_a_case_folder(tmp_path, capsys, fake_analysis)
     assert (case / "nodules.csv").read_text() == "the user's table\n"
     rc, _, err = _run(["batch", str(lst), "--out", str(tmp_path / "out"), "--points", str(pts), *FAST, "--overwrite"],
                       capsys)
-    assert rc == 0 and sorted(p.name for p in case.iterdir()) == sorted(OUTPUT_FILES)
+    assert rc == 0 and sorted(p.name for p in case.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["LIDC-IDRI-0003_crop", "summary.csv"]
 
 
