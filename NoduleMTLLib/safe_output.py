@@ -28,9 +28,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
 from .outputs import OUTPUT_FILES, OutputError
 

@@ -48,6 +48,11 @@ HU_WINDOW = (-1000.0, 400.0)
 OPERATING_THRESHOLD = 0.9473
 #: High-sensitivity setting quoted in the README (validation scans; see the model card).
 HIGH_SENSITIVITY_THRESHOLD = 0.7609
+#: Input of :class:`FPR25D` (read by the registry, ``NetworkSpec.input_spec``): float32
+#: (N, 3, 32, 32) patches of :func:`candidate_patch` and a float32 (N, 1) scalar.
+INPUT_SPEC = {"dims": 2.5, "channels": 3, "size_px": PATCH_PX, "field_mm": FIELD_MM,
+              "channels_are": "centre slice, mean and max over the candidate's slice range",
+              "scalar": "slice-range extent (mm) / 10", "intensity": "HU window [-1000, 400] -> [0, 1]"}
 
 
 def candidate_patch(hu_zyx: np.ndarray, spacing_xyz, centre_ijk, k_range, offset_mm=(0.0, 0.0)) -> np.ndarray:

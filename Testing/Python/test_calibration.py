@@ -8,8 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from NoduleMTLLib.calibration import (CalibrationError, CalibrationSet, Calibrator, LinearStack, ProbabilityModel,
-                                      apply_to_result, load_calibration, logit, nodule_features, sigmoid)
+from NoduleMTLLib.calibration import (
+    CalibrationError,
+    CalibrationSet,
+    Calibrator,
+    LinearStack,
+    ProbabilityModel,
+    apply_to_result,
+    load_calibration,
+    logit,
+    nodule_features,
+    sigmoid,
+)
 from NoduleMTLLib.results import AnalysisResult, NetworkOutput, NoduleResult
 
 

@@ -17,9 +17,9 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML in plain P
 hd = pytest.importorskip("highdicom")
 sitk = pytest.importorskip("SimpleITK")
 
-import NoduleMTLMRML as M  # noqa: E402
 from test_mrml import app, crop, load_volume_from_file, make_result, slicer_share, vtk_errors  # noqa: E402,F401
 
+import NoduleMTLMRML as M  # noqa: E402
 from NoduleMTLLib.assessment import annotate_result  # noqa: E402
 from NoduleMTLLib.brock import PatientInfo  # noqa: E402
 from NoduleMTLLib.io import InputError, read_ct  # noqa: E402
