@@ -97,12 +97,12 @@ class ModelCache:
 
     def fp_reducer(self, device) -> torch.nn.Module | None:
         """The whole-scan search's false-positive reduction on ``device`` (loaded once), None
-        when its weights are not installed (:func:`NoduleMTLLib.detection.fp_reduction.load_fpr`)."""
-        from .detection import fp_reduction
+        when its weights are not installed (:func:`NoduleMTLLib.detection.infer.load_fpr`)."""
+        from .detection import infer
 
         key = str(device)
         if key not in self._fp_reducers:
-            self._fp_reducers[key] = fp_reduction.load_fpr(device)
+            self._fp_reducers[key] = infer.load_fpr(device)
         return self._fp_reducers[key]
 
     def clear(self) -> None:

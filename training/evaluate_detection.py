@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_fpr_model(weights: Path | None, device="cpu"):
     """The fpr25d network: from ``weights`` or the installed file (None when neither exists)."""
-    from NoduleMTLLib.detection.fp_reduction import FPR_ID, load_fpr
+    from NoduleMTLLib.detection.fp_reduction import FPR_ID
+    from NoduleMTLLib.detection.infer import load_fpr
     from NoduleMTLLib.registry import build_network, load_weights_into
 
     if weights is None:

@@ -157,18 +157,3 @@ def score_candidates(model: nn.Module, hu_zyx: np.ndarray, spacing_xyz, candidat
         e = torch.tensor([extent_feature(kr, spacing_xyz[2]) for _, kr in part], dtype=torch.float32, device=device)
         out.append(torch.sigmoid(model(x, e).float()).cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-
-def load_fpr(device="cpu") -> nn.Module | None:
-    """The registered ``fpr25d`` network with verified shipped weights, or None when its weights are absent.
-
-    Raises:
-        WeightsError: the file exists but fails its checks.
-    """
-    from ..registry import WeightsError, find_weights, load_network
-
-    try:
-        find_weights(FPR_ID)
-    except WeightsError:
-        return None
-    return load_network(FPR_ID, device)

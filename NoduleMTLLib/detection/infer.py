@@ -131,6 +131,22 @@ def load_detector(device: torch.device | str = "cpu") -> torch.nn.Module:
     return registry.load_network(DETECTOR_ID, device)
 
 
+def load_fpr(device: torch.device | str = "cpu") -> torch.nn.Module | None:
+    """The registered false-positive reduction (``registry.DEFAULT_FP_REDUCER``,
+    :mod:`.fp_reduction`) with verified shipped weights, or None when its weights are absent.
+
+    Raises:
+        WeightsError: the file exists but fails its checks.
+    """
+    from .. import registry
+
+    try:
+        registry.find_weights(DEFAULT_FP_REDUCER)
+    except registry.WeightsError:
+        return None
+    return registry.load_network(DEFAULT_FP_REDUCER, device)
+
+
 def parse_threshold(value) -> float | str:
     """``"default"``, ``"adaptive"`` or a float in [0, 1].
 
@@ -646,7 +662,6 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     t = time.perf_counter()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if isinstance(fpr_model, str):
-        from .fp_reduction import load_fpr
         fpr_model = load_fpr(dev)
     merged, found, cut = select_nodules(sd, ct, thr_mode, fpr_model, dev)
     t_merge = time.perf_counter() - t
