@@ -214,7 +214,8 @@ def test_persistent_worker_runs_again_at_once_cancels_and_restarts(sample_ct, di
         second = job().start()
         first_progress = None
         while not second.finished and time.monotonic() - t0 < RUN_TIMEOUT_S:
-            if first_progress is None and any(e.kind == "progress" for e in second.poll()):
+            events = second.poll()
+            if first_progress is None and any(e.kind == "progress" for e in events):
                 first_progress = time.monotonic() - t0
             time.sleep(0.01)
         assert second.state == "succeeded", second.details
