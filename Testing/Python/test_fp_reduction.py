@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from NoduleMTLLib.detection import evaluate as ev
 from NoduleMTLLib.detection import fp_reduction as fpr
 from NoduleMTLLib.detection import infer
 from NoduleMTLLib.io import CTVolume
+from training import detection_matching as ev
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "Resources" / "Weights" / "fpr25d.safetensors"
