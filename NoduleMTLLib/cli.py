@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     r.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
-    r.add_argument("--out", required=True, help="output folder (the four files of analyze)")
+    r.add_argument("--out", required=True, type=out_dir_arg,
+                   help="output folder (the four files of analyze; must not be or contain the inputs)")
+    r.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out (refused otherwise)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--progress-format", default="bar", choices=("bar", "lines"), help="as for analyze")
     return ap
@@ -133,29 +135,36 @@ def _reclassify(args, models=None) -> int:
     from .analysis import reclassify, split_networks
     from .device import DeviceError
     from .io import InputError, ras_to_lps, read_ct
-    from .outputs import OutputError, write_outputs
+    from .outputs import OutputError, write_output_files
     from .registry import WeightsError
+    from .safe_output import OutputSet
 
     try:
-        ct = read_ct(args.ct)
-        masks = []
-        for path in args.mask:
-            try:
-                m = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) != 0
-            except RuntimeError as e:
-                raise InputError(f"Cannot read mask {path}: {' '.join(str(e).split())[:200]}") from None
-            if m.shape != tuple(ct.shape_zyx):
-                raise InputError(f"Mask {path} has shape {m.shape}, the CT {tuple(ct.shape_zyx)}: use the CT's grid")
-            masks.append(m)
-        bar, cb = _progress_bar(args.quiet, args.progress_format)
-        try:
+        # checks --out (not an input, no earlier outputs unless --overwrite), locks it; created at commit()
+        with OutputSet(args.out, inputs=[args.ct, *args.mask], overwrite=args.overwrite) as outset:
+            ct = read_ct(args.ct)
+            masks = []
+            for path in args.mask:
+                try:
+                    m = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) != 0
+                except RuntimeError as e:
+                    raise InputError(f"Cannot read mask {path}: {' '.join(str(e).split())[:200]}") from None
+                if m.shape != tuple(ct.shape_zyx):
+                    raise InputError(f"Mask {path} has shape {m.shape}, the CT {tuple(ct.shape_zyx)}: use the CT's grid")
+                masks.append(m)
             points = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point] if args.point else None
-            res = reclassify(ct, masks, nodule_ids=args.id, points_lps=points,
-                             network_ids=split_networks(args.networks), device=args.device, progress=cb, models=models,
-                             notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
-        finally:
-            bar.close()
-        write_outputs(res, ct, args.out)
+            bar, cb = _progress_bar(args.quiet, args.progress_format)
+            try:
+                res = reclassify(ct, masks, nodule_ids=args.id, points_lps=points, network_ids=split_networks(args.networks),
+                                 device=args.device, progress=cb, models=models,
+                                 notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
+            finally:
+                bar.close()
+            try:
+                write_output_files(res, ct, outset.staging_dir())
+            except OSError as e:
+                raise OutputError(f"Cannot write outputs to {args.out}: {e.strerror or e}") from None
+            outset.commit()
     except (InputError, WeightsError, DeviceError, OutputError, KeyError) as e:
         print(f"nodulemtl: error: {e}", file=sys.stderr)
         return 1
