@@ -218,6 +218,7 @@ def test_shipped_calibration_names_the_default_everywhere(repo_dir):
     assert default == ",".join(DEFAULT_NETWORKS)
 
 
+@pytest.mark.slow
 def test_tta_is_mirror_equivariant_on_real_ct(repo_dir):
     """With the left-right flip averaged in, mirroring the input mirrors the answer exactly
     (and the malignancy logit does not change); without it, a network is not equivariant."""
