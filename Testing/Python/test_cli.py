@@ -250,7 +250,7 @@ def test_reclassify_the_reference_mask(sample, tmp_path, capsys):
     sitk.WriteImage(mask, str(tmp_path / "m.nrrd"))
     out = tmp_path / "out"
     assert cli.main(["reclassify", str(ct), "--mask", str(tmp_path / "m.nrrd"), "--id", "3", *_pt(NODULE3_RAS),
-                     "--out", str(out), "--quiet", "--device", "cpu"]) == 0, capsys.readouterr().err
+                     "--networks", "lnmsnet", "--out", str(out), "--quiet", "--device", "cpu"]) == 0, capsys.readouterr().err
     (n,) = json.loads((out / "nodules.json").read_text())["nodules"]
     assert n["id"] == 3 and n["found"] and 0 <= n["networks"]["lnmsnet"]["malignancy_probability"] <= 1
     voxels = int(sitk.GetArrayViewFromImage(mask).sum())
