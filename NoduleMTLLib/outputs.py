@@ -15,8 +15,6 @@ import io as _io
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,35 +23,13 @@ import SimpleITK as sitk
 from .io import CTVolume, ijk_to_lps_matrix
 from .results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 
-OUTPUT_FILES = ("labels.nrrd", "segmentation.seg.nrrd", "nodules.json", "nodules.csv")
-
-class OutputError(OSError):
-    """The output folder cannot be created or written."""
+# The four output files, the writing error and the folder check live with the output-folder
+# rules (:mod:`NoduleMTLLib.safe_output`), which this module's writer uses; re-exported here.
+from .safe_output import OUTPUT_FILES, OutputError, prepare_output_dir  # noqa: E402,F401
 
 
 class OutputsError(RuntimeError):
     """An output folder is incomplete or its files do not agree (:func:`read_outputs`)."""
-
-
-def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and check it is writable (before any computation).
-
-    Raises OutputError with the reason.
-    """
-    p = Path(out_dir)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"Output path {p} exists and is not a folder")
-    created = not p.exists()
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".nodulemtl-probe-", dir=p)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        if created:
-            shutil.rmtree(p, ignore_errors=True)
-        raise OutputError(f"Cannot write to output folder {p}: {e.strerror or e}") from None
-    return p
 
 
 #: Consensus columns of nodules.csv (``NoduleMTLLib.consensus``; empty when not computed,
