@@ -192,6 +192,7 @@ class NoduleResult:
         return cls(id=int(d["id"]), point_lps_mm=tup(d["point_lps_mm"]), found=bool(d["found"]), mask=mask,
                    diameter_mm=d.get("diameter_mm"), short_axis_mm=d.get("short_axis_mm"), volume_mm3=d.get("volume_mm3"),
                    mean_hu=d.get("mean_hu"), solid_fraction=d.get("solid_fraction"), type=d.get("type"),
+                   malignancy_probability=d.get("malignancy_probability"),
                    centroid_lps_mm=tup(d.get("centroid_lps_mm")),
                    networks={k: NetworkOutput.from_dict(k, v or {}) for k, v in (d.get("networks") or {}).items()},
                    message=d.get("message") or "", reported_mask=d.get("reported_mask") or "first",
