@@ -21,9 +21,8 @@ import sys
 import time
 
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import (
     vtkMRMLMarkupsFiducialNode,
     vtkMRMLScalarVolumeNode,
@@ -115,10 +114,36 @@ _DISCLAIMER = "Research use only: not for clinical diagnosis."
 
 
 def _runner():
-    """``NoduleMTLLib.runner`` (Qt-free decisions of the background run; no torch import)."""
+    """``NoduleMTLLib.runner`` (the background child process; no torch import)."""
     from NoduleMTLLib import runner
 
     return runner
+
+
+def _worker():
+    """``NoduleMTLLib.worker`` (the persistent background worker; no torch import)."""
+    from NoduleMTLLib import worker
+
+    return worker
+
+
+#: The persistent background worker of this Slicer session (``NoduleMTLLogic.backgroundWorker``).
+_WORKER = None
+
+
+def _analysis():
+    """``NoduleMTLLib.analysis`` (the analysis service, network list, detector status; torch
+    is imported only when an analysis runs)."""
+    from NoduleMTLLib import analysis
+
+    return analysis
+
+
+def _text():
+    """``NoduleMTLText`` (the panel's text: summary HTML, status line; plain Python)."""
+    import NoduleMTLText
+
+    return NoduleMTLText
 
 
 #
@@ -305,6 +330,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         """Called when the application closes and the module widget is destroyed."""
         self._cancelJob()
+        NoduleMTLLogic.stopBackgroundWorker()
         self.removeObservers()
 
     def enter(self):
@@ -360,7 +386,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGui = True
         try:
             # networks (checkable list) and device (combo) are synchronised here, not through connectGui
-            selected = _runner().split_networks(p.networks if p else DEFAULT_NETWORK)
+            selected = _analysis().split_networks(p.networks if p else DEFAULT_NETWORK)
             for row in range(self.ui.networksListWidget.count):
                 item = self.ui.networksListWidget.item(row)
                 checked = item.data(qt.Qt.UserRole) in selected
@@ -473,7 +499,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         running = self._job is not None
         numberOfPoints = NoduleMTLLogic.numberOfDefinedPoints(p.points) if p and p.points else 0
-        networks = _runner().split_networks(p.networks) if p else []
+        networks = _analysis().split_networks(p.networks) if p else []
         if running:
             self.ui.applyButton.text = "Cancel"
             self.ui.applyButton.toolTip = f"Stop {self._jobLabel}; the scene stays as it was"
@@ -509,7 +535,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.setupPythonRequirements(askConfirmation=True):
             self.ui.statusLabel.text = "Required Python packages are not installed."
             return
-        networks = _runner().split_networks(p.networks)
+        networks = _analysis().split_networks(p.networks)
         self._job = self.logic.startAnalysis(p.inputVolume, None if detect else p.points, networks=networks,
                                              device=p.device, detect=detect,
                                              detectionThreshold=p.detectionThreshold)
@@ -555,7 +581,12 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job, volume = self._job, self._jobVolume
         self._job, self._jobVolume = None, None
         try:
-            if job.state == "succeeded":
+            if job.state == "succeeded" and getattr(job, "reclassification", None) is not None:
+                with slicer.util.tryWithErrorDisplay("Could not update the segments.", waitCursor=True):
+                    results = self.logic.finishReclassification(job)
+                    self.ui.malignancyLabel.text = NoduleMTLLogic.summaryHtml({"nodules": [r.to_dict() for r in results]})
+                    self.ui.statusLabel.text = f"Re-classified {len(results)} nodule(s) from the edited mask(s)."
+            elif job.state == "succeeded":
                 with slicer.util.tryWithErrorDisplay("Could not add the results to the scene.", waitCursor=True):
                     segmentationNode, tableNode, result = self.logic.finishAnalysis(job, volume)
                     self._showResult(segmentationNode, tableNode, result)
@@ -616,13 +647,21 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.logic.noduleSegmentIds(p.outputSegmentation, p.outputTable, self._selectedRow)
 
     def onReclassifyButton(self):
+        """Re-classify the selected (or every) segment from its edited mask in the background worker."""
         p = self._parameterNode
+        if self._job is not None or not p:
+            return
         with slicer.util.tryWithErrorDisplay("Re-classification failed.", waitCursor=True):
-            results = self.logic.reclassifySegments(p.outputSegmentation, self._selectedSegmentIds(), p.inputVolume,
-                                                    p.outputTable, networks=_runner().split_networks(p.networks),
-                                                    device=p.device)
-            self.ui.malignancyLabel.text = NoduleMTLLogic.summaryHtml({"nodules": [r.to_dict() for r in results]})
-            self.ui.statusLabel.text = f"Re-classified {len(results)} nodule(s) from the edited mask(s)."
+            if not self.logic.setupPythonRequirements(askConfirmation=True):
+                return
+            self._job = self.logic.startReclassification(p.outputSegmentation, self._selectedSegmentIds(), p.inputVolume,
+                                                         p.outputTable, networks=_analysis().split_networks(p.networks),
+                                                         device=p.device)
+            self._jobVolume = p.inputVolume
+            self._jobLabel = "the re-classification"
+            self.ui.statusLabel.text = f"Re-classifying on {p.device}..."
+            self._setRunning(True)
+            self._timer.start()
 
     def onExportTrainingButton(self):
         p = self._parameterNode
@@ -676,14 +715,14 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def networkChoices():
-        """``NoduleMTLLib.runner.network_choices()`` (every registered network, with whether
+        """``NoduleMTLLib.analysis.network_choices()`` (every registered network, with whether
         its weights are present); only the default network while torch is not installed."""
-        runner = _runner()
+        analysis = _analysis()
         try:
-            return runner.network_choices()
+            return analysis.network_choices()
         except ImportError as e:  # torch not installed yet
             logging.info(f"NoduleMTL: network registry not importable yet ({e}); offering '{DEFAULT_NETWORK}'")
-            return [runner.NetworkChoice(DEFAULT_NETWORK, DEFAULT_NETWORK, "", True, "", False)]
+            return [analysis.NetworkChoice(DEFAULT_NETWORK, DEFAULT_NETWORK, "", True, "", False)]
 
     @staticmethod
     def availableNetworks():
@@ -693,16 +732,20 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def deviceChoices():
         """auto / cpu / cuda, plus mps where torch reports it."""
-        return _runner().device_choices()
+        from NoduleMTLLib.device import device_choices
+
+        return device_choices()
 
     @staticmethod
     def deviceTooltip():
-        return _runner().device_tooltip()
+        from NoduleMTLLib.device import device_tooltip
+
+        return device_tooltip()
 
     @staticmethod
     def detectionStatus():
         """``(ok, reason)``: whether Find nodules (whole-scan detection) can run."""
-        return _runner().detection_status()
+        return _analysis().detector_status()
 
     @staticmethod
     def importModel(path):
@@ -719,14 +762,10 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def probabilityLegend():
-        """Legend of the malignancy colour ramp (``NoduleMTLMRML.probability_legend``), "" if
-        this version of the MRML layer has none."""
-        try:
-            import NoduleMTLMRML
+        """Legend of the malignancy colour ramp (``NoduleMTLMRML.probability_legend``)."""
+        import NoduleMTLMRML
 
-            return NoduleMTLMRML.probability_legend()
-        except (ImportError, AttributeError, NotImplementedError):
-            return ""
+        return NoduleMTLMRML.probability_legend()
 
     # --- dependencies ----------------------------------------------------------
 
@@ -826,7 +865,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _networkTuple(networks):
         if isinstance(networks, str):
-            networks = _runner().split_networks(networks)
+            networks = _analysis().split_networks(networks)
         networks = tuple(networks)
         if not networks:
             raise ValueError("Select at least one network")
@@ -842,7 +881,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             networks: network ids to run (or a comma-separated string); the first one's mask
                 is reported.
             device: "auto", "cpu", "cuda" or "mps"; CUDA out of memory -> retried on the CPU
-                (``NoduleMTLLib.runner.with_cpu_fallback``, recorded in ``result.run``).
+                (``NoduleMTLLib.analysis.analyze``, recorded in ``result.run``).
             progressCallback: optional ``callable(fraction: float, message: str)`` (synchronous path).
             waitForCompletion: True (scripts, tests): run in this process and return the
                 scene nodes.  False: start a background ``PythonSlicer`` process and return
@@ -869,9 +908,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         networks = self._networkTuple(networks)
 
         import NoduleMTLMRML
-        from NoduleMTLLib import pipeline
 
-        runner = _runner()
         start = time.time()
         ct = NoduleMTLMRML.volume_node_to_ct(inputVolume)
         pointsLps = NoduleMTLMRML.markups_to_points_lps(pointsNode)
@@ -879,11 +916,9 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"'{pointsNode.GetName()}' has no placed points: place one point on each nodule")
         logging.info(f"NoduleMTL: analysing {len(pointsLps)} point(s) in '{inputVolume.GetName()}' "
                      f"with {', '.join(networks)} on {device}")
-        result = runner.with_cpu_fallback(
-            lambda dev: pipeline.analyze_points(ct, pointsLps, network_ids=networks, device=dev, progress=progressCallback),
-            device, notify=lambda message: logging.warning(f"NoduleMTL: {message}"))
-        from NoduleMTLLib.assessment import annotate_result
-        annotate_result(result, ct, self.patientInfo(inputVolume))  # Lung-RADS, Brock columns
+        result = _analysis().analyze(ct, pointsLps, network_ids=networks, device=device, progress=progressCallback,
+                                     patient=self.patientInfo(inputVolume),  # Lung-RADS, Brock columns
+                                     notify=lambda message: logging.warning(f"NoduleMTL: {message}"))
         scene = inputVolume.GetScene() or slicer.mrmlScene
         segmentationNode, tableNode = NoduleMTLMRML.add_result_to_scene(scene, result, inputVolume)
         self.lastRunSeconds = time.time() - start
@@ -907,9 +942,27 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
                 return candidate
         raise RuntimeError("PythonSlicer (Slicer's Python) was not found: cannot run the analysis in the background")
 
+    def backgroundWorker(self):
+        """The session's persistent worker (``NoduleMTLLib.worker.Worker``, one ``PythonSlicer``
+        process that keeps its networks loaded between runs), created on first use and shared
+        by every Logic instance; the process itself starts with the first run."""
+        global _WORKER
+        if _WORKER is None:
+            _WORKER = _worker().Worker(python_executable=self.pythonExecutable())
+        return _WORKER
+
+    @staticmethod
+    def stopBackgroundWorker():
+        """End the persistent worker (module cleanup: Slicer closes)."""
+        global _WORKER
+        if _WORKER is not None:
+            _WORKER.close()
+            _WORKER = None
+
     def startAnalysis(self, inputVolume, pointsNode=None, networks=(DEFAULT_NETWORK,), device=DEFAULT_DEVICE,
                       detect=False, detectionThreshold=0.0):
-        """Start the analysis in a background ``PythonSlicer`` process and return it at once.
+        """Start the analysis in the persistent background worker (:meth:`backgroundWorker`,
+        started on first use; later runs reuse its loaded networks) and return it at once.
 
         The volume is converted with ``NoduleMTLMRML.volume_node_to_ct`` (world geometry,
         checks) and written to the run's private temporary folder; the points are passed as
@@ -956,7 +1009,8 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             extra += ["--sex", patient.sex]
         job = _runner().AnalysisProcess(ct, pointsLps, detect=detect, networks=networks, device=device,
                                         python_executable=self.pythonExecutable(),
-                                        temp_root=slicer.app.temporaryPath, extra_args=extra)
+                                        temp_root=slicer.app.temporaryPath, extra_args=extra,
+                                        worker=self.backgroundWorker())
         job.start()
         logging.info(f"NoduleMTL: started {' '.join(job.command)}")
         return job
@@ -1044,7 +1098,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         column = table.GetColumnByName("point_ras_mm")
         if column is not None:
             try:
-                return _runner().parse_ras_text(column.GetValue(row))
+                return _text().parse_ras_text(column.GetValue(row))
             except ValueError:
                 return None
         return None
@@ -1063,15 +1117,6 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         segmentation = segmentationNode.GetSegmentation()
         return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
-    @staticmethod
-    def _mrmlFunction(name):
-        import NoduleMTLMRML
-
-        function = getattr(NoduleMTLMRML, name, None)
-        if function is None:
-            raise RuntimeError(f"'{name}' is not available in this version of NoduleMTL")
-        return function
-
     def reclassifySegments(self, segmentationNode, segmentIds, referenceVolumeNode, tableNode=None, networks=None,
                            device=DEFAULT_DEVICE):
         """Re-measure and re-classify (possibly edited) segments without re-segmenting
@@ -1079,25 +1124,65 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         Returns the new ``NoduleResult`` s.
 
         Raises:
-            RuntimeError: this version has no refinement loop (or its error); ValueError /
-            InputError: empty segment, missing nodes.
+            ValueError / InputError: empty segment, missing nodes; WeightsError, DeviceError.
         """
-        reclassify = self._mrmlFunction("reclassify_segment")
-        try:
-            return [reclassify(referenceVolumeNode.GetScene(), segmentationNode, segmentId, referenceVolumeNode,
-                               tableNode, network_ids=list(networks) if networks else None, device=device)
+        import NoduleMTLMRML
+
+        return [NoduleMTLMRML.reclassify_segment(referenceVolumeNode.GetScene(), segmentationNode, segmentId,
+                                                 referenceVolumeNode, tableNode,
+                                                 network_ids=list(networks) if networks else None, device=device)
+                for segmentId in segmentIds]
+
+    def startReclassification(self, segmentationNode, segmentIds, referenceVolumeNode, tableNode=None, networks=None,
+                              device=DEFAULT_DEVICE):
+        """Re-classify (possibly edited) segments in the background worker (``nodulemtl
+        reclassify``; what *Re-classify from edited mask* does): the masks are read from the
+        scene now, the networks run in the worker, :meth:`finishReclassification` writes the
+        results.  Returns the started ``NoduleMTLLib.runner.AnalysisProcess``.
+
+        Raises:
+            ValueError / InputError: empty segment, missing nodes (nothing started).
+        """
+        import NoduleMTLMRML
+
+        requests = [NoduleMTLMRML.reclassification_request(referenceVolumeNode.GetScene(), segmentationNode, segmentId,
+                                                           referenceVolumeNode, tableNode,
+                                                           list(networks) if networks else None)
                     for segmentId in segmentIds]
-        except NotImplementedError:
-            raise RuntimeError("Re-classification is not available in this version of NoduleMTL") from None
+        points = [r["point_lps"] for r in requests]
+        ct = NoduleMTLMRML.volume_node_to_ct(referenceVolumeNode)
+        job = _runner().AnalysisProcess(ct, points if all(p is not None for p in points) else None,
+                                        networks=requests[0]["network_ids"], device=device,
+                                        python_executable=self.pythonExecutable(), temp_root=slicer.app.temporaryPath,
+                                        worker=self.backgroundWorker(), masks=[r["mask"] for r in requests],
+                                        nodule_ids=[r["nodule_id"] for r in requests])
+        job.reclassification = (segmentationNode, list(segmentIds), [r["table"] for r in requests], requests[0]["network_ids"])
+        job.start()
+        logging.info(f"NoduleMTL: started {' '.join(job.command)}")
+        return job
+
+    def finishReclassification(self, job):
+        """Write the results of a finished :meth:`startReclassification` into the segments'
+        tags, colours and table rows (``NoduleMTLMRML.apply_reclassification``); returns the
+        ``NoduleResult`` s.  Raises RuntimeError when the run failed or was cancelled."""
+        import NoduleMTLMRML
+
+        try:
+            result = job.result()  # raises RuntimeError with the reason
+            segmentationNode, segmentIds, tables, ids = job.reclassification
+            for segmentId, table, nodule in zip(segmentIds, tables, result.nodules):
+                NoduleMTLMRML.apply_reclassification(segmentationNode, segmentId, table, nodule, ids)
+        finally:
+            job.cleanup()
+        return result.nodules
 
     def exportSegmentsForTraining(self, segmentationNode, segmentIds, referenceVolumeNode, outDir):
         """Write each segment with its CT patch and labels for fine-tuning
         (``NoduleMTLMRML.export_segment_for_training``); returns what each call wrote."""
-        export = self._mrmlFunction("export_segment_for_training")
-        try:
-            return [export(segmentationNode, segmentId, referenceVolumeNode, outDir) for segmentId in segmentIds]
-        except NotImplementedError:
-            raise RuntimeError("Export for training is not available in this version of NoduleMTL") from None
+        import NoduleMTLMRML
+
+        return [NoduleMTLMRML.export_segment_for_training(segmentationNode, segmentId, referenceVolumeNode, outDir)
+                for segmentId in segmentIds]
 
     @staticmethod
     def dicomSeriesFolder(volumeNode):
@@ -1142,12 +1227,12 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def summaryHtml(result):
         """Per nodule: size, type, per-network probabilities and signs, consensus (HTML)."""
-        return _runner().summary_html(result, _DISCLAIMER)
+        return _text().summary_html(result, _DISCLAIMER)
 
     @staticmethod
     def statusText(result, seconds=None):
         """"Done: N of M nodule(s) segmented on <device> in <t> s", with the CPU-fallback note."""
-        return _runner().status_text(result, seconds)
+        return _text().status_text(result, seconds)
 
 
 #

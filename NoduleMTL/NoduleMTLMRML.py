@@ -28,14 +28,14 @@ import math
 import os
 
 import numpy as np
+import slicer
 import vtk
 from vtk.util import numpy_support
 
-import slicer
-from NoduleMTLLib.io import CTVolume, InputError, image_from_array
-from NoduleMTLLib.consensus import MaskBox
-from NoduleMTLLib.results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 from NoduleMTLLib import colors as _colors
+from NoduleMTLLib.consensus import MaskBox
+from NoduleMTLLib.io import CTVolume, InputError, image_from_array
+from NoduleMTLLib.results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 
 __all__ = [
     "volume_node_to_ct",
@@ -877,7 +877,7 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
         tableNode: results table to update (None: the table referenced by the segmentation
             as ``NoduleMTL.table``; no table at all is allowed, then only tags change).
         network_ids: networks to run (None: those of the original run, ``NoduleMTL.run``;
-            ``["lnmsnet"]`` if unknown).
+            ``[registry.DEFAULT_NETWORK]`` if unknown).
         networks: optional pre-loaded ``{id: torch module}``.
         device: "auto" | "cpu" | "cuda" | "mps".
 
@@ -893,6 +893,28 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
     """
     from NoduleMTLLib.refine import reclassify_from_mask
 
+    request = reclassification_request(scene, segmentationNode, segmentId, referenceVolumeNode, tableNode, network_ids)
+    ct = volume_node_to_ct(referenceVolumeNode)
+    result = reclassify_from_mask(ct, request["mask"], request["network_ids"], device=device, networks=networks,
+                                  nodule_id=request["nodule_id"], point_lps=request["point_lps"])
+    apply_reclassification(segmentationNode, segmentId, request["table"], result, request["network_ids"])
+    return result
+
+
+def reclassification_request(scene, segmentationNode, segmentId: str, referenceVolumeNode, tableNode=None,
+                             network_ids=None) -> dict:
+    """What re-classifying a segment needs, read from the scene (the first half of
+    :func:`reclassify_segment`; the module's worker computes, :func:`apply_reclassification` writes).
+
+    Returns:
+        ``{"mask": bool (z, y, x) on the reference grid, "network_ids": [...], "nodule_id": int,
+        "point_lps": (x, y, z) or None, "table": the results table node or None}``.
+
+    Raises:
+        ValueError / InputError: as :func:`reclassify_segment`.
+    """
+    from NoduleMTLLib.registry import DEFAULT_NETWORK
+
     if segmentationNode is None or referenceVolumeNode is None:
         raise ValueError("Segmentation node and reference volume node are required")
     scene = scene or segmentationNode.GetScene()
@@ -904,7 +926,7 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
         raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no segment with ID '{segmentId}'")
     if tableNode is None:
         tableNode = segmentationNode.GetNodeReference(SEGMENT_TAG_PREFIX + "table")
-    ids = list(network_ids) if network_ids else (_run_networks(segmentationNode) or ["lnmsnet"])
+    ids = list(network_ids) if network_ids else (_run_networks(segmentationNode) or [DEFAULT_NETWORK])
     tag_id = _get_tag(segment, SEGMENT_TAG_PREFIX + "id")
     nodule_id = int(tag_id) if tag_id else segmentation.GetSegmentIndex(segmentId) + 1
     point_lps = None
@@ -916,9 +938,16 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
     mask = label_array_from_segmentation(segmentationNode, segmentId, referenceVolumeNode)
     if not mask.any():
         raise InputError(f"Segment '{segment.GetName()}' is empty: nothing to re-classify")
-    ct = volume_node_to_ct(referenceVolumeNode)
-    result = reclassify_from_mask(ct, mask, ids, device=device, networks=networks, nodule_id=nodule_id, point_lps=point_lps)
+    return {"mask": mask, "network_ids": ids, "nodule_id": nodule_id, "point_lps": point_lps, "table": tableNode}
 
+
+def apply_reclassification(segmentationNode, segmentId: str, tableNode, result: NoduleResult, network_ids) -> None:
+    """Write a re-classification ``result`` into the segment's tags and colour and its table
+    row (the second half of :func:`reclassify_segment`); the segment's voxels are not touched."""
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    if segment is None:
+        raise ValueError(f"Segmentation '{segmentationNode.GetName()}' has no segment with ID '{segmentId}'")
+    ids = list(network_ids)
     p = SEGMENT_TAG_PREFIX
     for net in ids:
         segment.RemoveTag(f"{p}dice_with_final.{net}")
@@ -930,7 +959,6 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
     segment.SetColor(*probability_color(_colors.primary_probability(result.networks, ids)))
     if tableNode is not None:
         _update_table_row(tableNode, segmentId, result)
-    return result
 
 
 def _patient_id(volumeNode) -> str | None:

@@ -25,9 +25,10 @@ Points CSV
     (1/true/yes); world millimetres, RAS (as 3D Slicer shows them) unless the row says
     LPS or ``--lps`` is given.  One row per nodule.  ``case`` is the case name or the input
     path as listed.  A case without points is searched with the whole-scan detector
-    (``maskrcnn25d``, :func:`NoduleMTLLib.detection.infer.detect_nodules`, default operating point (detector + false-positive reduction ``fpr25d``)
-    threshold, or ``--threshold``) and each found nodule is classified with ``--networks``; when the detector's
-    weights are not installed such a case is recorded ``skipped`` (see :func:`whole_scan_detector`).
+    (:func:`NoduleMTLLib.analysis.analyze` with ``detect=True``: the default operating point of the
+    two-stage search - detector and false-positive reduction - or ``--threshold``) and each found
+    nodule is classified with ``--networks``; when the detector's weights are not installed such
+    a case is recorded ``skipped`` (:func:`NoduleMTLLib.analysis.detector_status`).
 
 Outputs
     ``DIR/<case>/`` holds the four files of ``nodulemtl analyze``
@@ -52,9 +53,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from . import DEFAULT_NETWORKS
 from .safe_output import safe_case_name
@@ -294,24 +295,6 @@ def points_for(case: Case, points: dict[str, list]) -> list:
     return []
 
 
-def whole_scan_detector(network_ids: Iterable[str] = ()) -> Callable | None:
-    """Hook for cases without points: :func:`NoduleMTLLib.detection.infer.detect_nodules`
-    (``detect(ct, model=..., device=..., classify_with=..., networks=...) -> AnalysisResult``),
-    or None when the whole-scan detector ``maskrcnn25d`` is not registered or its weights are
-    not installed (such cases are then ``skipped``).
-    """
-    from . import registry
-    from .detection.infer import DETECTOR_ID, detect_nodules
-
-    if DETECTOR_ID not in getattr(registry, "DETECTORS", registry.NETWORKS):
-        return None
-    try:
-        registry.find_weights(DETECTOR_ID)
-    except registry.WeightsError:
-        return None
-    return detect_nodules
-
-
 # ---------------------------------------------------------------- summary
 
 
@@ -353,8 +336,10 @@ def _one_line(e: BaseException) -> str:
 class BatchRun:
     """A batch over ``cases`` into ``out_dir`` (see module docstring).
 
-    ``points``: {case key: [LPS points]}.  ``progress``: optional callback(case index, case, result)
-    called after each case.  :meth:`run` returns the per-case results in input order.
+    ``points``: {case key: [LPS points]}.  Each case goes through the analysis service
+    (:func:`NoduleMTLLib.analysis.analyze`: CPU fallback included); the networks are loaded once
+    for the whole batch (:class:`~NoduleMTLLib.analysis.ModelCache`).  :meth:`run` returns the
+    per-case results in input order.
     """
 
     cases: list[Case]
@@ -363,40 +348,30 @@ class BatchRun:
     network_ids: tuple = DEFAULT_NETWORKS
     device: str = "auto"
     overwrite: bool = False
-    _models: dict | None = None
     #: also write ``<case>/segmentation.dcm`` (DICOM SEG) for cases read from a DICOM series
     dicom_seg: bool = False
     #: score threshold of the whole-scan search (cases without points): "default", "adaptive" or a float in [0, 1]
     threshold: float | str = "default"
+
+    #: an already loaded whole-scan detector (tests); None: loaded at the first case without points
     _detector_model: object = None
     #: report options (``NoduleMTLLib.reporting.add_arguments``: dicom_sr, no_pictures, age, sex, ...); None: defaults
     report_options: object = None
+    _models: object = None
 
-    def _detector(self):
-        """Load the whole-scan detector once, at the first case without points."""
-        if self._detector_model is None:
-            from .detection.infer import load_detector
-            from .device import resolve_device
+    def __post_init__(self):
+        from .analysis import ModelCache
+        from .registry import DEFAULT_NETWORKS
 
-            self._detector_model = load_detector(resolve_device(self.device))
-        return self._detector_model
-
-    def _networks(self) -> dict:
-        """Load the networks once, at the first case that needs them (WeightsError / DeviceError propagate)."""
-        if self._models is None:
-            from .device import resolve_device
-            from .registry import NETWORKS, load_network
-
-            dev = resolve_device(self.device)
-            self._models = {n: load_network(n, dev) for n in self.network_ids if n in NETWORKS}
-        return self._models
+        self.network_ids = tuple(self.network_ids) or DEFAULT_NETWORKS
+        self._models = ModelCache(detector=self._detector_model)
 
     def run_case(self, case: Case) -> CaseResult:
         """Analyse one case; input problems become a ``failed`` result, weights/device errors propagate."""
+        from .analysis import analyze, detector_status
         from .device import DeviceError
         from .io import InputError, read_ct
         from .outputs import OutputError, write_output_files
-        from .pipeline import analyze_points
         from .registry import WeightsError
         from .safe_output import OutputSet, case_dir
 
@@ -419,24 +394,19 @@ class BatchRun:
         try:
             if not case.path.exists():
                 raise InputError(f"Input not found: {case.path}")
-            if not pts:
-                detect = whole_scan_detector(self.network_ids)
-                if detect is None:
-                    base.status, base.message = "skipped", "no points (whole-scan detector weights not installed)"
-                    base.n_nodules, base.n_found = 0, 0
-                    return base
+            if not pts and self._detector_model is None and not detector_status()[0]:
+                base.status, base.message = "skipped", "no points (whole-scan detector weights not installed)"
+                base.n_nodules, base.n_found = 0, 0
+                return base
             # the case folder: not the input, no stray outputs unless --overwrite, all-or-nothing
             # (the batch's lock covers it)
             with OutputSet(folder, inputs=[case.path], overwrite=self.overwrite, lock=False) as outset:
                 ct = read_ct(case.path)
-                if not pts:
-                    res = detect(ct, model=self._detector(), device=self.device, classify_with=self.network_ids,
-                                 networks=self._networks(), score_threshold=self.threshold)
-                else:
-                    res = analyze_points(ct, pts, network_ids=self.network_ids, device=self.device,
-                                         networks=self._networks())
                 from . import reporting
-                reporting.annotate(res, ct, self.report_options)  # Lung-RADS, Brock -> nodules.json / .csv
+                res = analyze(ct, pts, detect=not pts, network_ids=self.network_ids, device=self.device,
+                              threshold=self.threshold, models=self._models,
+                              patient=reporting.patient_options(self.report_options),  # Lung-RADS, Brock
+                              notify=lambda m: log.warning("case %s: %s", case.name, m))
                 stage = outset.staging_dir()
                 write_output_files(res, ct, stage)
                 if self.dicom_seg and ct.dicom_series_uid is not None:
@@ -458,7 +428,7 @@ class BatchRun:
         base.n_nodules, base.n_found = len(res.nodules), sum(n.found for n in res.nodules)
         base.seconds = time.perf_counter() - t0
         notfound = [f"{n.id}: {n.message}" for n in res.nodules if not n.found]
-        notes = list(getattr(res, "messages", ()) or ()) + (["not found: " + "; ".join(notfound)] if notfound else [])
+        notes = list(res.messages) + (["not found: " + "; ".join(notfound)] if notfound else [])
         base.message = " ".join("; ".join(notes).split())  # e.g. the nodule cap of a whole-scan search
         return base
 
@@ -490,6 +460,7 @@ def main(args) -> int:
 
     from tqdm import tqdm
 
+    from .analysis import split_networks
     from .device import DeviceError
     from .outputs import OutputError
     from .registry import NETWORKS, WeightsError
@@ -503,15 +474,13 @@ def main(args) -> int:
         unused = [k for k in points if not any(points_for(c, {k: [1]}) for c in cases)]
         if unused:
             print(f"nodulemtl: warning: points for unknown case(s) ignored: {', '.join(unused)}", file=sys.stderr)
-        nets = tuple(n.strip() for n in args.networks.split(",") if n.strip())
+        nets = tuple(split_networks(args.networks))
         unknown = [n for n in nets if n not in NETWORKS]
         if unknown or not nets:
             raise BatchError(f"Unknown or not yet available network(s): {', '.join(unknown) or '(none given)'}; "
                              f"available: {', '.join(NETWORKS)}")
-        run = BatchRun(cases, out, points, nets, args.device, args.overwrite)
-        run.dicom_seg = bool(getattr(args, "dicom_seg", False))
-        run.threshold = getattr(args, "threshold", "default")
-        run.report_options = args
+        run = BatchRun(cases, out, points, nets, args.device, args.overwrite, dicom_seg=bool(args.dicom_seg),
+                       threshold=args.threshold, report_options=args)
         bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)
 
         def on_case(i, case, r):

@@ -36,9 +36,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class Calibrator:
                                           for k, v in self.params.items()}}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Calibrator":
+    def from_dict(cls, d: Mapping[str, Any]) -> Calibrator:
         d = dict(d)
         return cls(d.pop("method", None), d)
 
@@ -159,7 +160,7 @@ class LinearStack:
                 "coef": list(self.coef), "intercept": self.intercept}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LinearStack":
+    def from_dict(cls, d: Mapping[str, Any]) -> LinearStack:
         return cls(tuple(d["features"]), tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["scale"]),
                    tuple(float(v) for v in d["coef"]), float(d["intercept"]))
 
@@ -254,7 +255,7 @@ class ProbabilityModel:
         return d
 
     @classmethod
-    def from_dict(cls, mid: str, d: Mapping[str, Any]) -> "ProbabilityModel":
+    def from_dict(cls, mid: str, d: Mapping[str, Any]) -> ProbabilityModel:
         known = {"networks", "mask", "score", "calibrator", "stack"}
         try:
             return cls(mid, tuple(d["networks"]), d["score"], Calibrator.from_dict(d["calibrator"]), d.get("mask", "first"),
@@ -311,9 +312,10 @@ class CalibrationSet:
                 "models": {k: m.to_dict() for k, m in self.models.items()}}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> "CalibrationSet":
+    def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> CalibrationSet:
         if not isinstance(d, Mapping) or d.get("format") != FORMAT:
-            raise CalibrationError(f"calibration file {source or ''}: format {d.get('format') if isinstance(d, Mapping) else d!r}, expected {FORMAT}")
+            found = d.get("format") if isinstance(d, Mapping) else repr(d)
+            raise CalibrationError(f"calibration file {source or ''}: format {found}, expected {FORMAT}")
         models = {k: ProbabilityModel.from_dict(k, v) for k, v in (d.get("models") or {}).items()}
         default = dict(d.get("default") or {})
         if default and default.get("model") not in models:

@@ -6,6 +6,8 @@
                          [--device auto|cpu|cuda] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
                     [--networks dsmtnet] [--device auto] [--overwrite]
+    nodulemtl reclassify CT --mask MASK [--mask ...] [--id N ...] [--point X Y Z ...]
+                         [--networks dsmtnet] [--device auto] --out DIR
 
 CT is an image file (NRRD, NIfTI, MetaImage) or a DICOM series folder.  Points are world
 millimetres, RAS (as 3D Slicer shows them) unless ``--lps``.  Writes DIR/labels.nrrd,
@@ -13,7 +15,8 @@ DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing;
 already holds outputs is refused unless ``--overwrite`` (rules: :mod:`NoduleMTLLib.safe_output`).
 Exit codes: 0 success, 1 bad input / weights / device / output folder, 2 usage error.
 ``batch`` runs the same analysis over many CTs (see :mod:`NoduleMTLLib.batch`): exit code 0
-when no case failed, 1 otherwise.
+when no case failed, 1 otherwise.  ``reclassify`` measures and classifies given (edited) masks
+without segmenting (the Slicer module's *Re-classify from edited mask*, run in its worker).
 """
 
 from __future__ import annotations
@@ -23,12 +26,10 @@ import logging
 import sys
 import time
 
-from . import DEFAULT_NETWORKS
-
 
 def _progress_bar(disable: bool, progress_format: str = "bar"):
     if progress_format == "lines":  # machine-readable, for the Slicer module's background run
-        from .runner import LineProgress
+        from .progress import LineProgress
         cb = LineProgress()
         return cb, cb
     from tqdm import tqdm
@@ -51,18 +52,10 @@ def _threshold_arg(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _detect(args, ct, nets, progress, device=None):
-    """``analyze --detect``: the whole-scan search (:func:`NoduleMTLLib.detection.infer.detect_nodules`)
-    on ``device`` (default ``args.device``)."""
-    from .detection.infer import detect_nodules
-
-    classify = () if [n.lower() for n in nets] == ["none"] else tuple(nets)
-    return detect_nodules(ct, device=device or args.device, score_threshold=args.threshold, progress=progress,
-                          classify_with=classify)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .analysis import MASK_CHOICES
     from .device import DEVICE_CHOICES
+    from .registry import DEFAULT_DETECTOR, DEFAULT_NETWORKS
     from .safe_output import out_dir_arg
 
     ap = argparse.ArgumentParser(prog="nodulemtl", description="Pulmonary nodule segmentation and characterisation on chest CT.")
@@ -73,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
                    help="world point in mm (RAS unless --lps); repeat for several nodules (required unless --detect)")
     a.add_argument("--detect", action="store_true",
-                   help="search the whole scan for nodules (maskrcnn25d) instead of analysing clicked points; "
+                   help=f"search the whole scan for nodules ({DEFAULT_DETECTOR}) instead of analysing clicked points; "
                         "--networks then classifies each found nodule ('none': detection only)")
     a.add_argument("--threshold", default="default", type=_threshold_arg,
                    help="--detect: 'default' (the two-stage search's operating point, chosen on validation scans for "
@@ -83,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
-    a.add_argument("--mask", default="first", choices=("first", "consensus"),
+    a.add_argument("--mask", default="first", choices=MASK_CHOICES,
                    help="reported mask: the first network's (default) or the networks' consensus (voxels of at least "
                         "half of them; 2 networks: union); nodules.json has the consensus figures either way")
     a.add_argument("--out", required=True, type=out_dir_arg,
@@ -115,10 +108,79 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <case>/segmentation.dcm (DICOM SEG) for cases that are DICOM series folders")
     reporting.add_arguments(b, batch=True)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = sub.add_parser("reclassify", help="measure and classify given (e.g. edited) nodule masks without segmenting")
+    r.add_argument("ct", help="CT image file or DICOM series folder")
+    r.add_argument("--mask", action="append", required=True,
+                   help="mask image on the CT grid (non-zero voxels = the nodule); repeat for several nodules")
+    r.add_argument("--id", type=int, action="append", help="nodule id of each --mask, in order (default 1..N)")
+    r.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
+                   help="world point (mm, RAS unless --lps) of each --mask, in order (the original click; default: "
+                        "the mask centroid)")
+    r.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
+    r.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
+                   help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
+    r.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
+    r.add_argument("--out", required=True, type=out_dir_arg,
+                   help="output folder (the four files of analyze; must not be or contain the inputs)")
+    r.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out (refused otherwise)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--progress-format", default="bar", choices=("bar", "lines"), help="as for analyze")
     return ap
 
 
-def main(argv=None) -> int:
+def _reclassify(args, models=None) -> int:
+    """``nodulemtl reclassify``: :func:`NoduleMTLLib.analysis.reclassify` on the given masks, outputs as ``analyze``."""
+    import SimpleITK as sitk
+
+    from .analysis import reclassify, split_networks
+    from .device import DeviceError
+    from .io import InputError, ras_to_lps, read_ct
+    from .outputs import OutputError, write_output_files
+    from .registry import WeightsError
+    from .safe_output import OutputSet
+
+    try:
+        # checks --out (not an input, no earlier outputs unless --overwrite), locks it; created at commit()
+        with OutputSet(args.out, inputs=[args.ct, *args.mask], overwrite=args.overwrite) as outset:
+            ct = read_ct(args.ct)
+            masks = []
+            for path in args.mask:
+                try:
+                    m = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) != 0
+                except RuntimeError as e:
+                    raise InputError(f"Cannot read mask {path}: {' '.join(str(e).split())[:200]}") from None
+                if m.shape != tuple(ct.shape_zyx):
+                    raise InputError(f"Mask {path} has shape {m.shape}, the CT {tuple(ct.shape_zyx)}: use the CT's grid")
+                masks.append(m)
+            points = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point] if args.point else None
+            bar, cb = _progress_bar(args.quiet, args.progress_format)
+            try:
+                res = reclassify(ct, masks, nodule_ids=args.id, points_lps=points, network_ids=split_networks(args.networks),
+                                 device=args.device, progress=cb, models=models,
+                                 notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
+            finally:
+                bar.close()
+            try:
+                write_output_files(res, ct, outset.staging_dir())
+            except OSError as e:
+                raise OutputError(f"Cannot write outputs to {args.out}: {e.strerror or e}") from None
+            outset.commit()
+    except (InputError, WeightsError, DeviceError, OutputError, KeyError) as e:
+        print(f"nodulemtl: error: {e}", file=sys.stderr)
+        return 1
+    for n in res.nodules:
+        probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
+        print(f"Nodule {n.id}: {n.diameter_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.volume_mm3:.0f} mm3, {n.type}; P(malignant): {probs}")
+    return 0
+
+
+def main(argv=None, models=None) -> int:
+    """Run ``nodulemtl`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    ``models``: a :class:`~NoduleMTLLib.analysis.ModelCache` kept by the caller (the
+    persistent worker, :mod:`NoduleMTLLib.worker`) so networks load once across calls.
+    Usage errors raise SystemExit(2) (argparse).
+    """
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -129,18 +191,20 @@ def main(argv=None) -> int:
     if args.cmd == "batch":
         from . import batch
         return batch.main(args)
+    if args.cmd == "reclassify":
+        return _reclassify(args, models)
     if bool(args.detect) == bool(args.point):
         ap.error("analyze needs either --point (one or more) or --detect")
+    from .analysis import analyze, split_networks
     from .device import DeviceError
     from .io import InputError, ras_to_lps, read_ct
     from .outputs import OutputError, write_output_files
-    from .safe_output import OutputSet
-    from .pipeline import analyze_points
     from .registry import WeightsError
+    from .safe_output import OutputSet
 
     try:
         t0 = time.perf_counter()
-        nets = [n.strip() for n in args.networks.split(",") if n.strip()]
+        nets = split_networks(args.networks)
         # checks --out (not the input, no earlier outputs unless --overwrite), locks it; created at commit()
         with OutputSet(args.out, inputs=[args.ct], overwrite=args.overwrite) as outset:
             ct = read_ct(args.ct)
@@ -149,15 +213,13 @@ def main(argv=None) -> int:
                                  f"input; {args.ct} is not one")
             pts = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point or []]
             bar, cb = _progress_bar(args.quiet, args.progress_format)
-            try:
-                from .runner import with_cpu_fallback  # CUDA out of memory -> retried on the CPU
-                res = with_cpu_fallback(
-                    lambda dev: _detect(args, ct, nets, cb, dev) if args.detect else
-                    analyze_points(ct, pts, network_ids=nets, device=dev, progress=cb, mask=args.mask),
-                    args.device, notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
+            try:  # CUDA out of memory -> retried on the CPU (analysis service)
+                res = analyze(ct, pts, detect=args.detect, network_ids=nets, device=args.device, mask=args.mask,
+                              threshold=args.threshold, progress=cb, models=models,
+                              patient=reporting.patient_options(args),  # Lung-RADS, Brock -> nodules.json / .csv
+                              notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
             finally:
                 bar.close()
-            reporting.annotate(res, ct, args)  # Lung-RADS, Brock -> nodules.json / .csv
             stage = outset.staging_dir()
             try:
                 write_output_files(res, ct, stage)
@@ -173,7 +235,7 @@ def main(argv=None) -> int:
         print(f"nodulemtl: error: {e}", file=sys.stderr)
         return 1
     n_found = sum(n.found for n in res.nodules)
-    for m in getattr(res, "messages", ()):
+    for m in res.messages:
         print(f"nodulemtl: note: {m}", file=sys.stderr)
     for n in res.nodules:
         if n.found and n.detection is not None:

@@ -18,7 +18,7 @@ is the reported mask) that gave a probability for the nodule.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 #: Upper bounds (exclusive) of the green and yellow bands.
 PROBABILITY_COLOR_THRESHOLDS = (0.3, 0.6)

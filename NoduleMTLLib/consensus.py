@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class MaskBox:
     shape_zyx: tuple[int, int, int]
 
     @classmethod
-    def from_full(cls, mask: np.ndarray | None) -> "MaskBox | None":
+    def from_full(cls, mask: np.ndarray | None) -> MaskBox | None:
         """Crop a full-grid bool mask (z, y, x) to its bounding box; None for None or an empty mask."""
         if mask is None:
             return None
@@ -104,7 +104,7 @@ class MaskBox:
     def paste(self, lo: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
         """The mask inside the box starting at ``lo`` with ``shape`` (which must contain this box)."""
         out = np.zeros(shape, bool)
-        rel = tuple(slice(o - l, o - l + s) for o, l, s in zip(self.offset_zyx, lo, self.array.shape))
+        rel = tuple(slice(o - low, o - low + s) for o, low, s in zip(self.offset_zyx, lo, self.array.shape))
         out[rel] = self.array
         return out
 
@@ -112,7 +112,7 @@ class MaskBox:
 def _union_box(boxes):
     lo = tuple(min(b.offset_zyx[d] for b in boxes) for d in range(3))
     hi = tuple(max(b.offset_zyx[d] + b.array.shape[d] for b in boxes) for d in range(3))
-    return lo, tuple(h - l for h, l in zip(hi, lo))
+    return lo, tuple(h - low for h, low in zip(hi, lo))
 
 
 def box_dice(a: MaskBox, b: MaskBox) -> float:
@@ -151,7 +151,7 @@ def majority_mask(boxes: list[MaskBox], include_ties: bool = INCLUDE_TIES) -> Ma
     if not m.any():
         return None
     full_box = MaskBox.from_full(m)  # crop within the union box, then shift to the full grid
-    return MaskBox(tuple(int(o + l) for o, l in zip(full_box.offset_zyx, lo)), full_box.array, boxes[0].shape_zyx)
+    return MaskBox(tuple(int(o + low) for o, low in zip(full_box.offset_zyx, lo)), full_box.array, boxes[0].shape_zyx)
 
 
 @dataclass
@@ -171,6 +171,8 @@ class Consensus:
         dice_pairwise: "a|b" -> Dice of networks a and b's masks (found networks only);
         dice_pairwise_mean / dice_pairwise_min: their mean / minimum (None with fewer than 2).
         disagreement: "low" | "high" | None (single network); reasons: the criteria that fired.
+        mask_voxels: voxels of the consensus mask as read back from ``nodules.json``
+            (:meth:`from_dict`, where ``mask`` is None); None: counted from ``mask``.
     """
 
     n_networks: int
@@ -187,6 +189,7 @@ class Consensus:
     dice_pairwise_min: float | None = None
     disagreement: str | None = None
     reasons: list[str] = field(default_factory=list)
+    mask_voxels: int | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready dict (no mask array; ``mask_voxels`` instead)."""
@@ -195,7 +198,7 @@ class Consensus:
             "n_networks": self.n_networks, "n_found": self.n_found, "networks_found": list(self.networks_found),
             "mask_rule": ("at least half of the networks that found the nodule (2 networks: union)" if INCLUDE_TIES
                           else "strict majority of the networks that found the nodule (2 networks: intersection)"),
-            "mask_voxels": 0 if self.mask is None else self.mask.voxels,
+            "mask_voxels": self.mask_voxels if self.mask_voxels is not None else 0 if self.mask is None else self.mask.voxels,
             "malignancy_probability": r(self.malignancy_probability),
             "sign_probabilities": {k: r(v) for k, v in self.sign_probabilities.items()},
             "sign_counts": dict(self.sign_counts),
@@ -205,6 +208,18 @@ class Consensus:
             "disagreement": self.disagreement, "reasons": list(self.reasons),
             "thresholds": {"probability_spread_above": DISAGREEMENT_SPREAD, "min_pairwise_dice_below": DISAGREEMENT_MIN_DICE},
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Consensus:
+        """The record of :meth:`to_dict` (``nodules.json``) back; ``mask`` is None (the JSON
+        holds only ``mask_voxels``), ``mask_rule`` and ``thresholds`` are this version's."""
+        return cls(n_networks=int(d["n_networks"]), n_found=int(d["n_found"]), networks_found=list(d.get("networks_found") or []),
+                   mask=None, malignancy_probability=d.get("malignancy_probability"),
+                   sign_probabilities=dict(d.get("sign_probabilities") or {}), sign_counts=dict(d.get("sign_counts") or {}),
+                   probability_spread=d.get("probability_spread"), probability_std=d.get("probability_std"),
+                   dice_pairwise=dict(d.get("dice_pairwise") or {}), dice_pairwise_mean=d.get("dice_pairwise_mean"),
+                   dice_pairwise_min=d.get("dice_pairwise_min"), disagreement=d.get("disagreement"),
+                   reasons=list(d.get("reasons") or []), mask_voxels=d.get("mask_voxels"))
 
 
 def compute_consensus(masks: Mapping[str, MaskBox | np.ndarray | None], probabilities: Mapping[str, float | None],

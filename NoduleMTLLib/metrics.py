@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -38,16 +39,7 @@ def roc_auc(labels, scores) -> float:
     n1, n0 = int((y == 1).sum()), int((y == 0).sum())
     if n1 == 0 or n0 == 0:
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=float)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    ranks = rankdata(s, method="average")  # ties share their average rank
     return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 

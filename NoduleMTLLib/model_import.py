@@ -11,11 +11,12 @@ released with this version of the extension are accepted.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from . import registry
 
 #: File name extensions accepted by :func:`import_weights_file`.
 WEIGHTS_SUFFIXES = (".safetensors",)
@@ -24,15 +25,6 @@ WEIGHTS_SUFFIXES = (".safetensors",)
 class ModelImportError(ValueError):
     """The file cannot be imported (not found, wrong type, matches no manifest entry,
     or the cache folder cannot be written)."""
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (read in 1 MiB chunks). Raises OSError if it cannot be read."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def identify_weights_file(path: str | os.PathLike, manifest: dict | None = None) -> tuple[str, dict]:
@@ -54,8 +46,7 @@ def identify_weights_file(path: str | os.PathLike, manifest: dict | None = None)
     if not p.name.lower().endswith(WEIGHTS_SUFFIXES):
         raise ModelImportError(f"{p.name} is not a weights file: choose a {' or '.join(WEIGHTS_SUFFIXES)} file")
     if manifest is None:
-        from .registry import manifest as read_manifest
-        manifest = read_manifest()
+        manifest = registry.manifest()
     entries = (manifest or {}).get("networks", {})
     if not entries:
         raise ModelImportError("The extension's weights manifest (Resources/Weights/models.json) is missing or empty")
@@ -65,7 +56,7 @@ def identify_weights_file(path: str | os.PathLike, manifest: dict | None = None)
     if not candidates:
         raise ModelImportError(f"{p.name} ({size} bytes) matches no network of this version's manifest; "
                                f"known weights: {known}")
-    digest = sha256_of(p)
+    digest = registry.sha256_of(p)
     for nid, e in candidates.items():
         if str(e.get("sha256", "")).lower() == digest:
             return nid, e
@@ -97,14 +88,14 @@ def import_weights_file(path: str | os.PathLike, cache: str | os.PathLike | None
         ModelImportError: as :func:`identify_weights_file`, or the cache folder cannot be
             written (nothing is left behind).
     """
-    from . import registry
-
     network_id, entry = identify_weights_file(path)
-    spec = registry.NETWORKS.get(network_id) or (getattr(registry, "DETECTORS", None) or {}).get(network_id)
-    name = spec.weights_file if spec is not None else entry.get("file") or f"{network_id}.safetensors"
+    try:
+        name = registry.get_spec(network_id).weights_file
+    except KeyError:  # a network this version does not register
+        name = entry.get("file") or f"{network_id}.safetensors"
     dest_dir = Path(cache) if cache is not None else registry.cache_dir()
     dest = dest_dir / name
-    if dest.is_file() and dest.stat().st_size == entry["size_bytes"] and sha256_of(dest) == entry["sha256"]:
+    if dest.is_file() and dest.stat().st_size == entry["size_bytes"] and registry.sha256_of(dest) == entry["sha256"]:
         return network_id, dest
     tmp = None
     try:
@@ -113,7 +104,7 @@ def import_weights_file(path: str | os.PathLike, cache: str | os.PathLike | None
         os.close(fd)
         tmp = Path(tmp_name)
         shutil.copyfile(path, tmp)
-        if tmp.stat().st_size != entry["size_bytes"] or sha256_of(tmp) != entry["sha256"]:
+        if tmp.stat().st_size != entry["size_bytes"] or registry.sha256_of(tmp) != entry["sha256"]:
             raise ModelImportError(f"The copy of {Path(path).name} in {dest_dir} does not match the manifest "
                                    "(disk full or the file changed while copying)")
         os.replace(tmp, dest)

@@ -1,5 +1,7 @@
 """Writing an analysis to a folder: labels.nrrd, segmentation.seg.nrrd, nodules.json, nodules.csv.
 
+:func:`read_outputs` reads such a folder back (the Slicer module's background run).
+
 All files are first written into a hidden temporary folder beside the output folder and
 moved into place only when every one of them was written: a failure leaves no partial
 output (files of an earlier run in the folder are replaced only on success; the rules are in
@@ -12,43 +14,22 @@ import csv
 import io as _io
 import json
 import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .io import CTVolume, ijk_to_lps_matrix
-from .results import NODULE_TERMINOLOGY, AnalysisResult
+from .results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 
-OUTPUT_FILES = ("labels.nrrd", "segmentation.seg.nrrd", "nodules.json", "nodules.csv")
-
-
-
-class OutputError(OSError):
-    """The output folder cannot be created or written."""
+# The four output files, the writing error and the folder check live with the output-folder
+# rules (:mod:`NoduleMTLLib.safe_output`), which this module's writer uses; re-exported here.
+from .safe_output import OUTPUT_FILES, OutputError, prepare_output_dir  # noqa: E402,F401
 
 
-def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and check it is writable (before any computation).
-
-    Raises OutputError with the reason.
-    """
-    p = Path(out_dir)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"Output path {p} exists and is not a folder")
-    created = not p.exists()
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".nodulemtl-probe-", dir=p)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        if created:
-            shutil.rmtree(p, ignore_errors=True)
-        raise OutputError(f"Cannot write to output folder {p}: {e.strerror or e}") from None
-    return p
+class OutputsError(RuntimeError):
+    """An output folder is incomplete or its files do not agree (:func:`read_outputs`)."""
 
 
 #: Consensus columns of nodules.csv (``NoduleMTLLib.consensus``; empty when not computed,
@@ -115,7 +96,7 @@ def _fill_single_layer(seg: dict, boxes, lo, fields) -> bool:
     segments = []
     for value, (box, f) in enumerate(zip(boxes, fields), start=1):
         sub = box.array.transpose(2, 1, 0)  # (i, j, k) inside the box
-        k0, j0, i0 = (o - l for o, l in zip(box.offset_zyx, lo[::-1]))
+        k0, j0, i0 = (o - low for o, low in zip(box.offset_zyx, lo[::-1]))
         region = vox[i0:i0 + sub.shape[0], j0:j0 + sub.shape[1], k0:k0 + sub.shape[2]]
         if region[sub].any():
             return False
@@ -216,3 +197,111 @@ def write_outputs(result: AnalysisResult, ct: CTVolume, out_dir: str | os.PathLi
         except OSError as e:
             raise OutputError(f"Cannot write outputs to {out_dir}: {e.strerror or e}") from None
         return s.commit()
+
+
+def _masks_from_seg_nrrd(path: Path, ct_ijk_to_lps, shape_zyx) -> dict | None:
+    """Per-nodule masks from ``segmentation.seg.nrrd`` (segments ``nodule_<id>``, overlaps
+    kept in layers) as :class:`~NoduleMTLLib.consensus.MaskBox` on the CT grid ``shape_zyx``
+    (None for an empty segment); None if the grid does not line up."""
+    import slicerio
+
+    from .consensus import MaskBox
+
+    seg = slicerio.read_segmentation(str(path))
+    seg_ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
+    if not np.allclose(seg_ijk_to_lps[:3, :3], ct_ijk_to_lps[:3, :3], atol=1e-4):
+        return None
+    offset = np.linalg.solve(ct_ijk_to_lps, seg_ijk_to_lps[:, 3])[:3]
+    lo = np.round(offset).astype(int)
+    if np.abs(offset - lo).max() > 1e-3:
+        return None
+    voxels = np.asarray(seg["voxels"])
+    layers = voxels if voxels.ndim == 4 else voxels[np.newaxis]
+    size_ijk = np.array(layers.shape[1:])
+    hi = lo + size_ijk
+    if np.any(lo < 0) or np.any(hi > np.array(shape_zyx[::-1])):
+        return None
+    masks = {}
+    for s in seg.get("segments", []):
+        m = re.fullmatch(r"nodule_(\d+)", str(s.get("id", "")))
+        if not m:
+            continue
+        sub = (layers[int(s.get("layer", 0))] == int(s["labelValue"])).transpose(2, 1, 0)  # (z, y, x)
+        box = MaskBox.from_full(sub)  # its box inside the segmentation's extent, then on the CT grid
+        masks[int(m.group(1))] = None if box is None else MaskBox(
+            tuple(int(o + v) for o, v in zip(box.offset_zyx, lo[::-1])), box.array, tuple(int(v) for v in shape_zyx))
+    return masks
+
+
+def read_outputs(out_dir: str | os.PathLike) -> AnalysisResult:
+    """Read an output folder of ``nodulemtl analyze`` back into an ``AnalysisResult``.
+
+    The reader of :func:`write_outputs`.  ``nodules.json`` gives the records (``from_dict``
+    of :class:`~NoduleMTLLib.results.AnalysisResult`, ``NoduleResult``, ``NetworkOutput``,
+    :class:`~NoduleMTLLib.consensus.Consensus`); masks are bool arrays on the CT grid, shape
+    ``(z, y, x)`` of ``labels.nrrd`` (held as :class:`~NoduleMTLLib.consensus.MaskBox`,
+    so a hundred whole-scan candidates do not each hold a CT-sized array; ``mask`` reads
+    as the full-grid array): from ``segmentation.seg.nrrd`` (exact, overlapping
+    masks kept) when it is there and lines up with ``labels.nrrd``, else
+    ``labels.nrrd == id`` (where masks overlap, the earlier nodule owns the voxel).
+    Per-network masks (``network_masks``) are not written to the folder and stay empty.
+
+    Raises:
+        OutputsError: a file is missing, the JSON is not a NoduleMTL result, the label map's
+            size differs from the JSON's ``input.size_ijk``, or a found nodule has an empty
+            mask.
+    """
+    out = Path(out_dir)
+    json_path, labels_path = out / "nodules.json", out / "labels.nrrd"
+    for p in (json_path, labels_path):
+        if not p.is_file():
+            raise OutputsError(f"Output folder {out} has no {p.name}")
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+        records = data["nodules"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise OutputsError(f"{json_path} is not a NoduleMTL result: {e}") from None
+    labels_image = sitk.ReadImage(str(labels_path))
+    labels = sitk.GetArrayFromImage(labels_image)
+    size_ijk = list(labels_image.GetSize())
+    if data.get("input", {}).get("size_ijk") not in (None, size_ijk):
+        raise OutputsError(f"{labels_path} has size {size_ijk}, nodules.json says {data['input']['size_ijk']}")
+    masks = None
+    seg_path = out / "segmentation.seg.nrrd"
+    if seg_path.is_file():
+        masks = _masks_from_seg_nrrd(seg_path, ijk_to_lps_matrix(labels_image), labels.shape)
+        if masks is not None:  # a voxel labelled k outside segment k: the files disagree, trust the label map
+            counts = np.bincount(labels.ravel(), minlength=max(masks, default=0) + 1)
+            for k, v in masks.items():
+                inside = 0 if v is None or k < 0 else int((labels[v.slices] == k).sum())
+                if (k >= 0 and counts[k] > inside) or (v is not None and np.any((labels[v.slices] == k) & ~v.array)):
+                    masks = None
+                    break
+    from scipy import ndimage as ndi
+
+    from .consensus import MaskBox
+
+    boxes = ndi.find_objects(labels)  # tight box of each label value (index value - 1)
+
+    nodules = []
+    for rec in records:
+        nid = int(rec["id"])
+        try:
+            nodule = NoduleResult.from_dict(rec)
+        except (KeyError, TypeError, ValueError) as e:
+            raise OutputsError(f"{json_path} is not a NoduleMTL result: {e}") from None
+        if nodule.found:
+            if masks is not None and nid in masks:
+                mask = masks[nid]  # None: an empty segment
+            else:
+                box = boxes[nid - 1] if 0 < nid <= len(boxes) else None
+                mask = None if box is None else MaskBox(tuple(int(b.start) for b in box), labels[box] == nid,
+                                                        tuple(int(v) for v in labels.shape))
+            if mask is None:
+                raise OutputsError(f"Nodule {nid} is marked found but has no voxel in {out}")
+            nodule.mask = mask
+        nodules.append(nodule)
+    try:
+        return AnalysisResult.from_dict(data, nodules)
+    except (KeyError, TypeError) as e:
+        raise OutputsError(f"{json_path} is not a NoduleMTL result: {e}") from None

@@ -183,7 +183,6 @@ def write_pictures(result, ct, out_dir) -> list[Path]:
                 nodule_picture(ct, n).save(tmp / picture_file(n.id), optimize=False)
                 paths.append(out / PICTURES_DIR / picture_file(n.id))
         final = out / PICTURES_DIR
-        from .report_html import _umask
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
         if final.exists():
             shutil.rmtree(final)
@@ -192,3 +191,10 @@ def write_pictures(result, ct, out_dir) -> list[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process umask (read without changing it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

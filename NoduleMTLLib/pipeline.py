@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from .io import CTVolume, InputError
 from .metrics import dice
 from .postprocess import component_near, cut_at_neck, measure_nodule, truncate_axial_leak
 from .preprocessing import normalize_slices
-from .registry import NETWORKS, load_network
+from .registry import DEFAULT_NETWORKS, NETWORKS, load_network
 from .results import AnalysisResult, NetworkOutput, NoduleResult
 from .roi import PatchGrid, extract_patch, patch_to_ct_region, slice_axis_spacing
 
@@ -63,10 +63,11 @@ def hu_center(ct: CTVolume, point_lps, radius_mm: float = 2.0) -> np.ndarray:
 class Click2DNetwork:
     """Runs a 2D slice network (any registered click network) on an axial stack around a click.
 
-    Networks return ``(seg logits (N, 1, H, W), malignancy logit (N,))``; networks with
-    radiological-sign heads also provide ``forward_click`` -> ``(seg, malignancy, {sign:
-    (N,) logit})`` and ``sign_heads``; ``seg_border_px`` (optional) is the outer ring of
-    the patch that a network never segments (DSMT-Net's local crop), used by the zoom ladder.
+    The model satisfies :class:`NoduleMTLLib.contract.ClickNetwork`: ``forward_click`` ->
+    ``(seg logits (N, 1, H, W), malignancy logit (N,), {sign: (N,) logit})`` with the keys
+    ``sign_heads``; ``seg_border_px`` is the outer ring of the patch that the network never
+    segments (DSMT-Net's local crop), used by the zoom ladder.  The input grid is the
+    network file's ``INPUT_SPEC`` (``size_px``, ``spacing_mm``).
 
     Args:
         network_id: registry id; model: loaded torch module in eval mode; device: torch device.
@@ -94,16 +95,12 @@ class Click2DNetwork:
     @property
     def sign_names(self) -> tuple[str, ...]:
         """Radiological-sign heads of the network (empty for malignancy-only networks)."""
-        return tuple(getattr(self.model, "sign_heads", ()))
+        return tuple(self.model.sign_heads)
 
     def _forward(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised slices (N, 1, H, W) -> (seg probability (N, H, W), logits (N, 1 + n_signs))."""
-        if hasattr(self.model, "forward_click"):  # networks with sign heads (DSMT-Net)
-            seg, cls, signs = self.model.forward_click(xb)
-            lg = torch.stack([cls] + [signs[k] for k in self.sign_names], 1)
-        else:
-            seg, cls = self.model(xb)
-            lg = cls[:, None]
+        seg, cls, signs = self.model.forward_click(xb)  # the contract (NoduleMTLLib.contract.ClickNetwork)
+        lg = torch.stack([cls] + [signs[k] for k in self.sign_names], 1)
         return torch.sigmoid(seg)[:, 0].float(), lg.float()
 
     @torch.inference_mode()
@@ -183,7 +180,7 @@ class Click2DNetwork:
             comp = truncate_axial_leak(comp, len(comp) // 2)
             comp = cut_at_neck(comp, len(comp) // 2, g.spacing_xyz[0] * g.spacing_xyz[1])
             comp = component_near(comp, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
-            b = int(getattr(self.model, "seg_border_px", 0))  # networks that segment only the patch centre
+            b = int(self.model.seg_border_px)  # networks that segment only the patch centre
             touches = comp[:, b, :].any() or comp[:, -1 - b, :].any() or comp[:, :, b].any() or comp[:, :, -1 - b].any() \
                 or comp[0].any() or comp[-1].any()
             if not touches or zoom == ZOOMS[-1]:
@@ -243,7 +240,7 @@ def check_point(ct: CTVolume, point_lps) -> None:
         raise InputError(f"Point RAS {ras} mm lies in the air outside the body; click inside the lung")
 
 
-def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_ids=("lnmsnet",), device="auto",
+def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_ids=DEFAULT_NETWORKS, device="auto",
                    progress: Progress | None = None, networks: dict | None = None, mask: str = "first",
                    tta: bool = False) -> AnalysisResult:
     """Segment, measure and classify the nodule at each clicked point.

@@ -16,7 +16,6 @@ same values up to 8-bit quantisation (about 10 HU per grey level).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 #: HU used to pad patches beyond the end of the volume (air).
@@ -43,9 +42,3 @@ def normalize_slices(x: torch.Tensor) -> torch.Tensor:
     scale = (hi - lo)
     out = torch.where(scale > 1e-6, (flat - lo) / scale.clamp_min(1e-6), torch.zeros_like(flat))
     return out.clamp(-0.5, 1.5).reshape(x.shape)
-
-
-def normalize_slices_np(x: np.ndarray) -> np.ndarray:
-    """numpy wrapper of :func:`normalize_slices` for (N, H, W) arrays; returns float32 (N, H, W)."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
-    return normalize_slices(t)[:, 0].numpy()

@@ -32,8 +32,8 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,7 +45,7 @@ from .io import CTVolume, InputError
 from .pipeline import THRESHOLD, ZOOMS, Click2DNetwork
 from .postprocess import measure_nodule
 from .preprocessing import normalize_slices
-from .registry import NETWORKS, load_network
+from .registry import DEFAULT_NETWORKS, NETWORKS, load_network
 from .results import NetworkOutput, NoduleResult
 from .roi import extract_patch
 
@@ -127,7 +127,7 @@ def classify_mask_with_network(net: Click2DNetwork, ct: CTVolume, mask: np.ndarr
         (True when the classifier took the mask as an input channel), ``clipped`` (True when
         the mask touches the border of the largest patch).
     """
-    border = int(getattr(net.model, "seg_border_px", 0))
+    border = int(net.model.seg_border_px)
     for zoom in ZOOMS:
         grid = net.grid(ct, center_lps, zoom)
         m = _mask_on_grid(ct, mask, grid)
@@ -141,7 +141,7 @@ def classify_mask_with_network(net: Click2DNetwork, ct: CTVolume, mask: np.ndarr
     covered = np.nonzero(areas > 0)[0]
     hu = extract_patch(ct, grid)[covered]
     device = _model_device(net.model, net.device)
-    mask_input = hasattr(net.model, "classnet")
+    mask_input = bool(net.model.classifies_mask)
     signs: dict[str, float] = {}
     if mask_input:  # MT-Net: Class-net gets the edited mask as its 2nd input channel
         mal = _classnet_logits(net.model, hu, binary[covered], device)
@@ -151,7 +151,7 @@ def classify_mask_with_network(net: Click2DNetwork, ct: CTVolume, mask: np.ndarr
         if logits.ndim == 1:
             logits = logits[:, None]
         mal = logits[:, 0]
-        names = tuple(getattr(net.model, "sign_heads", ()))
+        names = tuple(net.model.sign_heads)
         for k, name in enumerate(names[: logits.shape[1] - 1]):
             signs[name] = round(float(sigmoid(nodule_logit_from_slices(logits[:, 1 + k], areas[covered]))), 4)
     p = float(sigmoid(nodule_logit_from_slices(mal, areas[covered])))
@@ -159,7 +159,7 @@ def classify_mask_with_network(net: Click2DNetwork, ct: CTVolume, mask: np.ndarr
             "mask_input": mask_input, "clipped": clipped}
 
 
-def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str] = ("lnmsnet",), device="auto",
+def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str] = DEFAULT_NETWORKS, device="auto",
                          networks: dict | None = None, nodule_id: int = 1, point_lps=None) -> NoduleResult:
     """Measurements and network probabilities of a given (e.g. user-edited) nodule mask.
 
@@ -387,7 +387,7 @@ def export_for_training(ct: CTVolume, mask_zyx_bool, labels: dict | None, out_di
     w.writerows(rows)
     tmps = []
     try:
-        for image, path in ((ct_crop, img_path), (m_crop, mask_path)):
+        for image in (ct_crop, m_crop):
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nrrd", dir=out)
             os.close(fd); tmps.append(tmp)
             sitk.WriteImage(image, tmp, True)

@@ -12,15 +12,17 @@ sha256, checked before loading.  Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .model_import import sha256_of  # noqa: F401  (re-exported: registry.sha256_of)
+from . import DEFAULT_NETWORKS as _DEFAULT_NETWORKS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -29,12 +31,30 @@ class WeightsError(RuntimeError):
     """Weights missing, unreadable, or failing their checksum."""
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (read in 1 MiB chunks). Raises OSError if it cannot be read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class NetworkSpec:
-    """A registered network: id, human title, paper, builder and input description.
+    """A registered network: id, human title, paper, builder, weights file and the module
+    that declares its input.
 
-    ``kind``: "click" (segments/classifies around a point; :data:`NETWORKS`,
-    :func:`available_networks`) or "detector" (whole-scan search; :data:`DETECTORS`).
+    Attributes:
+        network_id: the id used everywhere (CLI, JSON keys, weights file names).
+        title / paper: human title and citation (panel, manifest, model card).
+        builder: ``() -> nn.Module``, untrained instance satisfying the contract of its kind
+            (:class:`NoduleMTLLib.contract.ClickNetwork` or :class:`~NoduleMTLLib.contract.WholeScanDetector`).
+        weights_file: file name looked up in :func:`weights_search_path`.
+        module: dotted name of the network file, which declares ``INPUT_SPEC``.
+        kind: "click" (segments/classifies around a point; :data:`NETWORKS`), "detector"
+            (whole-scan search; :data:`DETECTORS`) or "fp_reduction" (second stage of the
+            whole-scan search; :data:`FP_REDUCERS`).
     """
 
     network_id: str
@@ -42,8 +62,56 @@ class NetworkSpec:
     paper: str
     builder: Callable[[], torch.nn.Module]
     weights_file: str
-    input_spec: dict
+    module: str
     kind: str = "click"
+
+    @property
+    def input_spec(self) -> dict:
+        """The network file's ``INPUT_SPEC`` (a copy; imports the file on first use)."""
+        return dict(importlib.import_module(self.module).INPUT_SPEC)
+
+
+#: Click networks of the default configuration when none are chosen (CLI, batch, Slicer CLI
+#: module, panel): :data:`NoduleMTLLib.DEFAULT_NETWORKS`, the measured default.
+DEFAULT_NETWORKS: tuple[str, ...] = _DEFAULT_NETWORKS
+#: Its first network (reported mask; re-classification when a segment names no network).
+DEFAULT_NETWORK = DEFAULT_NETWORKS[0]
+#: Whole-scan detector of "Find nodules" / ``--detect``.
+DEFAULT_DETECTOR = "maskrcnn25d"
+#: False-positive reduction of the whole-scan search's candidates (its second stage).
+DEFAULT_FP_REDUCER = "fpr25d"
+#: Click network whose trained encoder initialises the detector's ResNet-18 body
+#: (``training.detection_phases.init_backbone_from_lnmsnet``).
+BACKBONE_SOURCE = "lnmsnet"
+
+#: Click networks, in the order the panel lists them (:func:`register` adds more).
+NETWORKS: dict[str, NetworkSpec] = {}
+#: Whole-scan detectors (kind "detector"): never in :data:`NETWORKS` (the click list).
+DETECTORS: dict[str, NetworkSpec] = {}
+#: False-positive reduction of whole-scan candidates (kind "fp_reduction"; second stage of Find nodules).
+FP_REDUCERS: dict[str, NetworkSpec] = {}
+
+
+def register(spec: NetworkSpec) -> NetworkSpec:
+    """Add a network to :data:`NETWORKS` (kind "click"), :data:`DETECTORS` (kind "detector") or
+    :data:`FP_REDUCERS` (kind "fp_reduction").
+
+    Raises:
+        ValueError: unknown kind, or the id is registered already.
+    """
+    table = {"click": NETWORKS, "detector": DETECTORS, "fp_reduction": FP_REDUCERS}.get(spec.kind)
+    if table is None:
+        raise ValueError(f"unknown network kind {spec.kind!r}: 'click', 'detector' or 'fp_reduction'")
+    if spec.network_id in NETWORKS or spec.network_id in DETECTORS or spec.network_id in FP_REDUCERS:
+        raise ValueError(f"network {spec.network_id!r} is registered already")
+    table[spec.network_id] = spec
+    return spec
+
+
+def unregister(network_id: str) -> None:
+    """Remove a network registered with :func:`register` (tests)."""
+    for table in (NETWORKS, DETECTORS, FP_REDUCERS):
+        table.pop(network_id, None)
 
 
 def _lnmsnet():
@@ -66,58 +134,23 @@ def _mtnet():
     return build_mtnet("narrow")
 
 
-def _specs() -> dict[str, NetworkSpec]:
-    from .networks import lnmsnet as L
-    return {
-        "lnmsnet": NetworkSpec(
-            "lnmsnet", "LNMSNet", "Li Y. et al., Front. Med. 2026, doi:10.3389/fmed.2026.1773338", _lnmsnet,
-            "lnmsnet.safetensors",
-            {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
-             "intensity": "per-slice robust (p1-p99) normalisation of HU"},
-        ),
-        "detguided": NetworkSpec(
-            "detguided", "Detection-guided seg/cls model (narrow variant)",
-            "Zhang J. et al., QIMS 2024 / arXiv 2410.20154", _detguided, "detguided.safetensors",
-            {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
-             "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow"},
-        ),
-        "dsmtnet": NetworkSpec(
-            "dsmtnet", "DSMT-Net (2D, narrow variant)", "DSMT-Net (seed 003): dual-scale multi-task network", _dsmtnet,
-            "dsmtnet.safetensors",
-            {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
-             "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow",
-             "dual_scale": "local: central 48 px at 0.8 mm; context: whole patch at 1.6 mm (48 px)",
-             "heads": ["malignancy", "spiculation", "lobulation", "calcification", "subsolid", "bubble_lucency"]},
-        ),
-        "mtnet": NetworkSpec(
-            "mtnet", "MT-Net (narrow variant)", "MT-Net (seed 004): coarse-to-fine segmentation + Class-net", _mtnet,
-            "mtnet.safetensors",
-            {"dims": 2, "channels": 1, "size_px": L.INPUT_SIZE_PX, "spacing_mm": L.INPUT_SPACING_MM,
-             "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow"},
-        ),
-    }
-
-
-NETWORKS = _specs()
-
-
 def _maskrcnn25d():
     from .detection.model import build_maskrcnn25d
     return build_maskrcnn25d(backbone="resnet18")
 
 
-#: Whole-scan detectors (kind "detector"): never in :data:`NETWORKS` (the click list).
-DETECTORS = {
-    "maskrcnn25d": NetworkSpec(
-        "maskrcnn25d", "2.5D Mask R-CNN nodule search (narrow variant, ResNet-18-FPN)",
-        "Li R., Honarvar Shakibaei Asli B., Electronics 2026, 15(4), 736", _maskrcnn25d, "maskrcnn25d.safetensors",
-        {"dims": 2.5, "channels": 5, "stack": "axial slices k-2..k+2 (edge slices repeated), channel 0 most inferior",
-         "spacing_mm": "native (no resampling, no resizing)",
-         "intensity": "HU window [-1000, 400] -> [0, 1], slice-wise CLAHE, times the lung mask "
-                      "(NoduleMTLLib.detection.preprocess)", "variant": "narrow"},
-        kind="detector",
-    ),
-}
+register(NetworkSpec("lnmsnet", "LNMSNet", "Li Y. et al., Front. Med. 2026, doi:10.3389/fmed.2026.1773338", _lnmsnet,
+                     "lnmsnet.safetensors", "NoduleMTLLib.networks.lnmsnet"))
+register(NetworkSpec("detguided", "Detection-guided seg/cls model (narrow variant)",
+                     "Zhang J. et al., QIMS 2024 / arXiv 2410.20154", _detguided, "detguided.safetensors",
+                     "NoduleMTLLib.networks.detguided"))
+register(NetworkSpec("dsmtnet", "DSMT-Net (2D, narrow variant)", "DSMT-Net (seed 003): dual-scale multi-task network",
+                     _dsmtnet, "dsmtnet.safetensors", "NoduleMTLLib.networks.dsmtnet"))
+register(NetworkSpec("mtnet", "MT-Net (narrow variant)", "MT-Net (seed 004): coarse-to-fine segmentation + Class-net",
+                     _mtnet, "mtnet.safetensors", "NoduleMTLLib.networks.mtnet"))
+register(NetworkSpec("maskrcnn25d", "2.5D Mask R-CNN nodule search (narrow variant, ResNet-18-FPN)",
+                     "Li R., Honarvar Shakibaei Asli B., Electronics 2026, 15(4), 736", _maskrcnn25d,
+                     "maskrcnn25d.safetensors", "NoduleMTLLib.detection.model", kind="detector"))
 
 
 def _fpr25d():
@@ -125,22 +158,13 @@ def _fpr25d():
     return FPR25D()
 
 
-#: False-positive reduction of whole-scan candidates (kind "fp_reduction"; second stage of Find nodules).
-FP_REDUCERS = {
-    "fpr25d": NetworkSpec(
-        "fpr25d", "2.5D false-positive reduction of Find nodules candidates",
-        "ours, after Setio A.A.A. et al., IEEE TMI 2016 (multi-view ConvNets) and the LUNA16 FP-reduction track",
-        _fpr25d, "fpr25d.safetensors",
-        {"dims": 2.5, "channels": 3, "size_px": 32, "field_mm": 24.0,
-         "channels_are": "centre slice, mean and max over the candidate's slice range",
-         "scalar": "slice-range extent (mm) / 10", "intensity": "HU window [-1000, 400] -> [0, 1]"},
-        kind="fp_reduction",
-    ),
-}
+register(NetworkSpec("fpr25d", "2.5D false-positive reduction of Find nodules candidates",
+                     "ours, after Setio A.A.A. et al., IEEE TMI 2016 (multi-view ConvNets) and the LUNA16 FP-reduction track",
+                     _fpr25d, "fpr25d.safetensors", "NoduleMTLLib.detection.fp_reduction", kind="fp_reduction"))
 
 
 def available_networks() -> list[str]:
-    """Ids of networks that can run a click analysis (registered in this version); detectors excluded."""
+    """Ids of the click networks (:data:`NETWORKS`); detectors excluded."""
     return list(NETWORKS)
 
 
@@ -149,11 +173,16 @@ def available_detectors() -> list[str]:
     return list(DETECTORS)
 
 
+def all_ids() -> list[str]:
+    """Every registered id: click networks, then detectors (training CLI choices, results table)."""
+    return [*NETWORKS, *DETECTORS]
+
+
 def get_spec(network_id: str) -> NetworkSpec:
     """The :class:`NetworkSpec` of a click network or detector. Raises KeyError listing the known ids."""
     spec = NETWORKS.get(network_id) or DETECTORS.get(network_id) or FP_REDUCERS.get(network_id)
     if spec is None:
-        raise KeyError(f"unknown network {network_id!r}; available: {', '.join([*NETWORKS, *DETECTORS, *FP_REDUCERS])}")
+        raise KeyError(f"unknown network {network_id!r}; available: {', '.join([*all_ids(), *FP_REDUCERS])}")
     return spec
 
 

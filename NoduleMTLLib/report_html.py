@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
+from .pictures import _umask
 
 REPORT_FILE = "report.html"
 DISCLAIMER = "Research software, not for clinical use."
@@ -114,12 +115,6 @@ def report_html(result, pictures_dir=None, title: str | None = None) -> str:
         out.append(f"<p class='small'>Note: {_e(m)}</p>")
     out.append(f"<p class='disclaimer'>{_e(DISCLAIMER)}</p></body></html>\n")
     return "\n".join(out)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_report_html(result, out_dir, pictures_dir=None) -> Path:

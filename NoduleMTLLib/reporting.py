@@ -70,13 +70,11 @@ def prepare(args) -> None:
         args.dicom_seg = True
 
 
-def annotate(result, ct, args=None) -> None:
-    """Lung-RADS / Brock records on ``result`` (patient inputs: DICOM header, then ``args``' options)."""
-    from .assessment import annotate_result, patient_for
-
-    g = (lambda k: getattr(args, k, None)) if args is not None else (lambda k: None)
-    annotate_result(result, ct, patient_for(ct, age=g("age"), sex=g("sex"), family_history=g("family_history"),
-                                            emphysema=g("emphysema")))
+def patient_options(args=None) -> dict:
+    """The Brock patient options of parsed ``args`` (``age``, ``sex``, ``family_history``,
+    ``emphysema``; None when not given): the ``patient`` of :func:`NoduleMTLLib.analysis.analyze`,
+    which records Lung-RADS / Brock on the result (DICOM header first, these options over it)."""
+    return {k: getattr(args, k, None) for k in ("age", "sex", "family_history", "emphysema")}
 
 
 def write_report_files(result, ct, out_dir, pictures: bool = True, dicom_sr: bool = False) -> list[Path]:

@@ -35,7 +35,7 @@ class NetworkOutput:
     """What one network says about one nodule.
 
     Attributes:
-        network_id: one of :data:`NoduleMTLLib.NETWORK_IDS`.
+        network_id: a registry id (:mod:`NoduleMTLLib.registry`).
         malignancy_probability: P(malignant) in [0, 1].
         sign_probabilities: radiological sign name -> probability in [0, 1].
         dice_with_final: Dice of this network's own mask with the reported mask
@@ -46,6 +46,16 @@ class NetworkOutput:
     malignancy_probability: float
     sign_probabilities: dict[str, float] = field(default_factory=dict)
     dice_with_final: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``nodules.json``: ``networks.<id>``), without the id (the key)."""
+        return {k: v for k, v in asdict(self).items() if k != "network_id"}
+
+    @classmethod
+    def from_dict(cls, network_id: str, d: dict[str, Any]) -> NetworkOutput:
+        """The record of :meth:`to_dict` back."""
+        return cls(network_id, d.get("malignancy_probability"), dict(d.get("sign_probabilities") or {}),
+                   d.get("dice_with_final"))
 
 
 @dataclass
@@ -161,7 +171,7 @@ class NoduleResult:
             "solid_fraction": _r(self.solid_fraction, 3),
             "type": self.type,
             "malignancy_probability": self.malignancy_probability,
-            "networks": {k: {kk: vv for kk, vv in asdict(v).items() if kk != "network_id"} for k, v in self.networks.items()},
+            "networks": {k: v.to_dict() for k, v in self.networks.items()},
             "message": self.message,
             "reported_mask": self.reported_mask,
             "consensus": None if self.consensus is None else self.consensus.to_dict(),
@@ -171,6 +181,23 @@ class NoduleResult:
         if self.detection is not None:
             d["detection"] = self.detection
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], mask: np.ndarray | None = None) -> NoduleResult:
+        """The record of :meth:`to_dict` back (``mask``: the bool (z, y, x) mask, read
+        separately; ``network_masks`` stay empty: they are not written)."""
+        from .consensus import Consensus
+
+        tup = lambda v: None if v is None else tuple(float(x) for x in v)  # noqa: E731
+        return cls(id=int(d["id"]), point_lps_mm=tup(d["point_lps_mm"]), found=bool(d["found"]), mask=mask,
+                   diameter_mm=d.get("diameter_mm"), short_axis_mm=d.get("short_axis_mm"), volume_mm3=d.get("volume_mm3"),
+                   mean_hu=d.get("mean_hu"), solid_fraction=d.get("solid_fraction"), type=d.get("type"),
+                   malignancy_probability=d.get("malignancy_probability"),
+                   centroid_lps_mm=tup(d.get("centroid_lps_mm")),
+                   networks={k: NetworkOutput.from_dict(k, v or {}) for k, v in (d.get("networks") or {}).items()},
+                   message=d.get("message") or "", reported_mask=d.get("reported_mask") or "first",
+                   consensus=None if d.get("consensus") is None else Consensus.from_dict(d["consensus"]),
+                   detection=d.get("detection"), lung_rads=d.get("lung_rads"), brock=d.get("brock"))
 
 
 def _get_mask(self) -> np.ndarray | None:
@@ -219,7 +246,16 @@ class AnalysisResult:
         return lab
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``nodules.json``)."""
         d = {"input": self.input, "run": self.run, "nodules": [n.to_dict() for n in self.nodules]}
         if self.messages:
             d["messages"] = list(self.messages)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], nodules: list[NoduleResult] | None = None) -> AnalysisResult:
+        """The record of :meth:`to_dict` back; ``nodules`` (rebuilt with their masks by
+        :func:`NoduleMTLLib.outputs.read_outputs`) replace ``d["nodules"]`` when given."""
+        if nodules is None:
+            nodules = [NoduleResult.from_dict(n) for n in d["nodules"]]
+        return cls(input=d["input"], run=d["run"], nodules=nodules, messages=list(d.get("messages") or []))

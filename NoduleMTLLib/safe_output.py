@@ -28,11 +28,38 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
 
-from .outputs import OUTPUT_FILES, OutputError
+#: The four outputs of an analysis (:func:`NoduleMTLLib.outputs.write_output_files`).
+OUTPUT_FILES = ("labels.nrrd", "segmentation.seg.nrrd", "nodules.json", "nodules.csv")
+
+
+class OutputError(OSError):
+    """The output folder cannot be created or written."""
+
+
+def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` if needed and check it is writable (before any computation).
+
+    Raises OutputError with the reason.
+    """
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"Output path {p} exists and is not a folder")
+    created = not p.exists()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".nodulemtl-probe-", dir=p)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        if created:
+            shutil.rmtree(p, ignore_errors=True)
+        raise OutputError(f"Cannot write to output folder {p}: {e.strerror or e}") from None
+    return p
+
 
 #: Every file or folder NoduleMTL writes into an output folder (the four outputs, the optional DICOM SEG
 #: and SR, the report page and its pictures).
@@ -268,7 +295,6 @@ def locked_output_root(out_dir: str | os.PathLike, stale: Iterable[str] = ()):
     Raises:
         OutputError / OutputLocked: the folder cannot be created or written, or another run holds it.
     """
-    from .outputs import prepare_output_dir
 
     out = Path(out_dir)
     try:

@@ -52,8 +52,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from NoduleMTLLib.calibration import (FORMAT, Calibrator, CalibrationSet, LinearStack, ProbabilityModel, logit,
-                                      nodule_features, sigmoid)
+from NoduleMTLLib.calibration import CalibrationSet, Calibrator, LinearStack, ProbabilityModel, logit, nodule_features, sigmoid
 from NoduleMTLLib.metrics import roc_auc
 from training.data import REPO
 
@@ -344,7 +343,7 @@ def fit_config(cid: str, val: list[dict]) -> tuple[ProbabilityModel, dict]:
         X = np.array([[features(r)[k] for k in names] for r in cv])
         cvb = {}
         for l2 in L2_GRID:
-            cvb[l2] = cv_brier(lambda tr, te: fit_stack(X[tr], y[tr], l2, names)(X[te]), len(y), y)
+            cvb[l2] = cv_brier(lambda tr, te, l2=l2: fit_stack(X[tr], y[tr], l2, names)(X[te]), len(y), y)
         best = min(cvb, key=cvb.get)
         stack = fit_stack(X, y, best, names)
         oof = cv_predictions(lambda tr, te: fit_stack(X[tr], y[tr], best, names)(X[te]), y)
@@ -352,7 +351,7 @@ def fit_config(cid: str, val: list[dict]) -> tuple[ProbabilityModel, dict]:
                 {"method": "logistic regression (identity calibrator)", "l2": best,
                  "cv_brier_by_l2": {str(k): v for k, v in cvb.items()}, "oof": oof})
     p = raw_scores(cid, cv)
-    cvb = {m: cv_brier(lambda tr, te: fit_calibrator(m, p[tr], y[tr])(p[te]), len(y), y)
+    cvb = {m: cv_brier(lambda tr, te, m=m: fit_calibrator(m, p[tr], y[tr])(p[te]), len(y), y)
            for m in ("identity", "temperature", "platt", "isotonic")}
     best = min((m for m in cvb if m != "identity"), key=cvb.get)
     oof = cv_predictions(lambda tr, te: fit_calibrator(best, p[tr], y[tr])(p[te]), y)
@@ -363,7 +362,6 @@ def fit_config(cid: str, val: list[dict]) -> tuple[ProbabilityModel, dict]:
 def evaluate(model: ProbabilityModel, recs: list[dict], all_recs: list[dict]) -> dict:
     """Metrics of a fitted model on one split's records (classification on the common nodule set)."""
     cid = model.id
-    src = CONFIGS[cid][1]
     cs = classified(recs)
     y = np.array([r["label"] for r in cs], float)
     raw = raw_scores(cid, cs, model.stack)

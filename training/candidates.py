@@ -48,9 +48,9 @@ def label_candidates(cands: list[dict], refs, excluded_lps, excluded_radius_mm: 
 
 def candidates_of_scan(model, folder: Path, device="cpu") -> dict:
     """Run the search on ``folder`` (ct.nrrd + nodules_labels.nrrd + nodules.csv [+ excluded.json])."""
-    from NoduleMTLLib.detection import evaluate as ev
     from NoduleMTLLib.detection.fp_reduction import CANDIDATE_THRESHOLD
     from NoduleMTLLib.detection.infer import merge_detections, run_slice_detections
+    from training import detection_matching as ev
 
     ct, refs = ev.load_lidc_whole_ct_references(folder)
     exc = json.loads((folder / "excluded.json").read_text())["excluded"] if (folder / "excluded.json").exists() else []

@@ -30,7 +30,8 @@ def update_manifest(network_id: str, weights: Path) -> None:
     entry = {
         "title": spec.title, "paper": spec.paper, "file": weights.name, "size_bytes": weights.stat().st_size,
         "sha256": sha256_of(weights), "version": __version__, "dtype": "float16", "input_spec": spec.input_spec,
-        "training_data": "LIDC-IDRI (TCIA, CC BY 3.0) via ../shared/data/lidc_slices; patient split training/splits/lidc_patient_split.json",
+        "training_data": "LIDC-IDRI (TCIA, CC BY 3.0) via ../shared/data/lidc_slices; "
+                         "patient split training/splits/lidc_patient_split.json",
         "model_card": f"{network_id}.md", "metrics": {},
     }
     old = man.get("networks", {}).get(network_id) or {}
@@ -80,41 +81,45 @@ def update_manifest(network_id: str, weights: Path) -> None:
 
 
 def main(argv=None) -> int:
+    from NoduleMTLLib import registry
+
+    ids = registry.all_ids()  # every registered network (click networks, then detectors)
+    detectors = tuple(registry.DETECTORS)
     ap = argparse.ArgumentParser(prog="nodulemtl-train", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a network (resumes from OUT/last.pt)")
-    t.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
+    t.add_argument("network", choices=ids)
     t.add_argument("--config", type=Path, default=None, help="JSON config (default training/configs/NETWORK.json)")
     t.add_argument("--out", type=Path, default=None, help="run folder (default runs/NETWORK)")
     t.add_argument("--data", type=Path, default=None, help="data folder (default ../shared/data or $NODULEMTL_DATA)")
     t.add_argument("--limit-nodules", type=int, default=None, help="use only the first N training nodules (smoke runs)")
     t.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
-    t.add_argument("--iterations", type=int, default=None, help="maskrcnn25d: override the config's iterations")
-    t.add_argument("--max-minutes", type=float, default=None, help="maskrcnn25d: override the config's time box")
+    t.add_argument("--iterations", type=int, default=None, help="detectors: override the config's iterations")
+    t.add_argument("--max-minutes", type=float, default=None, help="detectors: override the config's time box")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="maskrcnn25d: training device (default auto: CUDA with mixed precision when a GPU is present)")
+                   help="detectors: training device (default auto: CUDA with mixed precision when a GPU is present)")
     e = sub.add_parser("evaluate", help="evaluate weights on a split; writes a JSON report")
-    e.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
+    e.add_argument("network", choices=ids)
     e.add_argument("--weights", type=Path, default=None, help="checkpoint (.pt) or shipped .safetensors (default: shipped)")
     e.add_argument("--split", choices=["val", "test"], default="val")
     e.add_argument("--data", type=Path, default=None)
     e.add_argument("--out", type=Path, default=None, help="report JSON path")
     e.add_argument("--vois", action="store_true", help="3D click-path evaluation on the HU VOIs (lidc_vois) instead")
     e.add_argument("--whole-ct", action="store_true",
-                   help="maskrcnn25d: whole-scan evaluation on ../shared/data/whole_ct (LIDC test patients 0003/0005: "
+                   help="detectors: whole-scan evaluation on ../shared/data/whole_ct (LIDC test patients 0003/0005: "
                         "P/R/F1, FROC/CPM; Lung-PET-CT-Dx A0001/A0002 tumour boxes), see training/evaluate_detection.py")
-    e.add_argument("--limit-nodules", type=int, default=None, help="maskrcnn25d: first N nodules of the split only")
+    e.add_argument("--limit-nodules", type=int, default=None, help="detectors: first N nodules of the split only")
     e.add_argument("--layout", choices=["centred", "jitter"], default=None,
-                   help="maskrcnn25d crop evaluation: tile layout of the mosaics (default: the config's tile_layout; "
+                   help="detector crop evaluation: tile layout of the mosaics (default: the config's tile_layout; "
                         "centred = whole 128 px fields, the nodule in the middle of each; jitter = moved windows)")
     x = sub.add_parser("export", help="export a checkpoint to fp16 safetensors for shipping")
-    x.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
+    x.add_argument("network", choices=ids)
     x.add_argument("checkpoint", type=Path)
     x.add_argument("--out", type=Path, default=None)
     m = sub.add_parser("manifest", help="refresh the shipped file's manifest entry (size, sha256, metrics from runs/NETWORK/eval_*.json)")
-    m.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d"])
+    m.add_argument("network", choices=ids)
     r = sub.add_parser("report", help="ROC / Dice-histogram PNGs and metric summaries from runs/NETWORK/eval_*.json")
-    r.add_argument("network", choices=["lnmsnet", "detguided", "dsmtnet", "mtnet"])
+    r.add_argument("network", choices=list(registry.NETWORKS))
     r.add_argument("--runs", type=Path, default=None, help="runs folder holding NETWORK/eval_*.json (default runs)")
     r.add_argument("--out", type=Path, default=None, help="output folder (default training/reports/NETWORK)")
     w = sub.add_parser("wholescan", help="build the whole-scan training set (HU volumes, consensus masks, excluded marks) "
@@ -150,12 +155,12 @@ def main(argv=None) -> int:
         return 0
 
     if a.cmd == "train":
-        if a.network == "maskrcnn25d":  # before torch loads libgomp: no busy-waiting threads on a shared CPU
+        if a.network in detectors:  # before torch loads libgomp: no busy-waiting threads on a shared CPU
             import os
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from training import click2d
         cfg = json.loads((a.config or REPO / "training" / "configs" / f"{a.network}.json").read_text())
-        if a.network == "maskrcnn25d":
+        if a.network in detectors:
             from training import detection
             for key, val in (("iterations", a.iterations), ("max_minutes", a.max_minutes)):
                 if val is not None:
@@ -189,20 +194,21 @@ def main(argv=None) -> int:
         return 0
     if a.cmd == "evaluate":
         import torch
+
         from NoduleMTLLib.registry import build_network, load_weights_into
         from training import click2d
         from training.data import load_slice_nodules, load_split
         torch.set_num_threads(2)
         if a.whole_ct:
-            if a.network != "maskrcnn25d":
-                ap.error("--whole-ct is for the whole-scan detector maskrcnn25d")
+            if a.network not in detectors:
+                ap.error(f"--whole-ct is for the whole-scan detectors ({', '.join(detectors)})")
             from training import evaluate_detection
             evaluate_detection.run(a.weights, data=a.data, out=a.out)
             return 0
-        if a.network == "maskrcnn25d":
-            from NoduleMTLLib.registry import find_weights, sha256_of
+        if a.network in detectors:
+            from NoduleMTLLib.registry import sha256_of
             from training import detection
-            cfg = json.loads((REPO / "training" / "configs" / "maskrcnn25d.json").read_text())
+            cfg = json.loads((REPO / "training" / "configs" / f"{a.network}.json").read_text())
             default_layout = cfg.get("tile_layout", "centred")
             if a.layout:
                 cfg["tile_layout"] = a.layout
@@ -217,7 +223,7 @@ def main(argv=None) -> int:
             def fmt(m):  # metrics may be null (undefined ratios)
                 return " ".join(f"{k} {'n/a' if m[key] is None else f'{m[key]:.3f}'}" for k, key in
                                 (("threshold", "threshold"), ("P", "precision"), ("R", "recall"), ("F1", "f1"), ("Dice", "dice_mean")))
-            print(f"maskrcnn25d {a.split} ({ev['tile_layout']} crops: {ev['n_nodules']} nodules, {ev['n_images']} images): "
+            print(f"{a.network} {a.split} ({ev['tile_layout']} crops: {ev['n_nodules']} nodules, {ev['n_images']} images): "
                   f"fixed {fmt(ev['fixed'])}; adaptive {fmt(ev['adaptive'])} -> {out}")
             return 0
         if a.vois:

@@ -23,8 +23,8 @@ import torch
 
 from NoduleMTLLib.aggregation import nodule_logit_from_slices, sigmoid
 from NoduleMTLLib.metrics import binary_classification_stats, dice
-from NoduleMTLLib.registry import build_network
 from NoduleMTLLib.preprocessing import normalize_slices
+from NoduleMTLLib.registry import build_network
 from training.augment import sample_batch
 from training.checkpoint import load_checkpoint, plain
 from training.data import load_slice_nodules, load_split
@@ -156,6 +156,7 @@ def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: to
         return cfg.get("seg_loss_weight", 1.0) * getattr(model, "seg_weight", 1.0) * ls + cfg["cls_loss_weight"] * lc
     if hasattr(model, "forward_all"):
         import torch.nn.functional as F
+
         from NoduleMTLLib.networks.detguided import size_class_from_mask
         out = model.forward_all(x)
         size_t = torch.tensor([size_class_from_mask(m[0], cfg["input_spacing_mm"]) for m in y])

@@ -84,17 +84,26 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from NoduleMTLLib.detection.evaluate import precision_recall_f1
+from NoduleMTLLib import registry
 from NoduleMTLLib.detection.merge import adaptive_score_threshold, box_iou_np
-from NoduleMTLLib.detection.preprocess import (CLAHE_CLIP_LIMIT, CLAHE_NBINS, CLOSING_RADIUS_MM, LUNG_THRESHOLD_HU,
-                                               STACK_SIZE, WORK_PIXEL_MM,
-                                               _inplane_closing, hu_window, stack_indices)
-from NoduleMTLLib.detection.model import init_backbone_from_lnmsnet, phase_loss, set_training_phase
+from NoduleMTLLib.detection.preprocess import (
+    CLAHE_CLIP_LIMIT,
+    CLAHE_NBINS,
+    CLOSING_RADIUS_MM,
+    LUNG_THRESHOLD_HU,
+    STACK_SIZE,
+    WORK_PIXEL_MM,
+    _inplane_closing,
+    hu_window,
+    stack_indices,
+)
 from NoduleMTLLib.registry import build_network
 from training.checkpoint import load_checkpoint, plain
 from training.data import load_slice_nodules, load_split
+from training.detection_matching import precision_recall_f1
+from training.detection_phases import init_backbone_from_lnmsnet, phase_loss, set_training_phase
 
-NETWORK_ID = "maskrcnn25d"
+NETWORK_ID = registry.DEFAULT_DETECTOR
 #: Calibration of the lidc_slices PNGs (``python -m training.calibrate_slices``, seed 0,
 #: 119 matched VOIs): percentiles of the HU mapped to grey 0 and to grey 255.
 CALIB_PERCENTILES = (0.0, 5.0, 25.0, 50.0, 75.0, 95.0, 100.0)
@@ -674,9 +683,9 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         path = load_init_weights(model, cfg["init_weights"])
         emit({"event": "init_weights", "from": str(path)})
     else:
-        src = cfg.get("init_backbone", "lnmsnet")
+        src = cfg.get("init_backbone", registry.BACKBONE_SOURCE)
         if src:
-            path = init_backbone_from_lnmsnet(model, None if src == "lnmsnet" else src)
+            path = init_backbone_from_lnmsnet(model, None if src == registry.BACKBONE_SOURCE else src)
             emit({"event": "init_backbone", "from": str(path)})
 
     bs = cfg["batch_size"]

@@ -16,10 +16,10 @@ score threshold.  Scans (``../shared/data/whole_ct``, or ``$NODULEMTL_DATA``):
   are *irrelevant findings*: a detection on them is neither TP nor FP.
   - nodule-level precision / recall / F1 with the paper's matching rule (section 3.4.3:
     centre slice within 3 slices and 2D box IoU > 0.2;
-    :func:`NoduleMTLLib.detection.evaluate.match_nodules`), per threshold, summed over the
+    :func:`training.detection_matching.match_nodules`), per threshold, summed over the
     scans;
   - FROC / CPM as LUNA16 (hit = candidate centre within the nodule radius; sensitivity at
-    1/8 ... 8 FPs per scan; :func:`~NoduleMTLLib.detection.evaluate.froc`), candidates =
+    1/8 ... 8 FPs per scan; :func:`~training.detection_matching.froc`), candidates =
     the nodules merged with no score threshold (every slice detection the network
     returned, i.e. above the model's own ``box_score_thresh``);
   - per reference nodule: found (paper rule) at each threshold, best candidate score.
@@ -83,14 +83,14 @@ def load_model(weights: Path | None = None, random_init: bool = False, device="c
     """
     import torch
 
-    from NoduleMTLLib.registry import build_network, load_weights_into, sha256_of
+    from NoduleMTLLib.registry import DEFAULT_DETECTOR, build_network, load_weights_into, sha256_of
 
     if random_init:
         torch.manual_seed(0)
-        model = build_network("maskrcnn25d")
+        model = build_network(DEFAULT_DETECTOR)
         return model.eval().to(device), "random-init (seed 0): plumbing only, no detection quality", None
-    model = build_network("maskrcnn25d")
-    path = load_weights_into(model, weights, "maskrcnn25d")
+    model = build_network(DEFAULT_DETECTOR)
+    path = load_weights_into(model, weights, DEFAULT_DETECTOR)
     return model.eval().to(device), str(path), sha256_of(path)
 
 
@@ -104,7 +104,7 @@ def _thr_key(t) -> str:
 
 def _excluded_marks(folder: Path, ct) -> list:
     """Excluded single-point marks (``excluded.json`` of a cache scan) as 10 mm references."""
-    from NoduleMTLLib.detection import evaluate as ev
+    from training import detection_matching as ev
 
     f = folder / "excluded.json"
     if not f.exists():
@@ -118,11 +118,11 @@ def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None,
 
     Returns:
         JSON-ready dict (see module docstring) plus ``"_froc"``: the
-        :class:`~NoduleMTLLib.detection.evaluate.FROCScan` and ``"_match"``: {threshold:
-        :class:`~NoduleMTLLib.detection.evaluate.NoduleMatchResult`} (removed before writing).
+        :class:`~training.detection_matching.FROCScan` and ``"_match"``: {threshold:
+        :class:`~training.detection_matching.NoduleMatchResult`} (removed before writing).
     """
-    from NoduleMTLLib.detection import evaluate as ev
     from NoduleMTLLib.detection.infer import merge_detections, run_slice_detections, select_nodules
+    from training import detection_matching as ev
 
     ct, refs = ev.load_lidc_whole_ct_references(folder)
     included, excluded = ev.split_references(refs)
@@ -245,7 +245,7 @@ def _froc_json(f) -> dict:
 
 def _lidc_group(model, folders, thresholds, device, fpr_model, log, **search) -> dict:
     """Evaluate a group of whole LIDC scans; totals per threshold and FROC for both references."""
-    from NoduleMTLLib.detection import evaluate as ev
+    from training import detection_matching as ev
 
     group = {"scans": [], "totals": {}, "froc": None, "froc_any_reader": None}
     froc_scans, froc_any, totals = [], [], {}
@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_fpr_model(weights: Path | None, device="cpu"):
     """The fpr25d network: from ``weights`` or the installed file (None when neither exists)."""
-    from NoduleMTLLib.detection.fp_reduction import FPR_ID, load_fpr
+    from NoduleMTLLib.detection.fp_reduction import FPR_ID
+    from NoduleMTLLib.detection.infer import load_fpr
     from NoduleMTLLib.registry import build_network, load_weights_into
 
     if weights is None:
@@ -425,6 +426,7 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     import torch
 
     from NoduleMTLLib.device import resolve_device
+    from NoduleMTLLib.registry import DEFAULT_DETECTOR
 
     torch.set_num_threads(int(threads))
     dev = resolve_device(device)
@@ -435,12 +437,12 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
                             cache=cache, input_scale=float(input_scale))
     fdesc = None
     if fpr is not None:
-        from NoduleMTLLib.registry import find_weights, sha256_of
-        fpath = Path(fpr_weights) if fpr_weights else find_weights("fpr25d")
+        from NoduleMTLLib.registry import DEFAULT_FP_REDUCER, find_weights, sha256_of
+        fpath = Path(fpr_weights) if fpr_weights else find_weights(DEFAULT_FP_REDUCER)
         fdesc = {"file": str(fpath), "sha256": sha256_of(fpath)}
     rep.update(weights=wdesc, sha256=sha, fpr_weights=fdesc, device=str(dev), threads=int(threads),
                seconds=round(time.perf_counter() - t0, 1))
-    out = Path(out or REPO / "runs" / "maskrcnn25d" / "eval_whole_ct.json")
+    out = Path(out or REPO / "runs" / DEFAULT_DETECTOR / "eval_whole_ct.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rep, indent=1) + "\n")
     plot_froc(rep, out.with_suffix(".froc.png"))

@@ -48,8 +48,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from NoduleMTLLib.registry import DEFAULT_FP_REDUCER
+
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "training" / "configs" / "fpr25d.json"
+CONFIG = REPO / "training" / "configs" / f"{DEFAULT_FP_REDUCER}.json"
 
 
 def _data_dir() -> Path:
@@ -222,7 +224,7 @@ def train(config: Path = CONFIG, resume: bool = False, log=print) -> dict:
     va_patches = [make_patch(s) for s in va]
     model = FPR25D(cfg["width"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    out = REPO / "runs" / "fpr25d"
+    out = REPO / "runs" / DEFAULT_FP_REDUCER
     out.mkdir(parents=True, exist_ok=True)
     hist, start, best = [], 0, -1.0
     if resume and (out / "last.pt").exists():
@@ -276,7 +278,7 @@ def load_trained(weights: Path | None = None):
 
     cfg = json.loads(CONFIG.read_text())
     m = FPR25D(cfg["width"])
-    m.load_state_dict(read_state_dict(Path(weights or REPO / "runs" / "fpr25d" / "best.pt")))
+    m.load_state_dict(read_state_dict(Path(weights or REPO / "runs" / DEFAULT_FP_REDUCER / "best.pt")))
     return m.eval()
 
 
@@ -337,7 +339,7 @@ def main(argv=None) -> int:
                              "hits": [{"nodule": cd["hit"], "detector": round(cd["score"], 4), "fpr": round(cd["fpr"], 4),
                                        "combined": round(cd["combined"], 4)} for cd in s["candidates"] if cd["hit"] is not None]}
                             for s in scans]}
-        out = REPO / "runs" / "fpr25d" / "select_val.json"
+        out = REPO / "runs" / DEFAULT_FP_REDUCER / "select_val.json"
         out.write_text(json.dumps(rep, indent=1) + "\n")
         print(json.dumps({k: rep[k] for k in ("operating_point", "high_sensitivity_8fp")}, indent=1))
         return 0
@@ -347,10 +349,11 @@ def main(argv=None) -> int:
         from safetensors.torch import save_file
 
         m = load_trained(a.weights)
-        out = REPO / "Resources" / "Weights" / "fpr25d.safetensors"
+        out = REPO / "Resources" / "Weights" / f"{DEFAULT_FP_REDUCER}.safetensors"
         tmp = out.with_name(".tmp-" + out.name)
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp),
-                  metadata={"network_id": "fpr25d", "source_checkpoint": Path(a.weights or "runs/fpr25d/best.pt").name})
+                  metadata={"network_id": DEFAULT_FP_REDUCER,
+                                                  "source_checkpoint": Path(a.weights or f"runs/{DEFAULT_FP_REDUCER}/best.pt").name})
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")

@@ -7,7 +7,6 @@ consensus label map on the same grid.  LIDC-IDRI-0003 is in the test split of ev
 network (``training/splits/lidc_patient_split.json``).
 """
 
-from pathlib import Path
 
 import SimpleITK as sitk
 

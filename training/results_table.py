@@ -3,7 +3,7 @@
     uv run --frozen python -m training.results_table            # print the tables
     uv run --frozen python -m training.results_table --write    # replace the block in RESULTS.md
 
-Sources, per network (``lnmsnet``, ``detguided``, ``dsmtnet``, ``mtnet``, ``maskrcnn25d``):
+Sources, per registered network (``NoduleMTLLib.registry.all_ids()``):
 ``runs/NETWORK/eval_{val,test}.json`` (2D evaluation on the network grid, written by
 ``nodulemtl-train evaluate NETWORK --split S``) and ``runs/NETWORK/eval_vois_{val,test}.json``
 (3D click path on HU VOIs, ``... --vois``); when a run folder is absent (fresh checkout:
@@ -22,31 +22,21 @@ import json
 import math
 from pathlib import Path
 
+from NoduleMTLLib import registry
 from training.report import summarize
 
 REPO = Path(__file__).resolve().parents[1]
-NETWORKS = ("lnmsnet", "detguided", "dsmtnet", "mtnet", "maskrcnn25d")
+#: Every registered network, in registry order (click networks, then detectors).
+NETWORKS = tuple(registry.all_ids())
 BEGIN, END = "<!-- measured:begin (training/results_table.py --write) -->", "<!-- measured:end -->"
 
 
-#: Each paper's reported figures and data, quoted from the seed texts (/work/shared/seeds, see RESULTS.md).
-PAPER = {
-    "lnmsnet": ("abstract only: external multi-centre cohort of 220 CT scans from two hospitals; training data not stated",
-                "no figure in the abstract (\"superior performances in both tasks compared to other multi-task models\")"),
-    "detguided": ("summary only: dataset not stated; LUNA16 pre-training + layer freezing (transfer learning)",
-                  "Dice 0.814, sensitivity 0.885 (with transfer learning)"),
-    "dsmtnet": ("abstract only: private multi-source cohort, pathology-proven invasiveness of 10-20 mm nodules; "
-                "train 387 / internal test 87 / external 274",
-                "invasiveness AUC 0.902, ACC 82.76 % (internal test); AUC 0.864, ACC 77.56 % (external); "
-                "single-task baseline AUC 0.851; radiologists ACC 72.41 %"),
-    "mtnet": ("LIDC-IDRI: \"1543 CT scans ... 470 benign nodules and 1073 malignant nodules\" (score 3 excluded, "
-              "1-2 benign, 4-5 malignant; 2/3-reader consensus masks; 3-25 mm), 64 x 64 crops resized to 224 x 224, "
-              "6:2:2 split (unit of the split not stated)",
-              "segmentation DI 83.2 %, JA 71.2 %, pixel ACC 96.3 %, recall 92.5 %, SPE 97.7 %; "
-              "classification ACC 91.9 %, AUC 93.5 %, SEN 81.4 %, SPE 95.0 % (Tables 2-3)"),
-    "maskrcnn25d": ("LUNA16 subset0 (89 scans), 19 validation scans",
-                    "nodule-level precision 0.80, recall 0.62, F1 0.70; Dice 0.81, IoU 0.70 (Table 10, epoch 19)"),
-}
+def paper_reported(network_id: str) -> tuple[str, str]:
+    """The paper's data and reported figures, quoted from the seed texts (/work/shared/seeds, see
+    RESULTS.md): ``paper_reported`` of ``training/configs/NETWORK.json``; ("-", "-") when absent."""
+    p = REPO / "training" / "configs" / f"{network_id}.json"
+    quoted = json.loads(p.read_text()).get("paper_reported", {}) if p.exists() else {}
+    return quoted.get("data", "-"), quoted.get("figures", "-")
 
 
 def _measured_cell(net: str, repo: Path) -> str:
@@ -73,7 +63,8 @@ def _measured_cell(net: str, repo: Path) -> str:
                     + ", ".join(f"{scan.replace('lung_pet_ct_dx_', '').replace('.nrrd', '').replace('_dicom', ' (DICOM)')} "
                                 f"{'yes' if v.get('adaptive', {}).get('tumour_found') else 'no'}"
                                 for scan, v in whole["lung_pet_ct_dx"].items()) + ". ")
-        return (prefix + head + f"Slice crops, {d.get('tile_layout', 'centred')} tiles ({d.get('n_nodules')} nodules, {d.get('n_images')} images): " + "; ".join(parts)
+        crops = f"Slice crops, {d.get('tile_layout', 'centred')} tiles ({d.get('n_nodules')} nodules, {d.get('n_images')} images): "
+        return (prefix + head + crops + "; ".join(parts)
                 + (" (stale: evaluated weights differ from the shipped file)" if r["stale"] else ""))
     if s2 is None and s3 is None:
         return "pending"
@@ -102,7 +93,7 @@ def comparison_table(repo: Path = REPO) -> str:
     lines = ["| network | paper: data | paper: reported | ours, held-out test patients (LIDC-IDRI; val where test is pending) |",
              "|---|---|---|---|"]
     for net in NETWORKS:
-        data, fig = PAPER[net]
+        data, fig = paper_reported(net)
         lines.append(f"| `{net}` | {data} | {fig} | {_measured_cell(net, repo)} |")
     return "\n".join(lines) + "\n"
 
@@ -134,13 +125,13 @@ def consensus_table(repo: Path = REPO) -> str:
 def _whole_ct(repo: Path) -> dict | None:
     """Whole-scan detector figures: ``runs/maskrcnn25d/eval_whole_ct.json`` (condensed as the
     manifest keeps them) or the manifest's ``metrics.whole_ct``; None when neither exists."""
-    p = repo / "runs" / "maskrcnn25d" / "eval_whole_ct.json"
+    p = repo / "runs" / registry.DEFAULT_DETECTOR / "eval_whole_ct.json"
     if p.exists():
         e = json.loads(p.read_text())
         return {"lidc_nodule_level": e["lidc_total"], "froc": e["froc"],
                 "lung_pet_ct_dx": {r["scan"]: {k: {"tumour_found": v["tumour_found"]} for k, v in r["thresholds"].items()}
                                    for r in e["lung_pet_ct_dx"]}}
-    return _manifest(repo).get("maskrcnn25d", {}).get("metrics", {}).get("whole_ct")
+    return _manifest(repo).get(registry.DEFAULT_DETECTOR, {}).get("metrics", {}).get("whole_ct")
 
 
 def _f(v, nd=3):
@@ -245,8 +236,9 @@ def tables(repo: Path = REPO) -> str:
             if s and s.get("signs"):
                 sign_rows.append(f"| `{net}` | {split} | " + ", ".join(
                     f"{k} {_f(v.get('auc'))} (n={v.get('n')}, {v.get('n_positive', '?')} pos.)" for k, v in s["signs"].items()) + " |")
-    lines += ["**Measured, radiological signs** (AUC on LIDC-derived sign labels, 2D evaluation):", "",
-              "| network | split | AUC per sign |", "|---|---|---|"] + (sign_rows or ["| - | - | pending (no network with sign heads evaluated yet) |"])
+    lines += (["**Measured, radiological signs** (AUC on LIDC-derived sign labels, 2D evaluation):", "",
+               "| network | split | AUC per sign |", "|---|---|---|"]
+              + (sign_rows or ["| - | - | pending (no network with sign heads evaluated yet) |"]))
     lines += ["", "**Measured, consensus of the click networks** (`NoduleMTLLib.consensus`, 3D click path on HU VOIs):", "",
               consensus_table(repo)]
     lines += ["", "\\* Jaccard computed per nodule from its Dice (J = D / (2 - D)); pixel columns `-`: the evaluation "

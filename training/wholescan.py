@@ -11,7 +11,7 @@ repository, never committed):
 * ``ct.nrrd`` - int16 HU volume (LPS, as SimpleITK reads the series);
 * ``nodules_labels.nrrd`` - uint8, voxel value n = nodule n: the >= 50 % consensus of the
   readers who marked it (``pylidc.utils.consensus(clevel=0.5)``), the layout of
-  ``../shared/data/whole_ct/lidc`` so :func:`NoduleMTLLib.detection.evaluate.
+  ``../shared/data/whole_ct/lidc`` so :func:`training.detection_matching.
   load_lidc_whole_ct_references` reads both;
 * ``nodules.csv`` - per nodule: ``n_readers``, centre (LPS mm, consensus-mask centroid),
   median reader diameter (mm), consensus volume (mm3), median malignancy;
@@ -224,7 +224,7 @@ def build(dicom_root: Path, out: Path | None = None, patients=None, log=print) -
     res = []
     for p in patients:
         info = build_scan(Path(dicom_root), p, out / p)
-        log(f"{p}: {info['shape_zyx']} {['%.2f' % v for v in info['spacing_mm']]} mm, {info['n_nodules']} nodules "
+        log(f"{p}: {info['shape_zyx']} {[f'{v:.2f}' for v in info['spacing_mm']]} mm, {info['n_nodules']} nodules "
             f"(readers {info['n_readers']}), {len(info['excluded'])} excluded marks -> {out / p}")
         res.append(info)
     return res

@@ -8,10 +8,11 @@ Parameters (``NoduleMTLCLI.xml``, Slicer Execution Model; :func:`build_parser` m
     outputTable  (index 2)  results CSV (the columns of ``nodulemtl analyze``'s nodules.csv)
     --points FILE           markups ``.mrk.json`` or ``.fcsv``: one control point per nodule
                             (coordinate system from the file: LPS or RAS; mm)
-    --detect                whole-scan detection (maskrcnn25d) instead of points; the click
-                            networks then classify each found nodule
+    --detect                whole-scan detection (the registry's default detector) instead of
+                            points; the click networks then classify each found nodule
     --threshold T           with --detect: 'default', 'adaptive' or a score in [0, 1]
-    --networks IDS          comma-separated network ids (default dsmtnet, the measured default)
+    --networks IDS          comma-separated network ids (default dsmtnet, the measured default:
+                            ``NoduleMTLLib.DEFAULT_NETWORKS``)
     --device auto|cpu|cuda|mps  compute device (CUDA out of memory -> retried on the CPU)
 
 Progress is printed as ``<filter-progress>F</filter-progress>`` lines (F in [0, 1], flushed),
@@ -21,7 +22,8 @@ unwritable output); 2 for usage errors.
 
 Run it from Slicer (Modules > NoduleMTL CLI, or ``slicer.cli.run``), or headless with
 ``PythonSlicer NoduleMTLCLI.py CT.nrrd labels.nrrd nodules.csv --points F.mrk.json``.
-Inside ``python-real`` there is no ``slicer.app``: everything here is file I/O.
+Inside ``python-real`` there is no ``slicer.app``: everything here is file I/O; the analysis
+itself is :func:`NoduleMTLLib.analysis.analyze` (the same service as ``nodulemtl analyze``).
 """
 
 import argparse
@@ -34,6 +36,10 @@ _CLI_DIR = os.path.dirname(os.path.abspath(__file__))
 #: Parameter names of the XML, in the order of its positional indices.
 POSITIONAL = ("inputVolume", "outputLabel", "outputTable")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+#: Default of ``--networks`` (the XML's default too): ``NoduleMTLLib.DEFAULT_NETWORKS``, the
+#: measured default, which this file cannot import before it has found the library (argparse
+#: runs first); Testing/Python/test_module_layout.py checks it against the XML.
+DEFAULT_NETWORK = "dsmtnet"
 
 
 def _candidateRoots():
@@ -67,10 +73,10 @@ def build_parser():
     ap.add_argument("outputTable", help="output results table (.csv)")
     ap.add_argument("--points", default="", help="markups file (.mrk.json or .fcsv), one point per nodule")
     ap.add_argument("--detect", action="store_true",
-                    help="detect nodules in the whole scan (maskrcnn25d) instead of using points")
+                    help="detect nodules in the whole scan instead of using points")
     ap.add_argument("--threshold", default="default",
                     help="with --detect: 'default' (operating point), 'adaptive' (every candidate) or a minimum score in [0, 1]")
-    ap.add_argument("--networks", default="dsmtnet", help="comma-separated network ids (default: the measured default)")
+    ap.add_argument("--networks", default=DEFAULT_NETWORK, help="comma-separated network ids (default: the measured default)")
     ap.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device")
     return ap
 
@@ -143,22 +149,6 @@ def progress(fraction, message=""):
         print(f"<filter-comment>{message}</filter-comment>", flush=True)
 
 
-def _detector():
-    """``NoduleMTLLib.detection.infer.detect_nodules`` with the trained detector, or InputError
-    ("not available yet") when this version has no detector or its weights are missing."""
-    from NoduleMTLLib import registry
-    from NoduleMTLLib.io import InputError
-
-    if "maskrcnn25d" not in (getattr(registry, "DETECTORS", None) or {}):
-        raise InputError("whole-scan detection (maskrcnn25d) is not available yet in this version: give --points instead")
-    try:
-        registry.find_weights("maskrcnn25d")
-        from NoduleMTLLib.detection.infer import detect_nodules
-    except (registry.WeightsError, ImportError) as e:
-        raise InputError(f"whole-scan detection (maskrcnn25d) is not available yet: {e}; give --points instead") from None
-    return detect_nodules
-
-
 def run(args):
     """Run the analysis for parsed ``args``; returns the exit code (0 ok, 1 error)."""
     root = libraryRoot()
@@ -171,12 +161,11 @@ def run(args):
     try:
         import SimpleITK as sitk
 
+        from NoduleMTLLib.analysis import analyze, detector_status, split_networks
         from NoduleMTLLib.device import DeviceError
         from NoduleMTLLib.io import InputError, read_ct
         from NoduleMTLLib.outputs import OutputError, csv_rows
-        from NoduleMTLLib.pipeline import analyze_points
         from NoduleMTLLib.registry import WeightsError
-        from NoduleMTLLib.runner import with_cpu_fallback
     except ImportError as e:
         print(f"NoduleMTLCLI: error: {e}; open the NoduleMTL module once in Slicer to install its Python packages "
               "(torch via the PyTorch extension)", file=sys.stderr)
@@ -195,28 +184,22 @@ def run(args):
                 parse_threshold(args.threshold)
             except ValueError as e:
                 raise InputError(str(e)) from None
-        detect_nodules = _detector() if args.detect else None
+            ok, reason = detector_status()
+            if not ok:
+                raise InputError(f"{reason}; give --points instead")
         points = read_points_file(args.points) if args.points else []
         if args.points and not points:
             raise InputError(f"Points file {args.points} holds no defined control point")
         ct = read_ct(args.inputVolume)
-        nets = [n.strip() for n in args.networks.split(",") if n.strip()]
-        step = lambda f, m: progress(0.05 + 0.9 * f, m)  # noqa: E731
-        if detect_nodules is not None:
-            run_on = lambda dev: detect_nodules(ct, device=dev, progress=step, classify_with=tuple(nets),  # noqa: E731
-                                                score_threshold=args.threshold)
-        else:
-            run_on = lambda dev: analyze_points(ct, points, network_ids=nets, device=dev, progress=step)  # noqa: E731
-        res = with_cpu_fallback(run_on, args.device,
-                                notify=lambda m: print(f"<filter-comment>{m}</filter-comment>", flush=True))
+        res = analyze(ct, points, detect=args.detect, network_ids=split_networks(args.networks), device=args.device,
+                      threshold=args.threshold, progress=lambda f, m: progress(0.05 + 0.9 * f, m),
+                      notify=lambda m: print(f"<filter-comment>{m}</filter-comment>", flush=True))
         lab = sitk.GetImageFromArray(res.label_array(ct.shape_zyx))
         lab.CopyInformation(ct.image)
         try:
             sitk.WriteImage(lab, args.outputLabel, True)
         except RuntimeError as e:
             raise OutputError(f"Cannot write {args.outputLabel}: {' '.join(str(e).split())}") from None
-        from NoduleMTLLib.reporting import annotate
-        annotate(res, ct)  # Lung-RADS / Brock columns (no patient data here: Brock incomplete)
         head, rows = csv_rows(res)
         try:
             with open(args.outputTable, "w", newline="", encoding="utf-8") as f:

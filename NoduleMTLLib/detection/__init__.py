@@ -5,15 +5,17 @@ Detection and Segmentation in CT Scans", Electronics 2026, 15(4), 736,
 doi:10.3390/electronics15040736 (seed 002).  A 2.5D Mask R-CNN: five adjacent axial
 slices as the five channels of one image, slice-wise detections merged into 3D nodules.
 
-Modules (imported on demand; ``preprocess``, ``merge`` and ``evaluate`` need no torch):
+Modules (imported on demand; ``preprocess`` and ``merge`` need no torch):
 
 * :mod:`.preprocess` - HU window, slice-wise CLAHE, lung mask (:class:`NoLungError`),
   5-slice stacks, input checks, lung bounds (paper section 3.2).
 * :mod:`.model` - :func:`~.model.build_maskrcnn25d` (torchvision Mask R-CNN with a
-  5-channel conv1, small-nodule anchors, auxiliary RoI classifier) and the three
-  training phases (sections 3.3, 3.5).
+  5-channel conv1, small-nodule anchors, auxiliary RoI classifier; section 3.3).
 * :mod:`.merge` - slice detections -> 3D nodules, adaptive score threshold
   (sections 3.4.3, 3.5).
-* :mod:`.evaluate` - the paper's nodule-level matching (precision/recall/F1) and the
-  LUNA16 FROC/CPM (section 3.4; Setio et al., Med. Image Anal. 2017).
+* :mod:`.infer` - the whole-scan search.
+
+Training-only code lives in ``training/``: the three training phases and the LNMSNet
+backbone transfer (``training.detection_phases``), the paper's nodule-level matching and
+the LUNA16 FROC/CPM (``training.detection_matching``).
 """

@@ -48,6 +48,11 @@ HU_WINDOW = (-1000.0, 400.0)
 OPERATING_THRESHOLD = 0.9473
 #: High-sensitivity setting quoted in the README (validation scans; see the model card).
 HIGH_SENSITIVITY_THRESHOLD = 0.7609
+#: Input of :class:`FPR25D` (read by the registry, ``NetworkSpec.input_spec``): float32
+#: (N, 3, 32, 32) patches of :func:`candidate_patch` and a float32 (N, 1) scalar.
+INPUT_SPEC = {"dims": 2.5, "channels": 3, "size_px": PATCH_PX, "field_mm": FIELD_MM,
+              "channels_are": "centre slice, mean and max over the candidate's slice range",
+              "scalar": "slice-range extent (mm) / 10", "intensity": "HU window [-1000, 400] -> [0, 1]"}
 
 
 def candidate_patch(hu_zyx: np.ndarray, spacing_xyz, centre_ijk, k_range, offset_mm=(0.0, 0.0)) -> np.ndarray:
@@ -152,18 +157,3 @@ def score_candidates(model: nn.Module, hu_zyx: np.ndarray, spacing_xyz, candidat
         e = torch.tensor([extent_feature(kr, spacing_xyz[2]) for _, kr in part], dtype=torch.float32, device=device)
         out.append(torch.sigmoid(model(x, e).float()).cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-
-def load_fpr(device="cpu") -> nn.Module | None:
-    """The registered ``fpr25d`` network with verified shipped weights, or None when its weights are absent.
-
-    Raises:
-        WeightsError: the file exists but fails its checks.
-    """
-    from ..registry import WeightsError, find_weights, load_network
-
-    try:
-        find_weights(FPR_ID)
-    except WeightsError:
-        return None
-    return load_network(FPR_ID, device)

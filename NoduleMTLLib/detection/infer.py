@@ -47,36 +47,27 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..io import CTVolume, InputError
+from ..registry import DEFAULT_DETECTOR, DEFAULT_FP_REDUCER
 from . import merge as mg
 from . import preprocess as pp
 
 Progress = Callable[[float, str], None]
 
-#: Registry id of the whole-scan detector.
-DETECTOR_ID = "maskrcnn25d"
+#: Registry id of the whole-scan detector (:data:`NoduleMTLLib.registry.DEFAULT_DETECTOR`).
+DETECTOR_ID = DEFAULT_DETECTOR
 #: At most this many nodules are reported per scan (highest scores first); LUNA16's
 #: evaluation also keeps at most 100 candidates per scan.
 MAX_NODULES = 100
 #: Default number of stacks per network call (measured: see Testing/Benchmarks/bench_detect.py).
 BATCH_SLICES = 4
-
-
-def _weights_error():
-    from ..registry import WeightsError
-    return WeightsError
-
-
-class DetectorUnavailableError(_weights_error()):
-    """The whole-scan detector is not registered in this version (a
-    :class:`~NoduleMTLLib.registry.WeightsError`, so callers handle it like missing weights)."""
 
 
 @dataclass
@@ -133,14 +124,27 @@ def load_detector(device: torch.device | str = "cpu") -> torch.nn.Module:
     """The registered ``maskrcnn25d`` in eval mode on ``device`` (weights verified by the registry).
 
     Raises:
-        DetectorUnavailableError: ``maskrcnn25d`` not registered in this version.
         WeightsError: weights missing, unreadable or failing their checksum.
     """
     from .. import registry
 
-    if DETECTOR_ID not in getattr(registry, "DETECTORS", registry.NETWORKS):
-        raise DetectorUnavailableError(f"The whole-scan detector {DETECTOR_ID} is not available in this version")
     return registry.load_network(DETECTOR_ID, device)
+
+
+def load_fpr(device: torch.device | str = "cpu") -> torch.nn.Module | None:
+    """The registered false-positive reduction (``registry.DEFAULT_FP_REDUCER``,
+    :mod:`.fp_reduction`) with verified shipped weights, or None when its weights are absent.
+
+    Raises:
+        WeightsError: the file exists but fails its checks.
+    """
+    from .. import registry
+
+    try:
+        registry.find_weights(DEFAULT_FP_REDUCER)
+    except registry.WeightsError:
+        return None
+    return registry.load_network(DEFAULT_FP_REDUCER, device)
 
 
 def parse_threshold(value) -> float | str:
@@ -436,14 +440,8 @@ def _link_groups(dets: Sequence[SliceDetection], max_slice_gap: int) -> list[lis
     and |dk| <= max_slice_gap; a superset of the merge's IoU >= 0.2 links): connected
     components, computed slice window by slice window."""
     n = len(dets)
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
     by_k: dict[int, list[int]] = {}
     for i, d in enumerate(dets):
         by_k.setdefault(d.slice, []).append(i)
@@ -459,14 +457,10 @@ def _link_groups(dets: Sequence[SliceDetection], max_slice_gap: int) -> list[lis
                     (np.minimum(A[:, None, 3], B[None, :, 3]) > np.maximum(A[:, None, 1], B[None, :, 1]))
             if k2 == k:
                 inter = np.triu(inter, 1)
-            for ia, ib in zip(*np.nonzero(inter)):
-                ra, rb = find(int(a[ia])), find(int(b[ib]))
-                if ra != rb:
-                    parent[rb] = ra
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-    return list(groups.values())
+            ia, ib = np.nonzero(inter)
+            rows.append(a[ia])
+            cols.append(b[ib])
+    return mg.link_components(n, np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else [])
 
 
 def merge_detections(sd: SliceDetections, ct: CTVolume, score_threshold: float | str = "adaptive", *,
@@ -668,7 +662,6 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     t = time.perf_counter()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if isinstance(fpr_model, str):
-        from .fp_reduction import load_fpr
         fpr_model = load_fpr(dev)
     merged, found, cut = select_nodules(sd, ct, thr_mode, fpr_model, dev)
     t_merge = time.perf_counter() - t
@@ -720,7 +713,7 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
         "score_threshold": round(float(cut), 4),
         "threshold_mode": thr_mode if isinstance(thr_mode, str) else "fixed",
         "candidate_threshold": round(float(merged.score_threshold), 4),
-        "fp_reduction": None if fpr_model is None else "fpr25d",
+        "fp_reduction": None if fpr_model is None else DEFAULT_FP_REDUCER,
         "score": "combined: sqrt(detector score x fpr25d probability)" if fpr_model is not None else "detector score",
         **sd.settings,
         "n_slices": int(ct.shape_zyx[0]), "n_slices_searched": len(ks),
@@ -743,7 +736,8 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
                    restrict_to_lungs: bool = True, input_scale: float = 1.0, channels_last: bool = False,
                    num_threads: int | None = None, max_nodules: int = MAX_NODULES,
                    lung: pp.LungMask | None = None, crop_per_batch: bool = True,
-                   fpr_model: torch.nn.Module | None | str = "auto"):
+                   fpr_model: torch.nn.Module | None | str = "auto",
+                   loader: Callable[[torch.device], torch.nn.Module] | None = None):
     """Find, segment and measure the nodules of a whole chest CT (module docstring, steps 1-6).
 
     :func:`run_slice_detections` followed by :func:`result_from_detections`.
@@ -757,7 +751,7 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
         use_clahe, use_lung_mask: section 3.2 preprocessing switches.
         batch_slices: stacks per network call.
         progress: callback(fraction in [0, 1], message).
-        classify_with: click network ids (e.g. ("lnmsnet",)) run at each found nodule's
+        classify_with: click network ids (e.g. ``registry.DEFAULT_NETWORKS``) run at each found nodule's
             centre; their malignancy / sign probabilities go to ``NoduleResult.networks``
             (``dice_with_final`` = Dice of their own mask with the detector's mask).
         networks: pre-loaded {id: module} for ``classify_with``.
@@ -766,6 +760,8 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
         max_nodules: report at most this many nodules (highest scores; 100).
         lung: precomputed lung mask.
         fpr_model: second stage (:func:`result_from_detections`); "auto" = installed ``fpr25d``.
+        loader: ``callable(device) -> model`` used when ``model`` is None (default:
+            the module's :func:`load_detector`; the analysis service passes its model cache).
 
     Returns:
         :class:`~NoduleMTLLib.results.AnalysisResult`: ``nodules`` ranked by descending
@@ -781,7 +777,7 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
         InputError: fewer than 5 slices; unknown ``classify_with`` id.
         NoLungError: no plausible lung in the CT.
         ValueError: bad ``score_threshold`` / ``batch_slices`` / ``input_scale``.
-        DetectorUnavailableError, WeightsError: detector or click-network weights missing.
+        WeightsError: detector or click-network weights missing.
         DeviceError: unavailable device.
     """
     from ..device import resolve_device
@@ -799,7 +795,7 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
     t = time.perf_counter()
     if model is None:
         progress(0.0, f"loading {DETECTOR_ID} on {dev}")
-        model = load_detector(dev)
+        model = (loader or load_detector)(dev)
     t_load = time.perf_counter() - t
     sd = run_slice_detections(ct, model, dev, use_clahe=use_clahe, use_lung_mask=use_lung_mask,
                               restrict_to_lungs=restrict_to_lungs, batch_slices=batch_slices, input_scale=input_scale,

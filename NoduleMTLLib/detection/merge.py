@@ -30,8 +30,8 @@ and centres are LPS mm (``CTVolume`` geometry), the world box spanning voxel edg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -238,31 +238,42 @@ def merge_slice_detections(detections: Sequence[dict], ct: CTVolume | None = Non
     if not kept:
         return MergeResult([], thr, len(flat), 0)
 
-    # union-find over links
+    # connected components of the links
     ks = np.array([f[0] for f in kept])
     bx = np.stack([f[1] for f in kept])
-    parent = list(range(len(kept)))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
     iou = box_iou_np(bx, bx)
     close = np.abs(ks[:, None] - ks[None, :]) <= max_slice_gap
-    for a, b in zip(*np.nonzero(np.triu(close & (iou >= min_iou), 1))):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[rb] = ra
-    groups: dict[int, list[int]] = {}
-    for n in range(len(kept)):
-        groups.setdefault(find(n), []).append(n)
+    rows, cols = np.nonzero(np.triu(close & (iou >= min_iou), 1))
+    groups = link_components(len(kept), rows, cols)
 
     shape = ct.shape_zyx if ct is not None else None
-    nodules = [_make_nodule([kept[n] for n in idx], ct, shape, mask_threshold) for idx in groups.values()]
+    nodules = [_make_nodule([kept[n] for n in idx], ct, shape, mask_threshold) for idx in groups]
     nodules.sort(key=lambda nd: -nd.score)
     return MergeResult(nodules, thr, len(flat), len(kept))
+
+
+def link_components(n: int, rows, cols) -> list[list[int]]:
+    """Connected components of an undirected graph (``scipy.sparse.csgraph.connected_components``).
+
+    Args:
+        n: number of nodes (0..n-1); rows, cols: int arrays of equal length, one edge each.
+
+    Returns:
+        the components as ascending lists of node indices, ordered by their smallest node
+        (the order the merge has always reported groups in).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if n == 0:
+        return []
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    groups: dict[int, list[int]] = {}
+    for node, label in enumerate(labels.tolist()):
+        groups.setdefault(label, []).append(node)
+    return list(groups.values())
 
 
 def _make_nodule(members, ct, shape, mask_threshold) -> MergedNodule:

@@ -1,1 +1,1 @@
-"""Network definitions (pure torch). One module per paper; ids in :data:`NoduleMTLLib.NETWORK_IDS`."""
+"""Network definitions (pure torch). One module per paper; ids in :mod:`NoduleMTLLib.registry`."""

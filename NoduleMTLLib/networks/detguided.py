@@ -56,7 +56,7 @@ Everything below is "not specified in the paper; we use ...":
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -65,9 +65,17 @@ import torch.nn.functional as F
 from torchvision.models import resnet50
 from torchvision.models.resnet import Bottleneck
 
+from ..contract import ClickNetworkBase
+
 #: Input specification used by the inference engine and the model card.
 INPUT_SIZE_PX = 96
 INPUT_SPACING_MM = 0.8
+#: Input of :meth:`forward` / ``forward_click`` (the network contract,
+#: :class:`NoduleMTLLib.contract.ClickNetwork`): float32 (N, 1, 96, 96) axial slices resampled
+#: to 0.8 mm pixels, intensities normalised per slice (:func:`NoduleMTLLib.preprocessing.normalize_slices`).
+#: Read by the registry (``NetworkSpec.input_spec``), the click path and the manifest.
+INPUT_SPEC = {"dims": 2, "channels": 1, "size_px": INPUT_SIZE_PX, "spacing_mm": INPUT_SPACING_MM,
+              "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow"}
 
 #: Size classes of the classification branch (in-plane equivalent diameter of the
 #: nodule's cross-section on the slice).  Not specified in the paper; we use these.
@@ -343,7 +351,7 @@ def spatial_regularization(prob: torch.Tensor, size_class_probs: torch.Tensor, s
 
 # ----------------------------------------------------------------------------- network
 
-class DetGuidedNet(nn.Module):
+class DetGuidedNet(ClickNetworkBase, nn.Module):
     """Detection-guided ResU-Net + ResNet-50 multi-task model (see the module docstring).
 
     Args:

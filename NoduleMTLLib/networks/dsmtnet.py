@@ -45,14 +45,15 @@ Everything below is "not specified in the paper; we use ...":
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..contract import ClickNetworkBase
 from .detguided import _bn_eval_for_frozen, freeze_layers
 
 #: The paper's three classification tasks (abstract): main task first.
@@ -457,9 +458,16 @@ def build_dsmtnet(variant: str = "narrow", **overrides) -> DSMTNet:
 #: Heads of the shipped (LIDC-trained) DSMT-Net click model: malignancy is the main task
 #: (in place of the paper's invasiveness), then the radiological signs LIDC rates.
 CLICK_HEADS = ("malignancy", "spiculation", "lobulation", "calcification", "subsolid", "bubble_lucency")
+#: Input of the click model (:class:`DSMTNetClick`, the contract of
+#: :class:`NoduleMTLLib.contract.ClickNetwork`): float32 (N, 1, 96, 96) axial slices at 0.8 mm
+#: pixels, normalised per slice; the dual-scale crops are made inside the network.
+INPUT_SPEC = {"dims": 2, "channels": 1, "size_px": 96, "spacing_mm": 0.8,
+              "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow",
+              "dual_scale": "local: central 48 px at 0.8 mm; context: whole patch at 1.6 mm (48 px)",
+              "heads": list(CLICK_HEADS)}
 
 
-class DSMTNetClick(nn.Module):
+class DSMTNetClick(ClickNetworkBase, nn.Module):
     """DSMT-Net (``dims=2``) behind the click pipeline's slice interface.
 
     The click pipeline gives every network a (N, 1, 96, 96) axial patch at 0.8 mm

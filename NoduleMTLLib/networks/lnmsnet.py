@@ -32,9 +32,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet18
 
+from ..contract import ClickNetworkBase
+
 #: Input specification used by the inference engine and the model card.
 INPUT_SIZE_PX = 96
 INPUT_SPACING_MM = 0.8
+#: Input of :meth:`forward` / ``forward_click`` (the network contract,
+#: :class:`NoduleMTLLib.contract.ClickNetwork`): float32 (N, 1, 96, 96) axial slices resampled
+#: to 0.8 mm pixels, intensities normalised per slice (:func:`NoduleMTLLib.preprocessing.normalize_slices`).
+#: Read by the registry (``NetworkSpec.input_spec``), the click path and the manifest.
+INPUT_SPEC = {"dims": 2, "channels": 1, "size_px": INPUT_SIZE_PX, "spacing_mm": INPUT_SPACING_MM,
+              "intensity": "per-slice robust (p1-p99) normalisation of HU"}
 
 
 class ConvBNReLU(nn.Sequential):
@@ -82,7 +90,7 @@ class DecoderBlock(nn.Module):
         return self.conv(x)
 
 
-class LNMSNet(nn.Module):
+class LNMSNet(ClickNetworkBase, nn.Module):
     """LNMSNet (see module docstring for the paper and our documented choices).
 
     Args:

@@ -63,9 +63,17 @@ from timm.models.xception import Block as XceptionBlock
 from timm.models.xception import SeparableConv2d as XceptionSepConv
 from timm.models.xception_aligned import XceptionAligned
 
+from ..contract import ClickNetworkBase
+
 #: Input specification used by the inference engine and the model card.
 INPUT_SIZE_PX = 96
 INPUT_SPACING_MM = 0.8
+#: Input of :meth:`forward` / ``forward_click`` (the network contract,
+#: :class:`NoduleMTLLib.contract.ClickNetwork`): float32 (N, 1, 96, 96) axial slices resampled
+#: to 0.8 mm pixels, intensities normalised per slice (:func:`NoduleMTLLib.preprocessing.normalize_slices`).
+#: Read by the registry (``NetworkSpec.input_spec``), the click path and the manifest.
+INPUT_SPEC = {"dims": 2, "channels": 1, "size_px": INPUT_SIZE_PX, "spacing_mm": INPUT_SPACING_MM,
+              "intensity": "per-slice robust (p1-p99) normalisation of HU", "variant": "narrow"}
 
 #: Paper-size configuration (see module docstring).  Keyword arguments of :class:`MTNet`.
 PAPER_CONFIG = dict(encoder_depth=65, encoder_width=1.0, aspp_channels=256, aspp_rates=(6, 12, 18),
@@ -419,7 +427,7 @@ class ClassNet(nn.Module):
         return missing, list(res.unexpected_keys)
 
 
-class MTNet(nn.Module):
+class MTNet(ClickNetworkBase, nn.Module):
     """MT-Net = Coarse Seg-net -> (Fine Seg-net, Class-net), see the module docstring.
 
     Args:
@@ -440,6 +448,10 @@ class MTNet(nn.Module):
     Raises:
         ValueError: unknown ``fine_weights`` / ``coarse_mask``; bad input shape (forward).
     """
+
+    #: Class-net classifies the image with the mask as its second channel (the contract's
+    #: ``classifies_mask``; re-classification of an edited mask feeds that mask).
+    classifies_mask = True
 
     def __init__(self, in_channels: int = 1, encoder_depth: int = 65, encoder_width: float = 1.0,
                  aspp_channels: int = 256, aspp_rates=(6, 12, 18), low_level_channels: int = 48,

@@ -41,6 +41,7 @@ TARGET_S = 1.0
 def worker(networks: list[str], threads: int, repeats: int, tta: bool = False) -> dict:
     """Run in a fresh process: load, warm up, time. Returns the figures as a dict."""
     import torch
+
     from NoduleMTLLib.io import ras_to_lps, read_ct
     from NoduleMTLLib.pipeline import analyze_points
     from NoduleMTLLib.registry import load_network

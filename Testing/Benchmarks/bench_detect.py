@@ -52,7 +52,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -138,7 +137,7 @@ def options_worker(threads: int, subset: int, repeats: int, random: bool, dets: 
     sub_lung = pp.LungMask(lung.labels[a:b], lung.spacing_zyx, lung.volumes_ml, lung.n_lungs)
     base = {"restrict_to_lungs": True, "batch_slices": 4, "channels_last": False, "num_threads": threads,
             "input_scale": 1.0, "crop_per_batch": True}
-    variants = [("default (crop per batch, batch 4, contiguous, %d threads, scale 1)" % threads, {}),
+    variants = [(f"default (crop per batch, batch 4, contiguous, {threads} threads, scale 1)", {}),
                 ("one lung box for the scan", {"crop_per_batch": False}),
                 ("lung crop off (full 512 x 512)", {"restrict_to_lungs": False}),
                 ("batch 1", {"batch_slices": 1}), ("batch 2", {"batch_slices": 2}), ("batch 8", {"batch_slices": 8}),

@@ -53,6 +53,7 @@ def _assert_small_or_none(n, where):
         f"{where}: {n.diameter_mm:.1f} mm, {n.volume_mm3:.0f} mm^3 is not a small mask"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, ijk", [("small right-lung vessel", (122, 317, 60)),
                                         ("right-lung vessel", (139, 318, 60)),
                                         ("left-lung vessel", (345, 260, 60)),
@@ -61,6 +62,7 @@ def test_vessel_and_chest_wall_clicks_give_a_small_mask_or_none(lidc3, where, ij
     _assert_small_or_none(_click(lidc3, ijk), where)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="known failure (measured): the click path segments the whole structure "
                                        "(hilar artery 24 mm, heart 108 mm, descending aorta 44 mm)")
 @pytest.mark.parametrize("where, ijk", [("hilar pulmonary artery", (171, 320, 60)), ("heart", (250, 260, 60)),

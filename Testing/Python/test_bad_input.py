@@ -32,6 +32,8 @@ from NoduleMTLLib.outputs import OUTPUT_FILES
 from NoduleMTLLib.reporting import REPORT_FILES
 from NoduleMTLLib.results import AnalysisResult, NoduleResult
 
+pytestmark = pytest.mark.slow  # real analyses on the sample CT around every output-folder rule
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
 NODULE3_RAS = (-23.5, 47.6, -172.3)  # a 13 mm nodule of the sample crop

@@ -81,6 +81,7 @@ def folder_batch(shared_data, tmp_path_factory):
     return rc, out, args
 
 
+@pytest.mark.slow
 def test_folder_batch_first_run(folder_batch):
     rc, out, _ = folder_batch
     assert rc == 1  # one case failed
@@ -105,6 +106,7 @@ def test_folder_batch_first_run(folder_batch):
     np.testing.assert_array_equal(a == 1, b == 2)
 
 
+@pytest.mark.slow
 def test_folder_batch_second_run_skips_done_cases(folder_batch, capsys):
     _, out, args = folder_batch
     before = {c: _mtimes(out / c) for c in ("a_ct", "b_ct", "A0002")}
@@ -121,6 +123,7 @@ def test_folder_batch_second_run_skips_done_cases(folder_batch, capsys):
 # ---------------------------------------------------------------- list input
 
 
+@pytest.mark.slow
 def test_list_batch_missing_file_outside_point_no_points_and_overwrite(tmp_path, capsys, monkeypatch):
     _weights_missing(monkeypatch)  # a site without the whole-scan detector: a case without points is skipped
     d = tmp_path / "cts"
@@ -157,6 +160,7 @@ def test_list_batch_missing_file_outside_point_no_points_and_overwrite(tmp_path,
     assert set(after) == set(before) and all(after[f] > before[f] for f in before)
 
 
+@pytest.mark.slow
 def test_all_good_exit_code_zero(tmp_path):
     lst = tmp_path / "one.txt"
     lst.write_text(f"{SAMPLE}\n")
@@ -223,16 +227,16 @@ def _weights_missing(monkeypatch, network_id="maskrcnn25d"):
 
 def test_whole_scan_detector_follows_installed_weights(monkeypatch):
     from NoduleMTLLib import registry
-    from NoduleMTLLib.detection.infer import detect_nodules
+    from NoduleMTLLib.analysis import detector_status
 
     try:
         registry.find_weights("maskrcnn25d")
         shipped = True
     except registry.WeightsError:
         shipped = False
-    assert batch.whole_scan_detector() is (detect_nodules if shipped else None)
+    assert detector_status()[0] is shipped
     _weights_missing(monkeypatch)
-    assert batch.whole_scan_detector() is None
+    assert detector_status()[0] is False
 
 
 # ---------------------------------------------------------------- Slicer scripted CLI
@@ -349,6 +353,7 @@ def test_cli_detect_and_no_points_are_errors(cli_module, tmp_path, capsys, monke
     assert not any(Path(o).exists() for o in outs)
 
 
+@pytest.mark.slow
 def test_cli_script_run_on_sample(tmp_path):
     pts = tmp_path / "nodules.mrk.json"
     lps = [(-p[0], -p[1], p[2]) for p in (NODULE2_RAS, NODULE3_RAS)]
@@ -375,6 +380,7 @@ def test_cli_script_run_on_sample(tmp_path):
     assert float(rows[1]["volume_mm3"]) == pytest.approx((arr == 2).sum() * vox, rel=0.05)
 
 
+@pytest.mark.slow
 def test_batch_case_without_points_uses_the_detector(shared_data, tmp_path):
     """With the maskrcnn25d weights installed, a case without points is searched whole-scan
     (real Lung-PET-CT-Dx A0002 DICOM series, 30 slices): outputs written, detections recorded."""

@@ -8,8 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from NoduleMTLLib.calibration import (CalibrationError, CalibrationSet, Calibrator, LinearStack, ProbabilityModel,
-                                      apply_to_result, load_calibration, logit, nodule_features, sigmoid)
+from NoduleMTLLib.calibration import (
+    CalibrationError,
+    CalibrationSet,
+    Calibrator,
+    LinearStack,
+    ProbabilityModel,
+    apply_to_result,
+    load_calibration,
+    logit,
+    nodule_features,
+    sigmoid,
+)
 from NoduleMTLLib.results import AnalysisResult, NetworkOutput, NoduleResult
 
 
@@ -208,6 +218,7 @@ def test_shipped_calibration_names_the_default_everywhere(repo_dir):
     assert default == ",".join(DEFAULT_NETWORKS)
 
 
+@pytest.mark.slow
 def test_tta_is_mirror_equivariant_on_real_ct(repo_dir):
     """With the left-right flip averaged in, mirroring the input mirrors the answer exactly
     (and the malignancy logit does not change); without it, a network is not equivariant."""

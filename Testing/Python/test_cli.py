@@ -43,6 +43,7 @@ def sample_run(sample, tmp_path_factory):
     return rc, out, ref
 
 
+@pytest.mark.slow
 def test_sample_outputs_and_dice(sample_run, sample):
     rc, out, ref = sample_run
     assert rc == 0
@@ -59,6 +60,7 @@ def test_sample_outputs_and_dice(sample_run, sample):
     assert d2 >= MIN_DICE and d3 >= MIN_DICE
 
 
+@pytest.mark.slow
 def test_json_and_csv(sample_run):
     _, out, _ = sample_run
     js = json.loads((out / "nodules.json").read_text())
@@ -93,6 +95,7 @@ def test_json_and_csv(sample_run):
     assert float(rows[1]["volume_mm3"]) == pytest.approx(js["nodules"][1]["volume_mm3"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_seg_nrrd_matches_labels(sample_run):
     import slicerio
     _, out, _ = sample_run
@@ -112,6 +115,7 @@ def test_seg_nrrd_matches_labels(sample_run):
     np.testing.assert_array_equal(full.transpose(2, 1, 0), lab == 1)
 
 
+@pytest.mark.slow
 def test_mass_is_not_clipped(shared_data, tmp_path):
     """Lung-PET-CT-Dx A0001 adenocarcinoma (reference boxes on slices 41-51, 5 mm, boxes ~50-80 mm wide).
 
@@ -170,6 +174,7 @@ def test_point_outside_volume(sample, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_point_outside_body(shared_data, tmp_path, capsys):
     ct_path = shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd"
     img = sitk.ReadImage(str(ct_path))
@@ -178,6 +183,7 @@ def test_point_outside_body(shared_data, tmp_path, capsys):
     assert rc == 1 and "outside the body" in msg
 
 
+@pytest.mark.slow
 def test_2d_input(shared_data, tmp_path, capsys):
     png = next((shared_data / "lidc_slices" / "nodules").glob("*_image.png"))
     rc, msg = _run_bad(["analyze", str(png), *_pt((0, 0, 0)), "--out", str(tmp_path / "o")], capsys)
@@ -194,6 +200,7 @@ def test_unwritable_output(sample, tmp_path, capsys):
     assert rc == 1 and "not a folder" in msg
 
 
+@pytest.mark.slow
 def test_failure_keeps_previous_outputs(sample, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
@@ -232,6 +239,30 @@ def test_unavailable_device(sample, tmp_path, capsys):
     assert rc == 1 and "CUDA" in msg
 
 
+def test_reclassify_the_reference_mask(sample, tmp_path, capsys):
+    """``nodulemtl reclassify``: the readers' mask of nodule 3 measured and classified as it is;
+    a mask off the CT grid is a one-line error."""
+    ct, ref = sample
+    img = sitk.ReadImage(str(ct))
+    mask = sitk.GetImageFromArray((ref == ref[tuple(int(v) for v in img.TransformPhysicalPointToIndex(
+        (-NODULE3_RAS[0], -NODULE3_RAS[1], NODULE3_RAS[2]))[::-1])]).astype(np.uint8))
+    mask.CopyInformation(img)
+    sitk.WriteImage(mask, str(tmp_path / "m.nrrd"))
+    out = tmp_path / "out"
+    assert cli.main(["reclassify", str(ct), "--mask", str(tmp_path / "m.nrrd"), "--id", "3", *_pt(NODULE3_RAS),
+                     "--networks", "lnmsnet", "--out", str(out), "--quiet", "--device", "cpu"]) == 0, capsys.readouterr().err
+    (n,) = json.loads((out / "nodules.json").read_text())["nodules"]
+    assert n["id"] == 3 and n["found"] and 0 <= n["networks"]["lnmsnet"]["malignancy_probability"] <= 1
+    voxels = int(sitk.GetArrayViewFromImage(mask).sum())
+    assert n["volume_mm3"] == pytest.approx(voxels * float(np.prod(img.GetSpacing())), rel=1e-3)
+    assert json.loads((out / "nodules.json").read_text())["run"]["mode"] == "reclassify"
+    sitk.WriteImage(mask[:, :, 1:], str(tmp_path / "small.nrrd"))
+    rc, msg = _run_bad(["reclassify", str(ct), "--mask", str(tmp_path / "small.nrrd"), "--out", str(tmp_path / "o2"),
+                        "--device", "cpu"], capsys)
+    assert rc == 1 and "grid" in msg
+
+
+@pytest.mark.slow
 def test_two_networks(sample, tmp_path):
     """``--networks lnmsnet,detguided``: both networks' probabilities and mask agreement are reported."""
     out = tmp_path / "two"
@@ -248,6 +279,7 @@ def test_two_networks(sample, tmp_path):
     assert float(row["networks.detguided.malignancy_probability"]) == pytest.approx(nets["detguided"]["malignancy_probability"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_seg_nrrd_colours_follow_malignancy(sample_run):
     """segmentation.seg.nrrd segments use the same probability ramp as the Slicer scene."""
     import slicerio
@@ -263,6 +295,7 @@ def test_seg_nrrd_colours_follow_malignancy(sample_run):
         np.testing.assert_allclose(segment["color"], expected, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_all_click_networks(sample, tmp_path):
     """``--networks lnmsnet,detguided,dsmtnet,mtnet`` on the real sample CT: each network's
     probability (and DSMT-Net's signs) in nodules.json / nodules.csv, and a 4-network consensus."""

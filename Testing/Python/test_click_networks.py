@@ -35,6 +35,7 @@ def test_dsmtnet_click_adapter_geometry():
     assert not torch.allclose(seg3[..., 24:72, 24:72], seg[..., 24:72, 24:72])
 
 
+@pytest.mark.slow
 def test_analyze_points_reports_signs_for_dsmtnet(repo_dir):
     """A (randomly initialised) DSMT-Net passed to the pipeline returns one probability per sign
     head, in [0, 1]; LNMSNet (shipped weights) returns none."""
@@ -58,6 +59,7 @@ def few_nodules(shared_data):
     return [n for n in tr if n.consensus.any()]
 
 
+@pytest.mark.slow
 def test_head_labels_follow_lidc_rules(few_nodules):
     from NoduleMTLLib.networks.dsmtnet import lidc_head_label
     from training.click2d import head_labels
@@ -66,7 +68,7 @@ def test_head_labels_follow_lidc_rules(few_nodules):
     chunk.append((0, -1) if not few_nodules[0].consensus[-1].any() else (0, 0))
     hl = head_labels(net, few_nodules, chunk)
     assert set(hl) == set(CLICK_HEADS[1:])
-    for i, (ni, k) in enumerate(chunk[:6]):
+    for i, (ni, _k) in enumerate(chunk[:6]):
         assert int(hl["spiculation"][i]) == lidc_head_label("spiculation", few_nodules[ni].ratings["spiculation"])
         assert int(hl["subsolid"][i]) == lidc_head_label("subsolid", few_nodules[ni].ratings["texture"])
     if not few_nodules[0].consensus[chunk[-1][1]].any():
@@ -74,6 +76,7 @@ def test_head_labels_follow_lidc_rules(few_nodules):
     assert head_labels(build_mtnet("narrow"), few_nodules, chunk) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", ["dsmtnet", "mtnet"])
 def test_joint_loss_trains_every_part(network, few_nodules):
     """One backward pass of ``joint_loss`` reaches the segmentation and every classification head."""
@@ -98,6 +101,7 @@ def test_joint_loss_trains_every_part(network, few_nodules):
         assert model.coarse.head.weight.grad is not None and model.classnet.fc.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_dsmtnet_two_stage_training_run(tmp_path, shared_data):
     """A tiny real run: stage 1 trains everything, the last epoch is stage 2 (aux heads and
     segmentation decoder frozen), the checkpoint records the stage and a resume continues."""

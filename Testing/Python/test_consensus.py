@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from NoduleMTLLib import cli
-from NoduleMTLLib.consensus import (DISAGREEMENT_MIN_DICE, DISAGREEMENT_SPREAD, INCLUDE_TIES, MaskBox, box_dice,
-                                    compute_consensus, majority_mask)
+from NoduleMTLLib.consensus import (
+    DISAGREEMENT_MIN_DICE,
+    DISAGREEMENT_SPREAD,
+    INCLUDE_TIES,
+    MaskBox,
+    box_dice,
+    compute_consensus,
+    majority_mask,
+)
 from NoduleMTLLib.io import InputError, ras_to_lps, read_ct
 from NoduleMTLLib.metrics import dice
 from NoduleMTLLib.outputs import CONSENSUS_COLUMNS, write_outputs
@@ -86,7 +93,8 @@ def test_consensus_three_networks_hand_computed():
     assert "spread 0.50" in c.reasons[0] and "0.18" in c.reasons[1]
     assert c.mask.voxels == 6  # x 3..8
     d = c.to_dict()
-    assert d["mask_voxels"] == 6 and "union" in d["mask_rule"] and d["malignancy_probability"] == 0.5 and d["dice_pairwise_min"] == round(2 / 11, 4)
+    assert d["mask_voxels"] == 6 and "union" in d["mask_rule"] and d["malignancy_probability"] == 0.5
+    assert d["dice_pairwise_min"] == round(2 / 11, 4)
     json.dumps(d)  # JSON-ready
 
 
@@ -163,6 +171,7 @@ def two_net_result(sample_ct, loaded):
     return first, cons
 
 
+@pytest.mark.slow
 def test_end_to_end_consensus_fields(two_net_result):
     res, _ = two_net_result
     js = json.loads(json.dumps(res.to_dict()))
@@ -190,6 +199,7 @@ def test_end_to_end_consensus_fields(two_net_result):
         print(f"nodule {nd.id}: P {probs} -> {c['malignancy_probability']}, Dice {pair:.3f}, {c['disagreement']} {c['reasons']}")
 
 
+@pytest.mark.slow
 def test_end_to_end_consensus_mask_reported(two_net_result):
     first, cons = two_net_result
     assert cons.run["reported_mask"] == "consensus"
@@ -201,6 +211,7 @@ def test_end_to_end_consensus_mask_reported(two_net_result):
         assert b.consensus.to_dict()["malignancy_probability"] == a.consensus.to_dict()["malignancy_probability"]
 
 
+@pytest.mark.slow
 def test_outputs_carry_consensus(two_net_result, sample_ct, tmp_path):
     res, _ = two_net_result
     write_outputs(res, sample_ct, tmp_path / "o")
@@ -213,6 +224,7 @@ def test_outputs_carry_consensus(two_net_result, sample_ct, tmp_path):
         assert r["consensus.disagreement"] == d["consensus"]["disagreement"] and r["consensus.n_found"] == "2"
 
 
+@pytest.mark.slow
 def test_cli_mask_option(sample_ct, repo_dir, tmp_path, capsys):
     ct = repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
     out = tmp_path / "c"

@@ -20,7 +20,6 @@ import SimpleITK as sitk
 import torch
 
 from NoduleMTLLib import cli
-from NoduleMTLLib.detection import evaluate as ev
 from NoduleMTLLib.detection import infer
 from NoduleMTLLib.detection import merge as mg
 from NoduleMTLLib.detection import preprocess as pp
@@ -28,6 +27,9 @@ from NoduleMTLLib.io import CTVolume, InputError, read_ct
 from NoduleMTLLib.outputs import OUTPUT_FILES, write_outputs
 from NoduleMTLLib.reporting import REPORT_FILES
 from NoduleMTLLib.results import AnalysisResult, NoduleResult
+from training import detection_matching as ev
+
+pytestmark = pytest.mark.slow  # whole-scan searches on real CTs
 
 torch.set_num_threads(1)
 
@@ -408,16 +410,15 @@ def test_cli_detect_usage_and_input_errors(lidc3, slab_file, model, monkeypatch,
 
 
 def test_batch_case_without_points_uses_the_detector(slab_file, model, monkeypatch, tmp_path):
-    from NoduleMTLLib import batch
-
-    from NoduleMTLLib import registry
+    from NoduleMTLLib import batch, registry
+    from NoduleMTLLib.analysis import detector_status
 
     try:
         registry.find_weights("maskrcnn25d")
     except (registry.WeightsError, KeyError):
-        assert batch.whole_scan_detector() is None  # no weights: cases without points are skipped
+        assert not detector_status()[0]  # no weights: cases without points are skipped
     detect = functools.partial(infer.detect_nodules, max_nodules=2)  # 2 nodules to classify keep it short
-    monkeypatch.setattr(batch, "whole_scan_detector", lambda ids=(): detect)
+    monkeypatch.setattr(infer, "detect_nodules", detect)
     model.roi_heads.detections_per_img = 1  # one detection per slice -> few nodules to classify
     try:
         run = batch.BatchRun([batch.Case("slab", slab_file, str(slab_file))], tmp_path / "b", {}, ("lnmsnet",), "cpu",

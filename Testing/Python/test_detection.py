@@ -14,10 +14,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from NoduleMTLLib.io import CTVolume, InputError
-from NoduleMTLLib.detection import evaluate as ev
 from NoduleMTLLib.detection import merge as mg
 from NoduleMTLLib.detection import preprocess as pp
+from NoduleMTLLib.io import CTVolume, InputError
+from training import detection_matching as ev
 
 torch.set_num_threads(1)
 
@@ -71,6 +71,7 @@ def nodule_crop(lidc3, lidc3_lung):
 # ----------------------------------------------------------------------------- preprocessing
 
 
+@pytest.mark.slow
 def test_lung_mask_two_lungs_contain_reference_nodules(lidc3, lidc3_lung):
     ct, refs, labels = lidc3
     lung = lidc3_lung
@@ -91,6 +92,7 @@ def test_lung_mask_two_lungs_contain_reference_nodules(lidc3, lidc3_lung):
     assert lung.mask[b.slices].sum() == lung.mask.sum()
 
 
+@pytest.mark.slow
 def test_no_lung_below_the_lungs_or_outside_them(lidc3):
     ct = lidc3[0]
     below = CTVolume(ct.image[:, :, 0:8])  # the 8 lowest slices: upper abdomen
@@ -101,6 +103,7 @@ def test_no_lung_below_the_lungs_or_outside_them(lidc3):
         pp.lung_mask_from_ct(corner)
 
 
+@pytest.mark.slow
 def test_thick_slice_scan_flagged_and_lungs_found(shared_data):
     from NoduleMTLLib.io import read_ct
 
@@ -114,6 +117,7 @@ def test_thick_slice_scan_flagged_and_lungs_found(shared_data):
     assert lung.n_lungs == 2 and 3000 < lung.volume_ml < 9000
 
 
+@pytest.mark.slow
 def test_fewer_than_five_slices_is_an_error(lidc3):
     thin = CTVolume(lidc3[0].image[:, :, 60:64])
     with pytest.raises(InputError, match="at least 5 slices"):
@@ -122,6 +126,7 @@ def test_fewer_than_five_slices_is_an_error(lidc3):
     assert rep.n_slices == 5 and not rep.thick_slices
 
 
+@pytest.mark.slow
 def test_hu_window_and_clahe_ranges(lidc3):
     hu = np.array([-3024, -2048, -1000, -300, 400, 3000], np.int16)
     w = pp.hu_window(hu)
@@ -140,6 +145,7 @@ def test_hu_window_and_clahe_ranges(lidc3):
         pp.clahe_slices(vol * 2)
 
 
+@pytest.mark.slow
 def test_preprocess_switches(lidc3, lidc3_lung):
     ct = lidc3[0]
     sub = CTVolume(ct.image[:, :, 78:90])
@@ -188,10 +194,12 @@ def test_conv1_5ch_init():
         adapt_conv1_to_5ch(torch.nn.Conv2d(1, 8, 3))
 
 
+@pytest.mark.slow
 def test_model_configuration(model):
     from torchvision.models import resnet50
 
-    from NoduleMTLLib.detection.model import AuxRoIHeads, build_maskrcnn25d, count_trainable_parameters
+    from NoduleMTLLib.detection.model import AuxRoIHeads, build_maskrcnn25d
+    from training.detection_phases import count_trainable_parameters
 
     ag = model.rpn.anchor_generator
     assert ag.sizes == ((4, 6, 8), (8, 12, 16), (16, 24, 32), (32, 48, 64), (64, 96, 128))
@@ -213,8 +221,9 @@ def test_model_configuration(model):
     torch.testing.assert_close(w[:, 4], sd["conv1.weight"].mean(1))
 
 
+@pytest.mark.slow
 def test_train_forward_backward_on_real_nodule(model, nodule_crop):
-    from NoduleMTLLib.detection.model import set_training_phase
+    from training.detection_phases import set_training_phase
 
     x, target = nodule_crop
     assert x.shape == (5, CROP, CROP) and 0 <= float(x.min()) and float(x.max()) <= 1
@@ -244,6 +253,7 @@ def test_train_forward_backward_on_real_nodule(model, nodule_crop):
     sum(neg.values()).backward()
 
 
+@pytest.mark.slow
 def test_eval_returns_boxes_scores_masks_with_fused_scores(model, nodule_crop):
     x, _ = nodule_crop
     model.eval()
@@ -267,8 +277,9 @@ def test_eval_returns_boxes_scores_masks_with_fused_scores(model, nodule_crop):
     assert res.n_kept == n and 1 <= len(res.nodules) <= n and all(nd.slices == [83] for nd in res.nodules)
 
 
+@pytest.mark.slow
 def test_training_phases(model, nodule_crop):
-    from NoduleMTLLib.detection.model import phase_for_epoch, phase_loss, set_training_phase
+    from training.detection_phases import phase_for_epoch, phase_loss, set_training_phase
 
     model.train()
     spec = set_training_phase(model, "detection")
@@ -357,6 +368,7 @@ def test_merge_hand_made_slice_detections():
     assert nm.nodules[0].centre_ijk[2] == pytest.approx(np.average([10, 11, 12, 14], weights=w))
 
 
+@pytest.mark.slow
 def test_merge_real_nodule_masks_and_paper_match(lidc3):
     """Perfect slice detections of LIDC-0003 nodule 3 merge to one nodule that matches it."""
     ct, refs, labels = lidc3

@@ -43,6 +43,7 @@ def test_png_to_hu_ends_and_calibrated_sampling():
     assert abs(np.percentile(hi, 95) - 2088) < 80
 
 
+@pytest.mark.slow
 def test_png_to_hu_matches_real_hu_voi(shared_data):
     """A real PNG slice against the HU VOI of the same nodule (LIDC-IDRI-0008, training split):
     the PNG is an affine image of HU, the fitted ends lie in the calibrated range, and the
@@ -70,10 +71,11 @@ def test_png_to_hu_matches_real_hu_voi(shared_data):
     assert w_med[lung].mean() < 0.2 and w_med[solid].mean() > 0.55
 
 
+@pytest.mark.slow
 def test_crop_preprocessing_matches_whole_scan(shared_data):
     """CLAHE and lung mask of a 128 px crop approximate the whole-scan preprocessing of inference."""
-    from NoduleMTLLib.detection import evaluate as ev
     from NoduleMTLLib.detection import preprocess as pp
+    from training import detection_matching as ev
 
     ct, refs = ev.load_lidc_whole_ct_references(shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003")
     lung = pp.lung_mask_from_ct(ct)
@@ -144,6 +146,7 @@ def test_mosaic_places_tiles_and_clips_instances():
         D.mosaic([None] * 4, 2, 200, (100, 0))
 
 
+@pytest.mark.slow
 def test_training_and_validation_samples_real(few_nodules, cfg):
     rng = np.random.default_rng(1)
     centres, n_boxes = [], 0
@@ -177,6 +180,7 @@ def test_training_and_validation_samples_real(few_nodules, cfg):
     assert [s.tiles for s in D.validation_samples(few_nodules, cfg)] == [s.tiles for s in val]  # deterministic
 
 
+@pytest.mark.slow
 def test_jitter_tile_moves_the_nodule_and_keeps_the_pixels(few_nodules, cfg):
     """The "jitter" layout: the nodule is no longer at the centre of its patch of content,
     the window's pixels are the field's, and validation tiles are jittered the same way each time."""
@@ -238,6 +242,7 @@ def test_phase_end_by_iterations_or_time():
     assert not D.phase_end_reached("detection", 59, 0, 1e9, dict(c, max_minutes=0))
 
 
+@pytest.mark.slow
 def test_no_resize_transform_keeps_native_pixels():
     from NoduleMTLLib.detection.model import NoResizeTransform, build_maskrcnn25d
 
@@ -256,10 +261,12 @@ def test_no_resize_transform_keeps_native_pixels():
     assert r.transform([torch.rand(5, 96, 96)])[0].image_sizes == [(512, 512)]
 
 
+@pytest.mark.slow
 def test_narrow_variant_from_lnmsnet_encoder():
-    from NoduleMTLLib.detection.model import build_maskrcnn25d, init_backbone_from_lnmsnet, lnmsnet_encoder_state_dict
+    from NoduleMTLLib.detection.model import build_maskrcnn25d
     from NoduleMTLLib.networks.lnmsnet import LNMSNet
-    from NoduleMTLLib.registry import read_state_dict, find_weights
+    from NoduleMTLLib.registry import find_weights, read_state_dict
+    from training.detection_phases import init_backbone_from_lnmsnet, lnmsnet_encoder_state_dict
 
     m = build_maskrcnn25d(backbone="resnet18")
     n = sum(p.numel() for p in m.parameters())
@@ -307,6 +314,7 @@ def smoke_cfg(tmp_path_factory, cfg):
     return p
 
 
+@pytest.mark.slow
 def test_smoke_train_resume_export_reload_evaluate(shared_data, smoke_cfg, tmp_path, capsys, monkeypatch):
     from NoduleMTLLib import registry
     from NoduleMTLLib.detection.model import DETECTION_LOSS_KEYS
@@ -420,6 +428,7 @@ def test_smoke_train_resume_export_reload_evaluate(shared_data, smoke_cfg, tmp_p
     assert 0.1 <= ev["adaptive"]["threshold"] <= 0.5 and ev["sha256"] == registry.sha256_of(run / "best.pt")
 
 
+@pytest.mark.slow
 def test_detector_is_not_a_click_network(shared_data):
     from NoduleMTLLib import registry
     from NoduleMTLLib.io import InputError, read_ct

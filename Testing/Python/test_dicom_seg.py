@@ -51,7 +51,8 @@ def dicom_case(shared_data):
         # the click path outlines the tumour: most of its mask lies in the reference boxes
         assert (nodule.mask & box_mask).sum() / nodule.mask.sum() > 0.8
     else:  # honest fallback, see the module docstring
-        warnings.warn("click path found nothing at the A0002 tumour; the SEG test uses the reference boxes as the mask")
+        warnings.warn("click path found nothing at the A0002 tumour; the SEG test uses the reference boxes as the mask",
+                      stacklevel=2)
         source = "reference boxes"
         nodule.found, nodule.mask = True, box_mask
     return {"folder": folder, "ct": ct, "result": res, "box_mask": box_mask, "source": source}
@@ -111,6 +112,7 @@ def _check_seg_against(path, result, ct, folder):
     return raw
 
 
+@pytest.mark.slow
 def test_dicom_seg_round_trip_on_real_series(dicom_case, tmp_path):
     ct, res, folder = dicom_case["ct"], dicom_case["result"], dicom_case["folder"]
     out = write_dicom_seg(res, ct, folder, tmp_path / "segmentation.dcm")
@@ -128,6 +130,7 @@ def test_dicom_seg_round_trip_on_real_series(dicom_case, tmp_path):
     np.testing.assert_allclose(np.asarray(rgb) / 255.0, probability_color(p), atol=0.02)
 
 
+@pytest.mark.slow
 def test_dicom_seg_two_overlapping_segments_and_not_found(dicom_case, tmp_path):
     """Nodule 1 = the tumour, nodule 2 = not found (no segment), nodule 3 = the same tumour
     eroded (an edited copy overlapping nodule 1): two segments, each with its own frames."""
@@ -146,6 +149,7 @@ def test_dicom_seg_two_overlapping_segments_and_not_found(dicom_case, tmp_path):
     assert raw.SegmentSequence[1].SegmentAlgorithmType == "SEMIAUTOMATIC"
 
 
+@pytest.mark.slow
 def test_dicom_seg_errors(dicom_case, repo_dir, tmp_path):
     ct, res, folder = dicom_case["ct"], dicom_case["result"], dicom_case["folder"]
     nrrd = read_ct(repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd")
@@ -180,6 +184,7 @@ def _box_centre_lps(shared_data):
             float(mid["lps_z"]))
 
 
+@pytest.mark.slow
 def test_cli_analyze_dicom_seg(dicom_case, shared_data, tmp_path, capsys):
     from NoduleMTLLib.cli import main
 
@@ -210,6 +215,7 @@ def test_cli_dicom_seg_refuses_nrrd_input(repo_dir, tmp_path, capsys):
     assert not out.exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_batch_dicom_seg_only_for_dicom_cases(dicom_case, shared_data, repo_dir, tmp_path, capsys):
     import shutil
 

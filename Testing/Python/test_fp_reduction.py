@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from NoduleMTLLib.detection import evaluate as ev
 from NoduleMTLLib.detection import fp_reduction as fpr
 from NoduleMTLLib.detection import infer
 from NoduleMTLLib.io import CTVolume
+from training import detection_matching as ev
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "Resources" / "Weights" / "fpr25d.safetensors"
@@ -24,6 +24,7 @@ def lidc3(shared_data):
     return ev.load_lidc_whole_ct_references(shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003")
 
 
+@pytest.mark.slow
 def test_candidate_patch_geometry_on_a_real_nodule(lidc3):
     ct, refs = lidc3
     r = next(x for x in refs if x.nodule_id == 3)  # 13 mm solid nodule, 4 readers
@@ -77,6 +78,7 @@ def slab_detections(slab3, repo_dir):
     return infer.run_slice_detections(slab3, infer.load_detector("cpu"), "cpu")
 
 
+@pytest.mark.slow
 def test_two_stage_selection_and_records(slab3, slab_detections):
     """Combined score = sqrt(detector x FPR); 'adaptive' keeps every candidate; 'default' and a
     number cut on the combined score; ranking by the combined score; records keep both."""
@@ -106,6 +108,7 @@ def test_two_stage_selection_and_records(slab3, slab_detections):
     assert res.run["fp_reduction"] is None and any("single-stage" in m for m in res.messages)
 
 
+@pytest.mark.slow
 def test_shipped_fpr_drops_most_candidates_and_keeps_the_test_nodules_at_0_5(slab3, slab_detections):
     """With the shipped fpr25d on the test scan's slab: the default operating point and 0.5
     report far fewer candidates than the single-stage search, and at 0.5 the three >= 3-reader
@@ -155,6 +158,7 @@ def test_operating_point_selection_rule():
     assert select_threshold(scans, 0.0)["threshold"] == 0.9
 
 
+@pytest.mark.slow
 def test_wholescan_builder_on_real_dicom(tmp_path):
     """Builds LIDC-IDRI-0003 from its DICOM series + XML (when a pylidc-layout DICOM root is
     given in $NODULEMTL_LIDC_DICOM) and compares with the shared whole-scan reference."""
@@ -181,6 +185,7 @@ def test_wholescan_builder_on_real_dicom(tmp_path):
     assert info["excluded"] and {e["kind"] for e in info["excluded"]} <= {"nodule<3mm", "non-nodule"}
 
 
+@pytest.mark.slow
 def test_builder_names_a_dicom_folder_without_its_xml(tmp_path, shared_data):
     """A DICOM series folder without the readers' XML: one-line error naming the folder."""
     import shutil

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib.io import (InputError, ijk_to_lps_matrix, ijk_to_ras_matrix, image_from_array, lps_to_ras,
-                             ras_to_lps, read_ct)
+from NoduleMTLLib.io import InputError, ijk_to_lps_matrix, ijk_to_ras_matrix, image_from_array, lps_to_ras, ras_to_lps, read_ct
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,15 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
+from test_cli import MIN_DICE, NODULE2_RAS, NODULE3_RAS  # noqa: E402
+from test_mrml import app, build_app_scene, load_volume_from_file, slicer_share, vtk_errors  # noqa: E402,F401
 
 import NoduleMTLMRML  # noqa: E402
 from NoduleMTLLib import DEFAULT_NETWORKS, cli  # noqa: E402
 from NoduleMTLLib.metrics import dice  # noqa: E402
 from NoduleMTLLib.pipeline import analyze_points  # noqa: E402
-from test_cli import MIN_DICE, NODULE2_RAS, NODULE3_RAS  # noqa: E402
-from test_mrml import app, build_app_scene, load_volume_from_file, slicer_share, vtk_errors  # noqa: E402,F401
+
+pytestmark = pytest.mark.slow  # analyses on a real MRML scene
 
 
 @pytest.fixture(scope="module")

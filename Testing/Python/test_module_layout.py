@@ -214,26 +214,30 @@ def test_parameter_node_attributes_exist():
     assert used <= fields | wrapper_api, used - fields - wrapper_api
 
 
-def test_module_uses_only_existing_runner_and_mrml_functions():
-    """``_runner().<name>`` (or ``runner.<name>``) / ``NoduleMTLMRML.<name>`` / ``_mrmlFunction("<name>")`` name
-    functions that exist in NoduleMTLLib/runner.py and NoduleMTLMRML.py."""
-    runner_names = _top_level_names(LIB_DIR / "runner.py")
-    mrml_names = _top_level_names(MRML_PY)
-    used_runner, used_mrml = set(), set()
+def test_module_uses_only_existing_library_and_mrml_functions():
+    """``_runner().<name>`` / ``_analysis().<name>`` (or ``analysis.<name>``) / ``_text().<name>`` /
+    ``NoduleMTLMRML.<name>`` name functions that exist in
+    NoduleMTLLib/runner.py, NoduleMTLLib/analysis.py, NoduleMTLText.py and NoduleMTLMRML.py."""
+    sources = {"_runner": LIB_DIR / "runner.py", "_analysis": LIB_DIR / "analysis.py", "_worker": LIB_DIR / "worker.py",
+               "_text": MODULE_DIR / "NoduleMTLText.py", "NoduleMTLMRML": MRML_PY}
+    aliases = {"runner": "_runner", "analysis": "_analysis"}  # runner = _runner(), analysis = _analysis()
+    used = {k: set() for k in sources}
     for node in ast.walk(_tree(MODULE_PY)):
         if isinstance(node, ast.Attribute):
-            if (isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "_runner") or (
-                    isinstance(node.value, ast.Name) and node.value.id == "runner"):  # runner = _runner()
-                used_runner.add(node.attr)
+            if isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) in sources:
+                used[node.value.func.id].add(node.attr)
+            elif isinstance(node.value, ast.Name) and node.value.id in aliases:
+                used[aliases[node.value.id]].add(node.attr)
             elif isinstance(node.value, ast.Name) and node.value.id == "NoduleMTLMRML":
-                used_mrml.add(node.attr)
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "_mrmlFunction":
-            used_mrml.add(node.args[0].value)
-    assert {"AnalysisProcess", "with_cpu_fallback", "summary_html", "network_choices"} <= used_runner
+                used["NoduleMTLMRML"].add(node.attr)
+    assert {"AnalysisProcess"} <= used["_runner"]
+    assert {"analyze", "network_choices", "detector_status"} <= used["_analysis"]
+    assert {"summary_html", "status_text"} <= used["_text"]
     assert {"reclassify_segment", "export_segment_for_training", "add_result_to_scene", "export_report",
-            "scan_lung_rads_text"} <= used_mrml
-    assert used_runner <= runner_names, used_runner - runner_names
-    assert used_mrml <= mrml_names, used_mrml - mrml_names
+            "scan_lung_rads_text"} <= used["NoduleMTLMRML"]
+    for key, path in sources.items():
+        names = _top_level_names(path)
+        assert used[key] <= names, (key, used[key] - names)
 
 
 def test_module_compiles():
@@ -297,17 +301,14 @@ def test_imports_of_nodulemtllib_exist(path):
     assert checked
 
 
-def test_logic_calls_pipeline_with_its_signature():
-    """NoduleMTL.py calls ``pipeline.analyze_points(ct, points, network_ids=, device=, progress=)``."""
-    pipeline = LIB_DIR / "pipeline.py"
-    if not pipeline.is_file():
-        pytest.skip("NoduleMTLLib/pipeline.py not written yet")
-    funcs = {n.name: n for n in _tree(pipeline).body if isinstance(n, ast.FunctionDef)}
-    assert "analyze_points" in funcs
-    params = {a.arg for a in funcs["analyze_points"].args.args + funcs["analyze_points"].args.kwonlyargs}
+def test_logic_calls_the_analysis_service_with_its_signature():
+    """NoduleMTL.py calls ``analysis.analyze(ct, points, network_ids=, device=, progress=, ...)``."""
+    funcs = {n.name: n for n in _tree(LIB_DIR / "analysis.py").body if isinstance(n, ast.FunctionDef)}
+    assert "analyze" in funcs
+    params = {a.arg for a in funcs["analyze"].args.args + funcs["analyze"].args.kwonlyargs}
     calls = [n for n in ast.walk(_tree(MODULE_PY)) if isinstance(n, ast.Call)
-             and isinstance(n.func, ast.Attribute) and n.func.attr == "analyze_points"]
-    assert calls, "NoduleMTL.py never calls analyze_points"
+             and isinstance(n.func, ast.Attribute) and n.func.attr == "analyze"]
+    assert calls, "NoduleMTL.py never calls analysis.analyze"
     for call in calls:
         keywords = {k.arg for k in call.keywords}
         assert keywords <= params, keywords - params

@@ -334,8 +334,8 @@ def test_volume_node_to_ct_includes_linear_parent_transform(app, crop):
     assert node.GetTransformNodeID() == tnode.GetID()
     np.testing.assert_array_equal(M._ijk_to_ras_local(node), ijk_to_ras_before)
     for idx in ((0, 0, 0), (119, 119, 39), (60, 20, 5)):
-        l, p, s = local_ct.image.TransformIndexToPhysicalPoint(idx)
-        world_ras = to_parent @ np.array([-l, -p, s, 1.0])
+        lx, py, sz = local_ct.image.TransformIndexToPhysicalPoint(idx)
+        world_ras = to_parent @ np.array([-lx, -py, sz, 1.0])
         expected_lps = (-world_ras[0], -world_ras[1], world_ras[2])
         np.testing.assert_allclose(ct.image.TransformIndexToPhysicalPoint(idx), expected_lps, atol=1e-4)
 
@@ -894,6 +894,7 @@ def _row(table_node, name, row):
     return table_node.GetTable().GetColumnByName(name).GetValue(row)
 
 
+@pytest.mark.slow
 def test_reclassify_segment_follows_user_edit_and_keeps_it(app, clicked_scene):
     from NoduleMTLLib.refine import reclassify_from_mask
 
@@ -958,6 +959,7 @@ def test_reclassify_segment_follows_user_edit_and_keeps_it(app, clicked_scene):
     assert _row(table_node, "volume_mm3", 0) == pytest.approx(result.nodules[0].volume_mm3)  # unedited: same volume
 
 
+@pytest.mark.slow
 def test_reclassify_segment_errors_and_user_drawn_segment(app, clicked_scene):
     volume, ct, result, seg_node, table_node = clicked_scene
     with pytest.raises(ValueError, match="no segment"):
@@ -993,6 +995,7 @@ def ndi_dilate(mask):
     return ndimage.binary_dilation(mask, structure=np.ones((1, 3, 3), bool), iterations=2)
 
 
+@pytest.mark.slow
 def test_export_segment_for_training_round_trip(app, clicked_scene, tmp_path):
     from training.data import load_user_cases
 

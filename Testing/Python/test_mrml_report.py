@@ -17,9 +17,9 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML in plain P
 hd = pytest.importorskip("highdicom")
 sitk = pytest.importorskip("SimpleITK")
 
-import NoduleMTLMRML as M  # noqa: E402
 from test_mrml import app, crop, load_volume_from_file, make_result, slicer_share, vtk_errors  # noqa: E402,F401
 
+import NoduleMTLMRML as M  # noqa: E402
 from NoduleMTLLib.assessment import annotate_result  # noqa: E402
 from NoduleMTLLib.brock import PatientInfo  # noqa: E402
 from NoduleMTLLib.io import InputError, read_ct  # noqa: E402
@@ -68,6 +68,7 @@ def a0002_scene(app, shared_data, tmp_path):
     return folder, volume, result, seg_node, table_node
 
 
+@pytest.mark.slow
 def test_table_has_lung_rads_and_brock_columns_and_scan_line(a0002_scene):
     _folder, _volume, result, seg_node, table_node = a0002_scene
     assert _col(table_node, "lung_rads.category").GetValue(0) == "4B"
@@ -80,6 +81,7 @@ def test_table_has_lung_rads_and_brock_columns_and_scan_line(a0002_scene):
     assert M.scan_lung_rads_text({}) == ""
 
 
+@pytest.mark.slow
 def test_export_report_dicom_volume_writes_seg_sr_pictures_html(a0002_scene, tmp_path):
     folder, volume, result, seg_node, table_node = a0002_scene
     out = tmp_path / "report"
@@ -104,6 +106,7 @@ def test_export_report_dicom_volume_writes_seg_sr_pictures_html(a0002_scene, tmp
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_export_report_file_volume_pictures_and_html_only(app, crop, tmp_path):
     path = tmp_path / "crop.nrrd"
     sitk.WriteImage(crop.ct, str(path))

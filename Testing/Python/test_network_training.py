@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from NoduleMTLLib.metrics import binary_classification_stats, dice, iou, roc_auc
-from NoduleMTLLib.networks.lnmsnet import MSConv, LNMSNet
+from NoduleMTLLib.networks.lnmsnet import LNMSNet, MSConv
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +16,7 @@ def net():
     return LNMSNet()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [96, 128])
 def test_lnmsnet_shapes(net, size):
     net.eval()
@@ -70,6 +71,7 @@ def real_nodules(shared_data):
     return load_slice_nodules(shared_data, {"LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0004", "LIDC-IDRI-0007"})
 
 
+@pytest.mark.slow
 def test_training_steps_reduce_loss_on_real_batch(real_nodules):
     """Ten optimiser steps on one real batch (8 slices) lower the joint loss: gradients flow through both heads."""
     from NoduleMTLLib.preprocessing import normalize_slices
@@ -102,6 +104,7 @@ def test_masked_bce_ignores_excluded():
     assert float(full) == pytest.approx(float(two))
 
 
+@pytest.mark.slow
 def test_augmentation_keeps_mask_on_nodule(real_nodules):
     """Image and mask move together: the mean intensity inside the augmented mask (rotated, zoomed,
     flipped, shifted) matches the one inside the plain resampled mask."""

@@ -11,21 +11,35 @@ import pytest
 import torch
 import torch.nn as nn
 
-from NoduleMTLLib.networks.detguided import (SIZE_CLASSES, DetGuidedNet, build_detguided, freeze_layers,
-                                             size_class_from_mask, spatial_regularization)
-from NoduleMTLLib.networks.dsmtnet import (DEFAULT_HEADS, KNOWN_HEADS, LIDC_HEAD_RULES, PAPER_HEADS, DSMTNet,
-                                           build_dsmtnet, dual_scale_crops, dual_scale_from_patch, lidc_head_label,
-                                           stage_parameters)
-from NoduleMTLLib.networks.mtnet import (AlignedXceptionEncoder, ClassNet, build_mtnet,
-                                         init_4th_channel_from_rgb_mean)
-from training.losses import (dice_loss, hybrid_seg_loss, masked_cross_entropy, mtnet_loss, multi_head_bce,
-                             rank_loss)
+from NoduleMTLLib.networks.detguided import (
+    SIZE_CLASSES,
+    DetGuidedNet,
+    build_detguided,
+    freeze_layers,
+    size_class_from_mask,
+    spatial_regularization,
+)
+from NoduleMTLLib.networks.dsmtnet import (
+    DEFAULT_HEADS,
+    KNOWN_HEADS,
+    LIDC_HEAD_RULES,
+    PAPER_HEADS,
+    DSMTNet,
+    build_dsmtnet,
+    dual_scale_crops,
+    dual_scale_from_patch,
+    lidc_head_label,
+    stage_parameters,
+)
+from NoduleMTLLib.networks.mtnet import AlignedXceptionEncoder, ClassNet, build_mtnet, init_4th_channel_from_rgb_mean
+from training.losses import dice_loss, hybrid_seg_loss, masked_cross_entropy, mtnet_loss, multi_head_bce, rank_loss
 
 torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- shapes
 
+@pytest.mark.slow
 def test_detguided_shapes_and_outputs():
     torch.manual_seed(0)
     net = build_detguided("narrow").eval()
@@ -42,6 +56,7 @@ def test_detguided_shapes_and_outputs():
         net(torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.slow
 def test_detguided_paper_branch_is_torchvision_resnet50():
     """Paper config: the classification branch is torchvision's ResNet-50 layout (ImageNet /
     LUNA16-pretrained ResNet-50 weights would load), conv1 adapted to one channel."""
@@ -53,6 +68,7 @@ def test_detguided_paper_branch_is_torchvision_resnet50():
     assert net.cls.conv1.weight.shape == (64, 1, 7, 7)
 
 
+@pytest.mark.slow
 def test_mtnet_shapes_and_structure():
     torch.manual_seed(0)
     net = build_mtnet("narrow").eval()
@@ -79,6 +95,7 @@ def test_mtnet_copy_mode_initialises_fine_from_coarse():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_mtnet_paper_parts_match_timm_layouts():
     """Coarse/Fine encoder = timm aligned Xception-65; Class-net = timm legacy Xception layout
     with MT-Net's changes: no max pooling in the exit flow, conv3/conv4 dilated (rate 2, pad 2)."""
@@ -100,6 +117,7 @@ def test_mtnet_paper_parts_match_timm_layouts():
     assert f.shape[-2:] == (6, 6)
 
 
+@pytest.mark.slow
 def test_dsmtnet_shapes_3d_and_2d():
     torch.manual_seed(0)
     net = build_dsmtnet("narrow").eval()
@@ -133,6 +151,7 @@ def test_init_4th_channel_from_rgb_mean():
         init_4th_channel_from_rgb_mean(c3, nn.Conv2d(5, 8, 3))
 
 
+@pytest.mark.slow
 def test_classnet_loads_rgb_xception_weights():
     """An RGB Xception state (random here, no download) goes into the grey+mask Class-net:
     grey = sum of RGB weights (grey repeated in R, G, B), mask = mean of RGB weights."""
@@ -224,6 +243,7 @@ def test_masked_ce_and_multi_head_bce():
 
 # ----------------------------------------------------------------------------- transfer learning
 
+@pytest.mark.slow
 def test_freeze_layers_really_freezes():
     torch.manual_seed(0)
     net = build_detguided("narrow")
@@ -254,6 +274,7 @@ def test_freeze_layers_really_freezes():
 
 # ----------------------------------------------------------------------------- DSMT-Net heads / stages
 
+@pytest.mark.slow
 def test_dsmtnet_heads_by_name():
     heads = ("malignancy", "calcification", "bubble_lucency")
     net = DSMTNet(heads=heads, dims=2, widths=(8, 16, 32, 64), fused_channels=16).eval()
@@ -287,6 +308,7 @@ def test_lidc_head_label_rules():
         lidc_head_label("pleural_retraction", 3)
 
 
+@pytest.mark.slow
 def test_stage_parameters_two_stage_training():
     torch.manual_seed(0)
     net = DSMTNet(heads=("malignancy", "spiculation", "lobulation"), dims=2, widths=(8, 16, 32, 64), fused_channels=16)
@@ -355,6 +377,7 @@ def test_spatial_regularization_centroid_and_gradient():
     assert q.grad is not None
 
 
+@pytest.mark.slow
 def test_spatial_regularization_keeps_real_nodules(real_slices):
     """Real LIDC masks (resampled to 0.8 mm) used as probability maps: with the size class of
     their own mask the prior keeps >= 95 % of the nodule; calling a large nodule "<6mm" does not."""
@@ -397,6 +420,7 @@ def real_slices(shared_data):
     return nds
 
 
+@pytest.mark.slow
 def test_dual_scale_crops_on_real_nodule(real_slices):
     """Local (32 mm) and context (64 mm) crops of a real LIDC stack share the centre and the
     pixel grid: the nodule covers ~4x more pixels in the local crop (pixels half as wide)."""
@@ -423,6 +447,7 @@ def test_dual_scale_crops_on_real_nodule(real_slices):
     assert seg.shape == (1, 1, 5, 48, 48) and all(bool(torch.isfinite(v).all()) for v in lg.values())
 
 
+@pytest.mark.slow
 def test_training_steps_on_real_batch(real_slices):
     """A few optimiser steps on one real batch: every network gets gradients in all its parts
     from its losses, and MT-Net's hybrid loss goes down."""

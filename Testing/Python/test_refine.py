@@ -19,8 +19,7 @@ from scipy import ndimage as ndi
 from NoduleMTLLib.io import CTVolume, InputError, ras_to_lps, read_ct
 from NoduleMTLLib.pipeline import analyze_points
 from NoduleMTLLib.postprocess import measure_nodule
-from NoduleMTLLib.refine import (LABELS_CSV_COLUMNS, RECLASSIFIED_MESSAGE, export_for_training, malignancy_label,
-                                 reclassify_from_mask)
+from NoduleMTLLib.refine import LABELS_CSV_COLUMNS, RECLASSIFIED_MESSAGE, export_for_training, malignancy_label, reclassify_from_mask
 
 POINTS_RAS = [(-72.5, -77.2, -190.4), (-23.5, 47.6, -172.3)]
 
@@ -40,6 +39,7 @@ def _probs(res):
     return {k: v.malignancy_probability for k, v in res.networks.items()}
 
 
+@pytest.mark.slow
 def test_unedited_mask_reproduces_click_measurements_and_close_probability(sample_ct, click):
     for n in click.nodules:
         assert n.found
@@ -56,6 +56,7 @@ def test_unedited_mask_reproduces_click_measurements_and_close_probability(sampl
         assert abs(p0 - p1) < 0.1, (n.id, p0, p1)
 
 
+@pytest.mark.slow
 def test_edited_mask_changes_measurements_and_probabilities(sample_ct, click):
     n = click.nodules[1]  # the 11 mm nodule
     base = reclassify_from_mask(sample_ct, n.mask, ["lnmsnet"], device="cpu")
@@ -73,6 +74,7 @@ def test_edited_mask_changes_measurements_and_probabilities(sample_ct, click):
     assert abs(pe - pb) > 0.01 and abs(pd - pb) > 0.01, (pb, pe, pd)
 
 
+@pytest.mark.slow
 def test_mtnet_classnet_receives_the_edited_mask(sample_ct, click):
     """A network with a mask-taking classifier (MT-Net Class-net, randomly initialised here:
     no trained weights yet) gets the edited mask as its 2nd input channel, and its own
@@ -113,6 +115,7 @@ def test_mtnet_classnet_receives_the_edited_mask(sample_ct, click):
     assert not torch.allclose(l1[:k], l2[:k], atol=1e-6) or len(l1) != len(l2)
 
 
+@pytest.mark.slow
 def test_reclassify_errors(sample_ct, click):
     mask = click.nodules[0].mask
     with pytest.raises(InputError, match="shape"):
@@ -138,6 +141,7 @@ def test_malignancy_label_rule_matches_training():
         assert malignancy_label(r) == train_rule(r)
 
 
+@pytest.mark.slow
 def test_export_for_training_files_geometry_and_labels(sample_ct, click, tmp_path):
     n = click.nodules[1]
     edited = ndi.binary_erosion(n.mask, iterations=1)
@@ -180,6 +184,7 @@ def test_export_for_training_files_geometry_and_labels(sample_ct, click, tmp_pat
     assert sitk.GetArrayViewFromImage(sitk.ReadImage(str(out["mask"]))).sum() == n.mask.sum()
 
 
+@pytest.mark.slow
 def test_export_label_validation(sample_ct, click, tmp_path):
     mask = click.nodules[0].mask
     for labels, msg in (({"malignant": 1}, "Unknown label"), ({"malignancy": 7}, r"\[1, 5\]"),
@@ -192,6 +197,7 @@ def test_export_label_validation(sample_ct, click, tmp_path):
     assert not (tmp_path / "bad" / "labels.csv").exists()
 
 
+@pytest.mark.slow
 def test_load_user_cases_feeds_sample_batch(sample_ct, click, tmp_path, shared_data):
     from training.augment import sample_batch
     from training.data import load_slice_nodules, load_user_cases
@@ -233,6 +239,7 @@ def test_load_user_cases_feeds_sample_batch(sample_ct, click, tmp_path, shared_d
     assert float(x0[big][y0[big] > 0].mean()) > 600
 
 
+@pytest.mark.slow
 def test_load_user_cases_resamples_oblique_crop(sample_ct, click, tmp_path):
     """A crop on a rotated / anisotropic grid is resampled onto an axial grid with square pixels."""
     from training.data import load_user_cases

@@ -75,6 +75,7 @@ def _runs(tmp_path):
     return tmp_path / "runs"
 
 
+@pytest.mark.slow
 def test_write_report_files(tmp_path):
     out = tmp_path / "rep"
     s = write_report("dsmtnet", _runs(tmp_path), out)
@@ -103,9 +104,11 @@ def test_report_cli(tmp_path, capsys):
         write_report("mtnet", runs, tmp_path / "o3")
 
 
+@pytest.mark.slow
 def test_evaluate_nodules_mtnet_metrics(shared_data):
     """Per-nodule Jaccard = D / (2 - D) and pixel sums = all pixels, on real held-out LIDC slices."""
     import torch
+
     from NoduleMTLLib.registry import load_network
     from training.click2d import evaluate_nodules
     from training.data import load_slice_nodules, load_split

@@ -58,6 +58,7 @@ def a0002(shared_data, tmp_path_factory):
     return {"out": out, "folder": folder, "json": json.loads((out / "nodules.json").read_text())}
 
 
+@pytest.mark.slow
 def test_a0002_writes_every_report_output_and_is_4b(a0002):
     out, d = a0002["out"], a0002["json"]
     for name in ("report.sr.dcm", "segmentation.dcm", "report.html", "pictures/nodule_1.png", "nodules.json", "nodules.csv"):
@@ -79,6 +80,7 @@ def test_a0002_writes_every_report_output_and_is_4b(a0002):
     assert png.startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_a0002_sr_reads_back_as_tid1500(a0002):
     out, n = a0002["out"], a0002["json"]["nodules"][0]
     sr = hd.sr.srread(out / "report.sr.dcm")
@@ -115,6 +117,7 @@ def test_a0002_sr_reads_back_as_tid1500(a0002):
     assert seg.SOPInstanceUID in ev_uids and len(ev_uids) == 1 + len(list(a0002["folder"].iterdir()))
 
 
+@pytest.mark.slow
 def test_a0002_sr_passes_dciodvfy(a0002):
     tool = shutil.which("dciodvfy")
     if tool is None:
@@ -126,6 +129,7 @@ def test_a0002_sr_passes_dciodvfy(a0002):
     assert errors == [], errors
 
 
+@pytest.mark.slow
 def test_report_html_is_self_contained_and_renders(a0002):
     page = (a0002["out"] / "report.html").read_text()
     assert DISCLAIMER in page and "4B" in page and page.count("data:image/png;base64,") == 1
@@ -152,6 +156,7 @@ def test_dicom_sr_refused_for_nrrd(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sample_without_age_sex_is_incomplete_and_options_complete_it(tmp_path):
     out = tmp_path / "o"
     pts = ["--point", *map(str, NODULE2_RAS), "--point", *map(str, NODULE3_RAS)]
@@ -185,6 +190,7 @@ def test_bad_report_options_are_usage_errors(tmp_path, capsys):
         assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_found_nodules_of_a_search_get_the_fields_and_a_count_note():
     """Whole-scan candidates: same records, and the nodule count's source says it counts candidates."""
     import SimpleITK as sitk
@@ -217,6 +223,7 @@ def test_found_nodules_of_a_search_get_the_fields_and_a_count_note():
     assert res.to_dict()["nodules"][1]["brock"] is None
 
 
+@pytest.mark.slow
 def test_batch_writes_report_files_and_fields(tmp_path):
     src = tmp_path / "in"
     src.mkdir()

@@ -1,5 +1,7 @@
-"""Background runner of the Slicer module (``NoduleMTLLib.runner``) and model import
-(``NoduleMTLLib.model_import``), without Qt or Slicer.
+"""Background runner of the Slicer module (``NoduleMTLLib.runner``), the progress protocol
+(``NoduleMTLLib.progress``), device probing and CPU fallback (``NoduleMTLLib.device``), the
+output reader (``NoduleMTLLib.outputs.read_outputs``), the panel's text (``NoduleMTLText``)
+and model import (``NoduleMTLLib.model_import``), without Qt or Slicer.
 
 The process tests start real child processes (``python -m NoduleMTLLib.cli analyze``) on the
 real sample CT shipped in ``Resources/SampleData`` (LIDC-IDRI-0003, cropped) with the sample
@@ -19,12 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from NoduleMTLLib import registry, runner
+import NoduleMTLText as panel_text
+from NoduleMTLLib import analysis, device, progress, registry, runner
 from NoduleMTLLib.io import InputError, ras_to_lps, read_ct
 from NoduleMTLLib.model_import import ModelImportError, identify_weights_file, import_weights_file
-from NoduleMTLLib.outputs import write_outputs
+from NoduleMTLLib.outputs import OutputsError, write_outputs
+from NoduleMTLLib.outputs import read_outputs as load_outputs
 from NoduleMTLLib.pipeline import analyze_points
-from NoduleMTLLib.runner import AnalysisProcess, OutputsError, ProgressEvent, load_outputs
+from NoduleMTLLib.progress import ProgressEvent
+from NoduleMTLLib.runner import AnalysisProcess
+from NoduleMTLLib.worker import Worker
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -66,6 +72,7 @@ def _group_gone(pgid: int) -> bool:
 # real runs through the child process
 # ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_background_run_matches_direct_analysis(sample_ct, direct_result, tmp_path):
     events: list[ProgressEvent] = []
     proc = AnalysisProcess(sample_ct, SAMPLE_POINTS_LPS, networks=["lnmsnet"], device="cpu", temp_root=tmp_path)
@@ -98,8 +105,8 @@ def test_background_run_matches_direct_analysis(sample_ct, direct_result, tmp_pa
         assert got.networks["lnmsnet"].malignancy_probability == pytest.approx(
             want.networks["lnmsnet"].malignancy_probability, abs=1e-4)
     # the summary and status lines read the loaded result
-    assert "Nodule 2" in runner.summary_html(res) and "lnmsnet: P(malignant)" in runner.summary_html(res)
-    assert runner.status_text(res, proc.seconds).startswith("Done: 2 of 2 nodule(s) segmented on cpu in ")
+    assert "Nodule 2" in panel_text.summary_html(res) and "lnmsnet: P(malignant)" in panel_text.summary_html(res)
+    assert panel_text.status_text(res, proc.seconds).startswith("Done: 2 of 2 nodule(s) segmented on cpu in ")
 
     work_dir = proc.work_dir
     proc.cleanup()
@@ -107,6 +114,7 @@ def test_background_run_matches_direct_analysis(sample_ct, direct_result, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cancel_right_after_start(tmp_path):
     proc = AnalysisProcess(str(SAMPLE_CT), SAMPLE_POINTS_LPS, device="cpu", temp_root=tmp_path).start()
     pid, work_dir = proc.pid, proc.work_dir
@@ -120,6 +128,7 @@ def test_cancel_right_after_start(tmp_path):
         proc.result()
 
 
+@pytest.mark.slow
 def test_cancel_while_the_network_runs(tmp_path):
     """Cancel once the child reports progress (torch imported, weights loading / running)."""
     proc = AnalysisProcess(str(SAMPLE_CT), SAMPLE_POINTS_LPS, device="cpu", temp_root=tmp_path).start()
@@ -135,6 +144,7 @@ def test_cancel_while_the_network_runs(tmp_path):
     assert not work_dir.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_point_outside_the_volume_gives_a_readable_error(tmp_path):
     proc = AnalysisProcess(str(SAMPLE_CT), [(0.0, 0.0, 500.0)], device="cpu", temp_root=tmp_path).start()
     assert proc.wait(timeout=RUN_TIMEOUT_S) == "failed"
@@ -147,6 +157,7 @@ def test_point_outside_the_volume_gives_a_readable_error(tmp_path):
         proc.result()
 
 
+@pytest.mark.slow
 def test_usage_error_is_reported(tmp_path):
     proc = AnalysisProcess(str(SAMPLE_CT), SAMPLE_POINTS_LPS, device="tpu", temp_root=tmp_path).start()
     assert proc.wait(timeout=RUN_TIMEOUT_S) == "failed"
@@ -179,10 +190,79 @@ def test_constructor_checks_arguments():
     assert "--lps" in cmd and [float(v) for v in cmd[i + 1:i + 4]] == [1.5, -2.0, 3.25]
 
 
+@pytest.mark.slow
+def test_persistent_worker_runs_again_at_once_cancels_and_restarts(sample_ct, direct_result, tmp_path):
+    """One worker for several runs (what the Slicer module keeps): the second run starts
+    computing within 1 s of the request, cancel stops it at once and leaves nothing, a
+    worker that died is reported clearly and started again at the next run."""
+    worker = Worker()
+
+    def job():
+        return AnalysisProcess(sample_ct, SAMPLE_POINTS_LPS, networks=["lnmsnet"], device="cpu", temp_root=tmp_path,
+                               worker=worker)
+
+    try:
+        first = job().start()
+        assert first.command[1:3] == ["-m", "NoduleMTLLib.worker"] and "analyze" in first.command
+        assert first.wait(timeout=RUN_TIMEOUT_S) == "succeeded", first.details
+        for got, want in zip(first.result().nodules, direct_result.nodules):
+            assert np.array_equal(got.mask, want.mask)
+        first.cleanup()
+        pid = worker.pid
+
+        t0 = time.monotonic()  # the request: Apply again on the same volume
+        second = job().start()
+        first_progress = None
+        while not second.finished and time.monotonic() - t0 < RUN_TIMEOUT_S:
+            events = second.poll()
+            if first_progress is None and any(e.kind == "progress" for e in events):
+                first_progress = time.monotonic() - t0
+            time.sleep(0.01)
+        assert second.state == "succeeded", second.details
+        assert worker.pid == pid and worker.starts == 1  # the same process, networks still loaded
+        assert first_progress is not None and first_progress < 1.0, first_progress
+        second.cleanup()
+
+        # Re-classify from an (edited) mask runs in the same worker too (never in Slicer's GUI thread)
+        from NoduleMTLLib.refine import reclassify_from_mask
+
+        mask = direct_result.nodules[1].mask
+        recl = AnalysisProcess(sample_ct, [SAMPLE_POINTS_LPS[1]], networks=["lnmsnet"], device="cpu", temp_root=tmp_path,
+                               worker=worker, masks=[mask], nodule_ids=[2]).start()
+        assert recl.command[3] == "reclassify" and recl.wait(timeout=RUN_TIMEOUT_S) == "succeeded", recl.details
+        (got,) = recl.result().nodules
+        want = reclassify_from_mask(sample_ct, mask, ["lnmsnet"], device="cpu", nodule_id=2, point_lps=SAMPLE_POINTS_LPS[1])
+        assert worker.pid == pid and got.to_dict() == want.to_dict() and np.array_equal(got.mask, mask)
+        recl.cleanup()
+
+        third = job().start()  # cancel while the worker computes
+        while not any(e.kind == "progress" for e in third.poll()):
+            time.sleep(0.01)
+        t = time.monotonic()
+        third.cancel()
+        assert time.monotonic() - t < 6.0 and third.state == "cancelled"
+        assert _process_gone(pid) and not third.work_dir.exists()
+
+        fourth = job().start()  # a new worker, no message (a cancel is not a crash)
+        assert worker.starts == 2 and fourth.message == ""
+        os.kill(worker.pid, signal.SIGKILL)  # the worker crashes (e.g. out of memory)
+        assert fourth.wait(timeout=60) == "failed"
+        assert "background worker stopped unexpectedly" in fourth.error_text and "SIGKILL" in fourth.error_text
+        assert not fourth.work_dir.exists()
+
+        fifth = job().start()  # restarted, with the reason
+        events = fifth.poll()
+        assert worker.starts == 3 and any("SIGKILL" in e.text and "started again" in e.text for e in events)
+        fifth.cancel()
+    finally:
+        worker.close()
+
+
 # ---------------------------------------------------------------------------
 # load_outputs
 # ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_load_outputs_keeps_overlapping_masks(sample_ct, tmp_path):
     """Two clicks on the same nodule give two overlapping masks: labels.nrrd can hold only
     one of them per voxel, segmentation.seg.nrrd holds both (layers); both come back."""
@@ -203,6 +283,7 @@ def test_load_outputs_keeps_overlapping_masks(sample_ct, tmp_path):
     assert np.array_equal(from_labels.nodules[1].mask, res.nodules[1].mask & ~res.nodules[0].mask)
 
 
+@pytest.mark.slow
 def test_load_outputs_round_trips_records(direct_result, sample_ct, tmp_path):
     write_outputs(direct_result, sample_ct, tmp_path)
     loaded = load_outputs(tmp_path)
@@ -224,10 +305,11 @@ def test_load_outputs_round_trips_records(direct_result, sample_ct, tmp_path):
         loaded = load_outputs(tmp_path / "det")
         assert loaded.nodules[0].detection == det
         assert loaded.messages == ["slices are 2.5 mm thick"]
-        text = runner.summary_html(loaded)
+        text = panel_text.summary_html(loaded)
         assert "detection score 0.87" in text and "slices are 2.5 mm thick" in text
 
 
+@pytest.mark.slow
 def test_load_outputs_errors(direct_result, sample_ct, tmp_path):
     with pytest.raises(OutputsError, match="nodules.json"):
         load_outputs(tmp_path)
@@ -245,6 +327,7 @@ def test_load_outputs_errors(direct_result, sample_ct, tmp_path):
 # CUDA out of memory -> CPU
 # ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cuda_out_of_memory_falls_back_to_cpu(sample_ct, direct_result):
     calls, notes = [], []
 
@@ -254,12 +337,12 @@ def test_cuda_out_of_memory_falls_back_to_cpu(sample_ct, direct_result):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return analyze_points(sample_ct, SAMPLE_POINTS_LPS, network_ids=("lnmsnet",), device=device)
 
-    res = runner.with_cpu_fallback(run, "cuda", notify=notes.append)
+    res = device.with_cpu_fallback(run, "cuda", notify=notes.append)
     assert calls == ["cuda", "cpu"]
     assert len(notes) == 1 and "out of memory" in notes[0] and "CPU" in notes[0]
     assert res.run["device"] == "cpu" and res.run["device_requested"] == "cuda" and res.run["fallback"] == notes[0]
     assert np.array_equal(res.nodules[0].mask, direct_result.nodules[0].mask)
-    assert "out of memory" in runner.status_text(res)
+    assert "out of memory" in panel_text.status_text(res)
 
 
 def test_fallback_only_for_out_of_memory():
@@ -269,11 +352,11 @@ def test_fallback_only_for_out_of_memory():
         return run
 
     with pytest.raises(InputError):
-        runner.with_cpu_fallback(fails(InputError("point outside")), "cuda")
+        device.with_cpu_fallback(fails(InputError("point outside")), "cuda")
     with pytest.raises(torch.OutOfMemoryError):  # the CPU itself: nothing to fall back to
-        runner.with_cpu_fallback(fails(torch.OutOfMemoryError("out of memory")), "cpu")
-    assert runner.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    assert not runner.is_out_of_memory(RuntimeError("shape mismatch"))
+        device.with_cpu_fallback(fails(torch.OutOfMemoryError("out of memory")), "cpu")
+    assert device.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not device.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 # ---------------------------------------------------------------------------
@@ -281,29 +364,29 @@ def test_fallback_only_for_out_of_memory():
 # ---------------------------------------------------------------------------
 
 def test_progress_lines_round_trip(capsys):
-    cb = runner.LineProgress()
+    cb = progress.LineProgress()
     cb(0.25, "loading lnmsnet")
     cb(0.5, "loading lnmsnet")  # same message: not repeated
     cb(1.7, "done")
     lines = capsys.readouterr().out.splitlines()
-    events = [runner.parse_stdout_line(ln) for ln in lines]
+    events = [progress.parse_stdout_line(ln) for ln in lines]
     assert [(e.kind, e.fraction, e.text) for e in events] == [
         ("progress", 0.25, ""), ("message", None, "loading lnmsnet"), ("progress", 0.5, ""),
         ("progress", 1.0, ""), ("message", None, "done")]
-    assert runner.parse_stdout_line("Nodule 1: 21.3 x 19.7 mm").kind == "output"
-    assert runner.parse_stdout_line("<filter-progress>nan</filter-progress>").kind == "output"
-    assert runner.parse_stderr_line("nodulemtl: warning: The GPU ran out of memory").text == "The GPU ran out of memory"
-    assert runner.parse_stderr_line("UserWarning: something").kind == "log"
+    assert progress.parse_stdout_line("Nodule 1: 21.3 x 19.7 mm").kind == "output"
+    assert progress.parse_stdout_line("<filter-progress>nan</filter-progress>").kind == "output"
+    assert progress.parse_stderr_line("nodulemtl: warning: The GPU ran out of memory").text == "The GPU ran out of memory"
+    assert progress.parse_stderr_line("UserWarning: something").kind == "log"
 
 
 def test_error_text_from_stderr():
-    assert runner.error_text_from_stderr(["usage: nodulemtl ...", "nodulemtl: error: Point RAS (0, 0, 500) mm lies outside"], 1) \
+    assert progress.error_text_from_stderr(["usage: nodulemtl ...", "nodulemtl: error: Point RAS (0, 0, 500) mm lies outside"], 1) \
         == "Point RAS (0, 0, 500) mm lies outside"
     tb = ["Traceback (most recent call last):", '  File "x.py", line 1', "ZeroDivisionError: division by zero"]
-    assert runner.error_text_from_stderr(tb, 1) == "ZeroDivisionError: division by zero"
-    assert "SIGKILL" in runner.error_text_from_stderr([], -signal.SIGKILL)
-    assert "out of memory" in runner.error_text_from_stderr([], -signal.SIGKILL)
-    assert "exit code 3" in runner.error_text_from_stderr(["", "  "], 3)
+    assert progress.error_text_from_stderr(tb, 1) == "ZeroDivisionError: division by zero"
+    assert "SIGKILL" in progress.error_text_from_stderr([], -signal.SIGKILL)
+    assert "out of memory" in progress.error_text_from_stderr([], -signal.SIGKILL)
+    assert "exit code 3" in progress.error_text_from_stderr(["", "  "], 3)
 
 
 def test_summary_shows_networks_signs_and_consensus():
@@ -317,7 +400,7 @@ def test_summary_shows_networks_signs_and_consensus():
                                  "disagreement": "high", "dice_pairwise_min": 0.71, "reasons": ["probability spread 0.40 > 0.3"],
                                  "sign_probabilities": {}}},
                   {"id": 2, "name": "Nodule 2", "found": False, "message": "no nodule <here>", "networks": {}}]}
-    text = runner.summary_html(result)
+    text = panel_text.summary_html(result)
     assert "12.3 mm" in text and "solid" in text
     assert "lnmsnet: P(malignant) 80%" in text and "dsmtnet: P(malignant) 40%" in text
     assert "spiculation 25%" in text and "lobulation 60%" in text
@@ -326,21 +409,21 @@ def test_summary_shows_networks_signs_and_consensus():
     assert text.rstrip().endswith("</i>")  # disclaimer last
     # a single network: no consensus line
     single = {"nodules": [dict(result["nodules"][0], consensus={"n_networks": 1, "n_found": 1, "malignancy_probability": 0.8})]}
-    assert "consensus" not in runner.summary_html(single)
-    status = runner.status_text(result, seconds=3.0)
+    assert "consensus" not in panel_text.summary_html(single)
+    status = panel_text.status_text(result, seconds=3.0)
     assert status == "Done: 1 of 2 nodule(s) segmented on cuda:0 in 3.0 s (analysis 2.0 s, weights 0.5 s)"
 
 
 def test_parse_ras_text():
-    assert runner.parse_ras_text("-72.50, -77.20, -190.40") == (-72.5, -77.2, -190.4)
-    assert runner.parse_ras_text("1 2 3") == (1.0, 2.0, 3.0)
+    assert panel_text.parse_ras_text("-72.50, -77.20, -190.40") == (-72.5, -77.2, -190.4)
+    assert panel_text.parse_ras_text("1 2 3") == (1.0, 2.0, 3.0)
     for bad in ("", "1, 2", "a, b, c", "1, 2, inf"):
         with pytest.raises(ValueError):
-            runner.parse_ras_text(bad)
+            panel_text.parse_ras_text(bad)
 
 
 def test_device_choices():
-    names = runner.device_choices()
+    names = device.device_choices()
     assert names[:3] == ["auto", "cpu", "cuda"]
     assert ("mps" in names) == bool(torch.backends.mps.is_available())
 
@@ -353,12 +436,12 @@ def test_device_choices():
         class backends:
             mps = FakeMps
 
-    assert runner.device_choices(FakeTorch) == ["auto", "cpu", "cuda", "mps"]
-    assert "auto" in runner.device_tooltip()
+    assert device.device_choices(FakeTorch) == ["auto", "cpu", "cuda", "mps"]
+    assert "auto" in device.device_tooltip()
 
 
 def test_network_choices_follow_the_registry():
-    choices = runner.network_choices()
+    choices = analysis.network_choices()
     detectors = dict(getattr(registry, "DETECTORS", {}))
     assert [c.network_id for c in choices] == list(registry.NETWORKS) + [d for d in detectors if d not in registry.NETWORKS]
     by_id = {c.network_id: c for c in choices}
@@ -371,11 +454,11 @@ def test_network_choices_follow_the_registry():
         assert c.available == expected, c
         if not c.available:
             assert weights_file in c.reason
-    ok, reason = runner.detection_status()
+    ok, reason = analysis.detector_status()
     detector = [c for c in choices if c.detection]
     assert ok == bool(detector and any(c.available for c in detector)), reason
     assert reason
-    assert runner.split_networks(" lnmsnet, ,detguided,lnmsnet ") == ["lnmsnet", "detguided"]
+    assert analysis.split_networks(" lnmsnet, ,detguided,lnmsnet ") == ["lnmsnet", "detguided"]
 
 
 # ---------------------------------------------------------------------------
@@ -469,9 +552,11 @@ def module_under_test(monkeypatch, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module.NoduleMTLLogic, "pythonExecutable", staticmethod(lambda: sys.executable))
-    return module
+    yield module
+    module.NoduleMTLLogic.stopBackgroundWorker()
 
 
+@pytest.mark.slow
 def test_module_logic_background_run_on_a_real_scene(module_under_test, tmp_path):
     import vtk
     from test_mrml import _write_share_folder, build_app_scene, load_volume_from_file

@@ -21,6 +21,7 @@ def test_manifest_and_files_agree():
         assert nid in registry.NETWORKS or nid in registry.DETECTORS or nid in registry.FP_REDUCERS, nid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network_id", SHIPPED)
 def test_shipped_file_verifies_loads_and_has_a_card(network_id):
     entry = MANIFEST[network_id]

@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from ..io import CTVolume
-from .merge import box_iou_np
+from NoduleMTLLib.detection.merge import box_iou_np
+from NoduleMTLLib.io import CTVolume
 
 #: The paper's matching tolerances (section 3.4.3).
 MAX_SLICE_DISTANCE = 3
@@ -161,7 +161,7 @@ def load_lidc_whole_ct_references(folder: str | Path) -> tuple[CTVolume, list[Re
     """
     import SimpleITK as sitk
 
-    from ..io import read_ct
+    from NoduleMTLLib.io import read_ct
 
     folder = Path(folder)
     ct = read_ct(folder / "ct.nrrd")

@@ -1,0 +1,139 @@
+"""Text of the NoduleMTL panel (HTML summary, status line, RAS parsing): plain Python.
+
+Slicer-side presentation, kept out of ``NoduleMTLLib`` (which knows nothing of the panel)
+and out of ``NoduleMTL.py`` (so plain pytest can test it without Slicer: no slicer, qt or
+vtk import here).  Input: an :class:`NoduleMTLLib.results.AnalysisResult` or its
+``to_dict()`` (``nodules.json``).
+"""
+
+import html
+import math
+import re
+
+#: Shown under every summary.
+DISCLAIMER = "Research use only: not for clinical diagnosis."
+
+def _pct(p) -> str:
+    return "n/a" if p is None else f"{100.0 * float(p):.0f}%"
+
+
+def _result_dict(result) -> dict:
+    return result if isinstance(result, dict) else result.to_dict()
+
+
+def _scalar_text(key: str, value) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None if value is None else f"{key} {'yes' if value else 'no'}"
+    if isinstance(value, (int, float)):
+        if "probability" in key and "spread" not in key and "std" not in key:
+            return f"{key.replace('_', ' ')} {_pct(value)}"
+        return f"{key.replace('_', ' ')} {value:.2f}" if isinstance(value, float) else f"{key.replace('_', ' ')} {value}"
+    if isinstance(value, str):
+        return f"{key.replace('_', ' ')} {html.escape(value)}"
+    return None
+
+
+def consensus_text(consensus: dict | None) -> str:
+    """One line for a nodule's ``consensus`` record (whatever keys it holds): the mean
+    malignancy probability first, then the disagreement level and spread, then the other
+    scalar figures; "" when there is nothing to show (None, or a single network)."""
+    if not consensus:
+        return ""
+    if (consensus.get("n_networks") or 0) < 2 and (consensus.get("n_found") or 0) < 2:
+        return ""
+    parts = []
+    if consensus.get("malignancy_probability") is not None:
+        parts.append(f"P(malignant) {_pct(consensus['malignancy_probability'])}")
+    if consensus.get("disagreement"):
+        parts.append(f"disagreement <b>{html.escape(str(consensus['disagreement']))}</b>")
+    shown = {"malignancy_probability", "disagreement", "mask_rule", "mask_voxels"}
+    for key in ("probability_spread", "dice_pairwise_min", "n_found", "n_networks"):
+        if key in consensus and (text := _scalar_text(key, consensus[key])):
+            parts.append(text)
+            shown.add(key)
+    for key, value in consensus.items():
+        if key not in shown and (text := _scalar_text(key, value)):
+            parts.append(text)
+    reasons = consensus.get("reasons") or []
+    if reasons:
+        parts.append("(" + html.escape("; ".join(str(r) for r in reasons)) + ")")
+    return "consensus: " + ", ".join(parts) if parts else ""
+
+
+def summary_html(result, disclaimer: str = DISCLAIMER) -> str:
+    """The panel's summary (HTML): the run's notes (``messages``), then per nodule its size
+    and type (and detection score), per network the malignancy probability and sign
+    probabilities, and the consensus line when present.
+
+    Args:
+        result: an ``AnalysisResult`` or its ``to_dict()`` (``nodules.json``).
+    """
+    lines = []
+    d = _result_dict(result)
+    for message in d.get("messages") or []:
+        lines.append(f"<i>{html.escape(str(message))}</i>")
+    for n in d.get("nodules", []):
+        name = html.escape(str(n.get("name") or f"Nodule {n.get('id')}"))
+        if not n.get("found"):
+            lines.append(f"<b>{name}</b>: no nodule found at the point. {html.escape(n.get('message') or '')}".strip())
+            continue
+        size = f"{n['diameter_mm']:.1f} mm" if n.get("diameter_mm") is not None else "size n/a"
+        if n.get("volume_mm3") is not None:
+            size += f", {n['volume_mm3']:.0f} mm&sup3;"
+        kind = f", {html.escape(n['type'])}" if n.get("type") else ""
+        det = n.get("detection") or {}
+        score = f", detection score {det['score']:.2f}" if isinstance(det, dict) and det.get("score") is not None else ""
+        lines.append(f"<b>{name}</b>: {size}{kind}{score}")
+        for nid, out in (n.get("networks") or {}).items():
+            out = out or {}
+            text = f"&nbsp;&nbsp;{html.escape(nid)}: P(malignant) {_pct(out.get('malignancy_probability'))}"
+            signs = out.get("sign_probabilities") or {}
+            if signs:
+                text += " &middot; " + ", ".join(f"{html.escape(k)} {_pct(v)}" for k, v in signs.items())
+            lines.append(text)
+        cons = consensus_text(n.get("consensus"))
+        if cons:
+            lines.append("&nbsp;&nbsp;" + cons)
+        if n.get("message"):
+            lines.append(f"&nbsp;&nbsp;<i>{html.escape(n['message'])}</i>")
+    if disclaimer:
+        lines.append(f"<i>{html.escape(disclaimer)}</i>")
+    return "<br>".join(lines)
+
+
+def status_text(result, seconds: float | None = None) -> str:
+    """"Done: N of M nodule(s) segmented on <device> in <t> s (...)", with the CPU
+    fallback note when the run fell back from the GPU."""
+    d = _result_dict(result)
+    run = d.get("run") or {}
+    nodules = d.get("nodules") or []
+    found = sum(1 for n in nodules if n.get("found"))
+    timing = run.get("timing_s") or {}
+    total = seconds if seconds is not None else timing.get("total")
+    text = f"Done: {found} of {len(nodules)} nodule(s) segmented"
+    if run.get("device"):
+        text += f" on {run['device']}"
+    if total is not None:
+        text += f" in {float(total):.1f} s"
+        if seconds is not None and timing.get("total") is not None:
+            text += f" (analysis {float(timing['total']):.1f} s"
+            text += f", weights {float(timing['load']):.1f} s)" if timing.get("load") is not None else ")"
+    if run.get("fallback"):
+        text += f". {run['fallback']}"
+    return text
+
+
+def parse_ras_text(text: str) -> tuple[float, float, float]:
+    """``"R, A, S"`` (the table's ``point_ras_mm`` text, or space separated) -> floats.
+
+    Raises:
+        ValueError: not three finite numbers.
+    """
+    parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"Not a RAS point: {text!r}") from None
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"Not a RAS point: {text!r}")
+    return values
