@@ -54,11 +54,12 @@ from scipy.optimize import minimize
 
 from NoduleMTLLib.calibration import CalibrationSet, Calibrator, LinearStack, ProbabilityModel, logit, nodule_features, sigmoid
 from NoduleMTLLib.metrics import roc_auc
+from NoduleMTLLib.registry import available_networks
 from training.data import REPO
 
 REPORT_DIR = REPO / "training" / "reports" / "calibration"
 WEIGHTS_FILE = REPO / "Resources" / "Weights" / "calibration.json"
-NETWORKS = ("lnmsnet", "detguided", "dsmtnet", "mtnet")
+NETWORKS = tuple(available_networks())  # the registry's click networks
 SIGNS = ("spiculation", "lobulation", "calcification", "subsolid", "bubble_lucency")
 N_BINS = 10
 CV_FOLDS, CV_REPEATS, SEED = 5, 10, 0

@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from NoduleMTLLib.registry import available_networks
 from training.data import REPO, default_data_dir, load_split, malignancy_label
 
-CLICK_NETWORKS = ("lnmsnet", "detguided", "dsmtnet", "mtnet")
+CLICK_NETWORKS = tuple(available_networks())  # the registry's click networks
 RESERVED_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0009")
 OUT_DIR = REPO / "runs" / "voi_predictions"
 REPORT_DIR = REPO / "training" / "reports" / "calibration"

@@ -11,7 +11,6 @@ exists and skips otherwise.  Single thread; about a minute.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 
 import numpy as np
@@ -417,7 +416,11 @@ def test_batch_case_without_points_uses_the_detector(slab_file, model, monkeypat
         registry.find_weights("maskrcnn25d")
     except (registry.WeightsError, KeyError):
         assert not detector_status()[0]  # no weights: cases without points are skipped
-    detect = functools.partial(infer.detect_nodules, max_nodules=2)  # 2 nodules to classify keep it short
+    original = infer.detect_nodules
+
+    def detect(*a, **k):  # 2 nodules to classify keep it short; every candidate of the random detector
+        return original(*a, **{**k, "max_nodules": 2, "score_threshold": "adaptive"})
+
     monkeypatch.setattr(infer, "detect_nodules", detect)
     model.roi_heads.detections_per_img = 1  # one detection per slice -> few nodules to classify
     try:
