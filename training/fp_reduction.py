@@ -164,17 +164,6 @@ def photometric(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(p, int(rng.integers(4)), axes=(1, 2)), np.float32)
 
 
-def _auc(labels, scores) -> float:
-    from scipy.stats import rankdata
-
-    y = np.asarray(labels, bool)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if not n1 or not n0:
-        return float("nan")
-    r = rankdata(scores)
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 @torch.no_grad()
 def predict(model, samples, batch=128) -> np.ndarray:
     """FPR probabilities of samples (unaugmented patches)."""
@@ -197,6 +186,7 @@ def predict_patches(model, patches, batch=128) -> np.ndarray:
 def train(config: Path = CONFIG, resume: bool = False, log=print) -> dict:
     """Train ``fpr25d`` (module docstring); returns the history."""
     from NoduleMTLLib.detection.fp_reduction import FPR25D
+    from NoduleMTLLib.metrics import roc_auc
     from training.wholescan import default_cache, load_split
 
     cfg = json.loads(Path(config).read_text())
@@ -259,7 +249,7 @@ def train(config: Path = CONFIG, resume: bool = False, log=print) -> dict:
         sched.step()
         pv = predict_patches(model, va_patches)
         yv = [s.label for s in va]
-        auc = _auc(yv, pv)
+        auc = roc_auc(yv, pv)
         h = {"epoch": ep, "loss": float(np.mean(losses)), "val_auc": auc,
              "seconds": round(time.perf_counter() - t0, 1)}
         hist.append(h)

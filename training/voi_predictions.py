@@ -40,9 +40,9 @@ import SimpleITK as sitk
 
 from NoduleMTLLib.registry import available_networks
 from training.data import REPO, default_data_dir, load_split, malignancy_label
+from training.wholescan import RESERVED as RESERVED_PATIENTS  # one list of the reserved patients
 
 CLICK_NETWORKS = tuple(available_networks())  # the registry's click networks
-RESERVED_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0009")
 OUT_DIR = REPO / "runs" / "voi_predictions"
 REPORT_DIR = REPO / "training" / "reports" / "calibration"
 
