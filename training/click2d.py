@@ -166,6 +166,51 @@ def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: to
     return seg_loss(seg, y) + cfg["cls_loss_weight"] * masked_bce(cls, lab)
 
 
+def add_hu_sources(cfg: dict, split: dict, data_dir=None, limit_nodules: int | None = None, log=print) -> list:
+    """Extra HU training sources named in ``cfg["hu_sources"]`` (issue 13: train on the product's
+    input), training patients only.
+
+    ``{"lidc_vois": k}``: the training patients' HU VOIs (``training.data.load_voi_nodules``),
+    ``k`` samples per nodule per epoch; ``{"wholescan": k}``: the training patients' whole LIDC
+    scans in ``$NODULEMTL_CACHE/wholescan`` (``training.data.load_wholescan_nodules``; patients
+    in both the whole-scan split's and the patient split's train lists).
+    Returns: [(list of SliceNodule, k)].
+    """
+    from training.data import load_voi_nodules, load_wholescan_nodules
+    out = []
+    src = cfg.get("hu_sources") or {}
+    train = set(split["train"])
+    if src.get("lidc_vois"):
+        v = load_voi_nodules(data_dir, train)
+        v = v[:limit_nodules] if limit_nodules else v
+        log(f"HU source lidc_vois: {len(v)} nodules of training patients")
+        out.append((v, int(src["lidc_vois"])))
+    if src.get("wholescan"):
+        import os
+        ws = Path(os.environ.get("NODULEMTL_CACHE", Path.home() / ".cache" / "nodulemtl")) / "wholescan"
+        wsplit = json.loads((Path(__file__).resolve().parent / "splits" / "lidc_wholescan_split.json").read_text())
+        pats = [p for p in wsplit["train"] if p in train and (ws / p / "ct.nrrd").is_file()]
+        w = load_wholescan_nodules(ws, pats)
+        log(f"HU source wholescan: {len(w)} nodules of {len(pats)} whole training scans ({', '.join(pats)})")
+        out.append((w, int(src["wholescan"])))
+    return out
+
+
+def hu_augment(nd, k: int, cfg: dict, rng: np.random.Generator) -> np.ndarray:
+    """One HU slice (HU + 1024, float32 (H, W)) of an HU training nodule, augmented for what varies
+    between scanners: with probability ``p_thick_slice`` the mean of the 3 or 5 slices around
+    ``k`` (a thicker reconstruction: 2.5 mm slices -> 7.5-12.5 mm, 1.25 mm -> 3.75-6.25 mm),
+    then Gaussian noise with sigma drawn from [0, ``max_noise_hu``] HU.  Air stays >= 0."""
+    img = nd.image[k]
+    if rng.random() < cfg.get("p_thick_slice", 0.0):
+        r = int(rng.integers(1, 3))
+        img = nd.image[max(0, k - r):k + r + 1].mean(0)
+    sigma = float(rng.uniform(0, cfg.get("max_noise_hu", 0.0)))
+    if sigma > 0:
+        img = np.maximum(img + rng.normal(0, sigma, img.shape).astype(np.float32), 0)
+    return img
+
+
 def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = None, log=print) -> Path:
     """Train a 2D click network (cfg["network"]); resumes from ``out_dir/last.pt`` if present. Returns the best checkpoint path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,13 +221,25 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     va = load_slice_nodules(data_dir, set(split["val"]))
     if limit_nodules:
         tr, va = tr[:limit_nodules], va[: max(4, limit_nodules // 4)]
+    spn = [cfg["samples_per_nodule_per_epoch"]] * len(tr)  # samples per nodule per epoch
+    is_hu = [False] * len(tr)
+    extra = add_hu_sources(cfg, split, data_dir, limit_nodules, log)
+    for nodes, k in extra:
+        tr += nodes; spn += [k] * len(nodes); is_hu += [True] * len(nodes)
     log(f"train nodules {len(tr)} (slices {sum(len(n.image) for n in tr)}), val nodules {len(va)}")
     model = build_network(cfg["network"])
     if cfg.get("frozen_layers"):
         from NoduleMTLLib.networks.detguided import freeze_layers
         freeze_layers(model, cfg["frozen_layers"])
-    if cfg.get("init_from"):  # transfer learning: start from another run's weights
-        model.load_state_dict(load_checkpoint(cfg["init_from"])["model"])
+    if cfg.get("init_from"):  # transfer learning / fine-tuning: start from a checkpoint or shipped weights
+        init = Path(cfg["init_from"])
+        if not init.is_absolute() and not init.exists():
+            init = Path(__file__).resolve().parents[1] / init
+        if init.suffix == ".safetensors":
+            from NoduleMTLLib.registry import load_weights_into
+            load_weights_into(model, init)
+        else:
+            model.load_state_dict(load_checkpoint(init)["model"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     stage2_from = cfg["epochs"] - cfg.get("stage2_epochs", 0) if cfg.get("stage2_epochs") else None
     stage = 1
@@ -216,7 +273,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         items = []
         for ni, nd in enumerate(tr):
             has = np.nonzero(nd.consensus.reshape(len(nd.image), -1).any(1))[0]
-            for _ in range(cfg["samples_per_nodule_per_epoch"]):
+            for _ in range(spn[ni]):
                 if len(has) and rng.random() < cfg["p_slice_with_mask"]:
                     items.append((ni, int(rng.choice(has))))
                 else:
@@ -228,7 +285,8 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
             for g in opt.param_groups:
                 g["lr"] = _lr_at(epoch + b / nb, cfg) * g.get("lr_scale", 1.0)
             chunk = items[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]]
-            x, y = sample_batch([tr[i].image[k] for i, k in chunk], [tr[i].consensus[k] for i, k in chunk],
+            x, y = sample_batch([hu_augment(tr[i], k, cfg, rng) if is_hu[i] else tr[i].image[k] for i, k in chunk],
+                                [tr[i].consensus[k] for i, k in chunk],
                                 [tr[i].spacing_mm for i, _ in chunk], cfg["input_size_px"], cfg["input_spacing_mm"], rng,
                                 cfg["max_shift_mm"], tuple(cfg["zoom_range"]), cfg["p_zoom_out"])
             # classification only on slices that show the nodule
@@ -236,11 +294,21 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
             loss = joint_loss(model, normalize_slices(x), y, lab, cfg, head_labels(model, tr, chunk))
             opt.zero_grad(); loss.backward(); opt.step()
             losses.append(float(loss.detach()))
-        ev = evaluate_nodules(model, va, cfg)
-        score = ev["dice_mean"] + (ev["classification"]["auc"] if not math.isnan(ev["classification"]["auc"]) else 0)
-        rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice_mean": ev["dice_mean"],
-               "val_auc": ev["classification"]["auc"], "val_acc": ev["classification"]["accuracy"],
-               "epoch_s": round(time.time() - t0, 1)}
+        if cfg.get("select_on") == "vois3d":  # the product's path: 3D click on the val patients' HU VOIs
+            from training.evaluate_click import evaluate_vois
+            model.eval()
+            e3 = evaluate_vois(cfg["network"], "val", data_dir, limit=limit_nodules, log=lambda _s: None, model=model)
+            auc = e3["classification"]["auc"]
+            score = e3["dice3d_mean"] + (auc if not math.isnan(auc) else 0)
+            rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice3d_mean": e3["dice3d_mean"],
+                   "val_dice3d_median": e3["dice3d_median"], "val_found": e3["found"], "val_n": e3["n_nodules"],
+                   "val_auc": auc, "val_acc": e3["classification"]["accuracy"], "epoch_s": round(time.time() - t0, 1)}
+        else:
+            ev = evaluate_nodules(model, va, cfg)
+            score = ev["dice_mean"] + (ev["classification"]["auc"] if not math.isnan(ev["classification"]["auc"]) else 0)
+            rec = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice_mean": ev["dice_mean"],
+                   "val_auc": ev["classification"]["auc"], "val_acc": ev["classification"]["accuracy"],
+                   "epoch_s": round(time.time() - t0, 1)}
         history.append(rec)
         log(json.dumps(rec))
         if score > best:

@@ -194,7 +194,7 @@ def load_user_cases(folder) -> list[SliceNodule]:
         raise FileNotFoundError(f"No labels.csv in {d}: not a folder written by the refinement loop's export")
     with open(d / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    out, h = [], USER_SLICE_SIZE // 2
+    out = []
     for r in rows:
         paths = [d / r["image_file"], d / r["mask_file"]]
         for p in paths:
@@ -208,20 +208,120 @@ def load_user_cases(folder) -> list[SliceNodule]:
         ks = np.nonzero(m.reshape(len(m), -1).any(1))[0]
         if len(ks) == 0:
             raise ValueError(f"Case {r['case_id']}: empty mask")
-        _, yy, xx = np.nonzero(m)
-        cy, cx = int(round(yy.mean())), int(round(xx.mean()))
-        pad = ((0, 0), (h, h), (h, h))
-        hu_p = np.pad(hu[ks], pad, constant_values=-1024.0)
-        m_p = np.pad(m[ks], pad, constant_values=False)
-        win = (slice(None), slice(cy, cy + 2 * h), slice(cx, cx + 2 * h))  # centre cy + h in padded coordinates
-        image = (hu_p[win] + USER_CASE_HU_OFFSET).astype(np.float32)
-        mask = m_p[win]
+        image, mask = hu_slices_around_mask(hu, m, ks)
         mal = float(r["malignancy"]) if r.get("malignancy") not in (None, "") else float("nan")
         out.append(SliceNodule(
             patient_id=r.get("patient_id") or r["case_id"], nodule=r["case_id"], image=image, consensus=mask,
             readers=mask[None], spacing_mm=s, slice_thickness_mm=sz, malignancy=mal, label=int(r["label"]),
             ratings={k: float(r[k]) for k in RATINGS if r.get(k) not in (None, "")},
         ))
+    return out
+
+
+def hu_slices_around_mask(hu: np.ndarray, m: np.ndarray, slices) -> tuple[np.ndarray, np.ndarray]:
+    """Cut :data:`USER_SLICE_SIZE` px axial slices centred on a mask's in-plane centroid.
+
+    Args:
+        hu: (z, y, x) HU (float or int) at native spacing; m: (z, y, x) bool mask on the same
+            grid (not empty); slices: the z indices to keep.
+    Returns:
+        (image (S, 128, 128) float32 = HU + :data:`USER_CASE_HU_OFFSET`, i.e. 0 = air;
+        mask (S, 128, 128) bool).  Beyond the crop the image is air (-1024 HU) and the mask 0.
+    """
+    h = USER_SLICE_SIZE // 2
+    ks = np.asarray(slices, int)
+    _, yy, xx = np.nonzero(m)
+    cy, cx = int(round(yy.mean())), int(round(xx.mean()))
+    pad = ((0, 0), (h, h), (h, h))
+    hu_p = np.pad(np.asarray(hu[ks], np.float32), pad, constant_values=-1024.0)
+    m_p = np.pad(m[ks], pad, constant_values=False)
+    win = (slice(None), slice(cy, cy + 2 * h), slice(cx, cx + 2 * h))  # centre cy + h in padded coordinates
+    return (hu_p[win] + USER_CASE_HU_OFFSET).astype(np.float32), m_p[win]
+
+
+#: ``lidc_vois/labels.csv`` rating columns -> the ``lidc_slices`` rating names (:data:`RATINGS`).
+VOI_RATING_COLUMNS = {"subtlety": "Subtlety_value", "internalStructure": "InternalStructure_value",
+                      "calcification": "Calcification_value", "sphericity": "Sphericity_value",
+                      "margin": "Margin_value", "lobulation": "Lobulation_value",
+                      "spiculation": "Spiculation_value", "texture": "Texture_value"}
+
+
+def load_voi_nodules(data_dir: Path | None = None, patients: set | None = None) -> list[SliceNodule]:
+    """``lidc_vois`` nodules (3D HU, consensus masks) as HU :class:`SliceNodule` slices.
+
+    Every slice of the VOI is kept (the VOIs are tight crops: median 6 x 44 x 44 voxels), cut
+    to 128 x 128 px around the mask centroid at native spacing and padded with air, as the
+    click path pads a VOI (``NoduleMTLLib.roi.extract_patch``).  ``image`` = HU + 1024
+    (float32), ``consensus`` = the VOI's consensus mask (the 3D evaluation's reference),
+    ``readers`` = that mask only, ``malignancy`` = ``Malignancy_value``, ratings from
+    :data:`VOI_RATING_COLUMNS`.  Crops that are not axis-aligned are resampled as in
+    :func:`load_user_cases`; VOIs with an empty mask are skipped.
+    """
+    import SimpleITK as sitk
+
+    d = Path(data_dir or default_data_dir()) / "lidc_vois"
+    out = []
+    with open(d / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if patients is None or r["patient_id"] in patients]
+    for r in rows:
+        hu, m, s, sz = _axial_grid(sitk.ReadImage(str(d / r["image"])), sitk.ReadImage(str(d / r["mask"])))
+        if not m.any():
+            continue
+        image, mask = hu_slices_around_mask(hu, m, range(len(m)))
+        mal = float(r["Malignancy_value"])
+        out.append(SliceNodule(
+            patient_id=r["patient_id"], nodule=f"voi-{r['nodule_id']}", image=image, consensus=mask,
+            readers=mask[None], spacing_mm=s, slice_thickness_mm=sz, malignancy=mal, label=malignancy_label(mal),
+            ratings={k: float(r[c]) for k, c in VOI_RATING_COLUMNS.items() if r.get(c) not in (None, "")},
+        ))
+    return out
+
+
+def load_wholescan_nodules(wholescan_dir: Path, patients, margin_slices: int = 2) -> list[SliceNodule]:
+    """Nodules of the whole LIDC scans built by ``training.wholescan`` as HU :class:`SliceNodule`
+    slices with their real surroundings (chest wall, vessels, mediastinum), not padded crops.
+
+    Args:
+        wholescan_dir: the builder's output (``PATIENT/ct.nrrd``, ``nodules_labels.nrrd``,
+            ``nodules.csv``); patients: ids to load (only training patients, the caller's
+            split); margin_slices: slices kept beyond the nodule on each side (negatives).
+    Returns:
+        one :class:`SliceNodule` per labelled nodule: 128 x 128 px at native spacing around the
+        mask centroid, ``image`` = HU + 1024, ``consensus`` = the >= 50 % consensus label,
+        ``malignancy`` = the readers' median (label by :func:`malignancy_label`), no ratings.
+    Raises:
+        ValueError: a reserved patient (``training.wholescan.RESERVED``) is asked for.
+    """
+    import SimpleITK as sitk
+
+    from training.wholescan import RESERVED
+    bad = sorted(set(patients) & set(RESERVED))
+    if bad:
+        raise ValueError(f"{', '.join(bad)} reserved for an independent evaluation: never read")
+    out = []
+    for p in sorted(patients):
+        d = Path(wholescan_dir) / p
+        ct = sitk.ReadImage(str(d / "ct.nrrd"))
+        if not np.allclose(np.asarray(ct.GetDirection()).reshape(3, 3), np.eye(3), atol=1e-4):
+            raise ValueError(f"{d / 'ct.nrrd'}: not an axial (identity-direction) grid")
+        hu = sitk.GetArrayViewFromImage(ct)
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "nodules_labels.nrrd")))
+        s = ct.GetSpacing()[0]
+        with open(d / "nodules.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            m = lab == int(r["nodule"])
+            zs = np.nonzero(m.reshape(len(m), -1).any(1))[0]
+            if len(zs) == 0:
+                continue
+            ks = range(max(0, zs[0] - margin_slices), min(len(m), zs[-1] + margin_slices + 1))
+            image, mask = hu_slices_around_mask(hu, m, ks)
+            mal = float(r["malignancy_median"]) if r.get("malignancy_median") not in (None, "") else float("nan")
+            out.append(SliceNodule(
+                patient_id=p, nodule=f"wholescan-{r['nodule']}", image=image, consensus=mask, readers=mask[None],
+                spacing_mm=float(s), slice_thickness_mm=float(ct.GetSpacing()[2]), malignancy=mal,
+                label=malignancy_label(mal) if mal == mal else -1, ratings={},
+            ))
     return out
 
 

@@ -27,13 +27,17 @@ from NoduleMTLLib.registry import load_network
 from training.data import default_data_dir, load_split, malignancy_label
 
 
-def evaluate_vois(network_id: str, split: str = "val", data_dir=None, limit: int | None = None, log=print) -> dict:
+def evaluate_vois(network_id: str, split: str = "val", data_dir=None, limit: int | None = None, log=print,
+                  model=None) -> dict:
+    """3D click-path evaluation of ``network_id`` on the split's VOIs (see the module text);
+    ``model``: an in-memory network to evaluate instead of the shipped weights (training's
+    checkpoint selection).  Returns Dice / found / classification figures (dict)."""
     d = Path(data_dir or default_data_dir()) / "lidc_vois"
     patients = set(load_split()[split])
     rows = [r for r in csv.DictReader(open(d / "labels.csv")) if r["patient_id"] in patients]
     if limit:
         rows = rows[:limit]
-    net = {network_id: load_network(network_id, "cpu")}
+    net = {network_id: model if model is not None else load_network(network_id, "cpu")}
     dices, labels, probs, found, times, skipped = [], [], [], 0, [], []
     for r in rows:
         img = sitk.ReadImage(str(d / r["image"]))

@@ -133,24 +133,38 @@ def scan_samples(patient: str, cache: Path, rng: np.random.Generator, n_random: 
     return out
 
 
-def make_patch(s: Sample, rng: np.random.Generator | None = None) -> tuple[np.ndarray, float]:
+def make_patch(s: Sample, rng: np.random.Generator | None = None, p_subrange: float = 0.0) -> tuple[np.ndarray, float]:
     """(3, 32, 32) patch and extent feature of a sample; with ``rng``, a geometric variant
     (in-plane shift up to 1.5 mm, slice range shortened/extended by one slice at either end
-    with p = 0.3 each)."""
+    with p = 0.3 each).
+
+    ``p_subrange``: probability that a VOI positive (``source`` ``voi:``) gets the geometry of a
+    detector candidate instead of its mask's: a random contiguous part of its slice range
+    (1 slice to all of them, uniform), centred on one of those slices.  The detector often
+    fires on a few slices of a nodule only (the validation nodule of LIDC-IDRI-0004 was a
+    2-slice candidate); with mask geometry only, every short candidate would look negative.
+    """
     from NoduleMTLLib.detection.fp_reduction import candidate_patch, extent_feature
 
     k0, k1 = s.krange
     off = (0.0, 0.0)
     vol = s.vol
+    centre = s.centre
+    if rng is not None and p_subrange and s.source.startswith("voi:") and rng.random() < p_subrange:
+        n = k1 - k0 + 1
+        length = int(rng.integers(1, n + 1))
+        k0 = k0 + int(rng.integers(0, n - length + 1))
+        k1 = k0 + length - 1
+        centre = (centre[0], centre[1], float(rng.integers(k0, k1 + 1)))
     if rng is not None:
         off = tuple(rng.uniform(-1.5, 1.5, 2))
         if rng.random() < 0.3:
             k0 += int(rng.choice([-1, 1]))
         if rng.random() < 0.3:
             k1 += int(rng.choice([-1, 1]))
-        k0, k1 = max(0, min(k0, s.centre[2])), min(vol.shape[0] - 1, max(k1, s.centre[2]))
+        k0, k1 = max(0, min(k0, centre[2])), min(vol.shape[0] - 1, max(k1, centre[2]))
         k0, k1 = int(math.floor(k0)), int(math.ceil(k1))
-    p = candidate_patch(vol, s.spacing, s.centre, (k0, k1), off)
+    p = candidate_patch(vol, s.spacing, centre, (k0, k1), off)
     return p, extent_feature((k0, k1), s.spacing[2])
 
 
@@ -203,7 +217,8 @@ def train(config: Path = CONFIG, resume: bool = False, log=print) -> dict:
         va += scan_samples(p, cache, rng, 0, log)
     n_var = int(cfg.get("variants", 4))
     t0 = time.perf_counter()
-    variants = [[make_patch(s, rng) for _ in range(n_var)] for s in tr]  # geometric variants, precomputed
+    p_sub = float(cfg.get("p_positive_subrange", 0.0))
+    variants = [[make_patch(s, rng, p_sub) for _ in range(n_var)] for s in tr]  # geometric variants, precomputed
     for s in tr:
         s.vol = None  # the volumes are no longer needed
     log(f"{len(tr)} x {n_var} training patches in {time.perf_counter() - t0:.0f} s")
