@@ -689,7 +689,7 @@ def probability_color(probability) -> tuple[float, float, float]:
 
 def probability_legend() -> str:
     """One-line legend of the colour ramp for the module panel, e.g.
-    ``"Segment colour = P(malignant) of the first network: green < 0.3 <= yellow < 0.6 <= red; grey = unknown
+    ``"Segment colour = the reported (calibrated) P(malignant): green < 0.3 <= yellow < 0.6 <= red; grey = unknown
     (research use only, not a clinical threshold)"``."""
     return _colors.probability_legend()
 
@@ -697,7 +697,7 @@ def probability_legend() -> str:
 def _nodule_color(nodule: NoduleResult, network_order, colorBy: str) -> tuple[float, float, float]:
     if colorBy == "index":
         return NODULE_COLORS[(nodule.id - 1) % len(NODULE_COLORS)]
-    return probability_color(_colors.primary_probability(nodule.networks, network_order))
+    return probability_color(_colors.reported_probability(nodule, network_order))
 
 
 # ---------------------------------------------------------------------------
@@ -956,7 +956,7 @@ def apply_reclassification(segmentationNode, segmentId: str, tableNode, result: 
     _set_segment_result_tags(segment, result)
     segment.SetTag(p + "reclassified", "1")
     segment.SetTag(p + "message", result.message)
-    segment.SetColor(*probability_color(_colors.primary_probability(result.networks, ids)))
+    segment.SetColor(*probability_color(_colors.reported_probability(result, ids)))
     if tableNode is not None:
         _update_table_row(tableNode, segmentId, result)
 

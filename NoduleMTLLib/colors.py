@@ -56,7 +56,7 @@ def probability_color(probability) -> tuple[float, float, float]:
 def probability_legend() -> str:
     """One-line legend of the ramp, for a GUI panel."""
     lo, hi = PROBABILITY_COLOR_THRESHOLDS
-    return (f"Segment colour = P(malignant) of the first network: green < {lo:g} <= yellow < {hi:g} <= red; "
+    return (f"Segment colour = the reported (calibrated) P(malignant): green < {lo:g} <= yellow < {hi:g} <= red; "
             "grey = unknown (research use only, not a clinical threshold)")
 
 
@@ -73,3 +73,19 @@ def primary_probability(networks: dict, order: Iterable[str] = ()) -> float | No
         if p is not None and not math.isnan(float(p)):
             return float(p)
     return None
+
+
+def reported_probability(nodule, order: Iterable[str] = ()) -> float | None:
+    """The P(malignant) a nodule is shown with: its reported, calibrated ``malignancy_probability``
+    (``NoduleMTLLib.calibration``; the one in ``nodules.json`` / ``nodules.csv``) when it has one,
+    else the first network's raw probability (:func:`primary_probability`).
+
+    Args:
+        nodule: a :class:`NoduleMTLLib.results.NoduleResult` (or anything with ``networks`` and
+            optionally ``malignancy_probability``).
+        order: preferred network order (the run's ``networks`` list).
+    """
+    p = getattr(nodule, "malignancy_probability", None)
+    if p is not None and not math.isnan(float(p)):
+        return float(p)
+    return primary_probability(nodule.networks, order)

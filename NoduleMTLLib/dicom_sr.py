@@ -128,6 +128,8 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
     segments = {str(s.SegmentLabel): s for s in seg_ds.SegmentSequence}
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     nets = [str(v) for v in (result.run or {}).get("networks", [])]
+    run_model = (result.run or {}).get("malignancy_probability")
+    run_model = run_model if isinstance(run_model, dict) else None
     algorithm = hd.sr.AlgorithmIdentification(name="NoduleMTL", version=__version__,
                                              parameters=[f"networks={','.join(nets) or 'unknown'}"])
     groups = []
@@ -147,6 +149,11 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
             ms.append(hd.sr.Measurement(name=codes.SCT.Diameter, value=float(lr["size_mm"]), unit=codes.UCUM.Millimeter,
                                         derivation=codes.SCT.Mean,
                                         method=_code("LRSIZE", "Lung-RADS v2022 mean diameter")))
+        if getattr(n, "malignancy_probability", None) is not None:  # the reported, calibrated probability
+            model = (run_model or {}).get("model", "calibrated")
+            ms.append(hd.sr.Measurement(
+                name=codes.DCM.ProbabilityOfCancer, value=float(n.malignancy_probability), unit=codes.UCUM.NoUnits,
+                algorithm_id=hd.sr.AlgorithmIdentification(name=f"NoduleMTL {model} (calibrated)", version=__version__)))
         for nid, out in n.networks.items():
             if out.malignancy_probability is not None:
                 ms.append(hd.sr.Measurement(

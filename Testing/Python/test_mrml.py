@@ -776,6 +776,20 @@ def test_segment_colors_follow_probabilities(app, crop):
         M.add_result_to_scene(app.scene, result, volume, colorBy="rainbow")
 
 
+def test_segment_color_follows_the_reported_calibrated_probability(app, crop):
+    """The top-level (calibrated) ``malignancy_probability`` - the number nodules.json reports -
+    decides the colour over the networks' raw probabilities; without it, the first network's."""
+    volume = add_volume_from_array(app.scene, crop.ct)
+    result = make_result(crop)  # raw P(malignant) 0.81, 0.23, 0.79
+    result.nodules[0].malignancy_probability = 0.12  # calibrated: low although the network said 0.81
+    result.nodules[1].malignancy_probability = 0.65
+    seg, _ = M.add_result_to_scene(app.scene, result, volume)
+    colors = [seg.GetSegmentation().GetNthSegment(i).GetColor() for i in range(3)]
+    assert colors[0] == pytest.approx(M.PROBABILITY_COLORS["low"])
+    assert colors[1] == pytest.approx(M.PROBABILITY_COLORS["high"])
+    assert colors[2] == pytest.approx(M.PROBABILITY_COLORS["high"])  # no calibrated value: the network's 0.79
+
+
 # ---------------------------------------------------------------------------
 # terminology resource
 # ---------------------------------------------------------------------------
