@@ -13,7 +13,8 @@ A four-network ``<split>.json`` of ``voi_predictions`` is used instead when pres
 
 1. **Fits on the validation patients only** (``val``), for each configuration below, a
    calibrator of its raw probability: temperature scaling, Platt scaling and isotonic
-   regression (pool-adjacent-violators), and keeps the one with the lowest Brier score in
+   regression (pool-adjacent-violators), and keeps the one of :data:`REPORTABLE_CALIBRATORS`
+   (temperature, Platt: isotonic can report exactly 0 or 1) with the lowest Brier score in
    repeated stratified 5-fold cross-validation *within val* (10 repeats, seed 0).  No
    scikit-learn (not a dependency): numpy + scipy.optimize, written out below.
 2. Fits the **stacked** models (L2 logistic regression on standardised features, the L2
@@ -354,7 +355,7 @@ def fit_config(cid: str, val: list[dict]) -> tuple[ProbabilityModel, dict]:
     p = raw_scores(cid, cv)
     cvb = {m: cv_brier(lambda tr, te, m=m: fit_calibrator(m, p[tr], y[tr])(p[te]), len(y), y)
            for m in ("identity", "temperature", "platt", "isotonic")}
-    best = min((m for m in cvb if m != "identity"), key=cvb.get)
+    best = min((m for m in cvb if m in REPORTABLE_CALIBRATORS), key=cvb.get)
     oof = cv_predictions(lambda tr, te: fit_calibrator(best, p[tr], y[tr])(p[te]), y)
     return (ProbabilityModel(cid, nets, score, fit_calibrator(best, p, y), mask),
             {"method": best, "cv_brier_by_method": cvb, "oof": oof})
@@ -390,6 +391,14 @@ def meets_speed(cid: str, speed: dict) -> bool | None:
     return all(m.get(case, math.inf) <= t for case, t in SPEED_TARGET_S.items())
 
 
+#: Calibrators a reported probability may come from.  Isotonic regression is fitted and its
+#: cross-validated Brier score reported, but never chosen: fitted on ~70 validation nodules it
+#: is a step function that reports exactly 0 or 1 at its ends (the 30 mm sample nodule got
+#: "P(malignant) 1.0" when isotonic DSMT-Net was the default, 2026-12-02) and creates ties
+#: that lower the AUC.  A probability shown to a radiologist should never be exactly 0 or 1.
+REPORTABLE_CALIBRATORS = ("temperature", "platt")
+
+
 def choose_default(results: dict, speed: dict) -> str:
     """The default configuration: among configurations that meet the measured speed target,
     the best validation 3D Dice mean (the reported mask and measurements), ties (within
@@ -419,7 +428,8 @@ def run_study(val: list[dict], test: list[dict], speed: dict | None = None) -> t
     results, models = {}, {}
     for cid in CONFIGS:
         model, fit = fit_config(cid, val)
-        fit["cv_brier"] = min(v for k, v in (fit.get("cv_brier_by_method") or fit["cv_brier_by_l2"]).items() if k != "identity")
+        fit["cv_brier"] = (fit["cv_brier_by_method"][fit["method"]] if "cv_brier_by_method" in fit
+                           else min(fit["cv_brier_by_l2"].values()))
         oof = fit.pop("oof")
         cv = classified(val)
         yv = np.array([r["label"] for r in cv], float)

@@ -218,6 +218,22 @@ def test_shipped_calibration_names_the_default_everywhere(repo_dir):
     assert default == ",".join(DEFAULT_NETWORKS)
 
 
+def test_shipped_probabilities_are_never_exactly_0_or_1(repo_dir):
+    """Every shipped single-network calibrator is one of ``REPORTABLE_CALIBRATORS`` (a smooth map:
+    temperature / Platt, never isotonic's step function), so a reported probability stays inside
+    (0, 1) even for the most extreme network outputs."""
+    from training.calibration import REPORTABLE_CALIBRATORS
+
+    assert "isotonic" not in REPORTABLE_CALIBRATORS and "identity" not in REPORTABLE_CALIBRATORS
+    cs = load_calibration(repo_dir / "Resources" / "Weights" / "calibration.json")
+    for mid, m in cs.models.items():
+        if m.score == "stack":
+            continue
+        assert m.calibrator.method in REPORTABLE_CALIBRATORS, mid
+        out = np.asarray([m.calibrator(p) for p in (1e-6, 0.5, 1 - 1e-6)], float).ravel()
+        assert ((out > 0) & (out < 1)).all() and out[0] < out[1] < out[2], (mid, out)
+
+
 @pytest.mark.slow
 def test_tta_is_mirror_equivariant_on_real_ct(repo_dir):
     """With the left-right flip averaged in, mirroring the input mirrors the answer exactly
