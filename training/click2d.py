@@ -143,7 +143,7 @@ def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: to
     if hasattr(model, "classnet"):
         from training.losses import mtnet_loss
         return mtnet_loss(model.forward_all(x), y, lab, cls_weight=cfg["cls_loss_weight"])["total"]
-    if hasattr(model, "forward_click"):
+    if hasattr(model, "main_head"):  # DSMT-Net (every click network has forward_click since the contract)
         from training.losses import multi_head_bce
         seg, main, sg = model.forward_click(x)
         b = model.seg_border_px * x.shape[-1] // 96

@@ -119,3 +119,36 @@ def test_augmentation_keeps_mask_on_nodule(real_nodules):
         assert inside.numel() > 0 and float(inside.mean()) == pytest.approx(ref, rel=0.1)
     # a wrongly moved mask would mostly cover the lung or wall instead
     assert abs(float(x0[0, 0][y0[0, 0] == 0].mean()) - ref) > 0.1 * ref
+
+
+@pytest.mark.slow
+def test_joint_loss_uses_each_networks_own_loss(real_nodules):
+    """``training.click2d.joint_loss`` on a real batch for every click network of the registry:
+    a finite scalar whose gradient reaches the network.  Regression: since the click-network
+    contract gave every network ``forward_click``, LNMSNet went down DSMT-Net's multi-head
+    branch and training it failed (``no attribute 'main_head'``)."""
+    from NoduleMTLLib.preprocessing import normalize_slices
+    from NoduleMTLLib.registry import available_networks, build_network
+    from training.augment import sample_batch
+    from training.click2d import joint_loss
+    from training.losses import masked_bce, seg_loss
+
+    nds = [n for n in real_nodules if n.consensus.any()][:4]
+    x, y = sample_batch([n.image[len(n.image) // 2] for n in nds], [n.consensus[len(n.image) // 2] for n in nds],
+                        [n.spacing_mm for n in nds], 96, 0.8, None)
+    x = normalize_slices(x)
+    lab = torch.tensor([1, 0, -1, 1])
+    cfg = {"cls_loss_weight": 0.5, "input_spacing_mm": 0.8}
+    for nid in available_networks():
+        torch.manual_seed(0)
+        model = build_network(nid)
+        loss = joint_loss(model, x, y, lab, cfg)
+        assert loss.ndim == 0 and torch.isfinite(loss), nid
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), nid
+    # LNMSNet's loss is exactly its paper's joint loss (segmentation + 0.5 x malignancy BCE)
+    torch.manual_seed(0)
+    m = build_network("lnmsnet").eval()  # deterministic (no dropout / batch statistics)
+    seg, cls = m(x)
+    expected = seg_loss(seg, y) + 0.5 * masked_bce(cls, lab)
+    assert float(joint_loss(m, x, y, lab, cfg)) == pytest.approx(float(expected), rel=1e-5)
