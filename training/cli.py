@@ -30,7 +30,8 @@ def update_manifest(network_id: str, weights: Path) -> None:
     entry = {
         "title": spec.title, "paper": spec.paper, "file": weights.name, "size_bytes": weights.stat().st_size,
         "sha256": sha256_of(weights), "version": __version__, "dtype": "float16", "input_spec": spec.input_spec,
-        "training_data": "LIDC-IDRI (TCIA, CC BY 3.0) via ../shared/data/lidc_slices; "
+        "training_data": "LIDC-IDRI (TCIA, CC BY 3.0) via ../shared/data (lidc_slices; the HU fine-tunes also "
+                         "lidc_vois and whole training scans from bradfordb/pylidc: see the model card); "
                          "patient split training/splits/lidc_patient_split.json",
         "model_card": f"{network_id}.md", "metrics": {},
     }
