@@ -950,7 +950,10 @@ def test_reclassify_segment_follows_user_edit_and_keeps_it(app, clicked_scene):
     p_direct = reclassify_from_mask(ct, edited, ["lnmsnet"], device="cpu").networks["lnmsnet"].malignancy_probability
     p_unedited = reclassify_from_mask(ct, original.mask, ["lnmsnet"], device="cpu").networks["lnmsnet"].malignancy_probability
     assert p_new == pytest.approx(p_direct, abs=1e-4)
-    assert abs(p_new - p_unedited) > 0.01, (p_new, p_unedited)
+    # the edited mask changes the area weights of the slices' logits: if the edit were ignored the
+    # two would be identical (probabilities are rounded to 4 decimals, hence 1e-3); how much they
+    # differ depends on the weights (0.02 with the 8-bit-trained LNMSNet, 0.002 with the HU one)
+    assert abs(p_new - p_unedited) > 1e-3, (p_new, p_unedited)
 
     # --- table row 2 updated, row 1 unchanged
     assert _row(table_node, "volume_mm3", 1) == pytest.approx(new.volume_mm3)
