@@ -186,10 +186,9 @@ def add_hu_sources(cfg: dict, split: dict, data_dir=None, limit_nodules: int | N
         log(f"HU source lidc_vois: {len(v)} nodules of training patients")
         out.append((v, int(src["lidc_vois"])))
     if src.get("wholescan"):
-        import os
-        ws = Path(os.environ.get("NODULEMTL_CACHE", Path.home() / ".cache" / "nodulemtl")) / "wholescan"
-        wsplit = json.loads((Path(__file__).resolve().parent / "splits" / "lidc_wholescan_split.json").read_text())
-        pats = [p for p in wsplit["train"] if p in train and (ws / p / "ct.nrrd").is_file()]
+        from training import wholescan
+        ws = wholescan.default_cache()
+        pats = [p for p in wholescan.load_split()["train"] if p in train and (ws / p / "ct.nrrd").is_file()]
         w = load_wholescan_nodules(ws, pats)
         log(f"HU source wholescan: {len(w)} nodules of {len(pats)} whole training scans ({', '.join(pats)})")
         out.append((w, int(src["wholescan"])))
