@@ -1,24 +1,31 @@
 """Train, select and evaluate the false-positive-reduction stage ``fpr25d`` (issue 12).
 
-    python -m training.fp_reduction train  [--config training/configs/fpr25d.json] [--resume]
-    python -m training.fp_reduction cv     [--config ...] [--out runs/fpr25d]   (leave-one-training-scan-out)
-    python -m training.fp_reduction select [--weights runs/fpr25d/best.pt]
-    python -m training.fp_reduction export
+    python -m training.fp_reduction train    [--config training/configs/fpr25d.json] [--out runs/fpr25d] [--resume]
+    python -m training.fp_reduction cv       [--config ...] [--out ...] [--resume]   (leave-one-training-scan-out)
+    python -m training.fp_reduction select   [--config ...] [--out ...] [--weights RUN/best.pt]
+    python -m training.fp_reduction export   [--config ...] [--out ...]
+    python -m training.fp_reduction manifest [--report runs/maskrcnn25d/eval_whole_ct.json]
     nodulemtl-train evaluate maskrcnn25d --whole-ct      (two-stage search, test + validation scans)
+
+(``nodulemtl-train fpr COMMAND`` takes the same options.)  Recipes: ``training/configs/
+fpr25d.json`` (shipped: two fields, context positives) and ``fpr25d_onefield.json`` (the first
+version).
 
 Data (patients split as ``training/splits/lidc_patient_split.json`` and
 ``lidc_wholescan_split.json``; LIDC-IDRI-0001 / -0009 never read):
 
 * **positives**: every nodule VOI (``../shared/data/lidc_vois``, HU, native spacing) of the
   training patients, field centred on the consensus mask's centroid, slice range = the
-  mask's slices; and every detector candidate of the whole training scans whose centre
-  lies within a readers' nodule (any number of readers);
+  mask's slices - with ``voi_positives: "png_context"`` placed into the same nodule's wider
+  ``lidc_slices`` PNG slices brought back to HU (:func:`voi_context_samples`); and every
+  detector candidate of the whole training scans whose centre lies within a readers'
+  nodule (any number of readers);
 * **negatives**: the detector's candidates (:data:`NoduleMTLLib.detection.fp_reduction.
   CANDIDATE_THRESHOLD`, cached by ``python -m training.candidates``) on the whole training
   scans that hit no nodule and no excluded mark (nodule < 3 mm / non-nodule: neither
   positive nor negative, LUNA16 rule), and random positions inside the lung mask of the
   same scans (voxels of -900 to -500 HU, i.e. aerated parenchyma; >= 10 mm from any mark),
-  with slice ranges drawn from the candidates';
+  with slice ranges drawn from the candidates' (scans rounded to ``quantize_scans_hu``);
 * **validation** (checkpoint choice): the validation patients' VOIs (positives) and the
   validation whole scans' candidates (LIDC-IDRI-0004, -0007; negatives), AUC.
 
@@ -28,11 +35,14 @@ per draw random flips / 90-degree rotations and HU noise (sigma 10 HU).
 Balanced batches (half positives).  Checkpoints each epoch (``last.pt``, resumable; weights,
 optimiser state and plain numbers only) and the best validation AUC (``best.pt``).
 
-``select`` computes the combined score (:func:`~NoduleMTLLib.detection.fp_reduction.
-combined_score`) of every validation-scan candidate and picks the lowest threshold with at
-most 2 false positives per validation scan (FP = a candidate hitting no nodule and no
-excluded mark) - the shipped :data:`~NoduleMTLLib.detection.fp_reduction.
-OPERATING_THRESHOLD`.  The test scans are never used to choose anything.
+``cv`` scores each whole training scan with a network trained without it (nor its patient's
+VOIs).  ``select`` computes the combined score (:func:`~NoduleMTLLib.detection.fp_reduction.
+combined_score`) of every candidate of the validation scans (the run's network) and of the
+out-of-fold training scans, and picks the lowest threshold with at most 2 false positives
+per scan over all of them (FP = a candidate hitting no nodule and no excluded mark) - the
+shipped :data:`~NoduleMTLLib.detection.fp_reduction.OPERATING_THRESHOLD` - and with at most
+8 (the high-sensitivity setting); it also reports the pooled FROC and each nodule's rank
+(``RUN/select_val.json``).  The test scans are never used to choose anything.
 """
 
 from __future__ import annotations

@@ -293,3 +293,16 @@ def test_png_context_brought_back_to_hu_on_real_nodules(shared_data):
     err = np.abs(hu[y:y + v.shape[1], x:x + v.shape[2]] - v[kz])[inner]
     assert np.median(err) < 8.0  # one grey level is ~ 6-16 HU
     assert png_slice_to_hu(im[k], v[kz], (y + 17, x - 13)) is None
+
+
+def test_panel_threshold_box_states_the_shipped_operating_points():
+    """The Slicer panel's threshold box can hold the high-sensitivity setting exactly and its
+    tooltip quotes the shipped operating points (they change when fpr25d is retrained)."""
+    import xml.etree.ElementTree as ET
+
+    ui = ET.parse(REPO / "Resources" / "UI" / "NoduleMTL.ui")
+    box = ui.find(".//widget[@name='detectionThresholdSpinBox']")
+    props = {p.get("name"): p[0].text for p in box.findall("property")}
+    assert int(props["decimals"]) >= 4
+    assert f"{fpr.OPERATING_THRESHOLD:.4f}" in props["toolTip"]
+    assert f"{fpr.HIGH_SENSITIVITY_THRESHOLD:.4f}" in props["toolTip"]
