@@ -159,7 +159,8 @@ def _fpr25d():
 
 
 register(NetworkSpec("fpr25d", "2.5D false-positive reduction of Find nodules candidates",
-                     "ours, after Setio A.A.A. et al., IEEE TMI 2016 (multi-view ConvNets) and the LUNA16 FP-reduction track",
+                     "ours, after Setio A.A.A. et al., IEEE TMI 2016 (multi-view ConvNets), the LUNA16 FP-reduction track and "
+                     "Dou Q. et al., IEEE TBME 2017 (multilevel context)",
                      _fpr25d, "fpr25d.safetensors", "NoduleMTLLib.detection.fp_reduction", kind="fp_reduction"))
 
 

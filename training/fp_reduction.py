@@ -502,6 +502,39 @@ def select_threshold(scans: list[dict], max_fp_per_scan: float = 2.0) -> dict:
     return {"threshold": 1.0}
 
 
+def recipe_key(cfg: dict) -> str:
+    """sha256 (16 hex digits) of a recipe without its free-text ``note``: ties out-of-fold scores
+    to the recipe that made them."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k != "note"}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def out_of_fold_scans(run: Path, cfg: dict) -> list[dict]:
+    """The ``cv`` scores of ``run`` for the training scans, checked: one per training scan of the
+    split, made with this recipe (:func:`recipe_key`); [] when ``cv`` has not run.
+
+    Raises:
+        ValueError: scores from another recipe, a missing training scan, or a scan that is
+            not a training scan (a validation, test or reserved one) in ``run/cv_scores``.
+    """
+    from training.wholescan import load_split
+
+    d = run / "cv_scores"
+    files = sorted(d.glob("*.json")) if d.is_dir() else []
+    if not files:
+        return []
+    scans = [json.loads(f.read_text()) for f in files]
+    train_scans = sorted(load_split()["train"])
+    got = sorted(c["scan"] for c in scans)
+    if got != train_scans:
+        raise ValueError(f"{d} holds {got}, expected exactly the training scans {train_scans}")
+    stale = [c["scan"] for c in scans if c.get("recipe") != recipe_key(cfg)]
+    if stale:
+        raise ValueError(f"{d}: {stale} were scored with another recipe; run cv again (without --resume)")
+    return scans
+
+
 def cross_validate(config: Path, run: Path, resume: bool = False, log=print) -> list[Path]:
     """Leave-one-scan-out over the whole training scans: for each, train on the recipe with that
     scan and its patient's VOIs held out (``held_out_scans``), score the held-out scan's
@@ -519,12 +552,13 @@ def cross_validate(config: Path, run: Path, resume: bool = False, log=print) -> 
         fold = run / f"cv_{scan}"
         fold.mkdir(parents=True, exist_ok=True)
         fcfg = fold / "config.json"
-        fcfg.write_text(json.dumps(dict(cfg, held_out_scans=[scan]), indent=1) + "\n")
         dest = run / "cv_scores" / f"{scan}.json"
-        if resume and dest.exists():
-            continue
+        if resume and dest.exists() and json.loads(dest.read_text()).get("recipe") == recipe_key(cfg):
+            continue  # this fold is done, with this recipe
+        fcfg.write_text(json.dumps(dict(cfg, held_out_scans=[scan]), indent=1) + "\n")
         train(fcfg, resume, log, out_dir=fold)
         c = scan_scores(load_trained(fold / "best.pt", fcfg), scan, cache)
+        c["recipe"] = recipe_key(cfg)
         tmp = dest.with_suffix(".tmp")
         tmp.write_text(json.dumps(c) + "\n")
         os.replace(tmp, dest)
@@ -661,14 +695,16 @@ def main(argv=None) -> int:
         return 0
     if a.command == "select":
         m = load_trained(a.weights or run / "best.pt", a.config)
-        scans = [scan_scores(m, p, cache) for p in load_split()["val"]]
-        val_only = select_threshold(scans, a.max_fp)
-        cv_dir = run / "cv_scores"
-        if cv_dir.is_dir():  # out-of-fold scores of the training scans (``cv``)
-            scans += [json.loads(f.read_text()) for f in sorted(cv_dir.glob("*.json"))]
+        val_scans = [scan_scores(m, p, cache) for p in load_split()["val"]]
+        val_only = select_threshold(val_scans, a.max_fp)
+        oof = out_of_fold_scans(run, cfg)  # out-of-fold scores of the training scans (``cv``)
+        scans = val_scans + oof
         sel = select_threshold(scans, a.max_fp)
         hs = select_threshold(scans, 8.0)
-        rep = {"validation_scans": load_split()["val"], "cross_validated_scans": [s["scan"] for s in scans[2:]],
+        rep = {"validation_scans": load_split()["val"], "cross_validated_scans": [s["scan"] for s in oof],
+               "fp_per_scan_at_operating_point": {
+                   s["scan"]: sum(1 for cd in s["candidates"] if cd["combined"] >= sel["threshold"]
+                                  and cd["hit"] is None and not cd["excluded"]) for s in scans},
                "operating_point": sel, "high_sensitivity_8fp": hs, "operating_point_validation_scans_only": val_only,
                "pooled_froc": [pooled_froc(scans, 3), pooled_froc(scans, 1)], "nodules": nodule_ranks(scans),
                "per_scan": [{"scan": s["scan"], "n_candidates": len(s["candidates"]),

@@ -306,3 +306,50 @@ def test_panel_threshold_box_states_the_shipped_operating_points():
     assert int(props["decimals"]) >= 4
     assert f"{fpr.OPERATING_THRESHOLD:.4f}" in props["toolTip"]
     assert f"{fpr.HIGH_SENSITIVITY_THRESHOLD:.4f}" in props["toolTip"]
+
+
+def _scan(name, refs, cands):
+    """A candidate list in the format of ``training.fp_reduction.scan_scores``: refs = [(nodule,
+    n_readers)], cands = [(combined score, hit nodule or None, excluded)]."""
+    return {"scan": name, "references": [{"nodule": n, "n_readers": r, "diameter_mm": 8.0} for n, r in refs],
+            "candidates": [{"score": c, "fpr": c, "combined": c, "hit": h, "excluded": e} for c, h, e in cands]}
+
+
+def test_pooled_froc_threshold_and_ranks_follow_the_luna16_rules():
+    from training.fp_reduction import nodule_ranks, pooled_froc, select_threshold
+
+    scans = [_scan("A", [(1, 4), (2, 1)], [(0.99, None, False), (0.95, 1, False), (0.9, 2, False),
+                                            (0.85, None, True), (0.6, None, False)]),
+             _scan("B", [(1, 3)], [(0.97, None, False), (0.8, None, False), (0.7, 1, False), (0.5, None, False)])]
+    f3 = pooled_froc(scans, 3, fp_rates=(0.5, 1.0, 2.0))
+    # by score: 0.99 FP (0.5/scan), 0.97 FP (1.0), 0.95 A#1, 0.9 A#2 (not counted, not an FP),
+    # 0.85 excluded (ignored), 0.8 FP (1.5), 0.7 B#1, 0.6 FP (2.0), 0.5 FP (2.5)
+    assert f3["n_nodules"] == 2 and f3["sensitivities"] == [0.0, 0.5, 1.0]
+    assert f3["cpm"] == pytest.approx(0.5)
+    f1 = pooled_froc(scans, 1, fp_rates=(1.0, 2.0))
+    assert f1["n_nodules"] == 3 and f1["sensitivities"] == [pytest.approx(2 / 3, abs=1e-4), 1.0]
+    op = select_threshold(scans, 1.0)  # lowest score with <= 1 FP per scan (2 in all)
+    assert op["threshold"] == 0.85 and op["fp_per_scan"] == 1.0
+    assert op["nodules_hit"] == ["A#1", "A#2"]
+    ranks = {(r["scan"], r["nodule"]): r["fps_above"] for r in nodule_ranks(scans)}
+    assert ranks == {("A", 1): 1, ("A", 2): 1, ("B", 1): 2}
+
+
+def test_out_of_fold_scores_must_match_the_recipe_and_the_training_scans(tmp_path):
+    from training.fp_reduction import out_of_fold_scans, recipe_key
+    from training.wholescan import load_split
+
+    cfg = {"seed": 1, "width": 16, "note": "free text"}
+    assert recipe_key(cfg) == recipe_key(dict(cfg, note="other words")) != recipe_key(dict(cfg, seed=2))
+    assert out_of_fold_scans(tmp_path, cfg) == []  # cv has not run
+    d = tmp_path / "cv_scores"
+    d.mkdir()
+    train = load_split()["train"]
+    for s in train:
+        (d / f"{s}.json").write_text(json.dumps(dict(_scan(s, [], []), recipe=recipe_key(cfg))))
+    assert [c["scan"] for c in out_of_fold_scans(tmp_path, cfg)] == sorted(train)
+    with pytest.raises(ValueError, match="another recipe"):
+        out_of_fold_scans(tmp_path, dict(cfg, context=True))
+    (d / "LIDC-IDRI-0003.json").write_text(json.dumps(dict(_scan("LIDC-IDRI-0003", [], []), recipe=recipe_key(cfg))))
+    with pytest.raises(ValueError, match="expected exactly the training scans"):
+        out_of_fold_scans(tmp_path, cfg)
