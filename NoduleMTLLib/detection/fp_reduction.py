@@ -177,6 +177,12 @@ class FPR25D(nn.Module):
         return self.head(torch.cat([f, extent.reshape(-1, 1).to(f.dtype)], 1)).squeeze(1)
 
 
+def fpr_for_state_dict(sd: dict, width: int = 16) -> FPR25D:
+    """An untrained :class:`FPR25D` of the variant a state dict was saved from (the two-field
+    variant has ``context_features.*`` keys), for ``load_state_dict(sd)``."""
+    return FPR25D(width, context=any(k.startswith("context_features.") for k in sd))
+
+
 def combined_score(detector_score: float, fpr_score: float) -> float:
     """Geometric mean sqrt(detector_score * fpr_score) of the two stages' scores (both in [0, 1])."""
     return float(math.sqrt(max(0.0, float(detector_score)) * max(0.0, float(fpr_score))))
