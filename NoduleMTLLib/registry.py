@@ -254,8 +254,43 @@ def numpy_safe_globals() -> list:
     return [scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
 
 
+#: Int8 storage (:func:`quantize_int8`): float tensors with at least this many elements.
+INT8_MIN_ELEMENTS = 65536
+#: Key suffix of the per-output-channel scales of an int8-stored tensor.
+INT8_SCALE_SUFFIX = ".int8_scale"
+
+
+def quantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Storage form of a state dict: weight-only symmetric int8, one scale per output channel.
+
+    Float tensors of >= :data:`INT8_MIN_ELEMENTS` elements and >= 2 dimensions become int8
+    ``round(w / s)`` in [-127, 127] with s = max |w| over each output channel (dim 0) / 127,
+    stored as float32 under ``KEY`` + :data:`INT8_SCALE_SUFFIX` (shape (C, 1, ...)); other
+    float tensors become float16; integer buffers are kept.  :func:`read_state_dict` restores
+    float32 ``q * s``: a relative error of at most 1/254 of each channel's largest weight.
+    Used to ship the large networks under 30 MB (their model cards give the measured effect).
+    """
+    out = {}
+    for k, v in sd.items():
+        if v.is_floating_point() and v.ndim >= 2 and v.numel() >= INT8_MIN_ELEMENTS:
+            w = v.float()
+            s = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True).clamp_min(1e-12) / 127.0
+            out[k] = torch.round(w / s).clamp(-127, 127).to(torch.int8).contiguous()
+            out[k + INT8_SCALE_SUFFIX] = s.contiguous()
+        else:
+            out[k] = (v.half() if v.is_floating_point() else v).contiguous()
+    return out
+
+
+def _dequantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`quantize_int8` (float32 ``q * s``); other tensors unchanged."""
+    scales = {k[:-len(INT8_SCALE_SUFFIX)]: v for k, v in sd.items() if k.endswith(INT8_SCALE_SUFFIX)}
+    return {k: (v.float() * scales[k] if k in scales else v) for k, v in sd.items() if not k.endswith(INT8_SCALE_SUFFIX)}
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch checkpoint (``weights_only=True``)."""
+    """Read a state dict from ``.safetensors`` (fp32, fp16 or :func:`quantize_int8` storage) or a
+    torch checkpoint (``weights_only=True``); floating tensors come back as float32."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -266,6 +301,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = ck.get("model", ck) if isinstance(ck, dict) else ck
     except Exception as e:  # corrupt/truncated files raise various errors
         raise WeightsError(f"Cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    sd = _dequantize_int8(sd)
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
@@ -291,15 +327,21 @@ def load_network(network_id: str, device: torch.device | str = "cpu") -> torch.n
     return model.eval().to(device)
 
 
-def export_weights(network_id: str, checkpoint: Path, out: Path) -> None:
-    """Write a checkpoint's state dict as fp16 safetensors (integer buffers kept as they are)."""
+def export_weights(network_id: str, checkpoint: Path, out: Path, int8: bool = False) -> None:
+    """Write a checkpoint's state dict as fp16 safetensors (integer buffers kept as they are),
+    or with ``int8`` in :func:`quantize_int8` storage.  ``checkpoint``: a torch checkpoint or a
+    safetensors file (e.g. a shipped fp16 file, to convert it)."""
     from safetensors.torch import save_file
     sd = read_state_dict(Path(checkpoint))  # weights_only=True: a crafted checkpoint cannot run code
     model = build_network(network_id)
     model.load_state_dict(sd)
-    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    if int8:
+        half = quantize_int8(model.state_dict())
+    else:
+        half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".tmp-" + out.name)
-    save_file(half, str(tmp), metadata={"network_id": network_id, "source_checkpoint": checkpoint.name})
+    save_file(half, str(tmp), metadata={"network_id": network_id, "source_checkpoint": checkpoint.name,
+                                        "storage": "int8 per output channel" if int8 else "float16"})
     os.chmod(tmp, 0o644)  # shipped with the extension: readable by every user (safetensors writes 0600)
     os.replace(tmp, out)

@@ -15,6 +15,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _storage(weights: Path) -> str:
+    """How a shipped file stores its weights: its ``storage`` metadata ("float16", "int8 per
+    output channel"), else the dtype of its floating tensors ("float16" or "float32")."""
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as h:
+        meta = h.metadata() or {}
+        if "storage" in meta:
+            return meta["storage"]
+        dtypes = {h.get_slice(k).get_dtype() for k in h.keys()}
+    return "float32" if "F32" in dtypes else "float16"
+
+
+def base_entry(network_id: str, weights: Path, training_data: str) -> dict:
+    """The manifest fields every shipped file has: title, paper, file, size, sha256, version,
+    storage dtype, input spec, training data, model card, and empty metrics."""
+    from NoduleMTLLib import __version__
+    from NoduleMTLLib.registry import get_spec, sha256_of
+    spec = get_spec(network_id)
+    return {"title": spec.title, "paper": spec.paper, "file": weights.name, "size_bytes": weights.stat().st_size,
+            "sha256": sha256_of(weights), "version": __version__, "dtype": _storage(weights),
+            "input_spec": spec.input_spec, "training_data": training_data, "model_card": f"{network_id}.md",
+            "metrics": {}}
+
+
+def lung_pet_summary(report: dict) -> dict:
+    """Per Lung-PET-CT-Dx scan and threshold of a whole-scan report: tumour found, other detections."""
+    return {r["scan"]: {k: {"tumour_found": v["tumour_found"], "n_other_detections": v["n_other_detections"]}
+                        for k, v in r["thresholds"].items()} for r in report["lung_pet_ct_dx"]}
+
+
+def write_manifest(mpath: Path, man: dict) -> None:
+    """Write ``models.json`` whole or not at all (temporary file, then rename)."""
+    import os
+    tmp = mpath.with_name(".tmp-" + mpath.name)
+    tmp.write_text(json.dumps(man, indent=2) + "\n")
+    os.replace(tmp, mpath)
+
+
 def update_manifest(network_id: str, weights: Path) -> None:
     """Record a shipped weights file in ``Resources/Weights/models.json`` (size, sha256, input spec, metrics).
 
@@ -22,19 +60,12 @@ def update_manifest(network_id: str, weights: Path) -> None:
     exact file (sha256); metrics the manifest already holds for the same file are kept
     where no new evaluation replaces them.
     """
-    from NoduleMTLLib import __version__
-    from NoduleMTLLib.registry import get_spec, sha256_of
     mpath = weights.parent / "models.json"
     man = json.loads(mpath.read_text()) if mpath.exists() else {"format": 1, "networks": {}}
-    spec = get_spec(network_id)
-    entry = {
-        "title": spec.title, "paper": spec.paper, "file": weights.name, "size_bytes": weights.stat().st_size,
-        "sha256": sha256_of(weights), "version": __version__, "dtype": "float16", "input_spec": spec.input_spec,
-        "training_data": "LIDC-IDRI (TCIA, CC BY 3.0) via ../shared/data (lidc_slices; the HU fine-tunes also "
-                         "lidc_vois and whole training scans from bradfordb/pylidc: see the model card); "
-                         "patient split training/splits/lidc_patient_split.json",
-        "model_card": f"{network_id}.md", "metrics": {},
-    }
+    entry = base_entry(network_id, weights,
+                       "LIDC-IDRI (TCIA, CC BY 3.0) via ../shared/data (lidc_slices; the HU fine-tunes also "
+                       "lidc_vois and whole training scans from bradfordb/pylidc: see the model card); "
+                       "patient split training/splits/lidc_patient_split.json")
     old = man.get("networks", {}).get(network_id) or {}
     if old.get("sha256") == entry["sha256"]:  # same file: keep what was measured before (runs/ is not kept)
         entry["metrics"] = dict(old.get("metrics") or {})
@@ -74,11 +105,10 @@ def update_manifest(network_id: str, weights: Path) -> None:
                 "lidc_test_scans": [r.get("patient", r.get("scan")) for r in e["lidc"]],
                 "lidc_nodule_level": e["lidc_total"],
                 "froc": {k: e["froc"][k] for k in ("fp_rates", "sensitivities", "cpm") if k in e["froc"]},
-                "lung_pet_ct_dx": {r["scan"]: {k: {"tumour_found": v["tumour_found"], "n_other_detections": v["n_other_detections"]}
-                                               for k, v in r["thresholds"].items()} for r in e["lung_pet_ct_dx"]},
+                "lung_pet_ct_dx": lung_pet_summary(e),
             }
     man.setdefault("networks", {})[network_id] = entry
-    mpath.write_text(json.dumps(man, indent=2) + "\n")
+    write_manifest(mpath, man)
 
 
 def main(argv=None) -> int:
@@ -113,10 +143,12 @@ def main(argv=None) -> int:
     e.add_argument("--layout", choices=["centred", "jitter"], default=None,
                    help="detector crop evaluation: tile layout of the mosaics (default: the config's tile_layout; "
                         "centred = whole 128 px fields, the nodule in the middle of each; jitter = moved windows)")
-    x = sub.add_parser("export", help="export a checkpoint to fp16 safetensors for shipping")
+    x = sub.add_parser("export", help="export a checkpoint (or convert a .safetensors file) to fp16 safetensors for shipping")
     x.add_argument("network", choices=ids)
     x.add_argument("checkpoint", type=Path)
     x.add_argument("--out", type=Path, default=None)
+    x.add_argument("--int8", action="store_true",
+                   help="weight-only int8 storage of the large tensors (NoduleMTLLib.registry.quantize_int8)")
     m = sub.add_parser("manifest", help="refresh the shipped file's manifest entry (size, sha256, metrics from runs/NETWORK/eval_*.json)")
     m.add_argument("network", choices=ids)
     r = sub.add_parser("report", help="ROC / Dice-histogram PNGs and metric summaries from runs/NETWORK/eval_*.json")
@@ -187,7 +219,7 @@ def main(argv=None) -> int:
     if a.cmd == "export":
         from NoduleMTLLib.registry import export_weights
         out = a.out or REPO / "Resources" / "Weights" / f"{a.network}.safetensors"
-        export_weights(a.network, a.checkpoint, out)
+        export_weights(a.network, a.checkpoint, out, int8=a.int8)
         update_manifest(a.network, out)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) and its manifest entry")
         return 0

@@ -36,3 +36,33 @@ def test_shipped_file_verifies_loads_and_has_a_card(network_id):
         assert section in text, f"{network_id}: model card has no '{section}' section"
     # measured metrics recorded for held-out patients only
     assert set(entry["metrics"]) <= {"val", "test", "val_click3d_hu", "test_click3d_hu", "whole_ct"}
+
+
+def test_shipped_files_stay_under_30_mb():
+    """The repository ships small weights (fp16, or int8 storage for the large networks)."""
+    for nid in SHIPPED:
+        assert (WEIGHTS / MANIFEST[nid]["file"]).stat().st_size < 30e6, nid
+
+
+def test_int8_storage_round_trip(tmp_path):
+    """``quantize_int8`` keeps every weight within half a step of its channel's scale, leaves
+    small tensors in fp16, and ``read_state_dict`` restores the network's exact keys."""
+    from safetensors.torch import save_file
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = registry.build_network("lnmsnet")
+    sd = model.state_dict()
+    q = registry.quantize_int8(sd)
+    big = [k for k, v in sd.items() if v.is_floating_point() and v.ndim >= 2 and v.numel() >= registry.INT8_MIN_ELEMENTS]
+    assert big and all(q[k].dtype == torch.int8 for k in big)
+    assert all(q[k].dtype == torch.float16 for k, v in sd.items() if v.is_floating_point() and k not in big)
+    f = tmp_path / "w.safetensors"
+    save_file(q, str(f))
+    back = registry.read_state_dict(f)
+    assert sorted(back) == sorted(sd)
+    for k in big:
+        step = q[k + registry.INT8_SCALE_SUFFIX]
+        assert back[k].dtype == torch.float32
+        assert ((back[k] - sd[k].float()).abs() <= step / 2 + 1e-7).all(), k
+    model.load_state_dict(back, strict=True)
