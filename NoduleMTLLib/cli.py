@@ -6,6 +6,7 @@
                          [--device auto|cpu|cuda] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
                     [--networks dsmtnet] [--device auto] [--overwrite]
+    nodulemtl pacs --url URL (--study UID ... | --since YYYY-MM-DD) [--points CSV] [--detect] --out DIR [--store]
     nodulemtl reclassify CT --mask MASK [--mask ...] [--id N ...] [--point X Y Z ...]
                          [--networks dsmtnet] [--device auto] --out DIR
 
@@ -15,7 +16,8 @@ DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing;
 already holds outputs is refused unless ``--overwrite`` (rules: :mod:`NoduleMTLLib.safe_output`).
 Exit codes: 0 success, 1 bad input / weights / device / output folder, 2 usage error.
 ``batch`` runs the same analysis over many CTs (see :mod:`NoduleMTLLib.batch`): exit code 0
-when no case failed, 1 otherwise.  ``reclassify`` measures and classifies given (edited) masks
+when no case failed, 1 otherwise.  ``pacs`` runs it over CT studies of a DICOMweb archive and
+stores the DICOM SEG + SR back (see :mod:`NoduleMTLLib.pacs`).  ``reclassify`` measures and classifies given (edited) masks
 without segmenting (the Slicer module's *Re-classify from edited mask*, run in its worker).
 """
 
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <case>/segmentation.dcm (DICOM SEG) for cases that are DICOM series folders")
     reporting.add_arguments(b, batch=True)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    from . import pacs
+    pacs.add_parser(sub)
     r = sub.add_parser("reclassify", help="measure and classify given (e.g. edited) nodule masks without segmenting")
     r.add_argument("ct", help="CT image file or DICOM series folder")
     r.add_argument("--mask", action="append", required=True,
@@ -191,6 +195,9 @@ def main(argv=None, models=None) -> int:
     if args.cmd == "batch":
         from . import batch
         return batch.main(args)
+    if args.cmd == "pacs":
+        from . import pacs
+        return pacs.main(args)
     if args.cmd == "reclassify":
         return _reclassify(args, models)
     if bool(args.detect) == bool(args.point):

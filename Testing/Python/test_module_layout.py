@@ -601,7 +601,9 @@ def test_slicer_requirements_cover_the_runtime_dependencies():
     reqs = next(n.value for n in tree.body if isinstance(n, ast.Assign)
                 and any(getattr(t, "id", None) == "PYTHON_REQUIREMENTS" for t in n.targets))
     listed = {re.split(r"[<>=!~ \[]", elt.elts[1].value, maxsplit=1)[0].lower() for elt in reqs.elts}
-    shipped_by_slicer = {"numpy", "simpleitk", "torch", "torchvision", "pillow"}
+    # dicomweb-client: Slicer builds it (SuperBuild/External_python-dicomweb-client.cmake; its DICOM
+    # module's DICOMweb import); only ``nodulemtl pacs`` uses it, never the Slicer module
+    shipped_by_slicer = {"numpy", "simpleitk", "torch", "torchvision", "pillow", "dicomweb-client"}
     assert names - shipped_by_slicer <= listed, f"not installed in Slicer: {sorted(names - shipped_by_slicer - listed)}"
     # and the module loads the "Lung nodule" terminology context when its widget is set up
     setup = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "NoduleMTLWidget"
