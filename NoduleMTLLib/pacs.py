@@ -494,8 +494,11 @@ class PacsRun:
     def run_study(self, study: str) -> StudyResult:
         """One study (module docstring, steps 1-5).  StudyError -> failed/skipped row; PacsError propagates."""
         from .batch import Case, case_done
+        from .device import DeviceError
         from .dicom_seg import SEG_FILE
         from .dicom_sr import SR_FILE
+        from .outputs import OutputError
+        from .registry import WeightsError
         from .safe_output import case_dir, safe_case_name
 
         r = StudyResult(study)
@@ -552,12 +555,15 @@ class PacsRun:
                     notes.append("no nodule found: no SEG/SR to store")
             r.status = "ok"
             r.message = " ".join("; ".join(notes).split())
-        except StudyError as e:
+        except PacsError:
+            raise  # not a problem of this study: stops the run
+        except (WeightsError, DeviceError):
+            raise  # as in batch: stops the run
+        except (StudyError, OutputError) as e:
             r.status, r.message = "failed", _one_line(e)
-        except PacsError as e:
+        except Exception as e:  # noqa: BLE001 - e.g. an unreadable instance; a bad study must not stop the run
+            log.warning("study %s: unexpected error", study, exc_info=True)
             r.status, r.message = "failed", _one_line(e)
-            r.seconds = time.perf_counter() - t0
-            raise
         r.seconds = time.perf_counter() - t0
         return r
 
