@@ -968,15 +968,16 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         checks) and written to the run's private temporary folder; the points are passed as
         world LPS.  Nothing in the scene is changed (a cancelled run leaves it as it was).
         Poll the returned ``NoduleMTLLib.runner.AnalysisProcess`` (``poll()`` /
-        ``finished``), then call :meth:`finishAnalysis`.
+        ``finished``; what it asked the worker: ``job.request``, a
+        ``NoduleMTLLib.protocol.AnalysisRequest``), then call :meth:`finishAnalysis`.
 
         Args:
             inputVolume: the CT volume node.
             pointsNode: point list (one point per nodule); None with ``detect``.
             networks, device: as :meth:`process`.
-            detect: whole-scan detection (``nodulemtl analyze --detect``) instead of points.
+            detect: whole-scan detection (request field ``detect``) instead of points.
             detectionThreshold: with ``detect``, the minimum score in (0, 1); 0 (or None)
-                = the default operating point (``--threshold``, see ``NoduleMTLLib.detection.infer``).
+                = the default operating point (request field ``threshold``, see ``NoduleMTLLib.detection.infer``).
 
         Raises:
             ValueError / NoduleMTLLib.io.InputError: as :meth:`process`; a threshold outside [0, 1].
@@ -995,24 +996,21 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             pointsLps = NoduleMTLMRML.markups_to_points_lps(pointsNode)
             if not pointsLps:
                 raise ValueError(f"'{pointsNode.GetName()}' has no placed points: place one point on each nodule")
-        extra = []
+        # request fields of NoduleMTLLib.protocol.AnalysisRequest beyond the inputs
+        options = {"pictures": False}  # the run's folder is temporary; "Export report" draws them
         if detect and detectionThreshold:
             t = float(detectionThreshold)
             if not 0.0 < t <= 1.0:
                 raise ValueError(f"The detection threshold must be in [0, 1] (0 = default), got {t}")
-            extra = ["--threshold", repr(t)]
-        extra.append("--no-pictures")  # the child's folder is temporary; "Export report" draws them
-        patient = self.patientInfo(inputVolume)
-        if patient.age is not None:
-            extra += ["--age", f"{patient.age:g}"]
-        if patient.sex is not None:
-            extra += ["--sex", patient.sex]
+            options["threshold"] = t
+        patient = self.patientInfo(inputVolume)  # the temporary NRRD has no DICOM header
+        options["patient"] = {k: v for k, v in (("age", patient.age), ("sex", patient.sex)) if v is not None}
         job = _runner().AnalysisProcess(ct, pointsLps, detect=detect, networks=networks, device=device,
                                         python_executable=self.pythonExecutable(),
-                                        temp_root=slicer.app.temporaryPath, extra_args=extra,
+                                        temp_root=slicer.app.temporaryPath, options=options,
                                         worker=self.backgroundWorker())
         job.start()
-        logging.info(f"NoduleMTL: started {' '.join(job.command)}")
+        logging.info(f"NoduleMTL: started {job.request.to_json()}")
         return job
 
     def finishAnalysis(self, job, inputVolume):
@@ -1158,7 +1156,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
                                         nodule_ids=[r["nodule_id"] for r in requests])
         job.reclassification = (segmentationNode, list(segmentIds), [r["table"] for r in requests], requests[0]["network_ids"])
         job.start()
-        logging.info(f"NoduleMTL: started {' '.join(job.command)}")
+        logging.info(f"NoduleMTL: started {job.request.to_json()}")
         return job
 
     def finishReclassification(self, job):

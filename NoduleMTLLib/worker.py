@@ -5,18 +5,21 @@ module therefore starts one worker on first use (``python -m NoduleMTLLib.worker
 Slicer ``PythonSlicer``) and keeps it, with its :class:`~NoduleMTLLib.analysis.ModelCache`,
 between runs; a second run on the same volume starts computing within a second.
 
-Protocol (this module is both ends): the parent writes one JSON line per request,
-``{"argv": ["analyze", CT, "--point", ..., "--out", DIR, "--progress-format", "lines"]}`` - the
-arguments of ``nodulemtl analyze`` (:func:`NoduleMTLLib.cli.main` runs them, so the outputs,
-progress lines and error lines are those of the per-run child, see
-:mod:`NoduleMTLLib.progress`); when the request is done the worker prints
-``<worker-done>RC</worker-done>`` (RC = the CLI's exit code) on stdout and on stderr, so the
-parent knows both streams are complete.  Requests run one at a time.
+Protocol (:mod:`NoduleMTLLib.protocol`, ``docs/worker-protocol.md``): the parent writes one
+:class:`~NoduleMTLLib.protocol.AnalysisRequest` per line on the worker's stdin; the worker
+answers on stdout with JSON event lines (progress, message) ending in exactly one ``result`` or
+``error`` event.  :func:`execute` runs a request: it reads the CT (and masks), calls the
+analysis service (:func:`NoduleMTLLib.analysis.analyze` / :func:`~NoduleMTLLib.analysis.reclassify`)
+with the request's service fields, and writes the outputs all-or-nothing into the request's
+``out``.  The worker's stdout carries events only: everything else printed (libraries, warnings)
+goes to stderr, a free-form log.  Requests run one at a time; a bad request or a failed
+analysis answers an ``error`` event and the worker waits for the next one.
 
 Cancel kills the worker's process group (the only way to stop torch at once); the next run
 starts a new worker, and so does a crashed one (:class:`Worker` counts the starts and keeps
-the reason of the last stop).  The parent side is used by
-:class:`NoduleMTLLib.runner.AnalysisProcess` (``worker=``); no Qt or Slicer import here.
+the reason of the last stop).  The parent side is :class:`Worker` here, used by
+:class:`NoduleMTLLib.runner.Runner` and :class:`NoduleMTLLib.runner.AnalysisProcess`
+(``worker=``); no Qt or Slicer import here.
 """
 
 from __future__ import annotations
@@ -24,38 +27,157 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
 import threading
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: Line that ends a request (stdout and stderr).
-DONE_RE = re.compile(r"^<worker-done>(-?\d+)</worker-done>$")
+from .protocol import AnalysisRequest, Error, Event, Message, Progress, ProtocolError, Result, encode_event
+
 #: Folder holding the ``NoduleMTLLib`` package (put on the worker's ``PYTHONPATH``).
 LIBRARY_ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve(stdin=None) -> int:
-    """The worker's main loop: run each request line until stdin closes (the parent is gone)."""
-    from . import cli
+def execute(request: AnalysisRequest, emit: Callable[[Event], None], models=None) -> Result:
+    """Run one request: read the inputs, call the analysis service, write the outputs.
+
+    Args:
+        request: a checked :class:`~NoduleMTLLib.protocol.AnalysisRequest`.
+        emit: called with each :class:`~NoduleMTLLib.protocol.Progress` /
+            :class:`~NoduleMTLLib.protocol.Message` event on the way.
+        models: a :class:`~NoduleMTLLib.analysis.ModelCache` kept between requests.
+
+    Returns:
+        The :class:`~NoduleMTLLib.protocol.Result` event (the outputs are complete in ``request.out``).
+
+    Raises:
+        ProtocolError: a field that does not apply to the request's mode.
+        InputError, WeightsError, DeviceError, OutputError: as the service and
+        :class:`~NoduleMTLLib.safe_output.OutputSet` (nothing is left in ``out``).
+    """
+    from . import analysis
+    from .io import InputError, read_ct
+    from .outputs import OutputError, write_output_files
+    from .safe_output import OutputSet
+
+    t0 = time.perf_counter()
+    rid = request.request_id
+    service = analysis.reclassify if request.mode == "reclassify" else analysis.analyze
+    kwargs = request.service_kwargs(service)  # before anything is read: a misplaced field is a bad request
+
+    def progress(fraction, message=""):
+        emit(Progress(min(1.0, max(0.0, float(fraction))), " ".join(str(message).split()), rid))
+
+    def notify(text):
+        emit(Message(str(text), "warning", rid))
+
+    dicom_seg = request.dicom_seg or request.dicom_sr
+    with OutputSet(request.out, inputs=[request.ct, *request.masks], overwrite=request.overwrite) as outset:
+        ct = read_ct(request.ct)
+        if dicom_seg and ct.dicom_series_uid is None:
+            raise InputError(f"{'dicom_sr' if request.dicom_sr else 'dicom_seg'} needs a DICOM series folder as input; "
+                             f"{request.ct} is not one")
+        if request.mode == "reclassify":
+            res = service(ct, _read_masks(request.masks, ct), **kwargs, progress=progress, notify=notify, models=models)
+        else:
+            res = service(ct, **kwargs, progress=progress, notify=notify, models=models)
+        stage = outset.staging_dir()
+        try:
+            write_output_files(res, ct, stage)
+        except OSError as e:
+            raise OutputError(f"Cannot write outputs to {request.out}: {e.strerror or e}") from None
+        if request.mode == "analyze":  # what ``nodulemtl analyze`` writes besides (re-classify: the four files)
+            from . import reporting
+
+            if dicom_seg:
+                from .dicom_seg import write_seg_into_output_dir
+
+                if write_seg_into_output_dir(res, ct, stage) is None:
+                    notify("no nodule found: no DICOM SEG written")
+            reporting.write_report_files(res, ct, stage, pictures=request.pictures, dicom_sr=request.dicom_sr)
+        outset.commit()
+    for text in getattr(res, "messages", None) or []:
+        emit(Message(str(text), "note", rid))
+    out = Path(request.out)
+    return Result(out=str(out), files=sorted(p.name for p in out.iterdir()), n_nodules=len(res.nodules),
+                  n_found=sum(bool(n.found) for n in res.nodules), device=str((res.run or {}).get("device", "")),
+                  seconds=round(time.perf_counter() - t0, 3), request_id=rid)
+
+
+def _read_masks(paths, ct) -> list:
+    """Bool (z, y, x) masks of ``paths`` (non-zero voxels), each on the grid of ``ct``. Raises InputError."""
+    import SimpleITK as sitk
+
+    from .io import InputError
+
+    masks = []
+    for path in paths:
+        try:
+            m = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) != 0
+        except RuntimeError as e:
+            raise InputError(f"Cannot read mask {path}: {' '.join(str(e).split())[:200]}") from None
+        if m.shape != tuple(ct.shape_zyx):
+            raise InputError(f"Mask {path} has shape {m.shape}, the CT {tuple(ct.shape_zyx)}: use the CT's grid")
+        masks.append(m)
+    return masks
+
+
+def handle(line: str, emit: Callable[[Event], None], models=None) -> Event:
+    """Answer one request line: its events go to ``emit``, the terminal one is returned too.
+
+    A request that is not valid JSON or breaks the protocol gives an ``error`` event with exit
+    code 2; a failing analysis one with the exception's ``exit_code`` (default 1).  Errors
+    raised by NoduleMTL itself give their message; any other exception (a bug) also its type,
+    with the traceback on stderr.  Never raises (the worker outlives a bad request).
+    """
+    rid = ""
+    try:
+        try:
+            rid = str((json.loads(line) or {}).get("request_id", ""))
+        except Exception:  # noqa: BLE001 - reported by from_json below
+            pass
+        event = execute(AnalysisRequest.from_json(line), emit, models)
+    except ProtocolError as e:
+        event = Error(f"Bad request: {e}", "ProtocolError", 2, rid)
+    except Exception as e:  # noqa: BLE001
+        text = " ".join(str(e).split()) or type(e).__name__
+        ours = type(e).__module__.startswith("NoduleMTLLib") or isinstance(e, OSError)
+        if not ours:
+            traceback.print_exc(file=sys.stderr)
+            text = f"{type(e).__name__}: {text}"
+        code = getattr(e, "exit_code", 1)
+        event = Error(text, type(e).__name__, code if isinstance(code, int) and code else 1, rid)
+    emit(event)
+    return event
+
+
+def serve(stdin=None, stdout=None) -> int:
+    """The worker's main loop: answer each request line until stdin closes (the parent is gone).
+
+    ``stdout``: where events go (default: the process's real stdout, which is then reserved for
+    them: file descriptor 1 and ``sys.stdout`` are pointed at stderr, so nothing else lands there).
+    """
     from .analysis import ModelCache
+
+    if stdout is None:
+        stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        sys.stdout = sys.stderr
+
+    def emit(event: Event) -> None:
+        stdout.write(encode_event(event) + "\n")
+        stdout.flush()
 
     models = ModelCache()
     for line in stdin if stdin is not None else sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            rc = cli.main(list(json.loads(line)["argv"]), models=models)
-        except SystemExit as e:  # argparse usage errors
-            rc = e.code if isinstance(e.code, int) else 2
-        except Exception as e:  # noqa: BLE001 - the worker outlives a bad request
-            print(f"nodulemtl: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
-            rc = 1
-        for stream in (sys.stderr, sys.stdout):
-            print(f"<worker-done>{rc}</worker-done>", file=stream, flush=True)
+        if line.strip():
+            handle(line, emit, models)
     return 0
 
 
@@ -168,13 +290,13 @@ class Worker:
         self.starts += 1
         return True
 
-    def send(self, argv: list[str]) -> None:
-        """Hand one ``nodulemtl analyze`` argument list to the worker.
+    def send(self, request: AnalysisRequest) -> None:
+        """Hand one request to the worker (one JSON line on its stdin).
 
         Raises:
             OSError: the worker is gone (broken pipe).
         """
-        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv]}) + "\n")
+        self.proc.stdin.write(request.to_json() + "\n")
         self.proc.stdin.flush()
 
     def kill(self, timeout: float = 5.0) -> None:

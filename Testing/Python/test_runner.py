@@ -203,7 +203,7 @@ def test_persistent_worker_runs_again_at_once_cancels_and_restarts(sample_ct, di
 
     try:
         first = job().start()
-        assert first.command[1:3] == ["-m", "NoduleMTLLib.worker"] and "analyze" in first.command
+        assert first.command[1:3] == ["-m", "NoduleMTLLib.worker"] and first.request.mode == "analyze"
         assert first.wait(timeout=RUN_TIMEOUT_S) == "succeeded", first.details
         for got, want in zip(first.result().nodules, direct_result.nodules):
             assert np.array_equal(got.mask, want.mask)
@@ -229,7 +229,7 @@ def test_persistent_worker_runs_again_at_once_cancels_and_restarts(sample_ct, di
         mask = direct_result.nodules[1].mask
         recl = AnalysisProcess(sample_ct, [SAMPLE_POINTS_LPS[1]], networks=["lnmsnet"], device="cpu", temp_root=tmp_path,
                                worker=worker, masks=[mask], nodule_ids=[2]).start()
-        assert recl.command[3] == "reclassify" and recl.wait(timeout=RUN_TIMEOUT_S) == "succeeded", recl.details
+        assert recl.request.mode == "reclassify" and recl.wait(timeout=RUN_TIMEOUT_S) == "succeeded", recl.details
         (got,) = recl.result().nodules
         want = reclassify_from_mask(sample_ct, mask, ["lnmsnet"], device="cpu", nodule_id=2, point_lps=SAMPLE_POINTS_LPS[1])
         assert worker.pid == pid and got.to_dict() == want.to_dict() and np.array_equal(got.mask, mask)
@@ -588,12 +588,12 @@ def test_module_logic_background_run_on_a_real_scene(module_under_test, tmp_path
     # Find nodules with a fixed score threshold (the panel's spin box; 0 = adaptive): passed to the child
     job = logic.startAnalysis(volume, None, networks="lnmsnet", device="cpu", detect=True, detectionThreshold=0.5)
     try:
-        assert "--detect" in job.command and job.command[job.command.index("--threshold") + 1] == "0.5"
+        assert job.request.detect and job.request.threshold == 0.5 and not job.request.pictures
     finally:
         job.cancel()
     job = logic.startAnalysis(volume, None, networks="lnmsnet", device="cpu", detect=True, detectionThreshold=0.0)
     try:
-        assert "--detect" in job.command and "--threshold" not in job.command  # adaptive: the CLI's default
+        assert job.request.detect and job.request.threshold == "default"  # 0: the service's default
     finally:
         job.cancel()
     with pytest.raises(ValueError, match="threshold"):
