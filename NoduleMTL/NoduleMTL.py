@@ -298,6 +298,8 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.malignancyLabel.text = ""
         self.ui.statusLabel.text = ""
         self.ui.legendLabel.text = self.logic.probabilityLegend()
+        # the shipped operating points, quoted from the weights' manifest (never typed into the .ui)
+        self.ui.detectionThresholdSpinBox.toolTip = _text().detection_threshold_tooltip(resourcePath("Weights/models.json"))
         self._registerTerminology()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)

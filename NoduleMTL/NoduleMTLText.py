@@ -7,11 +7,36 @@ vtk import here).  Input: an :class:`NoduleMTLLib.results.AnalysisResult` or its
 """
 
 import html
+import json
 import math
 import re
 
 #: Shown under every summary.
 DISCLAIMER = "Research use only: not for clinical diagnosis."
+
+#: Tooltip of the Find nodules threshold box when the weights' manifest gives no operating points.
+THRESHOLD_TOOLTIP_FALLBACK = ("Minimum score of Find nodules (0 = default: the operating point of the two-stage search, "
+                              "detector + false-positive reduction). Lower values list more candidates (more false marks); "
+                              "higher values give shorter lists but miss small nodules. See the fpr25d and maskrcnn25d model cards.")
+
+
+def detection_threshold_tooltip(manifest_path) -> str:
+    """Tooltip of the Find nodules threshold box, quoting the shipped operating points from the
+    weights' manifest (``Resources/Weights/models.json``, entry ``fpr25d``: ``operating_threshold``
+    and ``high_sensitivity_threshold``, the values the analysis uses); without them
+    :data:`THRESHOLD_TOOLTIP_FALLBACK` (no figures rather than stale ones)."""
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            entry = json.load(f)["networks"]["fpr25d"]
+        default, high = float(entry["operating_threshold"]), float(entry["high_sensitivity_threshold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return THRESHOLD_TOOLTIP_FALLBACK
+    return (f"Minimum score of Find nodules (0 = default: {default:.4f}, the operating point of the two-stage search - "
+            "detector + false-positive reduction - chosen on six non-test scans for at most 2 false positives per scan). "
+            f"{high:.4f} = high sensitivity (at most 8 false positives per scan on those scans; see the fpr25d model card "
+            "for what it finds on the test scans). Lower values list more candidates (more false marks); higher values "
+            "give shorter lists but miss small nodules. See the fpr25d and maskrcnn25d model cards.")
+
 
 def _pct(p) -> str:
     return "n/a" if p is None else f"{100.0 * float(p):.0f}%"

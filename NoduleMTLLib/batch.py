@@ -463,7 +463,7 @@ def main(args) -> int:
     from .analysis import split_networks
     from .device import DeviceError
     from .outputs import OutputError
-    from .registry import NETWORKS, WeightsError
+    from .registry import WeightsError, check_network_ids
 
     out = Path(args.out)
     try:
@@ -475,10 +475,7 @@ def main(args) -> int:
         if unused:
             print(f"nodulemtl: warning: points for unknown case(s) ignored: {', '.join(unused)}", file=sys.stderr)
         nets = tuple(split_networks(args.networks))
-        unknown = [n for n in nets if n not in NETWORKS]
-        if unknown or not nets:
-            raise BatchError(f"Unknown or not yet available network(s): {', '.join(unknown) or '(none given)'}; "
-                             f"available: {', '.join(NETWORKS)}")
+        check_network_ids(nets, allow_empty=False, error=BatchError)
         run = BatchRun(cases, out, points, nets, args.device, args.overwrite, dicom_seg=bool(args.dicom_seg),
                        threshold=args.threshold, report_options=args)
         bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)

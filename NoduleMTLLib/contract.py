@@ -3,7 +3,8 @@
 Every registered network (``NoduleMTLLib.registry``) satisfies one of the two protocols
 below; the click path (:mod:`NoduleMTLLib.pipeline`), re-classification
 (:mod:`NoduleMTLLib.refine`) and the whole-scan search (:mod:`NoduleMTLLib.detection.infer`)
-call only what is written here - no ``hasattr`` probing.  A network file declares its input
+call only what is written here - no ``hasattr`` probing; so does the training recipe, which
+computes the loss a network declares (``training_loss``).  A network file declares its input
 once, as ``INPUT_SPEC`` (a dict; the registry reads it through ``NetworkSpec.input_spec``;
 click networks need at least ``size_px`` and ``spacing_mm``).
 
@@ -38,11 +39,15 @@ class ClickNetwork(Protocol):
         classifies_mask: True when the malignancy classifier takes the mask as an input
             (MT-Net's Class-net, ``classnet(x, mask)``): re-classification of an edited mask
             then feeds the mask instead of re-running :meth:`forward_click`.
+        training_loss: the network's training loss, one of :data:`TRAINING_LOSSES` (the
+            training recipe, ``training.click2d.joint_loss``, computes the loss it names;
+            the library never imports the training code).
     """
 
     sign_heads: tuple[str, ...]
     seg_border_px: int
     classifies_mask: bool
+    training_loss: str
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(seg logits float32 (N, 1, H, W), malignancy logit float32 (N,))`` (training API)."""
@@ -54,14 +59,29 @@ class ClickNetwork(Protocol):
         ...
 
 
+#: Training losses a click network can declare (``ClickNetwork.training_loss``), each computed
+#: by ``training.click2d.LOSSES[name](model, x, y, lab, cfg, signs)``:
+#:
+#: * ``"seg_cls"``: segmentation (BCE + soft Dice) + ``cls_loss_weight`` x masked malignancy
+#:   BCE on ``forward`` (LNMSNet; the default).
+#: * ``"seg_cls_size"``: that on ``forward_all`` + ``size_loss_weight`` x size-class
+#:   cross-entropy (the detection-guided model).
+#: * ``"mtnet"``: hybrid Dice + rank loss on the coarse and fine masks + Class-net BCE
+#:   (MT-Net, paper section 3.3).
+#: * ``"multi_head"``: auxiliary segmentation on the local crop + the heads' masked BCE
+#:   (DSMT-Net).
+TRAINING_LOSSES = ("seg_cls", "seg_cls_size", "mtnet", "multi_head")
+
+
 class ClickNetworkBase:
     """Defaults of :class:`ClickNetwork` for an ``nn.Module`` whose ``forward`` returns
-    ``(seg, malignancy)``: no sign heads, no border, malignancy from the image alone.
-    Use as the first base: ``class MyNet(ClickNetworkBase, nn.Module)``."""
+    ``(seg, malignancy)``: no sign heads, no border, malignancy from the image alone, the
+    ``"seg_cls"`` training loss.  Use as the first base: ``class MyNet(ClickNetworkBase, nn.Module)``."""
 
     sign_heads: tuple[str, ...] = ()
     seg_border_px: int = 0
     classifies_mask: bool = False
+    training_loss: str = "seg_cls"
 
     def forward_click(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         seg, cls = self(x)

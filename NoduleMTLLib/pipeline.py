@@ -22,7 +22,7 @@ from .io import CTVolume, InputError
 from .metrics import dice
 from .postprocess import component_near, cut_at_neck, measure_nodule, truncate_axial_leak
 from .preprocessing import normalize_slices
-from .registry import DEFAULT_NETWORKS, NETWORKS, load_network
+from .registry import DEFAULT_NETWORKS, NETWORKS, check_network_ids, load_network
 from .results import AnalysisResult, NetworkOutput, NoduleResult
 from .roi import PatchGrid, extract_patch, patch_to_ct_region, slice_axis_spacing
 
@@ -278,9 +278,7 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
     if mask not in ("first", "consensus"):
         raise InputError(f"Unknown mask choice {mask!r}: use 'first' or 'consensus'")
     from .consensus import MaskBox, compute_consensus
-    unknown = [n for n in network_ids if n not in NETWORKS]
-    if unknown:
-        raise InputError(f"Unknown or not yet available network(s): {', '.join(unknown)}; available: {', '.join(NETWORKS)}")
+    check_network_ids(network_ids)
     pts = [tuple(float(v) for v in p) for p in points_lps]
     for p in pts:
         check_point(ct, p)

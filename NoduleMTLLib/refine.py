@@ -45,7 +45,7 @@ from .io import CTVolume, InputError
 from .pipeline import THRESHOLD, ZOOMS, Click2DNetwork
 from .postprocess import measure_nodule
 from .preprocessing import normalize_slices
-from .registry import DEFAULT_NETWORKS, NETWORKS, load_network
+from .registry import DEFAULT_NETWORKS, NETWORKS, check_network_ids, load_network
 from .results import NetworkOutput, NoduleResult
 from .roi import extract_patch
 
@@ -194,9 +194,7 @@ def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str]
     if not ids:
         raise InputError("No networks given: choose at least one network to re-classify with")
     given = networks or {}
-    unknown = [n for n in ids if n not in NETWORKS and n not in given]
-    if unknown:
-        raise InputError(f"Unknown or not yet available network(s): {', '.join(unknown)}; available: {', '.join(NETWORKS)}")
+    check_network_ids(ids, extra=given)
     meas = measure_nodule(mask, ct)
     center = meas["centroid_lps_mm"]
     dev = resolve_device(device) if any(n not in given for n in ids) else torch.device("cpu")

@@ -67,7 +67,19 @@ class NetworkSpec:
 
     @property
     def input_spec(self) -> dict:
-        """The network file's ``INPUT_SPEC`` (a copy; imports the file on first use)."""
+        """The input the shipped weights expect: the ``input_spec`` of their manifest entry
+        (``Resources/Weights/models.json``, read at call time), else (a network without a
+        manifest entry, e.g. one registered by a test) the network file's :attr:`declared_input_spec`."""
+        entry = manifest_entry(self.network_id)
+        if entry.get("file") == self.weights_file and isinstance(entry.get("input_spec"), dict):
+            return dict(entry["input_spec"])
+        return self.declared_input_spec
+
+    @property
+    def declared_input_spec(self) -> dict:
+        """The network file's ``INPUT_SPEC`` (a copy; imports the file on first use): what an
+        export writes into the manifest; ``Testing/Python/test_registry_metadata.py`` checks
+        that the two agree."""
         return dict(importlib.import_module(self.module).INPUT_SPEC)
 
 
@@ -179,6 +191,33 @@ def all_ids() -> list[str]:
     return [*NETWORKS, *DETECTORS]
 
 
+def check_network_ids(network_ids, *, extra=(), allow_empty: bool = True, error: type[Exception] | None = None) -> tuple[str, ...]:
+    """The one check of click network ids given by a user (CLI, batch, service, engines).
+
+    Args:
+        network_ids: ids (any iterable of str).
+        extra: ids the caller provides networks for itself (a mapping or collection; ``in`` is used).
+        allow_empty: False refuses an empty list.
+        error: exception class raised (default :class:`NoduleMTLLib.io.InputError`).
+
+    Returns:
+        The ids as a tuple, in their order.
+
+    Raises:
+        ``error``: an id that is not a registered click network (:data:`NETWORKS`; detectors
+        and FP reducers are not click networks) nor in ``extra``, or an empty list when not
+        ``allow_empty``; the message names them and the registered ids.
+    """
+    ids = tuple(network_ids)
+    unknown = [n for n in ids if n not in NETWORKS and n not in extra]
+    if unknown or (not ids and not allow_empty):
+        if error is None:
+            from .io import InputError as error
+        what = f"Unknown click network(s): {', '.join(map(str, unknown))}" if unknown else "No click network given"
+        raise error(f"{what}; available: {', '.join(NETWORKS)}")
+    return ids
+
+
 def get_spec(network_id: str) -> NetworkSpec:
     """The :class:`NetworkSpec` of a click network or detector. Raises KeyError listing the known ids."""
     spec = NETWORKS.get(network_id) or DETECTORS.get(network_id) or FP_REDUCERS.get(network_id)
@@ -212,6 +251,12 @@ def manifest() -> dict:
     """The shipped manifest (``Resources/Weights/models.json``), {} if absent."""
     p = resources_dir() / "Weights" / "models.json"
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def manifest_entry(network_id: str) -> dict:
+    """The manifest entry of ``network_id`` (size, sha256, input spec, metrics, operating
+    points...; a copy), {} when the manifest has none."""
+    return dict((manifest().get("networks") or {}).get(network_id) or {})
 
 
 def find_weights(network_id: str) -> Path:

@@ -35,7 +35,7 @@ def base_entry(network_id: str, weights: Path, training_data: str) -> dict:
     spec = get_spec(network_id)
     return {"title": spec.title, "paper": spec.paper, "file": weights.name, "size_bytes": weights.stat().st_size,
             "sha256": sha256_of(weights), "version": __version__, "dtype": _storage(weights),
-            "input_spec": spec.input_spec, "training_data": training_data, "model_card": f"{network_id}.md",
+            "input_spec": spec.declared_input_spec, "training_data": training_data, "model_card": f"{network_id}.md",
             "metrics": {}}
 
 

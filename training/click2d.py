@@ -128,42 +128,67 @@ def head_labels(model: torch.nn.Module, nodules, chunk) -> dict | None:
 
 def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: torch.Tensor, cfg: dict,
                signs: dict | None = None) -> torch.Tensor:
-    """Per-network joint loss on a batch x (N, 1, H, W), y (N, 1, H, W) {0, 1}, lab (N,) {-1, 0, 1}.
+    """Per-network joint loss on a batch x (N, 1, H, W), y (N, 1, H, W) {0, 1}, lab (N,) {-1, 0, 1}:
+    the loss the network declares (``model.training_loss``, the click-network contract of
+    :mod:`NoduleMTLLib.contract`), computed by :data:`LOSSES`.
 
-    * LNMSNet: segmentation (BCE + soft Dice) + ``cls_loss_weight`` x masked malignancy BCE.
-    * Detection-guided model (``forward_all`` with a size head): + ``size_loss_weight`` x
+    * ``"seg_cls"`` (LNMSNet): segmentation (BCE + soft Dice) + ``cls_loss_weight`` x masked malignancy BCE.
+    * ``"seg_cls_size"`` (detection-guided model, ``forward_all`` with a size head): + ``size_loss_weight`` x
       size-class cross-entropy.
-    * MT-Net (``classnet``): ``training.losses.mtnet_loss`` - hybrid Dice + 0.02 rank loss
+    * ``"mtnet"`` (MT-Net): ``training.losses.mtnet_loss`` - hybrid Dice + 0.02 rank loss
       on the coarse and fine masks + ``cls_loss_weight`` x BCE of Class-net (paper 3.3).
-    * DSMT-Net (``forward_click``): auxiliary segmentation (BCE + soft Dice, on the local
+    * ``"multi_head"`` (DSMT-Net, ``forward_click``): auxiliary segmentation (BCE + soft Dice, on the local
       crop only, weight ``seg_loss_weight``) + ``cls_loss_weight`` x sum of the heads' masked
       BCE (``multi_head_bce``, weights ``model.head_loss_weights`` - stage 2 zeroes the
       auxiliary heads).
-    """
-    if hasattr(model, "classnet"):
-        from training.losses import mtnet_loss
-        return mtnet_loss(model.forward_all(x), y, lab, cls_weight=cfg["cls_loss_weight"])["total"]
-    if hasattr(model, "main_head"):  # DSMT-Net (every click network has forward_click since the contract)
-        from training.losses import multi_head_bce
-        seg, main, sg = model.forward_click(x)
-        b = model.seg_border_px * x.shape[-1] // 96
-        h, w = x.shape[-2:]
-        ls = seg_loss(seg[..., b:h - b, b:w - b], y[..., b:h - b, b:w - b])
-        logits = {model.main_head: main, **sg}
-        labels = {model.main_head: lab, **(signs or {})}
-        weights = getattr(model, "head_loss_weights", None)
-        lc = multi_head_bce(logits, labels, weights)["total"]
-        return cfg.get("seg_loss_weight", 1.0) * getattr(model, "seg_weight", 1.0) * ls + cfg["cls_loss_weight"] * lc
-    if hasattr(model, "forward_all"):
-        import torch.nn.functional as F
 
-        from NoduleMTLLib.networks.detguided import size_class_from_mask
-        out = model.forward_all(x)
-        size_t = torch.tensor([size_class_from_mask(m[0], cfg["input_spacing_mm"]) for m in y])
-        return (seg_loss(out["seg"], y) + cfg["cls_loss_weight"] * masked_bce(out["malignancy"], lab)
-                + cfg.get("size_loss_weight", 0.5) * F.cross_entropy(out["size_logits"], size_t))
+    Raises:
+        ValueError: the network declares no training loss, or one :data:`LOSSES` does not know.
+    """
+    name = getattr(model, "training_loss", None)
+    if name not in LOSSES:
+        raise ValueError(f"{type(model).__name__} declares training_loss {name!r}: a click network declares one of "
+                         f"{', '.join(LOSSES)} (NoduleMTLLib.contract.ClickNetworkBase gives 'seg_cls')")
+    return LOSSES[name](model, x, y, lab, cfg, signs)
+
+
+def _seg_cls_loss(model, x, y, lab, cfg, signs=None) -> torch.Tensor:
     seg, cls = model(x)
     return seg_loss(seg, y) + cfg["cls_loss_weight"] * masked_bce(cls, lab)
+
+
+def _seg_cls_size_loss(model, x, y, lab, cfg, signs=None) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    from NoduleMTLLib.networks.detguided import size_class_from_mask
+    out = model.forward_all(x)
+    size_t = torch.tensor([size_class_from_mask(m[0], cfg["input_spacing_mm"]) for m in y])
+    return (seg_loss(out["seg"], y) + cfg["cls_loss_weight"] * masked_bce(out["malignancy"], lab)
+            + cfg.get("size_loss_weight", 0.5) * F.cross_entropy(out["size_logits"], size_t))
+
+
+def _mtnet_loss(model, x, y, lab, cfg, signs=None) -> torch.Tensor:
+    from training.losses import mtnet_loss
+    return mtnet_loss(model.forward_all(x), y, lab, cls_weight=cfg["cls_loss_weight"])["total"]
+
+
+def _multi_head_loss(model, x, y, lab, cfg, signs=None) -> torch.Tensor:
+    from training.losses import multi_head_bce
+    seg, main, sg = model.forward_click(x)
+    b = model.seg_border_px * x.shape[-1] // 96
+    h, w = x.shape[-2:]
+    ls = seg_loss(seg[..., b:h - b, b:w - b], y[..., b:h - b, b:w - b])
+    logits = {model.main_head: main, **sg}
+    labels = {model.main_head: lab, **(signs or {})}
+    weights = getattr(model, "head_loss_weights", None)
+    lc = multi_head_bce(logits, labels, weights)["total"]
+    return cfg.get("seg_loss_weight", 1.0) * getattr(model, "seg_weight", 1.0) * ls + cfg["cls_loss_weight"] * lc
+
+
+#: ``ClickNetwork.training_loss`` name -> ``loss(model, x, y, lab, cfg, signs)`` (names and
+#: meaning: :data:`NoduleMTLLib.contract.TRAINING_LOSSES`).
+LOSSES = {"seg_cls": _seg_cls_loss, "seg_cls_size": _seg_cls_size_loss, "mtnet": _mtnet_loss,
+          "multi_head": _multi_head_loss}
 
 
 def add_hu_sources(cfg: dict, split: dict, data_dir=None, limit_nodules: int | None = None, log=print) -> list:

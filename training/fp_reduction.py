@@ -40,8 +40,9 @@ VOIs).  ``select`` computes the combined score (:func:`~NoduleMTLLib.detection.f
 combined_score`) of every candidate of the validation scans (the run's network) and of the
 out-of-fold training scans, and picks the lowest threshold with at most 2 false positives
 per scan over all of them (FP = a candidate hitting no nodule and no excluded mark) - the
-shipped :data:`~NoduleMTLLib.detection.fp_reduction.OPERATING_THRESHOLD` - and with at most
-8 (the high-sensitivity setting); it also reports the pooled FROC and each nodule's rank
+shipped default operating point - and with at most 8 (the high-sensitivity setting); ``manifest
+--select-report RUN/select_val.json`` writes both into the weights' manifest entry, where the
+library reads them (:func:`NoduleMTLLib.detection.fp_reduction.operating_points`); it also reports the pooled FROC and each nodule's rank
 (``RUN/select_val.json``).  The test scans are never used to choose anything.
 """
 
@@ -581,14 +582,21 @@ def cross_validate(config: Path, run: Path, resume: bool = False, log=print) -> 
     return out
 
 
-def write_manifest_entry(report: Path, config: Path = CONFIG) -> dict:
+def write_manifest_entry(report: Path, config: Path = CONFIG, select_report: Path | None = None) -> dict:
     """Write the ``fpr25d`` entry of ``Resources/Weights/models.json`` for the shipped file:
-    size, sha256, input spec, recipe, operating point and the whole-scan figures of ``report``
+    size, sha256, input spec, recipe, operating points and the whole-scan figures of ``report``
     (``nodulemtl-train evaluate maskrcnn25d --whole-ct`` with this file; refused when the
     report was measured with another FPR file).
 
+    The operating points (``operating_threshold``, ``high_sensitivity_threshold``; the library
+    reads them from here at run time, ``fp_reduction.operating_points``) come from
+    ``select_report`` (``select``'s ``select_val.json``: ``operating_point`` and
+    ``high_sensitivity_8fp``, rounded to 4 decimals) when given, else they are kept from the
+    current entry.
+
     Raises:
-        ValueError: the report's FPR sha256 is not the shipped file's.
+        ValueError: the report's FPR sha256 is not the shipped file's; no operating points
+            (neither a select report nor a current entry with them).
     """
     from NoduleMTLLib.detection import fp_reduction as fpr
     from NoduleMTLLib.registry import sha256_of
@@ -618,8 +626,14 @@ def write_manifest_entry(report: Path, config: Path = CONFIG) -> dict:
         "test_froc_any_reader": {k: e["test"]["froc_any_reader"][k] for k in froc},
         "val_froc": {k: e["val"]["froc"][k] for k in froc},
         "lung_pet_ct_dx": lung_pet_summary(e)}}
-    entry["operating_threshold"] = fpr.OPERATING_THRESHOLD
-    entry["high_sensitivity_threshold"] = fpr.HIGH_SENSITIVITY_THRESHOLD
+    if select_report is not None:
+        sel = json.loads(Path(select_report).read_text())
+        points = {"default": sel["operating_point"]["threshold"], "high_sensitivity": sel["high_sensitivity_8fp"]["threshold"]}
+        points = {k: round(float(v), 4) for k, v in points.items()}
+    else:
+        points = fpr.operating_points()  # the current entry's (ValueError-like WeightsError when absent)
+    for name, key in fpr.OPERATING_POINT_KEYS.items():
+        entry[key] = points[name]
     man["networks"][DEFAULT_FP_REDUCER] = entry
     write_manifest(mpath, man)
     return entry
@@ -686,6 +700,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--weights", type=Path, default=None)
     ap.add_argument("--max-fp", type=float, default=2.0)
+    ap.add_argument("--select-report", type=Path, default=None,
+                    help="manifest: take the operating points from this select_val.json (default: keep the manifest's)")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/fpr25d)")
     a = ap.parse_args(argv)
     run = a.out or REPO / "runs" / DEFAULT_FP_REDUCER
@@ -697,8 +713,8 @@ def main(argv=None) -> int:
     cfg = json.loads(a.config.read_text())
     cache = Path(cfg.get("cache") or default_cache())
     if a.command == "manifest":
-        print(json.dumps(write_manifest_entry(a.report or REPO / "runs" / "maskrcnn25d" / "eval_whole_ct.json", a.config),
-                         indent=1)[:2000])
+        print(json.dumps(write_manifest_entry(a.report or REPO / "runs" / "maskrcnn25d" / "eval_whole_ct.json", a.config,
+                                              a.select_report), indent=1)[:2000])
         return 0
     if a.command == "cv":
         cross_validate(a.config, run, a.resume)

@@ -613,7 +613,7 @@ def select_nodules(sd: SliceDetections, ct: CTVolume, score_threshold: float | s
     merged = merge_detections(sd, ct, fpr.CANDIDATE_THRESHOLD)
     rescore_with_fpr(merged.nodules, ct, fpr_model, device)
     merged.nodules.sort(key=lambda nd: -nd.score)
-    cut = {"default": fpr.OPERATING_THRESHOLD, "adaptive": 0.0}.get(mode, mode)
+    cut = fpr.operating_points()["default"] if mode == "default" else 0.0 if mode == "adaptive" else mode
     return merged, [n for n in merged.nodules if n.score >= cut], float(cut)
 
 
@@ -648,16 +648,13 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     from .. import __version__
     from ..device import resolve_device
     from ..postprocess import measure_nodule
-    from ..registry import NETWORKS, load_network
+    from ..registry import check_network_ids, load_network
     from ..results import AnalysisResult, NoduleResult
 
     progress = progress or (lambda f, m: None)
     thr_mode = parse_threshold(score_threshold)
     classify_with = tuple(classify_with)
-    unknown = [n for n in classify_with if n not in NETWORKS or n == DETECTOR_ID]
-    if unknown:
-        raise InputError(f"Unknown click network(s) for classification: {', '.join(unknown)}; "
-                         f"available: {', '.join(NETWORKS)}")
+    check_network_ids(classify_with)
     progress(0.86, "merging slice detections")
     t = time.perf_counter()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -781,15 +778,12 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
         DeviceError: unavailable device.
     """
     from ..device import resolve_device
-    from ..registry import NETWORKS
+    from ..registry import check_network_ids
 
     t0 = time.perf_counter()
     progress = progress or (lambda f, m: None)
     parse_threshold(score_threshold)  # fail fast, before loading anything
-    unknown = [n for n in classify_with if n not in NETWORKS or n == DETECTOR_ID]
-    if unknown:
-        raise InputError(f"Unknown click network(s) for classification: {', '.join(unknown)}; "
-                         f"available: {', '.join(NETWORKS)}")
+    check_network_ids(classify_with)
     pp.check_detection_input(ct, warn=False)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     t = time.perf_counter()

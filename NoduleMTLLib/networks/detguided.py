@@ -375,6 +375,9 @@ class DetGuidedNet(ClickNetworkBase, nn.Module):
         ValueError: input not 4D with ``in_channels`` channels.
     """
 
+    #: Contract (``ClickNetwork.training_loss``): segmentation + malignancy + size-class loss on ``forward_all``.
+    training_loss = "seg_cls_size"
+
     def __init__(self, in_channels: int = 1, seg_base: int = 32, cls_width: float = 1.0, n_size_classes: int = len(SIZE_CLASSES),
                  dropout: float = 0.3, spatial_prior: bool = True, frozen: Iterable[str] = (), prior_kwargs: dict | None = None):
         super().__init__()

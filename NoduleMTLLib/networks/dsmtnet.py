@@ -492,6 +492,8 @@ class DSMTNetClick(ClickNetworkBase, nn.Module):
     """
 
     OUTSIDE_LOGIT = -20.0
+    #: Contract (``ClickNetwork.training_loss``): auxiliary segmentation + the heads' masked BCE.
+    training_loss = "multi_head"
 
     def __init__(self, heads: Sequence[str] = CLICK_HEADS, variant: str = "narrow", local_fraction: float = 0.5):
         super().__init__()

@@ -452,6 +452,8 @@ class MTNet(ClickNetworkBase, nn.Module):
     #: Class-net classifies the image with the mask as its second channel (the contract's
     #: ``classifies_mask``; re-classification of an edited mask feeds that mask).
     classifies_mask = True
+    #: Contract (``ClickNetwork.training_loss``): coarse/fine hybrid Dice + rank loss + Class-net BCE.
+    training_loss = "mtnet"
 
     def __init__(self, in_channels: int = 1, encoder_depth: int = 65, encoder_width: float = 1.0,
                  aspp_channels: int = 256, aspp_rates=(6, 12, 18), low_level_channels: int = 48,

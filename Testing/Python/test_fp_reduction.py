@@ -295,17 +295,24 @@ def test_png_context_brought_back_to_hu_on_real_nodules(shared_data):
     assert png_slice_to_hu(im[k], v[kz], (y + 17, x - 13)) is None
 
 
-def test_panel_threshold_box_states_the_shipped_operating_points():
+def test_panel_threshold_box_states_the_shipped_operating_points(tmp_path):
     """The Slicer panel's threshold box can hold the high-sensitivity setting exactly and its
-    tooltip quotes the shipped operating points (they change when fpr25d is retrained)."""
+    tooltip quotes the shipped operating points from the weights' manifest at run time (they
+    change when fpr25d is retrained); the .ui holds no figure that could go stale."""
+    import re
     import xml.etree.ElementTree as ET
+
+    import NoduleMTLText
 
     ui = ET.parse(REPO / "Resources" / "UI" / "NoduleMTL.ui")
     box = ui.find(".//widget[@name='detectionThresholdSpinBox']")
     props = {p.get("name"): p[0].text for p in box.findall("property")}
     assert int(props["decimals"]) >= 4
-    assert f"{fpr.OPERATING_THRESHOLD:.4f}" in props["toolTip"]
-    assert f"{fpr.HIGH_SENSITIVITY_THRESHOLD:.4f}" in props["toolTip"]
+    assert not re.search(r"0\.\d{3}", props["toolTip"]), props["toolTip"]
+    points = fpr.operating_points()
+    tip = NoduleMTLText.detection_threshold_tooltip(REPO / "Resources" / "Weights" / "models.json")
+    assert f"default: {points['default']:.4f}" in tip and f"{points['high_sensitivity']:.4f} = high sensitivity" in tip
+    assert NoduleMTLText.detection_threshold_tooltip(tmp_path / "missing.json") == NoduleMTLText.THRESHOLD_TOOLTIP_FALLBACK
 
 
 def _scan(name, refs, cands):
