@@ -9,8 +9,11 @@ once, as ``INPUT_SPEC`` (a dict; the registry reads it through ``NetworkSpec.inp
 click networks need at least ``size_px`` and ``spacing_mm``).
 
 Adding a network: one file with the ``nn.Module`` (click networks inherit
-:class:`ClickNetworkBase` for the defaults) and its ``INPUT_SPEC``, one ``NetworkSpec`` in
-the registry (``registry.register``), and its training config.  ``Testing/Python/
+:class:`ClickNetworkBase` for the defaults, and set ``training_loss`` when they do not train
+with the default ``"seg_cls"``) and its ``INPUT_SPEC``, one ``NetworkSpec`` in the registry
+(``registry.register``), and its training config.  Once its weights are shipped, the
+manifest entry written by the export holds the input spec the analysis reads
+(``NetworkSpec.input_spec``).  ``Testing/Python/
 test_network_contract.py`` does exactly that with a small sixth network.
 """
 
