@@ -645,7 +645,7 @@ def main(args, on_stage=None) -> int:
     from .batch import BatchError, BatchRun, read_points_csv
     from .device import DeviceError
     from .outputs import OutputError
-    from .registry import NETWORKS, WeightsError
+    from .registry import WeightsError, check_network_ids
     from .safe_output import check_out_dir
 
     def err(msg):
@@ -668,9 +668,7 @@ def main(args, on_stage=None) -> int:
         check_out_dir(out, [], overwrite=True)
         points = read_points_csv(args.points, lps=args.lps) if args.points else {}
         nets = tuple(split_networks(args.networks))
-        unknown = [n for n in nets if n not in NETWORKS]
-        if unknown or not nets:
-            raise BatchError(f"Unknown network(s): {', '.join(unknown) or '(none given)'}; available: {', '.join(NETWORKS)}")
+        check_network_ids(nets, allow_empty=False, error=BatchError)
         archive = Archive(url, make_session(creds, args.insecure, args.ca_bundle), timeout=args.timeout)
         studies = list(dict.fromkeys(args.study)) if args.study else archive.studies_since(since)
         if since:

@@ -44,12 +44,12 @@ def test_check_network_ids():
 
 
 def test_network_ids_are_validated_only_in_the_registry():
-    """The five former copies (pipeline, detection.infer twice, refine, batch) call
+    """The former copies (pipeline, detection.infer twice, refine, batch, pacs) call
     ``registry.check_network_ids``; no library module filters ids against NETWORKS by hand."""
     copies = [p.relative_to(REPO).as_posix() for p in (REPO / "NoduleMTLLib").rglob("*.py")
               if p.name != "registry.py" and re.search(r"if \w+ not in NETWORKS", p.read_text(encoding="utf-8"))]
     assert copies == []
-    for rel in ("pipeline.py", "detection/infer.py", "refine.py", "batch.py"):
+    for rel in ("pipeline.py", "detection/infer.py", "refine.py", "batch.py", "pacs.py"):
         assert "check_network_ids(" in (REPO / "NoduleMTLLib" / rel).read_text(encoding="utf-8"), rel
 
 
