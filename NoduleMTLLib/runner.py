@@ -201,6 +201,20 @@ class Job:
                 raise TimeoutError(f"The request is still running after {timeout} s")
             time.sleep(interval)
 
+    def load_result(self):
+        """The :class:`~NoduleMTLLib.results.AnalysisResult` in the succeeded request's output
+        folder (:func:`~NoduleMTLLib.outputs.read_outputs`; masks on the CT grid).
+
+        Raises:
+            RuntimeError: the request did not succeed (the error event's message).
+        """
+        if not isinstance(self.terminal, Result):
+            why = self.terminal.message if isinstance(self.terminal, Error) else self.state
+            raise RuntimeError(f"No result: {why}")
+        from .outputs import read_outputs
+
+        return read_outputs(self.terminal.out)
+
     def __iter__(self):
         while True:
             yield from self.poll()

@@ -17,8 +17,9 @@ from NoduleMTLLib.detection import fp_reduction as fpr
 from NoduleMTLLib.io import InputError
 
 REPO = Path(__file__).resolve().parents[2]
-#: Documents that quote the operating points: the README, docs/ and the model cards.
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "Resources" / "Weights").glob("*.md"))]
+#: Documents that quote the operating points: the README, docs/, the model cards and the training results.
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "Resources" / "Weights").glob("*.md")),
+        *sorted((REPO / "training").glob("*.md"))]
 
 
 # ---------------------------------------------------------------------------

@@ -119,6 +119,8 @@ def test_real_worker_answers_requests_and_cancels(tmp_path):
         record = json.loads((out / "nodules.json").read_text())
         assert record["run"]["networks"] == ["lnmsnet"] and record["nodules"][0]["found"]
         assert record["nodules"][0]["point_lps_mm"] == pytest.approx(POINT_LPS, abs=1e-3)
+        (nodule,) = job.load_result().nodules
+        assert nodule.mask.sum() > 0 and nodule.volume_mm3 == pytest.approx(record["nodules"][0]["volume_mm3"])
         assert all(e.request_id == job.request.request_id for e in events)
         pid = runner.worker.pid
 
@@ -126,6 +128,8 @@ def test_real_worker_answers_requests_and_cancels(tmp_path):
                                             masks=[str(tmp_path / "m.nrrd")], detect=True))
         end = bad.wait(timeout=60)
         assert isinstance(end, Error) and end.exit_code == 2 and "'detect' does not apply" in end.message
+        with pytest.raises(RuntimeError, match="does not apply"):
+            bad.load_result()
 
         outside = runner.submit(AnalysisRequest(mode="analyze", ct=str(SAMPLE_CT), out=str(tmp_path / "o"),
                                                 points_lps=[[0.0, 0.0, 500.0]], networks=["lnmsnet"], device="cpu"))
