@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nodulemtl", description="Pulmonary nodule segmentation and characterisation on chest CT.")
     ap.add_argument("--version", action="version", version=f"NoduleMTL {__import__('NoduleMTLLib').__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("review", add_help=False, help="review findings in a web browser: nodulemtl review [CT] [--results DIR] "
+                   "[--host 127.0.0.1] [--port N] (see docs/review.md)")
     a = sub.add_parser("analyze", help="segment and characterise the nodule at each clicked point")
     a.add_argument("ct", help="CT image file (.nrrd, .nii[.gz], .mha/.mhd) or DICOM series folder")
     a.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
@@ -178,6 +180,27 @@ def _reclassify(args, models=None) -> int:
     return 0
 
 
+def _review(argv) -> int:
+    """``nodulemtl review``: the web reviewer, which lives beside the Slicer module
+    (``NoduleMTL/NoduleMTLReview``, it needs ``slicer``) and so runs from a source checkout only."""
+    import importlib
+    from pathlib import Path
+
+    module_dir = Path(__file__).resolve().parent.parent / "NoduleMTL"
+    if not (module_dir / "NoduleMTLReview" / "app.py").is_file():
+        print("nodulemtl review: error: needs a source checkout of NoduleMTL (NoduleMTL/NoduleMTLReview not found)",
+              file=sys.stderr)
+        return 2
+    if str(module_dir) not in sys.path:
+        sys.path.insert(0, str(module_dir))
+    try:
+        app = importlib.import_module("NoduleMTLReview.app")
+    except ImportError as e:
+        print(f"nodulemtl review: error: {e}; install the 'review' dependency group (uv sync)", file=sys.stderr)
+        return 2
+    return app.main(argv)
+
+
 def main(argv=None, models=None) -> int:
     """Run ``nodulemtl`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -185,6 +208,9 @@ def main(argv=None, models=None) -> int:
     persistent worker, :mod:`NoduleMTLLib.worker`) so networks load once across calls.
     Usage errors raise SystemExit(2) (argparse).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["review"]:
+        return _review(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

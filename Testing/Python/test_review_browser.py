@@ -1,0 +1,225 @@
+"""``nodulemtl review`` in a real headless Chromium (Playwright for Python, Debian's /usr/bin/chromium).
+
+The test starts the server itself on a free 127.0.0.1 port (a child process, stopped at the end)
+and drives the page as a reviewer would, on the sample CT (LIDC-IDRI-0003 crop):
+
+1. go to the ~30 mm nodule, pick the click tool and click it in the axial view at the page
+   position computed from the axial slice node's XY-to-RAS matrix (no hard-coded pixels);
+   its row appears, and its long axis is within 5 % of ``nodulemtl analyze`` at the same point;
+2. click the ~13 mm nodule the same way;
+3. keyboard: ``p`` back to the first finding, ``a`` accepts it, ``n`` ``r`` rejects the second;
+4. erase part of the first outline with the erase effect (mouse clicks), re-classify: the volume drops;
+5. export: SEG (seg.nrrd), labels and CSV hold only the accepted finding, nodules.json both with
+   their statuses.
+
+Screenshots are written to ``Testing/artifacts/review/`` (test artefacts).  Skips only when
+Chromium, Playwright or trame-slicer are absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / "Testing" / "artifacts" / "review"
+NODULE_30MM_RAS = (-72.5, -77.2, -190.4)
+NODULE_13MM_RAS = (-23.5, 47.6, -172.3)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium not installed at {CHROMIUM}")]
+sync_api = pytest.importorskip("playwright.sync_api", reason="Python playwright not installed")
+pytest.importorskip("trame_slicer", reason="trame-slicer not installed (review dependency group)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("review")
+    port = _free_port()
+    log = (work / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "review", str(SAMPLE), "--port", str(port),
+                             "--allow", str(work), "--device", "cpu"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    pytest.fail("review server did not start:\n" + (work / "server.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield {"url": url, "work": work, "log": work / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _state(page, key):
+    return page.evaluate(f"window.trame.state.get({json.dumps(key)})")
+
+
+def _wait(page, predicate, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        err = _state(page, "error")
+        if err:
+            pytest.fail(f"page error while waiting for {what}: {err}")
+        time.sleep(0.25)
+    pytest.fail(f"timed out waiting for {what}; message: {_state(page, 'message')!r}")
+
+
+def _axial_page_position(page, ras) -> tuple[float, float]:
+    """Page (CSS pixel) position of a RAS point in the axial view, from the slice node's XY-to-RAS."""
+    info = page.evaluate("window.trame.trigger('nodulemtl_view_info', ['Red'])")
+    xy_to_ras = np.array(info["xy_to_ras"], float).reshape(4, 4)
+    x, y, z, _ = np.linalg.solve(xy_to_ras, np.array([*ras, 1.0]))
+    assert abs(z) < 0.5, f"the axial slice does not hold {ras} (slice offset z = {z:.2f})"
+    w, h = info["size"]
+    box = page.locator("img.image-display-area").first.bounding_box()  # the axial view comes first in the layout
+    assert 0 <= x < w and 0 <= y < h, (x, y, w, h)
+    return box["x"] + x * box["width"] / w, box["y"] + (h - y) * box["height"] / h  # XY origin is bottom-left
+
+
+def _go_to(page, ras):
+    page.locator("#nm-goto").fill(" ".join(str(v) for v in ras))
+    page.locator("#nm-goto-btn").click()
+    time.sleep(0.8)
+
+
+def _rows(page):
+    return _state(page, "findings") or []
+
+
+def _reference_long_axis(ras, tmp) -> float:
+    """Long axis (mm) from ``nodulemtl analyze`` at the same point with the app's default network."""
+    from NoduleMTLLib import cli
+    from NoduleMTLLib.registry import DEFAULT_NETWORK
+
+    out = tmp / "reference"
+    rc = cli.main(["analyze", str(SAMPLE), "--point", *[repr(float(v)) for v in ras], "--networks", DEFAULT_NETWORK,
+                   "--device", "cpu", "--out", str(out), "--quiet", "--no-pictures"])
+    assert rc == 0
+    [nodule] = json.loads((out / "nodules.json").read_text())["nodules"]
+    return float(nodule["diameter_mm"])
+
+
+def test_review_in_chromium(server):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    work = server["work"]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page.goto(server["url"])
+            page.wait_for_selector("img.image-display-area", timeout=60_000)
+            _wait(page, lambda: _state(page, "ct_name"), "the CT to be shown")
+
+            # 1. the ~30 mm nodule, clicked in the axial view
+            _go_to(page, NODULE_30MM_RAS)
+            page.locator("#nm-tool-click").click()
+            page.mouse.click(*_axial_page_position(page, NODULE_30MM_RAS))
+            rows = _wait(page, lambda: _rows(page) if len(_rows(page)) == 1 else None, "the first finding's row", 240)
+            first = rows[0]
+            assert page.locator("#nm-findings tbody tr").count() == 1
+            reference = _reference_long_axis(first["point_ras"], work)
+            assert abs(first["long_mm"] - reference) <= 0.05 * reference, (first["long_mm"], reference)
+
+            # 2. the ~13 mm nodule
+            _go_to(page, NODULE_13MM_RAS)
+            page.mouse.click(*_axial_page_position(page, NODULE_13MM_RAS))
+            rows = _wait(page, lambda: _rows(page) if len(_rows(page)) == 2 else None, "the second finding's row")
+            assert rows[1]["long_mm"] < rows[0]["long_mm"]
+            page.screenshot(path=str(ARTIFACTS / "01_two_findings.png"))
+
+            # 3. keyboard review (the page's focus must not be in a text field)
+            page.locator("#nm-tool-navigate").click()
+            page.locator("#nm-ct-name").click()
+            page.keyboard.press("p")  # back to finding 1 (finding 2 was selected when it was added)
+            _wait(page, lambda: _state(page, "current") == 1, "finding 1 to be selected")
+            page.keyboard.press("a")
+            page.keyboard.press("n")
+            page.keyboard.press("r")
+            _wait(page, lambda: [r["status"] for r in _rows(page)] == ["accepted", "rejected"], "statuses from the keyboard")
+            page.keyboard.press("z")
+            _wait(page, lambda: [r["status"] for r in _rows(page)] == ["accepted", "undecided"], "undo")
+            page.keyboard.press("y")
+            _wait(page, lambda: [r["status"] for r in _rows(page)] == ["accepted", "rejected"], "redo")
+            page.keyboard.press("?")
+            page.wait_for_selector("#nm-help-card", timeout=10_000)
+            page.screenshot(path=str(ARTIFACTS / "02_help.png"))
+            page.keyboard.press("Escape")
+
+            # 4. erase part of the first outline, then re-classify
+            page.locator("#nm-findings tbody tr").first.click()
+            _wait(page, lambda: _state(page, "current") == 1, "finding 1 selected by its row")
+            time.sleep(0.8)
+            centre = np.array(_rows(page)[0]["point_ras"], float)
+            _go_to(page, centre)
+            volume_before = _rows(page)[0]["volume_mm3"]
+            page.locator("#nm-tool-erase").click()
+            time.sleep(0.5)
+            for offset in ((0.0, 0.0, 0.0), (-3.0, 0.0, 0.0), (3.0, 0.0, 0.0)):  # three 8 mm brush dabs in its core
+                page.mouse.click(*_axial_page_position(page, centre + offset))
+                time.sleep(0.4)
+            time.sleep(0.5)
+            page.locator("#nm-reclassify").click()
+            _wait(page, lambda: "re-classified" in (_state(page, "message") or ""), "the re-classification", 180)
+            volume_after = _rows(page)[0]["volume_mm3"]
+            assert volume_after < volume_before, (volume_before, volume_after)
+            page.screenshot(path=str(ARTIFACTS / "03_erased_reclassified.png"))
+
+            # 5. export
+            out = work / "export"
+            page.locator("#nm-export-path").fill(str(out))
+            page.locator("#nm-export").click()
+            _wait(page, lambda: _state(page, "exported"), "the export", 120)
+            page.screenshot(path=str(ARTIFACTS / "04_exported.png"))
+        finally:
+            browser.close()
+
+    rows = list(csv.DictReader((out / "nodules.csv").open()))
+    assert [r["id"] for r in rows] == ["1"]
+    assert float(rows[0]["volume_mm3"]) == pytest.approx(volume_after, rel=0.01)
+    data = json.loads((out / "nodules.json").read_text())
+    assert [(d["id"], d["review_status"]) for d in data["nodules"]] == [(1, "accepted"), (2, "rejected")]
+    import SimpleITK as sitk
+    import slicerio
+
+    seg = slicerio.read_segmentation(str(out / "segmentation.seg.nrrd"))
+    assert [s["name"] for s in seg["segments"]] == ["Nodule 1"]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
+    assert set(np.unique(labels).tolist()) == {0, 1}
+    report = (out / "report.html").read_text()
+    assert "Nodule 1" in report and "Nodule 2" not in report
