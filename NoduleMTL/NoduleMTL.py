@@ -338,6 +338,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         """Called each time the user opens this module."""
         self.initializeParameterNode()
+        self.logic.warmUpBackgroundWorker()  # the first Apply does not pay for starting Python + torch
 
     def exit(self):
         """Called each time the user opens a different module (a background run goes on)."""
@@ -952,6 +953,16 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         if _WORKER is None:
             _WORKER = _worker().Worker(python_executable=self.pythonExecutable())
         return _WORKER
+
+    def warmUpBackgroundWorker(self):
+        """Start the persistent worker process now (module entered), so that the first analysis
+        does not wait for a new ``PythonSlicer`` process; the networks still load with the first
+        run (the web reviewer, ``NoduleMTLReview``, also runs a throw-away analysis because it owns
+        its worker's queue).  Never raises: a failure shows at the first run, with its reason."""
+        try:
+            self.backgroundWorker().ensure_started()
+        except Exception as e:  # noqa: BLE001 - PythonSlicer missing, cannot start: reported by the first run
+            logging.warning(f"NoduleMTL: background worker not started: {e}")
 
     @staticmethod
     def stopBackgroundWorker():

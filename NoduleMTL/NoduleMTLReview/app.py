@@ -117,6 +117,7 @@ class ReviewApp(TrameApp):
         self.warmed = False
         self._tmp = Path(tempfile.mkdtemp(prefix="nodulemtl-review-"))
         self._poller = None
+        self._moved = False  # the views were moved (no automatic fit any more)
 
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
@@ -267,10 +268,11 @@ class ReviewApp(TrameApp):
         if self._poller is None:
             self._poller = asyncio.ensure_future(self._poll_loop())
         self._maybe_warm_up()
-        asyncio.get_event_loop().call_later(1.0, self._fit_views)  # once the page has sized the views
+        for delay in (1.0, 3.0):  # once the page has sized the views
+            asyncio.get_event_loop().call_later(delay, self._fit_views)
 
     def _fit_views(self):
-        if self.volume is not None and not self.review.findings:
+        if self.volume is not None and not self.review.findings and not self._moved:
             self.slicer.display_manager.reset_views()
 
     async def _poll_loop(self):
@@ -313,6 +315,7 @@ class ReviewApp(TrameApp):
         self.volume.SetName(Path(path).name.split(".")[0] or "CT")
         self.ct, self.ct_path = ct, Path(path)
         self.slicer.display_manager.show_volume(self.volume, do_reset_views=True)
+        self._moved = False
         self._on_preset(self.state.preset)
         self.state.ct_name = f"{Path(path).name}  ({' × '.join(str(v) for v in ct.image.GetSize())} voxels)"
         self.state.export_path = str(self._default_export_dir())
@@ -380,6 +383,7 @@ class ReviewApp(TrameApp):
     def center_on(self, ras) -> None:
         """Centre the three slice views on a point (R, A, S mm)."""
         r, a, s = (float(v) for v in ras)
+        self._moved = True
         for v in self._slice_views():
             node = v.get_view_node()
             if node is not None:
@@ -603,12 +607,22 @@ class ReviewApp(TrameApp):
                 nodule.id = f.id
                 NoduleMTLMRML.apply_reclassification(seg, f.segment_id, meta["request"]["table"], nodule,
                                                      meta["request"]["network_ids"])
+                self._assess(nodule)
                 self.review.update_row(f.id, finding_row(nodule, meta["request"]["network_ids"]))
                 self.state.message = f"Finding {f.id} re-classified from the edited outline ({job.seconds:.1f} s)"
         finally:
             job.cleanup()
             self._refresh_table()
             self._start_next()
+
+    def _assess(self, nodule) -> None:
+        """Lung-RADS of a re-classified outline for its row (the export recomputes it on the masks as well)."""
+        try:
+            from NoduleMTLLib.assessment import annotate_result, patient_for
+
+            annotate_result(AnalysisResult(self.ct.describe(), {}, [nodule]), self.ct, patient_for(self.ct))
+        except Exception as e:  # noqa: BLE001 - the row then shows no category; the values above stand
+            log.warning(f"Lung-RADS not recomputed: {e}")
 
     def _add_result(self, res: AnalysisResult) -> dict[int, int]:
         """Add a result's found nodules to the scene (the Slicer module's MRML layer) as new findings.

@@ -1,7 +1,7 @@
 """``nodulemtl review`` in a real headless Chromium (Playwright for Python, Debian's /usr/bin/chromium).
 
 The test starts the server itself on a free 127.0.0.1 port (a child process, stopped at the end)
-and drives the page as a reviewer would, on the sample CT (LIDC-IDRI-0003 crop):
+and drives the page as a reviewer would, on the sample CT (LIDC-IDRI-0003 crop, see below):
 
 1. go to the ~30 mm nodule, pick the click tool and click it in the axial view at the page
    position computed from the axial slice node's XY-to-RAS matrix (no hard-coded pixels);
@@ -9,8 +9,11 @@ and drives the page as a reviewer would, on the sample CT (LIDC-IDRI-0003 crop):
 2. click the ~13 mm nodule the same way;
 3. keyboard: ``p`` back to the first finding, ``a`` accepts it, ``n`` ``r`` rejects the second;
 4. erase part of the first outline with the erase effect (mouse clicks), re-classify: the volume drops;
-5. export: SEG (seg.nrrd), labels and CSV hold only the accepted finding, nodules.json both with
-   their statuses.
+5. export: the DICOM SEG and SR, the seg.nrrd, labels, CSV and report hold only the accepted
+   finding; nodules.json holds both with their statuses.
+
+The CT is the sample written as a CT DICOM series (voxel-identical, ``test_review_state.write_sample_dicom``)
+so that the export's DICOM SEG / SR are exercised on a clean clone.
 
 Screenshots are written to ``Testing/artifacts/review/`` (test artefacts).  Skips only when
 Chromium, Playwright or trame-slicer are absent.
@@ -32,7 +35,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = REPO / "Testing" / "artifacts" / "review"
 NODULE_30MM_RAS = (-72.5, -77.2, -190.4)
@@ -55,9 +57,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("review")
+    from test_review_state import write_sample_dicom
+
+    ct_folder = write_sample_dicom(work / "ct_dicom")  # the sample as a DICOM series: the export writes SEG and SR
     port = _free_port()
     log = (work / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "review", str(SAMPLE), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "review", str(ct_folder), "--port", str(port),
                              "--allow", str(work), "--device", "cpu"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}/"
@@ -72,7 +77,7 @@ def server(tmp_path_factory):
                     log.flush()
                     pytest.fail("review server did not start:\n" + (work / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
-        yield {"url": url, "work": work, "log": work / "server.log"}
+        yield {"url": url, "work": work, "log": work / "server.log", "ct": ct_folder}
     finally:
         proc.terminate()
         try:
@@ -122,13 +127,13 @@ def _rows(page):
     return _state(page, "findings") or []
 
 
-def _reference_long_axis(ras, tmp) -> float:
+def _reference_long_axis(ct, ras, tmp) -> float:
     """Long axis (mm) from ``nodulemtl analyze`` at the same point with the app's default network."""
     from NoduleMTLLib import cli
     from NoduleMTLLib.registry import DEFAULT_NETWORK
 
     out = tmp / "reference"
-    rc = cli.main(["analyze", str(SAMPLE), "--point", *[repr(float(v)) for v in ras], "--networks", DEFAULT_NETWORK,
+    rc = cli.main(["analyze", str(ct), "--point", *[repr(float(v)) for v in ras], "--networks", DEFAULT_NETWORK,
                    "--device", "cpu", "--out", str(out), "--quiet", "--no-pictures"])
     assert rc == 0
     [nodule] = json.loads((out / "nodules.json").read_text())["nodules"]
@@ -153,7 +158,7 @@ def test_review_in_chromium(server):
             rows = _wait(page, lambda: _rows(page) if len(_rows(page)) == 1 else None, "the first finding's row", 240)
             first = rows[0]
             assert page.locator("#nm-findings tbody tr").count() == 1
-            reference = _reference_long_axis(first["point_ras"], work)
+            reference = _reference_long_axis(server["ct"], first["point_ras"], work)
             assert abs(first["long_mm"] - reference) <= 0.05 * reference, (first["long_mm"], reference)
 
             # 2. the ~13 mm nodule
@@ -206,6 +211,20 @@ def test_review_in_chromium(server):
             page.locator("#nm-export").click()
             _wait(page, lambda: _state(page, "exported"), "the export", 120)
             page.screenshot(path=str(ARTIFACTS / "04_exported.png"))
+
+            # 6. safety: files outside the allowed folders and bad files give a message; the server keeps running
+            (work / "not_a_ct.nrrd").write_bytes(b"NRRD0004\ntype: nonsense\n\n")
+            for path, expected in (("/etc/passwd", "outside the folders"), ("../../etc/passwd", "outside the folders"),
+                                   (str(work / "not_a_ct.nrrd"), "Cannot open")):
+                page.evaluate("window.trame.state.set('error', '')")
+                page.locator("#nm-open-path").fill(path)
+                page.locator("#nm-open").click()
+                deadline = time.monotonic() + 30
+                while expected not in (_state(page, "error") or "") and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert expected in (_state(page, "error") or ""), (path, _state(page, "error"))
+                assert page.locator("#nm-error").is_visible()
+            assert len(_rows(page)) == 2 and _state(page, "ct_name").startswith("ct_dicom")  # still the open CT
         finally:
             browser.close()
 
@@ -223,3 +242,10 @@ def test_review_in_chromium(server):
     assert set(np.unique(labels).tolist()) == {0, 1}
     report = (out / "report.html").read_text()
     assert "Nodule 1" in report and "Nodule 2" not in report
+    import highdicom as hd
+
+    dicom_seg = hd.seg.segread(out / "segmentation.dcm")
+    assert [s.SegmentLabel for s in dicom_seg.SegmentSequence] == ["Nodule 1"]
+    sr = hd.sr.srread(out / "report.sr.dcm")
+    groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 1

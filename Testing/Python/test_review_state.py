@@ -31,6 +31,35 @@ SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
 LABELS = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop_labels.nrrd"
 
 
+def write_sample_dicom(out: Path) -> Path:
+    """The sample CT written as a single-frame CT DICOM series (same voxels, same geometry), so the
+    export's DICOM SEG / SR can be tested on a clean clone (the real DICOM lives outside the repository)."""
+    import SimpleITK as sitk
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True, exist_ok=True)
+    img = sitk.ReadImage(str(SAMPLE))
+    d = img.GetDirection()
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {"0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": generate_uid(), "0008|0060": "CT",
+                "0008|0020": "20000101", "0008|0030": "000000", "0008|0050": "1", "0008|0070": "LIDC-IDRI",
+                "0010|0010": "LIDC-IDRI-0003", "0010|0020": "LIDC-IDRI-0003", "0010|0030": "", "0010|0040": "",
+                "0020|000d": study, "0020|000e": series, "0020|0052": frame, "0020|0010": "1", "0020|0011": "1",
+                "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in pos),
+                "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+                "0018|0050": f"{img.GetSpacing()[2]:.4f}", "0028|1052": "0", "0028|1053": "1"}
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(out / f"{k:04d}.dcm"))
+        writer.Execute(sl)
+    return out
+
+
 def _state(n=3) -> ReviewState:
     s = ReviewState()
     for i in range(1, n + 1):
@@ -90,8 +119,7 @@ def test_path_guard_refuses_traversal_and_links(tmp_path):
     assert g.check("new_export", must_exist=False) == (root / "new_export").resolve()
 
 
-@pytest.fixture(scope="module")
-def sample_result():
+def _sample_result(ct_path):
     """The sample's two four-reader nodules as an AnalysisResult (readers' masks, measured)."""
     import SimpleITK as sitk
 
@@ -99,7 +127,7 @@ def sample_result():
     from NoduleMTLLib.postprocess import measure_nodule
     from NoduleMTLLib.results import AnalysisResult, NetworkOutput, NoduleResult
 
-    ct = read_ct(SAMPLE)
+    ct = read_ct(ct_path)
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(LABELS)))
     nodules = []
     for fid, value in ((1, 2), (2, 3)):
@@ -111,6 +139,11 @@ def sample_result():
                                     **{k: m[k] for k in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu",
                                                          "solid_fraction", "type", "centroid_lps_mm")}))
     return ct, AnalysisResult(ct.describe(), {"networks": ["dsmtnet"]}, nodules)
+
+
+@pytest.fixture(scope="module")
+def sample_result():
+    return _sample_result(SAMPLE)
 
 
 def test_finding_row(sample_result):
@@ -163,3 +196,28 @@ def test_export_writes_only_accepted_and_never_overwrites(sample_result, tmp_pat
     assert (out / "nodules.json").read_bytes() == before
     write_review_outputs(res, {1: REJECTED, 2: ACCEPTED}, ct, out, overwrite=True, pictures=False)
     assert [r["id"] for r in csv.DictReader((out / "nodules.csv").open())] == ["2"]
+
+
+def test_export_from_dicom_writes_seg_and_sr_of_accepted_only(tmp_path):
+    hd = pytest.importorskip("highdicom")
+    import SimpleITK as sitk
+
+    from NoduleMTLLib.io import read_ct
+    from NoduleMTLReview.export import write_review_outputs
+
+    folder = write_sample_dicom(tmp_path / "dicom")
+    assert np.array_equal(sitk.GetArrayFromImage(read_ct(folder).image), sitk.GetArrayFromImage(read_ct(SAMPLE).image))
+    ct, res = _sample_result(folder)
+    assert ct.dicom_series_uid
+    out = tmp_path / "review"
+    names = {p.name for p in write_review_outputs(res, {1: REJECTED, 2: ACCEPTED}, ct, out, pictures=False)}
+    assert {"segmentation.dcm", "report.sr.dcm"} <= names
+    seg = hd.seg.segread(out / "segmentation.dcm")
+    assert seg.number_of_segments == 1
+    assert seg.SegmentSequence[0].SegmentLabel == "Nodule 2"
+    sr = hd.sr.srread(out / "report.sr.dcm")
+    groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 1
+    # nothing accepted: no SEG / SR at all
+    names = {p.name for p in write_review_outputs(res, {}, ct, tmp_path / "none", pictures=False)}
+    assert "segmentation.dcm" not in names and "report.sr.dcm" not in names
