@@ -65,6 +65,8 @@ log = logging.getLogger("nodulemtl.review")
 
 #: Window presets (window, level) in HU.
 WINDOW_PRESETS = {"lung": (1500.0, -600.0), "mediastinum": (400.0, 40.0)}
+#: Field of view (mm) of a slice view's shorter side when the views are centred on a finding or point.
+FOCUS_FOV_MM = 90.0
 #: Tools of the slice views.
 TOOLS = ("navigate", "click", "paint", "erase", "scissors")
 #: The layout: axial view large on the left, coronal and sagittal stacked on the right.
@@ -223,15 +225,19 @@ class ReviewApp(TrameApp):
         with html.Div(style="overflow-x: auto"), html.Table(classes="nm-table my-2", id="nm-findings"):
             with html.Thead():
                 with html.Tr():
-                    for title in ("Id", "Long × short (mm)", "Type", "Lung-RADS", "P(malignant)", "Signs",
-                                  "Disagreement", "Score", "Status"):
-                        html.Th(title)
+                    for title, tip in (("Id", "finding number"), ("Status", "accepted / rejected / undecided"),
+                                       ("Axes mm", "long × short axis (axial), mm"), ("Type", "solid / part-solid / ground-glass"),
+                                       ("Lung-RADS", "category, baseline rules"), ("P(mal.)", "reported P(malignant)"),
+                                       ("Signs", "signs with probability >= 0.5"),
+                                       ("Disagr.", "consensus disagreement between networks"), ("Score", "detection score")):
+                        html.Th(title, title=tip)
             with html.Tbody():
                 with html.Tr(v_for="f in findings", key="f.id", click="trigger('nodulemtl_select', [f.id])",
                              classes=("f.selected ? 'nm-sel' : ''",), __properties=[("data_id", "data-finding-id"),
                                                                                      ("data_status", "data-status")],
                              data_id=("f.id",), data_status=("f.status",)):
                     html.Td("{{ f.id }}")
+                    html.Td("{{ f.status }}", classes=("'nm-' + f.status",))
                     html.Td("{{ f.axes }}")
                     html.Td("{{ f.type }}")
                     html.Td("{{ f.lung_rads }}")
@@ -239,7 +245,6 @@ class ReviewApp(TrameApp):
                     html.Td("{{ f.signs }}")
                     html.Td("{{ f.disagreement }}")
                     html.Td("{{ f.detection_score === null ? '' : f.detection_score.toFixed(2) }}")
-                    html.Td("{{ f.status }}", classes=("'nm-' + f.status",))
         html.Div("{{ counts }}", classes="text-caption", id="nm-counts")
         with html.Div(classes="d-flex flex-row align-center my-1"):
             v3.VBtn("Accept (a)", click=(self.set_status, f"['{ACCEPTED}']"), disabled=("current === null",),
@@ -381,14 +386,23 @@ class ReviewApp(TrameApp):
                 "dimensions": list(node.GetDimensions())}
 
     def center_on(self, ras) -> None:
-        """Centre the three slice views on a point (R, A, S mm)."""
+        """Centre the three slice views on a point (R, A, S mm), zoomed so that the shorter side of
+        each view spans :data:`FOCUS_FOV_MM`."""
         r, a, s = (float(v) for v in ras)
         self._moved = True
         for v in self._slice_views():
             node = v.get_view_node()
             if node is not None:
+                w, h = (max(1, int(d)) for d in node.GetDimensions()[:2])
+                fov = node.GetFieldOfView()
+                k = FOCUS_FOV_MM / min(w, h)  # mm per pixel: the view's shorter side spans FOCUS_FOV_MM
+                node.SetFieldOfView(w * k, h * k, fov[2])
                 node.JumpSliceByCentering(r, a, s)
                 v.schedule_render()
+
+    def _render_all(self) -> None:
+        for v in self._slice_views():
+            v.schedule_render()
 
     def goto_from_page(self, *_):
         try:
@@ -613,6 +627,7 @@ class ReviewApp(TrameApp):
         finally:
             job.cleanup()
             self._refresh_table()
+            self._render_all()
             self._start_next()
 
     def _assess(self, nodule) -> None:

@@ -5,7 +5,8 @@ and drives the page as a reviewer would, on the sample CT (LIDC-IDRI-0003 crop, 
 
 1. go to the ~30 mm nodule, pick the click tool and click it in the axial view at the page
    position computed from the axial slice node's XY-to-RAS matrix (no hard-coded pixels);
-   its row appears, and its long axis is within 5 % of ``nodulemtl analyze`` at the same point;
+   its row appears, and its long axis is within 5 % of ``nodulemtl analyze`` at the same point
+   (run beside the server while it starts);
 2. click the ~13 mm nodule the same way;
 3. keyboard: ``p`` back to the first finding, ``a`` accepts it, ``n`` ``r`` rejects the second;
 4. erase part of the first outline with the erase effect (mouse clicks), re-classify: the volume drops;
@@ -60,6 +61,7 @@ def server(tmp_path_factory):
     from test_review_state import write_sample_dicom
 
     ct_folder = write_sample_dicom(work / "ct_dicom")  # the sample as a DICOM series: the export writes SEG and SR
+    reference = _start_reference(ct_folder, work)
     port = _free_port()
     log = (work / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "review", str(ct_folder), "--port", str(port),
@@ -77,8 +79,11 @@ def server(tmp_path_factory):
                     log.flush()
                     pytest.fail("review server did not start:\n" + (work / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
-        yield {"url": url, "work": work, "log": work / "server.log", "ct": ct_folder}
+        yield {"url": url, "work": work, "log": work / "server.log", "ct": ct_folder, "reference": reference}
     finally:
+        if reference[0].poll() is None:
+            reference[0].kill()
+            reference[0].wait()
         proc.terminate()
         try:
             proc.wait(timeout=20)
@@ -127,21 +132,28 @@ def _rows(page):
     return _state(page, "findings") or []
 
 
-def _reference_long_axis(ct, ras, tmp) -> float:
-    """Long axis (mm) from ``nodulemtl analyze`` at the same point with the app's default network."""
-    from NoduleMTLLib import cli
+def _start_reference(ct, tmp) -> tuple[subprocess.Popen, Path]:
+    """``nodulemtl analyze`` at the 30 mm nodule with the app's default network (runs beside the server)."""
     from NoduleMTLLib.registry import DEFAULT_NETWORK
 
     out = tmp / "reference"
-    rc = cli.main(["analyze", str(ct), "--point", *[repr(float(v)) for v in ras], "--networks", DEFAULT_NETWORK,
-                   "--device", "cpu", "--out", str(out), "--quiet", "--no-pictures"])
-    assert rc == 0
+    cmd = [sys.executable, "-m", "NoduleMTLLib.cli", "analyze", str(ct), "--point", *[repr(v) for v in NODULE_30MM_RAS],
+           "--networks", DEFAULT_NETWORK, "--device", "cpu", "--out", str(out), "--quiet", "--no-pictures"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
+
+
+def _reference_long_axis(server) -> float:
+    proc, out = server["reference"]
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
     [nodule] = json.loads((out / "nodules.json").read_text())["nodules"]
     return float(nodule["diameter_mm"])
 
 
 def test_review_in_chromium(server):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    lap = lambda what: print(f"{time.monotonic() - t0:6.1f} s  {what}")  # timings with pytest -s
     work = server["work"]
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -158,9 +170,13 @@ def test_review_in_chromium(server):
             rows = _wait(page, lambda: _rows(page) if len(_rows(page)) == 1 else None, "the first finding's row", 240)
             first = rows[0]
             assert page.locator("#nm-findings tbody tr").count() == 1
-            reference = _reference_long_axis(server["ct"], first["point_ras"], work)
+            lap("first finding")
+            # the click lands on the page position of NODULE_30MM_RAS: the same point within a pixel
+            assert np.linalg.norm(np.subtract(first["point_ras"][:2], NODULE_30MM_RAS[:2])) < 0.5, first["point_ras"]
+            reference = _reference_long_axis(server)
             assert abs(first["long_mm"] - reference) <= 0.05 * reference, (first["long_mm"], reference)
 
+            lap("first finding + reference")
             # 2. the ~13 mm nodule
             _go_to(page, NODULE_13MM_RAS)
             page.mouse.click(*_axial_page_position(page, NODULE_13MM_RAS))
@@ -168,6 +184,7 @@ def test_review_in_chromium(server):
             assert rows[1]["long_mm"] < rows[0]["long_mm"]
             page.screenshot(path=str(ARTIFACTS / "01_two_findings.png"))
 
+            lap("second finding")
             # 3. keyboard review (the page's focus must not be in a text field)
             page.locator("#nm-tool-navigate").click()
             page.locator("#nm-ct-name").click()
@@ -186,6 +203,7 @@ def test_review_in_chromium(server):
             page.screenshot(path=str(ARTIFACTS / "02_help.png"))
             page.keyboard.press("Escape")
 
+            lap("keyboard")
             # 4. erase part of the first outline, then re-classify
             page.locator("#nm-findings tbody tr").first.click()
             _wait(page, lambda: _state(page, "current") == 1, "finding 1 selected by its row")
@@ -205,6 +223,7 @@ def test_review_in_chromium(server):
             assert volume_after < volume_before, (volume_before, volume_after)
             page.screenshot(path=str(ARTIFACTS / "03_erased_reclassified.png"))
 
+            lap("erase + re-classify")
             # 5. export
             out = work / "export"
             page.locator("#nm-export-path").fill(str(out))
@@ -212,6 +231,7 @@ def test_review_in_chromium(server):
             _wait(page, lambda: _state(page, "exported"), "the export", 120)
             page.screenshot(path=str(ARTIFACTS / "04_exported.png"))
 
+            lap("export")
             # 6. safety: files outside the allowed folders and bad files give a message; the server keeps running
             (work / "not_a_ct.nrrd").write_bytes(b"NRRD0004\ntype: nonsense\n\n")
             for path, expected in (("/etc/passwd", "outside the folders"), ("../../etc/passwd", "outside the folders"),
