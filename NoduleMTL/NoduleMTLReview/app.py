@@ -548,10 +548,10 @@ class ReviewApp(TrameApp):
                                       worker=self.worker, masks=[req["mask"]], nodule_ids=[req["nodule_id"]])
             elif kind == "detect":
                 job = AnalysisProcess(str(self.ct_path), None, detect=True, networks=nets, device=self.device,
-                                      temp_root=self._tmp, worker=self.worker, extra_args=["--no-pictures"])
+                                      temp_root=self._tmp, worker=self.worker, options={"pictures": False})
             else:
                 job = AnalysisProcess(str(self.ct_path), meta["points"], networks=nets, device=self.device,
-                                      temp_root=self._tmp, worker=self.worker, extra_args=["--no-pictures"])
+                                      temp_root=self._tmp, worker=self.worker, options={"pictures": False})
             job.start()
         except Exception as e:  # noqa: BLE001 - a bad request must not stop the server
             self.state.error = f"Cannot start the {kind}: {e}"
