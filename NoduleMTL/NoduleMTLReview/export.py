@@ -24,9 +24,11 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
     NoduleMTL outputs unless ``overwrite``; staged beside the folder and moved in only when
     every file was written; one writer at a time):
 
-    * ``labels.nrrd``, ``segmentation.seg.nrrd``, ``nodules.csv``: accepted findings only;
+    * ``segmentation.seg.nrrd``, ``nodules.csv``: accepted findings only;
     * ``nodules.json``: every finding, each with ``review_status`` (accepted / rejected /
       undecided), and the counts under ``review``;
+    * ``labels.nrrd``: every finding (voxel value = finding id; the statuses are in
+      nodules.json), so that ``nodulemtl review --results`` reopens the whole review;
     * ``report.html`` (+ ``pictures/``): accepted findings only, Lung-RADS / Brock recomputed
       on the current masks (:func:`NoduleMTLLib.assessment.annotate_result`);
     * ``segmentation.dcm`` (DICOM SEG) and ``report.sr.dcm`` (DICOM SR TID 1500): accepted
@@ -49,6 +51,8 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
             cannot be written (nothing is changed then).
         ValueError: an unknown status.
     """
+    import SimpleITK as sitk
+
     from NoduleMTLLib.assessment import annotate_result, patient_for
     from NoduleMTLLib.outputs import write_output_files
     from NoduleMTLLib.reporting import write_report_files
@@ -63,6 +67,9 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
         try:
             write_output_files(accepted, ct, stage)
             (stage / "nodules.json").write_text(json.dumps(everything, indent=2, default=str) + "\n")
+            labels = sitk.GetImageFromArray(result.label_array(ct.shape_zyx))  # every finding: the review reopens
+            labels.CopyInformation(ct.image)
+            sitk.WriteImage(labels, str(stage / "labels.nrrd"), True)
         except OSError as e:
             raise OutputError(f"Cannot write outputs to {out_dir}: {e.strerror or e}") from None
         if dicom:

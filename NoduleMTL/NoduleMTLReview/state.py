@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Review statuses.  Export: SEG, SR, report.html, labels and nodules.csv hold only
-#: ``accepted`` findings; nodules.json keeps every finding with its status.
+#: Review statuses.  Export: SEG, SR, report.html, seg.nrrd and nodules.csv hold only
+#: ``accepted`` findings; nodules.json and labels.nrrd keep every finding (statuses in nodules.json).
 UNDECIDED, ACCEPTED, REJECTED = "undecided", "accepted", "rejected"
 STATUSES = (UNDECIDED, ACCEPTED, REJECTED)
 
@@ -224,7 +224,7 @@ def export_selection(result, statuses: dict[int, str]):
 
     Returns:
         ``(accepted_result, all_dict)``: a shallow copy of ``result`` holding only the accepted
-        nodules (for SEG, SR, report, labels and CSV), and the ``nodules.json`` dict of every
+        nodules (for SEG, SR, report, seg.nrrd and CSV), and the ``nodules.json`` dict of every
         nodule, each with ``"review_status"``.
 
     Raises:

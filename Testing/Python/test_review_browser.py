@@ -10,8 +10,10 @@ and drives the page as a reviewer would, on the sample CT (LIDC-IDRI-0003 crop, 
 2. click the ~13 mm nodule the same way;
 3. keyboard: ``p`` back to the first finding, ``a`` accepts it, ``n`` ``r`` rejects the second;
 4. erase part of the first outline with the erase effect (mouse clicks), re-classify: the volume drops;
-5. export: the DICOM SEG and SR, the seg.nrrd, labels, CSV and report hold only the accepted
-   finding; nodules.json holds both with their statuses.
+5. export: the DICOM SEG and SR, the seg.nrrd, CSV and report hold only the accepted
+   finding; nodules.json holds both with their statuses, labels.nrrd both (to reopen the review);
+6. a file outside the allowed folders and a bad file give a message in the page, the server goes on;
+7. Find nodules shows a progress bar and is cancelled.
 
 The CT is the sample written as a CT DICOM series (voxel-identical, ``test_review_state.write_sample_dicom``)
 so that the export's DICOM SEG / SR are exercised on a clean clone.
@@ -245,6 +247,14 @@ def test_review_in_chromium(server):
                 assert expected in (_state(page, "error") or ""), (path, _state(page, "error"))
                 assert page.locator("#nm-error").is_visible()
             assert len(_rows(page)) == 2 and _state(page, "ct_name").startswith("ct_dicom")  # still the open CT
+
+            # 7. Find nodules shows its progress and can be cancelled
+            page.evaluate("window.trame.state.set('error', '')")
+            page.locator("#nm-find").click()
+            _wait(page, lambda: _state(page, "busy") and page.locator("#nm-progress").is_visible(), "Find nodules to run", 60)
+            page.locator("#nm-cancel").click()
+            _wait(page, lambda: not _state(page, "busy") and _state(page, "message") == "Cancelled", "the cancel", 60)
+            assert len(_rows(page)) == 2
         finally:
             browser.close()
 
@@ -258,8 +268,8 @@ def test_review_in_chromium(server):
 
     seg = slicerio.read_segmentation(str(out / "segmentation.seg.nrrd"))
     assert [s["name"] for s in seg["segments"]] == ["Nodule 1"]
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
-    assert set(np.unique(labels).tolist()) == {0, 1}
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))  # every finding (reopens the review)
+    assert set(np.unique(labels).tolist()) == {0, 1, 2}
     report = (out / "report.html").read_text()
     assert "Nodule 1" in report and "Nodule 2" not in report
     import highdicom as hd

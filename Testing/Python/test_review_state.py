@@ -186,8 +186,11 @@ def test_export_writes_only_accepted_and_never_overwrites(sample_result, tmp_pat
     assert len(seg["segments"]) == 1
     import SimpleITK as sitk
 
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
-    assert set(np.unique(labels)) == {0, 1} and (labels == 1).sum() == res.nodules[0].mask.sum()
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))  # every finding: the review reopens
+    assert set(np.unique(labels)) == {0, 1, 2} and (labels == 1).sum() == res.nodules[0].mask.sum()
+    from NoduleMTLLib.outputs import read_outputs
+
+    assert [n.id for n in read_outputs(out).nodules] == [1, 2]
     html = (out / "report.html").read_text()
     assert "Nodule 1" in html and "Nodule 2" not in html
     before = (out / "nodules.json").read_bytes()
