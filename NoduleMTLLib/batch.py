@@ -2,6 +2,7 @@
 
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
                     [--networks dsmtnet] [--device auto] [--overwrite] [--quiet]
+                    [--workers N | --scheduler tcp://HOST:8786]
 
 Cases
     * INPUT is a folder: every CT file in it or below it (``.nrrd``, ``.nii``, ``.nii.gz``,
@@ -40,6 +41,11 @@ Outputs
     ``done-before`` (the case folder already held all four outputs; recomputed only with
     ``--overwrite``); while the run goes on, cases not reached yet are listed as ``pending``.
     A failed case never stops the run.
+
+Cluster
+    ``--workers N`` (N > 1) or ``--scheduler ADDRESS`` runs each case as one Dask task on a local or
+    remote cluster, with the same outputs, summary and resume rule (:mod:`NoduleMTLLib.cluster`,
+    ``docs/cluster.md``).  Progress: a bar over cases and one status line per finished case.
 
 Exit code: 0 when no case failed, 1 when at least one failed or the run could not start
 (unwritable output folder, bad points CSV, missing weights, unavailable device), 2 usage.
@@ -366,14 +372,12 @@ class BatchRun:
         self.network_ids = tuple(self.network_ids) or DEFAULT_NETWORKS
         self._models = ModelCache(detector=self._detector_model)
 
-    def run_case(self, case: Case) -> CaseResult:
-        """Analyse one case; input problems become a ``failed`` result, weights/device errors propagate."""
-        from .analysis import analyze, detector_status
-        from .device import DeviceError
-        from .io import InputError, read_ct
-        from .outputs import OutputError, write_output_files
-        from .registry import WeightsError
-        from .safe_output import OutputSet, case_dir
+    def precheck(self, case: Case) -> CaseResult | None:
+        """The result of a case that needs no analysis, else None: ``failed`` when its name gives no
+        folder inside the output folder, ``done-before`` when the folder holds all four outputs and
+        not ``overwrite`` (the resume rule; counts read back from nodules.json)."""
+        from .outputs import OutputError
+        from .safe_output import case_dir
 
         base = CaseResult(case.name, case.listed or str(case.path), "")
         try:
@@ -389,6 +393,22 @@ class BatchRun:
             except (OSError, ValueError, KeyError, TypeError):
                 pass
             return base
+        return None
+
+    def run_case(self, case: Case) -> CaseResult:
+        """Analyse one case; input problems become a ``failed`` result, weights/device errors propagate."""
+        from .analysis import analyze, detector_status
+        from .device import DeviceError
+        from .io import InputError, read_ct
+        from .outputs import OutputError, write_output_files
+        from .registry import WeightsError
+        from .safe_output import OutputSet, case_dir
+
+        pre = self.precheck(case)
+        if pre is not None:
+            return pre
+        base = CaseResult(case.name, case.listed or str(case.path), "")
+        folder = case_dir(self.out_dir, case.name)
         t0 = time.perf_counter()
         pts = points_for(case, self.points)
         try:
@@ -479,13 +499,17 @@ def main(args) -> int:
         run = BatchRun(cases, out, points, nets, args.device, args.overwrite, dicom_seg=bool(args.dicom_seg),
                        threshold=args.threshold, report_options=args)
         bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)
+        from . import cluster
 
         def on_case(i, case, r):
             bar.set_postfix_str(f"{case.name}: {r.status}")
             bar.update(1)
+            if not args.quiet:
+                bar.write(cluster.status_line(r), file=sys.stderr)
 
-        try:
-            results = run.run(on_case)
+        try:  # --workers N / --scheduler: each case a Dask task (NoduleMTLLib.cluster)
+            results = cluster.main(run, args, on_case, say=lambda m: bar.write(m, file=sys.stderr)) \
+                if cluster.wanted(args) else run.run(on_case)
         finally:
             bar.close()
     except (BatchError, OutputError, WeightsError, DeviceError) as e:

@@ -6,6 +6,7 @@
                          [--device auto|cpu|cuda] --out DIR
     nodulemtl batch INPUT_DIR_OR_LIST --out DIR [--points POINTS_CSV] [--lps]
                     [--networks dsmtnet] [--device auto] [--overwrite]
+                    [--workers N | --scheduler tcp://HOST:8786]
     nodulemtl pacs --url URL (--study UID ... | --since YYYY-MM-DD) [--points CSV] [--detect] --out DIR [--store]
     nodulemtl reclassify CT --mask MASK [--mask ...] [--id N ...] [--point X Y Z ...]
                          [--networks dsmtnet] [--device auto] --out DIR
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dicom-seg", action="store_true",
                    help="also write <case>/segmentation.dcm (DICOM SEG) for cases that are DICOM series folders")
     reporting.add_arguments(b, batch=True)
+    from . import cluster
+    cluster.add_arguments(b)  # --workers N / --scheduler ADDRESS (Dask)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     from . import pacs
     pacs.add_parser(sub)
