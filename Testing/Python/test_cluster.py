@@ -284,3 +284,7 @@ def test_scheduler_worker_killed_then_client_killed_and_rerun(inputs, reference,
     lines = second.stderr.splitlines()  # the bar's redraws end in "\r": their own lines
     assert sum(ln.startswith("corrupt: failed: Cannot read") for ln in lines) == 2  # status line + end-of-run list
     assert not any(k.startswith("nodulemtl-case") for k in map(str, client.processing().get(survivor, [])))
+    # the worker process kept its networks loaded between cases (its module-level ModelCache)
+    loaded = client.run(lambda: sorted(__import__("NoduleMTLLib.cluster", fromlist=["_models"])._models._networks),
+                        workers=[survivor])[survivor]
+    assert loaded == [("dsmtnet", "cpu")]
