@@ -324,8 +324,7 @@ class ReviewApp(TrameApp):
         self._on_preset(self.state.preset)
         self.state.ct_name = f"{Path(path).name}  ({' × '.join(str(v) for v in ct.image.GetSize())} voxels)"
         self.state.export_path = str(self._default_export_dir())
-        self.warmed = False
-        self._maybe_warm_up()
+        self._maybe_warm_up()  # once per worker: the loaded network serves every CT
 
     def _default_export_dir(self) -> Path:
         root = self.guard.roots[0] if self.guard.roots else Path.cwd()
@@ -573,7 +572,9 @@ class ReviewApp(TrameApp):
             self.state.busy = False
             self.state.message = "Cancelled"
             self.warmed = False
-            self.state.worker_text = "Worker: stopped by the cancel (restarts with the next run)"
+            self.state.worker_ready = False
+            self.state.worker_text = "Worker: stopped by the cancel"
+            self._maybe_warm_up()  # a new worker, warmed again in the background
 
     def _poll(self):
         job = self.job
