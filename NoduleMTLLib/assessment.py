@@ -3,6 +3,7 @@ per-scan Lung-RADS category.
 
 :func:`annotate_result` is called once per analysed CT, before the outputs are written
 (``nodulemtl analyze`` / ``batch``, the Slicer module's in-process run): it sets
+``nodule.type`` (:func:`NoduleMTLLib.lung_rads.classify_nodule`: the measured classifier),
 ``nodule.lung_rads`` (:func:`NoduleMTLLib.lung_rads.assess_nodule`) and ``nodule.brock``
 (:func:`NoduleMTLLib.brock.assess_nodule`) on every found nodule and
 ``result.run["lung_rads"]`` (:func:`NoduleMTLLib.lung_rads.scan_category`) and
@@ -71,7 +72,10 @@ def annotate_result(result, ct, patient: brock.PatientInfo | None = None) -> Non
     found_ids = {id(n) for n in found}
     for n in result.nodules:
         ok = id(n) in found_ids
-        n.lung_rads = lung_rads.assess_nodule(n, ct) if ok else None
+        typ = lung_rads.classify_nodule(n, ct) if ok else None
+        if typ is not None:  # the measured classifier's type replaces the HU rule's everywhere
+            n.type = typ["type"]
+        n.lung_rads = lung_rads.assess_nodule(n, ct, typ) if ok else None
         n.brock = brock.assess_nodule(n, patient, max(1, len(found)), locations.get(n.id), count_note) if ok else None
     result.run["lung_rads"] = lung_rads.scan_category([(n.id, n.lung_rads) for n in result.nodules])
     result.run["patient"] = patient.to_dict()

@@ -32,7 +32,8 @@ Progress = Callable[[float, str], None]
 #: when the nodule touches the patch border, so masses larger than the 77 mm field of
 #: view are not clipped (up to 307 mm).
 ZOOMS = (1.0, 2.0, 4.0)
-#: Probability threshold of the segmentation.
+#: Probability threshold of the segmentation (a network's measured threshold in clinical.json replaces it:
+#: ``NoduleMTLLib.lung_rads.mask_threshold``).
 THRESHOLD = 0.5
 #: How far (mm) from the click the nearest segmented component may lie.
 MAX_CLICK_DISTANCE_MM = 5.0
@@ -79,12 +80,16 @@ class Click2DNetwork:
 
     #: class default, so subclasses that skip ``__init__`` (``refine._PatchNetwork``) run without TTA
     tta: bool = False
+    #: probability threshold of the mask (:data:`THRESHOLD` unless a measured per-network value is set)
+    threshold: float = THRESHOLD
 
     def __init__(self, network_id: str, model: torch.nn.Module, device: torch.device, batch: int = 32,
                  tta: bool = False):
         spec = NETWORKS[network_id].input_spec
         self.network_id, self.model, self.device, self.batch, self.tta = network_id, model, device, batch, tta
         self.size, self.spacing = int(spec["size_px"]), float(spec["spacing_mm"])
+        from .lung_rads import mask_threshold
+        self.threshold = mask_threshold(network_id, THRESHOLD)  # measured per network (clinical.json), else 0.5
 
     def grid(self, ct: CTVolume, point_lps, zoom: float) -> PatchGrid:
         sxy = self.spacing * zoom
@@ -117,12 +122,13 @@ class Click2DNetwork:
             probs.append(pr.cpu()); logits.append(lg.cpu())
         return torch.cat(probs).numpy(), torch.cat(logits).numpy()
 
-    def run_patch(self, hu_zyx: np.ndarray, first_half_width: int = 4, step: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    def run_patch(self, hu_zyx: np.ndarray, first_half_width: int = 4, step: int = 8,
+                  threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run the network on the slices of an HU patch, from the middle slice outwards.
 
         Starts with the middle 2 * ``first_half_width`` + 1 slices and extends a side by
         ``step`` slices only while that side's outermost computed slice holds any pixel
-        above the threshold.  A connected component through the middle slice cannot
+        above ``threshold`` (None: :attr:`threshold`).  A connected component through the middle slice cannot
         continue past a slice with no positive pixel, so the component at the click is the
         same as with every slice computed, at a fraction of the cost for small nodules.
 
@@ -130,6 +136,7 @@ class Click2DNetwork:
             (prob (z, y, x) float32, zeros on slices not computed; slice logits (z, 1 + n_signs)
             float32 - malignancy then :attr:`sign_names` - NaN on slices not computed).
         """
+        t = self.threshold if threshold is None else float(threshold)
         nz = len(hu_zyx)
         c = nz // 2
         prob = np.zeros(hu_zyx.shape, np.float32)
@@ -138,10 +145,10 @@ class Click2DNetwork:
         prob[lo:hi], logits[lo:hi] = self._run(hu_zyx[lo:hi])
         while True:
             grew = False
-            if lo > 0 and (prob[lo] > THRESHOLD).any():
+            if lo > 0 and (prob[lo] > t).any():
                 new = max(0, lo - step)
                 prob[new:lo], logits[new:lo] = self._run(hu_zyx[new:lo]); lo = new; grew = True
-            if hi < nz and (prob[hi - 1] > THRESHOLD).any():
+            if hi < nz and (prob[hi - 1] > t).any():
                 new = min(nz, hi + step)
                 prob[hi:new], logits[hi:new] = self._run(hu_zyx[hi:new]); hi = new; grew = True
             if not grew:
@@ -170,7 +177,7 @@ class Click2DNetwork:
             g = self.grid(ct, point_lps, zoom)
             prob, logits = self.run_patch(extract_patch(ct, g))
             center = tuple((n - 1) / 2 for n in g.size_xyz[::-1])
-            comp = component_near(prob > THRESHOLD, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
+            comp = component_near(prob > self.threshold, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
             if not comp.any():
                 # Inside a large solid mass the small field of view shows no edge to segment:
                 # zoom out while the click lies in soft tissue.
@@ -195,7 +202,7 @@ class Click2DNetwork:
             lo = [min(s_.start, v) for s_, v in zip(sl, seed)]
             hi = [max(s_.stop, v + 1) for s_, v in zip(sl, seed)]
             sub = np.zeros([b - a for a, b in zip(lo, hi)], bool)
-            sub[tuple(slice(s_.start - a, s_.stop - a) for s_, a in zip(sl, lo))] = region > THRESHOLD
+            sub[tuple(slice(s_.start - a, s_.stop - a) for s_, a in zip(sl, lo))] = region > self.threshold
             sub = component_near(sub, [v - a for v, a in zip(seed, lo)], ct.spacing[::-1],
                                  MAX_CLICK_DISTANCE_MM + max(ct.spacing))
             box = MaskBox.from_full(sub)  # tight box inside the region (None when empty)
@@ -320,7 +327,9 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
         nodules.append(res)
     progress(1.0, "done")
     run = {"software": f"NoduleMTL {__version__}", "networks": list(network_ids), "device": str(dev),
-           "threshold": THRESHOLD, "reported_mask": mask if mask == "consensus" else f"first ({network_ids[0]})",
+           "threshold": models[network_ids[0]].threshold,
+           "mask_thresholds": {nid: net.threshold for nid, net in models.items()},
+           "reported_mask": mask if mask == "consensus" else f"first ({network_ids[0]})",
            "timing_s": {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
            "torch": torch.__version__}
     if tta:

@@ -129,8 +129,9 @@ def main(argv=None) -> int:
     t.add_argument("--max-minutes", type=float, default=None, help="detectors: override the config's time box")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="detectors: training device (default auto: CUDA with mixed precision when a GPU is present)")
-    e = sub.add_parser("evaluate", help="evaluate weights on a split; writes a JSON report")
-    e.add_argument("network", choices=ids)
+    e = sub.add_parser("evaluate", help="evaluate weights on a split; writes a JSON report "
+                                        "('lung-rads': Lung-RADS agreement of the default click path, training/lung_rads_eval.py)")
+    e.add_argument("network", choices=[*ids, "lung-rads"])
     e.add_argument("--weights", type=Path, default=None, help="checkpoint (.pt) or shipped .safetensors (default: shipped)")
     e.add_argument("--split", choices=["val", "test"], default="val")
     e.add_argument("--data", type=Path, default=None)
@@ -239,6 +240,10 @@ def main(argv=None) -> int:
         from training import click2d
         from training.data import load_slice_nodules, load_split
         torch.set_num_threads(2)
+        if a.network == "lung-rads":
+            from training import lung_rads_eval
+            lung_rads_eval.run(a.split, a.data, a.out)
+            return 0
         if a.whole_ct:
             if a.network not in detectors:
                 ap.error(f"--whole-ct is for the whole-scan detectors ({', '.join(detectors)})")

@@ -1,0 +1,443 @@
+"""Measured clinical rules of the click path (issue 22): mask threshold (size), nodule type,
+benign calcification, from the DSMT-Net cache of ``training.clinical_cache``.
+
+    python -m training.clinical table --threshold T     # per-VOI features at mask threshold T (cache)
+    python -m training.clinical fit [--write]           # choose on train + val, report test once
+
+Everything is chosen on **training + validation patients** (their ``lidc_vois`` VOIs, 3D HU
+click path at the labelled centre); the test patients are scored once with the chosen rules.
+DSMT-Net was trained on the training patients: its heads are in-sample there, so the type
+classifier is *fitted* on training patients and *chosen* (feature set, threshold) on
+validation patients, whose outputs the network never saw.
+
+References (per VOI, from ``lidc_vois/labels.csv`` and the consensus mask):
+
+* type from the median LIDC texture rating: <= 2 ground-glass, 3 part-solid, >= 4 solid
+  ("subsolid" = texture <= 3);
+* benign calcification from the LIDC calcification rating: 1 popcorn, 2 laminated, 3 solid,
+  5 central (Lung-RADS v2022 benign patterns); 4 non-central and 6 absent are not benign;
+* long / short axis and Lung-RADS mean diameter of the readers' consensus mask with the same
+  function as the product (``NoduleMTLLib.postprocess.axial_diameters``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from training.clinical_cache import cache_dir, replay, voi_rows
+from training.data import REPO
+
+REPORT_DIR = REPO / "training" / "reports" / "clinical"
+WEIGHTS_FILE = REPO / "Resources" / "Weights" / "clinical.json"
+BENIGN_CALCIFICATION = (1, 2, 3, 5)
+HU_PERCENTILES = (10, 25, 50, 75, 90)
+
+
+def texture_class(texture: float) -> str:
+    """LIDC texture rating -> "ground-glass" (<= 2), "part-solid" (3), "solid" (>= 4)."""
+    t = float(texture)
+    return "ground-glass" if t <= 2 else ("solid" if t >= 4 else "part-solid")
+
+
+def mask_features(mask: np.ndarray, ct) -> dict:
+    """HU and size features of one mask (see :func:`NoduleMTLLib.lung_rads.type_features`)."""
+    from NoduleMTLLib import lung_rads
+
+    return lung_rads.mask_measurements(mask, ct)
+
+
+def table_row(row: dict, threshold: float) -> dict:
+    from NoduleMTLLib.metrics import dice
+
+    npz = np.load(cache_dir() / f"{row['patient_id']}_{row['nodule_id']}.npz")
+    out, ct = replay(row, threshold, npz)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(row["mask_path"])) > 0
+    rec = {"patient_id": row["patient_id"], "nodule_id": row["nodule_id"], "split": row["split"],
+           "texture": float(row["Texture_value"]), "calcification_rating": int(float(row["Calcification_value"])),
+           "malignancy_median": float(row["Malignancy_value"]), "found": out.mask is not None,
+           "probability": None if out.mask is None else float(out.malignancy_probability),
+           "signs": out.sign_probabilities, "ref": mask_features(ref, ct)}
+    if out.mask is not None:
+        rec["pred"] = mask_features(out.mask, ct)
+        rec["dice"] = float(dice(out.mask, ref))
+    else:
+        rec["pred"], rec["dice"] = None, 0.0
+    return rec
+
+
+def table_path(threshold: float, splits=("train", "val", "test")) -> Path:
+    return cache_dir().parent / "clinical_tables" / f"table_t{threshold:.2f}_{'_'.join(splits)}.json"
+
+
+def build_table(threshold: float, splits=("train", "val", "test"), log=print) -> list[dict]:
+    rows = [r for r in voi_rows(tuple(splits)) if (cache_dir() / f"{r['patient_id']}_{r['nodule_id']}.npz").is_file()]
+    out = []
+    for i, r in enumerate(rows):
+        out.append(table_row(r, threshold))
+        if log and i % 100 == 0:
+            log(f"t={threshold}: {i + 1}/{len(rows)}")
+    p = table_path(threshold, splits)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(out))
+    return out
+
+
+def load_table(threshold: float, splits=("train", "val", "test")) -> list[dict]:
+    p = table_path(threshold, splits)
+    if not p.is_file():
+        return build_table(threshold, splits)
+    return json.loads(p.read_text())
+
+
+# --- studies --------------------------------------------------------------------------------
+THRESHOLDS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
+#: Largest drop of the validation Dice median (from the 0.5 threshold's) a size correction may cost.
+DICE_TOLERANCE = 0.005
+#: Candidate feature sets of the type classifier (names of NoduleMTLLib.lung_rads.type_features).
+TYPE_FEATURE_SETS = {
+    "head": ["logit_subsolid"],
+    "hu": ["frac_ge_-300", "frac_ge_-100", "mean_hu", "hu_p10", "hu_p25", "hu_p50", "hu_p75", "hu_p90", "solid_ratio"],
+    "head+hu": ["logit_subsolid", "frac_ge_-300", "frac_ge_-100", "mean_hu", "hu_p10", "hu_p25", "hu_p50", "hu_p75",
+                "hu_p90", "solid_ratio"],
+    "head+hu_small": ["logit_subsolid", "frac_ge_-300", "mean_hu", "hu_p50", "solid_ratio"],
+}
+L2_GRID = (0.01, 0.1, 1.0)
+
+
+def _split(tab, *names):
+    return [r for r in tab if r["split"] in names]
+
+
+def size_figures(tab: list[dict]) -> dict:
+    """Long-axis / mean-diameter ratios of the found nodules' masks to the readers' consensus masks, and Dice."""
+    f = [r for r in tab if r["found"] and r["ref"].get("n_voxels")]
+    la = np.array([r["pred"]["long_axis_mm"] / r["ref"]["long_axis_mm"] for r in f])
+    md = np.array([r["pred"]["mean_diameter_mm"] / max(r["ref"]["mean_diameter_mm"], 0.1) for r in f])
+    d = np.array([r["dice"] for r in tab])
+    return {"n": len(tab), "found": len(f), "long_axis_ratio_median": float(np.median(la)),
+            "long_axis_within_15pct": float(np.mean(np.abs(la - 1) <= 0.15)),
+            "mean_diameter_ratio_median": float(np.median(md)),
+            "mean_diameter_within_15pct": float(np.mean(np.abs(md - 1) <= 0.15)),
+            "dice_mean": float(d.mean()), "dice_median": float(np.median(d))}
+
+
+def dilate_inplane(mask: np.ndarray, spacing_yx_mm, radius_mm: float) -> np.ndarray:
+    """Dilate a 3D mask slice by slice (axial plane only) by a disk of ``radius_mm``.
+
+    The footprint holds the pixels whose centre lies within ``radius_mm`` (+1e-6) of the centre
+    pixel, with the in-plane ``spacing_yx_mm`` (so 0.75 mm on a 0.7 mm grid is the 4-neighbour
+    cross).  Used as the measured correction of the click networks' under-segmentation against
+    the LIDC readers' outlines, rejected by measurement (it lowers the Dice).  Pixels pushed past
+    the array's edge are lost (pad the array first if that matters).
+
+    Args:
+        mask: bool (z, y, x); spacing_yx_mm: (dy, dx) mm; radius_mm: >= 0 (0 returns a copy).
+    Returns: bool (z, y, x), same shape.
+    """
+    m = np.asarray(mask, bool)
+    if radius_mm <= 0 or not m.any():
+        return m.copy()
+    dy, dx = float(spacing_yx_mm[0]), float(spacing_yx_mm[1])
+    ry, rx = int(radius_mm // dy), int(radius_mm // dx)
+    yy, xx = np.mgrid[-ry:ry + 1, -rx:rx + 1]
+    fp = ((yy * dy) ** 2 + (xx * dx) ** 2) <= radius_mm ** 2 + 1e-6
+    return ndimage.binary_dilation(m, structure=fp[None])
+
+
+DILATIONS_MM = (0.0, 0.75, 1.0, 1.5)
+SIZE_THRESHOLDS = (0.5, 0.4, 0.3)
+
+
+def size_study(split: str = "val", thresholds=SIZE_THRESHOLDS, dilations=DILATIONS_MM, log=print) -> dict:
+    """Long-axis ratio to the readers' masks and Dice for every (mask threshold, in-plane dilation),
+    on one split's cached VOIs (the click path replayed, the dilation applied as in the product)."""
+    from NoduleMTLLib.metrics import dice
+    from NoduleMTLLib.postprocess import axial_diameters
+
+    rows = [r for r in voi_rows((split,)) if (cache_dir() / f"{r['patient_id']}_{r['nodule_id']}.npz").is_file()]
+    acc = {(t, d): {"ratio": [], "dice": []} for t in thresholds for d in dilations}
+    for i, r in enumerate(rows):
+        npz = np.load(cache_dir() / f"{r['patient_id']}_{r['nodule_id']}.npz")
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(r["mask_path"])) > 0
+        ct = None
+        ref_long = None
+        for t in thresholds:
+            out, ct = replay(r, t, npz, ct)
+            if ref_long is None:
+                ref_long = axial_diameters(ref, ct)[0]
+            for d in dilations:
+                if out.mask is None:
+                    acc[(t, d)]["dice"].append(0.0)
+                    continue
+                m = dilate_inplane(out.mask, (ct.spacing[1], ct.spacing[0]), d)
+                acc[(t, d)]["ratio"].append(axial_diameters(m, ct)[0] / ref_long)
+                acc[(t, d)]["dice"].append(float(dice(m, ref)))
+        if log and i % 25 == 0:
+            log(f"size study {split}: {i + 1}/{len(rows)}")
+    out = {}
+    for (t, d), v in acc.items():
+        ra, di = np.array(v["ratio"]), np.array(v["dice"])
+        out[f"{t:.2f}/{d:.2f}"] = {"threshold": t, "dilation_mm": d, "n": len(di), "long_axis_ratio_median": float(np.median(ra)),
+                                   "long_axis_within_15pct": float(np.mean(np.abs(ra - 1) <= 0.15)),
+                                   "dice_mean": float(di.mean()), "dice_median": float(np.median(di))}
+    return out
+
+
+def choose_size_correction(study: dict) -> dict:
+    """On validation figures: the (threshold, dilation) whose long-axis ratio median is closest to 1,
+    among those whose Dice median is not below the uncorrected (0.5, 0 mm) one's minus
+    :data:`DICE_TOLERANCE` (ties: more within 15 %)."""
+    base = study["0.50/0.00"]["dice_median"]
+    ok = [v for v in study.values() if v["dice_median"] >= base - DICE_TOLERANCE]
+    return min(ok, key=lambda v: (round(abs(v["long_axis_ratio_median"] - 1), 3), -v["long_axis_within_15pct"]))
+
+
+def choose_threshold(tables: dict[float, list[dict]]) -> tuple[float, dict]:
+    """The mask threshold whose **validation** long-axis ratio median is closest to 1 without lowering
+    the validation Dice median by more than :data:`DICE_TOLERANCE` from the 0.5 threshold's (ties: the
+    higher threshold).  Validation patients only: on training patients the network's masks are
+    in-sample (less biased).  Thresholds below the cache's slice-extension threshold are not studied."""
+    fig = {t: {"val": size_figures(_split(tab, "val"))} for t, tab in tables.items()}
+    base = fig[0.5]["val"]["dice_median"]
+    ok = [t for t in tables if fig[t]["val"]["dice_median"] >= base - DICE_TOLERANCE]
+    best = min(ok, key=lambda t: (abs(fig[t]["val"]["long_axis_ratio_median"] - 1), -t))
+    return best, fig
+
+
+def _xy(recs, feats, meas="pred"):
+    from NoduleMTLLib.lung_rads import type_features
+
+    X = np.array([[type_features(r[meas], r["signs"])[k] for k in feats] for r in recs], float)
+    return X
+
+
+def _fit_stack(X, y, feats, l2):
+    from NoduleMTLLib.calibration import LinearStack
+    from training.calibration import fit_logistic
+
+    mu, sd = X.mean(0), X.std(0)
+    sd[sd <= 1e-9] = 1.0
+    w, c = fit_logistic((X - mu) / sd, y, l2)
+    return LinearStack(tuple(feats), tuple(float(v) for v in mu), tuple(float(v) for v in sd),
+                       tuple(float(v) for v in w), float(c))
+
+
+def _balanced(y, yhat) -> float:
+    y, yhat = np.asarray(y, bool), np.asarray(yhat, bool)
+    return float((np.mean(yhat[y]) + np.mean(~yhat[~y])) / 2)
+
+
+def _grouped_oof(recs, feats, y, l2, k=5, seed=0):
+    groups = np.array([r["patient_id"] for r in recs])
+    ug = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    fold = dict(zip(ug[rng.permutation(len(ug))], np.arange(len(ug)) % k))
+    fid = np.array([fold[g] for g in groups])
+    X = _xy(recs, feats)
+    p = np.empty(len(y))
+    for f in range(k):
+        te, tr = fid == f, fid != f
+        if len(np.unique(y[tr])) < 2:
+            p[te] = y[tr].mean()
+            continue
+        p[te] = _fit_stack(X[tr], y[tr], feats, l2)(X[te])
+    return p
+
+
+def fit_type(tab: list[dict], sets: tuple[str, ...] = tuple(TYPE_FEATURE_SETS)) -> dict:
+    """Two-stage nodule-type classifier (module docstring): P(subsolid) fitted on training patients,
+    feature set / L2 / decision threshold chosen on validation patients by balanced accuracy against
+    the HU rule; P(ground-glass | subsolid) chosen by patient-grouped 5-fold CV over training +
+    validation subsolid nodules (too few in validation alone: 13) and fitted on all of them."""
+    from NoduleMTLLib.metrics import roc_auc
+    from NoduleMTLLib.postprocess import nodule_type
+
+    tr = [r for r in _split(tab, "train") if r["found"]]
+    va = [r for r in _split(tab, "val") if r["found"]]
+    ytr = np.array([texture_class(r["texture"]) != "solid" for r in tr], float)
+    yva = np.array([texture_class(r["texture"]) != "solid" for r in va], float)
+    hu_rule_va = np.array([nodule_type(r["pred"]["frac_ge_-300"]) != "solid" for r in va])
+    cands = []
+    for name, feats in ((k, TYPE_FEATURE_SETS[k]) for k in sets):
+        for l2 in L2_GRID:
+            m = _fit_stack(_xy(tr, feats), ytr, feats, l2)
+            pv = m(_xy(va, feats))
+            ths = np.unique(np.round(pv, 3))
+            best = max((float(_balanced(yva, pv >= t)), -abs(t - 0.5), float(t)) for t in ths)
+            cands.append({"features": name, "l2": l2, "val_auc": roc_auc(yva, pv), "val_balanced_accuracy": best[0],
+                          "threshold": best[2], "model": m})
+    top = max(cands, key=lambda c: (c["val_balanced_accuracy"], c["val_auc"]))
+    stage1 = {"features": top["features"], "l2": top["l2"], "threshold": top["threshold"],
+              "val_auc": top["val_auc"], "val_balanced_accuracy": top["val_balanced_accuracy"],
+              "hu_rule_val_balanced_accuracy": _balanced(yva, hu_rule_va),
+              "candidates": [{k: v for k, v in c.items() if k != "model"} for c in cands]}
+    # stage 2: ground-glass vs part-solid among subsolid (reference) nodules of train + val
+    sub = [r for r in tr + va if texture_class(r["texture"]) != "solid"]
+    yg = np.array([texture_class(r["texture"]) == "ground-glass" for r in sub], float)
+    c2 = []
+    for name, feats in ((k, TYPE_FEATURE_SETS[k]) for k in sets):
+        for l2 in L2_GRID:
+            p = _grouped_oof(sub, feats, yg, l2)
+            c2.append({"features": name, "l2": l2, "cv_auc": roc_auc(yg, p), "cv_balanced_accuracy": _balanced(yg, p >= 0.5)})
+    top2 = max(c2, key=lambda c: (c["cv_balanced_accuracy"], c["cv_auc"]))
+    m2 = _fit_stack(_xy(sub, TYPE_FEATURE_SETS[top2["features"]]), yg, TYPE_FEATURE_SETS[top2["features"]], top2["l2"])
+    hu2 = np.array([nodule_type(r["pred"]["frac_ge_-300"]) == "ground-glass" for r in sub])
+    stage2 = {"features": top2["features"], "l2": top2["l2"], "threshold": 0.5, "n": len(sub), "n_ground_glass": int(yg.sum()),
+              "hu_rule_balanced_accuracy": _balanced(yg, hu2), "candidates": c2,
+              "cv_auc": top2["cv_auc"], "cv_balanced_accuracy": top2["cv_balanced_accuracy"]}
+    return {"subsolid": top["model"], "ground_glass": m2, "stage1": stage1, "stage2": stage2}
+
+
+def fit_calcification(tab: list[dict]) -> dict:
+    """Benign-calcification rule chosen on validation patients: among rules on DSMT-Net's
+    calcification head (p >= a), the fraction of voxels >= 200 HU (f >= b), their AND / OR, the
+    one with the highest sensitivity at specificity >= 0.98 (ties: higher specificity)."""
+    va = [r for r in _split(tab, "val") if r["found"]]
+    y = np.array([r["calcification_rating"] in BENIGN_CALCIFICATION for r in va])
+    head = np.array([r["signs"].get("calcification", 0.0) for r in va])
+    frac = np.array([r["pred"]["frac_ge_200"] for r in va])
+    grid_a = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    grid_b = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
+    rules = [("head", a, None) for a in grid_a] + [("hu", None, b) for b in grid_b] \
+        + [(op, a, b) for op in ("and", "or") for a in grid_a for b in grid_b]
+    res = []
+    for kind, a, b in rules:
+        call = calcification_call(kind, a, b, head, frac)
+        sens, spec = float(call[y].mean()), float((~call[~y]).mean())
+        res.append({"rule": kind, "head_min": a, "hu200_fraction_min": b, "val_sensitivity": sens, "val_specificity": spec})
+    ok = [r for r in res if r["val_specificity"] >= 0.98] or res
+    best = max(ok, key=lambda r: (r["val_sensitivity"], r["val_specificity"]))
+    return {"chosen": best, "candidates": res, "val_n": len(y), "val_benign": int(y.sum())}
+
+
+def calcification_call(kind, a, b, head, frac):
+    head, frac = np.asarray(head, float), np.asarray(frac, float)
+    h = head >= (a if a is not None else np.inf)
+    f = frac >= (b if b is not None else np.inf)
+    return {"head": h, "hu": f, "and": h & f, "or": h | f}[kind]
+
+
+def type_model_dict(fit: dict, networks: list[str]) -> dict:
+    return {"networks": networks, "subsolid": fit["subsolid"].to_dict(), "subsolid_threshold": fit["stage1"]["threshold"],
+            "ground_glass": fit["ground_glass"].to_dict(), "ground_glass_threshold": fit["stage2"]["threshold"]}
+
+
+def predicted_types(recs: list[dict], model: dict) -> list[str]:
+    from NoduleMTLLib.lung_rads import classify_type, type_features
+
+    return [classify_type(type_features(r["pred"], r["signs"]), model)["type"] for r in recs]
+
+
+def type_figures(recs: list[dict], types: list[str]) -> dict:
+    """Per-class agreement with the texture reference (the issue's three done-when figures)."""
+    ref = [texture_class(r["texture"]) for r in recs]
+    sol = [t for t, g in zip(types, ref) if g == "solid"]
+    sub = [(t, g) for t, g in zip(types, ref) if g != "solid"]
+    sub_called = [(t, g) for t, g in sub if t != "solid"]
+    classes = ("solid", "part-solid", "ground-glass")
+    return {"n": len(recs), "exact": float(np.mean([t == g for t, g in zip(types, ref)])),
+            "solid_called_solid": float(np.mean([t == "solid" for t in sol])) if sol else None, "n_solid": len(sol),
+            "subsolid_called_subsolid": float(np.mean([t != "solid" for t, _ in sub])) if sub else None, "n_subsolid": len(sub),
+            "subsolid_split_right": float(np.mean([t == g for t, g in sub_called])) if sub_called else None,
+            "n_subsolid_called_subsolid": len(sub_called),
+            "confusion": {g: {t: sum(1 for a, b in zip(types, ref) if a == t and b == g) for t in classes} for g in classes}}
+
+
+def fit_main(write: bool) -> int:
+    from NoduleMTLLib.postprocess import nodule_type
+
+    tables = {t: load_table(t, ("val",)) for t in THRESHOLDS}
+    thr, size_fig = choose_threshold(tables)
+    tab = load_table(thr)
+    size_fig[thr]["train"] = size_figures(_split(tab, "train"))
+    typ = fit_type(tab)
+    typ_hu = fit_type(tab, ("hu",))
+    calc = fit_calcification(tab)
+    model = type_model_dict(typ, ["dsmtnet"])
+    model_hu = type_model_dict(typ_hu, [])
+    rep = {"threshold": thr, "size": {str(t): v for t, v in size_fig.items()}, "type": {}, "calcification": {}}
+    for split in ("val", "test"):
+        recs = [r for r in _split(tab, split) if r["found"]]
+        rep["type"][split] = {"classifier": type_figures(recs, predicted_types(recs, model)),
+                              "classifier_hu_only": type_figures(recs, predicted_types(recs, model_hu)),
+                              "hu_rule": type_figures(recs, [nodule_type(r["pred"]["frac_ge_-300"]) for r in recs]),
+                              "hu_rule_on_readers_masks": type_figures(recs, [nodule_type(r["ref"]["frac_ge_-300"]) for r in recs])}
+        ch = calc["chosen"]
+        y = np.array([r["calcification_rating"] in BENIGN_CALCIFICATION for r in recs])
+        call = calcification_call(ch["rule"], ch["head_min"], ch["hu200_fraction_min"],
+                                  [r["signs"].get("calcification", 0.0) for r in recs], [r["pred"]["frac_ge_200"] for r in recs])
+        rep["calcification"][split] = {"n": len(y), "benign": int(y.sum()), "sensitivity": float(call[y].mean()),
+                                       "specificity": float((~call[~y]).mean()), "false_benign": int((call & ~y).sum())}
+    rep["size"]["test_at_chosen"] = size_figures(_split(tab, "test"))
+    rep["size"]["test_at_0.5"] = size_figures(load_table(0.5, ("test",)))
+    rep["type"]["stage1"], rep["type"]["stage2"] = typ["stage1"], typ["stage2"]
+    rep["type"]["stage1_hu_only"], rep["type"]["stage2_hu_only"] = typ_hu["stage1"], typ_hu["stage2"]
+    rep["calcification"]["choice"] = calc
+    REPORT_DIR.mkdir(parents=True, exist_ok=True)
+    (REPORT_DIR / "clinical_fit.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
+    print(json.dumps({k: rep[k] for k in ("threshold",)}, indent=1))
+    print(json.dumps(rep["size"][str(thr)], indent=1), json.dumps(rep["size"]["test_at_chosen"], indent=1))
+    for split in ("val", "test"):
+        for k, v in rep["type"][split].items():
+            print(split, k, {a: b for a, b in v.items() if a != "confusion"})
+        print(split, "calcification", rep["calcification"][split])
+    print("stage1", {k: v for k, v in typ["stage1"].items() if k != "candidates"})
+    print("stage2", {k: v for k, v in typ["stage2"].items() if k != "candidates"})
+    print("calc", calc["chosen"])
+    if write:
+        fitted = "LIDC-IDRI lidc_vois, DSMT-Net 3D HU click path at the labelled centre; training.clinical"
+        d = {"format": 1,
+             "note": "written by python -m training.clinical fit --write; chosen on training + validation patients only, "
+                     "test figures for information (training/reports/clinical/clinical_fit.json)",
+             "mask_threshold": {"dsmtnet": thr, "fitted_on": "validation patients' long-axis ratio to the readers' "
+                                "consensus masks (" + fitted + ")",
+                                "validation": size_fig[thr]["val"], "validation_at_0.5": size_fig[0.5]["val"]},
+             "nodule_type": {**model, "fitted_on": "subsolid: training patients, chosen on validation; ground-glass: "
+                             "training + validation subsolid nodules (" + fitted + ")",
+                             "validation": rep["type"]["val"]["classifier"]},
+             "nodule_type_hu_only": {**model_hu, "fitted_on": "as nodule_type, HU features only (runs without DSMT-Net)",
+                                     "validation": rep["type"]["val"]["classifier_hu_only"]},
+             "calcification": {"rule": calc["chosen"]["rule"], "head_min": calc["chosen"]["head_min"],
+                               "hu200_fraction_min": calc["chosen"]["hu200_fraction_min"],
+                               "benign_ratings": "LIDC calcification 1 popcorn, 2 laminated, 3 solid, 5 central",
+                               "fitted_on": "validation patients (" + fitted + ")",
+                               "validation": {k: calc["chosen"][k] for k in ("val_sensitivity", "val_specificity")}}}
+        WEIGHTS_FILE.write_text(json.dumps(d, indent=1, default=float) + "\n")
+        print(f"wrote {WEIGHTS_FILE}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("--threshold", type=float, nargs="+", default=[0.5])
+    t.add_argument("--splits", default="train,val,test")
+    sz = sub.add_parser("size")
+    sz.add_argument("--split", default="val", choices=("train", "val"))
+    f = sub.add_parser("fit")
+    f.add_argument("--write", action="store_true", help=f"write {WEIGHTS_FILE.relative_to(REPO)}")
+    a = ap.parse_args(argv)
+    if a.cmd == "table":
+        for th in a.threshold:
+            build_table(th, tuple(a.splits.split(",")))
+        return 0
+    if a.cmd == "size":
+        st = size_study(a.split)
+        REPORT_DIR.mkdir(parents=True, exist_ok=True)
+        (REPORT_DIR / f"size_study_{a.split}.json").write_text(json.dumps(st, indent=1) + "\n")
+        for k, v in st.items():
+            print(k, {a_: round(b, 4) for a_, b in v.items()})
+        print("chosen:", choose_size_correction(st))
+        return 0
+    return fit_main(a.write)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
