@@ -522,8 +522,16 @@ def summary_markdown(results: dict, default: str, speed: dict) -> str:
 
 
 def calibration_set(results: dict, models: dict[str, ProbabilityModel], default: str) -> CalibrationSet:
-    """The models to ship: every fitted configuration, with provenance and test figures."""
+    """The models to ship: every fitted configuration, with provenance and test figures.  DSMT-Net's
+    calibrator is the one ``training.calibration_select`` chose (its report, when present): identity
+    unless another wins on the training + validation pool with its interval clear."""
     out = {}
+    chosen = REPO / "training" / "reports" / "clinical" / "calibration_select.json"
+    if chosen.is_file() and "dsmtnet" in models:  # issue 22: the calibrator chosen on the larger pool wins
+        sel = json.loads(chosen.read_text())
+        m = models["dsmtnet"]
+        models = {**models, "dsmtnet": ProbabilityModel("dsmtnet", m.networks, m.score, Calibrator.from_dict(sel["calibrator"]),
+                                                        m.mask, m.stack)}
     for cid, m in models.items():
         r = results[cid]
         info = {"fitted_on": f"LIDC-IDRI validation patients, HU VOIs, {r['val']['n']} nodules "

@@ -126,3 +126,26 @@ def test_calibrator_choice_keeps_identity_unless_clearly_better():
     assert choose(res) == "identity"
     res["platt"]["ci95"] = (-0.03, -0.001)
     assert choose(res) == "platt"
+
+
+@pytest.mark.slow
+def test_click_on_a_calcified_granuloma_gives_category_1_with_its_reason(shared_data):
+    """Real CT: LIDC-IDRI-0437 nodule 3 (a test-split patient), the first test-split VOI in
+    labels.csv rated "solid" calcification (3) whose readers' mask has >= 50 % of its voxels >= 200 HU;
+    the default click path + the measured rules give Lung-RADS 1 and say why."""
+    import csv
+
+    from NoduleMTLLib import DEFAULT_NETWORKS
+    from NoduleMTLLib.pipeline import analyze_points
+
+    d = shared_data / "lidc_vois"
+    row = next(r for r in csv.DictReader(open(d / "labels.csv"))
+               if r["patient_id"] == "LIDC-IDRI-0437" and r["nodule_id"] == "3")
+    assert row["Calcification_value"] == "3"
+    ct = CTVolume(sitk.ReadImage(str(d / row["image"])))
+    n = analyze_points(ct, [(float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))],
+                       network_ids=DEFAULT_NETWORKS, device="cpu").nodules[0]
+    assert n.found
+    rec = lr.assess_nodule(n, ct, lr.classify_nodule(n, ct))
+    assert rec["category"] == "1" and rec["calcification"]["benign"]
+    assert rec["notes"][0].startswith("category 1: benign calcification") and "HU" in rec["notes"][0]
