@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threshold", type=float, default=None, help="mask threshold (default: clinical.json's)")
     ap.add_argument("--write-weights", action="store_true")
+    ap.add_argument("--previous", type=Path, default=WEIGHTS_FILE,
+                    help="calibration.json whose DSMT-Net calibrator is reported for comparison (default: the shipped one)")
     a = ap.parse_args(argv)
     thr = a.threshold
     if thr is None:
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
             "ece_raw": ece(yt, pt), "ece_raw_ci95": boot_ci(lambda i: ece(yt[i], pt[i]), gt),
             "ece": ece(yt, ct), "ece_ci95": boot_ci(lambda i: ece(yt[i], ct[i]), gt)}
     # the previous shipped calibrator (temperature fitted on the 73 validation nodules), for comparison
-    old = CalibrationSet.from_dict(json.loads(WEIGHTS_FILE.read_text())).models["dsmtnet"].calibrator
+    old = CalibrationSet.from_dict(json.loads(a.previous.read_text())).models["dsmtnet"].calibrator
     test["previous_" + old.method] = {"ece": ece(yt, old(pt)), "ece_ci95": boot_ci(lambda i: ece(yt[i], old(pt[i])), gt),
                                       "brier": brier(yt, old(pt))}
     rep = {"mask_threshold": thr, "pool": "training + validation patients (training in-sample for DSMT-Net)",

@@ -98,7 +98,9 @@ def load_table(threshold: float, splits=("train", "val", "test")) -> list[dict]:
 # --- studies --------------------------------------------------------------------------------
 THRESHOLDS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)
 #: Largest drop of the validation Dice median (from the 0.5 threshold's) a size correction may cost.
-DICE_TOLERANCE = 0.005
+#: 0: the issue's "Dice median no lower than now".  (A first choice with 0.005 gave 0.2; it lowered
+#: the Dice of the sample nodule below the CLI test's 0.6 and was replaced - see docs/clinical_rules.md.)
+DICE_TOLERANCE = 0.0
 #: Candidate feature sets of the type classifier (names of NoduleMTLLib.lung_rads.type_features).
 TYPE_FEATURE_SETS = {
     "head": ["logit_subsolid"],

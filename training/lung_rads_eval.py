@@ -99,7 +99,6 @@ def evaluate(split: str, data_dir=None, limit: int | None = None, log=print) -> 
         if log and (i % 20 == 0 or i == len(rows) - 1):
             log(f"lung-rads {split}: {i + 1}/{len(rows)} ({time.perf_counter() - t0:.0f} s)")
     return {"split": split, "networks": list(DEFAULT_NETWORKS), "mask_thresholds": (run or {}).get("mask_thresholds"),
-            "mask_dilation_mm": (run or {}).get("mask_dilation_mm"),
             "malignancy_model": (run or {}).get("malignancy_probability"), "nodules": recs,
             "skipped_centre_outside_voi": skipped, "summary": summarize(recs)}
 
@@ -152,7 +151,7 @@ def markdown(ev: dict) -> str:
     s = ev["summary"]
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"Lung-RADS v2022 (baseline) on the {ev['split']} patients' HU VOIs, default click path "
-             f"({', '.join(ev['networks'])}; mask thresholds {ev['mask_thresholds']}, in-plane dilation {ev['mask_dilation_mm']} mm), "
+             f"({', '.join(ev['networks'])}; mask thresholds {ev['mask_thresholds']}), "
              f"click at the labelled centre; reference = same rules on the readers' consensus mask + texture + calcification ratings.", "",
              f"- exact agreement **{s['exact']:.3f}** ({round(s['exact'] * s['n'])}/{s['n']}); under-calls {s['under_calls']:.3f} "
              f"({s['n_under']}), over-calls {s['over_calls']:.3f} ({s['n_over']})",
