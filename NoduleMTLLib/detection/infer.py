@@ -25,9 +25,9 @@ stacks sampled inside the lungs; how a whole scan is searched is ours:
 5. **Merging**: detections are kept compactly (box + mask inside the box); the score
    threshold is fixed or adaptive (30th percentile of all slice-detection scores of the
    scan, clipped to [0.1, 0.5], :func:`~.merge.adaptive_score_threshold`); detections are
-   split into groups that cannot link to each other (no in-plane box intersection within
-   3 slices) and each group goes through :func:`~.merge.merge_slice_detections` (same
-   result as one call on the whole scan, without its N x N matrices); each nodule's mask
+   linked slice window by slice window (:func:`~.merge.link_pairs`: same result as
+   :func:`~.merge.merge_slice_detections` on the whole scan, without N x N matrices, so
+   memory does not grow with the size of a linked group); each nodule's mask
    is the union of its members' masks on the CT grid, its centre the mask centroid
    (merge rule 4).
 6. **Results**: one :class:`~NoduleMTLLib.results.NoduleResult` per merged nodule, by
@@ -435,40 +435,14 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
 # merging
 
 
-def _link_groups(dets: Sequence[SliceDetection], max_slice_gap: int) -> list[list[int]]:
-    """Groups of detections that might link under the merge rule (in-plane boxes intersect
-    and |dk| <= max_slice_gap; a superset of the merge's IoU >= 0.2 links): connected
-    components, computed slice window by slice window."""
-    n = len(dets)
-    rows: list[np.ndarray] = []
-    cols: list[np.ndarray] = []
-    by_k: dict[int, list[int]] = {}
-    for i, d in enumerate(dets):
-        by_k.setdefault(d.slice, []).append(i)
-    boxes = np.stack([d.box for d in dets]) if n else np.zeros((0, 4))
-    for k in sorted(by_k):
-        a = np.array(by_k[k])
-        for k2 in range(k, k + max_slice_gap + 1):
-            if k2 not in by_k:
-                continue
-            b = np.array(by_k[k2])
-            A, B = boxes[a], boxes[b]
-            inter = (np.minimum(A[:, None, 2], B[None, :, 2]) > np.maximum(A[:, None, 0], B[None, :, 0])) & \
-                    (np.minimum(A[:, None, 3], B[None, :, 3]) > np.maximum(A[:, None, 1], B[None, :, 1]))
-            if k2 == k:
-                inter = np.triu(inter, 1)
-            ia, ib = np.nonzero(inter)
-            rows.append(a[ia])
-            cols.append(b[ib])
-    return mg.link_components(n, np.concatenate(rows) if rows else [], np.concatenate(cols) if cols else [])
-
-
 def merge_detections(sd: SliceDetections, ct: CTVolume, score_threshold: float | str = "adaptive", *,
                      max_slice_gap: int = mg.MAX_SLICE_GAP, min_iou: float = mg.MIN_LINK_IOU) -> mg.MergeResult:
     """Slice detections -> 3D nodules (paper sections 3.4.3 and 3.5; step 5 of the module docstring).
 
     Equivalent to :func:`~.merge.merge_slice_detections` on all detections with their
-    full-slice masks, without materialising full-slice masks or N x N matrices.
+    full-slice masks, without materialising full-slice masks or N x N matrices: links are
+    found slice window by slice window (:func:`~.merge.link_pairs`), so memory grows with
+    the detections of one window, not with the square of a linked group's size.
 
     Args:
         sd: from :func:`run_slice_detections`.
@@ -489,17 +463,13 @@ def merge_detections(sd: SliceDetections, ct: CTVolume, score_threshold: float |
         thr = mg.adaptive_score_threshold(sd.scores)
     kept = [d for d in sd.detections if d.score >= thr]
     nodules: list[mg.MergedNodule] = []
-    for group in _link_groups(kept, max_slice_gap):
-        members = [kept[i] for i in group]
-        per_slice: dict[int, list[SliceDetection]] = {}
-        for d in members:
-            per_slice.setdefault(d.slice, []).append(d)
-        dl = [{"slice": k, "boxes": np.stack([d.box for d in v]), "scores": np.array([d.score for d in v])}
-              for k, v in per_slice.items()]
-        res = mg.merge_slice_detections(dl, ct, score_threshold=thr, max_slice_gap=max_slice_gap, min_iou=min_iou)
-        lookup = {(d.slice, tuple(float(v) for v in d.box)): d for d in members}
-        for nod in res.nodules:
-            _paint_mask(nod, [lookup[(m["slice"], tuple(m["box"]))] for m in nod.members], ct)
+    if kept:
+        rows, cols = mg.link_pairs([d.slice for d in kept], np.stack([d.box for d in kept]), max_slice_gap, min_iou)
+        shape = ct.shape_zyx if ct is not None else None
+        for group in mg.link_components(len(kept), rows, cols):
+            members = [kept[i] for i in group]
+            nod = mg._make_nodule([(d.slice, d.box, d.score, None) for d in members], ct, shape, mg.MASK_THRESHOLD)
+            _paint_mask(nod, members, ct)
             nodules.append(nod)
     nodules.sort(key=lambda nd: -nd.score)
     return mg.MergeResult(nodules, float(thr), len(sd.detections), len(kept))
@@ -521,8 +491,8 @@ def _paint_mask(nod: mg.MergedNodule, members: Sequence[SliceDetection], ct: CTV
             mask[m.slice - k0, a0 - j0:a1 - j0, b0 - i0:b1 - i0] |= m.mask[a0 - mj:a1 - mj, b0 - mi:b1 - mi]
     nod.mask = mask
     if mask.any():
-        kk, jj, ii = np.nonzero(mask)
-        nod.centre_ijk = (float(ii.mean() + i0), float(jj.mean() + j0), float(kk.mean() + k0))
+        c = mg.mask_centroid(mask)
+        nod.centre_ijk = (c[0] + i0, c[1] + j0, c[2] + k0)
         nod.centre_lps = tuple(float(v) for v in ct.image.TransformContinuousIndexToPhysicalPoint(list(nod.centre_ijk)))
 
 

@@ -241,15 +241,55 @@ def merge_slice_detections(detections: Sequence[dict], ct: CTVolume | None = Non
     # connected components of the links
     ks = np.array([f[0] for f in kept])
     bx = np.stack([f[1] for f in kept])
-    iou = box_iou_np(bx, bx)
-    close = np.abs(ks[:, None] - ks[None, :]) <= max_slice_gap
-    rows, cols = np.nonzero(np.triu(close & (iou >= min_iou), 1))
+    rows, cols = link_pairs(ks, bx, max_slice_gap, min_iou)
     groups = link_components(len(kept), rows, cols)
 
     shape = ct.shape_zyx if ct is not None else None
     nodules = [_make_nodule([kept[n] for n in idx], ct, shape, mask_threshold) for idx in groups]
     nodules.sort(key=lambda nd: -nd.score)
     return MergeResult(nodules, thr, len(flat), len(kept))
+
+
+def link_pairs(slices, boxes, max_slice_gap: int = MAX_SLICE_GAP, min_iou: float = MIN_LINK_IOU):
+    """Edges of the merge's link graph (rule 2 of the module docstring), slice window by slice window.
+
+    Only detections at most ``max_slice_gap`` slices apart are compared: memory is
+    O(detections on one slice x detections in its window), never the N x N matrices of all
+    pairs (a thin-slice scan has tens of thousands of low-score slice detections, and one
+    linked group of them used to cost gigabytes).
+
+    Args:
+        slices: (N,) int slice index k of each detection.
+        boxes: (N, 4) float xyxy px.
+        max_slice_gap: largest |k_a - k_b| of a link.
+        min_iou: smallest in-plane IoU of a link (IoU >= min_iou).
+
+    Returns:
+        (rows, cols): int64 arrays, one undirected edge (a, b) with a != b per link, each
+        pair once.
+    """
+    ks = np.asarray(slices, np.int64).ravel()
+    bx = np.asarray(boxes, float).reshape(-1, 4)
+    if len(ks) != len(bx):
+        raise ValueError(f"{len(ks)} slice indices but {len(bx)} boxes")
+    order = np.argsort(ks, kind="stable")
+    uniq, start = np.unique(ks[order], return_index=True)
+    end = np.append(start[1:], len(order))
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    for u, k in enumerate(uniq.tolist()):
+        a = order[start[u]:end[u]]
+        last = int(np.searchsorted(uniq, k + int(max_slice_gap), side="right")) - 1
+        b = order[start[u]:end[last]]  # this slice first, then the next ones up to the gap
+        iou = box_iou_np(bx[a], bx[b])
+        link = iou >= min_iou
+        link[:, :len(a)] = np.triu(link[:, :len(a)], 1)  # same slice: each pair once, no self-links
+        ia, ib = np.nonzero(link)
+        rows.append(a[ia])
+        cols.append(b[ib])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
 
 
 def link_components(n: int, rows, cols) -> list[list[int]]:
@@ -298,8 +338,8 @@ def _make_nodule(members, ct, shape, mask_threshold) -> MergedNodule:
             binm = crop >= mask_threshold if crop.dtype != bool else crop
             mask[k - k0, : binm.shape[0], : binm.shape[1]] |= binm
     if mask is not None and mask.any():  # an all-empty mask falls back to the box centres
-        kk, jj, ii = np.nonzero(mask)
-        centre = (float(ii.mean() + i0), float(jj.mean() + j0), float(kk.mean() + k0))
+        c = mask_centroid(mask)
+        centre = (c[0] + i0, c[1] + j0, c[2] + k0)
     else:
         w = np.clip(scores, 1e-6, None)
         cx = (boxes[:, 0] + boxes[:, 2]) / 2.0 - 0.5  # box coordinate -> continuous pixel index
@@ -320,6 +360,24 @@ def _make_nodule(members, ct, shape, mask_threshold) -> MergedNodule:
         nod.box_lps_min = tuple(float(v) for v in corners.min(0))
         nod.box_lps_max = tuple(float(v) for v in corners.max(0))
     return nod
+
+
+def mask_centroid(mask: np.ndarray) -> tuple[float, float, float]:
+    """Centroid (i, j, k) in voxel indices of a non-empty bool (z, y, x) mask, from its axis
+    projections (no index arrays of every voxel: a mass's mask has millions).
+
+    Raises:
+        ValueError: empty mask.
+    """
+    m = np.asarray(mask, bool)
+    n = int(np.count_nonzero(m))
+    if n == 0:
+        raise ValueError("centroid of an empty mask")
+    pz = np.count_nonzero(m, axis=(1, 2))
+    py = np.count_nonzero(m, axis=(0, 2))
+    px = np.count_nonzero(m, axis=(0, 1))
+    return (float(np.dot(np.arange(len(px)), px) / n), float(np.dot(np.arange(len(py)), py) / n),
+            float(np.dot(np.arange(len(pz)), pz) / n))
 
 
 def nodules_to_label_map(nodules: Sequence[MergedNodule], shape_zyx) -> np.ndarray:

@@ -368,6 +368,38 @@ def test_merge_hand_made_slice_detections():
     assert nm.nodules[0].centre_ijk[2] == pytest.approx(np.average([10, 11, 12, 14], weights=w))
 
 
+def _brute_force_links(ks, boxes, gap, min_iou):
+    iou = mg.box_iou_np(boxes, boxes)
+    close = np.abs(ks[:, None] - ks[None, :]) <= gap
+    r, c = np.nonzero(np.triu(close & (iou >= min_iou), 1))
+    return {(int(min(a, b)), int(max(a, b))) for a, b in zip(r, c)}
+
+
+def test_link_pairs_equals_all_pairs_and_stays_small_on_a_thin_slice_chain():
+    """The windowed linking gives exactly the all-pairs graph, and a 20,000-detection chain
+    (one linked group, as low-score detections on a 0.625 mm scan) needs no N x N matrix."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    ks = rng.integers(0, 40, 600)
+    xy = rng.uniform(0, 60, (600, 2))
+    wh = rng.uniform(2, 25, (600, 2))
+    boxes = np.concatenate([xy, xy + wh], 1)
+    for gap, thr in ((3, 0.2), (0, 0.2), (5, 0.0)):
+        r, c = mg.link_pairs(ks, boxes, gap, thr)
+        got = {(int(min(a, b)), int(max(a, b))) for a, b in zip(r, c)}
+        assert len(got) == len(r) and got == _brute_force_links(ks, boxes, gap, thr)
+    n = 20000  # 40 detections per slice on 500 slices, all overlapping: one linked group
+    ks = np.repeat(np.arange(500), 40)
+    boxes = np.tile([100.0, 100.0, 160.0, 160.0], (n, 1)) + rng.uniform(0, 5, (n, 1))
+    tracemalloc.start()
+    r, c = mg.link_pairs(ks, boxes)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(mg.link_components(n, r, c)) == 1
+    assert peak < 200 * 2**20  # all pairs would be n * n * 8 B = 3.2 GB per float matrix
+
+
 @pytest.mark.slow
 def test_merge_real_nodule_masks_and_paper_match(lidc3):
     """Perfect slice detections of LIDC-0003 nodule 3 merge to one nodule that matches it."""
