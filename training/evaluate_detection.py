@@ -114,7 +114,7 @@ def _excluded_marks(folder: Path, ct) -> list:
             for i, e in enumerate(json.loads(f.read_text())["excluded"])]
 
 
-def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None, **search) -> dict:
+def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None, click=None, **search) -> dict:
     """One whole LIDC scan: slice detections once, then matching per threshold and FROC candidates.
 
     Returns:
@@ -141,7 +141,7 @@ def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None,
            "thresholds": {}, "_match": {}}
     out["n_excluded_marks"] = len(marks)
     for thr in thresholds:
-        merged, nodules, cut = select_nodules(sd, ct, thr, fpr_model, device)
+        merged, nodules, cut = reported_nodules(sd, ct, thr, fpr_model, device, click)
         m = ev.match_nodules(nodules, included, excluded)
         found = {included[ri].nodule_id for _, ri in m.pairs}
         # single-reader nodules: found by the same rule, reported but not counted
@@ -191,9 +191,75 @@ def _pet_boxes(csv_path: Path) -> dict[str, list[dict]]:
     return out
 
 
-def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu", fpr_model=None, **search) -> dict:
-    """One Lung-PET-CT-Dx scan: per tumour box found? (mask voxel in the box on its slice), detections."""
-    from NoduleMTLLib.detection.infer import run_slice_detections, select_nodules
+#: Margin (px) around an annotated Lung-PET-CT-Dx tumour box inside which a found nodule's
+#: outline must lie (issue 27: >= 80 % inside the box + 10 px on every annotated slice).
+BOX_MARGIN_PX = 10
+#: Thresholds at which the reported nodules are outlined by the click network
+#: (``infer.outline_with_click``, as ``nodulemtl analyze --detect`` does): the operating
+#: point and the high-sensitivity setting; the others report the detector's masks (hundreds of
+#: candidates: a click each would dominate the evaluation's time).
+OUTLINE_THRESHOLDS = ("default", HIGH_SENSITIVITY_THRESHOLD)
+
+
+def click_outliner(device="cpu"):
+    """``click(ct, point_lps)`` of the default click network (``registry.DEFAULT_NETWORK``), as
+    the CLI's detect path uses to outline found nodules; None when its weights are absent."""
+    from NoduleMTLLib.io import InputError
+    from NoduleMTLLib.pipeline import Click2DNetwork, check_point
+    from NoduleMTLLib.registry import DEFAULT_NETWORK, WeightsError, load_network
+
+    try:
+        net = Click2DNetwork(DEFAULT_NETWORK, load_network(DEFAULT_NETWORK, device), device)
+    except WeightsError:
+        return None
+
+    def click(ct, point):
+        try:
+            check_point(ct, point)
+        except InputError:
+            return None
+        return net.analyze_box(ct, point)
+
+    return click
+
+
+def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None):
+    """(merge result, reported nodules, threshold) as ``nodulemtl analyze --detect`` reports them:
+    :func:`~NoduleMTLLib.detection.infer.select_nodules`, then, at :data:`OUTLINE_THRESHOLDS`
+    and with ``click``, the click outline of each nodule and its fragments folded
+    (:func:`~NoduleMTLLib.detection.infer.outline_with_click`)."""
+    from NoduleMTLLib.detection.infer import MAX_NODULES, outline_with_click, select_nodules
+
+    merged, nodules, cut = select_nodules(sd, ct, thr, fpr_model, device)
+    if click is not None and any(thr == t for t in OUTLINE_THRESHOLDS):
+        nodules = outline_with_click(nodules, ct, click, max_kept=MAX_NODULES)[0]
+    return merged, nodules, cut
+
+
+def inside_box_fraction(nod, k: int, box_ij, margin: int = BOX_MARGIN_PX) -> float | None:
+    """Fraction of a nodule's mask pixels on slice k inside the inclusive pixel box
+    (i0, j0, i1, j1) grown by ``margin`` px; None when the mask has no pixel on slice k."""
+    if nod.mask is None:
+        return None
+    bi0, bj0, bk0, bi1, bj1, bk1 = nod.box_voxel
+    if not bk0 <= k < bk1:
+        return None
+    m = nod.mask[k - bk0]
+    n = int(m.sum())
+    if n == 0:
+        return None
+    i0, j0, i1, j1 = box_ij
+    i0, j0, i1, j1 = i0 - margin - bi0, j0 - margin - bj0, i1 + margin + 1 - bi0, j1 + margin + 1 - bj0
+    inside = int(m[max(0, j0):max(0, j1), max(0, i0):max(0, i1)].sum())
+    return inside / n
+
+
+def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu", fpr_model=None, click=None,
+                 **search) -> dict:
+    """One Lung-PET-CT-Dx scan: per tumour box found? (mask voxel in the box on its slice), the
+    nodules overlapping the tumour, each one's inside-box fraction (+ :data:`BOX_MARGIN_PX`)
+    on every annotated slice its outline touches, detections elsewhere."""
+    from NoduleMTLLib.detection.infer import run_slice_detections
     from NoduleMTLLib.detection.merge import box_iou_np
     from NoduleMTLLib.io import read_ct
 
@@ -207,7 +273,7 @@ def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu",
            "seconds": {k: round(v, 2) for k, v in {**sd.timing_s, "search_total": t_search}.items()},
            "n_boxes": len(boxes), "thresholds": {}}
     for thr in thresholds:
-        _, nodules, cut = select_nodules(sd, ct, thr, fpr_model, device)
+        _, nodules, cut = reported_nodules(sd, ct, thr, fpr_model, device, click)
         per_box = []
         touching = set()
         for b in boxes:
@@ -227,10 +293,20 @@ def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu",
                 iou = float(box_iou_np(np.array([nod.box_xyxy]), np.array([[i0, j0, i1 + 1, j1 + 1]]))[0, 0])
                 best_iou = max(best_iou, iou)
             per_box.append({"k": k, "box_ij": list(b["box"]), "found": hit_mask, "best_box_iou": round(best_iou, 3)})
+        on_tumour = []
+        for n in sorted(touching):
+            nod = nodules[n]
+            fr = {str(b["k"]): inside_box_fraction(nod, b["k"], b["box"]) for b in boxes}
+            fr = {k: round(v, 3) for k, v in fr.items() if v is not None}
+            on_tumour.append({"rank": n + 1, "score": _r(nod.score), "search_scale": nod.scale,
+                              "fragments_absorbed": nod.absorbed, "inside_box_fraction": fr,
+                              "min_inside_box_fraction": min(fr.values()) if fr else None})
         out["thresholds"][_thr_key(thr)] = {
-            "score_threshold": _r(cut), "n_detections": len(nodules),
+            "score_threshold": _r(cut), "n_detections": len(nodules), "outlined_by_click": bool(
+                click is not None and any(thr == t for t in OUTLINE_THRESHOLDS)),
             "n_detections_on_tumour": len(touching), "n_other_detections": len(nodules) - len(touching),
             "boxes_found": sum(p["found"] for p in per_box), "tumour_found": any(p["found"] for p in per_box),
+            "found_as_one_nodule": len(touching) == 1, "nodules_on_tumour": on_tumour,
             "per_box": per_box,
         }
     return out
@@ -244,14 +320,14 @@ def _froc_json(f) -> dict:
             "curve": {"fps_per_scan": [_r(v) for v in f.fps_per_scan], "sensitivity": [_r(v) for v in f.sensitivity]}}
 
 
-def _lidc_group(model, folders, thresholds, device, fpr_model, log, **search) -> dict:
+def _lidc_group(model, folders, thresholds, device, fpr_model, log, click=None, **search) -> dict:
     """Evaluate a group of whole LIDC scans; totals per threshold and FROC for both references."""
     from training import detection_matching as ev
 
     group = {"scans": [], "totals": {}, "froc": None, "froc_any_reader": None}
     froc_scans, froc_any, totals = [], [], {}
     for folder in folders:
-        r = evaluate_lidc(model, folder, thresholds, device, fpr_model, **search)
+        r = evaluate_lidc(model, folder, thresholds, device, fpr_model, click, **search)
         froc_scans.append(r.pop("_froc"))
         froc_any.append(r.pop("_froc_any"))
         for key, m in r.pop("_match").items():
@@ -298,7 +374,7 @@ def plot_froc(report: dict, path: Path) -> None:
 
 
 def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="cpu", log=print, fpr_model=None,
-                      cache=None, **search) -> dict:
+                      cache=None, click=None, **search) -> dict:
     """Test scans, validation scans and the Lung-PET-CT-Dx tumours; see the module docstring.
 
     Args:
@@ -310,6 +386,7 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
         fpr_model: the second stage (``fpr25d``) or None (single-stage search).
         cache: whole-scan cache holding the validation scans (default
             :func:`training.wholescan.default_cache`); skipped with a note when absent.
+        click: click outliner (:func:`click_outliner`) applied at :data:`OUTLINE_THRESHOLDS`, or None.
         **search: options of :func:`~NoduleMTLLib.detection.infer.run_slice_detections`.
 
     Returns:
@@ -331,11 +408,13 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
               "search_stages": "maskrcnn25d + fpr25d" if fpr_model is not None else "maskrcnn25d only",
               "search": {k: v for k, v in search.items()}, "lung_pet_ct_dx": []}
     log("test scans:")
-    report["test"] = _lidc_group(model, [d / "lidc" / p for p in LIDC_SCANS], thresholds, device, fpr_model, log, **search)
+    report["test"] = _lidc_group(model, [d / "lidc" / p for p in LIDC_SCANS], thresholds, device, fpr_model, log, click,
+                                 **search)
     cache = Path(cache or default_cache())
     if all((cache / p / "ct.nrrd").exists() for p in VAL_SCANS):
         log("validation scans:")
-        report["val"] = _lidc_group(model, [cache / p for p in VAL_SCANS], thresholds, device, fpr_model, log, **search)
+        report["val"] = _lidc_group(model, [cache / p for p in VAL_SCANS], thresholds, device, fpr_model, log, click,
+                                    **search)
     else:
         report["val"] = None
         log(f"validation scans skipped: build them with nodulemtl-train wholescan (cache {cache})")
@@ -344,7 +423,7 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
     report["froc"] = report["test"]["froc"]
     boxes = _pet_boxes(d / "lung_pet_ct_dx_boxes.csv")
     for name in PET_SCANS:
-        r = evaluate_pet(model, d / name, boxes.get(name, []), thresholds, device, fpr_model, **search)
+        r = evaluate_pet(model, d / name, boxes.get(name, []), thresholds, device, fpr_model, click, **search)
         report["lung_pet_ct_dx"].append(r)
         log(f"{name}: " + "; ".join(f"thr {k}: tumour {'found' if v['tumour_found'] else 'MISSED'} "
                                      f"({v['boxes_found']}/{r['n_boxes']} boxes), {v['n_detections']} detections, "
@@ -375,9 +454,11 @@ def summary_lines(report: dict) -> list[str]:
                              f"rank {rr.get('rank')}, {rr.get('candidate')}")
     for r in report["lung_pet_ct_dx"]:
         for k, v in r["thresholds"].items():
+            inside = [t.get("min_inside_box_fraction") for t in v.get("nodules_on_tumour", [])]
             lines.append(f"{r['scan']} threshold {k}: adenocarcinoma {'found' if v['tumour_found'] else 'missed'} "
-                         f"({v['boxes_found']}/{r['n_boxes']} boxed slices), {v['n_detections']} detections, "
-                         f"{v['n_other_detections']} elsewhere")
+                         f"({v['boxes_found']}/{r['n_boxes']} boxed slices) by {v['n_detections_on_tumour']} nodule(s), "
+                         f"min inside-box fraction (+{BOX_MARGIN_PX} px) per nodule {inside}; "
+                         f"{v['n_detections']} detections, {v['n_other_detections']} elsewhere")
     return lines
 
 
@@ -406,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fpr-weights", type=Path, default=None, help="fpr25d checkpoint/.safetensors (default: the installed one)")
     ap.add_argument("--no-fpr", action="store_true", help="single-stage search (no false-positive reduction)")
     ap.add_argument("--cache", type=Path, default=None, help="whole-scan cache with the validation scans")
+    ap.add_argument("--no-outline", action="store_true", help="report the detector's masks (no click outlines)")
+    ap.add_argument("--single-scale", action="store_true", help="native scale only (no coarse pass for masses)")
     return ap
 
 
@@ -428,8 +511,10 @@ def load_fpr_model(weights: Path | None, device="cpu"):
 
 
 def run(weights=None, random_init=False, data=None, out=None, thresholds=None, device="auto", threads=2,
-        input_scale=1.0, log=print, fpr_weights=None, no_fpr=False, cache=None) -> dict:
-    """Load the model, evaluate, write the JSON report; returns it."""
+        input_scale=1.0, log=print, fpr_weights=None, no_fpr=False, cache=None, no_outline=False,
+        single_scale=False) -> dict:
+    """Load the model, evaluate, write the JSON report; returns it.  ``no_outline``: keep the
+    detector's masks (no click outlines); ``single_scale``: native scale only (no coarse pass)."""
     import torch
 
     from NoduleMTLLib.device import resolve_device
@@ -440,8 +525,13 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     model, wdesc, sha = load_model(weights, random_init, dev)
     fpr = None if no_fpr else load_fpr_model(fpr_weights, dev)
     t0 = time.perf_counter()
+    click = None if no_outline else click_outliner(dev)
+    search = {"input_scale": float(input_scale)}
+    if single_scale:
+        search["coarse_factors"] = ()
     rep = evaluate_whole_ct(model, data, tuple(thresholds or DEFAULT_THRESHOLDS), dev, log=log, fpr_model=fpr,
-                            cache=cache, input_scale=float(input_scale))
+                            cache=cache, click=click, **search)
+    rep["outlines"] = "click network at each reported nodule's centre" if click is not None else "detector masks"
     fdesc = None
     if fpr is not None:
         from NoduleMTLLib.registry import DEFAULT_FP_REDUCER, find_weights, sha256_of
@@ -465,7 +555,8 @@ def main(argv=None) -> int:
 
     try:
         run(a.weights, a.random_init, a.data, a.out, a.threshold, a.device, a.threads, a.input_scale,
-            fpr_weights=a.fpr_weights, no_fpr=a.no_fpr, cache=a.cache)
+            fpr_weights=a.fpr_weights, no_fpr=a.no_fpr, cache=a.cache, no_outline=a.no_outline,
+            single_scale=a.single_scale)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"evaluate_detection: error: {e}", file=sys.stderr)
         return 1

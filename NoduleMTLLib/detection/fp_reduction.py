@@ -221,8 +221,13 @@ def combined_score(detector_score: float, fpr_score: float) -> float:
 
 @torch.inference_mode()
 def score_candidates(model: nn.Module, hu_zyx: np.ndarray, spacing_xyz, candidates, device="cpu",
-                     batch: int = 64) -> np.ndarray:
+                     batch: int = 64, field_scale: float = 1.0) -> np.ndarray:
     """FPR probabilities of candidates.
+
+    ``field_scale`` f > 1 widens both fields f times in mm (and divides the extent scalar by
+    f): a candidate found on the CT shrunk f times in-plane (multi-scale search of masses)
+    is seen at the size the network learned nodules at - a 60 mm mass in a 96 mm field looks
+    like a 30 mm nodule in the 48 mm one.
 
     Args:
         model: :class:`FPR25D` in eval mode.
@@ -231,10 +236,17 @@ def score_candidates(model: nn.Module, hu_zyx: np.ndarray, spacing_xyz, candidat
         candidates: sequence of (centre_ijk, (k0, k1)) pairs.
         device: torch device.
         batch: candidates per forward pass.
+        field_scale: field widening factor (1 = the trained geometry).
 
     Returns:
         float64 (N,) probabilities in [0, 1].
+
+    Raises:
+        ValueError: field_scale <= 0.
     """
+    if not field_scale > 0:
+        raise ValueError(f"field_scale must be > 0, got {field_scale}")
+    spacing_xyz = tuple(float(v) / float(field_scale) for v in spacing_xyz)
     out = []
     cands = list(candidates)
     for s in range(0, len(cands), batch):

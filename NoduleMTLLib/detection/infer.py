@@ -68,6 +68,15 @@ DETECTOR_ID = DEFAULT_DETECTOR
 MAX_NODULES = 100
 #: Default number of stacks per network call (measured: see Testing/Benchmarks/bench_detect.py).
 BATCH_SLICES = 4
+#: Multi-scale search of masses (issue 27): each batch also goes through the detector shrunk
+#: this many times in-plane, so a 40-80 mm mass looks like the 20-40 mm nodules the detector
+#: learned (it was trained on fields of nodules <= 30 mm and splits a mass into fragments).
+#: The preprocessing is shared; the coarse pass costs about 1 / factor^2 of the native one.
+COARSE_FACTORS: tuple[float, ...] = (2.0,)
+#: A coarse-scale candidate is kept only when its in-plane box spans at least this many mm:
+#: smaller lesions are the native scale's (chosen on the training / validation scans,
+#: ``training/RESULTS.md``).
+COARSE_MIN_MM = 20.0
 
 
 @dataclass
@@ -101,8 +110,10 @@ class SliceDetections:
             ``settings["crop_per_batch"]`` each batch got its own lung box inside it.
         lung: the :class:`~.preprocess.LungMask` (None when not computed).
         report: the :class:`~.preprocess.DetectionInputReport`.
-        timing_s: "lung_mask", "preprocess", "network" seconds.
+        timing_s: "lung_mask", "preprocess", "network" seconds (+ "network_coarse").
         settings: the options used (for the run record).
+        coarse: {factor: SliceDetections of the coarse pass} of the multi-scale search
+            (boxes and masks in native full-slice pixels; empty without it).
     """
 
     detections: list[SliceDetection]
@@ -113,6 +124,7 @@ class SliceDetections:
     report: pp.DetectionInputReport
     timing_s: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    coarse: dict = field(default_factory=dict)
 
     @property
     def scores(self) -> np.ndarray:
@@ -335,7 +347,7 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
                          batch_slices: int = BATCH_SLICES, input_scale: float = 1.0, channels_last: bool = False,
                          num_threads: int | None = None, lung: pp.LungMask | None = None,
                          progress: Progress | None = None, mask_threshold: float = mg.MASK_THRESHOLD,
-                         crop_per_batch: bool = True) -> SliceDetections:
+                         crop_per_batch: bool = True, coarse_factors: Sequence[float] = COARSE_FACTORS) -> SliceDetections:
     """Run the 2.5D network over the lung slices of a CT (steps 1-4 of the module docstring).
 
     Args:
@@ -362,6 +374,10 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
         lung: precomputed lung mask (skips its computation).
         progress: callback(fraction in [0, 1], message).
         mask_threshold: mask probability -> binary (0.5).
+        coarse_factors: multi-scale search (:data:`COARSE_FACTORS`): every batch also runs
+            with its stacks shrunk by each factor f (bilinear, to ``input_scale / f``), its
+            detections mapped back to native pixels into ``SliceDetections.coarse[f]``.
+            () = native scale only.
 
     Returns:
         :class:`SliceDetections`.
@@ -369,13 +385,16 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
     Raises:
         InputError: fewer than 5 slices.
         NoLungError: no plausible lung (when a lung mask is needed).
-        ValueError: batch_slices < 1 or input_scale outside (0, 4].
+        ValueError: batch_slices < 1, input_scale outside (0, 4] or a coarse factor < 1.
     """
     progress = progress or (lambda f, m: None)
     if int(batch_slices) < 1:
         raise ValueError(f"batch_slices must be >= 1, got {batch_slices}")
     if not 0.0 < float(input_scale) <= 4.0:
         raise ValueError(f"input_scale must be in (0, 4], got {input_scale}")
+    coarse_factors = tuple(float(f) for f in coarse_factors)
+    if any(not f >= 1.0 for f in coarse_factors):
+        raise ValueError(f"coarse factors must be >= 1, got {coarse_factors}")
     report = pp.check_detection_input(ct, warn=False)
     timing = {}
     t = time.perf_counter()
@@ -394,7 +413,8 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
     if channels_last:
         model.to(memory_format=torch.channels_last)
     dets: list[SliceDetection] = []
-    t_net = 0.0
+    coarse_dets: dict[float, list[SliceDetection]] = {f: [] for f in coarse_factors}
+    t_net = t_coarse = 0.0
     per_batch = bool(crop_per_batch and restrict_to_lungs and use_lung_mask and lung is not None)
     n_pixels = 0
     with _threads(num_threads), torch.inference_mode():
@@ -404,31 +424,42 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
             idx = [pp.stack_indices(k, nz, reverse=reverse) for k in ks]
             by0, by1, bx0, bx1 = batch_crop(lung, np.unique(np.concatenate(idx)), crop) if per_batch else crop
             stacks = [np.stack([prep.get(int(j))[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0] for j in ji]) for ji in idx]
-            x = torch.from_numpy(np.stack(stacks)).to(device)
+            x_in = torch.from_numpy(np.stack(stacks)).to(device)
             h, w = by1 - by0, bx1 - bx0
-            size = (max(1, round(h * float(input_scale))), max(1, round(w * float(input_scale))))
-            scale_yx = (size[0] / h, size[1] / w)
-            if size != (h, w):
-                x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            n_pixels += len(ks) * size[0] * size[1]
-            tn = time.perf_counter()
-            with _native_size(model, *x.shape[-2:]):
-                outs = model(list(x))
-            t_net += time.perf_counter() - tn
-            for k, o in zip(ks, outs):
-                dets.extend(_compact(o, k, bx0, by0, (h, w), scale_yx, mask_threshold))
+            for f in (1.0,) + coarse_factors:
+                s_in = float(input_scale) / f
+                size = (max(1, round(h * s_in)), max(1, round(w * s_in)))
+                scale_yx = (size[0] / h, size[1] / w)
+                x = x_in
+                if size != (h, w):
+                    x = torch.nn.functional.interpolate(x_in, size=size, mode="bilinear", align_corners=False)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                n_pixels += len(ks) * size[0] * size[1]
+                tn = time.perf_counter()
+                with _native_size(model, *x.shape[-2:]):
+                    outs = model(list(x))
+                if f == 1.0:
+                    t_net += time.perf_counter() - tn
+                else:
+                    t_coarse += time.perf_counter() - tn
+                for k, o in zip(ks, outs):
+                    (dets if f == 1.0 else coarse_dets[f]).extend(
+                        _compact(o, k, bx0, by0, (h, w), scale_yx, mask_threshold))
             progress(0.05 + 0.8 * (b0 + len(ks)) / max(1, len(slices)), f"slice {b0 + len(ks)}/{len(slices)}")
     timing["preprocess"] = prep.seconds
     timing["network"] = t_net
+    if coarse_factors:
+        timing["network_coarse"] = t_coarse
     settings = {"use_clahe": bool(use_clahe), "use_lung_mask": bool(use_lung_mask),
                 "restrict_to_lungs": bool(restrict_to_lungs), "batch_slices": int(batch_slices),
                 "input_scale": float(input_scale), "channels_last": bool(channels_last),
                 "crop_per_batch": per_batch, "network_pixels": int(n_pixels),
                 "threads": torch.get_num_threads() if num_threads is None else int(num_threads),
-                "slices_preprocessed": prep.n_computed}
-    return SliceDetections(dets, ct.shape_zyx, slices, crop, lung, report, timing, settings)
+                "slices_preprocessed": prep.n_computed, "coarse_factors": list(coarse_factors)}
+    coarse = {f: SliceDetections(coarse_dets[f], ct.shape_zyx, slices, crop, lung, report, {}, settings)
+              for f in coarse_factors}
+    return SliceDetections(dets, ct.shape_zyx, slices, crop, lung, report, timing, settings, coarse)
 
 
 # ----------------------------------------------------------------------------------------
@@ -520,10 +551,12 @@ def detection_record(nod: mg.MergedNodule, threshold: float) -> dict:
         "centre_slice": int(nod.centre_slice),
         "slices": [int(nod.slices[0]), int(nod.slices[-1])],
         "n_slice_detections": len(nod.members),
+        "search_scale": float(nod.scale),
+        "fragments_absorbed": int(nod.absorbed),
     }
 
 
-def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev) -> None:
+def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev, done: dict | None = None) -> None:
     """Run the click networks at the nodule's centre; add their outputs to ``res.networks``
     (``dice_with_final``: Dice of the network's mask with the detector's, computed on their
     bounding boxes - no CT-sized array)."""
@@ -537,7 +570,7 @@ def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev) ->
         res.message = (res.message + "; " if res.message else "") + f"not classified: {e}"
         return
     for nid in network_ids:
-        o = Click2DNetwork(nid, nets[nid], dev).analyze_box(ct, res.point_lps_mm)
+        o = (done or {}).get(nid) or Click2DNetwork(nid, nets[nid], dev).analyze_box(ct, res.point_lps_mm)
         p = None if math.isnan(o.malignancy_probability) else round(o.malignancy_probability, 4)
         dwf = None
         final = res.mask_box
@@ -548,27 +581,145 @@ def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev) ->
             res.message = (res.message + "; " if res.message else "") + f"{nid}: {o.message}"
 
 
-def rescore_with_fpr(nodules: Sequence[mg.MergedNodule], ct: CTVolume, model: torch.nn.Module, device="cpu") -> None:
+def rescore_with_fpr(nodules: Sequence[mg.MergedNodule], ct: CTVolume, model: torch.nn.Module, device="cpu",
+                     field_scale: float = 1.0) -> None:
     """Second stage: set ``detector_score``, ``fp_reduction_score`` and ``score`` = the combined
     score (:func:`~.fp_reduction.combined_score`) of each merged nodule, in place.
 
     The FPR field covers the nodule's own slice range (first to last member slice) around its
-    centre (:func:`~.fp_reduction.candidate_patch`)."""
+    centre (:func:`~.fp_reduction.candidate_patch`), widened ``field_scale`` times for
+    candidates of the coarse search (:func:`~.fp_reduction.score_candidates`)."""
     from . import fp_reduction as fpr
 
     if not nodules:
         return
     p = fpr.score_candidates(model, ct.array, ct.spacing, [(n.centre_ijk, (n.slices[0], n.slices[-1])) for n in nodules],
-                             device)
+                             device, field_scale=field_scale)
     for n, f in zip(nodules, p):
         n.detector_score = float(n.score)
         n.fp_reduction_score = float(f)
         n.score = fpr.combined_score(n.detector_score, f)
 
 
+def inplane_extent_mm(nod: mg.MergedNodule, spacing_xyz) -> float:
+    """Largest in-plane side (mm) of a merged nodule's box."""
+    x1, y1, x2, y2 = nod.box_xyxy
+    return float(max((x2 - x1) * spacing_xyz[0], (y2 - y1) * spacing_xyz[1]))
+
+
+def _inside(point_ijk, box_voxel) -> bool:
+    i0, j0, k0, i1, j1, k1 = box_voxel
+    i, j, k = (int(round(v)) for v in point_ijk)
+    return i0 <= i < i1 and j0 <= j < j1 and k0 <= k < k1
+
+
+def group_scales(nodules: Sequence[mg.MergedNodule]) -> list[mg.MergedNodule]:
+    """One candidate per lesion across search scales.
+
+    Greedy by descending score: a candidate is folded into a higher-scoring one already kept
+    (its ``absorbed`` count + 1) when at least one of the two comes from a coarse scale and
+    either's centre lies inside the other's voxel box - a mass found whole at the coarse
+    scale and as fragments at the native one is one lesion.  A kept candidate keeps the
+    boxes of what it absorbed, so native fragments inside a folded coarse box are folded
+    too.  Two native candidates alone are never folded here (the merge's linking rule
+    already decided about them).
+
+    Returns:
+        the kept candidates, by descending score.
+    """
+    kept: list[tuple[mg.MergedNodule, list[mg.MergedNodule]]] = []
+    for n in sorted(nodules, key=lambda nd: -nd.score):
+        for host, territory in kept:
+            if any((t.scale != 1.0 or n.scale != 1.0)
+                   and (_inside(n.centre_ijk, t.box_voxel) or _inside(t.centre_ijk, n.box_voxel)) for t in territory):
+                host.absorbed += 1 + n.absorbed
+                territory.append(n)
+                break
+        else:
+            kept.append((n, [n]))
+    return [h for h, _ in kept]
+
+
+def coarse_nodules(sd: SliceDetections, ct: CTVolume, threshold, fpr_model=None, device="cpu",
+                   min_mm: float = COARSE_MIN_MM) -> list[mg.MergedNodule]:
+    """Candidates of the coarse passes (``sd.coarse``): merged at ``threshold`` (a float or
+    "adaptive" over that pass's own scores), only those spanning >= ``min_mm`` in-plane,
+    ``scale`` set to the factor, rescored by the FPR with its field widened by the factor."""
+    out = []
+    for f, sdc in sorted(sd.coarse.items()):
+        big = [n for n in merge_detections(sdc, ct, threshold).nodules if inplane_extent_mm(n, ct.spacing) >= min_mm]
+        for n in big:
+            n.scale = float(f)
+        if fpr_model is not None:
+            rescore_with_fpr(big, ct, fpr_model, device, field_scale=f)
+        out.extend(big)
+    return out
+
+
+def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
+                       max_kept: int | None = None) -> tuple[list[mg.MergedNodule], list]:
+    """One lesion, one answer: each nodule's outline comes from the click path at its centre.
+
+    By descending score, the click network runs at each nodule's centre
+    (``click(ct, point_lps)`` -> :class:`~NoduleMTLLib.pipeline.ClickOutput` with a
+    :class:`~NoduleMTLLib.consensus.MaskBox` mask, e.g.
+    ``Click2DNetwork(...).analyze_box``: the same code, zoom ladder included, as a user's
+    click there).  A nodule whose centre voxel lies inside the click outline of a
+    higher-scoring one is a fragment of the same lesion and is folded into it
+    (``absorbed``).  A kept nodule takes the outline as its mask, voxel box and in-plane box
+    (its centre stays the click point); when the click segments nothing it keeps the
+    detector's mask.
+
+    Args:
+        nodules: candidates (any order); ct: the CT; click: callable(ct, point_lps) ->
+            ClickOutput or None; max_kept: stop once this many nodules are kept.
+
+    Returns:
+        (kept nodules by descending score, their click outputs (None where the click
+        segmented nothing), in the same order).
+    """
+    kept: list[mg.MergedNodule] = []
+    outs: list = []
+    for n in sorted(nodules, key=lambda nd: -nd.score):
+        if max_kept is not None and len(kept) >= max_kept:
+            break
+        c = tuple(int(round(v)) for v in n.centre_ijk)
+        host = next((kept[i] for i, o in enumerate(outs) if o is not None and o.mask is not None
+                     and _in_maskbox(o.mask, c)), None)
+        if host is not None:
+            host.absorbed += 1 + n.absorbed
+            continue
+        o = click(ct, n.centre_lps)
+        if o is not None and o.mask is not None:
+            (k0, j0, i0), arr = o.mask.offset_zyx, o.mask.array
+            dz, dy, dx = arr.shape
+            n.mask, n.box_voxel = arr, (i0, j0, k0, i0 + dx, j0 + dy, k0 + dz)
+            n.box_xyxy = (float(i0), float(j0), float(i0 + dx), float(j0 + dy))
+            n.slices = sorted(set(n.slices) | {int(k) for k in np.flatnonzero(arr.any(axis=(1, 2))) + k0})
+            img = ct.image
+            corners = np.array([img.TransformContinuousIndexToPhysicalPoint([a - 0.5, b - 0.5, z - 0.5])
+                                for a in (i0, i0 + dx) for b in (j0, j0 + dy) for z in (k0, k0 + dz)])
+            n.box_lps_min = tuple(float(v) for v in corners.min(0))
+            n.box_lps_max = tuple(float(v) for v in corners.max(0))
+        kept.append(n)
+        outs.append(o)
+    return kept, outs
+
+
+def _in_maskbox(box, c_ijk) -> bool:
+    k0, j0, i0 = box.offset_zyx
+    i, j, k = c_ijk
+    dz, dy, dx = box.array.shape
+    return k0 <= k < k0 + dz and j0 <= j < j0 + dy and i0 <= i < i0 + dx and bool(box.array[k - k0, j - j0, i - i0])
+
+
 def select_nodules(sd: SliceDetections, ct: CTVolume, score_threshold: float | str = "default",
                    fpr_model: torch.nn.Module | None = None, device="cpu") -> tuple[mg.MergeResult, list[mg.MergedNodule], float]:
     """Candidates -> reported nodules (the two-stage search; :func:`parse_threshold` for the modes).
+
+    With coarse passes in ``sd`` (multi-scale search), their large candidates
+    (:func:`coarse_nodules`) join the native ones and each lesion is kept once
+    (:func:`group_scales`); ``merge.nodules`` then lists the grouped candidates.
 
     Returns:
         (merge result of the candidates, reported nodules by descending score, the score
@@ -578,10 +729,16 @@ def select_nodules(sd: SliceDetections, ct: CTVolume, score_threshold: float | s
 
     mode = parse_threshold(score_threshold)
     if fpr_model is None:
-        merged = merge_detections(sd, ct, "adaptive" if mode == "default" else mode)
+        thr = "adaptive" if mode == "default" else mode
+        merged = merge_detections(sd, ct, thr)
+        if sd.coarse:
+            merged.nodules = group_scales(list(merged.nodules) + coarse_nodules(sd, ct, thr))
         return merged, list(merged.nodules), float(merged.score_threshold)
     merged = merge_detections(sd, ct, fpr.CANDIDATE_THRESHOLD)
     rescore_with_fpr(merged.nodules, ct, fpr_model, device)
+    if sd.coarse:
+        merged.nodules = group_scales(list(merged.nodules) + coarse_nodules(sd, ct, fpr.CANDIDATE_THRESHOLD, fpr_model,
+                                                                            device))
     merged.nodules.sort(key=lambda nd: -nd.score)
     cut = fpr.operating_points()["default"] if mode == "default" else 0.0 if mode == "adaptive" else mode
     return merged, [n for n in merged.nodules if n.score >= cut], float(cut)
@@ -635,6 +792,29 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     messages = list(sd.report.warnings)
     if fpr_model is None:
         messages.append("single-stage search: the false-positive-reduction weights (fpr25d) are not installed")
+    t = time.perf_counter()
+    nets, done = {}, {}
+    if classify_with and found:
+        from ..pipeline import Click2DNetwork, check_point
+
+        nets = {nid: (networks or {}).get(nid) or load_network(nid, dev) for nid in classify_with}
+        clicker = Click2DNetwork(classify_with[0], nets[classify_with[0]], dev)
+
+        def click(ct_, point):
+            progress(0.87, f"outlining candidate at {tuple(round(v, 1) for v in point)}")
+            try:
+                check_point(ct_, point)
+            except InputError:
+                return None
+            return clicker.analyze_box(ct_, point)
+
+        n_found = len(found)
+        found, outs = outline_with_click(found, ct, click, max_kept=max_nodules)
+        done = {id(nod): o for nod, o in zip(found, outs) if o is not None}
+        if len(found) >= max_nodules and n_found > max_nodules:
+            messages.append(f"more than {max_nodules} lesions above the score threshold {cut:.3f}; "
+                            f"the {max_nodules} highest-scoring are reported")
+    t_outline = time.perf_counter() - t
     if len(found) > max_nodules:
         messages.append(f"{len(found)} nodules above the score threshold {cut:.3f}; "
                         f"the {max_nodules} highest-scoring are reported")
@@ -661,18 +841,19 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
 
     t = time.perf_counter()
     if classify_with and results:
-        nets = {nid: (networks or {}).get(nid) or load_network(nid, dev) for nid in classify_with}
-        for i, res in enumerate(results):
+        for i, (res, nod) in enumerate(zip(results, found)):
             progress(0.9 + 0.09 * i / len(results), f"classifying nodule {res.id}/{len(results)}")
             if res.found:
-                _classify(ct, res, classify_with, nets, dev)
+                o = done.get(id(nod))
+                _classify(ct, res, classify_with, nets, dev, {classify_with[0]: o} if o is not None else None)
     t_classify = time.perf_counter() - t
     progress(1.0, "done")
 
     lung_ml = None if sd.lung is None else round(sd.lung.volume_ml, 1)
     y0, y1, x0, x1 = sd.crop_yx
     ks = sd.slices_searched
-    timing = {**(extra_timing or {}), **sd.timing_s, "merge": t_merge, "measure": t_measure, "classify": t_classify}
+    timing = {**(extra_timing or {}), **sd.timing_s, "merge": t_merge, "outline": t_outline, "measure": t_measure,
+              "classify": t_classify}
     timing["total"] = sum(timing.values())
     run = {
         "software": f"NoduleMTL {__version__}", "mode": "detect", "detector": DETECTOR_ID,

@@ -105,6 +105,10 @@ class MergedNodule:
         detector_score: the Mask R-CNN score (max member score) when a second stage
             rescored the nodule (then ``score`` is the combined score), else None.
         fp_reduction_score: the false-positive-reduction probability (``fpr25d``), or None.
+        scale: the search scale that found it: 1 = native pixels, 2 = the CT shrunk 2x
+            in-plane (multi-scale search of masses, :mod:`.infer`).
+        absorbed: how many other candidates were found to be the same lesion and folded
+            into this one (scales grouped, or fragments inside its click outline).
     """
 
     score: float
@@ -119,6 +123,8 @@ class MergedNodule:
     members: list[dict] = field(default_factory=list)
     detector_score: float | None = None
     fp_reduction_score: float | None = None
+    scale: float = 1.0
+    absorbed: int = 0
 
     @property
     def centre_slice(self) -> int:

@@ -83,7 +83,7 @@ def slab(lidc3):
 def slab_run(slab, model):
     calls = Calls(model)
     try:
-        sd = infer.run_slice_detections(slab, model, "cpu")
+        sd = infer.run_slice_detections(slab, model, "cpu", coarse_factors=())
     finally:
         calls.handle.remove()
     return sd, calls.shapes
@@ -115,7 +115,7 @@ def test_lung_only_slices_and_crop(lidc3, lung3, model):
     calls = Calls(model)
     try:
         sd = infer.run_slice_detections(sub, model, "cpu", lung=lung, input_scale=0.25, batch_slices=8,
-                                        crop_per_batch=False)
+                                        crop_per_batch=False, coarse_factors=())
     finally:
         calls.handle.remove()
     b = pp.lung_bounds(lung)
@@ -137,7 +137,8 @@ def test_lung_only_slices_and_crop(lidc3, lung3, model):
     # per batch: the lung box of the batch's stacks, smaller than the scan's near the lung base
     calls = Calls(model)
     try:
-        sd2 = infer.run_slice_detections(sub, model, "cpu", lung=lung, input_scale=0.25, batch_slices=8)
+        sd2 = infer.run_slice_detections(sub, model, "cpu", lung=lung, input_scale=0.25, batch_slices=8,
+                                         coarse_factors=())
     finally:
         calls.handle.remove()
     assert sd2.settings["crop_per_batch"] and sd2.crop_yx == sd.crop_yx and sd2.slices_searched == has_lung
@@ -147,6 +148,34 @@ def test_lung_only_slices_and_crop(lidc3, lung3, model):
     assert sd2.settings["network_pixels"] == sum(a * b for _, a, b in calls.shapes)
     for d in sd2.detections:
         assert b.x0 - 1e-6 <= d.box[0] <= d.box[2] <= b.x1 + 1e-6 and b.y0 - 1e-6 <= d.box[1] <= d.box[3] <= b.y1 + 1e-6
+
+
+def test_coarse_pass_shares_batches_and_maps_back_to_native_pixels(lidc3, lung3, model):
+    """Multi-scale search: every batch goes through the network at native size and shrunk 2x;
+    the coarse pass equals a run at input_scale 0.5 and its detections are in native pixels."""
+    sub = CTVolume(lidc3[0].image[:, :, 66:72])
+    lung = _sub_lung(lung3, 66, 72)
+    calls = Calls(model)
+    try:
+        sd = infer.run_slice_detections(sub, model, "cpu", lung=lung, input_scale=0.5, batch_slices=8,
+                                        coarse_factors=(2.0,))
+    finally:
+        calls.handle.remove()
+    native = _batch_shapes(sd, 6, 8, 0.5)
+    coarse = _batch_shapes(sd, 6, 8, 0.25)
+    assert calls.shapes == native + coarse  # one batch: native, then coarse
+    assert set(sd.coarse) == {2.0} and sd.timing_s["network_coarse"] > 0
+    alone = infer.run_slice_detections(sub, model, "cpu", lung=lung, input_scale=0.25, batch_slices=8,
+                                       coarse_factors=())
+    got, ref = sd.coarse[2.0].detections, alone.detections
+    assert len(got) == len(ref) > 0
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a.box, b.box)
+        np.testing.assert_array_equal(a.mask, b.mask)
+    y0, y1, x0, x1 = sd.crop_yx
+    assert all(x0 - 1e-6 <= d.box[0] <= d.box[2] <= x1 + 1e-6 for d in got)
+    with pytest.raises(ValueError, match="coarse"):
+        infer.run_slice_detections(sub, model, "cpu", lung=lung, coarse_factors=(0.5,))
 
 
 def test_slab_run_native_size(slab, slab_run):

@@ -488,3 +488,48 @@ def test_froc_cpm_hand_checked():
     r1 = ev.froc([a, b], max_candidates_per_scan=1)
     assert (r1.n_detected, r1.n_false_positives, r1.n_ignored_excluded) == (1, 0, 1)
     np.testing.assert_allclose(r1.sensitivities, [1 / 3] * 7)
+
+
+def _nod(score, box_voxel, centre, scale=1.0):
+    i0, j0, k0, i1, j1, k1 = box_voxel
+    return mg.MergedNodule(score=score, slices=list(range(k0, k1)), box_xyxy=(i0, j0, i1, j1), box_voxel=box_voxel,
+                           centre_ijk=centre, centre_lps=centre, scale=scale)
+
+
+def test_group_scales_folds_fragments_into_the_coarse_lesion_only():
+    from NoduleMTLLib.detection import infer
+
+    mass = _nod(0.9, (10, 10, 0, 90, 90, 20), (50, 50, 10), scale=2.0)  # 80 px mass found at the coarse scale
+    frag_a = _nod(0.8, (20, 20, 5, 40, 40, 9), (30, 30, 7))  # native fragments inside it
+    frag_b = _nod(0.95, (60, 60, 8, 80, 80, 12), (70, 70, 10))  # a fragment scoring above the mass
+    small = _nod(0.7, (200, 200, 3, 210, 210, 6), (205, 205, 4))  # a nodule elsewhere
+    twin = _nod(0.6, (202, 202, 3, 212, 212, 6), (204, 204, 4))  # native twin: never folded here
+    kept = infer.group_scales([mass, frag_a, frag_b, small, twin])
+    assert kept == [frag_b, small, twin]  # frag_b's centre lies in the mass's box: one lesion
+    assert frag_b.absorbed == 2 and small.absorbed == 0  # the mass, then frag_a inside the mass's box
+    assert infer.group_scales([frag_a, small, twin]) == [frag_a, small, twin]
+
+
+def test_outline_with_click_one_lesion_one_answer():
+    from NoduleMTLLib.consensus import MaskBox
+    from NoduleMTLLib.detection import infer
+    from NoduleMTLLib.pipeline import ClickOutput
+
+    ct = CTVolume(sitk.Image(100, 100, 20, sitk.sitkInt16))
+    big = np.ones((10, 60, 60), bool)  # the click outline of a mass: k 5-14, j/i 20-79
+
+    def click(ct_, point):
+        i, j, k = point
+        if 20 <= i < 80 and 20 <= j < 80:
+            return ClickOutput(MaskBox((5, 20, 20), big, ct_.shape_zyx), 0.9, {}, 2.0)
+        return ClickOutput(None, float("nan"), {}, 1.0)
+
+    top = _nod(0.9, (40, 40, 8, 50, 50, 10), (45.0, 45.0, 9.0))
+    frag = _nod(0.8, (60, 60, 10, 70, 70, 12), (65.0, 65.0, 11.0))
+    other = _nod(0.7, (85, 85, 2, 95, 95, 4), (90.0, 90.0, 3.0))
+    kept, outs = infer.outline_with_click([frag, other, top], ct, click)
+    assert kept == [top, other] and top.absorbed == 1 and other.absorbed == 0
+    assert top.box_voxel == (20, 20, 5, 80, 80, 15) and top.mask.shape == (10, 60, 60)
+    assert top.box_xyxy == (20.0, 20.0, 80.0, 80.0) and top.centre_ijk == (45.0, 45.0, 9.0)
+    assert outs[1].mask is None and other.box_voxel == (85, 85, 2, 95, 95, 4)  # keeps the detector's box
+    assert infer.outline_with_click([frag, other, top], ct, click, max_kept=1)[0] == [top]

@@ -157,7 +157,7 @@ def test_whole_slice_image_is_the_inference_input(scan):
     from NoduleMTLLib.detection import preprocess as pp
 
     rec = _Recorder()
-    sd = infer.run_slice_detections(scan.ct, rec)  # the search's own lung mask, plan, batches, crops
+    sd = infer.run_slice_detections(scan.ct, rec, coarse_factors=())  # the search's own lung mask, plan, batches, crops
     assert sd.slices_searched == scan.slices and len(rec.inputs) == len(scan.slices) == 12
     assert sd.crop_yx == scan.crop_yx
     pre = pp.preprocess_ct(scan.ct)  # the whole-volume preprocessing of section 3.2
