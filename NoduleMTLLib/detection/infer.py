@@ -21,7 +21,10 @@ stacks sampled inside the lungs; how a whole scan is searched is ours:
 4. **Network**: batches of ``batch_slices`` stacks, ``torch.inference_mode``, at the
    crop's native pixel size (a torchvision transform that would resize is set to scale 1
    per call), or resized by ``input_scale`` (a speed option; boxes and masks are mapped
-   back to native pixels).
+   back to native pixels).  **Multi-scale search of masses** (:data:`COARSE_FACTORS`): each
+   batch also goes through the network shrunk 2x in-plane (sharing the preprocessing), so a
+   40-80 mm mass looks like the nodules the detector learned; its detections are mapped back
+   to native pixels (``SliceDetections.coarse``).
 5. **Merging**: detections are kept compactly (box + mask inside the box); the score
    threshold is fixed or adaptive (30th percentile of all slice-detection scores of the
    scan, clipped to [0.1, 0.5], :func:`~.merge.adaptive_score_threshold`); detections are
@@ -29,7 +32,15 @@ stacks sampled inside the lungs; how a whole scan is searched is ours:
    :func:`~.merge.merge_slice_detections` on the whole scan, without N x N matrices, so
    memory does not grow with the size of a linked group); each nodule's mask
    is the union of its members' masks on the CT grid, its centre the mask centroid
-   (merge rule 4).
+   (merge rule 4).  Coarse-pass candidates spanning >= :data:`COARSE_MIN_MM` join the
+   native ones, scored by the FPR with its field widened by the factor; one candidate per
+   lesion across scales (:func:`group_scales`).
+5b. **Outlines** (with ``classify_with``, as the CLI and the service run it): the first
+   click network runs at each reported nodule's centre - the same code as a user's click
+   there - and its outline becomes the nodule's mask and measurements; lower-scoring
+   nodules whose centre lies inside that outline are fragments of the same lesion and are
+   folded into it (:func:`outline_with_click`).  Without click networks the detector's
+   masks are reported.
 6. **Results**: one :class:`~NoduleMTLLib.results.NoduleResult` per merged nodule, by
    descending score (ids 1..N), its mask stored as its bounding box
    (:class:`~NoduleMTLLib.consensus.MaskBox`: a few kB, not a CT-sized array per
@@ -77,6 +88,12 @@ COARSE_FACTORS: tuple[float, ...] = (2.0,)
 #: smaller lesions are the native scale's (chosen on the training / validation scans,
 #: ``training/RESULTS.md``).
 COARSE_MIN_MM = 20.0
+#: Below this aerated lung volume (mL, both lungs; adult lungs on a chest CT hold about
+#: 4,000-6,000 mL), or with one of two separated lungs under :data:`LOW_LUNG_RATIO` of the other, the result
+#: carries a note: much of the lung may be replaced by tumour, effusion or collapse, and the
+#: search only covers aerated lung (fixed a priori, not tuned on any scan).
+LOW_LUNG_VOLUME_ML = 1500.0
+LOW_LUNG_RATIO = 0.25
 
 
 @dataclass
@@ -157,6 +174,22 @@ def load_fpr(device: torch.device | str = "cpu") -> torch.nn.Module | None:
     except registry.WeightsError:
         return None
     return registry.load_network(DEFAULT_FP_REDUCER, device)
+
+
+def lung_volume_note(lung: pp.LungMask | None) -> str | None:
+    """A note for ``nodules.json`` when little aerated lung was found (:data:`LOW_LUNG_VOLUME_ML`,
+    :data:`LOW_LUNG_RATIO`), else None."""
+    if lung is None:
+        return None
+    vols = [float(v) for v in lung.volumes_ml]
+    total = sum(vols)
+    one_sided = lung.n_lungs == 2 and min(vols) < LOW_LUNG_RATIO * max(vols)
+    if total >= LOW_LUNG_VOLUME_ML and not one_sided:
+        return None
+    per = " + ".join(f"{v:.0f}" for v in vols)
+    return (f"Little aerated lung found ({total:.0f} mL = {per} mL in {lung.n_lungs} lung(s)): much of the lung may be "
+            "replaced by tumour, effusion or collapse; the search covers aerated lung only, so a large mass may be "
+            "missed or reported in part - review the scan")
 
 
 def parse_threshold(value) -> float | str:
@@ -790,6 +823,9 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     merged, found, cut = select_nodules(sd, ct, thr_mode, fpr_model, dev)
     t_merge = time.perf_counter() - t
     messages = list(sd.report.warnings)
+    note = lung_volume_note(sd.lung)
+    if note:
+        messages.append(note)
     if fpr_model is None:
         messages.append("single-stage search: the false-positive-reduction weights (fpr25d) are not installed")
     t = time.perf_counter()

@@ -35,6 +35,16 @@
    preprocessing, network, merging, measurements, classification; the rest = start-up,
    reading and writing), the number of candidates, the load average, and each figure's
    ratio to its target (<= 45 s / <= 80 s, peak RSS <= 3 GB; ratio <= 1 = met).
+   LIDC-IDRI-0010 falls back to the whole-scan cache's ``ct.nrrd``
+   (``$NODULEMTL_CACHE/wholescan``) when no DICOM root is given.
+   **Cost in R50-FPN forwards** (issue 27 item 4: <= 40 on LIDC-IDRI-0010): before the runs, a
+   child process times one forward of torchvision's ``maskrcnn_resnet50_fpn`` (random weights,
+   2 classes, ``min_size = max_size = 512``, so a 512 x 512 input is not resized) on one
+   real 512 x 512 CT slice (HU window, 3 channels), median of 3 after a warm-up, with the
+   same threads; every end-to-end wall time is printed as that many forwards.
+4. **Thin slices** (issue 27 item 3, ``--skip-thin`` to skip): a training whole scan
+   (LIDC-IDRI-0002, 1.25 mm, 261 slices, from the whole-scan cache) resampled to 0.625 mm
+   (521 slices, linear) and run end to end like 3 (peak RSS target <= 3 GB).
 
 Weights: the shipped ``Resources/Weights/maskrcnn25d.safetensors`` when present, else (or
 with ``--random``) a randomly initialised narrow model.  Timing does not depend on the
@@ -65,7 +75,9 @@ SCANS = ("LIDC-IDRI-0003", "LIDC-IDRI-0005")
 SUBSET_START = 70
 TARGET_S, TARGET_RSS_GB = 60.0, 4.0
 #: End-to-end targets of issue 12 item 6 (2 cores): wall seconds per scan, peak RSS (GB).
-E2E_TARGET_S = {"LIDC-IDRI-0003": 45.0, "LIDC-IDRI-0010": 80.0}
+E2E_TARGET_S = {"LIDC-IDRI-0003": 45.0, "LIDC-IDRI-0010": 80.0, "LIDC-IDRI-0002 at 0.625 mm": 160.0}
+#: Issue 27 item 4: end to end on LIDC-IDRI-0010 within this many R50-FPN 512^2 forwards.
+E2E_TARGET_R50 = 40.0
 E2E_TARGET_RSS_GB = 3.0
 #: Environment variable naming the folder that holds the whole-scan DICOM series.
 DICOM_ROOT_ENV = "NODULEMTL_WHOLESCAN_DICOM"
@@ -186,13 +198,21 @@ def find_dicom_series(root: str | os.PathLike | None, patient: str) -> Path | No
     return None
 
 
+def _cache() -> Path:
+    return Path(os.environ.get("NODULEMTL_CACHE", REPO.parent / "cache"))
+
+
 def e2e_scans(dicom_root: str | None) -> list[tuple[str, Path | None, str]]:
     """(name, input path or None when absent, description) of the end-to-end scans."""
     nrrd = _data() / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd"
     root = dicom_root or os.environ.get(DICOM_ROOT_ENV)
+    s10 = find_dicom_series(root, "LIDC-IDRI-0010")
+    c10 = _cache() / "wholescan" / "LIDC-IDRI-0010" / "ct.nrrd"
+    if s10 is None and c10.is_file():
+        s10 = c10
     return [("LIDC-IDRI-0003", nrrd if nrrd.is_file() else None, f"{nrrd}"),
-            ("LIDC-IDRI-0010", find_dicom_series(root, "LIDC-IDRI-0010"),
-             f"DICOM series under --dicom-root / ${DICOM_ROOT_ENV} ({root or 'not set'})")]
+            ("LIDC-IDRI-0010", s10,
+             f"DICOM series under --dicom-root / ${DICOM_ROOT_ENV} ({root or 'not set'}) or {c10}")]
 
 
 def run_cli_e2e(ct_path: Path, threads: int | None = None) -> dict:
@@ -227,20 +247,67 @@ def run_cli_e2e(ct_path: Path, threads: int | None = None) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _print_e2e(name: str, r: dict) -> None:
+def _print_e2e(name: str, r: dict, r50_s: float | None = None) -> None:
     target = E2E_TARGET_S[name]
     if r["rc"] != 0 or "run" not in r:
         print(f"  {name}: FAILED (exit {r['rc']}): {r['stderr'].strip().splitlines()[-1:] or ''}")
         return
     t = r["run"]["timing_s"]
-    parts = ("load", "lung_mask", "preprocess", "network", "merge", "measure", "classify")
+    parts = ("load", "lung_mask", "preprocess", "network", "network_coarse", "merge", "outline", "measure", "classify")
     rest = r["wall_s"] - t.get("total", 0.0)
     print(f"  {name}: wall {r['wall_s']:.1f} s (x{r['wall_s'] / target:.2f} of the {target:.0f} s target), "
           f"CPU {r['cpu_s']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB (x{r['peak_rss_gb'] / E2E_TARGET_RSS_GB:.2f} "
           f"of {E2E_TARGET_RSS_GB:.0f} GB); {r['run']['n_slices']} slices, {r['run']['n_slices_searched']} searched, "
-          f"{r['n_nodules']} candidates; load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}")
+          f"{r['n_nodules']} nodules; load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}")
+    if r50_s:
+        print(f"      = {r['wall_s'] / r50_s:.1f} R50-FPN 512^2 forwards ({r50_s:.2f} s each, measured in this run; "
+              f"target <= {E2E_TARGET_R50:.0f} on LIDC-IDRI-0010)")
     print("      " + " + ".join(f"{k} {t.get(k, 0.0):.1f}" for k in parts)
           + f" + start-up/read/write {rest:.1f} s")
+
+
+def r50_worker(threads: int) -> dict:
+    """Fresh process: seconds of one torchvision R50-FPN Mask R-CNN forward on a 512 x 512 CT slice."""
+    import numpy as np
+    import torch
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    from NoduleMTLLib.io import read_ct
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=512, max_size=512).eval()
+    ct = read_ct(_data() / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd")
+    sl = np.clip((np.asarray(ct.array[70], np.float32) + 1000.0) / 1400.0, 0, 1)
+    x = torch.from_numpy(np.repeat(sl[None], 3, 0))
+    ts = []
+    with torch.inference_mode():
+        for _ in range(4):
+            t = time.perf_counter()
+            m([x])
+            ts.append(time.perf_counter() - t)
+    return {"r50_forward_s": sorted(ts[1:])[1], "all_s": ts}
+
+
+def thin_scan(cache: Path, out: Path, patient: str = "LIDC-IDRI-0002", dz: float = 0.625) -> Path | None:
+    """``patient``'s cached whole scan resampled to ``dz`` mm slices (linear), written to ``out``; None when absent."""
+    import SimpleITK as sitk
+
+    src = cache / "wholescan" / patient / "ct.nrrd"
+    if not src.is_file():
+        return None
+    im = sitk.ReadImage(str(src))
+    sp, sz = im.GetSpacing(), im.GetSize()
+    nz = int(round((sz[2] - 1) * sp[2] / dz)) + 1
+    r = sitk.ResampleImageFilter()
+    r.SetOutputSpacing((sp[0], sp[1], dz))
+    r.SetSize((sz[0], sz[1], nz))
+    r.SetOutputOrigin(im.GetOrigin())
+    r.SetOutputDirection(im.GetDirection())
+    r.SetInterpolator(sitk.sitkLinear)
+    r.SetDefaultPixelValue(-1000)
+    sitk.WriteImage(r.Execute(im), str(out), True)
+    return out
 
 
 def _spawn(args: list[str]) -> dict:
@@ -260,12 +327,16 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-whole", action="store_true")
     ap.add_argument("--skip-options", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end CLI runs")
+    ap.add_argument("--skip-thin", action="store_true", help="skip the 0.625 mm thin-slice end-to-end run")
+    ap.add_argument("--only", help="end to end: only the scan whose name contains this text")
     ap.add_argument("--e2e-repeats", type=int, default=1, help="end-to-end runs per scan (default 1)")
     ap.add_argument("--dicom-root", help=f"folder holding LIDC-IDRI-0010's DICOM series (default ${DICOM_ROOT_ENV})")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        if a.worker[0] == "whole":
+        if a.worker[0] == "r50":
+            print(json.dumps(r50_worker(a.threads)))
+        elif a.worker[0] == "whole":
             print(json.dumps(whole_worker(a.worker[1], a.threads, a.random, a.dets, a.worker[2:3] != ["scan-crop"])))
         else:
             print(json.dumps(options_worker(a.threads, a.subset, a.repeats, a.random, a.dets)))
@@ -314,21 +385,35 @@ def main(argv=None) -> int:
             proj = lung300 + 300 * row["min_ms"] / 1000
             print(f"  {row['option']:<52s} {proj:6.0f} s  (target <= {TARGET_S:.0f} s: "
                   f"{'met' if proj <= TARGET_S else 'NOT met'})")
-    if not a.skip_e2e:
+    if not a.skip_e2e or not a.skip_thin:
+        import tempfile
+
+        r50 = _spawn(["--worker", "r50", *common])["r50_forward_s"]
+        print(f"\none torchvision R50-FPN Mask R-CNN forward on a 512 x 512 slice ({a.threads} threads): {r50:.2f} s")
+        tmp = Path(tempfile.mkdtemp(prefix="nodulemtl-bench-thin-"))
+        scans = [] if a.skip_e2e else e2e_scans(a.dicom_root)
+        if not a.skip_thin:
+            thin = thin_scan(_cache(), tmp / "thin.nrrd")
+            scans.append(("LIDC-IDRI-0002 at 0.625 mm", thin, f"{_cache()}/wholescan/LIDC-IDRI-0002/ct.nrrd"))
+        if a.only:
+            scans = [sc for sc in scans if a.only in sc[0]]
         print(f"\n== end to end: nodulemtl analyze CT --detect --out DIR (default options; child process, "
               f"{a.e2e_repeats} run(s) per scan) ==")
-        for name, path, desc in e2e_scans(a.dicom_root):
+        for name, path, desc in scans:
             if path is None:
                 print(f"  {name}: skipped ({desc} not found)")
                 continue
             runs = []
             for _ in range(max(1, a.e2e_repeats)):
                 runs.append(run_cli_e2e(path))
-                _print_e2e(name, runs[-1])
+                _print_e2e(name, runs[-1], r50)
             ok = [r for r in runs if r["rc"] == 0]
             if len(ok) > 1:
                 print(f"  {name}: best of {len(ok)}: wall {min(r['wall_s'] for r in ok):.1f} s, peak RSS "
                       f"{min(r['peak_rss_gb'] for r in ok):.2f} GB")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     if whole:
         peak = max(w["peak_rss_mb"] for w in whole) / 1024
         print(f"\npeak RSS of a whole-scan run: {peak:.2f} GB (target <= {TARGET_RSS_GB:.0f} GB: "

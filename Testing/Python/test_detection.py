@@ -533,3 +533,41 @@ def test_outline_with_click_one_lesion_one_answer():
     assert top.box_xyxy == (20.0, 20.0, 80.0, 80.0) and top.centre_ijk == (45.0, 45.0, 9.0)
     assert outs[1].mask is None and other.box_voxel == (85, 85, 2, 95, 95, 4)  # keeps the detector's box
     assert infer.outline_with_click([frag, other, top], ct, click, max_kept=1)[0] == [top]
+
+
+def test_little_aerated_lung_gives_a_note_not_an_error():
+    from NoduleMTLLib.detection import infer
+
+    def lung(vols):
+        return pp.LungMask(np.zeros((1, 1, 1), np.uint8), (1.0, 1.0, 1.0), tuple(vols), len(vols))
+
+    assert infer.lung_volume_note(lung((2400.0, 2100.0))) is None
+    assert infer.lung_volume_note(lung((4200.0,))) is None  # joined lungs, one label
+    assert infer.lung_volume_note(None) is None
+    note = infer.lung_volume_note(lung((2600.0, 400.0)))  # left lung mostly replaced
+    assert "3000 mL = 2600 + 400 mL" in note and "effusion" in note
+    assert "900 mL" in infer.lung_volume_note(lung((500.0, 400.0)))
+
+
+@pytest.mark.slow
+def test_thin_slice_lung_mask_subsampled_in_z_agrees(lidc3):
+    """0.625 mm slices: the lung mask is computed on every 2nd slice and repeated back
+    (memory flat in slice count); it agrees with the full-z mask."""
+    ct = lidc3[0]
+    im = ct.image[:, :, 60:80]
+    sp = im.GetSpacing()
+    r = sitk.ResampleImageFilter()
+    r.SetOutputSpacing((sp[0], sp[1], 0.625))
+    r.SetSize((im.GetSize()[0], im.GetSize()[1], 77))
+    r.SetOutputOrigin(im.GetOrigin())
+    r.SetOutputDirection(im.GetDirection())
+    r.SetInterpolator(sitk.sitkLinear)
+    thin = CTVolume(r.Execute(im))
+    fast = pp.lung_mask_from_ct(thin)
+    full = pp.lung_mask_from_ct(thin, work_slice_mm=0.0)
+    assert fast.labels.shape == full.labels.shape == thin.shape_zyx
+    a, b = fast.labels > 0, full.labels > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.97
+    assert fast.n_lungs == full.n_lungs == 2
+    assert fast.volume_ml == pytest.approx(full.volume_ml, rel=0.03)
+    assert (fast.labels[a & b] == full.labels[a & b]).mean() > 0.99  # same left / right naming
