@@ -419,14 +419,17 @@ def compute_lung_mask(hu: np.ndarray, spacing_zyx, *, ijk_to_lps: np.ndarray | N
         region = out[sl]
         region[mm & (region == 0)] = v
 
-    if f > 1 or fz > 1:
-        out = np.repeat(np.repeat(np.repeat(out, fz, axis=0)[:nz_full], f, axis=1)[:, : hu.shape[1]], f,
-                        axis=2)[:, :, : hu.shape[2]]
+    if f > 1 or fz > 1:  # upsample by repetition slice by slice (no full-size temporaries)
+        full = np.empty(hu.shape, np.uint8)
+        for z in range(nz_full):
+            full[z] = np.repeat(np.repeat(out[z // fz], f, axis=0), f, axis=1)[: hu.shape[1], : hu.shape[2]]
+        out = full
     out = np.ascontiguousarray(out)
     sz = sz_full
     vml = sz * sy * sx / 1000.0
-    counts = np.bincount(out.ravel(), minlength=n_lungs + 1)
-    volumes = tuple(float(counts[v]) * vml for v in range(1, n_lungs + 1))
+    # per-label counts slice by slice: np.bincount would cast the whole uint8 grid to int64
+    # (8 bytes per voxel: 2.2 GB on a 1,000-slice scan)
+    volumes = tuple(float(sum(np.count_nonzero(sl == v) for sl in out)) * vml for v in range(1, n_lungs + 1))
     return LungMask(labels=out, spacing_zyx=(sz, sy, sx), volumes_ml=volumes, n_lungs=n_lungs)
 
 

@@ -75,7 +75,7 @@ def slab3(lidc3):
 def slab_detections(slab3, repo_dir):
     if not (repo_dir / "Resources" / "Weights" / "maskrcnn25d.safetensors").exists():
         pytest.skip("maskrcnn25d weights not shipped")
-    return infer.run_slice_detections(slab3, infer.load_detector("cpu"), "cpu")
+    return infer.run_slice_detections(slab3, infer.load_detector("cpu"), "cpu", coarse_factors=())  # native stage
 
 
 @pytest.mark.slow
