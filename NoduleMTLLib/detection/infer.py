@@ -94,6 +94,23 @@ COARSE_MIN_MM = 20.0
 #: search only covers aerated lung (fixed a priori, not tuned on any scan).
 LOW_LUNG_VOLUME_ML = 1500.0
 LOW_LUNG_RATIO = 0.25
+#: Largest CT the search accepts (voxels; 1,100 slices of 512 x 512): within it the peak memory
+#: stays under 3 GB (measured, ``training/RESULTS.md``); larger scans are refused up front
+#: (:func:`check_size`) instead of running out of memory half-way.
+MAX_VOXELS = 1100 * 512 * 512
+
+
+def check_size(ct: CTVolume) -> None:
+    """Refuse a CT above :data:`MAX_VOXELS` with a one-line error that gives the limit.
+
+    Raises:
+        InputError: too many voxels.
+    """
+    nz, ny, nx = ct.shape_zyx
+    if nz * ny * nx > MAX_VOXELS:
+        raise InputError(f"The CT has {nz} slices of {nx} x {ny} ({nz * ny * nx / 1e6:.0f} M voxels); Find nodules "
+                         f"handles at most {MAX_VOXELS / 1e6:.0f} M voxels ({MAX_VOXELS // (512 * 512)} slices of "
+                         "512 x 512) within its 3 GB memory budget: resample to thicker slices (e.g. 1.25 mm) first")
 
 
 @dataclass
@@ -429,6 +446,7 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
     if any(not f >= 1.0 for f in coarse_factors):
         raise ValueError(f"coarse factors must be >= 1, got {coarse_factors}")
     report = pp.check_detection_input(ct, warn=False)
+    check_size(ct)
     timing = {}
     t = time.perf_counter()
     if lung is None and (use_lung_mask or restrict_to_lungs):
@@ -958,7 +976,7 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
         ``messages`` holds notes (thick slices, nodule cap, nothing found).
 
     Raises:
-        InputError: fewer than 5 slices; unknown ``classify_with`` id.
+        InputError: fewer than 5 slices; more than :data:`MAX_VOXELS`; unknown ``classify_with`` id.
         NoLungError: no plausible lung in the CT.
         ValueError: bad ``score_threshold`` / ``batch_slices`` / ``input_scale``.
         WeightsError: detector or click-network weights missing.
@@ -972,6 +990,7 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
     parse_threshold(score_threshold)  # fail fast, before loading anything
     check_network_ids(classify_with)
     pp.check_detection_input(ct, warn=False)
+    check_size(ct)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     t = time.perf_counter()
     if model is None:

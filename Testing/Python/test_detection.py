@@ -571,3 +571,14 @@ def test_thin_slice_lung_mask_subsampled_in_z_agrees(lidc3):
     assert fast.n_lungs == full.n_lungs == 2
     assert fast.volume_ml == pytest.approx(full.volume_ml, rel=0.03)
     assert (fast.labels[a & b] == full.labels[a & b]).mean() > 0.99  # same left / right naming
+
+
+def test_too_large_ct_is_refused_up_front_with_the_limit(monkeypatch):
+    from NoduleMTLLib.detection import infer
+
+    assert infer.MAX_VOXELS == 1100 * 512 * 512
+    monkeypatch.setattr(infer, "MAX_VOXELS", 10 * 512 * 512)  # small CTs stand in for 1,100+ slices
+    big = CTVolume(sitk.Image(512, 512, 11, sitk.sitkInt16))
+    with pytest.raises(InputError, match=r"11 slices of 512 x 512 .*at most 3 M voxels \(10 slices of 512 x 512\)"):
+        infer.detect_nodules(big, model=torch.nn.Identity(), device="cpu")
+    infer.check_size(CTVolume(sitk.Image(512, 512, 10, sitk.sitkInt16)))  # at the limit: accepted
