@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-fpr", action="store_true", help="single-stage search (no false-positive reduction)")
     ap.add_argument("--cache", type=Path, default=None, help="whole-scan cache with the validation scans")
     ap.add_argument("--no-outline", action="store_true", help="report the detector's masks (no click outlines)")
-    ap.add_argument("--single-scale", action="store_true", help="native scale only (no coarse pass for masses)")
+    ap.add_argument("--coarse", action="store_true", help="multi-scale search: add the 2x coarse pass (off by default)")
     return ap
 
 
@@ -512,9 +512,10 @@ def load_fpr_model(weights: Path | None, device="cpu"):
 
 def run(weights=None, random_init=False, data=None, out=None, thresholds=None, device="auto", threads=2,
         input_scale=1.0, log=print, fpr_weights=None, no_fpr=False, cache=None, no_outline=False,
-        single_scale=False) -> dict:
+        coarse=False) -> dict:
     """Load the model, evaluate, write the JSON report; returns it.  ``no_outline``: keep the
-    detector's masks (no click outlines); ``single_scale``: native scale only (no coarse pass)."""
+    detector's masks (no click outlines); ``coarse``: add the 2x coarse pass of the multi-scale
+    search (``infer.COARSE_FACTORS``, off by default)."""
     import torch
 
     from NoduleMTLLib.device import resolve_device
@@ -527,8 +528,8 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     t0 = time.perf_counter()
     click = None if no_outline else click_outliner(dev)
     search = {"input_scale": float(input_scale)}
-    if single_scale:
-        search["coarse_factors"] = ()
+    if coarse:
+        search["coarse_factors"] = (2.0,)
     rep = evaluate_whole_ct(model, data, tuple(thresholds or DEFAULT_THRESHOLDS), dev, log=log, fpr_model=fpr,
                             cache=cache, click=click, **search)
     rep["outlines"] = "click network at each reported nodule's centre" if click is not None else "detector masks"
@@ -556,7 +557,7 @@ def main(argv=None) -> int:
     try:
         run(a.weights, a.random_init, a.data, a.out, a.threshold, a.device, a.threads, a.input_scale,
             fpr_weights=a.fpr_weights, no_fpr=a.no_fpr, cache=a.cache, no_outline=a.no_outline,
-            single_scale=a.single_scale)
+            coarse=a.coarse)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"evaluate_detection: error: {e}", file=sys.stderr)
         return 1

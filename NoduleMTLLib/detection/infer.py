@@ -21,10 +21,10 @@ stacks sampled inside the lungs; how a whole scan is searched is ours:
 4. **Network**: batches of ``batch_slices`` stacks, ``torch.inference_mode``, at the
    crop's native pixel size (a torchvision transform that would resize is set to scale 1
    per call), or resized by ``input_scale`` (a speed option; boxes and masks are mapped
-   back to native pixels).  **Multi-scale search of masses** (:data:`COARSE_FACTORS`): each
-   batch also goes through the network shrunk 2x in-plane (sharing the preprocessing), so a
-   40-80 mm mass looks like the nodules the detector learned; its detections are mapped back
-   to native pixels (``SliceDetections.coarse``).
+   back to native pixels).  **Multi-scale search of masses** (``coarse_factors``, off by
+   default, :data:`COARSE_FACTORS`): each batch also goes through the network shrunk 2x
+   in-plane (sharing the preprocessing), so a 40-80 mm mass looks like the nodules the
+   detector learned; its detections are mapped back to native pixels (``SliceDetections.coarse``).
 5. **Merging**: detections are kept compactly (box + mask inside the box); the score
    threshold is fixed or adaptive (30th percentile of all slice-detection scores of the
    scan, clipped to [0.1, 0.5], :func:`~.merge.adaptive_score_threshold`); detections are
@@ -79,11 +79,16 @@ DETECTOR_ID = DEFAULT_DETECTOR
 MAX_NODULES = 100
 #: Default number of stacks per network call (measured: see Testing/Benchmarks/bench_detect.py).
 BATCH_SLICES = 4
-#: Multi-scale search of masses (issue 27): each batch also goes through the detector shrunk
-#: this many times in-plane, so a 40-80 mm mass looks like the 20-40 mm nodules the detector
-#: learned (it was trained on fields of nodules <= 30 mm and splits a mass into fragments).
-#: The preprocessing is shared; the coarse pass costs about 1 / factor^2 of the native one.
-COARSE_FACTORS: tuple[float, ...] = (2.0,)
+#: Multi-scale search of masses (issue 27; an option, off by default): each batch also goes
+#: through the detector shrunk this many times in-plane, e.g. (2.0,), so a 40-80 mm mass looks
+#: like the 20-40 mm nodules the detector learned (it was trained on fields of nodules <= 30 mm
+#: and splits a mass into fragments).  Measured on the training scan LIDC-IDRI-0002
+#: (``training/RESULTS.md``): on 2x shrunk input the shipped detector's fused scores saturate
+#: at 0.461 (combined score <= 0.68, below both operating points), so the coarse pass cannot
+#: report anything at the default while it costs 70-80 % of the native pass's time (the
+#: region heads' cost does not shrink with the image).  Off until a detector is trained on
+#: shrunk fields.
+COARSE_FACTORS: tuple[float, ...] = ()
 #: A coarse-scale candidate is kept only when its in-plane box spans at least this many mm:
 #: smaller lesions are the native scale's (chosen on the training / validation scans,
 #: ``training/RESULTS.md``).
