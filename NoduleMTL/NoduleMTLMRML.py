@@ -565,7 +565,7 @@ def add_result_to_scene(scene, result: AnalysisResult, referenceVolumeNode, segm
         tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(f"{segmentationNode.GetName()} table"))
         _build_table(tableNode, result, segment_ids)
 
-        runJson = json.dumps(result.run or {}, default=str)
+        runJson = json.dumps(result.run or {}, default=str, allow_nan=False)
         for node in (segmentationNode, tableNode):
             node.SetAttribute(SEGMENT_TAG_PREFIX + "run", runJson)
         segmentationNode.SetNodeReferenceID(SEGMENT_TAG_PREFIX + "table", tableNode.GetID())
@@ -1173,7 +1173,7 @@ def export_report(segmentationNode, referenceVolumeNode, out_dir, dicom_folder=N
     annotate_result(result, ct, patient if patient is not None else patient_for(ct))
     out = prepare_output_dir(out_dir)
     paths = []
-    (out / "nodules.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    (out / "nodules.json").write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
     paths.append(out / "nodules.json")
     if dicom_folder is not None:
         from NoduleMTLLib.dicom_seg import write_seg_into_output_dir

@@ -206,6 +206,9 @@ def analyze(ct: CTVolume, points_lps: Sequence[Sequence[float]] | None = None, *
                                   networks=models.networks_on(dev), mask=mask)
 
     result = with_cpu_fallback(run, device, notify=notify)
+    if not detect:  # clicks on one nodule -> one nodule (before Brock counts them)
+        from .duplicates import merge_duplicate_clicks
+        merge_duplicate_clicks(result, ct)
     if assess:
         assess_result(result, ct, patient)
     return result

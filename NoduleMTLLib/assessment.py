@@ -16,7 +16,7 @@ import logging
 
 import numpy as np
 
-from . import brock, lung_rads
+from . import brock, lung_rads, thick_slices
 
 log = logging.getLogger(__name__)
 
@@ -77,5 +77,6 @@ def annotate_result(result, ct, patient: brock.PatientInfo | None = None) -> Non
             n.type = typ["type"]
         n.lung_rads = lung_rads.assess_nodule(n, ct, typ) if ok else None
         n.brock = brock.assess_nodule(n, patient, max(1, len(found)), locations.get(n.id), count_note) if ok else None
+    thick_slices.annotate_result(result, ct)  # > 2.5 mm: a note; >= 5 mm: small nodules "not categorised"
     result.run["lung_rads"] = lung_rads.scan_category([(n.id, n.lung_rads) for n in result.nodules])
     result.run["patient"] = patient.to_dict()

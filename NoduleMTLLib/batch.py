@@ -58,6 +58,7 @@ import io as _io
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -80,8 +81,7 @@ NOT_DICOM = (".csv", ".txt", ".json", ".md", ".raw", ".zraw", ".png", ".jpg", ".
 ANNOTATION_WORDS = ("label", "labels", "labelmap", "mask", "masks", "seg", "segmentation")
 
 
-class BatchError(ValueError):
-    """The batch cannot start (bad input folder/list, bad points CSV)."""
+from .errors import BatchError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 @dataclass
@@ -267,9 +267,20 @@ def read_points_csv(path: str | os.PathLike, lps: bool = False) -> dict[str, lis
     cols = {c.strip().lower(): c for c in (rd.fieldnames or [])}
     missing = [c for c in ("case", "x", "y", "z") if c not in cols]
     if missing:
-        raise BatchError(f"Points file {path} lacks column(s) {', '.join(missing)} (header case,x,y,z[,frame])")
+        semi = " (the file seems separated by ';': use ',' between fields and '.' for decimals)" \
+            if ";" in "".join(rd.fieldnames or []) else ""
+        raise BatchError(f"Points file {path} lacks column(s) {', '.join(missing)} (header case,x,y,z[,frame]){semi}")
     out: dict[str, list] = {}
-    for lineno, row in enumerate(rd, start=2):
+    n_head = len(rd.fieldnames or [])
+    for row in rd:
+        lineno = rd.line_num
+        # more fields than the header (restkey None), or fewer than case,x,y,z
+        if row.get(None) or any(row.get(cols[c]) is None for c in ("case", "x", "y", "z")):
+            fields = [v for k, v in row.items() if k is not None and v is not None] + list(row.get(None) or [])
+            hint = ""
+            if row.get(None) and all(re.fullmatch(r"\s*-?\d+\s*", v or "") for v in fields[1:]):
+                hint = " - decimal commas? write -72.5, not -72,5 (or quote the values)"
+            raise BatchError(f"Points file {path}, line {lineno}: {len(fields)} fields, the header has {n_head}{hint}")
         case = (row.get(cols["case"]) or "").strip()
         if not case:
             continue
@@ -396,8 +407,9 @@ class BatchRun:
         return None
 
     def run_case(self, case: Case) -> CaseResult:
-        """Analyse one case; input problems become a ``failed`` result, weights/device errors propagate."""
+        """Analyse one case; input problems become a ``failed`` result, weights/device/calibration errors propagate."""
         from .analysis import analyze, detector_status
+        from .calibration import CalibrationError
         from .device import DeviceError
         from .io import InputError, read_ct
         from .outputs import OutputError, write_output_files
@@ -421,7 +433,7 @@ class BatchRun:
             # the case folder: not the input, no stray outputs unless --overwrite, all-or-nothing
             # (the batch's lock covers it)
             with OutputSet(folder, inputs=[case.path], overwrite=self.overwrite, lock=False) as outset:
-                ct = read_ct(case.path)
+                ct = read_ct(case.path, allow_non_ct=bool(getattr(self.report_options, "allow_non_ct", False)))
                 from . import reporting
                 res = analyze(ct, pts, detect=not pts, network_ids=self.network_ids, device=self.device,
                               threshold=self.threshold, models=self._models,
@@ -436,12 +448,14 @@ class BatchRun:
                 reporting.write_report_files(res, ct, stage, pictures=not getattr(opts, "no_pictures", False),
                                              dicom_sr=bool(getattr(opts, "dicom_sr", False)) and ct.dicom_series_uid is not None)
                 outset.commit()
-        except (WeightsError, DeviceError):
+        except (WeightsError, DeviceError, CalibrationError):
             raise  # not a problem of this case: stop the run
         except Exception as e:  # noqa: BLE001 - a bad case must not stop the batch
             if not isinstance(e, (InputError, OutputError)):
                 log.warning("case %s: unexpected error", case.name, exc_info=True)
             base.status, base.message = "failed", _one_line(e)
+            if self.points and not pts:  # say why the whole-scan search ran at all
+                base.message = f"no row for this case in the points file, so the whole scan was searched: {base.message}"
             base.seconds = time.perf_counter() - t0
             return base
         base.status = "ok"
@@ -481,9 +495,8 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from .analysis import split_networks
-    from .device import DeviceError
-    from .outputs import OutputError
-    from .registry import WeightsError, check_network_ids
+    from .errors import NoduleMTLError
+    from .registry import check_network_ids
 
     out = Path(args.out)
     try:
@@ -512,9 +525,9 @@ def main(args) -> int:
                 if cluster.wanted(args) else run.run(on_case)
         finally:
             bar.close()
-    except (BatchError, OutputError, WeightsError, DeviceError) as e:
+    except NoduleMTLError as e:  # every library error; programming errors keep their traceback
         print(f"nodulemtl: error: {_one_line(e)}", file=sys.stderr)
-        return 1
+        return e.exit_code
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped", "done-before")}
     for r in results:
         if r.status == "failed":

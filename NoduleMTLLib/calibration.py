@@ -56,8 +56,8 @@ Z_CLIP = 4.0
 FEATURES = ("logit:<network>", "log_volume", "solid_fraction", "diameter_mm", "sign:<network>:<sign>")
 
 
-class CalibrationError(ValueError):
-    """calibration.json is malformed, or a model cannot be applied to a run."""
+from . import strict_json  # noqa: E402
+from .errors import CalibrationError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 def logit(p) -> np.ndarray:
@@ -342,19 +342,82 @@ def calibration_path() -> Path | None:
 def load_calibration(path: str | os.PathLike | None = None) -> CalibrationSet | None:
     """Read calibration.json (``path``, else :func:`calibration_path`); None when there is none.
 
+    The file found in a weights folder (not one named by ``path`` or ``$NODULEMTL_CALIBRATION``)
+    is verified like weights: its size and sha256 must match the ``calibration`` entry of that
+    folder's ``models.json`` (else the shipped one; :func:`NoduleMTLLib.registry.manifest_for`).
+    After changing calibration.json, re-record its checksum with :func:`record_checksum`
+    (``python -m NoduleMTLLib.calibration record``; ``training/calibration.py --write-weights``
+    does it itself).  Every file is schema-checked: valid JSON, no NaN / infinite number, the
+    format and keys of :meth:`CalibrationSet.from_dict`.
+
     Raises:
-        CalibrationError: the file exists but is not valid JSON or not a valid calibration set.
+        CalibrationError: the file exists but fails its checksum, is not valid JSON, holds a
+            non-finite number, or is not a valid calibration set (the message names the file).
     """
+    explicit = path is not None or bool(os.environ.get("NODULEMTL_CALIBRATION"))
     p = Path(path) if path is not None else calibration_path()
     if p is None or not p.is_file():
-        if path is not None or os.environ.get("NODULEMTL_CALIBRATION"):
+        if explicit:
             raise CalibrationError(f"calibration file {p} not found")
         return None
+    if not explicit:
+        verify_checksum(p)
     try:
-        d = json.loads(p.read_text())
+        d = strict_json.read(p)
     except (OSError, ValueError) as e:
-        raise CalibrationError(f"calibration file {p}: {e}") from None
-    return CalibrationSet.from_dict(d, str(p))
+        raise CalibrationError(f"calibration file {p}: {' '.join(str(e).split())}") from None
+    try:
+        return CalibrationSet.from_dict(d, str(p))
+    except CalibrationError as e:
+        raise CalibrationError(str(e) if str(p) in str(e) else f"calibration file {p}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CalibrationError(f"calibration file {p}: not a valid calibration set ({type(e).__name__}: {e})") from None
+
+
+def verify_checksum(path: Path) -> None:
+    """Check ``path`` (a calibration.json in a weights folder) against the ``calibration`` entry
+    (``file``, ``size_bytes``, ``sha256``) of its manifest (:func:`NoduleMTLLib.registry.manifest_for`).
+
+    Raises:
+        CalibrationError: no entry (unverified: refused), or size / sha256 differ.
+    """
+    from .registry import WeightsError, manifest_for, sha256_of
+
+    try:
+        man, mpath = manifest_for(path)
+    except WeightsError as e:
+        raise CalibrationError(str(e)) from None
+    entry = man.get("calibration")
+    if not isinstance(entry, dict) or entry.get("file") != path.name:
+        raise CalibrationError(f"calibration file {path} is not recorded in {mpath}: refused unverified "
+                               "(record it: python -m NoduleMTLLib.calibration record)")
+    if path.stat().st_size != entry.get("size_bytes") or sha256_of(path) != entry.get("sha256"):
+        raise CalibrationError(f"calibration file {path} fails its sha256 check against {mpath} (corrupt or edited; "
+                               "after a deliberate change re-record it: python -m NoduleMTLLib.calibration record)")
+
+
+def record_checksum(path: str | os.PathLike | None = None, manifest_path: str | os.PathLike | None = None) -> dict:
+    """Record calibration.json's size and sha256 in models.json (the ``calibration`` entry), so that
+    :func:`load_calibration` accepts it.  Run after every deliberate change of the file.
+
+    Args:
+        path: the calibration file (default ``Resources/Weights/calibration.json``).
+        manifest_path: the manifest (default ``models.json`` beside ``path``).
+
+    Returns:
+        The entry written.  Raises CalibrationError when the file is not a valid calibration
+        set (it is checked first) and OSError when the manifest cannot be written.
+    """
+    from .registry import resources_dir, sha256_of, write_manifest
+
+    p = Path(path) if path is not None else resources_dir() / "Weights" / CALIBRATION_FILE
+    load_calibration(p)  # schema check before vouching for it
+    mp = Path(manifest_path) if manifest_path is not None else p.parent / "models.json"
+    man = json.loads(mp.read_text(encoding="utf-8")) if mp.is_file() else {"format": 1, "networks": {}}
+    entry = {"file": p.name, "size_bytes": p.stat().st_size, "sha256": sha256_of(p)}
+    man["calibration"] = entry
+    write_manifest(mp, man)
+    return entry
 
 
 def apply_to_result(result, calibration: CalibrationSet | None = None) -> None:
@@ -369,13 +432,12 @@ def apply_to_result(result, calibration: CalibrationSet | None = None) -> None:
     Args:
         result: :class:`NoduleMTLLib.results.AnalysisResult` of the click path.
         calibration: a loaded set; None reads the default file (:func:`load_calibration`).
+
+    Raises:
+        CalibrationError: the default file is corrupt, unverified or invalid (never a silent None).
     """
-    try:
-        cs = calibration if calibration is not None else load_calibration()
-    except CalibrationError as e:
-        cs, why = None, str(e)
-    else:
-        why = "no calibration.json found"
+    cs = calibration if calibration is not None else load_calibration()  # CalibrationError: a bad file stops the run
+    why = "no calibration.json found"
     nets = list(result.run.get("networks", []))
     mask = "consensus" if result.run.get("reported_mask") == "consensus" else "first"
     model = cs.select_model(nets, mask) if cs is not None else None
@@ -401,3 +463,11 @@ def apply_to_result(result, calibration: CalibrationSet | None = None) -> None:
         "default_configuration": bool(cs.default and cs.default.get("model") == model.id
                                       and list(cs.default.get("networks", [])) == nets),
         "fitted_on": model.info.get("fitted_on")}
+
+
+if __name__ == "__main__":  # python -m NoduleMTLLib.calibration record [CALIBRATION_JSON [MODELS_JSON]]
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "record" or len(sys.argv) > 4:
+        sys.exit("usage: python -m NoduleMTLLib.calibration record [CALIBRATION_JSON [MODELS_JSON]]")
+    print(json.dumps(record_checksum(*sys.argv[2:4]), allow_nan=False))

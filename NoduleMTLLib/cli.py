@@ -29,6 +29,10 @@ import logging
 import sys
 import time
 
+#: Help of ``--allow-non-ct`` (analyze, batch, reclassify).
+ALLOW_NON_CT_HELP = ("analyse a DICOM series whose Modality / SOP class is not CT (phantoms, tests); refused otherwise. "
+                     "Recorded in nodules.json (input.non_ct_allowed)")
+
 
 def _progress_bar(disable: bool, progress_format: str = "bar"):
     if progress_format == "lines":  # machine-readable, for the Slicer module's background run
@@ -78,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "<= 2 false positives per scan), 'adaptive' (every candidate of the detector's adaptive "
                         "threshold: highest sensitivity) or a minimum score in [0, 1]")
     a.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
+    a.add_argument("--allow-non-ct", action="store_true", help=ALLOW_NON_CT_HELP)
     a.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     a.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
@@ -102,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, type=out_dir_arg, help="output folder: <case>/ per case and summary.csv")
     b.add_argument("--points", help="CSV case,x,y,z[,frame]: points per case (mm, RAS unless frame LPS or --lps)")
     b.add_argument("--lps", action="store_true", help="points without a frame are LPS (DICOM/ITK) instead of RAS")
+    b.add_argument("--allow-non-ct", action="store_true", help=ALLOW_NON_CT_HELP)
     b.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
@@ -120,12 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reclassify", help="measure and classify given (e.g. edited) nodule masks without segmenting")
     r.add_argument("ct", help="CT image file or DICOM series folder")
     r.add_argument("--mask", action="append", required=True,
-                   help="mask image on the CT grid (non-zero voxels = the nodule); repeat for several nodules")
+                   help="mask image on the CT grid (same size, spacing, origin, direction): non-zero voxels = the "
+                        "nodule; a label map with several values (e.g. analyze's labels.nrrd) = one nodule per value, "
+                        "the value its id; repeat for several nodules")
     r.add_argument("--id", type=int, action="append", help="nodule id of each --mask, in order (default 1..N)")
     r.add_argument("--point", nargs=3, type=float, action="append", metavar=("X", "Y", "Z"),
                    help="world point (mm, RAS unless --lps) of each --mask, in order (the original click; default: "
                         "the mask centroid)")
     r.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
+    r.add_argument("--allow-non-ct", action="store_true", help=ALLOW_NON_CT_HELP)
     r.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     r.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
@@ -139,32 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reclassify(args, models=None) -> int:
     """``nodulemtl reclassify``: :func:`NoduleMTLLib.analysis.reclassify` on the given masks, outputs as ``analyze``."""
-    import SimpleITK as sitk
-
     from .analysis import reclassify, split_networks
-    from .device import DeviceError
-    from .io import InputError, ras_to_lps, read_ct
-    from .outputs import OutputError, write_output_files
-    from .registry import WeightsError
+    from .errors import NoduleMTLError, OutputError, one_line
+    from .io import ras_to_lps, read_ct
+    from .mask_input import read_masks
+    from .outputs import write_output_files
     from .safe_output import OutputSet
 
     try:
         # checks --out (not an input, no earlier outputs unless --overwrite), locks it; created at commit()
         with OutputSet(args.out, inputs=[args.ct, *args.mask], overwrite=args.overwrite) as outset:
-            ct = read_ct(args.ct)
-            masks = []
-            for path in args.mask:
-                try:
-                    m = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) != 0
-                except RuntimeError as e:
-                    raise InputError(f"Cannot read mask {path}: {' '.join(str(e).split())[:200]}") from None
-                if m.shape != tuple(ct.shape_zyx):
-                    raise InputError(f"Mask {path} has shape {m.shape}, the CT {tuple(ct.shape_zyx)}: use the CT's grid")
-                masks.append(m)
+            ct = read_ct(args.ct, allow_non_ct=args.allow_non_ct)
             points = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point] if args.point else None
+            # on the CT's grid (size, spacing, origin, direction); a multi-label mask: one nodule per label
+            masks, ids, points = read_masks(args.mask, ct, args.id, points)
             bar, cb = _progress_bar(args.quiet, args.progress_format)
             try:
-                res = reclassify(ct, masks, nodule_ids=args.id, points_lps=points, network_ids=split_networks(args.networks),
+                res = reclassify(ct, masks, nodule_ids=ids, points_lps=points, network_ids=split_networks(args.networks),
                                  device=args.device, progress=cb, models=models,
                                  notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
             finally:
@@ -174,9 +174,9 @@ def _reclassify(args, models=None) -> int:
             except OSError as e:
                 raise OutputError(f"Cannot write outputs to {args.out}: {e.strerror or e}") from None
             outset.commit()
-    except (InputError, WeightsError, DeviceError, OutputError, KeyError) as e:
-        print(f"nodulemtl: error: {e}", file=sys.stderr)
-        return 1
+    except NoduleMTLError as e:  # every library error; programming errors keep their traceback
+        print(f"nodulemtl: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     for n in res.nodules:
         probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
         print(f"Nodule {n.id}: {n.diameter_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.volume_mm3:.0f} mm3, {n.type}; P(malignant): {probs}")
@@ -209,8 +209,24 @@ def main(argv=None, models=None) -> int:
 
     ``models``: a :class:`~NoduleMTLLib.analysis.ModelCache` kept by the caller (the
     persistent worker, :mod:`NoduleMTLLib.worker`) so networks load once across calls.
-    Usage errors raise SystemExit(2) (argparse).
+    Usage errors raise SystemExit(2) (argparse).  A library error
+    (:class:`NoduleMTLLib.errors.NoduleMTLError`) prints one line and returns its class's
+    ``exit_code``; Ctrl-C prints one line and returns 130 (the output folder keeps its
+    previous set: :mod:`NoduleMTLLib.safe_output`).
     """
+    from .errors import EXIT_INTERRUPTED, NoduleMTLError, one_line
+
+    try:
+        return _main(argv, models)
+    except NoduleMTLError as e:
+        print(f"nodulemtl: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("nodulemtl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv, models) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["review"]:
         return _review(argv[1:])
@@ -232,10 +248,9 @@ def main(argv=None, models=None) -> int:
     if bool(args.detect) == bool(args.point):
         ap.error("analyze needs either --point (one or more) or --detect")
     from .analysis import analyze, split_networks
-    from .device import DeviceError
+    from .errors import NoduleMTLError, OutputError, one_line
     from .io import InputError, ras_to_lps, read_ct
-    from .outputs import OutputError, write_output_files
-    from .registry import WeightsError
+    from .outputs import write_output_files
     from .safe_output import OutputSet
 
     try:
@@ -243,7 +258,7 @@ def main(argv=None, models=None) -> int:
         nets = split_networks(args.networks)
         # checks --out (not the input, no earlier outputs unless --overwrite), locks it; created at commit()
         with OutputSet(args.out, inputs=[args.ct], overwrite=args.overwrite) as outset:
-            ct = read_ct(args.ct)
+            ct = read_ct(args.ct, allow_non_ct=args.allow_non_ct)
             if args.dicom_seg and ct.dicom_series_uid is None:
                 raise InputError(f"{'--dicom-sr' if args.dicom_sr else '--dicom-seg'} needs a DICOM series folder as "
                                  f"input; {args.ct} is not one")
@@ -267,9 +282,9 @@ def main(argv=None, models=None) -> int:
                     print("nodulemtl: warning: no nodule found: no DICOM SEG written", file=sys.stderr)
             reporting.write_report_files(res, ct, stage, pictures=not args.no_pictures, dicom_sr=args.dicom_sr)
             outset.commit()
-    except (InputError, WeightsError, DeviceError, OutputError, KeyError) as e:
-        print(f"nodulemtl: error: {e}", file=sys.stderr)
-        return 1
+    except NoduleMTLError as e:  # every library error; programming errors keep their traceback
+        print(f"nodulemtl: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     n_found = sum(n.found for n in res.nodules)
     for m in res.messages:
         print(f"nodulemtl: note: {m}", file=sys.stderr)

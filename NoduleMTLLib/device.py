@@ -14,8 +14,7 @@ from typing import Any
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
-class DeviceError(RuntimeError):
-    """The requested device is not available."""
+from .errors import DeviceError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 def _import_torch():

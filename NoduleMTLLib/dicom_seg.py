@@ -31,8 +31,7 @@ SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "NoduleMTL nodules"
 
 
-class DicomSegError(RuntimeError):
-    """The SEG could not be built from the source series (unexpected DICOM content)."""
+from .errors import DicomSegError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 def _codes_from_terminology(entry: str = NODULE_TERMINOLOGY):

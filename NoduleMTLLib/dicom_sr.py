@@ -54,8 +54,7 @@ SR_SERIES_DESCRIPTION = "NoduleMTL nodule report"
 PRIVATE_SCHEME = "99NODULEMTL"
 
 
-class DicomSrError(RuntimeError):
-    """The SR could not be built (unexpected SEG or source content)."""
+from .errors import DicomSrError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 def _code(value, meaning, scheme=PRIVATE_SCHEME):

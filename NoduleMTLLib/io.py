@@ -24,8 +24,7 @@ CT_MAX_PLAUSIBLE_HU = 40000.0
 log = logging.getLogger(__name__)
 
 
-class InputError(ValueError):
-    """The input is not something NoduleMTL can analyse (message says why)."""
+from .errors import InputError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 @dataclass
@@ -37,11 +36,16 @@ class CTVolume:
             (origin mm, spacing mm, direction cosines), as SimpleITK reads it.
         source: path it came from ("" for in-memory volumes).
         dicom_series_uid: SeriesInstanceUID when read from a DICOM series, else None.
+        modality: DICOM Modality (0008,0060) when the input carries it (DICOM), else None.
+        non_ct_allowed: True when a non-CT input was accepted with ``--allow-non-ct``
+            (:func:`check_modality`); recorded in ``nodules.json`` (``input.non_ct_allowed``).
     """
 
     image: sitk.Image
     source: str = ""
     dicom_series_uid: str | None = None
+    modality: str | None = None
+    non_ct_allowed: bool = False
 
     @property
     def array(self) -> np.ndarray:
@@ -77,6 +81,8 @@ class CTVolume:
             "origin_lps_mm": [round(v, 6) for v in self.image.GetOrigin()],
             "direction": [round(v, 9) for v in self.image.GetDirection()],
             "dicom_series_uid": self.dicom_series_uid,
+            **({"modality": self.modality} if self.modality is not None else {}),
+            **({"non_ct_allowed": True} if self.non_ct_allowed else {}),
         }
 
 
@@ -272,9 +278,47 @@ def check_slice_positions(positions_lps, orientation) -> None:
                              f"between z={z[i]:g} and z={z[i + 1]:g}; the other slices are {step:g} mm apart)")
 
 
+#: DICOM SOP classes of CT images: CT, Enhanced CT, Legacy Converted Enhanced CT Image Storage.
+CT_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.2": "CT Image Storage", "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+                  "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage"}
+#: Names of common non-CT SOP classes, for the error message.
+OTHER_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.4": "MR Image Storage", "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+                     "1.2.840.10008.5.1.4.1.1.128": "PET Image Storage", "1.2.840.10008.5.1.4.1.1.20": "NM Image Storage",
+                     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+                     "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage", "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage",
+                     "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage"}
+
+
+def check_modality(source, modality: str | None, sop_class_uid: str | None, allow_non_ct: bool = False) -> bool:
+    """Refuse what is not a CT: a DICOM Modality (0008,0060) other than ``CT`` or a SOP class
+    (0008,0016) other than :data:`CT_SOP_CLASSES`.  Inputs without these tags (NRRD, NIfTI,
+    MetaImage) are not judged here (:func:`validate_ct` checks their values).
+
+    Returns:
+        True when the input is not a CT and ``allow_non_ct`` accepted it (to be recorded).
+
+    Raises:
+        NotCTError: not a CT and not ``allow_non_ct`` (the message names both tags).
+    """
+    from .errors import NotCTError
+
+    mod = (modality or "").strip().upper() or None
+    sop = (sop_class_uid or "").strip().rstrip("\x00") or None
+    bad_mod = mod is not None and mod != "CT"
+    bad_sop = sop is not None and sop not in CT_SOP_CLASSES
+    if not (bad_mod or bad_sop):
+        return False
+    if allow_non_ct:
+        log.warning("%s is not a CT (Modality %s, SOP class %s): analysed because of --allow-non-ct", source, mod, sop)
+        return True
+    sop_name = OTHER_SOP_CLASSES.get(sop or "", sop)
+    raise NotCTError(f"{source} is not a CT: Modality {mod or '(none)'}, SOP class {sop_name or '(none)'}. NoduleMTL "
+                     "analyses chest CT only (--allow-non-ct for phantoms or tests)")
+
+
 def _read_series(folder: Path):
     """Read the one DICOM series in ``folder`` and check its slice positions.
-    Returns (image, SeriesInstanceUID)."""
+    Returns (image, SeriesInstanceUID, Modality, SOPClassUID)."""
     reader = sitk.ImageSeriesReader()
     uids = reader.GetGDCMSeriesIDs(str(folder))
     if not uids:
@@ -292,10 +336,11 @@ def _read_series(folder: Path):
         pos = ori = None  # no ImagePositionPatient / ImageOrientationPatient: nothing to check against
     if pos is not None and len(ori) == 6:
         check_slice_positions(pos, ori)
-    return image, uids[0]
+    tags = [reader.GetMetaData(0, t) if reader.HasMetaDataKey(0, t) else None for t in ("0008|0060", "0008|0016")]
+    return image, uids[0], *tags
 
 
-def read_ct(path: str | os.PathLike) -> CTVolume:
+def read_ct(path: str | os.PathLike, allow_non_ct: bool = False) -> CTVolume:
     """Read and validate a CT volume.
 
     Args:
@@ -311,8 +356,11 @@ def read_ct(path: str | os.PathLike) -> CTVolume:
             spaced DICOM slices (:func:`check_slice_positions`), not 3D, more than one
             component, or values that are not CT (see :func:`validate_ct`).  What ITK prints
             while reading goes to the log (:func:`native_stderr_to_log`), not the terminal.
+        NotCTError: a DICOM input whose Modality or SOP class is not CT, unless
+            ``allow_non_ct`` (:func:`check_modality`; then ``non_ct_allowed`` is recorded).
     """
     p = Path(path)
+    modality = sop = None
     if not p.exists():
         raise InputError(f"Input not found: {p}")
     series_uid = None
@@ -320,10 +368,11 @@ def read_ct(path: str | os.PathLike) -> CTVolume:
     try:
         with native_stderr_to_log(printed):
             if p.is_dir():
-                image, series_uid = _read_series(p)
+                image, series_uid, modality, sop = _read_series(p)
             else:
                 image = sitk.ReadImage(str(p))
                 check_data_complete(p)
+                modality, sop = (image.GetMetaData(t) if image.HasMetaDataKey(t) else None for t in ("0008|0060", "0008|0016"))
     except InputError:
         raise
     except RuntimeError as e:  # SimpleITK raises RuntimeError on unreadable input
@@ -333,7 +382,9 @@ def read_ct(path: str | os.PathLike) -> CTVolume:
         if m:  # MetaIO: the exception itself only says "No such file or directory"
             reason = f"data incomplete: {m.group(1)} bytes expected, {m.group(2)} read (truncated file?)"
         raise InputError(f"Cannot read {p}: {reason}") from None
-    ct = CTVolume(image=image, source=str(p), dicom_series_uid=series_uid)
+    allowed = check_modality(p, modality, sop, allow_non_ct)
+    ct = CTVolume(image=image, source=str(p), dicom_series_uid=series_uid,
+                  modality=modality.strip() if modality else None, non_ct_allowed=allowed)
     validate_ct(ct)
     return ct
 

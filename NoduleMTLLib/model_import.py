@@ -22,9 +22,7 @@ from . import registry
 WEIGHTS_SUFFIXES = (".safetensors",)
 
 
-class ModelImportError(ValueError):
-    """The file cannot be imported (not found, wrong type, matches no manifest entry,
-    or the cache folder cannot be written)."""
+from .errors import ModelImportError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 def identify_weights_file(path: str | os.PathLike, manifest: dict | None = None) -> tuple[str, dict]:

@@ -20,17 +20,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import OutputsError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 from .io import CTVolume, ijk_to_lps_matrix
 from .results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 
 # The four output files, the writing error and the folder check live with the output-folder
 # rules (:mod:`NoduleMTLLib.safe_output`), which this module's writer uses; re-exported here.
 from .safe_output import OUTPUT_FILES, OutputError, prepare_output_dir  # noqa: E402,F401
-
-
-class OutputsError(RuntimeError):
-    """An output folder is incomplete or its files do not agree (:func:`read_outputs`)."""
-
 
 #: Consensus columns of nodules.csv (``NoduleMTLLib.consensus``; empty when not computed,
 #: spread / Dice / disagreement empty with a single network).
@@ -173,7 +169,8 @@ def write_output_files(result: AnalysisResult, ct: CTVolume, folder: str | os.Pa
     lab.CopyInformation(ct.image)
     sitk.WriteImage(lab, str(folder / "labels.nrrd"), True)
     slicerio.write_segmentation(str(folder / "segmentation.seg.nrrd"), segmentation_dict(result, ct), compression_level=1)
-    (folder / "nodules.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    from .strict_json import dumps  # no NaN / Infinity: OutputError naming the field
+    (folder / "nodules.json").write_text(dumps(result.to_dict(), "nodules.json", indent=2) + "\n")
     head, rows = csv_rows(result)
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=head)

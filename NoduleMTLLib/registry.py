@@ -27,8 +27,7 @@ from . import DEFAULT_NETWORKS as _DEFAULT_NETWORKS
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-class WeightsError(RuntimeError):
-    """Weights missing, unreadable, or failing their checksum."""
+from .errors import UnknownNetworkError, WeightsError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -219,10 +218,11 @@ def check_network_ids(network_ids, *, extra=(), allow_empty: bool = True, error:
 
 
 def get_spec(network_id: str) -> NetworkSpec:
-    """The :class:`NetworkSpec` of a click network or detector. Raises KeyError listing the known ids."""
+    """The :class:`NetworkSpec` of a click network or detector. Raises UnknownNetworkError
+    (an InputError and a KeyError) listing the known ids."""
     spec = NETWORKS.get(network_id) or DETECTORS.get(network_id) or FP_REDUCERS.get(network_id)
     if spec is None:
-        raise KeyError(f"unknown network {network_id!r}; available: {', '.join([*all_ids(), *FP_REDUCERS])}")
+        raise UnknownNetworkError(f"Unknown network {network_id!r}; available: {', '.join([*all_ids(), *FP_REDUCERS])}")
     return spec
 
 
@@ -247,10 +247,83 @@ def weights_search_path() -> list[Path]:
     return dirs
 
 
+MANIFEST_FILE = "models.json"
+
+
+def check_manifest(man, path) -> dict:
+    """Schema check of a models.json: ``format`` 1, ``networks`` {id: {file, size_bytes, sha256, ...}},
+    an optional ``calibration`` {file, size_bytes, sha256}.  Returns ``man``.
+
+    Raises:
+        WeightsError: the first violation, naming the file.
+    """
+    def bad(why):
+        return WeightsError(f"{path} is not a valid models.json: {why}")
+
+    if not isinstance(man, dict) or man.get("format") != 1:
+        raise bad(f"format {man.get('format') if isinstance(man, dict) else type(man).__name__}, expected 1")
+    nets = man.get("networks")
+    if not isinstance(nets, dict):
+        raise bad("no 'networks' object")
+    entries = [(f"networks.{k}", v) for k, v in nets.items()]
+    if "calibration" in man:
+        entries.append(("calibration", man["calibration"]))
+    for where, e in entries:
+        if not isinstance(e, dict):
+            raise bad(f"{where} is not an object")
+        if not isinstance(e.get("file"), str) or not e["file"]:
+            raise bad(f"{where}.file is missing")
+        if not isinstance(e.get("size_bytes"), int) or isinstance(e.get("size_bytes"), bool) or e["size_bytes"] < 0:
+            raise bad(f"{where}.size_bytes is not a byte count")
+        sha = e.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise bad(f"{where}.sha256 is not 64 hex digits")
+    return man
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """A models.json, parsed strictly (no NaN / Infinity) and schema-checked (:func:`check_manifest`).
+
+    Raises:
+        WeightsError: unreadable, not JSON (e.g. truncated) or not a valid manifest; one line naming the file.
+    """
+    from .strict_json import read
+
+    try:
+        man = read(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{path} is not a valid models.json: {' '.join(str(e).split())}") from None
+    return check_manifest(man, path)
+
+
 def manifest() -> dict:
-    """The shipped manifest (``Resources/Weights/models.json``), {} if absent."""
-    p = resources_dir() / "Weights" / "models.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    """The shipped manifest (``Resources/Weights/models.json``), schema-checked; {} if absent.
+
+    Raises:
+        WeightsError: the file is corrupt or not a valid manifest (:func:`read_manifest`).
+    """
+    p = resources_dir() / "Weights" / MANIFEST_FILE
+    return read_manifest(p) if p.exists() else {}
+
+
+def manifest_for(path: str | os.PathLike) -> tuple[dict, Path]:
+    """The manifest that vouches for a file found in a weights folder: that folder's own
+    ``models.json`` when it has one (e.g. a ``NODULEMTL_WEIGHTS_DIR`` site folder), else the
+    shipped one.  Returns ``(manifest, its path)``.  Raises WeightsError for a bad manifest."""
+    local = Path(path).parent / MANIFEST_FILE
+    if local.is_file():
+        return read_manifest(local), local
+    shipped = resources_dir() / "Weights" / MANIFEST_FILE
+    return manifest(), shipped
+
+
+def write_manifest(path: str | os.PathLike, man: dict) -> None:
+    """Write a models.json whole or not at all (schema-checked, no NaN; temporary file, then rename)."""
+    path = Path(path)
+    check_manifest(man, path)
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(json.dumps(man, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
 
 
 def manifest_entry(network_id: str) -> dict:
@@ -271,10 +344,18 @@ def find_weights(network_id: str) -> Path:
 
 
 def verify_weights(network_id: str, path: Path) -> None:
-    """Check size and sha256 against the manifest (when the manifest lists the network)."""
-    entry = manifest().get("networks", {}).get(network_id)
+    """Check size and sha256 against the manifest (:func:`manifest_for`: the weights folder's
+    own ``models.json``, else the shipped one).
+
+    Raises:
+        WeightsError: the network is not listed (unverified weights are refused, not loaded),
+            the size or sha256 differs, or the manifest is corrupt.
+    """
+    man, mpath = manifest_for(path)
+    entry = man.get("networks", {}).get(network_id)
     if not entry:
-        return
+        raise WeightsError(f"Weights file {path} for {network_id} is not listed in {mpath}: refused, as it cannot be "
+                           "verified (list it with its size and sha256)")
     if path.stat().st_size != entry["size_bytes"]:
         raise WeightsError(f"Weights file {path} has {path.stat().st_size} bytes, the manifest says {entry['size_bytes']}: "
                            "incomplete or wrong file")

@@ -1,6 +1,6 @@
 """Output folders that never lose or corrupt a user's data.
 
-The rules (``nodulemtl analyze`` and ``nodulemtl batch``):
+The rules (``nodulemtl analyze`` and ``nodulemtl batch``; what a reader sees: ``docs/outputs.md``):
 
 * ``--out`` must not be empty (a usage error, :func:`out_dir_arg`), must not be a file, and
   must not be, or contain, the input (:func:`check_out_dir`).
@@ -8,21 +8,38 @@ The rules (``nodulemtl analyze`` and ``nodulemtl batch``):
   (:data:`MANAGED_FILES`) is refused unless ``overwrite`` (``--overwrite``).
 * Batch case names are sanitised (:func:`safe_case_name`) and every case folder is checked
   to lie directly inside ``--out`` (:func:`case_dir`).
-* Writing is all-or-nothing, also when replacing an earlier result: the new set is written
-  into a temporary folder beside the output folder (``.nodulemtl-tmp-<name>-XXXXXXXX``) and
-  moved into place only when complete (:meth:`OutputSet.commit`).  A new output folder
-  appears by one rename, so it exists only once the results are ready; an existing one has
-  its old output files moved into a backup folder inside it (``.nodulemtl-old-XXXXXXXX``)
-  first, and any failure puts them back.  A run killed half-way is repaired by the next run
-  into the same folder (the backup is restored or removed, temporary folders are deleted).
+* **Never half-visible.**  Each result set is written into its own hidden folder
+  (``.nodulemtl-set-XXXXXXXX``) and published by switching ONE entry atomically: the link
+  ``.nodulemtl-current`` -> that folder (a new link renamed over the old one).  The documented
+  names (``labels.nrrd``, ``nodules.json``, ...) are relative links
+  ``labels.nrrd -> .nodulemtl-current/labels.nrrd``, so a reader of ``--out`` sees, at any
+  moment and after a kill at any moment, the previous complete set or the new complete set,
+  never a mix or nothing.  Of the optional files (``segmentation.dcm``, ``report.sr.dcm``,
+  ``report.html``, ``pictures``) one that the new set drops disappears just before the switch,
+  one that it adds appears just after it.  The previous set's folder is deleted after the switch.
+* A new output folder is staged beside its final place (``.nodulemtl-tmp-<name>-XXXXXXXX``,
+  the parent's filesystem, where the folder will live) and appears by one rename, so it
+  exists only once the results are ready.  An existing folder is staged INSIDE itself, on its
+  own filesystem, so a mount point (Docker ``-v host:/out``, a bind mount) works.
+* Where links cannot be made (Windows without the privilege, FAT), the files are plain and
+  an existing folder's set is replaced file by file, the old files first moved into a backup
+  folder inside it (``.nodulemtl-old-XXXXXXXX``) and put back on any failure; a folder written
+  by an older NoduleMTL (plain files) is converted to the linked layout the same way, once.
+* A run killed half-way is repaired by the next run into the same folder
+  (:func:`clean_stale`: unpublished sets, temporary folders and links are removed, an
+  interrupted file-by-file swap is rolled back).
 * Only one run at a time writes into a folder: a lock file beside it
   (``.<name>.nodulemtl-lock``, an OS file lock, released by the OS even when a run is killed)
-  makes a second run stop with a one-line error (:class:`OutputLocked`).
+  makes a second run stop with a one-line error (:class:`OutputLocked`).  A lock file that
+  cannot be written (disk full) is removed again and reported as :class:`OutputError`.
+* Any failure to write (disk full, read-only, quota) is one :class:`OutputError` naming
+  ``--out``, never the hidden staging folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -36,8 +53,7 @@ from pathlib import Path
 OUTPUT_FILES = ("labels.nrrd", "segmentation.seg.nrrd", "nodules.json", "nodules.csv")
 
 
-class OutputError(OSError):
-    """The output folder cannot be created or written."""
+from .errors import OutputError, OutputLocked  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
@@ -66,14 +82,14 @@ def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
 MANAGED_FILES = tuple(OUTPUT_FILES) + ("segmentation.dcm", "report.sr.dcm", "report.html", "pictures")
 TMP_PREFIX = ".nodulemtl-tmp-"
 OLD_PREFIX = ".nodulemtl-old-"
+#: Hidden folder of one complete result set inside an output folder.
+SET_PREFIX = ".nodulemtl-set-"
+#: The one link whose atomic replacement publishes a result set (-> ``.nodulemtl-set-XXXXXXXX``).
+CURRENT_LINK = ".nodulemtl-current"
 LOCK_SUFFIX = ".nodulemtl-lock"
 _SWAP_STATE = ".nodulemtl-swap.json"
 #: ``tempfile.mkdtemp`` random part: 8 characters of this alphabet.
 _RANDOM = r"[a-z0-9_]{8}"
-
-
-class OutputLocked(OutputError):
-    """Another run holds the lock of the output folder."""
 
 
 def out_dir_arg(text: str) -> str:
@@ -209,8 +225,16 @@ class FolderLock:
             except OSError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, str(os.getpid()).encode())
+                except OSError as e:  # e.g. disk full: no empty lock file is left behind
+                    try:
+                        os.remove(self.path)
+                    except OSError:
+                        pass
+                    os.close(fd)
+                    raise OutputError(f"Cannot write to output folder {self.folder}: {e.strerror or e}") from None
                 self._fd = fd
                 return
             os.close(fd)
@@ -238,15 +262,23 @@ class FolderLock:
 # ---------------------------------------------------------------- stale state of killed runs
 
 
-def _write_state(backup: Path, state: str, new: list[str]) -> None:
+def _write_state(backup: Path, state: str, new: list[str], current: bool = False) -> None:
     tmp = backup / (_SWAP_STATE + ".tmp")
-    tmp.write_text(json.dumps({"state": state, "new": new}))
+    tmp.write_text(json.dumps({"state": state, "new": new, **({"current": True} if current else {})}, allow_nan=False))
     os.replace(tmp, backup / _SWAP_STATE)
 
 
+def _remove_entry(path: Path) -> None:
+    """Remove a file, a link (never what it points to) or a folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def _roll_back(folder: Path, backup: Path) -> None:
-    """Undo an interrupted swap: the old files in ``backup`` go back into ``folder`` (the new
-    files already moved in are removed first); a finished swap only loses its backup."""
+    """Undo an interrupted file-by-file swap: the old files in ``backup`` go back into ``folder``
+    (the new entries already moved in are removed first); a finished swap only loses its backup."""
     try:
         st = json.loads((backup / _SWAP_STATE).read_text())
     except (OSError, ValueError):
@@ -254,19 +286,61 @@ def _roll_back(folder: Path, backup: Path) -> None:
     if st.get("state") != "done":
         if st.get("state") == "moving-new":
             for name in st.get("new", []):
-                if name in MANAGED_FILES and os.path.lexists(folder / name):
-                    os.remove(folder / name)
+                if name in MANAGED_FILES:
+                    _remove_entry(folder / name)
+            if "current" in st:  # a conversion to the linked layout: its link and set go too
+                _remove_entry(folder / CURRENT_LINK)
         for q in backup.iterdir():
             if q.name in MANAGED_FILES:
                 os.replace(q, folder / q.name)
     shutil.rmtree(backup, ignore_errors=True)
 
 
+def _link_target(name: str) -> str:
+    """What a published name links to (relative: the folder can be moved or mounted elsewhere)."""
+    return f"{CURRENT_LINK}/{name}"
+
+
+def _is_our_link(path: Path) -> bool:
+    return path.is_symlink() and os.readlink(path) == _link_target(path.name)
+
+
+def current_set(folder: str | os.PathLike) -> Path | None:
+    """The published set folder of an output folder in the linked layout (``.nodulemtl-current``
+    resolved), None when the folder has no such link."""
+    link = Path(folder) / CURRENT_LINK
+    if not link.is_symlink():
+        return None
+    return Path(folder) / os.readlink(link)
+
+
+def _symlink_replace(target: str, path: Path) -> None:
+    """Make ``path`` a link to ``target`` atomically (a new link renamed over whatever is there)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    _remove_entry(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+
+
+def _sync_links(folder: Path, names_now: Iterable[str]) -> None:
+    """Published links of ``folder`` = the entries of its current set: missing links are made,
+    links of names the set does not hold are removed (only our own links)."""
+    names_now = set(names_now)
+    for name in MANAGED_FILES:
+        p = folder / name
+        if name in names_now and not _is_our_link(p):
+            if not os.path.lexists(p):
+                _symlink_replace(_link_target(name), p)
+        elif name not in names_now and _is_our_link(p):
+            os.remove(p)
+
+
 def clean_stale(folder: str | os.PathLike) -> list[Path]:
     """Repair what killed runs left for ``folder`` (call while holding its :class:`FolderLock`):
-    an interrupted swap is rolled back (the old set is restored) and temporary folders
-    (``.nodulemtl-tmp-<name>-*`` beside it, ``.nodulemtl-tmp-*`` inside it) are removed.
-    Returns the paths removed or restored."""
+    an interrupted file-by-file swap is rolled back (the old set is restored); set folders that
+    are not the published one, half-made links and temporary folders
+    (``.nodulemtl-tmp-<name>-*`` beside it, ``.nodulemtl-tmp-*`` inside it) are removed; the
+    published links are made to match the published set.  Returns the paths removed or restored."""
     f = Path(os.path.abspath(folder))
     done = []
     if f.is_dir():
@@ -274,9 +348,27 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
             if q.name.startswith(OLD_PREFIX) and q.is_dir():
                 _roll_back(f, q)
                 done.append(q)
-            elif q.name.startswith(TMP_PREFIX) and q.is_dir():
+        cur = current_set(f)
+        if cur is not None and not cur.is_dir():  # a dangling current link (cannot happen by our order; repair)
+            _remove_entry(f / CURRENT_LINK)
+            cur = None
+        for q in sorted(f.iterdir()):
+            if q.name.startswith(TMP_PREFIX) and q.is_dir() and not q.is_symlink():
                 shutil.rmtree(q, ignore_errors=True)
                 done.append(q)
+            elif q.name.startswith(SET_PREFIX) and (cur is None or q.name != cur.name):
+                _remove_entry(q)
+                done.append(q)
+            elif ".tmp-" in q.name and q.is_symlink() and q.name.split(".tmp-")[0] in (*MANAGED_FILES, CURRENT_LINK):
+                os.remove(q)
+                done.append(q)
+        if cur is not None:
+            _sync_links(f, [q.name for q in cur.iterdir()])
+        else:
+            for name in MANAGED_FILES:  # links into a set that no longer exists
+                if _is_our_link(f / name):
+                    os.remove(f / name)
+                    done.append(f / name)
     pat = re.compile(re.escape(TMP_PREFIX + f.name) + "-" + _RANDOM + r"$")
     if f.parent.is_dir():
         for q in f.parent.iterdir():
@@ -320,7 +412,7 @@ class OutputSet:
 
         with OutputSet(out, inputs=[ct_path], overwrite=False) as s:   # checks, lock, cleanup
             ...compute...
-            stage = s.staging_dir()        # empty temporary folder beside ``out``
+            stage = s.staging_dir()        # empty hidden folder (see staging_dir)
             ...write the files into stage...
             s.commit()                     # the new set replaces the old one, or nothing changes
 
@@ -345,7 +437,9 @@ class OutputSet:
         self.overwrite = overwrite
         self._lock = FolderLock(self.out) if lock else None
         self._created: list[Path] = []
-        self._stage: Path | None = None
+        self._stage: Path | None = None  # where the files are written
+        self._container: Path | None = None  # a new folder's staging folder beside it (renamed at commit)
+        self._linked = False
         self.committed = False
 
     def __enter__(self):
@@ -366,14 +460,37 @@ class OutputSet:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        from .errors import NoduleMTLError
+
+        failed_writing = None
+        if (exc is not None and self._stage is not None and not isinstance(exc, NoduleMTLError)
+                and isinstance(exc, (OSError, RuntimeError))):
+            failed_writing = OutputError(f"Cannot write outputs to {self.out}: {self._write_failure(exc)}")
         try:
             if self._stage is not None:
-                shutil.rmtree(self._stage, ignore_errors=True)
+                _remove_entry(self._container if self._container is not None else self._stage)
         finally:
             if self._lock is not None:
                 self._lock.release()
             if not self.committed:
                 self._remove_created()  # after the lock file is gone
+        if failed_writing is not None:
+            raise failed_writing from None
+
+    def _write_failure(self, e: BaseException) -> str:
+        """One line saying why writing failed, naming ``--out`` rather than the hidden staging folder."""
+        try:
+            st = os.statvfs(self._stage.parent if self._stage.parent.exists() else self._abs.parent)
+            full = st.f_bavail * st.f_frsize < (1 << 20)
+        except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+            full = False
+        if full or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return "No space left on device"
+        text = (e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())) or type(e).__name__
+        for q in (self._stage, self._container):
+            if q is not None:
+                text = text.replace(str(q), str(self.out))
+        return text[-300:]
 
     def _make_parents(self) -> None:
         missing = []
@@ -400,45 +517,105 @@ class OutputSet:
         self._created = []
 
     def staging_dir(self) -> Path:
-        """An empty temporary folder beside the output folder, for the new set (created once).
+        """An empty hidden folder for the new set's files (created once; see the module docstring):
+        a ``.nodulemtl-set-*`` folder inside the output folder (or inside the new folder's staging
+        folder beside it), or, without links, a ``.nodulemtl-tmp-*`` folder there.
 
         Raises:
             OutputError: it cannot be created.
         """
         if self._stage is None:
+            umask = os.umask(0o022); os.umask(umask)
             try:
-                self._stage = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self._abs.name}-", dir=self._abs.parent))
-                umask = os.umask(0o022); os.umask(umask)
-                os.chmod(self._stage, 0o777 & ~umask)  # it becomes the output folder: mkdir's permissions, not 0700
+                if os.path.isdir(self.out):  # inside: the output folder's own filesystem (mount points)
+                    self._container = None
+                    parent = self.out
+                else:  # a new folder: staged where it will be, renamed at commit
+                    self._container = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self._abs.name}-", dir=self._abs.parent))
+                    os.chmod(self._container, 0o777 & ~umask)  # it becomes the output folder: mkdir's permissions
+                    parent = self._container
+                self._linked = _links_work(parent)
+                if self._linked:
+                    self._stage = Path(tempfile.mkdtemp(prefix=SET_PREFIX, dir=parent))
+                elif self._container is not None:
+                    self._stage = self._container
+                else:
+                    self._stage = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
+                os.chmod(self._stage, 0o777 & ~umask)
             except OSError as e:
+                if self._container is not None:
+                    _remove_entry(self._container)
+                    self._container = None
                 raise OutputError(f"Cannot write to output folder {self.out}: {e.strerror or e}") from None
         return self._stage
 
     def commit(self) -> list[Path]:
-        """Move the staged set into the output folder, replacing the NoduleMTL files there.
-
-        A new folder appears by a single rename.  In an existing folder, every managed file
-        already there is first moved into a backup folder inside it, then the new files are
-        moved in; if anything fails the new files are removed and the old ones restored, and
-        OutputError is raised.  Files that are not NoduleMTL's are never touched.
+        """Publish the staged set in the output folder, replacing the NoduleMTL files there
+        (see the module docstring: one atomic switch of ``.nodulemtl-current``; without links,
+        a file-by-file swap with a backup).  If anything fails the previous set stays published
+        and OutputError is raised.  Files that are not NoduleMTL's are never touched.
 
         Returns:
-            The paths of the new files.
+            The paths of the new files (as published: ``out/<name>``).
         """
         stage = self.staging_dir()
         new = sorted(q.name for q in stage.iterdir())
         if any(n not in MANAGED_FILES for n in new):
             raise OutputError(f"Unexpected files staged for {self.out}: {', '.join(n for n in new if n not in MANAGED_FILES)}")
         try:
-            if not os.path.lexists(self.out):
-                os.rename(stage, self.out)
+            if self._container is not None:  # a new folder: complete, then one rename
+                if self._linked:
+                    os.symlink(stage.name, self._container / CURRENT_LINK)
+                    for name in new:
+                        os.symlink(_link_target(name), self._container / name)
+                os.rename(self._container, self.out)
+                self._stage = self._container = None
+            elif not self._linked:
+                self._swap_into_existing(stage, new)
+            elif any(os.path.lexists(self.out / n) and not _is_our_link(self.out / n) for n in MANAGED_FILES):
+                self._convert_to_linked(stage, new)  # plain files of an older version: once
                 self._stage = None
             else:
-                self._swap_into_existing(stage, new)
+                self._switch(stage, new)
+                self._stage = None
         except OSError as e:
-            raise OutputError(f"Cannot write outputs to {self.out}: {e.strerror or e}") from None
+            raise OutputError(f"Cannot write outputs to {self.out}: {self._write_failure(e)}") from None
         self.committed = True
         return [self.out / n for n in new]
+
+    def _switch(self, stage: Path, new: list[str]) -> None:
+        """Linked layout: publish ``stage`` by replacing the ``.nodulemtl-current`` link (atomic)."""
+        old = current_set(self.out)
+        old_names = [q.name for q in old.iterdir()] if old is not None and old.is_dir() else []
+        try:
+            for name in old_names:  # optional files the new set drops: gone just before the switch
+                if name not in new and _is_our_link(self.out / name):
+                    os.remove(self.out / name)
+            _symlink_replace(stage.name, self.out / CURRENT_LINK)  # THE switch
+        except BaseException:
+            _sync_links(self.out, old_names)
+            raise
+        _sync_links(self.out, new)  # files the new set adds: appear just after it
+        if old is not None and old.name != stage.name:
+            _remove_entry(old)
+
+    def _convert_to_linked(self, stage: Path, new: list[str]) -> None:
+        """A folder with plain output files (older NoduleMTL): move them into a backup, publish the
+        linked set; any failure puts them back (the next run rolls back a killed conversion)."""
+        old = [n for n in MANAGED_FILES if os.path.lexists(self.out / n) and not _is_our_link(self.out / n)]
+        backup = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=self.out))
+        try:
+            _write_state(backup, "moving-old", new, current=True)
+            for name in old:
+                _move_in(self.out / name, backup / name)
+            _write_state(backup, "moving-new", new, current=True)
+            _symlink_replace(stage.name, self.out / CURRENT_LINK)
+            _sync_links(self.out, new)
+            _write_state(backup, "done", new, current=True)
+        except BaseException:
+            _roll_back(self.out, backup)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
 
     def _swap_into_existing(self, stage: Path, new: list[str]) -> None:
         old = existing_outputs(self.out)
@@ -455,6 +632,21 @@ class OutputSet:
             _roll_back(self.out, backup)
             raise
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _links_work(folder: Path) -> bool:
+    """Whether relative symbolic links can be made in ``folder`` (not on Windows without the
+    privilege, nor on FAT)."""
+    probe = folder / f".nodulemtl-probe-link-{os.getpid()}"
+    try:
+        os.symlink(CURRENT_LINK, probe)
+    except (OSError, NotImplementedError, AttributeError):
+        return False
+    try:
+        os.remove(probe)
+    except OSError:
+        pass
+    return True
 
 
 def _move_in(src: Path, dst: Path) -> None:

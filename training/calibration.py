@@ -605,8 +605,10 @@ def main(argv=None) -> int:
     print(f"default: {default}")
     if a.write_weights:
         cs = calibration_set(results, models, default)
-        WEIGHTS_FILE.write_text(json.dumps(cs.to_dict(), indent=1) + "\n")
-        print(f"wrote {WEIGHTS_FILE}")
+        WEIGHTS_FILE.write_text(json.dumps(cs.to_dict(), indent=1, allow_nan=False) + "\n")
+        from NoduleMTLLib.calibration import record_checksum
+        record_checksum(WEIGHTS_FILE)  # models.json vouches for it (load_calibration verifies the sha256)
+        print(f"wrote {WEIGHTS_FILE} (checksum recorded in models.json)")
     return 0
 
 

@@ -46,11 +46,10 @@ def lung_pet_summary(report: dict) -> dict:
 
 
 def write_manifest(mpath: Path, man: dict) -> None:
-    """Write ``models.json`` whole or not at all (temporary file, then rename)."""
-    import os
-    tmp = mpath.with_name(".tmp-" + mpath.name)
-    tmp.write_text(json.dumps(man, indent=2) + "\n")
-    os.replace(tmp, mpath)
+    """Write ``models.json`` whole or not at all (schema-checked, no NaN: ``registry.write_manifest``)."""
+    from NoduleMTLLib.registry import write_manifest as _write
+
+    _write(mpath, man)
 
 
 def update_manifest(network_id: str, weights: Path) -> None:
@@ -86,7 +85,8 @@ def update_manifest(network_id: str, weights: Path) -> None:
                                            "specificity": round(c["specificity"], 4), "n_classified": c["n"]}
                 if e.get("signs"):
                     entry["metrics"][split]["signs_auc"] = {
-                        h: {"auc": round(v["auc"], 4), "n": v["n"], "n_positive": v["n_positive"]} for h, v in e["signs"].items()}
+                        h: {"auc": None if v["auc"] != v["auc"] else round(v["auc"], 4),  # NaN (no positive) -> null
+                            "n": v["n"], "n_positive": v["n_positive"]} for h, v in e["signs"].items()}
     for split in ("val", "test"):
         ev = REPO / "runs" / network_id / f"eval_vois_{split}.json"
         if ev.exists():

@@ -83,8 +83,7 @@ MAX_SPLIT_EROSION_MM = 15.0
 BOUNDS_MARGIN_MM = (5.0, 10.0, 10.0)  # (z, y, x)
 
 
-class NoLungError(InputError):
-    """No plausible lung was found in the CT (e.g. a head or abdomen CT, or a crop outside the lungs)."""
+from ..errors import NoLungError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 class ThickSliceWarning(UserWarning):

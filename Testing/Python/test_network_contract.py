@@ -64,6 +64,9 @@ def tiny_registered(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     save_file(_tiny().state_dict(), str(tmp_path / "tinynet.safetensors"))
+    w = tmp_path / "tinynet.safetensors"  # a site folder vouches for its weights in its own models.json
+    registry.write_manifest(tmp_path / "models.json", {"format": 1, "networks": {TINY_ID: {
+        "file": w.name, "size_bytes": w.stat().st_size, "sha256": registry.sha256_of(w)}}})
     monkeypatch.setenv("NODULEMTL_WEIGHTS_DIR", str(tmp_path))
     spec = registry.register(registry.NetworkSpec(TINY_ID, "Tiny test network", "none (test)", TinyClickNet,
                                                    "tinynet.safetensors", __name__))
