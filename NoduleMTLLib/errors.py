@@ -136,6 +136,16 @@ class ModelImportError(NoduleMTLError, ValueError):
     exit_code = 15
 
 
+def _all_classes(cls=NoduleMTLError):
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _all_classes(sub)
+
+
+#: The exit codes of the library's error classes (3 and up; 1 is the root's).
+LIBRARY_EXIT_CODES = frozenset(c.exit_code for c in _all_classes() if c is not NoduleMTLError)
+
+
 def exit_code_for(error: BaseException) -> int:
     """The exit code of ``nodulemtl`` for ``error``: its class's ``exit_code``
     (:data:`EXIT_INTERRUPTED` for KeyboardInterrupt, 1 for anything else)."""

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -54,6 +55,8 @@ OUTPUT_FILES = ("labels.nrrd", "segmentation.seg.nrrd", "nodules.json", "nodules
 
 
 from .errors import OutputError, OutputLocked  # noqa: E402,F401 - defined in errors.py (the one root), importable here
+
+log = logging.getLogger(__name__)
 
 
 def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
@@ -314,6 +317,16 @@ def current_set(folder: str | os.PathLike) -> Path | None:
     return Path(folder) / os.readlink(link)
 
 
+def visible_entries(folder: str | os.PathLike) -> list[str]:
+    """Sorted names in ``folder`` without the published set's two hidden entries
+    (``.nodulemtl-current`` and the set folder it points to): the documented files, the user's
+    own files, and any debris of a killed run."""
+    f = Path(folder)
+    cur = current_set(f)
+    hidden = {CURRENT_LINK} | ({cur.name} if cur is not None else set())
+    return sorted(q.name for q in f.iterdir() if q.name not in hidden)
+
+
 def _symlink_replace(target: str, path: Path) -> None:
     """Make ``path`` a link to ``target`` atomically (a new link renamed over whatever is there)."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -353,7 +366,10 @@ def clean_stale(folder: str | os.PathLike) -> list[Path]:
             _remove_entry(f / CURRENT_LINK)
             cur = None
         for q in sorted(f.iterdir()):
-            if q.name.startswith(TMP_PREFIX) and q.is_dir() and not q.is_symlink():
+            if q.name.startswith(".nodulemtl-probe-") and (q.is_symlink() or q.is_file()):  # a killed write probe
+                os.remove(q)
+                done.append(q)
+            elif q.name.startswith(TMP_PREFIX) and q.is_dir() and not q.is_symlink():
                 shutil.rmtree(q, ignore_errors=True)
                 done.append(q)
             elif q.name.startswith(SET_PREFIX) and (cur is None or q.name != cur.name):
@@ -577,7 +593,6 @@ class OutputSet:
                 self._stage = None
             else:
                 self._switch(stage, new)
-                self._stage = None
         except OSError as e:
             raise OutputError(f"Cannot write outputs to {self.out}: {self._write_failure(e)}") from None
         self.committed = True
@@ -595,9 +610,13 @@ class OutputSet:
         except BaseException:
             _sync_links(self.out, old_names)
             raise
-        _sync_links(self.out, new)  # files the new set adds: appear just after it
-        if old is not None and old.name != stage.name:
-            _remove_entry(old)
+        self._stage = None  # published: never removed as a failed stage
+        try:  # best effort: what fails here is completed by the next run's clean_stale
+            _sync_links(self.out, new)  # files the new set adds: appear just after it
+            if old is not None and old.name != stage.name:
+                _remove_entry(old)
+        except OSError as e:
+            log.warning("%s: published, but could not tidy up (%s); the next run will", self.out, e.strerror or e)
 
     def _convert_to_linked(self, stage: Path, new: list[str]) -> None:
         """A folder with plain output files (older NoduleMTL): move them into a backup, publish the

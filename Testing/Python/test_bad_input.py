@@ -27,10 +27,12 @@ import pytest
 import SimpleITK as sitk
 
 from NoduleMTLLib import batch, cli, pipeline, registry, safe_output
+from NoduleMTLLib.errors import LIBRARY_EXIT_CODES
 from NoduleMTLLib.io import InputError, check_slice_positions, read_ct
 from NoduleMTLLib.outputs import OUTPUT_FILES
 from NoduleMTLLib.reporting import REPORT_FILES
 from NoduleMTLLib.results import AnalysisResult, NoduleResult
+from NoduleMTLLib.safe_output import visible_entries
 
 pytestmark = pytest.mark.slow  # real analyses on the sample CT around every output-folder rule
 
@@ -118,12 +120,13 @@ def _link_series(src: Path, dst: Path, skip: int | None = None, truncate: int | 
     return dst
 
 
-def _refused(args, capsys, root: Path, *fragments, rc=1) -> str:
-    """Run, check exit code and one-line message, and that nothing under ``root`` changed."""
+def _refused(args, capsys, root: Path, *fragments, rc=None) -> str:
+    """Run, check exit code (``rc``, default: any library error's, errors.py) and one-line message,
+    and that nothing under ``root`` changed."""
     before = _snapshot(root)
     code, _, err = _run(args, capsys)
-    assert code == rc, err
-    msg = _one_line_error(err, *fragments) if rc == 1 else err
+    assert (code == rc) if rc is not None else (code in LIBRARY_EXIT_CODES), (code, err)
+    msg = _one_line_error(err, *fragments) if code != 2 else err
     assert _snapshot(root) == before
     return msg
 
@@ -193,7 +196,7 @@ def test_dicom_series_with_a_missing_slice(dicom, tmp_path, capfd, how):
     except SystemExit as e:
         rc = e.code
     out, err = capfd.readouterr()
-    assert rc == 1
+    assert rc == InputError.exit_code
     _one_line_error(err, "slice 15 of 30 is missing or unreadable", "gap of 16 mm between z=184 and z=200",
                      "8 mm apart")
     assert "WARNING" not in err and "nonuniformity" not in err
@@ -332,12 +335,12 @@ def test_out_folder_appears_only_with_the_results(tmp_path, capsys, monkeypatch)
     rc, stdout, err = _run(["analyze", str(SAMPLE), *PT, "--out", str(out), *FAST], capsys)
     assert rc == 0, err
     assert seen == {"out_existed": False}
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
+    assert visible_entries(out) == sorted(OUTPUT_FILES + REPORT_FILES)
     assert sorted(p.name for p in out.parent.iterdir()) == ["o"]  # no lock file, no temporary folder
     # a failing run into another new folder leaves nothing, not even the parents it made
     bad = tmp_path / "a" / "b" / "o"
     rc, _, err = _run(["analyze", str(SAMPLE), "--point", "0", "0", "500", "--out", str(bad), *FAST], capsys)
-    assert rc == 1 and "outside the CT volume" in _one_line_error(err)
+    assert rc == InputError.exit_code and "outside the CT volume" in _one_line_error(err)
     assert not (tmp_path / "a").exists()
 
 
@@ -350,7 +353,7 @@ def test_overwrite_replaces_only_our_files(tmp_path, capsys, fake_analysis):
     rc, _, err = _run(["analyze", str(SAMPLE), *PT, "--out", str(out), *FAST, "--overwrite"], capsys)
     assert rc == 0, err
     # the old SEG is gone (this run wrote none); the user's notes stay
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES + ("notes.txt",))
+    assert visible_entries(out) == sorted(OUTPUT_FILES + REPORT_FILES + ("notes.txt",))
     assert (out / "notes.txt").read_text() == "the user's notes"
     assert b"stand-in" in (out / "nodules.json").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
@@ -373,7 +376,7 @@ def test_failure_half_way_through_the_swap_keeps_the_old_set(tmp_path, capsys, f
     _refused(["analyze", str(SAMPLE), *PT, "--out", str(out), *FAST, "--overwrite"], capsys, tmp_path,
              "Cannot write outputs", "No space left on device")
     assert len(calls) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and visible_entries(out) == sorted(OUTPUT_FILES)
 
 
 def test_killed_runs_are_cleaned_up_by_the_next_run(tmp_path, capsys, fake_analysis):
@@ -397,7 +400,7 @@ def test_killed_runs_are_cleaned_up_by_the_next_run(tmp_path, capsys, fake_analy
     other.mkdir()
     # without --overwrite the repaired (old) set is refused, but the debris is gone and the old set is back
     _run(["analyze", str(SAMPLE), *PT, "--out", str(out), *FAST], capsys)
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert visible_entries(out) == sorted(OUTPUT_FILES)
     assert all((out / n).read_bytes() == b"old " + n.encode() for n in OUTPUT_FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".nodulemtl-tmp-o-other-ab12cd_e", "o"]
 
@@ -430,10 +433,10 @@ def test_batch_case_names_cannot_leave_out(tmp_path, capsys, fake_analysis, dico
     after = _snapshot(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith("out" + os.sep)} == before
     cases = sorted(q.name for q in out.iterdir() if q.is_dir())
-    assert len(cases) == 3 and "A0002" in cases and sorted(p.name for p in out.iterdir()) == sorted(cases + ["summary.csv"])
+    assert len(cases) == 3 and "A0002" in cases and visible_entries(out) == sorted(cases + ["summary.csv"])
     for c in cases:
         assert c not in (".", "..") and not c.startswith(".")
-        assert sorted(x.name for x in (out / c).iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
+        assert visible_entries(out / c) == sorted(OUTPUT_FILES + REPORT_FILES)
 
 
 def test_case_name_rules(tmp_path):
@@ -464,12 +467,12 @@ def test_batch_partial_outputs_in_a_case_folder(tmp_path, capsys, fake_analysis)
     (case / "nodules.csv").write_text("the user's table\n")
     rc, _, err = _run(["batch", str(lst), "--out", str(tmp_path / "out"), "--points", str(pts), *FAST], capsys)
     assert rc == 1 and "already holds nodules.csv" in err
-    assert sorted(p.name for p in case.iterdir()) == ["nodules.csv"]
+    assert visible_entries(case) == ["nodules.csv"]
     assert (case / "nodules.csv").read_text() == "the user's table\n"
     rc, _, err = _run(["batch", str(lst), "--out", str(tmp_path / "out"), "--points", str(pts), *FAST, "--overwrite"],
                       capsys)
-    assert rc == 0 and sorted(p.name for p in case.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["LIDC-IDRI-0003_crop", "summary.csv"]
+    assert rc == 0 and visible_entries(case) == sorted(OUTPUT_FILES + REPORT_FILES)
+    assert visible_entries(tmp_path / "out") == ["LIDC-IDRI-0003_crop", "summary.csv"]
 
 
 def test_batch_folder_walk_visits_each_real_path_once(tmp_path):

@@ -18,8 +18,10 @@ import pytest
 import SimpleITK as sitk
 
 from NoduleMTLLib import DEFAULT_NETWORKS, batch, cli
+from NoduleMTLLib.errors import BatchError
 from NoduleMTLLib.outputs import OUTPUT_FILES
 from NoduleMTLLib.reporting import REPORT_FILES
+from NoduleMTLLib.safe_output import visible_entries
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -37,7 +39,7 @@ def _summary(out: Path) -> dict[str, dict]:
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    return {n: (folder / n).stat().st_mtime_ns for n in visible_entries(folder)}
 
 
 # ---------------------------------------------------------------- folder input
@@ -94,9 +96,9 @@ def test_folder_batch_first_run(folder_batch):
     assert s["broken"]["message"].startswith("Cannot read") and "\n" not in s["broken"]["message"]
     assert s["a_ct"]["input"].endswith(os.path.join("a", "ct.nrrd"))
     for case in ("a_ct", "b_ct", "A0002"):
-        assert sorted(p.name for p in (out / case).iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
+        assert visible_entries(out / case) == sorted(OUTPUT_FILES + REPORT_FILES)
     assert not (out / "broken").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["A0002", "a_ct", "b_ct", "summary.csv"]  # no temp files
+    assert visible_entries(out) == ["A0002", "a_ct", "b_ct", "summary.csv"]  # no temp files
     # the DICOM case: label map on the series' grid, a large mass
     js = json.loads((out / "A0002" / "nodules.json").read_text())
     assert js["input"]["size_ijk"][2] == 30 and js["nodules"][0]["diameter_mm"] > 20
@@ -172,18 +174,18 @@ def test_all_good_exit_code_zero(tmp_path):
 
 def test_batch_cannot_start(tmp_path, capsys):
     rc = cli.main(["batch", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--quiet"])
-    assert rc == 1 and "Input not found" in capsys.readouterr().err
+    assert rc == BatchError.exit_code and "Input not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     rc = cli.main(["batch", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"])
-    assert rc == 1 and "No CT files" in capsys.readouterr().err
+    assert rc == BatchError.exit_code and "No CT files" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("case,x,y\nfoo,1,2\n")
     lst = tmp_path / "l.txt"
     lst.write_text(str(SAMPLE) + "\n")
     rc = cli.main(["batch", str(lst), "--out", str(tmp_path / "o"), "--points", str(bad), "--quiet"])
-    assert rc == 1 and "lacks column(s) z" in capsys.readouterr().err
+    assert rc == BatchError.exit_code and "lacks column(s) z" in capsys.readouterr().err
     rc = cli.main(["batch", str(lst), "--out", str(tmp_path / "o"), "--networks", "nonet", "--quiet"])
-    assert rc == 1 and "nonet" in capsys.readouterr().err
+    assert rc == BatchError.exit_code and "nonet" in capsys.readouterr().err
 
 
 def test_case_names_are_distinct():
@@ -400,4 +402,4 @@ def test_batch_case_without_points_uses_the_detector(shared_data, tmp_path):
     assert row["status"] == "ok" and int(row["n_nodules"]) >= 1
     js = json.loads((out / row["case"] / "nodules.json").read_text())
     assert all(n["detection"]["score"] >= n["detection"]["score_threshold"] for n in js["nodules"])
-    assert sorted(p.name for p in (out / row["case"]).iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
+    assert visible_entries(out / row["case"]) == sorted(OUTPUT_FILES + REPORT_FILES)

@@ -9,9 +9,11 @@ import pytest
 import SimpleITK as sitk
 
 from NoduleMTLLib import DEFAULT_NETWORKS, cli, registry
+from NoduleMTLLib.errors import DeviceError, InputError, OutputError, WeightsError
 from NoduleMTLLib.metrics import dice
 from NoduleMTLLib.outputs import OUTPUT_FILES
 from NoduleMTLLib.reporting import REPORT_FILES
+from NoduleMTLLib.safe_output import visible_entries
 
 # Reference nodules of the sample crop (LIDC-IDRI-0003, readers' consensus), RAS mm
 NODULE2_RAS = (-72.5, -77.2, -190.4)   # 4 readers, ~30 mm
@@ -47,7 +49,7 @@ def sample_run(sample, tmp_path_factory):
 def test_sample_outputs_and_dice(sample_run, sample):
     rc, out, ref = sample_run
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
+    assert visible_entries(out) == sorted(OUTPUT_FILES + REPORT_FILES)
     lab_img = sitk.ReadImage(str(out / "labels.nrrd"))
     ct_img = sitk.ReadImage(str(sample[0]))
     assert lab_img.GetPixelID() == sitk.sitkUInt16
@@ -170,7 +172,7 @@ def _run_bad(args, capsys):
 def test_point_outside_volume(sample, tmp_path, capsys):
     out = tmp_path / "o"
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt((0, 0, 500)), "--out", str(out)], capsys)
-    assert rc == 1 and "outside the CT volume" in msg
+    assert rc == InputError.exit_code and "outside the CT volume" in msg
     assert not out.exists()
 
 
@@ -180,14 +182,14 @@ def test_point_outside_body(shared_data, tmp_path, capsys):
     img = sitk.ReadImage(str(ct_path))
     corner = img.TransformIndexToPhysicalPoint((20, 20, 70))  # air in front of / beside the patient
     rc, msg = _run_bad(["analyze", str(ct_path), "--lps", *_pt(corner), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 1 and "outside the body" in msg
+    assert rc == InputError.exit_code and "outside the body" in msg
 
 
 @pytest.mark.slow
 def test_2d_input(shared_data, tmp_path, capsys):
     png = next((shared_data / "lidc_slices" / "nodules").glob("*_image.png"))
     rc, msg = _run_bad(["analyze", str(png), *_pt((0, 0, 0)), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 1 and "3D" in msg
+    assert rc == InputError.exit_code and "3D" in msg
     assert not (tmp_path / "o").exists()
 
 
@@ -195,9 +197,9 @@ def test_unwritable_output(sample, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--out", str(blocker / "sub")], capsys)
-    assert rc == 1 and "output folder" in msg.lower()
+    assert rc == OutputError.exit_code and "output folder" in msg.lower()
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--out", str(blocker)], capsys)
-    assert rc == 1 and "not a folder" in msg
+    assert rc == OutputError.exit_code and "not a folder" in msg
 
 
 @pytest.mark.slow
@@ -206,15 +208,15 @@ def test_failure_keeps_previous_outputs(sample, tmp_path, capsys):
     out.mkdir()
     (out / "nodules.json").write_text("previous run")
     rc, _ = _run_bad(["analyze", str(sample[0]), *_pt((0, 0, 500)), "--out", str(out)], capsys)
-    assert rc == 1
+    assert rc == OutputError.exit_code  # refused before computing: it holds nodules.json (no --overwrite)
     assert (out / "nodules.json").read_text() == "previous run"
-    assert sorted(p.name for p in out.iterdir()) == ["nodules.json"]  # no temp files left
+    assert visible_entries(out) == ["nodules.json"]  # no temp files left
 
 
 def test_missing_weights(sample, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(registry, "weights_search_path", lambda: [tmp_path / "empty"])
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 1 and f"{NET}.safetensors" in msg and "not found" in msg
+    assert rc == WeightsError.exit_code and f"{NET}.safetensors" in msg and "not found" in msg
     assert not (tmp_path / "o").exists()
 
 
@@ -225,10 +227,12 @@ def test_corrupt_weights(sample, tmp_path, capsys, monkeypatch):
     (wd / f"{NET}.safetensors").write_bytes(good[: len(good) // 3])  # truncated download
     monkeypatch.setattr(registry, "weights_search_path", lambda: [wd])
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 1 and f"{NET}.safetensors" in msg and ("sha256" in msg or "bytes" in msg)
-    monkeypatch.setattr(registry, "manifest", lambda: {})  # no manifest entry: the reader itself must refuse it
+    assert rc == WeightsError.exit_code and f"{NET}.safetensors" in msg and ("sha256" in msg or "bytes" in msg)
+    w = wd / f"{NET}.safetensors"  # a manifest that vouches for the truncated file: the reader itself must refuse it
+    registry.write_manifest(wd / "models.json", {"format": 1, "networks": {NET: {
+        "file": w.name, "size_bytes": w.stat().st_size, "sha256": registry.sha256_of(w)}}})
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--out", str(tmp_path / "o")], capsys)
-    assert rc == 1 and "Cannot read weights" in msg
+    assert rc == WeightsError.exit_code and "Cannot read weights" in msg
 
 
 def test_unavailable_device(sample, tmp_path, capsys):
@@ -236,7 +240,7 @@ def test_unavailable_device(sample, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     rc, msg = _run_bad(["analyze", str(sample[0]), *_pt(NODULE3_RAS), "--device", "cuda", "--out", str(tmp_path / "o")], capsys)
-    assert rc == 1 and "CUDA" in msg
+    assert rc == DeviceError.exit_code and "CUDA" in msg
 
 
 def test_reclassify_the_reference_mask(sample, tmp_path, capsys):
@@ -259,7 +263,7 @@ def test_reclassify_the_reference_mask(sample, tmp_path, capsys):
     sitk.WriteImage(mask[:, :, 1:], str(tmp_path / "small.nrrd"))
     rc, msg = _run_bad(["reclassify", str(ct), "--mask", str(tmp_path / "small.nrrd"), "--out", str(tmp_path / "o2"),
                         "--device", "cpu"], capsys)
-    assert rc == 1 and "grid" in msg
+    assert rc == InputError.exit_code and "grid" in msg
 
 
 @pytest.mark.slow

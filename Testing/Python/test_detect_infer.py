@@ -22,10 +22,12 @@ from NoduleMTLLib import cli
 from NoduleMTLLib.detection import infer
 from NoduleMTLLib.detection import merge as mg
 from NoduleMTLLib.detection import preprocess as pp
+from NoduleMTLLib.errors import NoLungError
 from NoduleMTLLib.io import CTVolume, InputError, read_ct
 from NoduleMTLLib.outputs import OUTPUT_FILES, write_outputs
 from NoduleMTLLib.reporting import REPORT_FILES
 from NoduleMTLLib.results import AnalysisResult, NoduleResult
+from NoduleMTLLib.safe_output import visible_entries
 from training import detection_matching as ev
 
 pytestmark = pytest.mark.slow  # whole-scan searches on real CTs
@@ -411,7 +413,7 @@ def test_cli_detect_end_to_end(slab_file, model, monkeypatch, tmp_path, capsys):
     rc = cli.main(["analyze", str(slab_file), "--detect", "--threshold", "0.5", "--networks", "none",
                    "--out", str(out), "--quiet", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES + REPORT_FILES)
+    assert visible_entries(out) == sorted(OUTPUT_FILES + REPORT_FILES)
     js = json.loads((out / "nodules.json").read_text())
     assert js["run"]["mode"] == "detect" and js["run"]["score_threshold"] == 0.5 and js["run"]["networks"] == []
     assert all(n["detection"]["score"] >= 0.5 for n in js["nodules"])
@@ -432,7 +434,7 @@ def test_cli_detect_usage_and_input_errors(lidc3, slab_file, model, monkeypatch,
     abdomen = tmp_path / "abdomen.nrrd"
     sitk.WriteImage(lidc3[0].image[:, :, 0:6], str(abdomen), True)
     out = tmp_path / "none"
-    assert cli.main(["analyze", str(abdomen), "--detect", "--out", str(out), "--quiet", "--device", "cpu"]) == 1
+    assert cli.main(["analyze", str(abdomen), "--detect", "--out", str(out), "--quiet", "--device", "cpu"]) == NoLungError.exit_code
     assert "No plausible lung" in capsys.readouterr().err
     assert not out.exists()  # nothing half-written
 

@@ -25,6 +25,7 @@ from NoduleMTLLib.dicom_seg import SEG_SERIES_DESCRIPTION, source_files, write_d
 from NoduleMTLLib.io import InputError, read_ct  # noqa: E402
 from NoduleMTLLib.pipeline import analyze_points  # noqa: E402
 from NoduleMTLLib.results import AnalysisResult, NoduleResult  # noqa: E402
+from NoduleMTLLib.safe_output import visible_entries  # noqa: E402
 
 SERIES = "lung_pet_ct_dx_A0002_dicom"
 
@@ -193,7 +194,7 @@ def test_cli_analyze_dicom_seg(dicom_case, shared_data, tmp_path, capsys):
     rc = main(["analyze", str(dicom_case["folder"]), "--point", str(x), str(y), str(z), "--lps", "--dicom-seg",
                "--device", "cpu", "--out", str(out), "--quiet"])
     assert rc == 0, capsys.readouterr().err
-    names = sorted(p.name for p in out.iterdir())
+    names = visible_entries(out)
     assert "segmentation.dcm" in names and "labels.nrrd" in names and not [n for n in names if n.startswith(".")]
     # the SEG holds the same mask as labels.nrrd
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
@@ -211,7 +212,7 @@ def test_cli_dicom_seg_refuses_nrrd_input(repo_dir, tmp_path, capsys):
     rc = main(["analyze", str(repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"),
                "--point", "-72.5", "-77.2", "-190.4", "--dicom-seg", "--device", "cpu", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1 and "--dicom-seg needs a DICOM series folder" in err
+    assert rc == InputError.exit_code and "--dicom-seg needs a DICOM series folder" in err
     assert not out.exists()  # nothing half-written
 
 
