@@ -25,6 +25,7 @@ hd = pytest.importorskip("highdicom")
 from pydicom.sr.codedict import codes  # noqa: E402
 
 from NoduleMTLLib import cli  # noqa: E402
+from NoduleMTLLib.errors import InputError  # noqa: E402
 from NoduleMTLLib.report_html import DISCLAIMER  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,7 +154,7 @@ def test_dicom_sr_refused_for_nrrd(tmp_path, capsys):
     rc = cli.main(["analyze", str(SAMPLE), "--point", *map(str, NODULE2_RAS), "--dicom-sr", "--quiet", "--device", "cpu",
                    "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1
+    assert rc == InputError.exit_code and len(err) == 1
     assert err[0].startswith("nodulemtl: error: --dicom-sr needs a DICOM series folder")
     assert not out.exists()
 

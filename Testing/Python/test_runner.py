@@ -148,7 +148,7 @@ def test_cancel_while_the_network_runs(tmp_path):
 def test_point_outside_the_volume_gives_a_readable_error(tmp_path):
     proc = AnalysisProcess(str(SAMPLE_CT), [(0.0, 0.0, 500.0)], device="cpu", temp_root=tmp_path).start()
     assert proc.wait(timeout=RUN_TIMEOUT_S) == "failed"
-    assert proc.returncode == 1
+    assert proc.returncode == InputError.exit_code
     assert "outside" in proc.error_text and "Traceback" not in proc.error_text
     assert not proc.error_text.startswith("nodulemtl:")
     assert "\n" not in proc.error_text
