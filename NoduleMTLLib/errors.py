@@ -14,7 +14,8 @@ code   class                   meaning
 =====  ======================  ==================================================
 0      -                       success
 1      NoduleMTLError          any other library error; ``batch``: a case failed
-2      -                       usage error (argparse)
+2      UsageError              usage error: argparse, bad ``pacs`` options
+2      ProtocolError           a worker request that does not follow the protocol (a usage error)
 3      InputError              the input is not something NoduleMTL can analyse
 4      NoLungError             whole-scan search: no plausible lung in the CT
 5      NotCTError              the input is not a CT (``--allow-non-ct`` overrides)
@@ -29,6 +30,8 @@ code   class                   meaning
 14     DicomSrError            DICOM SR cannot be written
 15     ModelImportError        an imported weights file is refused
 16     UnknownNetworkError     a network id that is not registered
+17     PacsError               the DICOMweb archive cannot be used (unreachable, login, TLS)
+18     StudyError              one archive study cannot be analysed (``pacs``: that study fails)
 130    -                       interrupted (Ctrl-C)
 =====  ======================  ==================================================
 
@@ -136,14 +139,39 @@ class ModelImportError(NoduleMTLError, ValueError):
     exit_code = 15
 
 
+class UsageError(NoduleMTLError, ValueError):
+    """Bad options that argparse cannot check (credentials in a URL, an unreadable auth file, a bad date):
+    a usage error, exit code 2 like argparse's."""
+
+    exit_code = EXIT_USAGE
+
+
+class ProtocolError(UsageError):
+    """A worker request or event line that does not follow the protocol (``NoduleMTLLib.protocol``): a usage error."""
+
+    exit_code = EXIT_USAGE
+
+
+class PacsError(NoduleMTLError, RuntimeError):
+    """The archive cannot be used for this run (unreachable, login refused, TLS failure): stops the run."""
+
+    exit_code = 17
+
+
+class StudyError(NoduleMTLError, RuntimeError):
+    """A problem of one study (not found, no CT, bad series): that study fails or is skipped, the run goes on."""
+
+    exit_code = 18
+
+
 def _all_classes(cls=NoduleMTLError):
     yield cls
     for sub in cls.__subclasses__():
         yield from _all_classes(sub)
 
 
-#: The exit codes of the library's error classes (3 and up; 1 is the root's).
-LIBRARY_EXIT_CODES = frozenset(c.exit_code for c in _all_classes() if c is not NoduleMTLError)
+#: The exit codes of the library's error classes that are not usage errors (3 and up; 1 is the root's).
+LIBRARY_EXIT_CODES = frozenset(c.exit_code for c in _all_classes() if c is not NoduleMTLError and not issubclass(c, UsageError))
 
 
 def exit_code_for(error: BaseException) -> int:

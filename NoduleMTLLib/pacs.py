@@ -86,16 +86,7 @@ _IMAGE_TYPE, _SLICE_THICKNESS, _KERNEL, _IOP, _IPP = "00080008", "00180050", "00
 _MANUFACTURER, _EVIDENCE, _REF_SERIES, _STUDY_DATE = "00080070", "0040A375", "00081115", "00080020"
 
 
-class PacsError(RuntimeError):
-    """The archive cannot be used for this run (unreachable, login refused, TLS failure): stops the run."""
-
-
-class StudyError(RuntimeError):
-    """A problem of one study (not found, no CT, bad series): that study fails or is skipped, the run goes on."""
-
-
-class UsageError(ValueError):
-    """Bad options (credentials in the URL, unreadable auth file, bad date): exit 2."""
+from .errors import NoduleMTLError, PacsError, StudyError, UsageError  # noqa: E402,F401 - defined in errors.py
 
 
 def _one_line(e: BaseException | str) -> str:
@@ -643,9 +634,7 @@ def main(args, on_stage=None) -> int:
 
     from .analysis import split_networks
     from .batch import BatchError, BatchRun, read_points_csv
-    from .device import DeviceError
-    from .outputs import OutputError
-    from .registry import WeightsError, check_network_ids
+    from .registry import check_network_ids
     from .safe_output import check_out_dir
 
     def err(msg):
@@ -659,7 +648,7 @@ def main(args, on_stage=None) -> int:
         creds = load_credentials(args.auth_file)
     except UsageError as e:
         err(e)
-        return 2
+        return e.exit_code
     if args.insecure:
         print(f"nodulemtl: warning: --insecure: the TLS certificate of {url} is not verified", file=sys.stderr)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -687,17 +676,14 @@ def main(args, on_stage=None) -> int:
             say(f"study {r.study}: {r.status}" + (f": {r.message}" if r.message else ""))
 
         rows, stopped = run.run(on_study)
-    except PacsError as e:  # before any study (--since query)
+    except NoduleMTLError as e:  # PacsError before any study (--since query), bad points/networks/output folder...
         err(e)
-        return 1
-    except (BatchError, OutputError, WeightsError, DeviceError, StudyError) as e:
-        err(e)
-        return 1
+        return e.exit_code
     if stopped is not None:
-        err(f"study {stopped.study}: {stopped}")
+        err(f"study {stopped.study}: {stopped}")  # a PacsError part-way: exit code 17
         print(f"nodulemtl: the run stopped; {sum(r.status == 'pending' for r in rows)} studies not reached; "
               f"run the same command again to resume -> {out / SUMMARY_FILE}", file=sys.stderr)
-        return 1
+        return stopped.exit_code
     counts = {s: sum(r.status == s for r in rows) for s in ("ok", "done-before", "skipped", "failed")}
     for r in rows:
         if r.status == "failed":

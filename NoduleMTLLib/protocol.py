@@ -53,10 +53,7 @@ from typing import Any, ClassVar, Literal, Union
 PROTOCOL_VERSION = 1
 
 
-class ProtocolError(ValueError):
-    """A request or event line that does not follow the protocol (exit code 2)."""
-
-    exit_code = 2
+from .errors import ProtocolError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 def _service(name: str) -> dict:

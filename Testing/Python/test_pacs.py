@@ -274,7 +274,7 @@ def test_archive_stopped_mid_run_then_next_run_completes(orthanc, credentials, s
     try:
         rc = pacs.main(cli.build_parser().parse_args(argv), on_stage=stop_after_analysis)
         err = capsys.readouterr().err
-        assert rc == 1 and stages == ["selected", "retrieved", "analysed"]
+        assert rc == pacs.PacsError.exit_code and stages == ["selected", "retrieved", "analysed"]
         (line,) = _error_lines(err)
         assert line.startswith(f"nodulemtl: error: study {study}: cannot reach {orthanc.url}") and "refused" in line
         assert _summary(out)[study]["status"] == "failed"
@@ -302,7 +302,7 @@ def test_refused_login_and_insecure_warning(orthanc, tmp_path, monkeypatch, caps
     rc = cli.main(["pacs", "--url", orthanc.url, "--study", "1.2.3", "--detect", "--out", str(tmp_path / "o"),
                    "--auth-file", str(auth), "--insecure"])
     err = capsys.readouterr().err
-    assert rc == 1 and "--insecure" in err and "not verified" in err
+    assert rc == pacs.PacsError.exit_code and "--insecure" in err and "not verified" in err
     assert _error_lines(err) == [f"nodulemtl: error: study 1.2.3: {orthanc.url} refused the credentials (query series): HTTP 401"]
     # the right password from the file: the study is simply not there
     auth.write_text(f"# test\n{USER}:{PASSWORD}\n")
@@ -333,7 +333,7 @@ def test_unreachable_archive_is_one_line(tmp_path, capsys):
     rc = cli.main(["pacs", "--url", f"http://127.0.0.1:{port}/dicom-web", "--study", "1.2.3", "--detect",
                    "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == pacs.PacsError.exit_code
     assert _error_lines(err) == [f"nodulemtl: error: study 1.2.3: cannot reach http://127.0.0.1:{port}/dicom-web "
                                  "(query series): connection refused"]
 

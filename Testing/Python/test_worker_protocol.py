@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from NoduleMTLLib import analysis, protocol
+from NoduleMTLLib.errors import InputError
 from NoduleMTLLib.io import ras_to_lps
 from NoduleMTLLib.protocol import AnalysisRequest, Error, Message, Progress, ProtocolError, Result
 from NoduleMTLLib.runner import Runner
@@ -94,7 +95,7 @@ def test_handle_answers_bad_requests_with_error_events(tmp_path):
     missing = tmp_path / "missing.nrrd"
     end = handle(AnalysisRequest(mode="analyze", ct=str(missing), out=str(tmp_path / "out"), points_lps=[POINT_LPS],
                                  request_id="x8").to_json(), events.append)
-    assert end.kind == "error" and end.exit_code == 1 and str(missing) in end.message and "\n" not in end.message
+    assert end.kind == "error" and end.exit_code == InputError.exit_code and str(missing) in end.message and "\n" not in end.message
     assert not (tmp_path / "out").exists()
 
 
@@ -134,7 +135,8 @@ def test_real_worker_answers_requests_and_cancels(tmp_path):
         outside = runner.submit(AnalysisRequest(mode="analyze", ct=str(SAMPLE_CT), out=str(tmp_path / "o"),
                                                 points_lps=[[0.0, 0.0, 500.0]], networks=["lnmsnet"], device="cpu"))
         end = outside.wait(timeout=TIMEOUT_S)
-        assert isinstance(end, Error) and end.exit_code == 1 and end.error_type == "InputError" and "outside" in end.message
+        assert isinstance(end, Error) and end.exit_code == InputError.exit_code and end.error_type == "InputError" \
+            and "outside" in end.message
         assert not (tmp_path / "o").exists() and runner.worker.pid == pid and runner.worker.starts == 1
 
         cancelled = runner.submit(AnalysisRequest(mode="analyze", ct=str(SAMPLE_CT), out=str(tmp_path / "c"),
