@@ -15,7 +15,8 @@ CT is an image file (NRRD, NIfTI, MetaImage) or a DICOM series folder.  Points a
 millimetres, RAS (as 3D Slicer shows them) unless ``--lps``.  Writes DIR/labels.nrrd,
 DIR/segmentation.seg.nrrd, DIR/nodules.json and DIR/nodules.csv, all or nothing; a DIR that
 already holds outputs is refused unless ``--overwrite`` (rules: :mod:`NoduleMTLLib.safe_output`).
-Exit codes: 0 success, 1 bad input / weights / device / output folder, 2 usage error.
+Exit codes: 0 success, one per error class otherwise (:mod:`NoduleMTLLib.errors`, docs/errors.md;
+3 bad input, 5 not a CT, 7 weights, 10 output folder, ...), 2 usage error, 130 Ctrl-C.
 ``batch`` runs the same analysis over many CTs (see :mod:`NoduleMTLLib.batch`): exit code 0
 when no case failed, 1 otherwise.  ``pacs`` runs it over CT studies of a DICOMweb archive and
 stores the DICOM SEG + SR back (see :mod:`NoduleMTLLib.pacs`).  ``reclassify`` measures and classifies given (edited) masks
