@@ -165,6 +165,8 @@ def analyse_case(task: CaseTask) -> CaseOutcome:
     Raises:
         WeightsError, DeviceError: not a problem of this case (the client stops the run).
     """
+    from .safe_output import current_set
+
     scratch = Path(tempfile.mkdtemp(prefix="nodulemtl-case-", dir=_scratch_root()))
     try:
         run = BatchRun([task.case], scratch, {task.case.name: list(task.points)}, task.network_ids, task.device,
@@ -174,10 +176,11 @@ def analyse_case(task: CaseTask) -> CaseOutcome:
         r = run.run_case(task.case)
         files = {}
         folder = scratch / task.case.name
+        src = current_set(folder) or folder  # the published set's own folder (linked layout: safe_output)
         if r.status == "ok":
-            for p in sorted(folder.rglob("*")):
+            for p in sorted(src.rglob("*")):
                 if p.is_file():
-                    files[p.relative_to(folder).as_posix()] = p.read_bytes()
+                    files[p.relative_to(src).as_posix()] = p.read_bytes()
         return CaseOutcome(r, files, _worker_name())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -63,7 +63,7 @@ def execute(request: AnalysisRequest, emit: Callable[[Event], None], models=None
     from . import analysis
     from .io import InputError, read_ct
     from .outputs import OutputError, write_output_files
-    from .safe_output import OutputSet
+    from .safe_output import OutputSet, visible_entries
 
     t0 = time.perf_counter()
     rid = request.request_id
@@ -104,7 +104,7 @@ def execute(request: AnalysisRequest, emit: Callable[[Event], None], models=None
     for text in getattr(res, "messages", None) or []:
         emit(Message(str(text), "note", rid))
     out = Path(request.out)
-    return Result(out=str(out), files=sorted(p.name for p in out.iterdir()), n_nodules=len(res.nodules),
+    return Result(out=str(out), files=visible_entries(out), n_nodules=len(res.nodules),
                   n_found=sum(bool(n.found) for n in res.nodules), device=str((res.run or {}).get("device", "")),
                   seconds=round(time.perf_counter() - t0, 3), request_id=rid)
 
@@ -115,15 +115,16 @@ def _read_masks(paths, ct) -> list:
 
     from .io import InputError
 
+    from .mask_input import check_same_grid
+
     masks = []
     for path in paths:
         try:
-            m = sitk.GetArrayFromImage(sitk.ReadImage(str(path))) != 0
+            img = sitk.ReadImage(str(path))
         except RuntimeError as e:
             raise InputError(f"Cannot read mask {path}: {' '.join(str(e).split())[:200]}") from None
-        if m.shape != tuple(ct.shape_zyx):
-            raise InputError(f"Mask {path} has shape {m.shape}, the CT {tuple(ct.shape_zyx)}: use the CT's grid")
-        masks.append(m)
+        check_same_grid(img, ct, str(path))  # size, spacing, origin and direction, not only the shape
+        masks.append(sitk.GetArrayFromImage(img) != 0)
     return masks
 
 

@@ -66,7 +66,7 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
         stage = s.staging_dir()
         try:
             write_output_files(accepted, ct, stage)
-            (stage / "nodules.json").write_text(json.dumps(everything, indent=2, default=str) + "\n")
+            (stage / "nodules.json").write_text(json.dumps(everything, indent=2, default=str, allow_nan=False) + "\n")
             labels = sitk.GetImageFromArray(result.label_array(ct.shape_zyx))  # every finding: the review reopens
             labels.CopyInformation(ct.image)
             sitk.WriteImage(labels, str(stage / "labels.nrrd"), True)
