@@ -114,7 +114,6 @@ def _read_masks(paths, ct) -> list:
     import SimpleITK as sitk
 
     from .io import InputError
-
     from .mask_input import check_same_grid
 
     masks = []
