@@ -25,6 +25,7 @@ import pytest
 from NoduleMTLLib import batch, cli, cluster
 from NoduleMTLLib.outputs import OUTPUT_FILES
 from NoduleMTLLib.reporting import REPORT_FILES
+from NoduleMTLLib.safe_output import visible_entries
 
 distributed = pytest.importorskip("distributed")
 
@@ -110,7 +111,7 @@ def assert_same_outputs(out: Path, ref: Path) -> None:
         assert {k: g[k] for k in same} == {k: w[k] for k in same}
     assert sorted(p.name for p in out.iterdir()) == sorted([*CASES, "summary.csv"])  # no temporary files
     for c in CASES:
-        assert sorted(p.name for p in (out / c).iterdir()) == EXPECTED_FILES
+        assert visible_entries(out / c) == EXPECTED_FILES
         assert (out / c / "labels.nrrd").read_bytes() == (ref / c / "labels.nrrd").read_bytes(), c
         assert (out / c / "nodules.csv").read_bytes() == (ref / c / "nodules.csv").read_bytes(), c
         js = json.loads((out / c / "nodules.json").read_text())
@@ -270,7 +271,7 @@ def test_scheduler_worker_killed_then_client_killed_and_rerun(inputs, reference,
     assert done1 and "pending" in _statuses(out).values(), _statuses(out)
     for c in CASES:  # what is there is complete: no half-written case folder
         if (out / c).exists():
-            assert sorted(p.name for p in (out / c).iterdir()) == EXPECTED_FILES, c
+            assert visible_entries(out / c) == EXPECTED_FILES, c
     mtimes = {c: (out / c / "labels.nrrd").stat().st_mtime_ns for c in done1}
     assert list(client.scheduler_info()["workers"]) == [survivor]
 
