@@ -169,8 +169,10 @@ def main(argv=None) -> int:
         m["test"] = {**m.get("test", {}), "n": test["n"], "n_positive": test["n_positive"], "auc": test["auc"],
                      "brier": test["brier"], "ece": test["ece"], "ece_ci95": list(test["ece_ci95"]),
                      "ece_raw": test["ece_raw"], **dice_figures([r for r in tab if r["split"] == "test"])}
-        WEIGHTS_FILE.write_text(json.dumps(d, indent=1) + "\n")
-        print(f"wrote {WEIGHTS_FILE}")
+        WEIGHTS_FILE.write_text(json.dumps(d, indent=1, allow_nan=False) + "\n")
+        from NoduleMTLLib.calibration import record_checksum
+        record_checksum(WEIGHTS_FILE)  # models.json vouches for it (load_calibration verifies the sha256)
+        print(f"wrote {WEIGHTS_FILE} (checksum recorded in models.json)")
     return 0
 
 
