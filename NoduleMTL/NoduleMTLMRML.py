@@ -34,6 +34,7 @@ from vtk.util import numpy_support
 
 from NoduleMTLLib import colors as _colors
 from NoduleMTLLib.consensus import MaskBox
+from NoduleMTLLib.fields import raw_network_fields, reported_color
 from NoduleMTLLib.io import CTVolume, InputError, image_from_array
 from NoduleMTLLib.results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 
@@ -287,24 +288,21 @@ def _set_segment_terminology(segment) -> None:
 
 
 def _set_segment_result_tags(segment, nodule: NoduleResult) -> None:
+    """The nodule's id, label value and point, then the tags of the field list
+    (:func:`NoduleMTLLib.fields.segment_tags`, the same as in ``segmentation.seg.nrrd``).  Tags
+    of reported fields the nodule no longer has are removed."""
+    from NoduleMTLLib.fields import REPORTED_FIELDS, segment_tags
+
     p = SEGMENT_TAG_PREFIX
     segment.SetTag(p + "id", str(nodule.id))
     segment.SetTag(p + "label_value", str(nodule.label_value))
     segment.SetTag(p + "point_ras_mm", ",".join(_fmt(v, 8) for v in nodule.point_ras_mm))
-    for key in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "solid_fraction"):
-        v = getattr(nodule, key)
-        if v is not None:
-            segment.SetTag(p + key, _fmt(v))
-    if nodule.type:
-        segment.SetTag(p + "type", nodule.type)
-    for net_id, out in nodule.networks.items():
-        if out.malignancy_probability is not None:
-            segment.SetTag(f"{p}malignancy_probability.{net_id}", _fmt(out.malignancy_probability))
-        for sign, prob in (out.sign_probabilities or {}).items():
-            if prob is not None:
-                segment.SetTag(f"{p}sign_probability.{net_id}.{sign}", _fmt(prob))
-        if out.dice_with_final is not None:
-            segment.SetTag(f"{p}dice_with_final.{net_id}", _fmt(out.dice_with_final))
+    tags = segment_tags(nodule)
+    for f in REPORTED_FIELDS:
+        if p + f.key not in tags:
+            segment.RemoveTag(p + f.key)
+    for key, value in tags.items():
+        segment.SetTag(key, value)
 
 
 def _import_mask_as_segment(mask, ijk_to_ras: np.ndarray, labelmapNode, segmentationNode) -> str:
@@ -361,17 +359,8 @@ def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str])
         ("found", vtk.vtkIntArray, "Found", "", "1 if a nodule was segmented at the point", lambda n: int(bool(n.found))),
         ("point_ras_mm", vtk.vtkStringArray, "Point (RAS)", "mm", "Clicked point, world RAS (mm)",
          lambda n: ", ".join(f"{v:.2f}" for v in n.point_ras_mm)),
-        ("diameter_mm", vtk.vtkDoubleArray, "Diameter", "mm", "Longest axial diameter",
-         lambda n: n.diameter_mm),
-        ("short_axis_mm", vtk.vtkDoubleArray, "Short axis", "mm",
-         "Longest diameter perpendicular to the long axis on the same slice", lambda n: n.short_axis_mm),
-        ("volume_mm3", vtk.vtkDoubleArray, "Volume", "mm3", "Segmented volume", lambda n: n.volume_mm3),
-        ("mean_hu", vtk.vtkDoubleArray, "Mean", "HU", "Mean CT value inside the mask", lambda n: n.mean_hu),
-        ("solid_fraction", vtk.vtkDoubleArray, "Solid fraction", "", "Fraction of mask voxels >= -300 HU",
-         lambda n: n.solid_fraction),
-        ("type", vtk.vtkStringArray, "Type", "", "Radiological type estimate (solid / part-solid / ground-glass)",
-         lambda n: n.type or ""),
     ]
+    columns += _field_columns()  # the reported fields (NoduleMTLLib.fields): measurements, P(malignant), Lung-RADS, Brock
     if any(getattr(n, "detection", None) for n in result.nodules):  # Find nodules: rows are ranked by this score
         def det(key):
             return lambda n: (n.detection or {}).get(key)
@@ -385,13 +374,10 @@ def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str])
              "Probability that the candidate is a nodule, from the false-positive reduction (fpr25d)",
              det("fp_reduction_score")),
         ]
-    columns += _report_columns()  # Lung-RADS, Brock (NoduleMTLLib.assessment)
+    columns += _report_columns()  # Brock status
+    for f in raw_network_fields(nets):  # secondary: the networks' own outputs, labelled raw
+        columns.append((f.key, vtk.vtkDoubleArray, f.title, f.unit, f.description, lambda n, f=f: f.value(n)))
     for net in nets:
-        columns.append((
-            f"networks.{net}.malignancy_probability", vtk.vtkDoubleArray, f"P(malignant) {net}", "",
-            f"Malignancy probability estimated by {net} (research use only)",
-            lambda n, net=net: n.networks[net].malignancy_probability if net in n.networks else None,
-        ))
         for sign in _sign_names(result, net):
             columns.append((
                 f"networks.{net}.sign_probability.{sign}", vtk.vtkDoubleArray, f"P({sign}) {net}", "",
@@ -697,7 +683,7 @@ def probability_legend() -> str:
 def _nodule_color(nodule: NoduleResult, network_order, colorBy: str) -> tuple[float, float, float]:
     if colorBy == "index":
         return NODULE_COLORS[(nodule.id - 1) % len(NODULE_COLORS)]
-    return probability_color(_colors.reported_probability(nodule, network_order))
+    return reported_color(nodule)  # the reported (calibrated) probability, as in every output
 
 
 # ---------------------------------------------------------------------------
@@ -823,12 +809,11 @@ def _update_table_row(tableNode, segmentId: str, result: NoduleResult) -> int:
         _table_set(tableNode, row, "segment_id", segmentId, vtk.vtkStringArray)
         _table_set(tableNode, row, "point_ras_mm", ", ".join(f"{v:.2f}" for v in result.point_ras_mm), vtk.vtkStringArray)
     _table_set(tableNode, row, "found", 1, vtk.vtkIntArray)
-    for key in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "solid_fraction"):
-        _table_set(tableNode, row, key, getattr(result, key))
-    _table_set(tableNode, row, "type", result.type or "", vtk.vtkStringArray)
+    for name, cls, title, _unit, desc, getter in _field_columns() + _report_columns():
+        _table_set(tableNode, row, name, getter(result), cls, title=title, desc=desc)
+    for f in raw_network_fields(result.networks):
+        _table_set(tableNode, row, f.key, f.value(result), title=f.title, desc=f.description)
     for net, out in result.networks.items():
-        _table_set(tableNode, row, f"networks.{net}.malignancy_probability", out.malignancy_probability,
-                   title=f"P(malignant) {net}", desc=f"Malignancy probability estimated by {net} (research use only)")
         for sign, prob in (out.sign_probabilities or {}).items():
             _table_set(tableNode, row, f"networks.{net}.sign_probability.{sign}", prob, title=f"P({sign}) {net}",
                        desc=f"Probability of the radiological sign '{sign}' estimated by {net}")
@@ -891,12 +876,13 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
         NoduleMTLLib.io.InputError: empty segment, bad volume, unknown network.
         NoduleMTLLib.registry.WeightsError, NoduleMTLLib.device.DeviceError: as for a run.
     """
-    from NoduleMTLLib.refine import reclassify_from_mask
+    from NoduleMTLLib.analysis import ModelCache, reclassify
 
     request = reclassification_request(scene, segmentationNode, segmentId, referenceVolumeNode, tableNode, network_ids)
     ct = volume_node_to_ct(referenceVolumeNode)
-    result = reclassify_from_mask(ct, request["mask"], request["network_ids"], device=device, networks=networks,
-                                  nodule_id=request["nodule_id"], point_lps=request["point_lps"])
+    # the analysis service: raw outputs, then the reported (calibrated) probability and Lung-RADS / Brock
+    result = reclassify(ct, [request["mask"]], nodule_ids=[request["nodule_id"]], points_lps=[request["point_lps"]],
+                        network_ids=request["network_ids"], device=device, models=ModelCache(networks=networks)).nodules[0]
     apply_reclassification(segmentationNode, segmentId, request["table"], result, request["network_ids"])
     return result
 
@@ -956,7 +942,7 @@ def apply_reclassification(segmentationNode, segmentId: str, tableNode, result: 
     _set_segment_result_tags(segment, result)
     segment.SetTag(p + "reclassified", "1")
     segment.SetTag(p + "message", result.message)
-    segment.SetColor(*probability_color(_colors.reported_probability(result, ids)))
+    segment.SetColor(*reported_color(result))
     if tableNode is not None:
         _update_table_row(tableNode, segmentId, result)
 
@@ -1035,22 +1021,21 @@ def _brock_status(brock: dict | None) -> str:
     return "complete"
 
 
+def _field_columns() -> list:
+    """Results-table columns of the reported fields (:data:`NoduleMTLLib.fields.REPORTED_FIELDS`),
+    ``(name, vtk array class, title, unit, description, getter)``."""
+    from NoduleMTLLib.fields import REPORTED_FIELDS
+
+    cls = {"float": vtk.vtkDoubleArray, "int": vtk.vtkIntArray, "str": vtk.vtkStringArray}
+    return [(f.key, cls[f.kind], f.title, f.unit, f.description,
+             (lambda n, f=f: f.value(n) if f.value(n) is not None else "") if f.kind == "str" else (lambda n, f=f: f.value(n)))
+            for f in REPORTED_FIELDS]
+
+
 def _report_columns() -> list:
-    """Lung-RADS and Brock columns of the results table (``_build_table`` layout)."""
-    def rec(name, key):
-        return lambda n: (getattr(n, name, None) or {}).get(key)
+    """The Brock status column of the results table (``_build_table`` layout; the Lung-RADS and
+    Brock values are reported fields, :func:`_field_columns`)."""
     return [
-        ("lung_rads.category", vtk.vtkStringArray, "Lung-RADS", "",
-         "Lung-RADS v2022 category, baseline rules (NoduleMTLLib.lung_rads; no prior-scan comparison)",
-         rec("lung_rads", "category")),
-        ("lung_rads.size_mm", vtk.vtkDoubleArray, "Mean diameter", "mm",
-         "Lung-RADS size: mean of long and short axis, one decimal", rec("lung_rads", "size_mm")),
-        ("lung_rads.solid_component_mm", vtk.vtkDoubleArray, "Solid part", "mm",
-         "Part-solid nodules: mean diameter of the largest solid (>= -300 HU) component", rec("lung_rads", "solid_component_mm")),
-        ("lung_rads.rule", vtk.vtkStringArray, "Lung-RADS rule", "", "The guideline sentence that gave the category",
-         rec("lung_rads", "rule")),
-        ("brock.probability", vtk.vtkDoubleArray, "Brock risk", "",
-         "Brock (PanCan) full model, McWilliams et al. NEJM 2013: a different model from the networks", rec("brock", "probability")),
         ("brock.status", vtk.vtkStringArray, "Brock inputs", "", "complete / lower bound (inputs assumed no) / incomplete",
          lambda n: _brock_status(getattr(n, "brock", None))),
     ]
@@ -1069,7 +1054,7 @@ def _set_report_cells(tableNode, segmentId: str, nodule: NoduleResult) -> None:
     row = _table_row(tableNode, segmentId, nodule.id)
     if row < 0:
         return
-    for name, cls, title, _unit, desc, getter in _report_columns():
+    for name, cls, title, _unit, desc, getter in _field_columns() + _report_columns():
         _table_set(tableNode, row, name, getter(nodule), cls, title=title, desc=desc)
     tableNode.GetTable().Modified()
     tableNode.Modified()
@@ -1160,9 +1145,8 @@ def export_report(segmentationNode, referenceVolumeNode, out_dir, dicom_folder=N
     """
     from pathlib import Path
 
-    from NoduleMTLLib.assessment import annotate_result, patient_for
-    from NoduleMTLLib.outputs import prepare_output_dir
-    from NoduleMTLLib.reporting import write_report_files
+    from NoduleMTLLib.analysis import complete_result
+    from NoduleMTLLib.writer import WriteOptions, write_result_set
 
     ct = volume_node_to_ct(referenceVolumeNode)
     if dicom_folder is not None:
@@ -1170,15 +1154,11 @@ def export_report(segmentationNode, referenceVolumeNode, out_dir, dicom_folder=N
             raise InputError(f"'{referenceVolumeNode.GetName()}' was not loaded from DICOM: no DICOM SEG / SR")
         ct.source = str(dicom_folder)
     result = result_from_segmentation(segmentationNode, referenceVolumeNode, ct)
-    annotate_result(result, ct, patient if patient is not None else patient_for(ct))
-    out = prepare_output_dir(out_dir)
-    paths = []
-    (out / "nodules.json").write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
-    paths.append(out / "nodules.json")
-    if dicom_folder is not None:
-        from NoduleMTLLib.dicom_seg import write_seg_into_output_dir
-        paths.append(write_seg_into_output_dir(result, ct, out))
-    paths += write_report_files(result, ct, out, pictures=pictures, dicom_sr=dicom_folder is not None)
+    # the service's part: the reported probability of the current masks, Lung-RADS and Brock
+    complete_result(result, ct, patient)
+    paths = write_result_set(result, ct, out_dir, WriteOptions(
+        overwrite=True, dicom_seg=dicom_folder is not None, dicom_sr=dicom_folder is not None, pictures=pictures,
+        dicom_folder=dicom_folder))
     tableNode = tableNode or segmentationNode.GetNodeReference(SEGMENT_TAG_PREFIX + "table")
     if tableNode is not None:
         for n in result.nodules:

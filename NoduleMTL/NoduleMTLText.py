@@ -11,6 +11,8 @@ import json
 import math
 import re
 
+from NoduleMTLLib.fields import summary_line
+
 #: Shown under every summary.
 DISCLAIMER = "Research use only: not for clinical diagnosis."
 
@@ -86,9 +88,10 @@ def consensus_text(consensus: dict | None) -> str:
 
 
 def summary_html(result, disclaimer: str = DISCLAIMER) -> str:
-    """The panel's summary (HTML): the run's notes (``messages``), then per nodule its size
-    and type (and detection score), per network the malignancy probability and sign
-    probabilities, and the consensus line when present.
+    """The panel's summary (HTML): the run's notes (``messages``), then per nodule the summary
+    fields of the one field list (:data:`NoduleMTLLib.fields.REPORTED_FIELDS`: size, type, the
+    reported P(malignant), Lung-RADS, Brock; and the detection score), per network its raw
+    output and sign probabilities (labelled raw network output), and the consensus line when present.
 
     Args:
         result: an ``AnalysisResult`` or its ``to_dict()`` (``nodules.json``).
@@ -102,16 +105,12 @@ def summary_html(result, disclaimer: str = DISCLAIMER) -> str:
         if not n.get("found"):
             lines.append(f"<b>{name}</b>: no nodule found at the point. {html.escape(n.get('message') or '')}".strip())
             continue
-        size = f"{n['diameter_mm']:.1f} mm" if n.get("diameter_mm") is not None else "size n/a"
-        if n.get("volume_mm3") is not None:
-            size += f", {n['volume_mm3']:.0f} mm&sup3;"
-        kind = f", {html.escape(n['type'])}" if n.get("type") else ""
         det = n.get("detection") or {}
         score = f", detection score {det['score']:.2f}" if isinstance(det, dict) and det.get("score") is not None else ""
-        lines.append(f"<b>{name}</b>: {size}{kind}{score}")
+        lines.append(f"<b>{name}</b>: {html.escape(summary_line(n) or 'size n/a')}{score}")
         for nid, out in (n.get("networks") or {}).items():
             out = out or {}
-            text = f"&nbsp;&nbsp;{html.escape(nid)}: P(malignant) {_pct(out.get('malignancy_probability'))}"
+            text = f"&nbsp;&nbsp;raw network output {html.escape(nid)}: P(malignant) {_pct(out.get('malignancy_probability'))}"
             signs = out.get("sign_probabilities") or {}
             if signs:
                 text += " &middot; " + ", ".join(f"{html.escape(k)} {_pct(v)}" for k, v in signs.items())

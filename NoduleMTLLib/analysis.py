@@ -5,8 +5,10 @@ ids, the device, the mask choice, the score threshold and a progress callback; i
 networks (once per :class:`ModelCache`), runs the click path
 (:func:`NoduleMTLLib.pipeline.analyze_points`) or the whole-scan search
 (:func:`NoduleMTLLib.detection.infer.detect_nodules`), retries on the CPU when the GPU runs out
-of memory (:func:`NoduleMTLLib.device.with_cpu_fallback`) and returns the
-:class:`~NoduleMTLLib.results.AnalysisResult`.  Its callers only read inputs and write
+of memory (:func:`NoduleMTLLib.device.with_cpu_fallback`), calibrates the networks' raw outputs into
+the reported probability and assesses each nodule (Lung-RADS, Brock: :func:`complete_result`)
+and returns the :class:`~NoduleMTLLib.results.AnalysisResult`.  :func:`reclassify` does the
+same for given masks.  The engines return raw outputs only.  Its callers only read inputs and write
 outputs: ``nodulemtl analyze`` (:mod:`NoduleMTLLib.cli`), ``nodulemtl batch``
 (:mod:`NoduleMTLLib.batch`), the Slicer CLI module (``NoduleMTLCLI.run``), the module's Logic
 (``NoduleMTLLogic.process``) and the background worker.
@@ -58,9 +60,12 @@ class ModelCache:
 
     Args:
         detector: an already loaded whole-scan detector used on every device (tests, benchmarks).
+        networks: already loaded click networks ``{id: module}``, used as they are on every
+            device (a caller's pre-loaded networks; others are loaded on first use).
     """
 
-    def __init__(self, detector: torch.nn.Module | None = None):
+    def __init__(self, detector: torch.nn.Module | None = None, networks: dict | None = None):
+        self._given_networks = dict(networks or {})
         self._networks: dict[tuple[str, str], torch.nn.Module] = {}
         self._detectors: dict[str, torch.nn.Module] = {}
         self._fp_reducers: dict[str, torch.nn.Module | None] = {}
@@ -74,6 +79,8 @@ class ModelCache:
         """
         from .registry import load_network
 
+        if network_id in self._given_networks:
+            return self._given_networks[network_id]
         key = (network_id, str(device))
         if key not in self._networks:
             self._networks[key] = load_network(network_id, device)
@@ -125,7 +132,7 @@ class _DeviceView:
     def __contains__(self, network_id: str) -> bool:
         from .registry import NETWORKS
 
-        return network_id in NETWORKS
+        return network_id in NETWORKS or network_id in self.cache._given_networks
 
 
 def analyze(ct: CTVolume, points_lps: Sequence[Sequence[float]] | None = None, *, detect: bool = False,
@@ -209,6 +216,35 @@ def analyze(ct: CTVolume, points_lps: Sequence[Sequence[float]] | None = None, *
     if not detect:  # clicks on one nodule -> one nodule (before Brock counts them)
         from .duplicates import merge_duplicate_clicks
         merge_duplicate_clicks(result, ct)
+    complete_result(result, ct, patient, assess=assess)
+    return result
+
+
+def complete_result(result: AnalysisResult, ct: CTVolume, patient=None, *, assess: bool = True,
+                    calibration=None) -> AnalysisResult:
+    """The service's part of every answer, after the engine's raw outputs (in place; returns ``result``).
+
+    1. Calibration: each found nodule's reported ``malignancy_probability`` and
+       ``result.run["malignancy_probability"]`` (:func:`NoduleMTLLib.calibration.apply_to_result`;
+       the engines - ``pipeline.analyze_points``, ``detection.infer.detect_nodules``,
+       ``refine.reclassify_from_mask`` - give the networks' raw outputs only).  A whole-scan
+       search without classifying networks has no probability to calibrate.
+    2. Assessment (``assess``): Lung-RADS / Brock records (:func:`assess_result`).
+
+    Args:
+        result: the engine's :class:`~NoduleMTLLib.results.AnalysisResult` of ``ct``.
+        ct: the CT (HU, LPS).
+        patient: the Brock inputs (:func:`assess_result`).
+        assess: add the Lung-RADS / Brock records.
+        calibration: a loaded :class:`NoduleMTLLib.calibration.CalibrationSet` (default: the installed file).
+
+    Raises:
+        ValueError: an unreadable ``age`` or ``sex`` patient option.
+    """
+    from .calibration import apply_to_result
+
+    if (result.run or {}).get("networks"):
+        apply_to_result(result, calibration)
     if assess:
         assess_result(result, ct, patient)
     return result
@@ -231,20 +267,22 @@ def assess_result(result: AnalysisResult, ct: CTVolume, patient=None) -> None:
 def reclassify(ct: CTVolume, masks: Sequence, *, nodule_ids: Sequence[int] | None = None,
                points_lps: Sequence[Sequence[float] | None] | None = None, network_ids: Sequence[str] | None = None,
                device: str = "auto", progress: Progress | None = None, notify: Callable[[str], None] | None = None,
-               models: ModelCache | None = None) -> AnalysisResult:
+               models: ModelCache | None = None, assess: bool = True, patient=None) -> AnalysisResult:
     """Measure and classify given (e.g. user-edited) nodule masks without segmenting
-    (:func:`NoduleMTLLib.refine.reclassify_from_mask` for each), with the CPU fallback.
+    (:func:`NoduleMTLLib.refine.reclassify_from_mask` for each), with the CPU fallback, then
+    calibrate and assess as :func:`analyze` (:func:`complete_result`): the unchanged mask of an
+    analysis gets the analysis' reported probability and Lung-RADS category back.
 
     Args:
         ct: the CT (HU, LPS).
         masks: bool (z, y, x) arrays of shape ``ct.shape_zyx``, one per nodule.
         nodule_ids: id of each nodule (default 1..N).
         points_lps: the original click of each nodule (world LPS mm) or None (mask centroid).
-        network_ids, device, progress, notify, models: as :func:`analyze`.
+        network_ids, device, progress, notify, models, assess, patient: as :func:`analyze`.
 
     Returns:
         :class:`~NoduleMTLLib.results.AnalysisResult` with one ``NoduleResult`` per mask
-        (``run["mode"]`` = "reclassify").
+        (``run["mode"]`` = "reclassify"), calibrated and assessed.
 
     Raises:
         InputError: lengths differ, an empty mask or one off the CT grid, unknown network.
@@ -277,10 +315,13 @@ def reclassify(ct: CTVolume, masks: Sequence, *, nodule_ids: Sequence[int] | Non
                                             point_lps=point))
         progress(1.0, "done")
         run_info = {"software": f"NoduleMTL {__version__}", "mode": "reclassify", "networks": list(ids), "device": str(dev),
-                    "timing_s": {"total": round(time.perf_counter() - t0, 3)}, "torch": torch.__version__}
+                    "reported_mask": "given", "timing_s": {"total": round(time.perf_counter() - t0, 3)},
+                    "torch": torch.__version__}
         return AnalysisResult(input=ct.describe(), run=run_info, nodules=out)
 
-    return with_cpu_fallback(run, device, notify=notify)
+    result = with_cpu_fallback(run, device, notify=notify)
+    complete_result(result, ct, patient, assess=assess)
+    return result
 
 
 def _device(name):

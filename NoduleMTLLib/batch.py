@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import DEFAULT_NETWORKS
+from .filenames import JSON_FILE
 from .safe_output import safe_case_name
 
 log = logging.getLogger(__name__)
@@ -399,7 +400,7 @@ class BatchRun:
         if case_done(folder) and not self.overwrite:
             base.status, base.message = "done-before", "outputs present (use --overwrite to recompute)"
             try:
-                nods = json.loads((folder / "nodules.json").read_text())["nodules"]
+                nods = json.loads((folder / JSON_FILE).read_text())["nodules"]
                 base.n_nodules, base.n_found = len(nods), sum(bool(n.get("found")) for n in nods)
             except (OSError, ValueError, KeyError, TypeError):
                 pass
@@ -412,9 +413,10 @@ class BatchRun:
         from .calibration import CalibrationError
         from .device import DeviceError
         from .io import InputError, read_ct
-        from .outputs import OutputError, write_output_files
+        from .outputs import OutputError
         from .registry import WeightsError
         from .safe_output import OutputSet, case_dir
+        from .writer import options_from_args, write_result_set
 
         pre = self.precheck(case)
         if pre is not None:
@@ -439,15 +441,10 @@ class BatchRun:
                               threshold=self.threshold, models=self._models,
                               patient=reporting.patient_options(self.report_options),  # Lung-RADS, Brock
                               notify=lambda m: log.warning("case %s: %s", case.name, m))
-                stage = outset.staging_dir()
-                write_output_files(res, ct, stage)
-                if self.dicom_seg and ct.dicom_series_uid is not None:
-                    from .dicom_seg import write_seg_into_output_dir
-                    write_seg_into_output_dir(res, ct, stage)
-                opts = self.report_options
-                reporting.write_report_files(res, ct, stage, pictures=not getattr(opts, "no_pictures", False),
-                                             dicom_sr=bool(getattr(opts, "dicom_sr", False)) and ct.dicom_series_uid is not None)
-                outset.commit()
+                dicom = ct.dicom_series_uid is not None  # SEG / SR only for cases read from DICOM
+                opts = options_from_args(self.report_options, dicom_seg=self.dicom_seg and dicom,
+                                         dicom_sr=bool(getattr(self.report_options, "dicom_sr", False)) and dicom)
+                write_result_set(res, ct, outset, opts, warn=lambda m: log.warning("case %s: %s", case.name, m))
         except (WeightsError, DeviceError, CalibrationError):
             raise  # not a problem of this case: stop the run
         except Exception as e:  # noqa: BLE001 - a bad case must not stop the batch

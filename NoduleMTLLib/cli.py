@@ -140,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     r.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     r.add_argument("--out", required=True, type=out_dir_arg,
-                   help="output folder (the four files of analyze; must not be or contain the inputs)")
+                   help="output folder (the result set of analyze; must not be or contain the inputs)")
     r.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out (refused otherwise)")
+    r.add_argument("--dicom-seg", action="store_true",
+                   help="also write DIR/segmentation.dcm (input must be a DICOM series folder)")
+    reporting.add_arguments(r)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--progress-format", default="bar", choices=("bar", "lines"), help="as for analyze")
     return ap
@@ -149,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _reclassify(args, models=None) -> int:
     """``nodulemtl reclassify``: :func:`NoduleMTLLib.analysis.reclassify` on the given masks, outputs as ``analyze``."""
+    from . import reporting
     from .analysis import reclassify, split_networks
-    from .errors import NoduleMTLError, OutputError, one_line
+    from .errors import NoduleMTLError, one_line
     from .io import ras_to_lps, read_ct
     from .mask_input import read_masks
-    from .outputs import write_output_files
     from .safe_output import OutputSet
+    from .writer import options_from_args, write_result_set
 
     try:
         # checks --out (not an input, no earlier outputs unless --overwrite), locks it; created at commit()
@@ -166,21 +170,16 @@ def _reclassify(args, models=None) -> int:
             bar, cb = _progress_bar(args.quiet, args.progress_format)
             try:
                 res = reclassify(ct, masks, nodule_ids=ids, points_lps=points, network_ids=split_networks(args.networks),
-                                 device=args.device, progress=cb, models=models,
+                                 device=args.device, progress=cb, models=models, patient=reporting.patient_options(args),
                                  notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
             finally:
                 bar.close()
-            try:
-                write_output_files(res, ct, outset.staging_dir())
-            except OSError as e:
-                raise OutputError(f"Cannot write outputs to {args.out}: {e.strerror or e}") from None
-            outset.commit()
+            # the same result set as analyze (labels, seg.nrrd, JSON, CSV, report, pictures)
+            write_result_set(res, ct, outset, options_from_args(args), warn=_warn)
     except NoduleMTLError as e:  # every library error; programming errors keep their traceback
         print(f"nodulemtl: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
-    for n in res.nodules:
-        probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
-        print(f"Nodule {n.id}: {n.diameter_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.volume_mm3:.0f} mm3, {n.type}; P(malignant): {probs}")
+    print_summary(res)
     return 0
 
 
@@ -203,6 +202,38 @@ def _review(argv) -> int:
         print(f"nodulemtl review: error: {e}; install the 'review' dependency group (uv sync)", file=sys.stderr)
         return 2
     return app.main(argv)
+
+
+def _warn(message: str) -> None:
+    print(f"nodulemtl: warning: {message}", file=sys.stderr, flush=True)
+
+
+def print_summary(res) -> None:
+    """One line per nodule on stdout, from the reported fields (:func:`NoduleMTLLib.fields.summary_line`;
+    the networks' raw outputs labelled as such), then the per-scan Lung-RADS category."""
+    from .fields import raw_network_fields, summary_line
+
+    for m in res.messages:
+        print(f"nodulemtl: note: {m}", file=sys.stderr)
+    raw = raw_network_fields(res.run.get("networks", []) or [])
+    for n in res.nodules:
+        if not n.found:
+            print(f"Nodule {n.id}: not found ({n.message})")
+            continue
+        d = n.to_dict()
+        head = f"Nodule {n.id}: "
+        if n.detection is not None:
+            head += f"score {n.detection['score']:.2f}, RAS {tuple(round(v, 1) for v in n.point_ras_mm)}, "
+        line = head + summary_line(d)
+        raws = ", ".join(f"{f.key.split('.')[1]} {f.text(d)}" for f in raw if f.text(d))
+        if raws:
+            line += f" (raw network output: {raws})"
+        c = n.consensus
+        if c is not None and c.n_networks >= 2 and c.malignancy_probability is not None:
+            line += f"; consensus {c.malignancy_probability:.2f}, disagreement {c.disagreement}"
+        print(line)
+    if (res.run or {}).get("lung_rads"):
+        print(f"Lung-RADS (per scan, baseline rules): {res.run['lung_rads']['category']}")
 
 
 def main(argv=None, models=None) -> int:
@@ -249,10 +280,10 @@ def _main(argv, models) -> int:
     if bool(args.detect) == bool(args.point):
         ap.error("analyze needs either --point (one or more) or --detect")
     from .analysis import analyze, split_networks
-    from .errors import NoduleMTLError, OutputError, one_line
+    from .errors import NoduleMTLError, one_line
     from .io import InputError, ras_to_lps, read_ct
-    from .outputs import write_output_files
     from .safe_output import OutputSet
+    from .writer import options_from_args, write_result_set
 
     try:
         t0 = time.perf_counter()
@@ -272,40 +303,12 @@ def _main(argv, models) -> int:
                               notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
             finally:
                 bar.close()
-            stage = outset.staging_dir()
-            try:
-                write_output_files(res, ct, stage)
-            except OSError as e:
-                raise OutputError(f"Cannot write outputs to {args.out}: {e.strerror or e}") from None
-            if args.dicom_seg:
-                from .dicom_seg import write_seg_into_output_dir
-                if write_seg_into_output_dir(res, ct, stage) is None:
-                    print("nodulemtl: warning: no nodule found: no DICOM SEG written", file=sys.stderr)
-            reporting.write_report_files(res, ct, stage, pictures=not args.no_pictures, dicom_sr=args.dicom_sr)
-            outset.commit()
+            write_result_set(res, ct, outset, options_from_args(args), warn=_warn)  # stages, writes, commits
     except NoduleMTLError as e:  # every library error; programming errors keep their traceback
         print(f"nodulemtl: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     n_found = sum(n.found for n in res.nodules)
-    for m in res.messages:
-        print(f"nodulemtl: note: {m}", file=sys.stderr)
-    for n in res.nodules:
-        if n.found and n.detection is not None:
-            probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
-            print(f"Nodule {n.id}: score {n.detection['score']:.2f}, RAS {tuple(round(v, 1) for v in n.point_ras_mm)}, "
-                  f"{n.diameter_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.volume_mm3:.0f} mm3, {n.type}"
-                  + (f"; P(malignant): {probs}" if probs else ""))
-        elif n.found:
-            probs = ", ".join(f"{k} {v.malignancy_probability:.2f}" for k, v in n.networks.items() if v.malignancy_probability is not None)
-            c = n.consensus
-            if c is not None and c.n_networks >= 2 and c.malignancy_probability is not None:
-                probs += f"; consensus {c.malignancy_probability:.2f}, disagreement {c.disagreement}"
-            print(f"Nodule {n.id}: {n.diameter_mm:.1f} x {n.short_axis_mm:.1f} mm, {n.volume_mm3:.0f} mm3, {n.type}, "
-                  f"mean {n.mean_hu:.0f} HU; P(malignant): {probs}")
-        else:
-            print(f"Nodule {n.id}: not found ({n.message})")
-    if (res.run or {}).get("lung_rads"):
-        print(f"Lung-RADS (per scan, baseline rules): {res.run['lung_rads']['category']}")
+    print_summary(res)
     print(f"{n_found}/{len(res.nodules)} nodules segmented on {res.run['device']} in {time.perf_counter() - t0:.1f} s -> {args.out}")
     return 0
 

@@ -11,8 +11,8 @@ p >= 0.6               red        (0.90, 0.15, 0.15)
 unknown (None / NaN)   grey       (0.60, 0.60, 0.60)
 =====================  =========  ==================
 
-The probability shown is the *primary* network's: the first network of the run (whose mask
-is the reported mask) that gave a probability for the nodule.
+The probability shown is the *reported* one (the calibrated ``malignancy_probability`` of every
+output, :func:`reported_probability`); grey when there is none.
 """
 
 from __future__ import annotations
@@ -77,15 +77,14 @@ def primary_probability(networks: dict, order: Iterable[str] = ()) -> float | No
 
 def reported_probability(nodule, order: Iterable[str] = ()) -> float | None:
     """The P(malignant) a nodule is shown with: its reported, calibrated ``malignancy_probability``
-    (``NoduleMTLLib.calibration``; the one in ``nodules.json`` / ``nodules.csv``) when it has one,
-    else the first network's raw probability (:func:`primary_probability`).
+    (``NoduleMTLLib.calibration``; the one in every output), None when it has none (grey).  A
+    network's raw output is never shown in its place (one probability everywhere).
 
     Args:
-        nodule: a :class:`NoduleMTLLib.results.NoduleResult` (or anything with ``networks`` and
-            optionally ``malignancy_probability``).
-        order: preferred network order (the run's ``networks`` list).
+        nodule: a :class:`NoduleMTLLib.results.NoduleResult` (or anything with ``malignancy_probability``).
+        order: ignored (kept for callers of the earlier signature).
     """
     p = getattr(nodule, "malignancy_probability", None)
     if p is not None and not math.isnan(float(p)):
         return float(p)
-    return primary_probability(nodule.networks, order)
+    return None

@@ -14,15 +14,14 @@ the masks are on that grid, so slice ``k`` of a mask becomes a frame referencing
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .colors import primary_probability, probability_color
+from .fields import reported_color
+from .filenames import DICOM_SEG_FILE
 from .io import CTVolume, InputError
 from .results import NODULE_TERMINOLOGY, AnalysisResult
 
@@ -89,8 +88,9 @@ def write_dicom_seg(result: AnalysisResult, ct: CTVolume, dicom_folder, out_path
         result: the analysis of ``ct`` (masks bool (z, y, x) on the CT grid).
         ct: the CT, read from a DICOM series folder (``dicom_series_uid`` set).
         dicom_folder: folder holding that series (usually ``ct.source``).
-        out_path: file to write (``.dcm``); written to a temporary file in the same folder,
-            then renamed, so no partial file is left.
+        out_path: file to write (``.dcm``), normally inside the staged output folder of
+            :func:`NoduleMTLLib.writer.write_result_set` (which makes the set all-or-nothing);
+            its mode follows the umask.
         algorithm_type: "AUTOMATIC" (click path) or "SEMIAUTOMATIC" (user-edited masks).
 
     Returns:
@@ -131,7 +131,7 @@ def write_dicom_seg(result: AnalysisResult, ct: CTVolume, dicom_folder, out_path
         parameters={"networks": ",".join(nets) or "unknown"})
     descriptions, planes = [], []
     for number, n in enumerate(found, start=1):
-        rgb = probability_color(primary_probability(n.networks, nets))
+        rgb = reported_color(n)  # the reported (calibrated) probability, as every output
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=n.name, segmented_property_category=category,
             segmented_property_type=prop_type, algorithm_type=algorithm_type, algorithm_identification=algorithm,
@@ -152,25 +152,18 @@ def write_dicom_seg(result: AnalysisResult, ct: CTVolume, dicom_folder, out_path
     except (ValueError, TypeError, AttributeError) as e:
         raise DicomSegError(f"Cannot build a DICOM SEG on series {ct.dicom_series_uid}: {e}") from None
     out = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=out.parent)
-    os.close(fd)
-    try:
-        seg.save_as(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    seg.save_as(out)  # into the staged folder of NoduleMTLLib.writer: it is all-or-nothing, not this file
     return out
 
 
 #: File name of the DICOM SEG in an output folder (``nodulemtl analyze/batch --dicom-seg``).
-SEG_FILE = "segmentation.dcm"
+SEG_FILE = DICOM_SEG_FILE
 
 
-def write_seg_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir) -> Path | None:
+def write_seg_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir, dicom_folder=None) -> Path | None:
     """``--dicom-seg`` of the command line: write ``out_dir/segmentation.dcm`` beside the other outputs.
 
-    The SEG references ``ct.source`` (the DICOM series folder the CT was read from).  When no
+    The SEG references ``dicom_folder`` (default ``ct.source``: the DICOM series folder the CT was read from).  When no
     nodule was found there is nothing to encode: no SEG is written, a SEG left by an earlier
     run in that folder is removed (it would describe other masks), and None is returned.
 
@@ -181,12 +174,12 @@ def write_seg_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir) -> 
     from .outputs import OutputError
 
     path = Path(out_dir) / SEG_FILE
-    if not any(n.found and n.mask is not None and np.any(n.mask) for n in result.nodules):
+    if not any(n.found and n.mask_box is not None for n in result.nodules):
         if path.is_file():
             path.unlink()
         return None
     try:
-        return write_dicom_seg(result, ct, ct.source, path)
+        return write_dicom_seg(result, ct, dicom_folder or ct.source, path)
     except DicomSegError as e:
         raise OutputError(str(e)) from None
     except OSError as e:

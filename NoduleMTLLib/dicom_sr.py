@@ -34,19 +34,18 @@ highdicom (``highdicom.sr.srread``, ``MeasurementReport`` content) and ``dciodvf
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .filenames import DICOM_SR_FILE
 from .io import CTVolume, InputError
 from .results import AnalysisResult
 
 #: File name of the SR in an output folder (``nodulemtl analyze/batch --dicom-sr``).
-SR_FILE = "report.sr.dcm"
+SR_FILE = DICOM_SR_FILE
 SR_SERIES_NUMBER = 9902
 SR_SERIES_DESCRIPTION = "NoduleMTL nodule report"
 
@@ -101,7 +100,7 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
         ct: the CT, read from a DICOM series (``dicom_series_uid`` set).
         seg_path: the DICOM SEG of the same result (:func:`NoduleMTLLib.dicom_seg.write_dicom_seg`);
             its segments are matched to the nodules by label (``"Nodule <id>"``).
-        out_path: file to write; written to a temporary file, then renamed.
+        out_path: file to write (inside the staged folder of :func:`NoduleMTLLib.writer.write_result_set`).
         dicom_folder: folder of the source series (default ``ct.source``).
 
     Returns:
@@ -157,7 +156,8 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
             if out.malignancy_probability is not None:
                 ms.append(hd.sr.Measurement(
                     name=codes.DCM.ProbabilityOfCancer, value=float(out.malignancy_probability), unit=codes.UCUM.NoUnits,
-                    algorithm_id=hd.sr.AlgorithmIdentification(name=f"NoduleMTL {nid}", version=__version__)))
+                    algorithm_id=hd.sr.AlgorithmIdentification(name=f"NoduleMTL {nid} (raw network output)",
+                                                               version=__version__)))
         br = getattr(n, "brock", None)
         if br and br.get("probability") is not None:
             ms.append(hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=float(br["probability"]),
@@ -200,20 +200,11 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
     sr.SoftwareVersions = f"NoduleMTL {__version__}"
     sr.ManufacturerModelName = "NoduleMTL"
     out = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=out.parent)
-    os.close(fd)
-    try:
-        sr.save_as(tmp)
-        from .report_html import _umask
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the SR is an ordinary output file
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    sr.save_as(out)  # into the staged output folder (NoduleMTLLib.writer); its mode follows the umask
     return out
 
 
-def write_sr_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir) -> Path | None:
+def write_sr_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir, dicom_folder=None) -> Path | None:
     """``--dicom-sr`` of the command line: ``out_dir/report.sr.dcm`` referencing ``out_dir/segmentation.dcm``.
 
     Call after :func:`NoduleMTLLib.dicom_seg.write_seg_into_output_dir`.  No nodule found
@@ -228,12 +219,12 @@ def write_sr_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir) -> P
 
     path = Path(out_dir) / SR_FILE
     seg_path = Path(out_dir) / SEG_FILE
-    if not any(n.found and n.mask is not None and np.any(n.mask) for n in result.nodules) or not seg_path.is_file():
+    if not any(n.found and n.mask_box is not None for n in result.nodules) or not seg_path.is_file():
         if path.is_file():
             path.unlink()
         return None
     try:
-        return write_dicom_sr(result, ct, seg_path, path)
+        return write_dicom_sr(result, ct, seg_path, path, dicom_folder)
     except DicomSrError as e:
         raise OutputError(str(e)) from None
     except OSError as e:

@@ -10,8 +10,6 @@ output (files of an earlier run in the folder are replaced only on success; the 
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 import os
 import re
@@ -21,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import OutputsError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
+from .fields import REPORTED_FIELDS, raw_network_fields, reported_color, segment_tags
 from .io import CTVolume, ijk_to_lps_matrix
 from .results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 
@@ -39,25 +38,33 @@ CONSENSUS_COLUMNS = ("consensus.malignancy_probability", "consensus.probability_
 #: half-open voxel box "i0 j0 k0 i1 j1 k1".
 DETECTION_COLUMNS = ("detection.score", "detection.detector_score", "detection.fp_reduction_score", "detection.box_ijk")
 
+#: Brock status columns of nodules.csv after the reported fields (empty when not assessed).
+BROCK_STATUS_COLUMNS = ("brock.complete", "brock.assumed", "brock.missing")
 #: Report columns of nodules.csv (:mod:`NoduleMTLLib.assessment`; empty when not assessed).
-REPORT_COLUMNS = ("lung_rads.category", "lung_rads.size_mm", "lung_rads.solid_component_mm", "lung_rads.rule",
-                  "brock.probability", "brock.complete", "brock.assumed", "brock.missing")
+REPORT_COLUMNS = tuple(f.key for f in REPORTED_FIELDS if f.key.split(".")[0] in ("lung_rads", "brock")) \
+    + BROCK_STATUS_COLUMNS
 
 
 def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
-    """Header and rows of nodules.csv (one row per nodule, per-network columns)."""
+    """Header and rows of nodules.csv (one row per nodule): the reported fields
+    (:data:`NoduleMTLLib.fields.REPORTED_FIELDS`), the networks' raw outputs
+    (:func:`NoduleMTLLib.fields.raw_network_fields`), consensus, detection and Brock status columns."""
     nets = list(result.run.get("networks", []))
     det_cols = list(DETECTION_COLUMNS) if any(getattr(n, "detection", None) for n in result.nodules) else []
-    head = ["id", "label_value", "found", "point_ras_mm", "diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu",
-            "solid_fraction", "type", "malignancy_probability"] + [f"networks.{n}.malignancy_probability" for n in nets] \
-        + list(CONSENSUS_COLUMNS) + det_cols + list(REPORT_COLUMNS) + ["message"]
+    fields = list(REPORTED_FIELDS) + raw_network_fields(nets)
+    head = ["id", "label_value", "found", "point_ras_mm"] + [f.key for f in fields] \
+        + list(CONSENSUS_COLUMNS) + det_cols + list(BROCK_STATUS_COLUMNS) + ["message"]
     rows = []
     for nd in result.nodules:
         d = nd.to_dict()
-        row = {k: d.get(k) for k in head if not k.startswith("networks.")}
+        row = {k: d.get(k) for k in ("id", "label_value", "found", "message")}
         row["point_ras_mm"] = " ".join(f"{v:.2f}" for v in nd.point_ras_mm)
-        for n in nets:
-            row[f"networks.{n}.malignancy_probability"] = d["networks"].get(n, {}).get("malignancy_probability")
+        for f in fields:
+            row[f.key] = f.value(d)
+        for col in BROCK_STATUS_COLUMNS:
+            rec, key = col.split(".", 1)
+            v = (d.get(rec) or {}).get(key)
+            row[col] = " ".join(v) if isinstance(v, list) else v
         for col in CONSENSUS_COLUMNS:
             row[col] = (d.get("consensus") or {}).get(col.split(".", 1)[1])
         if det_cols and d.get("detection"):
@@ -65,10 +72,6 @@ def csv_rows(result: AnalysisResult) -> tuple[list[str], list[dict]]:
             row["detection.detector_score"] = d["detection"].get("detector_score")
             row["detection.fp_reduction_score"] = d["detection"].get("fp_reduction_score")
             row["detection.box_ijk"] = " ".join(str(v) for v in d["detection"]["box_ijk"])
-        for col in REPORT_COLUMNS:
-            rec, key = col.split(".", 1)
-            v = (d.get(rec) or {}).get(key)
-            row[col] = " ".join(v) if isinstance(v, list) else v
         rows.append({k: ("" if v is None else v) for k, v in row.items()})
     return head, rows
 
@@ -106,12 +109,10 @@ def _fill_single_layer(seg: dict, boxes, lo, fields) -> bool:
 def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
     """slicerio segmentation (voxels i, j, k) cropped to the nodules, with terminology and result tags.
 
-    Segment colours follow P(malignant) of the run's first network with a probability
-    (:mod:`NoduleMTLLib.colors`), as in the Slicer scene.
+    Segment colours follow the reported (calibrated) P(malignant) (:func:`NoduleMTLLib.fields.reported_color`)
+    and the tags are :func:`NoduleMTLLib.fields.segment_tags`, as in the Slicer scene.
     """
     import slicerio
-
-    from .colors import primary_probability, probability_color
 
     found = [n for n in result.nodules if n.found]
     boxes = [n.mask_box for n in found]  # MaskBox on the CT grid; None for no / an empty mask
@@ -130,22 +131,8 @@ def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
     fields = []
     for nd in found:
         d = nd.to_dict()
-        tags = {f"NoduleMTL.{k}": d[k] for k in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "type") if d[k] is not None}
-        for nid, o in d["networks"].items():
-            if o.get("malignancy_probability") is not None:
-                tags[f"NoduleMTL.{nid}.malignancy_probability"] = o["malignancy_probability"]
-        cons = d.get("consensus") or {}
-        if cons.get("n_networks", 0) >= 2:
-            for k in ("malignancy_probability", "disagreement"):
-                if cons.get(k) is not None:
-                    tags[f"NoduleMTL.consensus.{k}"] = cons[k]
-        if d.get("detection"):
-            tags["NoduleMTL.detection.score"] = d["detection"]["score"]
-        fields.append({
-            "id": f"nodule_{nd.id}", "name": nd.name,
-            "color": list(probability_color(primary_probability(nd.networks, (result.run or {}).get("networks", []) or []))),
-            "terminology": term, "tags": {k: str(v) for k, v in tags.items()},
-        })
+        fields.append({"id": f"nodule_{nd.id}", "name": nd.name, "color": list(reported_color(d)),
+                       "terminology": term, "tags": segment_tags(d)})
     if not _fill_single_layer(seg, boxes, lo, fields):
         # overlapping nodules: slicerio puts each segment in the first layer it does not overlap
         seg["voxels"][...] = 0
@@ -156,44 +143,16 @@ def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
     return seg
 
 
-def write_output_files(result: AnalysisResult, ct: CTVolume, folder: str | os.PathLike) -> list[Path]:
-    """Write the four outputs into an existing (staging) folder, as they are: no temporary files,
-    no replacement rules (see :class:`NoduleMTLLib.safe_output.OutputSet` for those).
-
-    Raises OSError if a file cannot be written.
-    """
-    import slicerio
-
-    folder = Path(folder)
-    lab = sitk.GetImageFromArray(result.label_array(ct.shape_zyx))
-    lab.CopyInformation(ct.image)
-    sitk.WriteImage(lab, str(folder / "labels.nrrd"), True)
-    slicerio.write_segmentation(str(folder / "segmentation.seg.nrrd"), segmentation_dict(result, ct), compression_level=1)
-    from .strict_json import dumps  # no NaN / Infinity: OutputError naming the field
-    (folder / "nodules.json").write_text(dumps(result.to_dict(), "nodules.json", indent=2) + "\n")
-    head, rows = csv_rows(result)
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=head)
-    w.writeheader(); w.writerows(rows)
-    (folder / "nodules.csv").write_text(buf.getvalue())
-    return [folder / name for name in OUTPUT_FILES]
-
-
 def write_outputs(result: AnalysisResult, ct: CTVolume, out_dir: str | os.PathLike) -> list[Path]:
-    """Write the four outputs atomically (see module docstring), replacing NoduleMTL's files of an
-    earlier run in ``out_dir`` (library use; the command line refuses that without ``--overwrite``).
-    Returns their paths.
+    """Write the four outputs all-or-nothing with :func:`NoduleMTLLib.writer.write_result_set`
+    (no report), replacing NoduleMTL's files of an earlier run in ``out_dir`` (library use; the
+    command line refuses that without ``--overwrite``).  Returns their paths.
 
     Raises OutputError if the folder cannot be written (or another run holds its lock).
     """
-    from .safe_output import OutputSet
+    from .writer import WriteOptions, write_result_set
 
-    with OutputSet(out_dir, overwrite=True) as s:
-        try:
-            write_output_files(result, ct, s.staging_dir())
-        except OSError as e:
-            raise OutputError(f"Cannot write outputs to {out_dir}: {e.strerror or e}") from None
-        return s.commit()
+    return write_result_set(result, ct, out_dir, WriteOptions(overwrite=True, report=False))
 
 
 def _masks_from_seg_nrrd(path: Path, ct_ijk_to_lps, shape_zyx) -> dict | None:

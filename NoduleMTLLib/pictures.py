@@ -19,9 +19,7 @@ sagittal: superior at the top.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +31,8 @@ VIEW_PX = 256
 #: Smallest field of view (mm) and multiple of the long axis.
 MIN_FOV_MM = 40.0
 FOV_PER_DIAMETER = 2.5
-#: Folder of the pictures in an output folder.
-PICTURES_DIR = "pictures"
+from .filenames import PICTURES_DIR, picture_file  # noqa: E402,F401  (the names live in one module)
+
 HEADER_PX = 58
 GAP_PX = 6
 OUTLINE_RGB = (255, 220, 0)
@@ -47,11 +45,6 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
         return ImageFont.load_default()
-
-
-def picture_file(nodule_id: int) -> str:
-    """File name of a nodule's picture."""
-    return f"nodule_{int(nodule_id)}.png"
 
 
 def _crop(arr: np.ndarray, centre, half, fill):
@@ -100,24 +93,21 @@ def _view(hu2d: np.ndarray, mask2d: np.ndarray, row_mm: float, col_mm: float, fo
 
 
 def key_figures(nodule) -> list[str]:
-    """Header lines of a nodule's picture (also used by the HTML report)."""
-    lr, br = getattr(nodule, "lung_rads", None), getattr(nodule, "brock", None)
-    line1 = (f"{nodule.name}: {nodule.diameter_mm:.1f} x {nodule.short_axis_mm:.1f} mm"
-             + (f" (mean {lr['size_mm']:.1f} mm)" if lr else "")
-             + f", {nodule.volume_mm3:.0f} mm3, {nodule.type}, mean {nodule.mean_hu:.0f} HU")
-    parts = []
-    if lr:
-        parts.append(f"Lung-RADS {lr['category']}"
-                     + (f" (solid part {lr['solid_component_mm']:.1f} mm)" if lr.get("solid_component_mm") is not None else ""))
-    probs = [f"{k} {v.malignancy_probability:.2f}" for k, v in nodule.networks.items() if v.malignancy_probability is not None]
-    if probs:
-        parts.append("P(malignant) " + ", ".join(probs))
-    if br:
-        if br.get("probability") is not None:
-            parts.append(f"Brock {100 * br['probability']:.1f} %" + (" (lower bound)" if br.get("lower_bound") else ""))
-        else:
-            parts.append("Brock: incomplete (" + ", ".join(br.get("missing", [])) + " unknown)")
-    return [line1, "; ".join(parts)]
+    """Header lines of a nodule's picture (also used by the HTML report): the summary fields of
+    :data:`NoduleMTLLib.fields.REPORTED_FIELDS` (measurements on the first line, the reported
+    P(malignant), Lung-RADS and Brock on the second)."""
+    from .fields import REPORTED_FIELDS, summary_line
+
+    d = nodule.to_dict()
+    sizes = [f for f in REPORTED_FIELDS if f.unit or f.key == "type"]
+    line1 = f"{nodule.name}: " + summary_line(d, sizes)
+    line2 = summary_line(d, [f for f in REPORTED_FIELDS if f not in sizes])
+    br = getattr(nodule, "brock", None)
+    if br and br.get("probability") is None:
+        line2 += ("; " if line2 else "") + "Brock: incomplete (" + ", ".join(br.get("missing", [])) + " unknown)"
+    elif br and br.get("lower_bound"):
+        line2 += " (Brock lower bound)"
+    return [line1, line2]
 
 
 def nodule_picture(ct, nodule):
@@ -168,33 +158,21 @@ def nodule_picture(ct, nodule):
 
 
 def write_pictures(result, ct, out_dir) -> list[Path]:
-    """Write ``out_dir/pictures/nodule_<id>.png`` for every found nodule (the folder is replaced
-    as a whole, so pictures of an earlier run's nodules do not linger).  Returns the paths.
+    """Write ``out_dir/pictures/nodule_<id>.png`` for every found nodule into the staged output
+    folder of :func:`NoduleMTLLib.writer.write_result_set` (a ``pictures`` folder already there
+    is replaced, so pictures of other nodules do not linger).  Returns the paths.
 
     Raises:
         OSError: the folder cannot be written.
     """
-    out = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".nodulemtl-pictures-", dir=out))
-    try:
-        paths = []
-        for n in result.nodules:
-            if n.found and n.mask is not None and np.any(n.mask):
-                nodule_picture(ct, n).save(tmp / picture_file(n.id), optimize=False)
-                paths.append(out / PICTURES_DIR / picture_file(n.id))
-        final = out / PICTURES_DIR
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return paths
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    """The process umask (read without changing it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    final = Path(out_dir) / PICTURES_DIR
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir()
+    paths = []
+    for n in result.nodules:
+        box = n.mask_box if n.found else None
+        if box is not None:
+            nodule_picture(ct, n).save(final / picture_file(n.id), optimize=False)
+            paths.append(final / picture_file(n.id))
+    return paths

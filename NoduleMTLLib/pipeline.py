@@ -16,7 +16,6 @@ import torch
 
 from . import __version__
 from .aggregation import nodule_logit_from_slices, sigmoid
-from .calibration import apply_to_result as apply_calibration
 from .device import resolve_device
 from .io import CTVolume, InputError
 from .metrics import dice
@@ -268,10 +267,10 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
 
     Returns:
         :class:`AnalysisResult`; nodule ids 1..N in point order.  A point where no nodule
-        is segmented gives ``found=False`` with a message (not an exception).  Each found
-        nodule's top-level ``malignancy_probability`` is the calibrated probability of the
-        run's configuration (``NoduleMTLLib.calibration``; ``run["malignancy_probability"]``
-        names the model).
+        is segmented gives ``found=False`` with a message (not an exception).  Raw outputs
+        only: the networks' probabilities in ``networks``; the reported (calibrated)
+        ``malignancy_probability`` and the Lung-RADS / Brock records are added by the
+        analysis service (:func:`NoduleMTLLib.analysis.complete_result`).
 
     Raises:
         InputError: a point outside the volume / body, no points, unknown network, unknown ``mask``.
@@ -334,6 +333,4 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
            "torch": torch.__version__}
     if tta:
         run["tta"] = "left-right flip"
-    result = AnalysisResult(input=ct.describe(), run=run, nodules=nodules)
-    apply_calibration(result)  # top-level calibrated malignancy_probability + run["malignancy_probability"]
-    return result
+    return AnalysisResult(input=ct.describe(), run=run, nodules=nodules)

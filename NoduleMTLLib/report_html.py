@@ -1,9 +1,9 @@
 """``report.html``: a self-contained page of one analysis (no external file, script or font).
 
 Content: the disclaimer "research software, not for clinical use"; the per-scan Lung-RADS
-category; the results table (one row per nodule: position, long / short axis, Lung-RADS
-mean diameter, volume, mean HU, type, solid component, Lung-RADS category and the rule
-that fired, the networks' malignancy probabilities, the Brock risk with its status);
+category; the results table (one row per nodule: position, the reported fields of
+:data:`NoduleMTLLib.fields.REPORTED_FIELDS` - measurements, the reported P(malignant),
+Lung-RADS, Brock - then the networks' raw outputs labelled as such, the Brock status);
 each nodule's picture (:mod:`NoduleMTLLib.pictures`, embedded as a base64 PNG) with its
 notes; the Brock inputs and where each came from; the run's settings (input, networks,
 device, version, timings) and the sources of the rules and models.
@@ -14,14 +14,12 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from . import __version__
-from .pictures import _umask
+from .fields import REPORTED_FIELDS, raw_network_fields
+from .filenames import REPORT_FILE  # noqa: F401
 
-REPORT_FILE = "report.html"
 DISCLAIMER = "Research software, not for clinical use."
 
 _CSS = """
@@ -69,23 +67,19 @@ def report_html(result, pictures_dir=None, title: str | None = None) -> str:
                    "no comparison with prior scans.</span></p>")
     else:
         out.append("<p>Lung-RADS: no nodule assessed.</p>")
-    head = (["Nodule", "RAS point (mm)", "Long x short (mm)", "Mean diam. (mm)", "Volume (mm3)", "Mean HU", "Type",
-             "Solid part (mm)", "Lung-RADS", "Rule"] + [f"P(malignant) {n}" for n in nets] + ["Brock risk", "Note"])
+    fields = list(REPORTED_FIELDS) + raw_network_fields(nets)  # the one field list; raw outputs last, labelled
+    head = ["Nodule", "RAS point (mm)"] + [f.heading for f in fields] + ["Brock inputs", "Note"]
     out.append("<h2>Results</h2><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>")
     for n in result.nodules:
         lr, br = getattr(n, "lung_rads", None) or {}, getattr(n, "brock", None) or {}
         if br.get("probability") is not None:
-            btxt = f"{100 * br['probability']:.1f} %" + (" (lower bound: " + ", ".join(br["assumed"]) + " assumed)"
-                                                         if br.get("lower_bound") else "")
+            btxt = "lower bound: " + ", ".join(br["assumed"]) + " assumed" if br.get("lower_bound") else "complete"
         elif br:
             btxt = "incomplete: " + ", ".join(br.get("missing", [])) + " unknown"
         else:
             btxt = ""
-        cells = [n.name, " ".join(f"{v:.1f}" for v in n.point_ras_mm),
-                 "" if n.diameter_mm is None else f"{n.diameter_mm:.1f} x {n.short_axis_mm:.1f}", _f(lr.get("size_mm")),
-                 _f(n.volume_mm3, "{:.0f}"), _f(n.mean_hu, "{:.0f}"), n.type or "", _f(lr.get("solid_component_mm")),
-                 lr.get("category", ""), lr.get("rule", "")]
-        cells += [_f((n.networks.get(k).malignancy_probability if n.networks.get(k) else None), "{:.2f}") for k in nets]
+        d = n.to_dict()
+        cells = [n.name, " ".join(f"{v:.1f}" for v in n.point_ras_mm)] + [f.text(d, unit=False) for f in fields]
         cells += [btxt, n.message if not n.found else "; ".join(lr.get("suggestions", []) + lr.get("notes", []))]
         out.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     out.append("</table>")
@@ -118,19 +112,12 @@ def report_html(result, pictures_dir=None, title: str | None = None) -> str:
 
 
 def write_report_html(result, out_dir, pictures_dir=None) -> Path:
-    """Write ``out_dir/report.html`` atomically (temporary file, then rename). Returns its path.
+    """Write ``out_dir/report.html`` (``out_dir``: the staged folder of
+    :func:`NoduleMTLLib.writer.write_result_set`, which makes the set all-or-nothing).  Returns its path.
 
     Raises:
         OSError: the file cannot be written.
     """
     out = Path(out_dir) / REPORT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(report_html(result, pictures_dir))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    out.write_text(report_html(result, pictures_dir), encoding="utf-8")
     return out

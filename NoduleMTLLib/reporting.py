@@ -4,21 +4,21 @@ the batch runner and the Slicer module.
 * :func:`add_arguments`: ``--dicom-sr``, ``--no-pictures``, ``--age``, ``--sex``,
   ``--family-history``, ``--emphysema``.
 * :func:`prepare`: before the analysis: ``--dicom-sr`` implies ``--dicom-seg``.
-* :func:`annotate`: after the analysis, before ``write_outputs``: Lung-RADS and Brock
-  records (:func:`NoduleMTLLib.assessment.annotate_result`), so ``nodules.json`` / ``.csv``
-  carry them.
-* :func:`write_report_files`: after ``write_outputs`` (and the DICOM SEG):
-  ``pictures/nodule_<id>.png``, ``report.html`` and, with ``--dicom-sr``, ``report.sr.dcm``.
+* :func:`patient_options`: the Brock patient options the analysis service takes.
+
+The report files themselves (``pictures/``, ``report.html``, ``report.sr.dcm``) are written by
+the one writer, :func:`NoduleMTLLib.writer.write_result_set`.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-#: What :func:`write_report_files` adds to an output folder besides ``outputs.OUTPUT_FILES``
+from .filenames import PICTURES_DIR, REPORT_FILE
+
+#: What the report adds to an output folder besides ``filenames.OUTPUT_FILES``
 #: (``report.sr.dcm`` too with ``--dicom-sr``; ``pictures`` holds ``nodule_<id>.png``).
-REPORT_FILES = ("pictures", "report.html")
+REPORT_FILES = (PICTURES_DIR, REPORT_FILE)
 
 
 def _age(text: str) -> float:
@@ -75,33 +75,3 @@ def patient_options(args=None) -> dict:
     ``emphysema``; None when not given): the ``patient`` of :func:`NoduleMTLLib.analysis.analyze`,
     which records Lung-RADS / Brock on the result (DICOM header first, these options over it)."""
     return {k: getattr(args, k, None) for k in ("age", "sex", "family_history", "emphysema")}
-
-
-def write_report_files(result, ct, out_dir, pictures: bool = True, dicom_sr: bool = False) -> list[Path]:
-    """Pictures (unless ``pictures`` is False), ``report.html`` and (``dicom_sr``) ``report.sr.dcm`` in ``out_dir``.
-
-    Call after ``write_outputs`` and, for ``dicom_sr``, after the DICOM SEG was written.
-
-    Raises:
-        NoduleMTLLib.outputs.OutputError: a file cannot be written or the SR not built.
-        NoduleMTLLib.io.InputError: ``dicom_sr`` for a CT not read from DICOM.
-    """
-    from .outputs import OutputError
-    from .pictures import PICTURES_DIR, write_pictures
-    from .report_html import write_report_html
-
-    out = Path(out_dir)
-    paths = []
-    try:
-        if pictures:
-            paths += write_pictures(result, ct, out)
-        paths.append(write_report_html(result, out, out / PICTURES_DIR if pictures else None))
-    except OSError as e:
-        raise OutputError(f"Cannot write the report to {out}: {e.strerror or e}") from None
-    if dicom_sr:
-        from .dicom_sr import write_sr_into_output_dir
-
-        p = write_sr_into_output_dir(result, ct, out)
-        if p is not None:
-            paths.append(p)
-    return paths

@@ -47,12 +47,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .analysis import split_networks
+from .filenames import JSON_FILE, LABELS_FILE
 from .progress import ProgressEvent, error_text_from_stderr, parse_stderr_line, parse_stdout_line
 from .protocol import TERMINAL, AnalysisRequest, Error, Event, Message, ProtocolError, Result, decode_event
 from .worker import Worker, _exit_text, _reader, _terminate_process_tree, child_env, group_kwargs
 
 #: Files a successful ``nodulemtl analyze`` run leaves in its output folder.
-REQUIRED_OUTPUTS = ("labels.nrrd", "nodules.json")
+REQUIRED_OUTPUTS = (LABELS_FILE, JSON_FILE)
 
 
 def build_command(ct_path: str | os.PathLike, out_dir: str | os.PathLike, points_lps: Sequence[Sequence[float]] | None = None,

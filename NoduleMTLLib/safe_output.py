@@ -50,11 +50,10 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-#: The four outputs of an analysis (:func:`NoduleMTLLib.outputs.write_output_files`).
-OUTPUT_FILES = ("labels.nrrd", "segmentation.seg.nrrd", "nodules.json", "nodules.csv")
-
-
 from .errors import OutputError, OutputLocked  # noqa: E402,F401 - defined in errors.py (the one root), importable here
+
+#: The four outputs of an analysis and every managed name: defined in :mod:`NoduleMTLLib.filenames`.
+from .filenames import MANAGED_FILES, OUTPUT_FILES  # noqa: E402,F401
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +79,6 @@ def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
     return p
 
 
-#: Every file or folder NoduleMTL writes into an output folder (the four outputs, the optional DICOM SEG
-#: and SR, the report page and its pictures).
-MANAGED_FILES = tuple(OUTPUT_FILES) + ("segmentation.dcm", "report.sr.dcm", "report.html", "pictures")
 TMP_PREFIX = ".nodulemtl-tmp-"
 OLD_PREFIX = ".nodulemtl-old-"
 #: Hidden folder of one complete result set inside an output folder.

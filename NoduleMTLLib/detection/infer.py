@@ -929,11 +929,8 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
         "n_nodules_merged": len(merged.nodules), "n_candidates": len(merged.nodules),
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
-    result = AnalysisResult(input=ct.describe(), run=run, nodules=results, messages=messages)
-    if classify_with:
-        from ..calibration import apply_to_result
-        apply_to_result(result)  # calibrated top-level malignancy_probability of the classifying network(s)
-    return result
+    # raw outputs only: the analysis service calibrates and assesses (analysis.complete_result)
+    return AnalysisResult(input=ct.describe(), run=run, nodules=results, messages=messages)
 
 
 def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="auto",

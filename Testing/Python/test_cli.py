@@ -106,7 +106,8 @@ def test_seg_nrrd_matches_labels(sample_run):
     s0 = seg["segments"][0]
     assert s0["terminology"]["type"][1] == "27925004"  # SCT Nodule
     assert s0["terminology"]["anatomicRegion"][1] == "39607008"  # SCT Lung
-    assert f"NoduleMTL.{NET}.malignancy_probability" in s0["tags"]
+    # the tags of the one field list, the same keys as the Slicer segments (the raw output keyed by network)
+    assert f"NoduleMTL.malignancy_probability.{NET}" in s0["tags"] and "NoduleMTL.malignancy_probability" in s0["tags"]
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
     off = seg["referenceImageExtentOffset"] if "referenceImageExtentOffset" in seg else [0, 0, 0]
     vox = slicerio.segment_mask(seg, "nodule_1") if hasattr(slicerio, "segment_mask") else None

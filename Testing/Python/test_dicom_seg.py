@@ -124,11 +124,20 @@ def test_dicom_seg_round_trip_on_real_series(dicom_case, tmp_path):
     alg = raw.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert alg.AlgorithmName == "NoduleMTL" and alg.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
     assert alg.AlgorithmParameters == "networks=lnmsnet"
-    # recommended display colour follows the probability ramp (P = 0.88 on this tumour -> red)
+    # recommended display colour follows the REPORTED (calibrated) probability, never a network's raw
+    # output (raw P = 0.88 on this tumour -> would be red): grey without one, green for a reported 0.1
+    import copy
+
     from NoduleMTLLib.colors import probability_color
-    p = res.nodules[0].networks["lnmsnet"].malignancy_probability
-    rgb = hd.color.CIELabColor.from_dicom_value(raw.SegmentSequence[0].RecommendedDisplayCIELabValue).to_rgb()
-    np.testing.assert_allclose(np.asarray(rgb) / 255.0, probability_color(p), atol=0.02)
+
+    def colour(r):
+        return np.asarray(hd.color.CIELabColor.from_dicom_value(r.SegmentSequence[0].RecommendedDisplayCIELabValue).to_rgb()) / 255
+    np.testing.assert_allclose(colour(raw), probability_color(res.nodules[0].malignancy_probability), atol=0.02)
+    low = copy.deepcopy(res)
+    low.nodules[0].malignancy_probability = 0.1
+    assert res.nodules[0].networks["lnmsnet"].malignancy_probability >= 0.6  # raw: red
+    low_raw = pydicom.dcmread(write_dicom_seg(low, ct, folder, tmp_path / "low.dcm"))
+    np.testing.assert_allclose(colour(low_raw), probability_color(0.1), atol=0.02)
 
 
 @pytest.mark.slow
