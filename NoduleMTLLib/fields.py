@@ -154,7 +154,7 @@ def segment_tags(record) -> dict[str, str]:
     p = TAG_PREFIX
     tags: dict[str, str] = {}
     for f in REPORTED_FIELDS:
-        v = f.value(d)
+        v = f.value(record)  # a live NoduleResult: unrounded measurements
         if v is not None and v != "":
             tags[p + f.key] = _tag(v)
     for nid, o in (d.get("networks") or {}).items():

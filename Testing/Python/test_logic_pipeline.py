@@ -62,7 +62,8 @@ def test_cli_seg_nrrd_reads_in_slicer(app, sample_paths, tmp_path):
     segment = seg.GetNthSegment(0)
     assert segment.GetName() == "Nodule 1"
     tag = vtk.reference("")
-    assert segment.GetTag(f"NoduleMTL.{DEFAULT_NETWORKS[0]}.malignancy_probability", tag) and 0 <= float(tag.get()) <= 1
+    assert segment.GetTag(f"NoduleMTL.malignancy_probability.{DEFAULT_NETWORKS[0]}", tag) and 0 <= float(tag.get()) <= 1
+    assert segment.GetTag("NoduleMTL.malignancy_probability", tag) and 0 <= float(tag.get()) <= 1  # the reported one
     mask = NoduleMTLMRML.label_array_from_segmentation(seg_node, seg.GetNthSegmentID(0), volume)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))
     assert np.array_equal(mask, labels == 1)

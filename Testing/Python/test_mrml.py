@@ -243,6 +243,7 @@ def make_result(crop: Crop, ct_image=None) -> AnalysisResult:
             mean_hu=_mean_hu(ct_image, mask), solid_fraction=0.9, type="solid",
             centroid_lps_mm=(float(row["center_lps_x"]), float(row["center_lps_y"]), float(row["center_lps_z"])),
             networks={"lnmsnet": NetworkOutput("lnmsnet", malig, signs, 1.0)},
+            malignancy_probability=malig,  # the reported probability (as if calibrated by identity)
         ))
     nodules.append(NoduleResult(id=4, point_lps_mm=(40.0, 60.0, -200.0), found=False, message="no nodule at the point"))
     return AnalysisResult(input={"size_ijk": list(ct_image.GetSize())}, run={"networks": ["lnmsnet"], "device": "cpu"},
@@ -464,8 +465,7 @@ def test_add_result_to_scene_segments_masks_tags_and_table(app, crop):
         segment = segmentation.GetNthSegment(i)
         sid = segmentation.GetNthSegmentID(i)
         assert segment.GetName() == f"Nodule {nodule.id}"
-        np.testing.assert_allclose(segment.GetColor(), M.probability_color(
-            nodule.networks["lnmsnet"].malignancy_probability), atol=1e-6)
+        np.testing.assert_allclose(segment.GetColor(), M.probability_color(nodule.malignancy_probability), atol=1e-6)
         if hasattr(segment, "GetTerminology"):
             assert segment.GetTerminology() == NODULE_TERMINOLOGY
         tags = _segment_tags(segment)
@@ -676,8 +676,7 @@ def test_seg_nrrd_round_trip_keeps_segments(app, crop, tmp_path, slicer_share):
         for i, nodule in enumerate(n for n in result.nodules if n.found):
             segment = segmentation.GetNthSegment(i)
             assert segment.GetName() == nodule.name
-            np.testing.assert_allclose(segment.GetColor(), M.probability_color(
-                nodule.networks["lnmsnet"].malignancy_probability), atol=1e-3)
+            np.testing.assert_allclose(segment.GetColor(), M.probability_color(nodule.malignancy_probability), atol=1e-3)
             assert _get_tag(segment, segment.GetTerminologyEntryTagName()) == NODULE_TERMINOLOGY
             assert float(_get_tag(segment, "NoduleMTL.diameter_mm")) == pytest.approx(nodule.diameter_mm, rel=1e-5)
             mask = M.label_array_from_segmentation(loaded, segmentation.GetNthSegmentID(i), volume2)
@@ -759,15 +758,15 @@ def test_probability_color_ramp_and_legend():
 def test_segment_colors_follow_probabilities(app, crop):
     volume = add_volume_from_array(app.scene, crop.ct)
     result = make_result(crop)  # P(malignant) 0.81, 0.23, 0.79
-    result.nodules[2].networks = {"lnmsnet": NetworkOutput("lnmsnet", None, {}, None)}  # unknown -> grey
+    result.nodules[2].malignancy_probability = None  # no reported probability -> grey (never a raw output instead)
     seg_node, _ = M.add_result_to_scene(app.scene, result, volume)
     colors = [tuple(round(c, 6) for c in seg_node.GetSegmentation().GetNthSegment(i).GetColor()) for i in range(3)]
     assert colors == [M.PROBABILITY_COLORS["high"], M.PROBABILITY_COLORS["low"], M.PROBABILITY_COLORS["unknown"]]
-    # the first network with a probability decides
+    # another network's raw output does not change the colour: the reported probability decides
     result.run["networks"] = ["detguided", "lnmsnet"]
     result.nodules[0].networks["detguided"] = NetworkOutput("detguided", 0.45, {}, None)
     seg2, _ = M.add_result_to_scene(app.scene, result, volume)
-    assert seg2.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(M.PROBABILITY_COLORS["intermediate"])
+    assert seg2.GetSegmentation().GetNthSegment(0).GetColor() == pytest.approx(M.PROBABILITY_COLORS["high"])
     assert seg2.GetSegmentation().GetNthSegment(1).GetColor() == pytest.approx(M.PROBABILITY_COLORS["low"])
     seg3, _ = M.add_result_to_scene(app.scene, result, volume, colorBy="index")
     for i in range(3):
@@ -778,7 +777,7 @@ def test_segment_colors_follow_probabilities(app, crop):
 
 def test_segment_color_follows_the_reported_calibrated_probability(app, crop):
     """The top-level (calibrated) ``malignancy_probability`` - the number nodules.json reports -
-    decides the colour over the networks' raw probabilities; without it, the first network's."""
+    decides the colour over the networks' raw probabilities; without it, grey (one probability everywhere)."""
     volume = add_volume_from_array(app.scene, crop.ct)
     result = make_result(crop)  # raw P(malignant) 0.81, 0.23, 0.79
     result.nodules[0].malignancy_probability = 0.12  # calibrated: low although the network said 0.81
@@ -787,7 +786,10 @@ def test_segment_color_follows_the_reported_calibrated_probability(app, crop):
     colors = [seg.GetSegmentation().GetNthSegment(i).GetColor() for i in range(3)]
     assert colors[0] == pytest.approx(M.PROBABILITY_COLORS["low"])
     assert colors[1] == pytest.approx(M.PROBABILITY_COLORS["high"])
-    assert colors[2] == pytest.approx(M.PROBABILITY_COLORS["high"])  # no calibrated value: the network's 0.79
+    assert colors[2] == pytest.approx(M.PROBABILITY_COLORS["high"])  # reported 0.79
+    result.nodules[2].malignancy_probability = None
+    seg2, _ = M.add_result_to_scene(app.scene, result, volume)
+    assert seg2.GetSegmentation().GetNthSegment(2).GetColor() == pytest.approx(M.PROBABILITY_COLORS["unknown"])  # not the raw 0.79
 
 
 # ---------------------------------------------------------------------------
@@ -967,7 +969,10 @@ def test_reclassify_segment_follows_user_edit_and_keeps_it(app, clicked_scene):
     assert float(_get_tag(segment, "NoduleMTL.malignancy_probability.lnmsnet")) == pytest.approx(p_new, abs=1e-5)
     assert _get_tag(segment, "NoduleMTL.reclassified") == "1"
     assert not segment.HasTag("NoduleMTL.dice_with_final.lnmsnet")
-    assert segment.GetColor() == pytest.approx(M.probability_color(p_new))
+    # the service calibrated the new raw output: the colour and the tag follow the reported probability
+    assert new.malignancy_probability is not None
+    assert float(_get_tag(segment, "NoduleMTL.malignancy_probability")) == pytest.approx(new.malignancy_probability, abs=1e-5)
+    assert segment.GetColor() == pytest.approx(M.probability_color(new.malignancy_probability))
 
     # --- defaults: table found through the segmentation's reference, networks from the run
     seg_node.GetSegmentation().GetSegment(other_id)  # nodule 1 untouched so far
