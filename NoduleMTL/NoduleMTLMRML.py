@@ -1111,7 +1111,15 @@ def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume
     if not nodules:
         raise ValueError(f"'{segmentationNode.GetName()}' has no non-empty NoduleMTL nodule segment")
     nodules.sort(key=lambda n: n.id)
-    res = AnalysisResult(ct.describe(), dict(run), nodules)
+    from NoduleMTLLib.results import run_record
+    # the export's own run record (every RunRecord field), the analysing run's settings after it
+    old = {k: v for k, v in run.items() if k not in ("software", "mode", "torch", "timing_s", "malignancy_probability",
+                                                      "lung_rads", "patient")}
+    res = AnalysisResult(ct.describe(), run_record("export", run.get("networks") or [], run.get("device") or "cpu",
+                                                   run.get("reported_mask") or "given", **{
+                                                       k: v for k, v in old.items()
+                                                       if k not in ("networks", "device", "reported_mask")},
+                                                   analysis_mode=run.get("mode")), nodules)
     res.segment_ids = segment_ids
     return res
 

@@ -290,13 +290,11 @@ def reclassify(ct: CTVolume, masks: Sequence, *, nodule_ids: Sequence[int] | Non
     """
     import time
 
-    import torch
-
-    from . import __version__, registry
+    from . import registry
     from .device import with_cpu_fallback
     from .io import InputError
     from .refine import reclassify_from_mask
-    from .results import AnalysisResult
+    from .results import AnalysisResult, run_record
 
     ids = tuple(network_ids) if network_ids else registry.DEFAULT_NETWORKS
     nodule_ids = list(nodule_ids) if nodule_ids is not None else list(range(1, len(masks) + 1))
@@ -314,9 +312,7 @@ def reclassify(ct: CTVolume, masks: Sequence, *, nodule_ids: Sequence[int] | Non
             out.append(reclassify_from_mask(ct, mask, ids, device=dev, networks=models.networks_on(dev), nodule_id=int(nid),
                                             point_lps=point))
         progress(1.0, "done")
-        run_info = {"software": f"NoduleMTL {__version__}", "mode": "reclassify", "networks": list(ids), "device": str(dev),
-                    "reported_mask": "given", "timing_s": {"total": round(time.perf_counter() - t0, 3)},
-                    "torch": torch.__version__}
+        run_info = run_record("reclassify", ids, dev, "given", {"total": round(time.perf_counter() - t0, 3)})
         return AnalysisResult(input=ct.describe(), run=run_info, nodules=out)
 
     result = with_cpu_fallback(run, device, notify=notify)

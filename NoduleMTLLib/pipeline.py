@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import __version__
 from .aggregation import nodule_logit_from_slices, sigmoid
 from .device import resolve_device
 from .io import CTVolume, InputError
@@ -22,7 +21,7 @@ from .metrics import dice
 from .postprocess import component_near, cut_at_neck, measure_nodule, truncate_axial_leak
 from .preprocessing import normalize_slices
 from .registry import DEFAULT_NETWORKS, NETWORKS, check_network_ids, load_network
-from .results import AnalysisResult, NetworkOutput, NoduleResult
+from .results import AnalysisResult, NetworkOutput, NoduleResult, run_record
 from .roi import PatchGrid, extract_patch, patch_to_ct_region, slice_axis_spacing
 
 Progress = Callable[[float, str], None]
@@ -325,12 +324,10 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
                                               o.sign_probabilities, dwf)
         nodules.append(res)
     progress(1.0, "done")
-    run = {"software": f"NoduleMTL {__version__}", "networks": list(network_ids), "device": str(dev),
-           "threshold": models[network_ids[0]].threshold,
-           "mask_thresholds": {nid: net.threshold for nid, net in models.items()},
-           "reported_mask": mask if mask == "consensus" else f"first ({network_ids[0]})",
-           "timing_s": {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
-           "torch": torch.__version__}
+    run = run_record("click", network_ids, dev, mask if mask == "consensus" else f"first ({network_ids[0]})",
+                     {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
+                     threshold=models[network_ids[0]].threshold,
+                     mask_thresholds={nid: net.threshold for nid, net in models.items()})
     if tta:
         run["tta"] = "left-right flip"
     return AnalysisResult(input=ct.describe(), run=run, nodules=nodules)

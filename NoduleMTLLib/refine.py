@@ -196,7 +196,9 @@ def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str]
     given = networks or {}
     check_network_ids(ids, extra=given)
     meas = measure_nodule(mask, ct)
-    center = meas["centroid_lps_mm"]
+    # the patch is centred where the click path centred it (the original click) when it is known,
+    # so an unchanged mask is classified on the click path's own patch grid; else on the centroid
+    center = tuple(float(v) for v in point_lps) if point_lps is not None else meas["centroid_lps_mm"]
     dev = resolve_device(device) if any(n not in given for n in ids) else torch.device("cpu")
     res = NoduleResult(id=int(nodule_id), point_lps_mm=tuple(float(v) for v in (point_lps if point_lps is not None else center)),
                        found=True, mask=mask, message=RECLASSIFIED_MESSAGE)

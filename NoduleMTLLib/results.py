@@ -13,6 +13,10 @@ import numpy as np
 
 from .consensus import MaskBox
 
+#: Version of the ``nodules.json`` record (``schema_version``); its JSON Schema is
+#: ``Resources/Schema/nodules.schema.json`` (:func:`schema_path`).  Raise it when a field changes meaning.
+SCHEMA_VERSION = 1
+
 #: Nodule type labels (radiological composition estimate).
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
 
@@ -214,6 +218,63 @@ def _set_mask(self, value) -> None:
 NoduleResult.mask = property(_get_mask, _set_mask, doc="bool (z, y, x) mask on the CT grid, or None (see the class docstring).")
 
 
+@dataclass
+class RunRecord:
+    """The fields every run record has, whatever the mode (``nodules.json``: ``run``).
+
+    Attributes:
+        software: "NoduleMTL <version>".
+        mode: "click" (clicked points), "detect" (whole-scan search), "reclassify" (given masks)
+            or "export" (the Slicer export of edited segments).
+        networks: the click networks' registry ids (classification; the first one's mask is
+            reported on the click path).
+        device: the torch device the networks ran on.
+        torch: torch version (None where torch was not used).
+        reported_mask: which mask is reported: "first (<id>)", "consensus", "detector" or "given".
+        timing_s: named durations in seconds (``total`` at least when timed).
+    Mode-specific fields (thresholds, detector settings, calibration, Lung-RADS per scan, patient)
+    follow in the same dict (:meth:`to_dict` ``extra``).
+    """
+
+    software: str
+    mode: str
+    networks: list
+    device: str
+    torch: str | None
+    reported_mask: str
+    timing_s: dict = field(default_factory=dict)
+
+    def to_dict(self, **extra) -> dict[str, Any]:
+        """The record as the ``run`` dict, with the mode-specific ``extra`` fields after the common ones."""
+        return {**asdict(self), **extra}
+
+
+def run_record(mode: str, networks, device, reported_mask: str, timing_s: dict | None = None, **extra) -> dict[str, Any]:
+    """A ``run`` dict with every :class:`RunRecord` field (software version and torch version filled in)."""
+    from . import __version__
+
+    try:
+        import torch
+        tv = torch.__version__
+    except ImportError:  # pragma: no cover - the export in Slicer before torch is installed
+        tv = None
+    return RunRecord(f"NoduleMTL {__version__}", mode, list(networks), str(device), tv, reported_mask,
+                     dict(timing_s or {})).to_dict(**extra)
+
+
+def schema_path():
+    """Path of ``nodules.schema.json`` (``Resources/Schema``, beside the library in a source
+    checkout or an installed Slicer module).  Raises FileNotFoundError when absent."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "Resources" / "Schema" / "nodules.schema.json",
+                 here / "Resources" / "Schema" / "nodules.schema.json"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError("Resources/Schema/nodules.schema.json not found beside NoduleMTLLib")
+
+
 def _r(v, nd=2):
     return None if v is None else round(float(v), nd)
 
@@ -247,7 +308,8 @@ class AnalysisResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``nodules.json``)."""
-        d = {"input": self.input, "run": self.run, "nodules": [n.to_dict() for n in self.nodules]}
+        d = {"schema_version": SCHEMA_VERSION, "input": self.input, "run": self.run,
+             "nodules": [n.to_dict() for n in self.nodules]}
         if self.messages:
             d["messages"] = list(self.messages)
         return d

@@ -915,7 +915,7 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
               "classify": t_classify}
     timing["total"] = sum(timing.values())
     run = {
-        "software": f"NoduleMTL {__version__}", "mode": "detect", "detector": DETECTOR_ID,
+        "software": f"NoduleMTL {__version__}", "mode": "detect", "reported_mask": "detector", "detector": DETECTOR_ID,
         "networks": list(classify_with), "device": str(dev), "torch": torch.__version__,
         "score_threshold": round(float(cut), 4),
         "threshold_mode": thr_mode if isinstance(thr_mode, str) else "fixed",

@@ -1,0 +1,159 @@
+"""One answer everywhere (issue 24 items 1-4, issue 22 item 6), on the real sample CT.
+
+One analysis of the 13 mm sample nodule with the default network, then:
+
+* every output of that run - the CLI line, nodules.json, nodules.csv, report.html, the picture
+  header, the seg.nrrd tags and colour - carries the same reported (calibrated) probability
+  and Lung-RADS category;
+* every entry point gives that answer for the same mask: ``nodulemtl reclassify`` with the
+  unchanged mask ``analyze`` wrote (it used to report null), ``nodulemtl batch``, the worker's
+  request loop, and the Slicer Logic's re-classification of the segment on a real
+  ``vtkMRMLScene`` (slicer-core);
+* the written files follow the umask, and every nodules.json validates against the JSON Schema.
+
+Re-classification runs the networks on the given mask (the click path weights the slice
+outputs by its own patch-grid component, re-classification by the mask resampled onto the
+same patch grid), so the raw outputs may differ in the second decimal; the reported
+probability must agree within :data:`REPORTED_TOLERANCE` and the category exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import stat
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_mrml import app, load_volume_from_file, slicer_share  # noqa: F401  (real slicer-core MRML scene)
+
+from NoduleMTLLib import cli
+from NoduleMTLLib.colors import probability_color
+from NoduleMTLLib.registry import DEFAULT_NETWORKS
+
+NODULE3_RAS = (-23.5, 47.6, -172.3)  # 4 readers, ~13 mm
+NET = DEFAULT_NETWORKS[0]
+#: Measured: 0.66 (analyze) vs 0.67 (re-classified) on this nodule; 0.99 vs 0.99 on the 30 mm one.
+REPORTED_TOLERANCE = 0.02
+
+
+def _pt(p):
+    return ["--point", *(str(v) for v in p)]
+
+
+@pytest.fixture(scope="module")
+def run(repo_dir, tmp_path_factory):
+    ct = repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
+    base = tmp_path_factory.mktemp("one")
+    out = base / "out"
+    old = os.umask(0o022)
+    try:
+        buf = io.StringIO()
+        from contextlib import redirect_stdout
+        with redirect_stdout(buf):
+            rc = cli.main(["analyze", str(ct), *_pt(NODULE3_RAS), "--out", str(out), "--quiet", "--device", "cpu"])
+    finally:
+        os.umask(old)
+    assert rc == 0
+    js = json.loads((out / "nodules.json").read_text())
+    n = js["nodules"][0]
+    return {"ct": ct, "base": base, "out": out, "stdout": buf.getvalue(), "json": js,
+            "p": n["malignancy_probability"], "category": n["lung_rads"]["category"]}
+
+
+@pytest.mark.slow
+def test_every_output_of_one_run_has_the_same_reported_probability(run):
+    from conftest import validate_nodules_json
+
+    out, p, cat, js = run["out"], run["p"], run["category"], run["json"]
+    validate_nodules_json(js)
+    assert js["schema_version"] == 1 and js["run"]["mode"] == "click"
+    n = js["nodules"][0]
+    raw = n["networks"][NET]["malignancy_probability"]
+    assert p is not None and 0 <= p <= 1 and cat
+    assert round(p, 2) != round(raw, 2), "the calibrated and raw outputs coincide: the test could not tell them apart"
+    # the CLI line: the reported probability first, the raw output only labelled as such
+    line = next(ln for ln in run["stdout"].splitlines() if ln.startswith("Nodule 1:"))
+    assert f"P(malignant) {p:.2f}" in line and f"Lung-RADS {cat}" in line
+    assert re.search(rf"raw network output: {NET} {raw:.2f}", line)
+    # CSV
+    row = next(csv.DictReader(open(out / "nodules.csv")))
+    assert float(row["malignancy_probability"]) == pytest.approx(p) and row["lung_rads.category"] == cat
+    # report.html: the results table's reported column, and the raw column headed as raw
+    html = (out / "report.html").read_text()
+    assert "<th>P(malignant)</th>" in html and f"<th>Raw network output {NET}</th>" in html
+    cells = re.findall(r"<td>([^<]*)</td>", html.split("<h2>Results</h2>")[1].split("</table>")[0])
+    assert f"{p:.2f}" in cells and cat in cells
+    # the picture header (the same key figures)
+    from NoduleMTLLib.outputs import read_outputs
+    from NoduleMTLLib.pictures import key_figures
+    back = read_outputs(out)
+    assert f"P(malignant) {p:.2f}" in key_figures(back.nodules[0])[1]
+    # seg.nrrd: tag and colour from the reported probability
+    import slicerio
+    seg = slicerio.read_segmentation(str(out / "segmentation.seg.nrrd"))
+    s0 = seg["segments"][0]
+    assert float(s0["tags"]["NoduleMTL.malignancy_probability"]) == pytest.approx(p)
+    assert s0["tags"]["NoduleMTL.lung_rads.category"] == cat
+    np.testing.assert_allclose(s0["color"], probability_color(p), atol=1e-6)
+    # file modes follow the umask (022 -> 0644), also for the report written into the staged folder
+    for name in ("nodules.json", "report.html", "labels.nrrd"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+
+
+@pytest.mark.slow
+def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  # noqa: F811 (fixture)
+    import NoduleMTLMRML as M
+    from NoduleMTLLib import worker
+    from NoduleMTLLib.outputs import read_outputs
+
+    base, ct_path, p, cat = run["base"], run["ct"], run["p"], run["category"]
+    labels = sitk.ReadImage(str(run["out"] / "labels.nrrd"))
+    mask_path = base / "mask.nrrd"
+    sitk.WriteImage(labels == 1, str(mask_path))
+    answers = {}
+
+    # nodulemtl reclassify with the unchanged mask (and the original click): same answer, full result set
+    rc = cli.main(["reclassify", str(ct_path), "--mask", str(mask_path), *_pt(NODULE3_RAS), "--out", str(base / "re"),
+                   "--quiet", "--device", "cpu"])
+    assert rc == 0
+    re_js = json.loads((base / "re" / "nodules.json").read_text())
+    assert re_js["run"]["mode"] == "reclassify" and (base / "re" / "report.html").is_file()
+    answers["cli reclassify"] = re_js["nodules"][0]
+
+    # the worker's request loop (one process, networks kept in its ModelCache)
+    req = json.dumps({"argv": ["analyze", str(ct_path), *_pt(NODULE3_RAS), "--out", str(base / "w"), "--quiet",
+                               "--device", "cpu"]})
+    worker.serve(io.StringIO(req + "\n"))
+    answers["worker"] = json.loads((base / "w" / "nodules.json").read_text())["nodules"][0]
+
+    # nodulemtl batch (a points CSV for the one case)
+    case_dir = base / "cases"
+    case_dir.mkdir()
+    os.symlink(ct_path, case_dir / "sample.nrrd")
+    (base / "points.csv").write_text("case,x,y,z\nsample," + ",".join(str(v) for v in NODULE3_RAS) + "\n")
+    assert cli.main(["batch", str(case_dir), "--points", str(base / "points.csv"), "--out", str(base / "b"),
+                     "--quiet", "--device", "cpu", "--no-pictures"]) == 0
+    answers["batch"] = json.loads((base / "b" / "sample" / "nodules.json").read_text())["nodules"][0]
+
+    # the Slicer Logic on a real MRML scene: the result loaded, its segment re-classified unchanged
+    volume = load_volume_from_file(app.scene, ct_path, "sample")
+    seg_node, table = M.add_result_to_scene(app.scene, read_outputs(run["out"]), volume)
+    sid = seg_node.GetSegmentation().GetNthSegmentID(0)
+    segment = seg_node.GetSegmentation().GetSegment(sid)
+    assert float(M._get_tag(segment, "NoduleMTL.malignancy_probability")) == pytest.approx(p)
+    new = M.reclassify_segment(app.scene, seg_node, sid, volume, device="cpu")
+    answers["slicer reclassify"] = new.to_dict()
+    assert segment.GetColor() == pytest.approx(probability_color(new.malignancy_probability))
+
+    for where, n in answers.items():
+        assert n["malignancy_probability"] is not None, where
+        assert n["malignancy_probability"] == pytest.approx(p, abs=REPORTED_TOLERANCE), where
+        assert n["lung_rads"]["category"] == cat, where
+    # the click entry points (CLI, worker, batch) run the same analysis: exactly the same number
+    for where in ("worker", "batch"):
+        assert answers[where]["malignancy_probability"] == p, where
