@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -53,8 +55,12 @@ def a0002(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("a0002") / "out"
     # LNMSNet pinned (the default became DSMT-Net, issue 13): these checks are about the report
     # files; DSMT-Net's spiculation head would turn Brock's assumed spiculation into an input
-    rc = cli.main(["analyze", str(folder), "--point", *map(str, _tumour_ras(shared_data)), "--dicom-sr",
-                   "--networks", "lnmsnet", "--device", "cpu", "--quiet", "--out", str(out)])
+    old = os.umask(0o022)  # the file modes are checked under the usual umask
+    try:
+        rc = cli.main(["analyze", str(folder), "--point", *map(str, _tumour_ras(shared_data)), "--dicom-sr",
+                       "--networks", "lnmsnet", "--device", "cpu", "--quiet", "--out", str(out)])
+    finally:
+        os.umask(old)
     assert rc == 0
     return {"out": out, "folder": folder, "json": json.loads((out / "nodules.json").read_text())}
 
@@ -79,6 +85,17 @@ def test_a0002_writes_every_report_output_and_is_4b(a0002):
     assert row["lung_rads.category"] == "4B" and float(row["brock.probability"]) == b["probability"]
     png = (out / "pictures" / "nodule_1.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+    # one probability everywhere: the DICOM SEG's colour is the reported probability's (not the raw output's)
+    from NoduleMTLLib.colors import probability_color
+    p = n["malignancy_probability"]
+    assert p is not None and float(row["malignancy_probability"]) == p
+    lab = pydicom.dcmread(out / "segmentation.dcm").SegmentSequence[0].RecommendedDisplayCIELabValue
+    rgb = np.asarray(hd.color.CIELabColor.from_dicom_value(lab).to_rgb()) / 255
+    np.testing.assert_allclose(rgb, probability_color(p), atol=0.02)
+    # the DICOM files are written into the staged folder as ordinary files: modes follow the umask
+    # (written under umask 022 by the fixture; mkstemp's 0600 before)
+    for name in ("segmentation.dcm", "report.sr.dcm", "report.html"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
 
 
 @pytest.mark.slow
