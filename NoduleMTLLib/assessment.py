@@ -64,7 +64,7 @@ def annotate_result(result, ct, patient: brock.PatientInfo | None = None) -> Non
         patient: Brock patient inputs (:func:`patient_for`); None = unknown (no Brock probability).
     """
     patient = patient or brock.PatientInfo()
-    found = [n for n in result.nodules if n.found and n.mask is not None]
+    found = [n for n in result.nodules if n.found and n.mask_box is not None]
     locations = nodule_locations(result, ct)
     detected = any(getattr(n, "detection", None) for n in found)
     count_note = ("found candidates of the whole-scan search: false positives inflate the count and lower the "

@@ -77,14 +77,14 @@ def _device_uid() -> str:
     return generate_uid(entropy_srcs=["NoduleMTL device observer"])
 
 
-def _referenced_segment(hd, seg_ds, number: int, mask: np.ndarray, sources):
+def _referenced_segment(hd, seg_ds, number: int, mask, sources):
     """TID 1411 ROI: segment ``number`` of the SEG and the source images (CT slices) it covers.
 
     Built by hand: ``ReferencedSegment.from_segmentation`` of highdicom 0.28 expects the
     segment identification per frame, which a single-segment SEG keeps in the shared
     functional groups.
     """
-    ks = np.flatnonzero(np.asarray(mask, bool).any(axis=(1, 2)))
+    ks = mask.offset_zyx[0] + np.flatnonzero(mask.array.any(axis=(1, 2)))  # slices the MaskBox covers
     images = [hd.sr.SourceImageForSegmentation(referenced_sop_class_uid=sources[k].SOPClassUID,
                                                referenced_sop_instance_uid=sources[k].SOPInstanceUID) for k in ks]
     return hd.sr.ReferencedSegment(sop_class_uid=seg_ds.SOPClassUID, sop_instance_uid=seg_ds.SOPInstanceUID,
@@ -119,7 +119,7 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
     from .dicom_seg import source_files
 
     files = source_files(ct, dicom_folder or ct.source)  # raises InputError for non-DICOM input
-    found = [n for n in result.nodules if n.found and n.mask is not None and np.any(n.mask)]
+    found = [n for n in result.nodules if n.found and n.mask_box is not None]
     if not found:
         raise InputError("No nodule was found: there is nothing to write as DICOM SR")
     seg_ds = pydicom.dcmread(str(seg_path))
@@ -172,7 +172,7 @@ def write_dicom_sr(result: AnalysisResult, ct: CTVolume, seg_path, out_path, dic
                                                   lung_rads_code(lr["category"])))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
-            referenced_segment=_referenced_segment(hd, seg_ds, number, n.mask, sources),
+            referenced_segment=_referenced_segment(hd, seg_ds, number, n.mask_box, sources),
             finding_type=codes.SCT.Nodule, algorithm_id=algorithm,
             finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
             measurements=ms, qualitative_evaluations=qs or None))

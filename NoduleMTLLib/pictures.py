@@ -60,6 +60,21 @@ def _crop(arr: np.ndarray, centre, half, fill):
     return out
 
 
+def _paste_clipped(box, lo, shape) -> np.ndarray:
+    """The part of a MaskBox inside the window starting at ``lo`` (z, y, x; may lie outside the
+    grid) of ``shape``, as a bool array of ``shape`` (False elsewhere)."""
+    out = np.zeros(shape, bool)
+    src, dst = [], []
+    for o, n, low, s in zip(box.offset_zyx, box.array.shape, lo, shape):
+        a, b = max(o, low), min(o + n, low + s)
+        if b <= a:
+            return out
+        src.append(slice(a - o, b - o))
+        dst.append(slice(a - low, b - low))
+    out[tuple(dst)] = box.array[tuple(src)]
+    return out
+
+
 def _view(hu2d: np.ndarray, mask2d: np.ndarray, row_mm: float, col_mm: float, fov_mm: float, label: str):
     """One view: windowed HU with the mask outline and a scale bar, VIEW_PX square (PIL RGB image)."""
     from PIL import Image, ImageDraw
@@ -122,13 +137,11 @@ def nodule_picture(ct, nodule):
     """
     from PIL import Image, ImageDraw
 
-    if not nodule.found or nodule.mask is None or not np.any(nodule.mask):
+    mbox = nodule.mask_box if nodule.found else None
+    if mbox is None:
         raise ValueError(f"{nodule.name} has no mask to draw")
-    from .postprocess import bounding_box
-
     sx, sy, sz = ct.spacing
-    box = bounding_box(np.asarray(nodule.mask, bool))
-    sub = np.asarray(nodule.mask[box], bool)
+    box, sub = mbox.slices, mbox.array  # the mask's tight box: no CT-sized array
     # axial view: the slice with the largest cross-section (where the long axis is usually measured);
     # coronal / sagittal: through that cross-section's centroid
     kz = int(np.argmax(sub.reshape(sub.shape[0], -1).sum(1)))
@@ -137,7 +150,8 @@ def nodule_picture(ct, nodule):
     fov = max(MIN_FOV_MM, FOV_PER_DIAMETER * float(nodule.diameter_mm or 0.0))
     half = (int(np.ceil(fov / 2 / sz)), int(np.ceil(fov / 2 / sy)), int(np.ceil(fov / 2 / sx)))
     hu = _crop(np.asarray(ct.array), (k, j, i), half, np.int16(-1000) if ct.array.dtype == np.int16 else -1000.0)
-    mk = _crop(np.asarray(nodule.mask, bool), (k, j, i), half, False)
+    lo = (k - half[0], j - half[1], i - half[2])
+    mk = _paste_clipped(mbox, lo, tuple(2 * h + 1 for h in half))
     d = np.asarray(ct.image.GetDirection()).reshape(3, 3)
     cz, cy, cx = half
     ax_hu, ax_m = hu[cz], mk[cz]                       # rows j, cols i

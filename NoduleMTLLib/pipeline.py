@@ -17,7 +17,6 @@ import torch
 from .aggregation import nodule_logit_from_slices, sigmoid
 from .device import resolve_device
 from .io import CTVolume, InputError
-from .metrics import dice
 from .postprocess import component_near, cut_at_neck, measure_nodule, truncate_axial_leak
 from .preprocessing import normalize_slices
 from .registry import DEFAULT_NETWORKS, NETWORKS, check_network_ids, load_network
@@ -282,7 +281,7 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
         raise InputError("No points given: click at least one nodule")
     if mask not in ("first", "consensus"):
         raise InputError(f"Unknown mask choice {mask!r}: use 'first' or 'consensus'")
-    from .consensus import MaskBox, compute_consensus
+    from .consensus import box_dice, compute_consensus
     check_network_ids(network_ids)
     pts = [tuple(float(v) for v in p) for p in points_lps]
     for p in pts:
@@ -299,14 +298,14 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
         outs = {}
         for nid, net in models.items():
             progress(0.05 + 0.9 * (n - 1) / len(pts), f"nodule {n}/{len(pts)}: {nid}")
-            outs[nid] = net.analyze(ct, p)
+            outs[nid] = net.analyze_box(ct, p)  # the mask as a MaskBox: no CT-sized array per network
         main = outs[network_ids[0]]
-        boxes = {nid: MaskBox.from_full(o.mask) for nid, o in outs.items()}
+        boxes = {nid: o.mask for nid, o in outs.items()}
         cons = compute_consensus(boxes, {nid: o.malignancy_probability for nid, o in outs.items()},
                                  {nid: o.sign_probabilities for nid, o in outs.items()})
         reported, msg = main.mask, main.message
         if mask == "consensus":
-            reported = None if cons.mask is None else cons.mask.to_full()
+            reported = cons.mask
             msg = "; ".join(f"{nid}: {o.message}" for nid, o in outs.items() if o.message)
             if reported is None and cons.n_found:
                 msg = "no voxel is segmented by a majority of the networks" + (f" ({msg})" if msg else "")
@@ -319,7 +318,7 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
         for nid, o in outs.items():
             dwf = None
             if o.mask is not None and reported is not None:
-                dwf = round(dice(o.mask, reported), 4)
+                dwf = round(box_dice(o.mask, reported), 4)
             res.networks[nid] = NetworkOutput(nid, None if math.isnan(o.malignancy_probability) else round(o.malignancy_probability, 4),
                                               o.sign_probabilities, dwf)
         nodules.append(res)

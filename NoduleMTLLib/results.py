@@ -71,12 +71,14 @@ class NoduleResult:
         point_lps_mm / point_ras_mm: the clicked point, world mm.
         found: False when no nodule was segmented at the point (then the
             measurements are None and ``mask`` is empty).
-        mask: bool array on the CT grid, numpy order (z, y, x) = (k, j, i).  May be
-            *assigned* either that full-grid array or a :class:`~NoduleMTLLib.consensus.MaskBox`
-            (the mask's bounding box + offset on the grid, what the whole-scan search
-            stores: a few kB per nodule instead of one CT-sized array each).  Reading
-            ``mask`` always gives the full-grid bool (z, y, x) array (built on each read
-            when a box is stored); code that can work on the box reads :attr:`mask_box`.
+        mask: the nodule's mask on the CT grid, numpy order (z, y, x) = (k, j, i).  Stored as
+            a :class:`~NoduleMTLLib.consensus.MaskBox` (the mask's bounding box + offset on
+            the grid: a few kB per nodule instead of one CT-sized array each), the canonical
+            form everywhere; a full-grid array assigned is boxed once (an empty one gives None).
+            Reading ``mask`` builds the full-grid bool (z, y, x) array on each read (for
+            callers outside the library); the library's code reads :attr:`mask_box`, and the
+            writers that need a full grid build it once (``AnalysisResult.label_array``,
+            ``dicom_seg.segment_pixels``).
         diameter_mm: longest axial diameter (mm) over all axial slices.
         short_axis_mm: longest diameter perpendicular to it on the same slice (mm).
         volume_mm3: segmented volume (mm^3).
@@ -145,18 +147,13 @@ class NoduleResult:
         """The mask as a :class:`~NoduleMTLLib.consensus.MaskBox` (tight bounding box, bool
         (dz, dy, dx) + offset (k, j, i) + grid shape); None when there is no mask or it is
         empty.  No full-grid array is built when a box is stored."""
-        m = self.__dict__.get("_mask")
-        if m is None or isinstance(m, MaskBox):
-            return m
-        return MaskBox.from_full(m)
+        return self.__dict__.get("_mask")
 
     @property
     def mask_shape_zyx(self) -> tuple[int, int, int] | None:
         """Shape (z, y, x) of the grid the mask lives on (None without a mask)."""
         m = self.__dict__.get("_mask")
-        if m is None:
-            return None
-        return tuple(m.shape_zyx) if isinstance(m, MaskBox) else tuple(np.shape(m))
+        return None if m is None else tuple(m.shape_zyx)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (no mask)."""
@@ -210,11 +207,14 @@ def _get_mask(self) -> np.ndarray | None:
 
 
 def _set_mask(self, value) -> None:
+    if value is not None and not isinstance(value, MaskBox):
+        value = MaskBox.from_full(np.asarray(value) != 0)  # canonical: the box (None when empty)
     self.__dict__["_mask"] = value
 
 
-# ``mask`` is a dataclass field (constructor argument, ``fields()``) backed by this property,
-# so a MaskBox can be stored while readers keep getting the full-grid array.
+# ``mask`` is a dataclass field (constructor argument, ``fields()``) backed by this property:
+# what is stored is always a MaskBox (a full-grid array assigned is boxed once); reading ``mask``
+# builds the full-grid array (for callers outside the library); the library reads ``mask_box``.
 NoduleResult.mask = property(_get_mask, _set_mask, doc="bool (z, y, x) mask on the CT grid, or None (see the class docstring).")
 
 
