@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from .errors import OutputsError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 from .fields import REPORTED_FIELDS, raw_network_fields, reported_color, segment_tags
+from .filenames import JSON_FILE, LABELS_FILE, SEG_NRRD_FILE
 from .io import CTVolume, ijk_to_lps_matrix
 from .results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
 
@@ -208,7 +209,7 @@ def read_outputs(out_dir: str | os.PathLike) -> AnalysisResult:
             mask.
     """
     out = Path(out_dir)
-    json_path, labels_path = out / "nodules.json", out / "labels.nrrd"
+    json_path, labels_path = out / JSON_FILE, out / LABELS_FILE
     for p in (json_path, labels_path):
         if not p.is_file():
             raise OutputsError(f"Output folder {out} has no {p.name}")
@@ -223,7 +224,7 @@ def read_outputs(out_dir: str | os.PathLike) -> AnalysisResult:
     if data.get("input", {}).get("size_ijk") not in (None, size_ijk):
         raise OutputsError(f"{labels_path} has size {size_ijk}, nodules.json says {data['input']['size_ijk']}")
     masks = None
-    seg_path = out / "segmentation.seg.nrrd"
+    seg_path = out / SEG_NRRD_FILE
     if seg_path.is_file():
         masks = _masks_from_seg_nrrd(seg_path, ijk_to_lps_matrix(labels_image), labels.shape)
         if masks is not None:  # a voxel labelled k outside segment k: the files disagree, trust the label map

@@ -609,3 +609,59 @@ def test_slicer_requirements_cover_the_runtime_dependencies():
     setup = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "NoduleMTLWidget"
                  for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "setup")
     assert "_registerTerminology" in ast.unparse(setup)
+
+
+# ---------------------------------------------------------------------------
+# one writer, one field list, one place for the file names (issue 24)
+# ---------------------------------------------------------------------------
+
+def _code_files() -> list[Path]:
+    return sorted(p for p in [*LIB_DIR.rglob("*.py"), *MODULE_DIR.glob("*.py")] if not _ignored(p.relative_to(REPO)))
+
+
+def _calls(tree: ast.AST) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            out.add(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", ""))
+    return out
+
+
+def _constants(tree: ast.AST) -> set[str]:
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def test_output_file_names_are_defined_in_one_module():
+    from NoduleMTLLib import filenames
+
+    names = {n for n in filenames.MANAGED_FILES if "." in n}  # "pictures" is also an option name
+    offenders = {p.relative_to(REPO).as_posix(): sorted(_constants(_tree(p)) & names) for p in _code_files()
+                 if p.name != "filenames.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}, "output file names outside NoduleMTLLib/filenames.py"
+
+
+def test_the_result_set_has_one_writer():
+    """Only NoduleMTLLib/writer.py calls the file writers of a result set (the CLI, reclassify,
+    batch and the Slicer export go through ``writer.write_result_set``)."""
+    only_writer = {"write_seg_into_output_dir", "write_sr_into_output_dir", "write_pictures", "write_report_html",
+                   "write_segmentation", "write_core_files", "write_files"}
+    offenders = {p.relative_to(REPO).as_posix(): sorted(_calls(_tree(p)) & only_writer) for p in _code_files()
+                 if p.name != "writer.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    users = {p.name for p in _code_files() if "write_result_set" in _calls(_tree(p))}
+    assert {"cli.py", "batch.py", "NoduleMTLMRML.py"} <= users
+
+
+def test_the_reported_fields_are_declared_once():
+    """The titles of the reported fields appear only in NoduleMTLLib/fields.py: every presenter
+    (CSV, seg.nrrd and Slicer tags, Slicer table, panel, report.html, pictures, CLI line) reads them."""
+    from NoduleMTLLib.fields import REPORTED_FIELDS
+
+    titles = {f.title for f in REPORTED_FIELDS} | {f.heading for f in REPORTED_FIELDS}
+    offenders = {p.relative_to(REPO).as_posix(): sorted(_constants(_tree(p)) & titles) for p in _code_files()
+                 if p.name != "fields.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    readers = {p.name for p in _code_files() if "NoduleMTLLib.fields" in p.read_text() or "from .fields" in p.read_text()}
+    assert {"outputs.py", "report_html.py", "pictures.py", "cli.py", "NoduleMTLMRML.py", "NoduleMTLText.py",
+            "dicom_seg.py"} <= readers
