@@ -38,10 +38,6 @@ def _e(v) -> str:
     return html.escape("" if v is None else str(v))
 
 
-def _f(v, fmt="{:.1f}") -> str:
-    return "" if v is None else fmt.format(v)
-
-
 def report_html(result, pictures_dir=None, title: str | None = None) -> str:
     """The page as a string.
 
