@@ -308,7 +308,9 @@ class AnalysisResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``nodules.json``)."""
-        d = {"schema_version": SCHEMA_VERSION, "input": self.input, "run": self.run,
+        # every RunRecord field is present (null where a hand-made result did not say)
+        run = {**{f: None for f in RunRecord.__dataclass_fields__}, **(self.run or {})}
+        d = {"schema_version": SCHEMA_VERSION, "input": self.input, "run": run,
              "nodules": [n.to_dict() for n in self.nodules]}
         if self.messages:
             d["messages"] = list(self.messages)

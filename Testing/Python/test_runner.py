@@ -224,14 +224,15 @@ def test_persistent_worker_runs_again_at_once_cancels_and_restarts(sample_ct, di
         second.cleanup()
 
         # Re-classify from an (edited) mask runs in the same worker too (never in Slicer's GUI thread)
-        from NoduleMTLLib.refine import reclassify_from_mask
 
         mask = direct_result.nodules[1].mask
         recl = AnalysisProcess(sample_ct, [SAMPLE_POINTS_LPS[1]], networks=["lnmsnet"], device="cpu", temp_root=tmp_path,
                                worker=worker, masks=[mask], nodule_ids=[2]).start()
         assert recl.request.mode == "reclassify" and recl.wait(timeout=RUN_TIMEOUT_S) == "succeeded", recl.details
         (got,) = recl.result().nodules
-        want = reclassify_from_mask(sample_ct, mask, ["lnmsnet"], device="cpu", nodule_id=2, point_lps=SAMPLE_POINTS_LPS[1])
+        from NoduleMTLLib.analysis import reclassify  # the service: raw outputs, calibrated, assessed
+        want = reclassify(sample_ct, [mask], nodule_ids=[2], points_lps=[SAMPLE_POINTS_LPS[1]], network_ids=["lnmsnet"],
+                          device="cpu").nodules[0]
         assert worker.pid == pid and got.to_dict() == want.to_dict() and np.array_equal(got.mask, mask)
         recl.cleanup()
 
