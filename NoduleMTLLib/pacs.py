@@ -427,8 +427,10 @@ def write_summary(path: Path, rows: list[StudyResult]) -> None:
 
 def _read_local(folder: Path, r: StudyResult) -> None:
     """Nodule counts and per-scan Lung-RADS of ``folder/nodules.json`` into ``r`` (when readable)."""
+    from .filenames import JSON_FILE
+
     try:
-        js = json.loads((folder / "nodules.json").read_text())
+        js = json.loads((folder / JSON_FILE).read_text())
         nods = js["nodules"]
         r.n_nodules, r.n_found = len(nods), sum(bool(n.get("found")) for n in nods)
         r.lung_rads = str(((js.get("run") or {}).get("lung_rads") or {}).get("category") or "")

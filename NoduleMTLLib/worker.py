@@ -62,8 +62,8 @@ def execute(request: AnalysisRequest, emit: Callable[[Event], None], models=None
     """
     from . import analysis
     from .io import InputError, read_ct
-    from .outputs import OutputError, write_output_files
     from .safe_output import OutputSet, visible_entries
+    from .writer import WriteOptions, write_result_set
 
     t0 = time.perf_counter()
     rid = request.request_id
@@ -86,21 +86,9 @@ def execute(request: AnalysisRequest, emit: Callable[[Event], None], models=None
             res = service(ct, _read_masks(request.masks, ct), **kwargs, progress=progress, notify=notify, models=models)
         else:
             res = service(ct, **kwargs, progress=progress, notify=notify, models=models)
-        stage = outset.staging_dir()
-        try:
-            write_output_files(res, ct, stage)
-        except OSError as e:
-            raise OutputError(f"Cannot write outputs to {request.out}: {e.strerror or e}") from None
-        if request.mode == "analyze":  # what ``nodulemtl analyze`` writes besides (re-classify: the four files)
-            from . import reporting
-
-            if dicom_seg:
-                from .dicom_seg import write_seg_into_output_dir
-
-                if write_seg_into_output_dir(res, ct, stage) is None:
-                    notify("no nodule found: no DICOM SEG written")
-            reporting.write_report_files(res, ct, stage, pictures=request.pictures, dicom_sr=request.dicom_sr)
-        outset.commit()
+        # the one writer: the same result set as ``nodulemtl analyze`` / ``reclassify``
+        write_result_set(res, ct, outset, WriteOptions(dicom_seg=dicom_seg, dicom_sr=request.dicom_sr,
+                                                       pictures=request.pictures), warn=notify)
     for text in getattr(res, "messages", None) or []:
         emit(Message(str(text), "note", rid))
     out = Path(request.out)

@@ -41,6 +41,10 @@ class WriteOptions:
         report: write ``report.html`` (and the pictures).
         pictures: write ``pictures/nodule_<id>.png`` (with ``report``).
         dicom_folder: the folder of the CT's DICOM series (default ``ct.source``).
+        json_record: the ``nodules.json`` record to write instead of ``result.to_dict()`` (the
+            web reviewer's export: every finding with its review status, the other files the
+            accepted ones).
+        labels_result: the result whose label map ``labels.nrrd`` holds (default ``result``).
     """
 
     overwrite: bool = False
@@ -51,6 +55,8 @@ class WriteOptions:
     report: bool = True
     pictures: bool = True
     dicom_folder: str | os.PathLike | None = None
+    json_record: dict | None = None
+    labels_result: object = None
 
 
 def options_from_args(args, **over) -> WriteOptions:
@@ -63,21 +69,24 @@ def options_from_args(args, **over) -> WriteOptions:
     return WriteOptions(**opts)
 
 
-def write_core_files(result, ct, folder: Path) -> list[Path]:
-    """``labels.nrrd``, ``segmentation.seg.nrrd``, ``nodules.json``, ``nodules.csv`` into ``folder``."""
+def write_core_files(result, ct, folder: Path, json_record: dict | None = None, labels_result=None) -> list[Path]:
+    """``labels.nrrd``, ``segmentation.seg.nrrd``, ``nodules.json``, ``nodules.csv`` into ``folder``
+    (``json_record`` / ``labels_result``: see :class:`WriteOptions`)."""
     import SimpleITK as sitk
     import slicerio
 
     from .outputs import csv_rows, segmentation_dict
 
-    lab = sitk.GetImageFromArray(result.label_array(ct.shape_zyx))
+    lab = sitk.GetImageFromArray((labels_result or result).label_array(ct.shape_zyx))
     lab.CopyInformation(ct.image)
     sitk.WriteImage(lab, str(folder / LABELS_FILE), True)
     del lab
     slicerio.write_segmentation(str(folder / SEG_NRRD_FILE), segmentation_dict(result, ct), compression_level=1)
     from .strict_json import dumps  # no NaN / Infinity: OutputError naming the field
 
-    (folder / JSON_FILE).write_text(dumps(result.to_dict(), JSON_FILE, indent=2) + "\n")
+    record = json_record if json_record is not None else result.to_dict()
+    (folder / JSON_FILE).write_text(dumps(record, JSON_FILE, indent=2, default=str) + "
+")
     head, rows = csv_rows(result)
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=head)
@@ -106,7 +115,7 @@ def write_files(result, ct, folder, options: WriteOptions = WriteOptions(), warn
             raise InputError(f"{'--dicom-sr' if options.dicom_sr else '--dicom-seg'} needs a CT read from a DICOM "
                              f"series folder; {ct.source or 'this CT'} is not one")
     try:
-        paths = write_core_files(result, ct, folder)
+        paths = write_core_files(result, ct, folder, options.json_record, options.labels_result)
     except OSError as e:
         raise OutputError(f"Cannot write outputs to {folder}: {e.strerror or e}") from None
     if options.dicom_seg or options.dicom_sr:

@@ -7,11 +7,10 @@ edited, ``NoduleMTLMRML.result_from_segmentation``) and calls :func:`write_revie
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from NoduleMTLLib.safe_output import OutputError, OutputSet
+from NoduleMTLLib.safe_output import OutputSet
 
 from .state import export_selection
 
@@ -51,29 +50,17 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
             cannot be written (nothing is changed then).
         ValueError: an unknown status.
     """
-    import SimpleITK as sitk
-
-    from NoduleMTLLib.assessment import annotate_result, patient_for
-    from NoduleMTLLib.outputs import write_output_files
-    from NoduleMTLLib.reporting import write_report_files
+    from NoduleMTLLib.analysis import complete_result
+    from NoduleMTLLib.writer import WriteOptions, write_result_set
 
     if any(n.found for n in result.nodules):
-        annotate_result(result, ct, patient_for(ct))  # Lung-RADS / Brock of every finding (also the rejected ones)
+        # the service's part on the current masks: reported probability, Lung-RADS / Brock of every finding
+        complete_result(result, ct)
     accepted, everything = export_selection(result, statuses)
     dicom = ct.dicom_series_uid is not None and bool(accepted.nodules)
     inputs = [ct.source] if ct.source else []
     with OutputSet(out_dir, inputs=inputs, overwrite=overwrite) as s:
-        stage = s.staging_dir()
-        try:
-            write_output_files(accepted, ct, stage)
-            (stage / "nodules.json").write_text(json.dumps(everything, indent=2, default=str, allow_nan=False) + "\n")
-            labels = sitk.GetImageFromArray(result.label_array(ct.shape_zyx))  # every finding: the review reopens
-            labels.CopyInformation(ct.image)
-            sitk.WriteImage(labels, str(stage / "labels.nrrd"), True)
-        except OSError as e:
-            raise OutputError(f"Cannot write outputs to {out_dir}: {e.strerror or e}") from None
-        if dicom:
-            from NoduleMTLLib.dicom_seg import write_seg_into_output_dir
-            write_seg_into_output_dir(accepted, ct, stage)
-        write_report_files(accepted, ct, stage, pictures=pictures, dicom_sr=dicom)
-        return s.commit()
+        # the one writer: accepted findings, nodules.json of every finding, labels.nrrd of every finding
+        # (the review reopens from them)
+        return write_result_set(accepted, ct, s, WriteOptions(
+            dicom_seg=dicom, dicom_sr=dicom, pictures=pictures, json_record=everything, labels_result=result))
