@@ -136,6 +136,7 @@ def _sample_result(ct_path):
         nodules.append(NoduleResult(id=fid, point_lps_mm=tuple(m["centroid_lps_mm"]), found=True, mask=mask,
                                     networks={"dsmtnet": NetworkOutput("dsmtnet", 0.8 if fid == 1 else 0.2,
                                                                        {"spiculation": 0.7, "calcification": 0.1})},
+                                    malignancy_probability=0.8 if fid == 1 else 0.2,  # reported (shown, coloured)
                                     **{k: m[k] for k in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu",
                                                          "solid_fraction", "type", "centroid_lps_mm")}))
     return ct, AnalysisResult(ct.describe(), {"networks": ["dsmtnet"]}, nodules)
