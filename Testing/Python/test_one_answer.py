@@ -125,10 +125,14 @@ def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  #
     assert re_js["run"]["mode"] == "reclassify" and (base / "re" / "report.html").is_file()
     answers["cli reclassify"] = re_js["nodules"][0]
 
-    # the worker's request loop (one process, networks kept in its ModelCache)
-    req = json.dumps({"argv": ["analyze", str(ct_path), *_pt(NODULE3_RAS), "--out", str(base / "w"), "--quiet",
-                               "--device", "cpu"]})
-    worker.serve(io.StringIO(req + "\n"))
+    # the worker's request loop (typed JSON protocol; one process, networks kept in its ModelCache)
+    from NoduleMTLLib.io import ras_to_lps
+    from NoduleMTLLib.protocol import AnalysisRequest
+    req = AnalysisRequest(mode="analyze", ct=str(ct_path), out=str(base / "w"), points_lps=[list(ras_to_lps(NODULE3_RAS))],
+                          device="cpu")
+    events = io.StringIO()
+    worker.serve(io.StringIO(req.to_json() + "\n"), stdout=events)
+    assert '"result"' in events.getvalue(), events.getvalue()[-500:]
     answers["worker"] = json.loads((base / "w" / "nodules.json").read_text())["nodules"][0]
 
     # nodulemtl batch (a points CSV for the one case)
