@@ -949,8 +949,11 @@ def test_reclassify_segment_follows_user_edit_and_keeps_it(app, clicked_scene):
 
     # --- probabilities recomputed from the edited mask (and differ from those of the unedited mask)
     p_new = new.networks["lnmsnet"].malignancy_probability
-    p_direct = reclassify_from_mask(ct, edited, ["lnmsnet"], device="cpu").networks["lnmsnet"].malignancy_probability
-    p_unedited = reclassify_from_mask(ct, original.mask, ["lnmsnet"], device="cpu").networks["lnmsnet"].malignancy_probability
+    # (the patch is centred on the original click, kept in the segment's tags)
+    p_direct = reclassify_from_mask(ct, edited, ["lnmsnet"], device="cpu",
+                                    point_lps=original.point_lps_mm).networks["lnmsnet"].malignancy_probability
+    p_unedited = reclassify_from_mask(ct, original.mask, ["lnmsnet"], device="cpu",
+                                      point_lps=original.point_lps_mm).networks["lnmsnet"].malignancy_probability
     assert p_new == pytest.approx(p_direct, abs=1e-4)
     # the edited mask changes the area weights of the slices' logits: if the edit were ignored the
     # two would be identical (probabilities are rounded to 4 decimals, hence 1e-3); how much they
