@@ -85,8 +85,7 @@ def write_core_files(result, ct, folder: Path, json_record: dict | None = None, 
     from .strict_json import dumps  # no NaN / Infinity: OutputError naming the field
 
     record = json_record if json_record is not None else result.to_dict()
-    (folder / JSON_FILE).write_text(dumps(record, JSON_FILE, indent=2, default=str) + "
-")
+    (folder / JSON_FILE).write_text(dumps(record, JSON_FILE, indent=2, default=str) + "\n")
     head, rows = csv_rows(result)
     buf = _io.StringIO()
     w = csv.DictWriter(buf, fieldnames=head)
