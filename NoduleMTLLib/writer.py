@@ -95,10 +95,11 @@ def write_core_files(result, ct, folder: Path, json_record: dict | None = None, 
     return [folder / n for n in (LABELS_FILE, SEG_NRRD_FILE, JSON_FILE, CSV_FILE)]
 
 
-def write_files(result, ct, folder, options: WriteOptions = WriteOptions(), warn=None) -> list[Path]:
+def write_files(result, ct, folder, options: WriteOptions = WriteOptions(), warn=None, shown=None) -> list[Path]:
     """Every file of the set into ``folder`` (an existing, normally staged, folder), as they are.
 
-    ``warn``: ``callback(message)`` for what is skipped (no nodule found: no DICOM SEG / SR).
+    ``warn``: ``callback(message)`` for what is skipped (no nodule found: no DICOM SEG / SR);
+    ``shown``: the folder named in error messages (the output folder, never the hidden staging one).
 
     Raises:
         NoduleMTLLib.io.InputError: ``dicom_seg`` for a CT not read from a DICOM series.
@@ -116,7 +117,7 @@ def write_files(result, ct, folder, options: WriteOptions = WriteOptions(), warn
     try:
         paths = write_core_files(result, ct, folder, options.json_record, options.labels_result)
     except OSError as e:
-        raise OutputError(f"Cannot write outputs to {folder}: {e.strerror or e}") from None
+        raise OutputError(f"Cannot write outputs to {shown or folder}: {e.strerror or e}") from None
     if options.dicom_seg or options.dicom_sr:
         from .dicom_seg import write_seg_into_output_dir
 
@@ -140,7 +141,7 @@ def write_files(result, ct, folder, options: WriteOptions = WriteOptions(), warn
                 paths += write_pictures(result, ct, folder)
             paths.append(write_report_html(result, folder, folder / PICTURES_DIR if options.pictures else None))
         except OSError as e:
-            raise OutputError(f"Cannot write the report to {folder}: {e.strerror or e}") from None
+            raise OutputError(f"Cannot write the report to {shown or folder}: {e.strerror or e}") from None
     return paths
 
 
@@ -174,6 +175,6 @@ def write_result_set(result, ct, out, options: WriteOptions = WriteOptions(), wa
 
 def _write_staged(result, ct, outset, options, warn) -> list[Path]:
     stage = outset.staging_dir()
-    written = write_files(result, ct, stage, options, warn)
+    written = write_files(result, ct, stage, options, warn, shown=outset.out)
     outset.commit()
     return [outset.out / p.relative_to(stage) for p in written]

@@ -28,8 +28,9 @@ import SimpleITK as sitk
 
 from NoduleMTLLib import calibration, cli, errors, pipeline, registry, safe_output, strict_json, thick_slices
 from NoduleMTLLib.errors import BatchError, CalibrationError, InputError, NoLungError, NotCTError, OutputError, WeightsError
-from NoduleMTLLib.outputs import OUTPUT_FILES, write_output_files
+from NoduleMTLLib.outputs import OUTPUT_FILES
 from NoduleMTLLib.results import AnalysisResult, NoduleResult
+from NoduleMTLLib.writer import write_core_files
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -156,7 +157,7 @@ def test_no_json_writer_allows_nan(tmp_path):
     res = AnalysisResult(input=vol.describe(), run={"networks": ["lnmsnet"]}, nodules=[
         NoduleResult(id=1, point_lps_mm=(0.0, 0.0, 0.0), found=False, malignancy_probability=float("nan"))])
     with pytest.raises(OutputError, match=r"nodules\[0\].malignancy_probability"):
-        write_output_files(res, vol, tmp_path)
+        write_core_files(res, vol, tmp_path)
     assert not (tmp_path / "nodules.json").exists()
     for bad in ("NaN", "[Infinity]", '{"a": 1e999}'):
         with pytest.raises(ValueError):
