@@ -47,7 +47,9 @@ def sample_ct():
 
 @pytest.fixture(scope="module")
 def direct_result(sample_ct):
-    return analyze_points(sample_ct, SAMPLE_POINTS_LPS, network_ids=("lnmsnet",), device="cpu")
+    from NoduleMTLLib.analysis import analyze  # the service, as the background run: raw outputs, calibrated, assessed
+
+    return analyze(sample_ct, SAMPLE_POINTS_LPS, network_ids=("lnmsnet",), device="cpu")
 
 
 def _process_gone(pid: int) -> bool:
