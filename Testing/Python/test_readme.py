@@ -40,7 +40,7 @@ def tutorial_commands(text: str) -> list[list[str]]:
     for line in m.group(1).splitlines():
         line = line.strip()
         if line.startswith("uv run --frozen nodulemtl "):
-            cmds.append(shlex.split(line)[3:])
+            cmds.append(shlex.split(line)[4:])
     assert cmds, "the tutorial block holds no 'uv run --frozen nodulemtl' command"
     return cmds
 
