@@ -130,7 +130,7 @@ def test_every_library_error_has_one_root_and_its_own_exit_code():
             assert getattr(mod, n) is getattr(errors, n)
     # no exception class is defined outside errors.py, and no KeyError is caught around the service
     for path in (REPO / "NoduleMTLLib").rglob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and path.name != "errors.py":
                 bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
@@ -144,7 +144,7 @@ def test_every_library_error_has_one_root_and_its_own_exit_code():
 def test_no_json_writer_allows_nan(tmp_path):
     """Every json.dump(s) of the product passes allow_nan=False; a NaN in a result is a clear error, not NaN in a file."""
     for path in [*(REPO / "NoduleMTLLib").rglob("*.py"), *(REPO / "NoduleMTL").rglob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and ast.unparse(node.func) in ("json.dumps", "json.dump"):
                 if path.name in ("report_html.py", "protocol.py") and "allow_nan" not in ast.unparse(node):
                     # a value shown in HTML / quoted in an error message (protocol._describe), not a JSON file
