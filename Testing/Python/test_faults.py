@@ -588,9 +588,12 @@ def test_a_kill_at_any_moment_leaves_the_previous_or_the_new_set(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, shared_data):
+    # A whole-scan search, so that work surely remains when the interrupt arrives (a click on an
+    # idle machine can finish between its first progress line and the signal).
     out = tmp_path / "o"
-    p = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "analyze", str(SAMPLE), *PT, "--networks", "lnmsnet",
+    ct = shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd"
+    p = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "analyze", str(ct), "--detect", "--networks", "none",
                           "--device", "cpu", "--progress-format", "lines", "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
