@@ -139,3 +139,29 @@ def test_upper_lobe_from_lung_mask():
     assert brock.upper_lobe_from_lung_mask(lab, (14, 5, 3), False)["upper_lobe"] is True
     lab[0] = lab[2]  # lung reaches the first slice: unknown
     assert brock.upper_lobe_from_lung_mask(lab, (4, 5, 3), True)["upper_lobe"] is None
+
+
+def test_nearest_label_equals_the_distance_transform_on_a_real_lung_mask(shared_data):
+    """The bounded search gives the label the whole-grid distance transform gives, on the lung
+    mask of a real whole CT (subsampled to keep the reference transform small), at points
+    outside the lungs (mediastinum, chest wall, air)."""
+    from scipy import ndimage as ndi
+
+    from NoduleMTLLib.detection.preprocess import lung_mask_from_ct
+    from NoduleMTLLib.io import read_ct
+
+    ct = read_ct(shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd")
+    lab = np.ascontiguousarray(np.asarray(lung_mask_from_ct(ct, work_pixel_mm=3.0).labels)[::2, ::4, ::4])
+    assert lab.any() and (lab == 0).any()
+    dist, ind = ndi.distance_transform_edt(lab == 0, return_indices=True)
+    rng = np.random.default_rng(0)
+    outside = np.argwhere(lab == 0)
+    picks = outside[rng.choice(len(outside), 200, replace=False)]
+    for c in map(tuple, picks):
+        ref = lab[tuple(ind[a][c] for a in range(3))]
+        got = brock.nearest_label(lab, c)
+        if got != ref:  # a tie between the two lungs at exactly the same distance
+            near = np.argwhere(lab == got)
+            assert np.sqrt(((near - np.asarray(c)) ** 2).sum(1).min()) == pytest.approx(dist[c])
+    with pytest.raises(ValueError):
+        brock.nearest_label(np.zeros((3, 3, 3), np.uint8), (1, 1, 1))
