@@ -316,10 +316,15 @@ def points_for(case: Case, points: dict[str, list]) -> list:
 # ---------------------------------------------------------------- summary
 
 
-def write_summary(path: Path, results: list[CaseResult]) -> None:
-    """Write summary.csv atomically (temporary file in the same folder, then replace)."""
+def write_summary(path: Path, results: list, columns=SUMMARY_COLUMNS) -> None:
+    """Write summary.csv atomically (temporary file in the same folder, then replace).
+
+    Args:
+        path: the CSV file; results: rows with a ``row() -> dict`` method (``CaseResult``,
+            ``pacs.StudyResult``); columns: the header (batch's by default).
+    """
     buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     w.writerows(r.row() for r in results)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # plain open: permissions follow the umask

@@ -40,8 +40,6 @@ Exit code: 0 when no study failed, 1 when one failed or the run stopped, 2 usage
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 import logging
 import math
@@ -407,22 +405,10 @@ class StudyResult:
 
 
 def write_summary(path: Path, rows: list[StudyResult]) -> None:
-    """Write summary.csv atomically (temporary file in the same folder, then replace)."""
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), lineterminator="\n")
-    w.writeheader()
-    w.writerows(r.row() for r in rows)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    """Write the per-study summary.csv atomically (:func:`NoduleMTLLib.batch.write_summary`)."""
+    from .batch import write_summary as write_rows
+
+    write_rows(path, rows, SUMMARY_COLUMNS)
 
 
 def _read_local(folder: Path, r: StudyResult) -> None:
