@@ -595,7 +595,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, shared_data):
     ct = shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd"
     p = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "analyze", str(ct), "--detect", "--networks", "none",
                           "--device", "cpu", "--progress-format", "lines", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         # a terminal's default: a suite started as a background job (`cmd &`) inherits SIGINT ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stdout:
             if "<filter-progress>" in line:
