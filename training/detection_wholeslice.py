@@ -301,10 +301,23 @@ def whole_slice_sample(scan: WholeScan, k: int, wcfg: dict, rng: np.random.Gener
         target {"boxes" (G, 4) float32 xyxy px, "labels" (G,) int64, "masks" (G, h, w)
         uint8}; tiles = ["<patient>@<k>[:tag]"].
     """
+    x, (y0, y1, x0, x1) = scan.image(k)
+    return sample_from_arrays(scan.patient, k, x, scan.labels[int(k), y0:y1, x0:x1], wcfg, rng, tag)
+
+
+def sample_from_arrays(patient: str, k: int, x: np.ndarray, lab: np.ndarray, wcfg: dict, rng: np.random.Generator | None,
+                       tag: str = ""):
+    """A :class:`training.detection.Sample` from a network input and the label map of its
+    centre slice (the augmentation and target rules of :func:`whole_slice_sample`).
+
+    Args:
+        patient, k: for the sample's name.
+        x: float32 (5, h, w) network input in [0, 1].
+        lab: integer (h, w) label map of the centre slice (value n = nodule n).
+        wcfg, rng, tag: as :func:`whole_slice_sample`.
+    """
     from training.detection import Sample, targets_from_mask
 
-    x, (y0, y1, x0, x1) = scan.image(k)
-    lab = scan.labels[int(k), y0:y1, x0:x1]
     if rng is not None:
         if rng.random() < wcfg["p_flip"]:
             x, lab = x[:, :, ::-1], lab[:, ::-1]
@@ -326,7 +339,7 @@ def whole_slice_sample(scan: WholeScan, k: int, wcfg: dict, rng: np.random.Gener
     target = {"boxes": torch.cat(boxes) if boxes else torch.zeros((0, 4)),
               "labels": torch.ones(len(boxes), dtype=torch.int64),
               "masks": torch.cat(masks) if masks else torch.zeros((0, h, w), dtype=torch.uint8)}
-    return Sample(torch.from_numpy(x), target, [f"{scan.patient}@{int(k)}" + (f":{tag}" if tag else "")])
+    return Sample(torch.from_numpy(x), target, [f"{patient}@{int(k)}" + (f":{tag}" if tag else "")])
 
 
 # ----------------------------------------------------------------------------- hard negatives
