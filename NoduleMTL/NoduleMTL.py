@@ -114,15 +114,15 @@ _DISCLAIMER = "Research use only: not for clinical diagnosis."
 
 
 def _runner():
-    """``NoduleMTLLib.runner`` (the background child process; no torch import)."""
-    from NoduleMTLLib import runner
+    """``NoduleMTLLib.apps.runner`` (the background child process; no torch import)."""
+    from NoduleMTLLib.apps import runner
 
     return runner
 
 
 def _worker():
-    """``NoduleMTLLib.worker`` (the persistent background worker; no torch import)."""
-    from NoduleMTLLib import worker
+    """``NoduleMTLLib.apps.worker`` (the persistent background worker; no torch import)."""
+    from NoduleMTLLib.apps import worker
 
     return worker
 
@@ -132,9 +132,9 @@ _WORKER = None
 
 
 def _analysis():
-    """``NoduleMTLLib.analysis`` (the analysis service, network list, detector status; torch
+    """``NoduleMTLLib.service.analysis`` (the analysis service, network list, detector status; torch
     is imported only when an analysis runs)."""
-    from NoduleMTLLib import analysis
+    from NoduleMTLLib.service import analysis
 
     return analysis
 
@@ -222,7 +222,7 @@ class NoduleMTLParameterNode:
 
     inputVolume - CT volume to analyse (Hounsfield units).
     points - point list: one point placed near the centre of each nodule.
-    networks - comma-separated ids of the networks to run (``NoduleMTLLib.registry.NETWORKS``);
+    networks - comma-separated ids of the networks to run (``NoduleMTLLib.models.registry.NETWORKS``);
         the first one's mask is reported.  Plain ``str`` because the list is only known
         at run time (the checkable list is filled and synchronised by the widget).
     device - "auto" (CUDA if available, else CPU), "cpu", "cuda" or "mps"; plain ``str``
@@ -250,7 +250,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Module panel: inputs, settings, Apply / Cancel, Find nodules, results.
 
     Every decision (what to run, how to read progress, errors, the summary text) is in
-    ``NoduleMTLLib.runner`` and :class:`NoduleMTLLogic`; this class only moves values
+    ``NoduleMTLLib.apps.runner`` and :class:`NoduleMTLLogic`; this class only moves values
     between widgets and those.
     """
 
@@ -262,7 +262,7 @@ class NoduleMTLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._observedPointsNode = None
         self._updatingGui = False
-        #: The background run in progress (``NoduleMTLLib.runner.AnalysisProcess``) and its input volume.
+        #: The background run in progress (``NoduleMTLLib.apps.runner.AnalysisProcess``) and its input volume.
         self._job = None
         self._jobVolume = None
         self._jobLabel = ""
@@ -718,7 +718,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def networkChoices():
-        """``NoduleMTLLib.analysis.network_choices()`` (every registered network, with whether
+        """``NoduleMTLLib.service.analysis.network_choices()`` (every registered network, with whether
         its weights are present); only the default network while torch is not installed."""
         analysis = _analysis()
         try:
@@ -735,13 +735,13 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def deviceChoices():
         """auto / cpu / cuda, plus mps where torch reports it."""
-        from NoduleMTLLib.device import device_choices
+        from NoduleMTLLib.core.device import device_choices
 
         return device_choices()
 
     @staticmethod
     def deviceTooltip():
-        from NoduleMTLLib.device import device_tooltip
+        from NoduleMTLLib.core.device import device_tooltip
 
         return device_tooltip()
 
@@ -756,10 +756,10 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         cache folder; returns ``(network_id, destination)``.
 
         Raises:
-            NoduleMTLLib.model_import.ModelImportError: the file matches no manifest entry
+            NoduleMTLLib.models.model_import.ModelImportError: the file matches no manifest entry
                 (the message says why) or the cache folder cannot be written.
         """
-        from NoduleMTLLib.model_import import import_weights_file
+        from NoduleMTLLib.models.model_import import import_weights_file
 
         return import_weights_file(path)
 
@@ -884,7 +884,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             networks: network ids to run (or a comma-separated string); the first one's mask
                 is reported.
             device: "auto", "cpu", "cuda" or "mps"; CUDA out of memory -> retried on the CPU
-                (``NoduleMTLLib.analysis.analyze``, recorded in ``result.run``).
+                (``NoduleMTLLib.service.analysis.analyze``, recorded in ``result.run``).
             progressCallback: optional ``callable(fraction: float, message: str)`` (synchronous path).
             waitForCompletion: True (scripts, tests): run in this process and return the
                 scene nodes.  False: start a background ``PythonSlicer`` process and return
@@ -893,12 +893,12 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         Returns:
             ``(segmentationNode, tableNode, result)``: the NEW segmentation and table nodes
             (see ``NoduleMTLMRML.add_result_to_scene``) and the
-            :class:`NoduleMTLLib.results.AnalysisResult`; or, with
-            ``waitForCompletion=False``, the started ``NoduleMTLLib.runner.AnalysisProcess``.
+            :class:`NoduleMTLLib.core.results.AnalysisResult`; or, with
+            ``waitForCompletion=False``, the started ``NoduleMTLLib.apps.runner.AnalysisProcess``.
 
         Raises:
             ValueError: missing input volume or point list, no placed point, no network.
-            NoduleMTLLib.io.InputError: the volume is not a usable CT, a point lies outside
+            NoduleMTLLib.core.io.InputError: the volume is not a usable CT, a point lies outside
                 the volume or body, or the network is unknown.
             RuntimeError (WeightsError, DeviceError): missing weights or unavailable device.
         """
@@ -946,7 +946,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         raise RuntimeError("PythonSlicer (Slicer's Python) was not found: cannot run the analysis in the background")
 
     def backgroundWorker(self):
-        """The session's persistent worker (``NoduleMTLLib.worker.Worker``, one ``PythonSlicer``
+        """The session's persistent worker (``NoduleMTLLib.apps.worker.Worker``, one ``PythonSlicer``
         process that keeps its networks loaded between runs), created on first use and shared
         by every Logic instance; the process itself starts with the first run."""
         global _WORKER
@@ -980,9 +980,9 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         The volume is converted with ``NoduleMTLMRML.volume_node_to_ct`` (world geometry,
         checks) and written to the run's private temporary folder; the points are passed as
         world LPS.  Nothing in the scene is changed (a cancelled run leaves it as it was).
-        Poll the returned ``NoduleMTLLib.runner.AnalysisProcess`` (``poll()`` /
+        Poll the returned ``NoduleMTLLib.apps.runner.AnalysisProcess`` (``poll()`` /
         ``finished``; what it asked the worker: ``job.request``, a
-        ``NoduleMTLLib.protocol.AnalysisRequest``), then call :meth:`finishAnalysis`.
+        ``NoduleMTLLib.apps.protocol.AnalysisRequest``), then call :meth:`finishAnalysis`.
 
         Args:
             inputVolume: the CT volume node.
@@ -993,7 +993,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
                 = the default operating point (request field ``threshold``, see ``NoduleMTLLib.detection.infer``).
 
         Raises:
-            ValueError / NoduleMTLLib.io.InputError: as :meth:`process`; a threshold outside [0, 1].
+            ValueError / NoduleMTLLib.core.io.InputError: as :meth:`process`; a threshold outside [0, 1].
             RuntimeError: PythonSlicer not found.  OSError: the temporary folder cannot be written.
         """
         if inputVolume is None:
@@ -1009,7 +1009,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
             pointsLps = NoduleMTLMRML.markups_to_points_lps(pointsNode)
             if not pointsLps:
                 raise ValueError(f"'{pointsNode.GetName()}' has no placed points: place one point on each nodule")
-        # request fields of NoduleMTLLib.protocol.AnalysisRequest beyond the inputs
+        # request fields of NoduleMTLLib.apps.protocol.AnalysisRequest beyond the inputs
         options = {"pictures": False}  # the run's folder is temporary; "Export report" draws them
         if detect and detectionThreshold:
             t = float(detectionThreshold)
@@ -1149,7 +1149,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
         """Re-classify (possibly edited) segments in the background worker (``nodulemtl
         reclassify``; what *Re-classify from edited mask* does): the masks are read from the
         scene now, the networks run in the worker, :meth:`finishReclassification` writes the
-        results.  Returns the started ``NoduleMTLLib.runner.AnalysisProcess``.
+        results.  Returns the started ``NoduleMTLLib.apps.runner.AnalysisProcess``.
 
         Raises:
             ValueError / InputError: empty segment, missing nodes (nothing started).
@@ -1217,7 +1217,7 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
 
     def patientInfo(self, volumeNode):
         """Brock patient inputs (age, sex) from the DICOM header of a DICOM-loaded volume; empty otherwise."""
-        from NoduleMTLLib.brock import PatientInfo, patient_from_dicom
+        from NoduleMTLLib.clinical.brock import PatientInfo, patient_from_dicom
 
         folder = self.dicomSeriesFolder(volumeNode)
         if folder is None:

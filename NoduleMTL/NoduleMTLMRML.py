@@ -18,7 +18,7 @@ Coordinate conventions
   CT handed to the pipeline carries the world geometry (transform included), and
   the output segmentation is placed under the same parent transform, so masks stay
   aligned.  A volume under a *non-linear* (warping) transform is refused with
-  :class:`NoduleMTLLib.io.InputError` (harden the transform first).
+  :class:`NoduleMTLLib.core.io.InputError` (harden the transform first).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from NoduleMTLLib import colors as _colors
-from NoduleMTLLib.consensus import MaskBox
-from NoduleMTLLib.fields import raw_network_fields, reported_color
-from NoduleMTLLib.io import CTVolume, InputError, image_from_array
-from NoduleMTLLib.results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
+from NoduleMTLLib.core.consensus import MaskBox
+from NoduleMTLLib.core.io import CTVolume, InputError, image_from_array
+from NoduleMTLLib.core.results import NODULE_TERMINOLOGY, AnalysisResult, NoduleResult
+from NoduleMTLLib.outputs import colors as _colors
+from NoduleMTLLib.outputs.fields import raw_network_fields, reported_color
 
 __all__ = [
     "volume_node_to_ct",
@@ -148,7 +148,7 @@ def _check_volume_node(volumeNode, role: str = "Input") -> None:
 # ---------------------------------------------------------------------------
 
 def volume_node_to_ct(volumeNode) -> CTVolume:
-    """Convert a scalar volume node to a :class:`NoduleMTLLib.io.CTVolume` (LPS geometry).
+    """Convert a scalar volume node to a :class:`NoduleMTLLib.core.io.CTVolume` (LPS geometry).
 
     The voxel array is read with ``slicer.util.arrayFromVolume`` (shape ``(z, y, x)``)
     and copied.  The geometry is the volume's IJK->RAS matrix, composed with its parent
@@ -166,7 +166,7 @@ def volume_node_to_ct(volumeNode) -> CTVolume:
 
     Raises:
         ValueError: ``volumeNode`` is None.
-        NoduleMTLLib.io.InputError: not a scalar volume, a label map, no image data,
+        NoduleMTLLib.core.io.InputError: not a scalar volume, a label map, no image data,
             several components per voxel, a non-linear parent transform, or a transform
             with shear (voxel axes no longer orthogonal).
     """
@@ -289,9 +289,9 @@ def _set_segment_terminology(segment) -> None:
 
 def _set_segment_result_tags(segment, nodule: NoduleResult) -> None:
     """The nodule's id, label value and point, then the tags of the field list
-    (:func:`NoduleMTLLib.fields.segment_tags`, the same as in ``segmentation.seg.nrrd``).  Tags
+    (:func:`NoduleMTLLib.outputs.fields.segment_tags`, the same as in ``segmentation.seg.nrrd``).  Tags
     of reported fields the nodule no longer has are removed."""
-    from NoduleMTLLib.fields import REPORTED_FIELDS, segment_tags
+    from NoduleMTLLib.outputs.fields import REPORTED_FIELDS, segment_tags
 
     p = SEGMENT_TAG_PREFIX
     segment.SetTag(p + "id", str(nodule.id))
@@ -309,7 +309,7 @@ def _import_mask_as_segment(mask, ijk_to_ras: np.ndarray, labelmapNode, segmenta
     """Import one non-empty mask on the grid ``ijk_to_ras`` as a new segment; return its id.
 
     Args:
-        mask: a :class:`NoduleMTLLib.consensus.MaskBox` (bool (dz, dy, dx) box + offset
+        mask: a :class:`NoduleMTLLib.core.consensus.MaskBox` (bool (dz, dy, dx) box + offset
             (k, j, i) on the grid; what ``NoduleResult.mask_box`` gives) or a full-grid bool
             (z, y, x) array.
 
@@ -360,7 +360,7 @@ def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str])
         ("point_ras_mm", vtk.vtkStringArray, "Point (RAS)", "mm", "Clicked point, world RAS (mm)",
          lambda n: ", ".join(f"{v:.2f}" for v in n.point_ras_mm)),
     ]
-    columns += _field_columns()  # the reported fields (NoduleMTLLib.fields): measurements, P(malignant), Lung-RADS, Brock
+    columns += _field_columns()  # the reported fields (NoduleMTLLib.outputs.fields): measurements, P(malignant), Lung-RADS, Brock
     if any(getattr(n, "detection", None) for n in result.nodules):  # Find nodules: rows are ranked by this score
         def det(key):
             return lambda n: (n.detection or {}).get(key)
@@ -384,7 +384,7 @@ def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str])
                 f"Probability of the radiological sign '{sign}' estimated by {net}",
                 lambda n, net=net, sign=sign: (n.networks[net].sign_probabilities or {}).get(sign) if net in n.networks else None,
             ))
-    if len(nets) > 1:  # consensus of the click networks (NoduleMTLLib.consensus)
+    if len(nets) > 1:  # consensus of the click networks (NoduleMTLLib.core.consensus)
         def cons(attr):
             return lambda n: getattr(n.consensus, attr, None) if getattr(n, "consensus", None) is not None else None
         columns += [
@@ -397,7 +397,7 @@ def _build_table(tableNode, result: AnalysisResult, segment_ids: dict[int, str])
              "Mean pairwise Dice of the networks' masks", cons("dice_pairwise_mean")),
             ("consensus.disagreement", vtk.vtkStringArray, "Disagreement", "",
              "low / high: whether the networks disagree (probability spread or mask Dice beyond the thresholds "
-             "of NoduleMTLLib.consensus)", cons("disagreement")),
+             "of NoduleMTLLib.core.consensus)", cons("disagreement")),
         ]
     columns.append(("message", vtk.vtkStringArray, "Message", "", "Note from the analysis", lambda n: n.message or ""))
 
@@ -459,7 +459,7 @@ def add_result_to_scene(scene, result: AnalysisResult, referenceVolumeNode, segm
     ``NoduleResult.name`` ("Nodule N"), coloured by malignancy probability
     (:func:`probability_color` of the first network with a probability; ``colorBy="index"``:
     :data:`NODULE_COLORS` by nodule id), with the standard terminology
-    :func:`nodule_terminology_entry` (codes of :data:`NoduleMTLLib.results.NODULE_TERMINOLOGY`) and the results
+    :func:`nodule_terminology_entry` (codes of :data:`NoduleMTLLib.core.results.NODULE_TERMINOLOGY`) and the results
     as segment tags (prefix ``NoduleMTL.``): ``id``, ``label_value``, ``point_ras_mm``,
     ``diameter_mm``, ``short_axis_mm``, ``volume_mm3``, ``mean_hu``, ``solid_fraction``,
     ``type``, ``malignancy_probability.<network>``, ``sign_probability.<network>.<sign>``,
@@ -483,7 +483,7 @@ def add_result_to_scene(scene, result: AnalysisResult, referenceVolumeNode, segm
 
     Args:
         scene: the ``vtkMRMLScene`` holding ``referenceVolumeNode`` (None: the volume's scene).
-        result: the :class:`NoduleMTLLib.results.AnalysisResult` of a run on this volume.
+        result: the :class:`NoduleMTLLib.core.results.AnalysisResult` of a run on this volume.
         referenceVolumeNode: the analysed ``vtkMRMLScalarVolumeNode``; masks are on its voxel grid.
         segmentationName: name of the new segmentation node (made unique); default
             ``"<volume name> nodules"``.
@@ -495,7 +495,7 @@ def add_result_to_scene(scene, result: AnalysisResult, referenceVolumeNode, segm
     Raises:
         ValueError: no scene, an unknown ``colorBy``, the volume is not in ``scene``, or a mask's shape differs
             from the volume's ``(z, y, x)`` shape.
-        NoduleMTLLib.io.InputError: the reference volume is not a usable scalar volume or
+        NoduleMTLLib.core.io.InputError: the reference volume is not a usable scalar volume or
             is under a non-linear transform.
         RuntimeError: a mask could not be imported (the partial nodes are removed).
     """
@@ -655,7 +655,7 @@ def label_array_from_segmentation(segmentationNode, segmentId: str, referenceVol
 # malignancy-probability colours
 # ---------------------------------------------------------------------------
 
-#: The colour ramp (see :mod:`NoduleMTLLib.colors`): green ``p < 0.3``, yellow
+#: The colour ramp (see :mod:`NoduleMTLLib.outputs.colors`): green ``p < 0.3``, yellow
 #: ``0.3 <= p < 0.6``, red ``p >= 0.6``, grey unknown.  Display only, not a clinical cut-off.
 PROBABILITY_COLOR_THRESHOLDS = _colors.PROBABILITY_COLOR_THRESHOLDS
 PROBABILITY_COLORS = _colors.PROBABILITY_COLORS
@@ -707,7 +707,7 @@ def register_terminology(terminologiesLogic) -> str:
 
     The context holds one category, *Morphologically Altered Structure* (SCT 49755003),
     with one type, *Nodule* (SCT 27925004; Slicer label "lung nodule"), the codes of
-    :data:`NoduleMTLLib.results.NODULE_TERMINOLOGY`; the anatomic region *Lung* (SCT
+    :data:`NoduleMTLLib.core.results.NODULE_TERMINOLOGY`; the anatomic region *Lung* (SCT
     39607008) comes from the DICOM master list Slicer ships.  Without this call (no
     Terminologies logic, e.g. a bare scene) segments get the same codes under the
     3D Slicer General Anatomy context name.
@@ -736,7 +736,7 @@ def register_terminology(terminologiesLogic) -> str:
 
 def nodule_terminology_entry() -> str:
     """Terminology entry string given to nodule segments: the NoduleMTL context after
-    :func:`register_terminology`, otherwise :data:`NoduleMTLLib.results.NODULE_TERMINOLOGY`
+    :func:`register_terminology`, otherwise :data:`NoduleMTLLib.core.results.NODULE_TERMINOLOGY`
     (same codes either way)."""
     if _registered_context is None:
         return NODULE_TERMINOLOGY
@@ -819,7 +819,7 @@ def _update_table_row(tableNode, segmentId: str, result: NoduleResult) -> int:
                        desc=f"Probability of the radiological sign '{sign}' estimated by {net}")
     if table.GetColumnByName("consensus.malignancy_probability") is not None and result.mask_shape_zyx is not None:
         # every network now classified the same (edited) mask: agreement is about probabilities only
-        from NoduleMTLLib.consensus import compute_consensus
+        from NoduleMTLLib.core.consensus import compute_consensus
         box = result.mask_box
         c = compute_consensus({net: box for net in result.networks},
                               {net: out.malignancy_probability for net, out in result.networks.items()})
@@ -839,7 +839,7 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
     """Re-measure and re-classify a (possibly user-edited) nodule segment without re-segmenting.
 
     Reads the segment with :func:`label_array_from_segmentation` on the reference volume's
-    grid, calls :func:`NoduleMTLLib.refine.reclassify_from_mask` (measurements of the edited
+    grid, calls :func:`NoduleMTLLib.inference.refine.reclassify_from_mask` (measurements of the edited
     mask; each network's malignancy / sign probabilities from the edited mask - MT-Net's
     Class-net takes it as its mask channel, the others are run on the slices it covers and
     weighted by its area), then updates:
@@ -867,16 +867,16 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
         device: "auto" | "cpu" | "cuda" | "mps".
 
     Returns:
-        the new :class:`NoduleMTLLib.results.NoduleResult` (``id`` = the segment's
+        the new :class:`NoduleMTLLib.core.results.NoduleResult` (``id`` = the segment's
         ``NoduleMTL.id`` tag, else the segment's position + 1; ``point_lps_mm`` = the
         original click from ``NoduleMTL.point_ras_mm``, else the mask centroid).
 
     Raises:
         ValueError: missing nodes, segmentation not in ``scene``, unknown segment.
-        NoduleMTLLib.io.InputError: empty segment, bad volume, unknown network.
-        NoduleMTLLib.registry.WeightsError, NoduleMTLLib.device.DeviceError: as for a run.
+        NoduleMTLLib.core.io.InputError: empty segment, bad volume, unknown network.
+        NoduleMTLLib.models.registry.WeightsError, NoduleMTLLib.core.device.DeviceError: as for a run.
     """
-    from NoduleMTLLib.analysis import ModelCache, reclassify
+    from NoduleMTLLib.service.analysis import ModelCache, reclassify
 
     request = reclassification_request(scene, segmentationNode, segmentId, referenceVolumeNode, tableNode, network_ids)
     ct = volume_node_to_ct(referenceVolumeNode)
@@ -899,7 +899,7 @@ def reclassification_request(scene, segmentationNode, segmentId: str, referenceV
     Raises:
         ValueError / InputError: as :func:`reclassify_segment`.
     """
-    from NoduleMTLLib.registry import DEFAULT_NETWORK
+    from NoduleMTLLib.models.registry import DEFAULT_NETWORK
 
     if segmentationNode is None or referenceVolumeNode is None:
         raise ValueError("Segmentation node and reference volume node are required")
@@ -966,7 +966,7 @@ def export_segment_for_training(segmentationNode, segmentId: str, referenceVolum
                                 overwrite: bool = False) -> dict:
     """Write a (possibly user-edited) segment with its CT patch and labels for fine-tuning.
 
-    Calls :func:`NoduleMTLLib.refine.export_for_training` with the segment's mask on the
+    Calls :func:`NoduleMTLLib.inference.refine.export_for_training` with the segment's mask on the
     reference grid: ``<out_dir>/<case_id>_ct.nrrd`` (HU crop around the mask, LPS
     geometry kept), ``<out_dir>/<case_id>_mask.nrrd`` and a row in
     ``<out_dir>/labels.csv``, readable by ``training.data.load_user_cases``.  Nothing in the
@@ -976,7 +976,7 @@ def export_segment_for_training(segmentationNode, segmentId: str, referenceVolum
         segmentationNode, segmentId, referenceVolumeNode: as :func:`reclassify_segment`.
         out_dir: output folder (created).
         labels: annotator labels, e.g. ``{"malignancy": 4, "spiculation": 2, "patient_id": "X"}``
-            (keys: see ``NoduleMTLLib.refine.LABEL_KEYS``); ``patient_id`` defaults to the
+            (keys: see ``NoduleMTLLib.inference.refine.LABEL_KEYS``); ``patient_id`` defaults to the
             volume's patient in the subject hierarchy (DICOM PatientID or item name), if any.
         case_id: unique case name (default ``"<volume name>_<segment name>"``, made file-name safe).
         overwrite: replace an existing case of that name.
@@ -986,10 +986,10 @@ def export_segment_for_training(segmentationNode, segmentId: str, referenceVolum
 
     Raises:
         ValueError: missing nodes, unknown segment.
-        NoduleMTLLib.io.InputError: empty segment, bad labels, case id already exported.
+        NoduleMTLLib.core.io.InputError: empty segment, bad labels, case id already exported.
         OSError: the folder cannot be written.
     """
-    from NoduleMTLLib.refine import export_for_training
+    from NoduleMTLLib.inference.refine import export_for_training
 
     if segmentationNode is None or referenceVolumeNode is None:
         raise ValueError("Segmentation node and reference volume node are required")
@@ -1022,9 +1022,9 @@ def _brock_status(brock: dict | None) -> str:
 
 
 def _field_columns() -> list:
-    """Results-table columns of the reported fields (:data:`NoduleMTLLib.fields.REPORTED_FIELDS`),
+    """Results-table columns of the reported fields (:data:`NoduleMTLLib.outputs.fields.REPORTED_FIELDS`),
     ``(name, vtk array class, title, unit, description, getter)``."""
-    from NoduleMTLLib.fields import REPORTED_FIELDS
+    from NoduleMTLLib.outputs.fields import REPORTED_FIELDS
 
     cls = {"float": vtk.vtkDoubleArray, "int": vtk.vtkIntArray, "str": vtk.vtkStringArray}
     return [(f.key, cls[f.kind], f.title, f.unit, f.description,
@@ -1070,8 +1070,8 @@ def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume
     Raises:
         ValueError: no segmentation / volume, or no non-empty NoduleMTL segment.
     """
-    from NoduleMTLLib.postprocess import measure_nodule
-    from NoduleMTLLib.results import NetworkOutput
+    from NoduleMTLLib.core.postprocess import measure_nodule
+    from NoduleMTLLib.core.results import NetworkOutput
 
     if segmentationNode is None or referenceVolumeNode is None:
         raise ValueError("Segmentation node and reference volume node are required")
@@ -1111,7 +1111,7 @@ def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume
     if not nodules:
         raise ValueError(f"'{segmentationNode.GetName()}' has no non-empty NoduleMTL nodule segment")
     nodules.sort(key=lambda n: n.id)
-    from NoduleMTLLib.results import run_record
+    from NoduleMTLLib.core.results import run_record
     # the export's own run record (every RunRecord field), the analysing run's settings after it
     old = {k: v for k, v in run.items() if k not in ("software", "mode", "torch", "timing_s", "malignancy_probability",
                                                       "lung_rads", "patient")}
@@ -1130,7 +1130,7 @@ def export_report(segmentationNode, referenceVolumeNode, out_dir, dicom_folder=N
     ``report.sr.dcm`` (TID 1500) as well for a DICOM-loaded volume whose series folder is given.
 
     The nodules are taken as they are now (:func:`result_from_segmentation`); Lung-RADS and
-    Brock are recomputed on the current masks (:func:`NoduleMTLLib.assessment.annotate_result`)
+    Brock are recomputed on the current masks (:func:`NoduleMTLLib.service.assessment.annotate_result`)
     and written into the results table's Lung-RADS / Brock columns (``tableNode``, default
     the segmentation's ``NoduleMTL.table`` reference).  Also writes ``nodules.json``.
 
@@ -1139,7 +1139,7 @@ def export_report(segmentationNode, referenceVolumeNode, out_dir, dicom_folder=N
         out_dir: output folder (created).
         dicom_folder: folder holding the volume's DICOM series (the volume must carry its
             SeriesInstanceUID in the subject hierarchy); None: no SEG / SR.
-        patient: :class:`NoduleMTLLib.brock.PatientInfo` (default: the DICOM header of
+        patient: :class:`NoduleMTLLib.clinical.brock.PatientInfo` (default: the DICOM header of
             ``dicom_folder``, else unknown: Brock incomplete).
         pictures: write ``pictures/nodule_<id>.png`` and embed them.
 
@@ -1147,14 +1147,14 @@ def export_report(segmentationNode, referenceVolumeNode, out_dir, dicom_folder=N
         The written paths.
 
     Raises:
-        ValueError: no nodule segment.  NoduleMTLLib.io.InputError: ``dicom_folder`` given for a
+        ValueError: no nodule segment.  NoduleMTLLib.core.io.InputError: ``dicom_folder`` given for a
         volume not loaded from DICOM, or not holding its series.  OSError /
-        NoduleMTLLib.outputs.OutputError: the folder cannot be written.
+        NoduleMTLLib.outputs.files.OutputError: the folder cannot be written.
     """
     from pathlib import Path
 
-    from NoduleMTLLib.analysis import complete_result
-    from NoduleMTLLib.writer import WriteOptions, write_result_set
+    from NoduleMTLLib.outputs.writer import WriteOptions, write_result_set
+    from NoduleMTLLib.service.analysis import complete_result
 
     ct = volume_node_to_ct(referenceVolumeNode)
     if dicom_folder is not None:

@@ -2,7 +2,7 @@
 
 Slicer-side presentation, kept out of ``NoduleMTLLib`` (which knows nothing of the panel)
 and out of ``NoduleMTL.py`` (so plain pytest can test it without Slicer: no slicer, qt or
-vtk import here).  Input: an :class:`NoduleMTLLib.results.AnalysisResult` or its
+vtk import here).  Input: an :class:`NoduleMTLLib.core.results.AnalysisResult` or its
 ``to_dict()`` (``nodules.json``).
 """
 
@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from NoduleMTLLib.fields import summary_line
+from NoduleMTLLib.outputs.fields import summary_line
 
 #: Shown under every summary.
 DISCLAIMER = "Research use only: not for clinical diagnosis."
@@ -89,7 +89,7 @@ def consensus_text(consensus: dict | None) -> str:
 
 def summary_html(result, disclaimer: str = DISCLAIMER) -> str:
     """The panel's summary (HTML): the run's notes (``messages``), then per nodule the summary
-    fields of the one field list (:data:`NoduleMTLLib.fields.REPORTED_FIELDS`: size, type, the
+    fields of the one field list (:data:`NoduleMTLLib.outputs.fields.REPORTED_FIELDS`: size, type, the
     reported P(malignant), Lung-RADS, Brock; and the detection score), per network its raw
     output and sign probabilities (labelled raw network output), and the consensus line when present.
 

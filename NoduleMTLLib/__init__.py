@@ -11,5 +11,5 @@ __version__ = "0.1.0"
 #: under the speed target (``training/calibration.py``, ``training/RESULTS.md``); must equal
 #: ``default.networks`` of ``Resources/Weights/calibration.json`` (tested).  The documented
 #: default: here (not in the registry) so that the Slicer module reads it before torch is
-#: installed; ``NoduleMTLLib.registry.DEFAULT_NETWORKS`` is this tuple.
+#: installed; ``NoduleMTLLib.models.registry.DEFAULT_NETWORKS`` is this tuple.
 DEFAULT_NETWORKS = ("dsmtnet",)

@@ -7,7 +7,7 @@ unsaturated pixels.  Prints the match quality and the HU that map to grey levels
 255.  Finding (seed 0, 120 VOIs): NCC ~ 0.9998, HU(0) = -1024 median (range -3024 to
 -896: the source slice minimum, padding included), HU(255) = 436 to 3073 (the source
 slice maximum): each PNG is a min-max normalisation of its whole 512 x 512 source slice.
-Hence ``NoduleMTLLib.preprocessing.normalize_slices`` (affine-invariant) is used for
+Hence ``NoduleMTLLib.inference.preprocessing.normalize_slices`` (affine-invariant) is used for
 training and inference alike.
 """
 

@@ -31,7 +31,7 @@ A four-network ``<split>.json`` of ``voi_predictions`` is used instead when pres
    mean / median and missed nodules (Dice 0) on every VOI; reliability diagrams (PNG).
 4. Names the **default configuration** (:func:`choose_default`, on validation figures and
    the measured speed; test only reported) and, with ``--write-weights``, writes
-   ``Resources/Weights/calibration.json`` (read by ``NoduleMTLLib.calibration``).
+   ``Resources/Weights/calibration.json`` (read by ``NoduleMTLLib.models.calibration``).
 
 Nodules: classification metrics use the nodules with a malignancy label (median rating
 >= 4 or <= 2) for which **every** network gave a probability, so every row is compared on
@@ -53,9 +53,9 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from NoduleMTLLib.calibration import CalibrationSet, Calibrator, LinearStack, ProbabilityModel, logit, nodule_features, sigmoid
-from NoduleMTLLib.metrics import roc_auc
-from NoduleMTLLib.registry import available_networks
+from NoduleMTLLib.core.metrics import roc_auc
+from NoduleMTLLib.models.calibration import CalibrationSet, Calibrator, LinearStack, ProbabilityModel, logit, nodule_features, sigmoid
+from NoduleMTLLib.models.registry import available_networks
 from training.data import REPO
 
 REPORT_DIR = REPO / "training" / "reports" / "calibration"
@@ -165,7 +165,7 @@ def _mask_rec(rec: dict, source: str) -> dict:
 
 
 def features(rec: dict, mask_source: str = SIZE_SOURCE) -> dict[str, float]:
-    """:func:`NoduleMTLLib.calibration.nodule_features` of one record (size of :data:`SIZE_SOURCE`'s mask; 0 when empty)."""
+    """:func:`NoduleMTLLib.models.calibration.nodule_features` of one record (size of :data:`SIZE_SOURCE`'s mask; 0 when empty)."""
     m = _mask_rec(rec, SIZE_SOURCE)
     meas = {"volume_mm3": m["volume_mm3"] or 0.0, "solid_fraction": m["solid_fraction"] or 0.0,
             "diameter_mm": m["diameter_mm"] or 0.0}
@@ -606,7 +606,7 @@ def main(argv=None) -> int:
     if a.write_weights:
         cs = calibration_set(results, models, default)
         WEIGHTS_FILE.write_text(json.dumps(cs.to_dict(), indent=1, allow_nan=False) + "\n")
-        from NoduleMTLLib.calibration import record_checksum
+        from NoduleMTLLib.models.calibration import record_checksum
         record_checksum(WEIGHTS_FILE)  # models.json vouches for it (load_calibration verifies the sha256)
         print(f"wrote {WEIGHTS_FILE} (checksum recorded in models.json)")
     return 0

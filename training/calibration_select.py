@@ -121,8 +121,8 @@ def plot(y, raw, cal, method, path, title) -> None:
 
 
 def main(argv=None) -> int:
-    from NoduleMTLLib.calibration import CalibrationSet, Calibrator
-    from NoduleMTLLib.metrics import roc_auc
+    from NoduleMTLLib.core.metrics import roc_auc
+    from NoduleMTLLib.models.calibration import CalibrationSet, Calibrator
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threshold", type=float, default=None, help="mask threshold (default: clinical.json's)")
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     thr = a.threshold
     if thr is None:
-        from NoduleMTLLib.lung_rads import load_clinical
+        from NoduleMTLLib.clinical.lung_rads import load_clinical
         thr = float((load_clinical() or {}).get("mask_threshold", {}).get("dsmtnet", 0.5))
     tab = load_table(thr)
     pool = [r for r in tab if r["split"] in ("train", "val")]
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                      "brier": test["brier"], "ece": test["ece"], "ece_ci95": list(test["ece_ci95"]),
                      "ece_raw": test["ece_raw"], **dice_figures([r for r in tab if r["split"] == "test"])}
         WEIGHTS_FILE.write_text(json.dumps(d, indent=1, allow_nan=False) + "\n")
-        from NoduleMTLLib.calibration import record_checksum
+        from NoduleMTLLib.models.calibration import record_checksum
         record_checksum(WEIGHTS_FILE)  # models.json vouches for it (load_calibration verifies the sha256)
         print(f"wrote {WEIGHTS_FILE} (checksum recorded in models.json)")
     return 0

@@ -6,7 +6,7 @@ For each whole scan of ``training/splits/lidc_wholescan_split.json`` (built by
 ``nodulemtl-train wholescan`` into the cache), runs the shipped ``maskrcnn25d`` search
 exactly as ``nodulemtl analyze --detect`` does (:func:`NoduleMTLLib.detection.infer.
 run_slice_detections` + :func:`~NoduleMTLLib.detection.infer.merge_detections` at the
-candidate threshold of the two-stage search, :data:`NoduleMTLLib.detection.fp_reduction.
+candidate threshold of the two-stage search, :data:`NoduleMTLLib.models.networks.fpr25d.
 CANDIDATE_THRESHOLD`) and writes ``CACHE/candidates/<patient>.json``: per candidate the
 detector score, centre (LPS mm, continuous ijk), voxel box and slice range, and whether it
 hits a reference nodule (LUNA16 rule: centre within the nodule's radius), a < 3-reader
@@ -48,8 +48,8 @@ def label_candidates(cands: list[dict], refs, excluded_lps, excluded_radius_mm: 
 
 def candidates_of_scan(model, folder: Path, device="cpu") -> dict:
     """Run the search on ``folder`` (ct.nrrd + nodules_labels.nrrd + nodules.csv [+ excluded.json])."""
-    from NoduleMTLLib.detection.fp_reduction import CANDIDATE_THRESHOLD
     from NoduleMTLLib.detection.infer import merge_detections, run_slice_detections
+    from NoduleMTLLib.models.networks.fpr25d import CANDIDATE_THRESHOLD
     from training import detection_matching as ev
 
     ct, refs = ev.load_lidc_whole_ct_references(folder)

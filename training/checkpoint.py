@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from NoduleMTLLib.registry import numpy_safe_globals
+from NoduleMTLLib.models.registry import numpy_safe_globals
 
 
 class CheckpointError(ValueError):

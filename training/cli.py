@@ -31,7 +31,7 @@ def base_entry(network_id: str, weights: Path, training_data: str) -> dict:
     """The manifest fields every shipped file has: title, paper, file, size, sha256, version,
     storage dtype, input spec, training data, model card, and empty metrics."""
     from NoduleMTLLib import __version__
-    from NoduleMTLLib.registry import get_spec, sha256_of
+    from NoduleMTLLib.models.registry import get_spec, sha256_of
     spec = get_spec(network_id)
     return {"title": spec.title, "paper": spec.paper, "file": weights.name, "size_bytes": weights.stat().st_size,
             "sha256": sha256_of(weights), "version": __version__, "dtype": _storage(weights),
@@ -47,7 +47,7 @@ def lung_pet_summary(report: dict) -> dict:
 
 def write_manifest(mpath: Path, man: dict) -> None:
     """Write ``models.json`` whole or not at all (schema-checked, no NaN: ``registry.write_manifest``)."""
-    from NoduleMTLLib.registry import write_manifest as _write
+    from NoduleMTLLib.models.registry import write_manifest as _write
 
     _write(mpath, man)
 
@@ -112,7 +112,7 @@ def update_manifest(network_id: str, weights: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from NoduleMTLLib import registry
+    from NoduleMTLLib.models import registry
 
     ids = registry.all_ids()  # every registered network (click networks, then detectors)
     detectors = tuple(registry.DETECTORS)
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     x.add_argument("checkpoint", type=Path)
     x.add_argument("--out", type=Path, default=None)
     x.add_argument("--int8", action="store_true",
-                   help="weight-only int8 storage of the large tensors (NoduleMTLLib.registry.quantize_int8)")
+                   help="weight-only int8 storage of the large tensors (NoduleMTLLib.models.registry.quantize_int8)")
     m = sub.add_parser("manifest", help="refresh the shipped file's manifest entry (size, sha256, metrics from runs/NETWORK/eval_*.json)")
     m.add_argument("network", choices=ids)
     r = sub.add_parser("report", help="ROC / Dice-histogram PNGs and metric summaries from runs/NETWORK/eval_*.json")
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         print(f"done in {time.time() - t0:.0f} s; best checkpoint {best}")
         return 0
     if a.cmd == "export":
-        from NoduleMTLLib.registry import export_weights
+        from NoduleMTLLib.models.registry import export_weights
         out = a.out or REPO / "Resources" / "Weights" / f"{a.network}.safetensors"
         export_weights(a.network, a.checkpoint, out, int8=a.int8)
         update_manifest(a.network, out)
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     if a.cmd == "evaluate":
         import torch
 
-        from NoduleMTLLib.registry import build_network, load_weights_into
+        from NoduleMTLLib.models.registry import build_network, load_weights_into
         from training import click2d
         from training.data import load_slice_nodules, load_split
         torch.set_num_threads(2)
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
             evaluate_detection.run(a.weights, data=a.data, out=a.out)
             return 0
         if a.network in detectors:
-            from NoduleMTLLib.registry import sha256_of
+            from NoduleMTLLib.models.registry import sha256_of
             from training import detection
             cfg = json.loads((REPO / "training" / "configs" / f"{a.network}.json").read_text())
             default_layout = cfg.get("tile_layout", "centred")
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         if a.vois:
             from training.evaluate_click import evaluate_vois
             ev = evaluate_vois(a.network, a.split, a.data)
-            from NoduleMTLLib.registry import find_weights, sha256_of
+            from NoduleMTLLib.models.registry import find_weights, sha256_of
             ev["sha256"] = sha256_of(find_weights(a.network))  # the click path runs the installed (shipped) file
             out = a.out or REPO / "runs" / a.network / f"eval_vois_{a.split}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
         nodules = load_slice_nodules(a.data, set(load_split()[a.split]))
         ev = click2d.evaluate_nodules(model, nodules, cfg)
         ev["split"] = a.split
-        from NoduleMTLLib.registry import find_weights, sha256_of
+        from NoduleMTLLib.models.registry import find_weights, sha256_of
         wpath = a.weights or find_weights(a.network)
         ev["weights"] = str(wpath)
         ev["sha256"] = sha256_of(wpath)

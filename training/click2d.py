@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from NoduleMTLLib.aggregation import nodule_logit_from_slices, sigmoid
-from NoduleMTLLib.metrics import binary_classification_stats, dice
-from NoduleMTLLib.preprocessing import normalize_slices
-from NoduleMTLLib.registry import build_network
+from NoduleMTLLib.core.metrics import binary_classification_stats, dice
+from NoduleMTLLib.inference.aggregation import nodule_logit_from_slices, sigmoid
+from NoduleMTLLib.inference.preprocessing import normalize_slices
+from NoduleMTLLib.models.registry import build_network
 from training.augment import sample_batch
 from training.checkpoint import load_checkpoint, plain
 from training.data import load_slice_nodules, load_split
@@ -45,20 +45,20 @@ def evaluate_nodules(model: torch.nn.Module, nodules, cfg: dict, batch: int = 64
 
     Dice: per nodule over the whole slice stack (prediction > 0.5 vs resampled consensus),
     then mean/median over nodules.  Malignancy: area-weighted slice logits
-    (``NoduleMTLLib.aggregation``), ACC/SEN/SPE/AUC over nodules with label 0/1.
+    (``NoduleMTLLib.inference.aggregation``), ACC/SEN/SPE/AUC over nodules with label 0/1.
     Also MT-Net's segmentation set (paper Eqs. 7-11): per-nodule Jaccard (``jaccards``,
     ``jaccard_mean``) and pixel counts TP/FP/TN/FN summed over every slice of every nodule on
     the 96 x 96 px, 0.8 mm network grid (``pixel``: sums and the pooled ACC, recall = SEN,
     SPE; ACC and SPE depend on the field of view, MT-Net used 64 px crops).
     """
-    from NoduleMTLLib.metrics import iou
+    from NoduleMTLLib.core.metrics import iou
     model.eval()
     dices, labels, probs = [], [], []
     jaccards, pix = [], {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     sign_names = tuple(getattr(model, "sign_heads", ()))
     sign_lp = {h: ([], []) for h in sign_names}  # head -> (labels, probs)
     if sign_names:
-        from NoduleMTLLib.networks.dsmtnet import LIDC_HEAD_RULES, lidc_head_label
+        from NoduleMTLLib.models.networks.dsmtnet import LIDC_HEAD_RULES, lidc_head_label
     for nd in nodules:
         s = len(nd.image)
         x, y = sample_batch(list(nd.image), list(nd.consensus), [nd.spacing_mm] * s,
@@ -109,14 +109,14 @@ def head_labels(model: torch.nn.Module, nodules, chunk) -> dict | None:
 
     Args: model (with ``sign_heads``); nodules: list of :class:`training.data.SliceNodule`;
     chunk: [(nodule index, slice index)].  A slice without the nodule gets -1 (excluded),
-    as for malignancy.  Label rules: ``NoduleMTLLib.networks.dsmtnet.LIDC_HEAD_RULES``
+    as for malignancy.  Label rules: ``NoduleMTLLib.models.networks.dsmtnet.LIDC_HEAD_RULES``
     (medians of the readers' ratings).
     Returns: {head: (N,) long tensor in {-1, 0, 1}}.
     """
     heads = getattr(model, "sign_heads", ())
     if not heads:
         return None
-    from NoduleMTLLib.networks.dsmtnet import LIDC_HEAD_RULES, lidc_head_label
+    from NoduleMTLLib.models.networks.dsmtnet import LIDC_HEAD_RULES, lidc_head_label
     out = {}
     for h in heads:
         field = LIDC_HEAD_RULES[h].field
@@ -130,7 +130,7 @@ def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: to
                signs: dict | None = None) -> torch.Tensor:
     """Per-network joint loss on a batch x (N, 1, H, W), y (N, 1, H, W) {0, 1}, lab (N,) {-1, 0, 1}:
     the loss the network declares (``model.training_loss``, the click-network contract of
-    :mod:`NoduleMTLLib.contract`), computed by :data:`LOSSES`.
+    :mod:`NoduleMTLLib.models.contract`), computed by :data:`LOSSES`.
 
     * ``"seg_cls"`` (LNMSNet): segmentation (BCE + soft Dice) + ``cls_loss_weight`` x masked malignancy BCE.
     * ``"seg_cls_size"`` (detection-guided model, ``forward_all`` with a size head): + ``size_loss_weight`` x
@@ -148,7 +148,7 @@ def joint_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lab: to
     name = getattr(model, "training_loss", None)
     if name not in LOSSES:
         raise ValueError(f"{type(model).__name__} declares training_loss {name!r}: a click network declares one of "
-                         f"{', '.join(LOSSES)} (NoduleMTLLib.contract.ClickNetworkBase gives 'seg_cls')")
+                         f"{', '.join(LOSSES)} (NoduleMTLLib.models.contract.ClickNetworkBase gives 'seg_cls')")
     return LOSSES[name](model, x, y, lab, cfg, signs)
 
 
@@ -160,7 +160,7 @@ def _seg_cls_loss(model, x, y, lab, cfg, signs=None) -> torch.Tensor:
 def _seg_cls_size_loss(model, x, y, lab, cfg, signs=None) -> torch.Tensor:
     import torch.nn.functional as F
 
-    from NoduleMTLLib.networks.detguided import size_class_from_mask
+    from NoduleMTLLib.models.networks.detguided import size_class_from_mask
     out = model.forward_all(x)
     size_t = torch.tensor([size_class_from_mask(m[0], cfg["input_spacing_mm"]) for m in y])
     return (seg_loss(out["seg"], y) + cfg["cls_loss_weight"] * masked_bce(out["malignancy"], lab)
@@ -186,7 +186,7 @@ def _multi_head_loss(model, x, y, lab, cfg, signs=None) -> torch.Tensor:
 
 
 #: ``ClickNetwork.training_loss`` name -> ``loss(model, x, y, lab, cfg, signs)`` (names and
-#: meaning: :data:`NoduleMTLLib.contract.TRAINING_LOSSES`).
+#: meaning: :data:`NoduleMTLLib.models.contract.TRAINING_LOSSES`).
 LOSSES = {"seg_cls": _seg_cls_loss, "seg_cls_size": _seg_cls_size_loss, "mtnet": _mtnet_loss,
           "multi_head": _multi_head_loss}
 
@@ -253,14 +253,14 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     log(f"train nodules {len(tr)} (slices {sum(len(n.image) for n in tr)}), val nodules {len(va)}")
     model = build_network(cfg["network"])
     if cfg.get("frozen_layers"):
-        from NoduleMTLLib.networks.detguided import freeze_layers
+        from NoduleMTLLib.models.networks.detguided import freeze_layers
         freeze_layers(model, cfg["frozen_layers"])
     if cfg.get("init_from"):  # transfer learning / fine-tuning: start from a checkpoint or shipped weights
         init = Path(cfg["init_from"])
         if not init.is_absolute() and not init.exists():
             init = Path(__file__).resolve().parents[1] / init
         if init.suffix == ".safetensors":
-            from NoduleMTLLib.registry import load_weights_into
+            from NoduleMTLLib.models.registry import load_weights_into
             load_weights_into(model, init)
         else:
             model.load_state_dict(load_checkpoint(init)["model"])
@@ -270,7 +270,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
 
     def enter_stage2():
         # DSMT-Net two-stage training: joint multi-task, then main-task fine-tuning (dsmtnet.stage_parameters)
-        from NoduleMTLLib.networks.dsmtnet import stage_parameters
+        from NoduleMTLLib.models.networks.dsmtnet import stage_parameters
         plan = stage_parameters(model.net, 2, base_lr=cfg["lr"], backbone_lr_scale=cfg.get("stage2_backbone_lr_scale", 0.1))
         model.head_loss_weights, model.seg_weight = plan.loss_weights, plan.seg_weight
         groups = [{"params": g["params"], "lr": g["lr"], "lr_scale": g["lr"] / cfg["lr"]} for g in plan.param_groups]

@@ -13,7 +13,7 @@
   >= 80 %), the number of annotated slices it covers, the fraction of the mask on slices
   without a box, and the long axis.
 
-Everything runs through :func:`NoduleMTLLib.analysis.analyze` with its defaults (what
+Everything runs through :func:`NoduleMTLLib.service.analysis.analyze` with its defaults (what
 ``nodulemtl analyze`` does without ``--networks``).  Nothing is tuned here: these scans are
 test data.
 """
@@ -43,9 +43,9 @@ def sample_nodule_check(models=None) -> dict:
     """Long axis and Dice of the default configuration on LIDC-IDRI-0003 nodule 2 (module docstring)."""
     import SimpleITK as sitk
 
-    from NoduleMTLLib.analysis import analyze
-    from NoduleMTLLib.io import read_ct
-    from NoduleMTLLib.metrics import dice
+    from NoduleMTLLib.core.io import read_ct
+    from NoduleMTLLib.core.metrics import dice
+    from NoduleMTLLib.service.analysis import analyze
 
     d = _data_dir() / "whole_ct" / "lidc" / "LIDC-IDRI-0003"
     row = next(r for r in csv.DictReader(open(d / "nodules.csv")) if r["nodule"] == "2")
@@ -68,8 +68,8 @@ def sample_nodule_check(models=None) -> dict:
 
 def tumour_check(volume: str, models=None) -> dict:
     """Containment of the default mask in the Lung-PET-CT-Dx boxes grown by :data:`GROW_PX` (module docstring)."""
-    from NoduleMTLLib.analysis import analyze
-    from NoduleMTLLib.io import read_ct
+    from NoduleMTLLib.core.io import read_ct
+    from NoduleMTLLib.service.analysis import analyze
 
     d = _data_dir() / "whole_ct"
     boxes = {}
@@ -110,7 +110,7 @@ def tumour_check(volume: str, models=None) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    from NoduleMTLLib.analysis import ModelCache
+    from NoduleMTLLib.service.analysis import ModelCache
 
     ap = argparse.ArgumentParser(prog="python -m training.click_checks", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "training" / "reports" / "calibration" / "click_checks.json")

@@ -51,7 +51,7 @@ def voi_rows(splits=("train", "val", "test"), data_dir=None) -> list[dict]:
 
 
 def _recording_network(model, device):
-    from NoduleMTLLib.pipeline import Click2DNetwork
+    from NoduleMTLLib.inference.pipeline import Click2DNetwork
 
     class Recording(Click2DNetwork):
         def grid(self, ct, point_lps, zoom):
@@ -74,16 +74,16 @@ def _live_network():
     if not _LIVE:
         import torch
 
-        from NoduleMTLLib.pipeline import Click2DNetwork
-        from NoduleMTLLib.registry import load_network
+        from NoduleMTLLib.inference.pipeline import Click2DNetwork
+        from NoduleMTLLib.models.registry import load_network
         _LIVE.append(Click2DNetwork(NETWORK, load_network(NETWORK, "cpu"), torch.device("cpu")))
     return _LIVE[0]
 
 
 def replay_network(npz, threshold: float):
-    """A :class:`NoduleMTLLib.pipeline.Click2DNetwork` whose patches come from a cache file."""
-    from NoduleMTLLib.pipeline import Click2DNetwork
-    from NoduleMTLLib.registry import NETWORKS
+    """A :class:`NoduleMTLLib.inference.pipeline.Click2DNetwork` whose patches come from a cache file."""
+    from NoduleMTLLib.inference.pipeline import Click2DNetwork
+    from NoduleMTLLib.models.registry import NETWORKS
 
     if threshold < EXTEND_THRESHOLD:
         raise ValueError(f"cached patches support thresholds >= {EXTEND_THRESHOLD}")
@@ -117,7 +117,7 @@ def replay_network(npz, threshold: float):
 
 def replay(row: dict, threshold: float = 0.5, npz=None, ct=None):
     """(ClickOutput on the VOI, CTVolume) for one cached VOI at a mask ``threshold``."""
-    from NoduleMTLLib.io import CTVolume
+    from NoduleMTLLib.core.io import CTVolume
 
     npz = npz if npz is not None else np.load(cache_dir() / f"{row['patient_id']}_{row['nodule_id']}.npz")
     ct = ct or CTVolume(sitk.ReadImage(row["image_path"]), source=row["image"])
@@ -128,8 +128,8 @@ def replay(row: dict, threshold: float = 0.5, npz=None, ct=None):
 def main(argv=None) -> int:
     import torch
 
-    from NoduleMTLLib.io import CTVolume
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.core.io import CTVolume
+    from NoduleMTLLib.models.registry import load_network
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--splits", default="train,val,test")

@@ -2,7 +2,7 @@
 
 Sources (TCIA, CC BY 3.0; Armato et al., Med. Phys. 2011):
 * ``lidc_slices``: 2,275 nodules, axial 128 x 128 crops at native pixel spacing, 8-bit
-  (per-slice min-max of the source slice, see ``NoduleMTLLib.preprocessing``), four
+  (per-slice min-max of the source slice, see ``NoduleMTLLib.inference.preprocessing``), four
   readers' masks, ratings.
 * ``lidc_vois``: 872 nodules, 3D HU VOIs with consensus masks.
 
@@ -163,7 +163,7 @@ def _axial_grid(img, msk):
 
 
 def load_user_cases(folder) -> list[SliceNodule]:
-    """Cases exported by the annotator refinement loop (``NoduleMTLLib.refine.export_for_training``,
+    """Cases exported by the annotator refinement loop (``NoduleMTLLib.inference.refine.export_for_training``,
     Slicer: *Export for training*) as :class:`SliceNodule` objects the 2D trainers use.
 
     ``folder/labels.csv`` lists the cases (``case_id, patient_id, image_file, mask_file,
@@ -251,7 +251,7 @@ def load_voi_nodules(data_dir: Path | None = None, patients: set | None = None) 
 
     Every slice of the VOI is kept (the VOIs are tight crops: median 6 x 44 x 44 voxels), cut
     to 128 x 128 px around the mask centroid at native spacing and padded with air, as the
-    click path pads a VOI (``NoduleMTLLib.roi.extract_patch``).  ``image`` = HU + 1024
+    click path pads a VOI (``NoduleMTLLib.inference.roi.extract_patch``).  ``image`` = HU + 1024
     (float32), ``consensus`` = the VOI's consensus mask (the 3D evaluation's reference),
     ``readers`` = that mask only, ``malignancy`` = ``Malignancy_value``, ratings from
     :data:`VOI_RATING_COLUMNS`.  Crops that are not axis-aligned are resampled as in

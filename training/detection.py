@@ -3,7 +3,7 @@
 Paper: Li & Honarvar Shakibaei Asli, Electronics 2026, 15(4), 736 (seed 002), sections
 3.2 (preprocessing), 3.3 (network), 3.5 (training).  The network is the registry's
 ``maskrcnn25d`` (``build_maskrcnn25d(backbone="resnet18")``, see
-``NoduleMTLLib.detection.model``), its ResNet-18 body initialised from our trained LNMSNet
+``NoduleMTLLib.models.networks.maskrcnn25d``), its ResNet-18 body initialised from our trained LNMSNet
 encoder (no ImageNet weights can be downloaded here).
 
 Data (how this differs from the paper's LUNA16 setting): ``lidc_slices`` nodules of the
@@ -94,7 +94,6 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from NoduleMTLLib import registry
 from NoduleMTLLib.detection.merge import adaptive_score_threshold, box_iou_np
 from NoduleMTLLib.detection.preprocess import (
     CLAHE_CLIP_LIMIT,
@@ -107,7 +106,8 @@ from NoduleMTLLib.detection.preprocess import (
     hu_window,
     stack_indices,
 )
-from NoduleMTLLib.registry import build_network
+from NoduleMTLLib.models import registry
+from NoduleMTLLib.models.registry import build_network
 from training.checkpoint import load_checkpoint, plain
 from training.data import load_slice_nodules, load_split
 from training.detection_matching import precision_recall_f1
@@ -588,9 +588,9 @@ def load_init_weights(model: torch.nn.Module, source) -> Path:
 
     Raises:
         FileNotFoundError: no such file.  WeightsError: unreadable, or the state dict does
-            not fit (strict; :func:`NoduleMTLLib.registry.load_weights_into`).
+            not fit (strict; :func:`NoduleMTLLib.models.registry.load_weights_into`).
     """
-    from NoduleMTLLib.registry import load_weights_into
+    from NoduleMTLLib.models.registry import load_weights_into
 
     path = Path(source)
     if not path.is_absolute():
@@ -672,7 +672,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
         ws = build_sampler(cfg, emit)
         ws_val = ws.validation_samples()
 
-    from NoduleMTLLib.device import resolve_device
+    from NoduleMTLLib.core.device import resolve_device
 
     dev = resolve_device(device)
     use_amp = dev.type == "cuda"

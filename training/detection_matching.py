@@ -44,8 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from NoduleMTLLib.core.io import CTVolume
 from NoduleMTLLib.detection.merge import box_iou_np
-from NoduleMTLLib.io import CTVolume
 
 #: The paper's matching tolerances (section 3.4.3).
 MAX_SLICE_DISTANCE = 3
@@ -161,7 +161,7 @@ def load_lidc_whole_ct_references(folder: str | Path) -> tuple[CTVolume, list[Re
     """
     import SimpleITK as sitk
 
-    from NoduleMTLLib.io import read_ct
+    from NoduleMTLLib.core.io import read_ct
 
     folder = Path(folder)
     ct = read_ct(folder / "ct.nrrd")

@@ -2,7 +2,7 @@
 transfer and the three training phases.
 
 Source: Li & Honarvar Shakibaei Asli, Electronics 2026, 15(4), 736 (seed 002).  Moved out of
-``NoduleMTLLib.detection.model`` (issue 14): inference never needs it, and the transfer reads
+``NoduleMTLLib.models.networks.maskrcnn25d`` (issue 14): inference never needs it, and the transfer reads
 the registry, which builds the detector - keeping it here breaks that import cycle.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from NoduleMTLLib import registry
-from NoduleMTLLib.detection.model import DETECTION_LOSS_KEYS, MASK_LOSS_KEYS, AuxRoIHeads
 from NoduleMTLLib.detection.preprocess import STACK_SIZE
+from NoduleMTLLib.models import registry
+from NoduleMTLLib.models.networks.maskrcnn25d import DETECTION_LOSS_KEYS, MASK_LOSS_KEYS, AuxRoIHeads
 
 
 def lnmsnet_encoder_state_dict(lnmsnet_sd: dict[str, torch.Tensor], in_channels: int = STACK_SIZE) -> dict[str, torch.Tensor]:
@@ -27,7 +27,7 @@ def lnmsnet_encoder_state_dict(lnmsnet_sd: dict[str, torch.Tensor], in_channels:
     slices gives LNMSNet's response), ``stem.1.*`` -> ``bn1.*``, ``layer1..4.*`` unchanged.
 
     Args:
-        lnmsnet_sd: an :class:`~NoduleMTLLib.networks.lnmsnet.LNMSNet` state dict (float).
+        lnmsnet_sd: an :class:`~NoduleMTLLib.models.networks.lnmsnet.LNMSNet` state dict (float).
         in_channels: channels of the new conv1 (5).
 
     Returns:
@@ -54,7 +54,7 @@ def init_backbone_from_lnmsnet(model: nn.Module, source: str | Path | dict | Non
     Args:
         model: from ``build_maskrcnn25d(backbone="resnet18")``.
         source: an LNMSNet state dict, a checkpoint / ``.safetensors`` path (read with
-            :func:`NoduleMTLLib.registry.read_state_dict`, e.g. ``runs/lnmsnet/best.pt``),
+            :func:`NoduleMTLLib.models.registry.read_state_dict`, e.g. ``runs/lnmsnet/best.pt``),
             or None: the shipped ``lnmsnet.safetensors`` (located and sha256-checked by the
             registry).
 
@@ -63,7 +63,7 @@ def init_backbone_from_lnmsnet(model: nn.Module, source: str | Path | dict | Non
 
     Raises:
         ValueError: model is not the resnet18 variant, or the weights do not fit.
-        NoduleMTLLib.registry.WeightsError: shipped weights missing or corrupt.
+        NoduleMTLLib.models.registry.WeightsError: shipped weights missing or corrupt.
     """
     if getattr(model, "nodulemtl_backbone", None) != "resnet18":
         raise ValueError("init_backbone_from_lnmsnet needs build_maskrcnn25d(backbone='resnet18')")

@@ -157,7 +157,7 @@ class WholeScan:
 
     Attributes:
         patient: folder name.
-        ct: :class:`NoduleMTLLib.io.CTVolume` (int16 HU, LPS).
+        ct: :class:`NoduleMTLLib.core.io.CTVolume` (int16 HU, LPS).
         labels: uint8 (z, y, x) nodule label map (value n = nodule n).
         refs: :class:`training.detection_matching.ReferenceNodule` list (centre, diameter).
         excluded_lps: (M, 3) float64 LPS mm centres of the excluded marks.
@@ -242,7 +242,7 @@ def load_scan(folder: Path, use_clahe: bool = True, use_lung_mask: bool = True) 
     """
     import SimpleITK as sitk
 
-    from NoduleMTLLib.io import read_ct
+    from NoduleMTLLib.core.io import read_ct
     from training.detection_matching import references_from_label_map
 
     folder = Path(folder)

@@ -1,7 +1,7 @@
 """3D evaluation of the whole click path on the HU VOIs of held-out patients.
 
 For every ``lidc_vois`` nodule of the chosen split, the VOI (int16 HU, native spacing,
-correct world origin) is analysed by ``NoduleMTLLib.pipeline.analyze_points`` with a click
+correct world origin) is analysed by ``NoduleMTLLib.inference.pipeline.analyze_points`` with a click
 at the nodule centre (``coordX/Y/Z``, world LPS mm), exactly as the ``nodulemtl`` command
 does; the mask is compared with the VOI's consensus mask (3D Dice) and the malignancy
 probability with the label (median rating >= 4 malignant, <= 2 benign, 3 excluded).
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from NoduleMTLLib.io import CTVolume
-from NoduleMTLLib.metrics import binary_classification_stats, dice
-from NoduleMTLLib.pipeline import analyze_points
-from NoduleMTLLib.registry import load_network
+from NoduleMTLLib.core.io import CTVolume
+from NoduleMTLLib.core.metrics import binary_classification_stats, dice
+from NoduleMTLLib.inference.pipeline import analyze_points
+from NoduleMTLLib.models.registry import load_network
 from training.data import default_data_dir, load_split, malignancy_label
 
 

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from NoduleMTLLib.detection.fp_reduction import HIGH_SENSITIVITY_THRESHOLD
+from NoduleMTLLib.models.networks.fpr25d import HIGH_SENSITIVITY_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[1]
 LIDC_SCANS = ("LIDC-IDRI-0003", "LIDC-IDRI-0005")
@@ -84,7 +84,7 @@ def load_model(weights: Path | None = None, random_init: bool = False, device="c
     """
     import torch
 
-    from NoduleMTLLib.registry import DEFAULT_DETECTOR, build_network, load_weights_into, sha256_of
+    from NoduleMTLLib.models.registry import DEFAULT_DETECTOR, build_network, load_weights_into, sha256_of
 
     if random_init:
         torch.manual_seed(0)
@@ -204,9 +204,9 @@ OUTLINE_THRESHOLDS = ("default", HIGH_SENSITIVITY_THRESHOLD)
 def click_outliner(device="cpu"):
     """``click(ct, point_lps)`` of the default click network (``registry.DEFAULT_NETWORK``), as
     the CLI's detect path uses to outline found nodules; None when its weights are absent."""
-    from NoduleMTLLib.io import InputError
-    from NoduleMTLLib.pipeline import Click2DNetwork, check_point
-    from NoduleMTLLib.registry import DEFAULT_NETWORK, WeightsError, load_network
+    from NoduleMTLLib.core.io import InputError
+    from NoduleMTLLib.inference.pipeline import Click2DNetwork, check_point
+    from NoduleMTLLib.models.registry import DEFAULT_NETWORK, WeightsError, load_network
 
     try:
         net = Click2DNetwork(DEFAULT_NETWORK, load_network(DEFAULT_NETWORK, device), device)
@@ -259,9 +259,9 @@ def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu",
     """One Lung-PET-CT-Dx scan: per tumour box found? (mask voxel in the box on its slice), the
     nodules overlapping the tumour, each one's inside-box fraction (+ :data:`BOX_MARGIN_PX`)
     on every annotated slice its outline touches, detections elsewhere."""
+    from NoduleMTLLib.core.io import read_ct
     from NoduleMTLLib.detection.infer import run_slice_detections
     from NoduleMTLLib.detection.merge import box_iou_np
-    from NoduleMTLLib.io import read_ct
 
     ct = read_ct(path)
     t0 = time.perf_counter()
@@ -495,9 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_fpr_model(weights: Path | None, device="cpu"):
     """The fpr25d network: from ``weights`` (either variant, :class:`FPR25D` ``context``) or the
     installed file (None when neither exists)."""
-    from NoduleMTLLib.detection.fp_reduction import fpr_for_state_dict
     from NoduleMTLLib.detection.infer import load_fpr
-    from NoduleMTLLib.registry import WeightsError, read_state_dict
+    from NoduleMTLLib.models.networks.fpr25d import fpr_for_state_dict
+    from NoduleMTLLib.models.registry import WeightsError, read_state_dict
 
     if weights is None:
         return load_fpr(device)
@@ -518,8 +518,8 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     search (``infer.COARSE_FACTORS``, off by default)."""
     import torch
 
-    from NoduleMTLLib.device import resolve_device
-    from NoduleMTLLib.registry import DEFAULT_DETECTOR
+    from NoduleMTLLib.core.device import resolve_device
+    from NoduleMTLLib.models.registry import DEFAULT_DETECTOR
 
     torch.set_num_threads(int(threads))
     dev = resolve_device(device)
@@ -535,7 +535,7 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     rep["outlines"] = "click network at each reported nodule's centre" if click is not None else "detector masks"
     fdesc = None
     if fpr is not None:
-        from NoduleMTLLib.registry import DEFAULT_FP_REDUCER, find_weights, sha256_of
+        from NoduleMTLLib.models.registry import DEFAULT_FP_REDUCER, find_weights, sha256_of
         fpath = Path(fpr_weights) if fpr_weights else find_weights(DEFAULT_FP_REDUCER)
         fdesc = {"file": str(fpath), "sha256": sha256_of(fpath)}
     rep.update(weights=wdesc, sha256=sha, fpr_weights=fdesc, device=str(dev), threads=int(threads),
@@ -552,7 +552,7 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    from NoduleMTLLib.registry import WeightsError
+    from NoduleMTLLib.models.registry import WeightsError
 
     try:
         run(a.weights, a.random_init, a.data, a.out, a.threshold, a.device, a.threads, a.input_scale,

@@ -20,7 +20,7 @@ Data (patients split as ``training/splits/lidc_patient_split.json`` and
   ``lidc_slices`` PNG slices brought back to HU (:func:`voi_context_samples`); and every
   detector candidate of the whole training scans whose centre lies within a readers'
   nodule (any number of readers);
-* **negatives**: the detector's candidates (:data:`NoduleMTLLib.detection.fp_reduction.
+* **negatives**: the detector's candidates (:data:`NoduleMTLLib.models.networks.fpr25d.
   CANDIDATE_THRESHOLD`, cached by ``python -m training.candidates``) on the whole training
   scans that hit no nodule and no excluded mark (nodule < 3 mm / non-nodule: neither
   positive nor negative, LUNA16 rule), and random positions inside the lung mask of the
@@ -36,13 +36,13 @@ Balanced batches (half positives).  Checkpoints each epoch (``last.pt``, resumab
 optimiser state and plain numbers only) and the best validation AUC (``best.pt``).
 
 ``cv`` scores each whole training scan with a network trained without it (nor its patient's
-VOIs).  ``select`` computes the combined score (:func:`~NoduleMTLLib.detection.fp_reduction.
+VOIs).  ``select`` computes the combined score (:func:`~NoduleMTLLib.models.networks.fpr25d.
 combined_score`) of every candidate of the validation scans (the run's network) and of the
 out-of-fold training scans, and picks the lowest threshold with at most 2 false positives
 per scan over all of them (FP = a candidate hitting no nodule and no excluded mark) - the
 shipped default operating point - and with at most 8 (the high-sensitivity setting); ``manifest
 --select-report RUN/select_val.json`` writes both into the weights' manifest entry, where the
-library reads them (:func:`NoduleMTLLib.detection.fp_reduction.operating_points`); it also reports the pooled FROC and each nodule's rank
+library reads them (:func:`NoduleMTLLib.models.networks.fpr25d.operating_points`); it also reports the pooled FROC and each nodule's rank
 (``RUN/select_val.json``).  The test scans are never used to choose anything.
 """
 
@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from NoduleMTLLib.registry import DEFAULT_FP_REDUCER
+from NoduleMTLLib.models.registry import DEFAULT_FP_REDUCER
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "training" / "configs" / f"{DEFAULT_FP_REDUCER}.json"
@@ -157,7 +157,7 @@ def voi_context_samples(split: str, log=print, min_ncc: float = 0.995) -> list[S
     over the whole 128 px slice; the VOI's own HU are pasted back over the overlap (exact).
     Slices whose fit has a correlation below ``min_ncc`` (or no PNG slice) end the run of
     usable slices; the sample keeps the contiguous run around the mask's middle slice.
-    Samples whose :data:`~NoduleMTLLib.detection.fp_reduction.CONTEXT_FIELD_MM` field would
+    Samples whose :data:`~NoduleMTLLib.models.networks.fpr25d.CONTEXT_FIELD_MM` field would
     leave the PNG are dropped (no padding shortcut: negatives never see padding).
 
     Returns:
@@ -165,7 +165,7 @@ def voi_context_samples(split: str, log=print, min_ncc: float = 0.995) -> list[S
     """
     import SimpleITK as sitk
 
-    from NoduleMTLLib.detection.fp_reduction import CONTEXT_FIELD_MM
+    from NoduleMTLLib.models.networks.fpr25d import CONTEXT_FIELD_MM
     from training.calibrate_slices import locate_in_pngs
 
     d = _data_dir()
@@ -281,7 +281,7 @@ def make_patch(s: Sample, rng: np.random.Generator | None = None, p_subrange: fl
     fires on a few slices of a nodule only (the validation nodule of LIDC-IDRI-0004 was a
     2-slice candidate); with mask geometry only, every short candidate would look negative.
     """
-    from NoduleMTLLib.detection.fp_reduction import candidate_input, extent_feature
+    from NoduleMTLLib.models.networks.fpr25d import candidate_input, extent_feature
 
     k0, k1 = s.krange
     off = (0.0, 0.0)
@@ -382,8 +382,8 @@ def train(config: Path = CONFIG, resume: bool = False, log=print, out_dir: Path 
     history.  Config keys beyond the optimiser's: ``context`` (two-field network),
     ``voi_positives`` ("plain" VOIs or "png_context", :func:`voi_context_samples`),
     ``quantize_scans_hu`` (:func:`_quantized`)."""
-    from NoduleMTLLib.detection.fp_reduction import FPR25D
-    from NoduleMTLLib.metrics import roc_auc
+    from NoduleMTLLib.core.metrics import roc_auc
+    from NoduleMTLLib.models.networks.fpr25d import FPR25D
     from training.wholescan import default_cache, load_split
 
     cfg = json.loads(Path(config).read_text())
@@ -476,8 +476,8 @@ def load_trained(weights: Path | None = None, config: Path | None = None):
     """A trained ``fpr25d`` from a run's checkpoint (default ``runs/fpr25d/best.pt``), in eval
     mode; the variant (one or two fields) follows the checkpoint's keys, the width the recipe
     (``config``, default the shipped one)."""
-    from NoduleMTLLib.detection.fp_reduction import fpr_for_state_dict
-    from NoduleMTLLib.registry import read_state_dict
+    from NoduleMTLLib.models.networks.fpr25d import fpr_for_state_dict
+    from NoduleMTLLib.models.registry import read_state_dict
 
     cfg = json.loads(Path(config or CONFIG).read_text())
     sd = read_state_dict(Path(weights or REPO / "runs" / DEFAULT_FP_REDUCER / "best.pt"))
@@ -490,7 +490,7 @@ def scan_scores(model, patient: str, cache: Path) -> list[dict]:
     """Candidates of a cached whole scan with ``fpr`` and ``combined`` scores added."""
     import SimpleITK as sitk
 
-    from NoduleMTLLib.detection.fp_reduction import combined_score, score_candidates
+    from NoduleMTLLib.models.networks.fpr25d import combined_score, score_candidates
 
     c = json.loads((cache / "candidates" / f"{patient}.json").read_text())
     img = sitk.ReadImage(str(cache / patient / "ct.nrrd"))
@@ -598,8 +598,8 @@ def write_manifest_entry(report: Path, config: Path = CONFIG, select_report: Pat
         ValueError: the report's FPR sha256 is not the shipped file's; no operating points
             (neither a select report nor a current entry with them).
     """
-    from NoduleMTLLib.detection import fp_reduction as fpr
-    from NoduleMTLLib.registry import sha256_of
+    from NoduleMTLLib.models.networks import fpr25d as fpr
+    from NoduleMTLLib.models.registry import sha256_of
     from training.cli import base_entry, lung_pet_summary, write_manifest
 
     w = REPO / "Resources" / "Weights" / f"{DEFAULT_FP_REDUCER}.safetensors"

@@ -1,13 +1,13 @@
 """Lung-RADS agreement of the default click path with the readers (issue 22, item 4).
 
 ``nodulemtl-train evaluate lung-rads --split val|test`` runs ``nodulemtl analyze``'s code path
-(:func:`NoduleMTLLib.pipeline.analyze_points` with the default networks, then
-:func:`NoduleMTLLib.lung_rads.assess_nodule`) with a click at the labelled centre of every
+(:func:`NoduleMTLLib.inference.pipeline.analyze_points` with the default networks, then
+:func:`NoduleMTLLib.clinical.lung_rads.assess_nodule`) with a click at the labelled centre of every
 ``lidc_vois`` nodule of the split (3D HU click path), and compares its Lung-RADS v2022 category
-with the **reference category**: the same :func:`NoduleMTLLib.lung_rads.categorize` applied to
+with the **reference category**: the same :func:`NoduleMTLLib.clinical.lung_rads.categorize` applied to
 
 * the size of the readers' consensus mask (long / short axis with
-  :func:`NoduleMTLLib.postprocess.axial_diameters`, Lung-RADS mean diameter);
+  :func:`NoduleMTLLib.core.postprocess.axial_diameters`, Lung-RADS mean diameter);
 * the type from the median LIDC texture rating (<= 2 ground-glass, 3 part-solid, >= 4 solid),
   the solid component of a part-solid nodule measured on the consensus mask (largest connected
   part >= -300 HU, as in the product);
@@ -46,7 +46,7 @@ def texture_class(texture: float) -> str:
 
 def reference_category(ref_mask: np.ndarray, ct, texture: float, calcification_rating: int) -> dict:
     """Reference Lung-RADS category from the readers' consensus mask and ratings (module docstring)."""
-    from NoduleMTLLib import lung_rads
+    from NoduleMTLLib.clinical import lung_rads
 
     m = lung_rads.mask_measurements(ref_mask, ct)
     t = texture_class(texture)
@@ -58,11 +58,11 @@ def reference_category(ref_mask: np.ndarray, ct, texture: float, calcification_r
 
 def evaluate(split: str, data_dir=None, limit: int | None = None, log=print) -> dict:
     from NoduleMTLLib import DEFAULT_NETWORKS
-    from NoduleMTLLib.io import CTVolume
-    from NoduleMTLLib.lung_rads import assess_nodule, classify_nodule
-    from NoduleMTLLib.metrics import dice
-    from NoduleMTLLib.pipeline import analyze_points
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.clinical.lung_rads import assess_nodule, classify_nodule
+    from NoduleMTLLib.core.io import CTVolume
+    from NoduleMTLLib.core.metrics import dice
+    from NoduleMTLLib.inference.pipeline import analyze_points
+    from NoduleMTLLib.models.registry import load_network
 
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
@@ -82,7 +82,7 @@ def evaluate(split: str, data_dir=None, limit: int | None = None, log=print) -> 
         res = analyze_points(ct, [c], network_ids=DEFAULT_NETWORKS, device="cpu", networks=nets)
         run = res.run
         n = res.nodules[0]
-        typ = classify_nodule(n, ct)  # as NoduleMTLLib.assessment.annotate_result does
+        typ = classify_nodule(n, ct)  # as NoduleMTLLib.service.assessment.annotate_result does
         if typ is not None:
             n.type = typ["type"]
         lr = assess_nodule(n, ct, typ)
@@ -105,7 +105,7 @@ def evaluate(split: str, data_dir=None, limit: int | None = None, log=print) -> 
 
 def summarize(recs: list[dict]) -> dict:
     """Agreement figures of :func:`evaluate`'s records (module docstring)."""
-    from NoduleMTLLib.metrics import roc_auc
+    from NoduleMTLLib.core.metrics import roc_auc
     from training.calibration import ece
 
     idx = {c: i for i, c in enumerate(CATEGORIES)}

@@ -26,7 +26,7 @@ Jaccard: from ``jaccards`` when present, otherwise computed per nodule from its 
 J = D / (2 - D) (exact for one pair of masks), flagged ``jaccard_from_dice``.  Pixel
 metrics need the ``pixel`` sums (re-run ``evaluate`` with this version to get them).
 Classification figures are recomputed from ``probs``/``labels`` with
-``NoduleMTLLib.metrics.binary_classification_stats`` (same code as ``evaluate``).
+``NoduleMTLLib.core.metrics.binary_classification_stats`` (same code as ``evaluate``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from NoduleMTLLib.metrics import binary_classification_stats
+from NoduleMTLLib.core.metrics import binary_classification_stats
 
 REPO = Path(__file__).resolve().parents[1]
 #: Evaluation files read, in this order, with their display names.
@@ -57,7 +57,7 @@ def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         (fpr, tpr): float arrays from (0, 0) to (1, 1), one point per distinct score
         (thresholds ``score >= t`` from the highest score down), so the trapezoidal area
-        equals the Mann-Whitney AUC of ``NoduleMTLLib.metrics.roc_auc`` (ties included).
+        equals the Mann-Whitney AUC of ``NoduleMTLLib.core.metrics.roc_auc`` (ties included).
     Raises:
         ValueError: lengths differ or a class is missing.
     """
@@ -261,7 +261,7 @@ def evaluate_consensus_vois(network_ids: tuple[str, ...], split: str = "val", da
     Same protocol as ``training.evaluate_click.evaluate_vois`` (click at the labelled centre of
     every ``lidc_vois`` nodule of the split, VOIs whose centre lies outside them skipped), but
     all ``network_ids`` run together through ``analyze_points``: per nodule the 3D Dice of
-    each network's own mask, of the consensus mask (``NoduleMTLLib.consensus``: at least half
+    each network's own mask, of the consensus mask (``NoduleMTLLib.core.consensus``: at least half
     of the networks; 2 networks: union), of the strict majority (2 networks: intersection)
     and of the union against the readers' consensus; malignancy AUC of each
     network's probability and of the consensus (mean) probability; and how often the
@@ -275,17 +275,17 @@ def evaluate_consensus_vois(network_ids: tuple[str, ...], split: str = "val", da
 
     import SimpleITK as sitk
 
-    from NoduleMTLLib.io import CTVolume
-    from NoduleMTLLib.metrics import dice
-    from NoduleMTLLib.pipeline import analyze_points
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.core.io import CTVolume
+    from NoduleMTLLib.core.metrics import dice
+    from NoduleMTLLib.inference.pipeline import analyze_points
+    from NoduleMTLLib.models.registry import load_network
     from training.data import default_data_dir, load_split, malignancy_label
 
     d = Path(data_dir or default_data_dir()) / "lidc_vois"
     patients = set(load_split()[split])
     rows = [r for r in _csv.DictReader(open(d / "labels.csv")) if r["patient_id"] in patients][:limit]
     nets = {n: load_network(n, "cpu") for n in network_ids}
-    from NoduleMTLLib.consensus import majority_mask
+    from NoduleMTLLib.core.consensus import majority_mask
     names = list(network_ids) + ["consensus", "strict_majority", "union"]
     dices = {k: [] for k in names}
     probs = {k: [] for k in list(network_ids) + ["consensus"]}

@@ -3,7 +3,7 @@
     uv run --frozen python -m training.results_table            # print the tables
     uv run --frozen python -m training.results_table --write    # replace the block in RESULTS.md
 
-Sources, per registered network (``NoduleMTLLib.registry.all_ids()``):
+Sources, per registered network (``NoduleMTLLib.models.registry.all_ids()``):
 ``runs/NETWORK/eval_{val,test}.json`` (2D evaluation on the network grid, written by
 ``nodulemtl-train evaluate NETWORK --split S``) and ``runs/NETWORK/eval_vois_{val,test}.json``
 (3D click path on HU VOIs, ``... --vois``); when a run folder is absent (fresh checkout:
@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from NoduleMTLLib import registry
+from NoduleMTLLib.models import registry
 from training.report import summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ def tables(repo: Path = REPO) -> str:
     lines += (["**Measured, radiological signs** (AUC on LIDC-derived sign labels, 2D evaluation):", "",
                "| network | split | AUC per sign |", "|---|---|---|"]
               + (sign_rows or ["| - | - | pending (no network with sign heads evaluated yet) |"]))
-    lines += ["", "**Measured, consensus of the click networks** (`NoduleMTLLib.consensus`, 3D click path on HU VOIs):", "",
+    lines += ["", "**Measured, consensus of the click networks** (`NoduleMTLLib.core.consensus`, 3D click path on HU VOIs):", "",
               consensus_table(repo)]
     lines += ["", "\\* Jaccard computed per nodule from its Dice (J = D / (2 - D)); pixel columns `-`: the evaluation "
               "JSON predates the pixel counts (re-run `nodulemtl-train evaluate`)."]

@@ -1,7 +1,7 @@
 """Per-nodule predictions of every click network on the HU VOIs of held-out patients.
 
 ``python -m training.voi_predictions --split val|test [--tta] [--networks ...]`` runs the ``nodulemtl analyze``
-code path (``NoduleMTLLib.pipeline.analyze_points``, all four click networks in one call,
+code path (``NoduleMTLLib.inference.pipeline.analyze_points``, all four click networks in one call,
 click at the labelled centre ``coordX/Y/Z`` of every ``lidc_vois`` nodule of the split,
 exactly the protocol of ``nodulemtl-train evaluate NETWORK --vois``) and stores, per nodule,
 what the calibration / combination / default-choice study (``training.calibration``) needs
@@ -15,9 +15,9 @@ and the aggregate evaluation files do not keep:
   nothing was segmented), ``signs`` (DSMT-Net's sign heads), ``dice`` (3D Dice of its own
   mask against the readers' consensus; 0 when not found), and the measurements of its own
   mask (``volume_mm3``, ``diameter_mm``, ``short_axis_mm``, ``mean_hu``, ``solid_fraction``,
-  ``type``: ``NoduleMTLLib.postprocess.measure_nodule``);
+  ``type``: ``NoduleMTLLib.core.postprocess.measure_nodule``);
 * ``consensus``: the same for the consensus mask (at least half of the networks), with the
-  mean probability (``NoduleMTLLib.consensus``);
+  mean probability (``NoduleMTLLib.core.consensus``);
 * ``seconds``: wall time of the four-network analysis (CPU, shared machine: indicative only).
 
 VOIs whose labelled centre lies outside the VOI are skipped and listed (as in
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from NoduleMTLLib.registry import available_networks
+from NoduleMTLLib.models.registry import available_networks
 from training.data import REPO, default_data_dir, load_split, malignancy_label
 from training.wholescan import RESERVED as RESERVED_PATIENTS  # one list of the reserved patients
 
@@ -48,8 +48,8 @@ REPORT_DIR = REPO / "training" / "reports" / "calibration"
 
 
 def _measure(mask, ct, ref) -> dict:
-    from NoduleMTLLib.metrics import dice
-    from NoduleMTLLib.postprocess import measure_nodule
+    from NoduleMTLLib.core.metrics import dice
+    from NoduleMTLLib.core.postprocess import measure_nodule
 
     if mask is None or not mask.any():
         return {"found": False, "dice": 0.0 if ref.any() else 1.0, "volume_mm3": None, "diameter_mm": None,
@@ -68,9 +68,9 @@ def collect(split: str, data_dir=None, limit: int | None = None, tta: bool = Fal
     Raises:
         ValueError: ``split`` is not "val" or "test" (training patients are never evaluated here).
     """
-    from NoduleMTLLib.io import CTVolume
-    from NoduleMTLLib.pipeline import analyze_points
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.core.io import CTVolume
+    from NoduleMTLLib.inference.pipeline import analyze_points
+    from NoduleMTLLib.models.registry import load_network
 
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")

@@ -23,7 +23,7 @@ unwritable output); 2 for usage errors.
 Run it from Slicer (Modules > NoduleMTL CLI, or ``slicer.cli.run``), or headless with
 ``PythonSlicer NoduleMTLCLI.py CT.nrrd labels.nrrd nodules.csv --points F.mrk.json``.
 Inside ``python-real`` there is no ``slicer.app``: everything here is file I/O; the analysis
-itself is :func:`NoduleMTLLib.analysis.analyze` (the same service as ``nodulemtl analyze``).
+itself is :func:`NoduleMTLLib.service.analysis.analyze` (the same service as ``nodulemtl analyze``).
 """
 
 import argparse
@@ -161,11 +161,11 @@ def run(args):
     try:
         import SimpleITK as sitk
 
-        from NoduleMTLLib.analysis import analyze, detector_status, split_networks
-        from NoduleMTLLib.device import DeviceError
-        from NoduleMTLLib.io import InputError, read_ct
-        from NoduleMTLLib.outputs import OutputError, csv_rows
-        from NoduleMTLLib.registry import WeightsError
+        from NoduleMTLLib.core.device import DeviceError
+        from NoduleMTLLib.core.io import InputError, read_ct
+        from NoduleMTLLib.models.registry import WeightsError
+        from NoduleMTLLib.outputs.files import OutputError, csv_rows
+        from NoduleMTLLib.service.analysis import analyze, detector_status, split_networks
     except ImportError as e:
         print(f"NoduleMTLCLI: error: {e}; open the NoduleMTL module once in Slicer to install its Python packages "
               "(torch via the PyTorch extension)", file=sys.stderr)

@@ -11,8 +11,8 @@ One MRML layer: results become a segmentation + table with :func:`NoduleMTLMRML.
 (the Slicer module's names, colours, terminology and tags), edited segments are re-classified with
 :func:`NoduleMTLMRML.reclassification_request` / :func:`NoduleMTLMRML.apply_reclassification`, and
 exported through :func:`NoduleMTLMRML.result_from_segmentation`.  Every analysis runs through the
-one analysis service in the module's persistent worker (:class:`NoduleMTLLib.runner.AnalysisProcess`
-with a :class:`NoduleMTLLib.worker.Worker`), warmed up in the background when the page opens.
+one analysis service in the module's persistent worker (:class:`NoduleMTLLib.apps.runner.AnalysisProcess`
+with a :class:`NoduleMTLLib.apps.worker.Worker`), warmed up in the background when the page opens.
 
 Safety: binds 127.0.0.1 unless told otherwise (another host prints a warning); the page can open
 and write only under the folders given on the command line; a bad file gives a message in the
@@ -52,11 +52,11 @@ from trame_vuetify.ui.vuetify3 import SinglePageLayout  # noqa: E402
 from undo_stack import UndoStack  # noqa: E402
 
 import NoduleMTLMRML  # noqa: E402
-from NoduleMTLLib.io import InputError, lps_to_ras, read_ct  # noqa: E402
-from NoduleMTLLib.registry import DEFAULT_NETWORK  # noqa: E402
-from NoduleMTLLib.results import AnalysisResult  # noqa: E402
-from NoduleMTLLib.runner import AnalysisProcess  # noqa: E402
-from NoduleMTLLib.worker import Worker  # noqa: E402
+from NoduleMTLLib.apps.runner import AnalysisProcess  # noqa: E402
+from NoduleMTLLib.apps.worker import Worker  # noqa: E402
+from NoduleMTLLib.core.io import InputError, lps_to_ras, read_ct  # noqa: E402
+from NoduleMTLLib.core.results import AnalysisResult  # noqa: E402
+from NoduleMTLLib.models.registry import DEFAULT_NETWORK  # noqa: E402
 
 from .export import write_review_outputs  # noqa: E402
 from .state import ACCEPTED, REJECTED, UNDECIDED, Finding, PathGuard, ReviewState, finding_row  # noqa: E402
@@ -345,7 +345,7 @@ class ReviewApp(TrameApp):
         """Reopen an earlier output folder (nodules.json + labels): its findings and review statuses."""
         import json
 
-        from NoduleMTLLib.outputs import read_outputs
+        from NoduleMTLLib.outputs.files import read_outputs
 
         res = read_outputs(folder)
         statuses = {}
@@ -634,7 +634,7 @@ class ReviewApp(TrameApp):
     def _assess(self, nodule) -> None:
         """Lung-RADS of a re-classified outline for its row (the export recomputes it on the masks as well)."""
         try:
-            from NoduleMTLLib.assessment import annotate_result, patient_for
+            from NoduleMTLLib.service.assessment import annotate_result, patient_for
 
             annotate_result(AnalysisResult(self.ct.describe(), {}, [nodule]), self.ct, patient_for(self.ct))
         except Exception as e:  # noqa: BLE001 - the row then shows no category; the values above stand

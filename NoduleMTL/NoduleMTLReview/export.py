@@ -1,7 +1,7 @@
 """Write a review's outputs: only accepted findings in SEG, SR, report and CSV; all in nodules.json.
 
 Pure Python on :mod:`NoduleMTLLib` (no ``slicer``): the app builds the
-:class:`~NoduleMTLLib.results.AnalysisResult` of the findings as they are now (masks possibly
+:class:`~NoduleMTLLib.core.results.AnalysisResult` of the findings as they are now (masks possibly
 edited, ``NoduleMTLMRML.result_from_segmentation``) and calls :func:`write_review_outputs`.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from NoduleMTLLib.safe_output import OutputSet
+from NoduleMTLLib.core.safe_output import OutputSet
 
 from .state import export_selection
 
@@ -19,7 +19,7 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
                          pictures: bool = True) -> list[Path]:
     """Write the reviewed findings into ``out_dir``, all or nothing.
 
-    Files (the rules of :mod:`NoduleMTLLib.safe_output`: refused when ``out_dir`` already holds
+    Files (the rules of :mod:`NoduleMTLLib.core.safe_output`: refused when ``out_dir`` already holds
     NoduleMTL outputs unless ``overwrite``; staged beside the folder and moved in only when
     every file was written; one writer at a time):
 
@@ -29,7 +29,7 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
     * ``labels.nrrd``: every finding (voxel value = finding id; the statuses are in
       nodules.json), so that ``nodulemtl review --results`` reopens the whole review;
     * ``report.html`` (+ ``pictures/``): accepted findings only, Lung-RADS / Brock recomputed
-      on the current masks (:func:`NoduleMTLLib.assessment.annotate_result`);
+      on the current masks (:func:`NoduleMTLLib.service.assessment.annotate_result`);
     * ``segmentation.dcm`` (DICOM SEG) and ``report.sr.dcm`` (DICOM SR TID 1500): accepted
       findings only, when ``ct`` was read from a DICOM series (``ct.source`` its folder) and at
       least one finding is accepted.
@@ -37,7 +37,7 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
     Args:
         result: every finding (nodule ids = finding ids; masks on ``ct``'s grid).
         statuses: finding id -> status (:data:`NoduleMTLReview.state.STATUSES`).
-        ct: the :class:`NoduleMTLLib.io.CTVolume` the masks belong to.
+        ct: the :class:`NoduleMTLLib.core.io.CTVolume` the masks belong to.
         out_dir: output folder.
         overwrite: replace NoduleMTL files already in ``out_dir``.
         pictures: write ``pictures/`` and embed them in the report.
@@ -50,8 +50,8 @@ def write_review_outputs(result, statuses: dict[int, str], ct, out_dir: str | os
             cannot be written (nothing is changed then).
         ValueError: an unknown status.
     """
-    from NoduleMTLLib.analysis import complete_result
-    from NoduleMTLLib.writer import WriteOptions, write_result_set
+    from NoduleMTLLib.outputs.writer import WriteOptions, write_result_set
+    from NoduleMTLLib.service.analysis import complete_result
 
     if any(n.found for n in result.nodules):
         # the service's part on the current masks: reported probability, Lung-RADS / Brock of every finding

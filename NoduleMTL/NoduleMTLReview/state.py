@@ -40,7 +40,7 @@ def finding_row(nodule, network_order=()) -> dict[str, Any]:
     """Display values of one nodule for the findings table.
 
     Args:
-        nodule: a :class:`NoduleMTLLib.results.NoduleResult`.
+        nodule: a :class:`NoduleMTLLib.core.results.NoduleResult`.
         network_order: the run's network ids (the first one with an output reports).
 
     Returns:
@@ -50,7 +50,7 @@ def finding_row(nodule, network_order=()) -> dict[str, Any]:
         (consensus "low"/"high", "" with one network), "detection_score" (None for a click),
         "point_ras" (the analysed point, R, A, S mm)}``.
     """
-    from NoduleMTLLib.colors import reported_probability
+    from NoduleMTLLib.outputs.colors import reported_probability
 
     order = [n for n in network_order if n in nodule.networks] + [n for n in nodule.networks if n not in network_order]
     signs = []
@@ -219,7 +219,7 @@ def export_selection(result, statuses: dict[int, str]):
     """Split a result for export: ``(accepted, everything)``.
 
     Args:
-        result: :class:`NoduleMTLLib.results.AnalysisResult` holding every finding (ids = finding ids).
+        result: :class:`NoduleMTLLib.core.results.AnalysisResult` holding every finding (ids = finding ids).
         statuses: finding id -> status (missing ids count as undecided).
 
     Returns:
@@ -261,9 +261,9 @@ class PathGuard:
         """The resolved path of ``text`` if it lies inside an allowed folder.
 
         Raises:
-            NoduleMTLLib.io.InputError: empty, outside every allowed folder, or (``must_exist``) missing.
+            NoduleMTLLib.core.io.InputError: empty, outside every allowed folder, or (``must_exist``) missing.
         """
-        from NoduleMTLLib.io import InputError
+        from NoduleMTLLib.core.io import InputError
 
         if not str(text or "").strip():
             raise InputError("No path given")

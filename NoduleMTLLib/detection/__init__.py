@@ -9,8 +9,11 @@ Modules (imported on demand; ``preprocess`` and ``merge`` need no torch):
 
 * :mod:`.preprocess` - HU window, slice-wise CLAHE, lung mask (:class:`NoLungError`),
   5-slice stacks, input checks, lung bounds (paper section 3.2).
-* :mod:`.model` - :func:`~.model.build_maskrcnn25d` (torchvision Mask R-CNN with a
-  5-channel conv1, small-nodule anchors, auxiliary RoI classifier; section 3.3).
+* :mod:`NoduleMTLLib.models.networks.maskrcnn25d` - the network,
+  :func:`~NoduleMTLLib.models.networks.maskrcnn25d.build_maskrcnn25d` (torchvision Mask R-CNN
+  with a 5-channel conv1, small-nodule anchors, auxiliary RoI classifier; section 3.3), and
+  :mod:`NoduleMTLLib.models.networks.fpr25d` (false-positive reduction): with the other
+  networks, in the models layer.
 * :mod:`.merge` - slice detections -> 3D nodules, adaptive score threshold
   (sections 3.4.3, 3.5).
 * :mod:`.infer` - the whole-scan search.

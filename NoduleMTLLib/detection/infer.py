@@ -6,7 +6,7 @@ section 3.4.3 and the adaptive score threshold of section 3.5.  The paper evalua
 stacks sampled inside the lungs; how a whole scan is searched is ours:
 
 1. **Input checks** (:func:`~.preprocess.check_detection_input`): fewer than 5 slices ->
-   :class:`~NoduleMTLLib.io.InputError`; slices >= 5 mm apart/thick -> a note in
+   :class:`~NoduleMTLLib.core.io.InputError`; slices >= 5 mm apart/thick -> a note in
    ``AnalysisResult.messages`` and the search runs anyway.
 2. **Lung mask** computed from the CT (:func:`~.preprocess.lung_mask_from_ct`; no lung ->
    :class:`~.preprocess.NoLungError`).  The search visits only slices with lung voxels
@@ -41,12 +41,12 @@ stacks sampled inside the lungs; how a whole scan is searched is ours:
    nodules whose centre lies inside that outline are fragments of the same lesion and are
    folded into it (:func:`outline_with_click`).  Without click networks the detector's
    masks are reported.
-6. **Results**: one :class:`~NoduleMTLLib.results.NoduleResult` per merged nodule, by
+6. **Results**: one :class:`~NoduleMTLLib.core.results.NoduleResult` per merged nodule, by
    descending score (ids 1..N), its mask stored as its bounding box
-   (:class:`~NoduleMTLLib.consensus.MaskBox`: a few kB, not a CT-sized array per
+   (:class:`~NoduleMTLLib.core.consensus.MaskBox`: a few kB, not a CT-sized array per
    candidate; measuring, classifying, writing and the Slicer scene all work on the box),
    with the click path's measurements
-   (:func:`~NoduleMTLLib.postprocess.measure_nodule`) and a ``detection`` record (score,
+   (:func:`~NoduleMTLLib.core.postprocess.measure_nodule`) and a ``detection`` record (score,
    3D box, centre, slices); optionally the click networks (``classify_with``) run at each
    nodule's centre and add their malignancy / sign probabilities.
 
@@ -65,14 +65,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..io import CTVolume, InputError
-from ..registry import DEFAULT_DETECTOR, DEFAULT_FP_REDUCER
+from ..core.io import CTVolume, InputError
+from ..models.registry import DEFAULT_DETECTOR, DEFAULT_FP_REDUCER
 from . import merge as mg
 from . import preprocess as pp
 
 Progress = Callable[[float, str], None]
 
-#: Registry id of the whole-scan detector (:data:`NoduleMTLLib.registry.DEFAULT_DETECTOR`).
+#: Registry id of the whole-scan detector (:data:`NoduleMTLLib.models.registry.DEFAULT_DETECTOR`).
 DETECTOR_ID = DEFAULT_DETECTOR
 #: At most this many nodules are reported per scan (highest scores first); LUNA16's
 #: evaluation also keeps at most 100 candidates per scan.
@@ -177,7 +177,7 @@ def load_detector(device: torch.device | str = "cpu") -> torch.nn.Module:
     Raises:
         WeightsError: weights missing, unreadable or failing their checksum.
     """
-    from .. import registry
+    from ..models import registry
 
     return registry.load_network(DETECTOR_ID, device)
 
@@ -189,7 +189,7 @@ def load_fpr(device: torch.device | str = "cpu") -> torch.nn.Module | None:
     Raises:
         WeightsError: the file exists but fails its checks.
     """
-    from .. import registry
+    from ..models import registry
 
     try:
         registry.find_weights(DEFAULT_FP_REDUCER)
@@ -616,9 +616,9 @@ def _classify(ct: CTVolume, res, network_ids: Sequence[str], nets: dict, dev, do
     """Run the click networks at the nodule's centre; add their outputs to ``res.networks``
     (``dice_with_final``: Dice of the network's mask with the detector's, computed on their
     bounding boxes - no CT-sized array)."""
-    from ..consensus import box_dice
-    from ..pipeline import Click2DNetwork, check_point
-    from ..results import NetworkOutput
+    from ..core.consensus import box_dice
+    from ..core.results import NetworkOutput
+    from ..inference.pipeline import Click2DNetwork, check_point
 
     try:
         check_point(ct, res.point_lps_mm)
@@ -645,7 +645,7 @@ def rescore_with_fpr(nodules: Sequence[mg.MergedNodule], ct: CTVolume, model: to
     The FPR field covers the nodule's own slice range (first to last member slice) around its
     centre (:func:`~.fp_reduction.candidate_patch`), widened ``field_scale`` times for
     candidates of the coarse search (:func:`~.fp_reduction.score_candidates`)."""
-    from . import fp_reduction as fpr
+    from ..models.networks import fpr25d as fpr
 
     if not nodules:
         return
@@ -717,8 +717,8 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
     """One lesion, one answer: each nodule's outline comes from the click path at its centre.
 
     By descending score, the click network runs at each nodule's centre
-    (``click(ct, point_lps)`` -> :class:`~NoduleMTLLib.pipeline.ClickOutput` with a
-    :class:`~NoduleMTLLib.consensus.MaskBox` mask, e.g.
+    (``click(ct, point_lps)`` -> :class:`~NoduleMTLLib.inference.pipeline.ClickOutput` with a
+    :class:`~NoduleMTLLib.core.consensus.MaskBox` mask, e.g.
     ``Click2DNetwork(...).analyze_box``: the same code, zoom ladder included, as a user's
     click there).  A nodule whose centre voxel lies inside the click outline of a
     higher-scoring one is a fragment of the same lesion and is folded into it
@@ -781,7 +781,7 @@ def select_nodules(sd: SliceDetections, ct: CTVolume, score_threshold: float | s
         (merge result of the candidates, reported nodules by descending score, the score
         threshold that was applied to the reported score).
     """
-    from . import fp_reduction as fpr
+    from ..models.networks import fpr25d as fpr
 
     mode = parse_threshold(score_threshold)
     if fpr_model is None:
@@ -822,17 +822,17 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
             disables the second stage.
 
     Returns:
-        :class:`~NoduleMTLLib.results.AnalysisResult` (see :func:`detect_nodules`).
+        :class:`~NoduleMTLLib.core.results.AnalysisResult` (see :func:`detect_nodules`).
 
     Raises:
         InputError: unknown ``classify_with`` id; ValueError: bad threshold;
         WeightsError: click-network weights missing.
     """
     from .. import __version__
-    from ..device import resolve_device
-    from ..postprocess import measure_nodule
-    from ..registry import check_network_ids, load_network
-    from ..results import AnalysisResult, NoduleResult
+    from ..core.device import resolve_device
+    from ..core.postprocess import measure_nodule
+    from ..core.results import AnalysisResult, NoduleResult
+    from ..models.registry import check_network_ids, load_network
 
     progress = progress or (lambda f, m: None)
     thr_mode = parse_threshold(score_threshold)
@@ -854,7 +854,7 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
     t = time.perf_counter()
     nets, done = {}, {}
     if classify_with and found:
-        from ..pipeline import Click2DNetwork, check_point
+        from ..inference.pipeline import Click2DNetwork, check_point
 
         nets = {nid: (networks or {}).get(nid) or load_network(nid, dev) for nid in classify_with}
         clicker = Click2DNetwork(classify_with[0], nets[classify_with[0]], dev)
@@ -968,9 +968,9 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
             the module's :func:`load_detector`; the analysis service passes its model cache).
 
     Returns:
-        :class:`~NoduleMTLLib.results.AnalysisResult`: ``nodules`` ranked by descending
+        :class:`~NoduleMTLLib.core.results.AnalysisResult`: ``nodules`` ranked by descending
         detection score (id 1 = highest), each with its mask stored as a
-        :class:`~NoduleMTLLib.consensus.MaskBox` (``mask_box``; reading ``mask`` gives the
+        :class:`~NoduleMTLLib.core.consensus.MaskBox` (``mask_box``; reading ``mask`` gives the
         bool (z, y, x) array on the CT grid), the click path's measurements, ``point_lps_mm`` = the nodule's centre and
         ``detection`` (:func:`detection_record`: score, voxel / world box, centre, slice
         range); ``run`` describes the search (threshold used, slices searched, timings:
@@ -984,8 +984,8 @@ def detect_nodules(ct: CTVolume, model: torch.nn.Module | None = None, device="a
         WeightsError: detector or click-network weights missing.
         DeviceError: unavailable device.
     """
-    from ..device import resolve_device
-    from ..registry import check_network_ids
+    from ..core.device import resolve_device
+    from ..models.registry import check_network_ids
 
     t0 = time.perf_counter()
     progress = progress or (lambda f, m: None)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..io import CTVolume
+from ..core.io import CTVolume
 
 #: Adaptive threshold: percentile and clip range (section 3.5).
 ADAPTIVE_PERCENTILE = 30.0
@@ -132,7 +132,7 @@ class MergedNodule:
         return int(round(self.centre_ijk[2]))
 
     def mask_box(self, shape_zyx):
-        """The mask as a :class:`~NoduleMTLLib.consensus.MaskBox` on a grid of ``shape_zyx``:
+        """The mask as a :class:`~NoduleMTLLib.core.consensus.MaskBox` on a grid of ``shape_zyx``:
         the tight bounding box of its voxels (bool (dz, dy, dx)) and its offset (k, j, i) -
         what :meth:`full_mask` gives, without the full-grid array.  None when there is no
         mask or it is empty.
@@ -140,8 +140,8 @@ class MergedNodule:
         Raises:
             ValueError: shape smaller than the nodule's voxel box.
         """
-        from ..consensus import MaskBox
-        from ..postprocess import bounding_box
+        from ..core.consensus import MaskBox
+        from ..core.postprocess import bounding_box
 
         if self.mask is None:
             return None

@@ -25,7 +25,7 @@ What the paper leaves open, and our choices:
   always the most inferior slice.  Not specified in the paper (LUNA16 volumes have
   identity directions, where both orders agree).
 
-Arrays are numpy, (z, y, x) = (k, j, i) as :attr:`NoduleMTLLib.io.CTVolume.array` gives
+Arrays are numpy, (z, y, x) = (k, j, i) as :attr:`NoduleMTLLib.core.io.CTVolume.array` gives
 them; spacings are in mm.
 """
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..io import CTVolume, InputError
+from ..core.io import CTVolume, InputError
 
 #: HU window of the paper (section 3.2): values are clipped to it and mapped to [0, 1].
 HU_MIN = -1000.0
@@ -83,7 +83,7 @@ MAX_SPLIT_EROSION_MM = 15.0
 BOUNDS_MARGIN_MM = (5.0, 10.0, 10.0)  # (z, y, x)
 
 
-from ..errors import NoLungError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
+from ..core.errors import NoLungError  # noqa: E402,F401 - defined in errors.py (the one root), importable here
 
 
 class ThickSliceWarning(UserWarning):
@@ -213,7 +213,7 @@ def _inplane_structure() -> np.ndarray:
 
 def _bbox(mask: np.ndarray):
     """Half-open bounding box (z0, z1, y0, y1, x0, x1) of a non-empty 3D bool array."""
-    from ..postprocess import bounding_box
+    from ..core.postprocess import bounding_box
 
     return tuple(v for sl in bounding_box(mask) for v in (sl.start, sl.stop))
 
@@ -301,7 +301,7 @@ def compute_lung_mask(hu: np.ndarray, spacing_zyx, *, ijk_to_lps: np.ndarray | N
     Args:
         hu: (z, y, x) HU array (int16 or float).
         spacing_zyx: voxel spacing in mm per array axis.
-        ijk_to_lps: optional 4x4 index->LPS matrix (:func:`NoduleMTLLib.io.ijk_to_lps_matrix`)
+        ijk_to_lps: optional 4x4 index->LPS matrix (:func:`NoduleMTLLib.core.io.ijk_to_lps_matrix`)
             used to name the left/right lungs; default: i increases towards patient left.
         threshold_hu, min_lung_volume_ml, closing_radius_mm, work_pixel_mm, work_slice_mm:
             see the module constants.
@@ -433,12 +433,12 @@ def compute_lung_mask(hu: np.ndarray, spacing_zyx, *, ijk_to_lps: np.ndarray | N
 
 
 def lung_mask_from_ct(ct: CTVolume, **kwargs) -> LungMask:
-    """:func:`compute_lung_mask` for a :class:`~NoduleMTLLib.io.CTVolume` (HU, LPS geometry).
+    """:func:`compute_lung_mask` for a :class:`~NoduleMTLLib.core.io.CTVolume` (HU, LPS geometry).
 
     Raises:
         NoLungError: see :func:`compute_lung_mask`.
     """
-    from ..io import ijk_to_lps_matrix
+    from ..core.io import ijk_to_lps_matrix
 
     sx, sy, sz = ct.spacing
     return compute_lung_mask(ct.array, (sz, sy, sx), ijk_to_lps=ijk_to_lps_matrix(ct.image), **kwargs)

@@ -42,9 +42,9 @@ def worker(networks: list[str], threads: int, repeats: int, tta: bool = False) -
     """Run in a fresh process: load, warm up, time. Returns the figures as a dict."""
     import torch
 
-    from NoduleMTLLib.io import ras_to_lps, read_ct
-    from NoduleMTLLib.pipeline import analyze_points
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.core.io import ras_to_lps, read_ct
+    from NoduleMTLLib.inference.pipeline import analyze_points
+    from NoduleMTLLib.models.registry import load_network
     from training.data import default_data_dir
 
     torch.set_num_threads(threads)
@@ -75,7 +75,7 @@ def worker(networks: list[str], threads: int, repeats: int, tta: bool = False) -
 
 def available_click_networks() -> tuple[list[str], dict[str, str]]:
     """Registered click networks with weights present, and {id: reason} for those left out."""
-    from NoduleMTLLib.registry import NETWORKS, WeightsError, find_weights, verify_weights
+    from NoduleMTLLib.models.registry import NETWORKS, WeightsError, find_weights, verify_weights
     ok, missing = [], {}
     for n in NETWORKS:
         try:

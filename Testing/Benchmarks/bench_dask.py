@@ -76,13 +76,13 @@ def build_inputs(root: Path, repeat: int) -> tuple[Path, Path]:
 
 
 def run(config: str, cases: Path, points: Path, out: Path, device: str) -> dict:
-    cmd = [sys.executable, "-m", "NoduleMTLLib.cli", "batch", str(cases), "--out", str(out), "--points", str(points),
+    cmd = [sys.executable, "-m", "NoduleMTLLib.apps.cli", "batch", str(cases), "--out", str(out), "--points", str(points),
            "--device", device, "--quiet"]
     env = dict(os.environ)
     if config == "workers=1":
         # --workers 1 is the one-process batch; force a 1-worker LocalCluster through the library
         cmd = [sys.executable, "-c",
-               "import sys; from NoduleMTLLib import cli, cluster; cluster.wanted = lambda a: True; "
+               "import sys; from NoduleMTLLib.apps import cli, cluster; cluster.wanted = lambda a: True; "
                "sys.exit(cli.main(sys.argv[1:]))", *cmd[3:]]
     elif config == "workers=2":
         cmd += ["--workers", "2"]

@@ -93,7 +93,7 @@ def _model(random: bool, dets: int):
     """(model, description)."""
     import torch
 
-    from NoduleMTLLib.registry import find_weights, load_network
+    from NoduleMTLLib.models.registry import find_weights, load_network
 
     if not random:
         try:
@@ -101,7 +101,7 @@ def _model(random: bool, dets: int):
             return load_network("maskrcnn25d", "cpu"), "shipped weights"
         except Exception:  # noqa: BLE001 - not trained / not registered yet
             pass
-    from NoduleMTLLib.detection.model import build_maskrcnn25d
+    from NoduleMTLLib.models.networks.maskrcnn25d import build_maskrcnn25d
 
     torch.manual_seed(0)
     m = build_maskrcnn25d(backbone="resnet18", box_detections_per_img=dets).eval()
@@ -112,8 +112,8 @@ def whole_worker(scan: str, threads: int, random: bool, dets: int, crop_per_batc
     """Fresh process: one whole scan, timing breakdown and peak RSS."""
     import torch
 
+    from NoduleMTLLib.core.io import read_ct
     from NoduleMTLLib.detection.infer import detect_nodules
-    from NoduleMTLLib.io import read_ct
 
     torch.set_num_threads(threads)
     model, desc = _model(random, dets)
@@ -134,9 +134,9 @@ def options_worker(threads: int, subset: int, repeats: int, random: bool, dets: 
     """Fresh process: per-slice cost of each speed option on a mid-lung subset."""
     import torch
 
+    from NoduleMTLLib.core.io import CTVolume, read_ct
     from NoduleMTLLib.detection import preprocess as pp
     from NoduleMTLLib.detection.infer import run_slice_detections
-    from NoduleMTLLib.io import CTVolume, read_ct
 
     torch.set_num_threads(threads)
     model, desc = _model(random, dets)
@@ -226,7 +226,7 @@ def run_cli_e2e(ct_path: Path, threads: int | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "NoduleMTLLib.cli", "analyze", str(ct_path), "--detect", "--out", str(out / "o"), "--quiet"]
+    cmd = [sys.executable, "-m", "NoduleMTLLib.apps.cli", "analyze", str(ct_path), "--detect", "--out", str(out / "o"), "--quiet"]
     load0 = os.getloadavg()[0]
     try:
         with open(out / "stdout.txt", "w") as so, open(out / "stderr.txt", "w") as se:
@@ -272,7 +272,7 @@ def r50_worker(threads: int) -> dict:
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    from NoduleMTLLib.io import read_ct
+    from NoduleMTLLib.core.io import read_ct
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ def main() -> int:
     port = T._free_port()
     work = Path(tempfile.mkdtemp(prefix="bench-review-"))
     log = (work / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "review", str(SAMPLE), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.apps.cli", "review", str(SAMPLE), "--port", str(port),
                              "--allow", str(work), "--device", args.device], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}/"

@@ -8,8 +8,8 @@ The CT is a real whole LIDC scan read from its DICOM series (default LIDC-IDRI-0
 training patient: 277 x 512 x 512); the nodule masks are the real reference masks of that
 scan (``nodules_labels.nrrd`` of the whole-scan cache), each nodule's box placed at
 ``--nodules`` disjoint positions spread over the grid (masks unchanged, positions moved).  The
-result holds them as :class:`~NoduleMTLLib.consensus.MaskBox` (what the analysis stores), then
-:func:`NoduleMTLLib.dicom_seg.write_dicom_seg` writes the SEG.
+result holds them as :class:`~NoduleMTLLib.core.consensus.MaskBox` (what the analysis stores), then
+:func:`NoduleMTLLib.outputs.dicom_seg.write_dicom_seg` writes the SEG.
 
 Printed: the CT's own array size; the time and the process's peak RSS growth during the write
 (``ru_maxrss``), then the Python-heap peak of a second, traced write (``tracemalloc``: numpy
@@ -42,10 +42,10 @@ def main() -> None:
     import SimpleITK as sitk
     from scipy import ndimage as ndi
 
-    from NoduleMTLLib.consensus import MaskBox
-    from NoduleMTLLib.dicom_seg import write_dicom_seg
-    from NoduleMTLLib.io import read_ct
-    from NoduleMTLLib.results import AnalysisResult, NoduleResult
+    from NoduleMTLLib.core.consensus import MaskBox
+    from NoduleMTLLib.core.io import read_ct
+    from NoduleMTLLib.core.results import AnalysisResult, NoduleResult
+    from NoduleMTLLib.outputs.dicom_seg import write_dicom_seg
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dicom", type=Path, default=DICOM)

@@ -42,7 +42,7 @@ def validate_nodules_json(data: dict) -> None:
 
     import jsonschema
 
-    from NoduleMTLLib.results import schema_path
+    from NoduleMTLLib.core.results import schema_path
 
     jsonschema.validate(data, json.loads(schema_path().read_text()))
 

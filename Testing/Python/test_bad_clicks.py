@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 
 from NoduleMTLLib import DEFAULT_NETWORKS
-from NoduleMTLLib.lung_rads import round1
+from NoduleMTLLib.clinical.lung_rads import round1
 
 #: Largest long axis (mm) / volume (mm^3) of an "honest small mask" at a non-nodule click:
 #: a vessel cross-section or a vessel segment of about one centimetre.
@@ -30,15 +30,15 @@ SMALL_MM, SMALL_MM3 = 10.0, 300.0
 
 @pytest.fixture(scope="module")
 def lidc3(shared_data):
-    from NoduleMTLLib.io import read_ct
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.core.io import read_ct
+    from NoduleMTLLib.models.registry import load_network
 
     ct = read_ct(shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd")
     return ct, {n: load_network(n, "cpu") for n in DEFAULT_NETWORKS}
 
 
 def _click(lidc3, ijk):
-    from NoduleMTLLib.pipeline import analyze_points
+    from NoduleMTLLib.inference.pipeline import analyze_points
 
     ct, nets = lidc3
     p = ct.image.TransformIndexToPhysicalPoint(ijk)

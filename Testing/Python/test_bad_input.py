@@ -26,13 +26,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib import batch, cli, pipeline, registry, safe_output
-from NoduleMTLLib.errors import LIBRARY_EXIT_CODES
-from NoduleMTLLib.io import InputError, check_slice_positions, read_ct
-from NoduleMTLLib.outputs import OUTPUT_FILES
-from NoduleMTLLib.reporting import REPORT_FILES
-from NoduleMTLLib.results import AnalysisResult, NoduleResult
-from NoduleMTLLib.safe_output import visible_entries
+from NoduleMTLLib.apps import batch, cli
+from NoduleMTLLib.apps.reporting import REPORT_FILES
+from NoduleMTLLib.core import safe_output
+from NoduleMTLLib.core.errors import LIBRARY_EXIT_CODES
+from NoduleMTLLib.core.io import InputError, check_slice_positions, read_ct
+from NoduleMTLLib.core.results import AnalysisResult, NoduleResult
+from NoduleMTLLib.core.safe_output import visible_entries
+from NoduleMTLLib.inference import pipeline
+from NoduleMTLLib.models import registry
+from NoduleMTLLib.outputs.files import OUTPUT_FILES
 
 pytestmark = pytest.mark.slow  # real analyses on the sample CT around every output-folder rule
 

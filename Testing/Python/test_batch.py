@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib import DEFAULT_NETWORKS, batch, cli
-from NoduleMTLLib.errors import BatchError
-from NoduleMTLLib.outputs import OUTPUT_FILES
-from NoduleMTLLib.reporting import REPORT_FILES
-from NoduleMTLLib.safe_output import visible_entries
+from NoduleMTLLib import DEFAULT_NETWORKS
+from NoduleMTLLib.apps import batch, cli
+from NoduleMTLLib.apps.reporting import REPORT_FILES
+from NoduleMTLLib.core.errors import BatchError
+from NoduleMTLLib.core.safe_output import visible_entries
+from NoduleMTLLib.outputs.files import OUTPUT_FILES
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -216,7 +217,7 @@ def test_points_csv_frames(tmp_path):
 
 def _weights_missing(monkeypatch, network_id="maskrcnn25d"):
     """Make ``registry.find_weights`` report ``network_id``'s file as missing (as on a site without it)."""
-    from NoduleMTLLib import registry
+    from NoduleMTLLib.models import registry
 
     real = registry.find_weights
 
@@ -228,8 +229,8 @@ def _weights_missing(monkeypatch, network_id="maskrcnn25d"):
 
 
 def test_whole_scan_detector_follows_installed_weights(monkeypatch):
-    from NoduleMTLLib import registry
-    from NoduleMTLLib.analysis import detector_status
+    from NoduleMTLLib.models import registry
+    from NoduleMTLLib.service.analysis import detector_status
 
     try:
         registry.find_weights("maskrcnn25d")
@@ -386,7 +387,7 @@ def test_cli_script_run_on_sample(tmp_path):
 def test_batch_case_without_points_uses_the_detector(shared_data, tmp_path):
     """With the maskrcnn25d weights installed, a case without points is searched whole-scan
     (real Lung-PET-CT-Dx A0002 DICOM series, 30 slices): outputs written, detections recorded."""
-    from NoduleMTLLib import registry
+    from NoduleMTLLib.models import registry
 
     try:
         registry.find_weights("maskrcnn25d")

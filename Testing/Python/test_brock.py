@@ -1,4 +1,4 @@
-"""Brock (PanCan) full model with spiculation (NoduleMTLLib.brock).
+"""Brock (PanCan) full model with spiculation (NoduleMTLLib.clinical.brock).
 
 Checked against figures published with the model rather than against our own formula:
 the odds ratios of McWilliams et al. 2013, Table 3 (full model with spiculation) are the
@@ -15,8 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from NoduleMTLLib import brock
-from NoduleMTLLib.results import NetworkOutput, NoduleResult
+from NoduleMTLLib.clinical import brock
+from NoduleMTLLib.core.results import NetworkOutput, NoduleResult
 
 # McWilliams et al. 2013, Table 3, full model with spiculation: odds ratios (2 decimals)
 PUBLISHED_ODDS_RATIOS = {
@@ -147,8 +147,8 @@ def test_nearest_label_equals_the_distance_transform_on_a_real_lung_mask(shared_
     outside the lungs (mediastinum, chest wall, air)."""
     from scipy import ndimage as ndi
 
+    from NoduleMTLLib.core.io import read_ct
     from NoduleMTLLib.detection.preprocess import lung_mask_from_ct
-    from NoduleMTLLib.io import read_ct
 
     ct = read_ct(shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd")
     lab = np.ascontiguousarray(np.asarray(lung_mask_from_ct(ct, work_pixel_mm=3.0).labels)[::2, ::4, ::4])

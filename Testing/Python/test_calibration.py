@@ -1,4 +1,4 @@
-"""Calibrated malignancy probability: NoduleMTLLib.calibration (applying) and training.calibration (fitting)."""
+"""Calibrated malignancy probability: NoduleMTLLib.models.calibration (applying) and training.calibration (fitting)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from NoduleMTLLib.calibration import (
+from NoduleMTLLib.core.results import AnalysisResult, NetworkOutput, NoduleResult
+from NoduleMTLLib.models.calibration import (
     CalibrationError,
     CalibrationSet,
     Calibrator,
@@ -20,7 +21,6 @@ from NoduleMTLLib.calibration import (
     nodule_features,
     sigmoid,
 )
-from NoduleMTLLib.results import AnalysisResult, NetworkOutput, NoduleResult
 
 
 # --- calibrators ---------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_model_predictions_and_missing_inputs():
     assert cs.models["stack"].predict(f) == pytest.approx(float(sigmoid(-0.5 + logit(0.7) + 0.5 * 0.0)))
     assert cs.models["lnmsnet"].predict(f) is None  # lnmsnet gave no probability
     # a feature far outside the fitted range is clipped at Z_CLIP standard deviations
-    from NoduleMTLLib.calibration import Z_CLIP
+    from NoduleMTLLib.models.calibration import Z_CLIP
     far = dict(f, log_volume=5.0 + 2.0 * 100)
     assert cs.models["stack"].predict(far) == pytest.approx(float(sigmoid(-0.5 + logit(0.7) + 0.5 * Z_CLIP)))
     assert cs.models["mean2"].predict(f) is None
@@ -193,7 +193,8 @@ def test_shipped_calibration_names_the_default_everywhere(repo_dir):
     import ast
     import xml.etree.ElementTree as ET
 
-    from NoduleMTLLib import DEFAULT_NETWORKS, batch, cli
+    from NoduleMTLLib import DEFAULT_NETWORKS
+    from NoduleMTLLib.apps import batch, cli
 
     cs = load_calibration(repo_dir / "Resources" / "Weights" / "calibration.json")
     assert tuple(cs.default["networks"]) == DEFAULT_NETWORKS
@@ -242,8 +243,8 @@ def test_tta_is_mirror_equivariant_on_real_ct(repo_dir):
     import SimpleITK as sitk
     import torch
 
-    from NoduleMTLLib.pipeline import Click2DNetwork
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.inference.pipeline import Click2DNetwork
+    from NoduleMTLLib.models.registry import load_network
 
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd")))
     hu = a[20:23, 40:136, 40:136].astype(np.float32)  # 3 slices, 96 x 96 px of lung and nodule

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib import DEFAULT_NETWORKS, cli, registry
-from NoduleMTLLib.errors import DeviceError, InputError, OutputError, WeightsError
-from NoduleMTLLib.metrics import dice
-from NoduleMTLLib.outputs import OUTPUT_FILES
-from NoduleMTLLib.reporting import REPORT_FILES
-from NoduleMTLLib.safe_output import visible_entries
+from NoduleMTLLib import DEFAULT_NETWORKS
+from NoduleMTLLib.apps import cli
+from NoduleMTLLib.apps.reporting import REPORT_FILES
+from NoduleMTLLib.core.errors import DeviceError, InputError, OutputError, WeightsError
+from NoduleMTLLib.core.metrics import dice
+from NoduleMTLLib.core.safe_output import visible_entries
+from NoduleMTLLib.models import registry
+from NoduleMTLLib.outputs.files import OUTPUT_FILES
 
 # Reference nodules of the sample crop (LIDC-IDRI-0003, readers' consensus), RAS mm
 NODULE2_RAS = (-72.5, -77.2, -190.4)   # 4 readers, ~30 mm
@@ -77,7 +79,7 @@ def test_json_and_csv(sample_run):
     p = n1["networks"][NET]["malignancy_probability"]
     assert 0.0 <= p <= 1.0
     # the reported, calibrated probability of the default configuration, and where it came from
-    from NoduleMTLLib.calibration import load_calibration
+    from NoduleMTLLib.models.calibration import load_calibration
     cs = load_calibration()
     model = cs.models[cs.default["model"]]
     assert js["run"]["networks"] == list(DEFAULT_NETWORKS)
@@ -289,7 +291,7 @@ def test_seg_nrrd_colours_follow_malignancy(sample_run):
     """segmentation.seg.nrrd segments use the same probability ramp as the Slicer scene."""
     import slicerio
 
-    from NoduleMTLLib.colors import probability_color
+    from NoduleMTLLib.outputs.colors import probability_color
 
     rc, out, _ = sample_run
     assert rc == 0

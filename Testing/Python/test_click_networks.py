@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from NoduleMTLLib.networks.dsmtnet import CLICK_HEADS, DSMTNetClick, build_dsmtnet_click
-from NoduleMTLLib.networks.mtnet import build_mtnet
+from NoduleMTLLib.models.networks.dsmtnet import CLICK_HEADS, DSMTNetClick, build_dsmtnet_click
+from NoduleMTLLib.models.networks.mtnet import build_mtnet
 
 torch.set_num_threads(1)
 
@@ -39,8 +39,8 @@ def test_dsmtnet_click_adapter_geometry():
 def test_analyze_points_reports_signs_for_dsmtnet(repo_dir):
     """A (randomly initialised) DSMT-Net passed to the pipeline returns one probability per sign
     head, in [0, 1]; LNMSNet (shipped weights) returns none."""
-    from NoduleMTLLib.io import ras_to_lps, read_ct
-    from NoduleMTLLib.pipeline import analyze_points
+    from NoduleMTLLib.core.io import ras_to_lps, read_ct
+    from NoduleMTLLib.inference.pipeline import analyze_points
     torch.manual_seed(0)
     ct = read_ct(repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd")
     res = analyze_points(ct, [ras_to_lps((-23.5, 47.6, -172.3))], ["lnmsnet", "dsmtnet"],
@@ -61,7 +61,7 @@ def few_nodules(shared_data):
 
 @pytest.mark.slow
 def test_head_labels_follow_lidc_rules(few_nodules):
-    from NoduleMTLLib.networks.dsmtnet import lidc_head_label
+    from NoduleMTLLib.models.networks.dsmtnet import lidc_head_label
     from training.click2d import head_labels
     net = build_dsmtnet_click()
     chunk = [(i, int(np.argmax(n.consensus.reshape(len(n.image), -1).sum(1)))) for i, n in enumerate(few_nodules[:6])]
@@ -80,8 +80,8 @@ def test_head_labels_follow_lidc_rules(few_nodules):
 @pytest.mark.parametrize("network", ["dsmtnet", "mtnet"])
 def test_joint_loss_trains_every_part(network, few_nodules):
     """One backward pass of ``joint_loss`` reaches the segmentation and every classification head."""
-    from NoduleMTLLib.preprocessing import normalize_slices
-    from NoduleMTLLib.registry import build_network
+    from NoduleMTLLib.inference.preprocessing import normalize_slices
+    from NoduleMTLLib.models.registry import build_network
     from training.augment import sample_batch
     from training.click2d import head_labels, joint_loss
     torch.manual_seed(0)

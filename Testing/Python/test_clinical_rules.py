@@ -1,4 +1,4 @@
-"""Measured clinical rules of issue 22 (NoduleMTLLib.lung_rads + Resources/Weights/clinical.json):
+"""Measured clinical rules of issue 22 (NoduleMTLLib.clinical.lung_rads + Resources/Weights/clinical.json):
 the two-stage nodule-type classifier, the benign-calcification rule and its reason, the note for a
 solid component too small to measure, the per-network mask threshold, the Lung-RADS agreement
 summary of ``nodulemtl-train evaluate lung-rads`` and the calibrator choice that keeps identity
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib import lung_rads as lr
-from NoduleMTLLib.io import CTVolume
-from NoduleMTLLib.results import NoduleResult
+from NoduleMTLLib.clinical import lung_rads as lr
+from NoduleMTLLib.core.io import CTVolume
+from NoduleMTLLib.core.results import NoduleResult
 
 
 def _stack(feature, coef, intercept=0.0):
@@ -64,7 +64,7 @@ def _ball(shape, centre, radius):
 
 
 def test_part_solid_nodule_with_a_solid_speck_gets_a_note():
-    from NoduleMTLLib.postprocess import measure_nodule
+    from NoduleMTLLib.core.postprocess import measure_nodule
 
     shape = (30, 50, 50)
     hu = np.full(shape, -850, np.int16)
@@ -82,7 +82,7 @@ def test_part_solid_nodule_with_a_solid_speck_gets_a_note():
 
 
 def test_shipped_rules_load_and_set_the_default_networks_mask_threshold():
-    from NoduleMTLLib.pipeline import THRESHOLD, Click2DNetwork
+    from NoduleMTLLib.inference.pipeline import THRESHOLD, Click2DNetwork
 
     d = lr.load_clinical()
     assert d is not None and d["format"] == 1
@@ -136,7 +136,7 @@ def test_click_on_a_calcified_granuloma_gives_category_1_with_its_reason(shared_
     import csv
 
     from NoduleMTLLib import DEFAULT_NETWORKS
-    from NoduleMTLLib.pipeline import analyze_points
+    from NoduleMTLLib.inference.pipeline import analyze_points
 
     d = shared_data / "lidc_vois"
     row = next(r for r in csv.DictReader(open(d / "labels.csv"))

@@ -1,4 +1,4 @@
-"""``nodulemtl batch --workers N`` / ``--scheduler`` on real Dask (NoduleMTLLib.cluster), no mocks.
+"""``nodulemtl batch --workers N`` / ``--scheduler`` on real Dask (NoduleMTLLib.apps.cluster), no mocks.
 
 Inputs: the four real whole CTs of ``shared/data/whole_ct`` (LIDC-IDRI-0003 and -0005 ct.nrrd,
 Lung-PET-CT-Dx A0001 NRRD, A0002 DICOM series) and a truncated copy of A0001 (corrupt), with a
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from NoduleMTLLib import batch, cli, cluster
-from NoduleMTLLib.outputs import OUTPUT_FILES
-from NoduleMTLLib.reporting import REPORT_FILES
-from NoduleMTLLib.safe_output import visible_entries
+from NoduleMTLLib.apps import batch, cli, cluster
+from NoduleMTLLib.apps.reporting import REPORT_FILES
+from NoduleMTLLib.core.safe_output import visible_entries
+from NoduleMTLLib.outputs.files import OUTPUT_FILES
 
 distributed = pytest.importorskip("distributed")
 
@@ -247,7 +247,7 @@ def _statuses(out: Path) -> dict[str, str]:
 def test_scheduler_worker_killed_then_client_killed_and_rerun(inputs, reference, dask_cluster, tmp_path):
     addr, workers, client = dask_cluster
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "NoduleMTLLib.cli", *_batch_args(inputs, out, "--scheduler", addr)]
+    cmd = [sys.executable, "-m", "NoduleMTLLib.apps.cli", *_batch_args(inputs, out, "--scheduler", addr)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -286,6 +286,6 @@ def test_scheduler_worker_killed_then_client_killed_and_rerun(inputs, reference,
     assert sum(ln.startswith("corrupt: failed: Cannot read") for ln in lines) == 2  # status line + end-of-run list
     assert not any(k.startswith("nodulemtl-case") for k in map(str, client.processing().get(survivor, [])))
     # the worker process kept its networks loaded between cases (its module-level ModelCache)
-    loaded = client.run(lambda: sorted(__import__("NoduleMTLLib.cluster", fromlist=["_models"])._models._networks),
+    loaded = client.run(lambda: sorted(__import__("NoduleMTLLib.apps.cluster", fromlist=["_models"])._models._networks),
                         workers=[survivor])[survivor]
     assert loaded == [("dsmtnet", "cpu")]

@@ -1,4 +1,4 @@
-"""Consensus of several click networks (``NoduleMTLLib.consensus``): hand-computed cases, and
+"""Consensus of several click networks (``NoduleMTLLib.core.consensus``): hand-computed cases, and
 an end-to-end run of ``analyze_points`` with ``lnmsnet,detguided`` on the real sample CT."""
 
 import csv
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from NoduleMTLLib import cli
-from NoduleMTLLib.consensus import (
+from NoduleMTLLib.apps import cli
+from NoduleMTLLib.core.consensus import (
     DISAGREEMENT_MIN_DICE,
     DISAGREEMENT_SPREAD,
     INCLUDE_TIES,
@@ -18,9 +18,9 @@ from NoduleMTLLib.consensus import (
     compute_consensus,
     majority_mask,
 )
-from NoduleMTLLib.io import InputError, ras_to_lps, read_ct
-from NoduleMTLLib.metrics import dice
-from NoduleMTLLib.outputs import CONSENSUS_COLUMNS, write_outputs
+from NoduleMTLLib.core.io import InputError, ras_to_lps, read_ct
+from NoduleMTLLib.core.metrics import dice
+from NoduleMTLLib.outputs.files import CONSENSUS_COLUMNS, write_outputs
 
 SHAPE = (2, 3, 10)
 
@@ -158,13 +158,13 @@ def sample_ct(repo_dir):
 
 @pytest.fixture(scope="module")
 def loaded():
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.models.registry import load_network
     return {n: load_network(n, "cpu") for n in NETS}
 
 
 @pytest.fixture(scope="module")
 def two_net_result(sample_ct, loaded):
-    from NoduleMTLLib.pipeline import analyze_points
+    from NoduleMTLLib.inference.pipeline import analyze_points
     pts = [ras_to_lps(NODULE2_RAS), ras_to_lps(NODULE3_RAS)]
     first = analyze_points(sample_ct, pts, network_ids=NETS, device="cpu", networks=loaded)
     cons = analyze_points(sample_ct, pts, network_ids=NETS, device="cpu", networks=loaded, mask="consensus")
@@ -241,6 +241,6 @@ def test_cli_mask_option(sample_ct, repo_dir, tmp_path, capsys):
 
 
 def test_analyze_points_rejects_unknown_mask(sample_ct):
-    from NoduleMTLLib.pipeline import analyze_points
+    from NoduleMTLLib.inference.pipeline import analyze_points
     with pytest.raises(InputError, match="mask"):
         analyze_points(sample_ct, [ras_to_lps(NODULE3_RAS)], network_ids=("lnmsnet",), device="cpu", mask="union")

@@ -18,16 +18,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from NoduleMTLLib import cli
+from NoduleMTLLib.apps import cli
+from NoduleMTLLib.apps.reporting import REPORT_FILES
+from NoduleMTLLib.core.errors import NoLungError
+from NoduleMTLLib.core.io import CTVolume, InputError, read_ct
+from NoduleMTLLib.core.results import AnalysisResult, NoduleResult
+from NoduleMTLLib.core.safe_output import visible_entries
 from NoduleMTLLib.detection import infer
 from NoduleMTLLib.detection import merge as mg
 from NoduleMTLLib.detection import preprocess as pp
-from NoduleMTLLib.errors import NoLungError
-from NoduleMTLLib.io import CTVolume, InputError, read_ct
-from NoduleMTLLib.outputs import OUTPUT_FILES, write_outputs
-from NoduleMTLLib.reporting import REPORT_FILES
-from NoduleMTLLib.results import AnalysisResult, NoduleResult
-from NoduleMTLLib.safe_output import visible_entries
+from NoduleMTLLib.outputs.files import OUTPUT_FILES, write_outputs
 from training import detection_matching as ev
 
 pytestmark = pytest.mark.slow  # whole-scan searches on real CTs
@@ -42,7 +42,7 @@ SLAB = (60, 72)
 
 
 def _random_model():
-    from NoduleMTLLib.detection.model import build_maskrcnn25d
+    from NoduleMTLLib.models.networks.maskrcnn25d import build_maskrcnn25d
 
     torch.manual_seed(0)
     return build_maskrcnn25d(backbone="resnet18", box_detections_per_img=DETS_PER_SLICE).eval()
@@ -323,12 +323,12 @@ def test_box_masks_equal_full_grid_masks_on_real_ct(slab, slab_run, tmp_path):
     (real CT slab, every merged nodule at threshold 0, overlapping ones included)."""
     import slicerio
 
-    from NoduleMTLLib.consensus import MaskBox, box_dice
-    from NoduleMTLLib.metrics import dice
-    from NoduleMTLLib.outputs import segmentation_dict
-    from NoduleMTLLib.pipeline import Click2DNetwork
-    from NoduleMTLLib.postprocess import measure_nodule
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.core.consensus import MaskBox, box_dice
+    from NoduleMTLLib.core.metrics import dice
+    from NoduleMTLLib.core.postprocess import measure_nodule
+    from NoduleMTLLib.inference.pipeline import Click2DNetwork
+    from NoduleMTLLib.models.registry import load_network
+    from NoduleMTLLib.outputs.files import segmentation_dict
 
     sd = slab_run[0]
     res = infer.result_from_detections(slab, sd, 0.0, max_nodules=12, fpr_model=None)
@@ -440,8 +440,9 @@ def test_cli_detect_usage_and_input_errors(lidc3, slab_file, model, monkeypatch,
 
 
 def test_batch_case_without_points_uses_the_detector(slab_file, model, monkeypatch, tmp_path):
-    from NoduleMTLLib import batch, registry
-    from NoduleMTLLib.analysis import detector_status
+    from NoduleMTLLib.apps import batch
+    from NoduleMTLLib.models import registry
+    from NoduleMTLLib.service.analysis import detector_status
 
     try:
         registry.find_weights("maskrcnn25d")

@@ -14,9 +14,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from NoduleMTLLib.core.io import CTVolume, InputError
 from NoduleMTLLib.detection import merge as mg
 from NoduleMTLLib.detection import preprocess as pp
-from NoduleMTLLib.io import CTVolume, InputError
 from training import detection_matching as ev
 
 torch.set_num_threads(1)
@@ -42,7 +42,7 @@ def lidc3_lung(lidc3):
 
 @pytest.fixture(scope="module")
 def model():
-    from NoduleMTLLib.detection.model import build_maskrcnn25d
+    from NoduleMTLLib.models.networks.maskrcnn25d import build_maskrcnn25d
 
     torch.manual_seed(0)
     return build_maskrcnn25d(min_size=CROP, max_size=CROP, box_detections_per_img=20)
@@ -105,7 +105,7 @@ def test_no_lung_below_the_lungs_or_outside_them(lidc3):
 
 @pytest.mark.slow
 def test_thick_slice_scan_flagged_and_lungs_found(shared_data):
-    from NoduleMTLLib.io import read_ct
+    from NoduleMTLLib.core.io import read_ct
 
     ct = read_ct(shared_data / "whole_ct" / "lung_pet_ct_dx_A0001.nrrd")  # 5.0 mm slices
     with warnings.catch_warnings(record=True) as w:
@@ -179,7 +179,7 @@ def test_five_slice_stacks_at_volume_edges():
 
 
 def test_conv1_5ch_init():
-    from NoduleMTLLib.detection.model import adapt_conv1_to_5ch
+    from NoduleMTLLib.models.networks.maskrcnn25d import adapt_conv1_to_5ch
 
     conv3 = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
     conv5 = adapt_conv1_to_5ch(conv3)
@@ -198,7 +198,7 @@ def test_conv1_5ch_init():
 def test_model_configuration(model):
     from torchvision.models import resnet50
 
-    from NoduleMTLLib.detection.model import AuxRoIHeads, build_maskrcnn25d
+    from NoduleMTLLib.models.networks.maskrcnn25d import AuxRoIHeads, build_maskrcnn25d
     from training.detection_phases import count_trainable_parameters
 
     ag = model.rpn.anchor_generator
@@ -511,9 +511,9 @@ def test_group_scales_folds_fragments_into_the_coarse_lesion_only():
 
 
 def test_outline_with_click_one_lesion_one_answer():
-    from NoduleMTLLib.consensus import MaskBox
+    from NoduleMTLLib.core.consensus import MaskBox
     from NoduleMTLLib.detection import infer
-    from NoduleMTLLib.pipeline import ClickOutput
+    from NoduleMTLLib.inference.pipeline import ClickOutput
 
     ct = CTVolume(sitk.Image(100, 100, 20, sitk.sitkInt16))
     big = np.ones((10, 60, 60), bool)  # the click outline of a mass: k 5-14, j/i 20-79

@@ -244,7 +244,7 @@ def test_phase_end_by_iterations_or_time():
 
 @pytest.mark.slow
 def test_no_resize_transform_keeps_native_pixels():
-    from NoduleMTLLib.detection.model import NoResizeTransform, build_maskrcnn25d
+    from NoduleMTLLib.models.networks.maskrcnn25d import NoResizeTransform, build_maskrcnn25d
 
     m = build_maskrcnn25d(backbone="resnet18")
     assert isinstance(m.transform, NoResizeTransform)
@@ -263,9 +263,9 @@ def test_no_resize_transform_keeps_native_pixels():
 
 @pytest.mark.slow
 def test_narrow_variant_from_lnmsnet_encoder():
-    from NoduleMTLLib.detection.model import build_maskrcnn25d
-    from NoduleMTLLib.networks.lnmsnet import LNMSNet
-    from NoduleMTLLib.registry import find_weights, read_state_dict
+    from NoduleMTLLib.models.networks.lnmsnet import LNMSNet
+    from NoduleMTLLib.models.networks.maskrcnn25d import build_maskrcnn25d
+    from NoduleMTLLib.models.registry import find_weights, read_state_dict
     from training.detection_phases import init_backbone_from_lnmsnet, lnmsnet_encoder_state_dict
 
     m = build_maskrcnn25d(backbone="resnet18")
@@ -316,8 +316,8 @@ def smoke_cfg(tmp_path_factory, cfg):
 
 @pytest.mark.slow
 def test_smoke_train_resume_export_reload_evaluate(shared_data, smoke_cfg, tmp_path, capsys, monkeypatch):
-    from NoduleMTLLib import registry
-    from NoduleMTLLib.detection.model import DETECTION_LOSS_KEYS
+    from NoduleMTLLib.models import registry
+    from NoduleMTLLib.models.networks.maskrcnn25d import DETECTION_LOSS_KEYS
 
     run = tmp_path / "run"
     rc, recs, _ = _run_cli(capsys, "train", "maskrcnn25d", "--config", str(smoke_cfg), "--out", str(run),
@@ -430,9 +430,9 @@ def test_smoke_train_resume_export_reload_evaluate(shared_data, smoke_cfg, tmp_p
 
 @pytest.mark.slow
 def test_detector_is_not_a_click_network(shared_data):
-    from NoduleMTLLib import registry
-    from NoduleMTLLib.io import InputError, read_ct
-    from NoduleMTLLib.pipeline import analyze_points
+    from NoduleMTLLib.core.io import InputError, read_ct
+    from NoduleMTLLib.inference.pipeline import analyze_points
+    from NoduleMTLLib.models import registry
 
     assert "maskrcnn25d" not in registry.available_networks() and "maskrcnn25d" not in registry.NETWORKS
     assert registry.available_detectors() == ["maskrcnn25d"] and registry.get_spec("maskrcnn25d").kind == "detector"

@@ -1,4 +1,4 @@
-"""DICOM SEG export (NoduleMTLLib.dicom_seg) on the REAL Lung-PET-CT-Dx A0002 DICOM series.
+"""DICOM SEG export (NoduleMTLLib.outputs.dicom_seg) on the REAL Lung-PET-CT-Dx A0002 DICOM series.
 
 The tumour (biopsy-proven adenocarcinoma) is clicked at the centre of the collection's
 reference box on its middle slice; the click path's mask is written as DICOM SEG and read
@@ -21,11 +21,11 @@ from scipy import ndimage as ndi
 
 hd = pytest.importorskip("highdicom")
 
-from NoduleMTLLib.dicom_seg import SEG_SERIES_DESCRIPTION, source_files, write_dicom_seg  # noqa: E402
-from NoduleMTLLib.io import InputError, read_ct  # noqa: E402
-from NoduleMTLLib.pipeline import analyze_points  # noqa: E402
-from NoduleMTLLib.results import AnalysisResult, NoduleResult  # noqa: E402
-from NoduleMTLLib.safe_output import visible_entries  # noqa: E402
+from NoduleMTLLib.core.io import InputError, read_ct  # noqa: E402
+from NoduleMTLLib.core.results import AnalysisResult, NoduleResult  # noqa: E402
+from NoduleMTLLib.core.safe_output import visible_entries  # noqa: E402
+from NoduleMTLLib.inference.pipeline import analyze_points  # noqa: E402
+from NoduleMTLLib.outputs.dicom_seg import SEG_SERIES_DESCRIPTION, source_files, write_dicom_seg  # noqa: E402
 
 SERIES = "lung_pet_ct_dx_A0002_dicom"
 
@@ -128,7 +128,7 @@ def test_dicom_seg_round_trip_on_real_series(dicom_case, tmp_path):
     # output (raw P = 0.88 on this tumour -> would be red): grey without one, green for a reported 0.1
     import copy
 
-    from NoduleMTLLib.colors import probability_color
+    from NoduleMTLLib.outputs.colors import probability_color
 
     def colour(r):
         return np.asarray(hd.color.CIELabColor.from_dicom_value(r.SegmentSequence[0].RecommendedDisplayCIELabValue).to_rgb()) / 255
@@ -196,7 +196,7 @@ def _box_centre_lps(shared_data):
 
 @pytest.mark.slow
 def test_cli_analyze_dicom_seg(dicom_case, shared_data, tmp_path, capsys):
-    from NoduleMTLLib.cli import main
+    from NoduleMTLLib.apps.cli import main
 
     x, y, z = _box_centre_lps(shared_data)
     out = tmp_path / "out"
@@ -215,7 +215,7 @@ def test_cli_analyze_dicom_seg(dicom_case, shared_data, tmp_path, capsys):
 
 
 def test_cli_dicom_seg_refuses_nrrd_input(repo_dir, tmp_path, capsys):
-    from NoduleMTLLib.cli import main
+    from NoduleMTLLib.apps.cli import main
 
     out = tmp_path / "out"
     rc = main(["analyze", str(repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"),
@@ -229,7 +229,7 @@ def test_cli_dicom_seg_refuses_nrrd_input(repo_dir, tmp_path, capsys):
 def test_batch_dicom_seg_only_for_dicom_cases(dicom_case, shared_data, repo_dir, tmp_path, capsys):
     import shutil
 
-    from NoduleMTLLib.cli import main
+    from NoduleMTLLib.apps.cli import main
 
     inp = tmp_path / "in"
     inp.mkdir()

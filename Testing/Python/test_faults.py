@@ -1,5 +1,5 @@
 """Faults and hostile inputs, one test per class of fault (issue 25), through the command line on
-real CT: the exit code of the error's class (:mod:`NoduleMTLLib.errors`), a one-line message
+real CT: the exit code of the error's class (:mod:`NoduleMTLLib.core.errors`), a one-line message
 without traceback, the user's files byte-identical, and the same nodule ids in labels.nrrd,
 segmentation.seg.nrrd, nodules.json and nodules.csv.
 
@@ -26,11 +26,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib import calibration, cli, errors, pipeline, registry, safe_output, strict_json, thick_slices
-from NoduleMTLLib.errors import BatchError, CalibrationError, InputError, NoLungError, NotCTError, OutputError, WeightsError
-from NoduleMTLLib.outputs import OUTPUT_FILES
-from NoduleMTLLib.results import AnalysisResult, NoduleResult
-from NoduleMTLLib.writer import write_core_files
+from NoduleMTLLib.apps import cli
+from NoduleMTLLib.clinical import thick_slices
+from NoduleMTLLib.core import errors, safe_output, strict_json
+from NoduleMTLLib.core.errors import BatchError, CalibrationError, InputError, NoLungError, NotCTError, OutputError, WeightsError
+from NoduleMTLLib.core.results import AnalysisResult, NoduleResult
+from NoduleMTLLib.inference import pipeline
+from NoduleMTLLib.models import calibration, registry
+from NoduleMTLLib.outputs.files import OUTPUT_FILES
+from NoduleMTLLib.outputs.writer import write_core_files
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -118,8 +122,12 @@ def test_every_library_error_has_one_root_and_its_own_exit_code():
     assert len(set(codes)) == len(codes) and not {0, 2, 130} & set(codes)
     assert {c.exit_code for c in classes if issubclass(c, errors.UsageError)} == {2}  # usage errors, as argparse's
     # the historic homes name the same classes
-    from NoduleMTLLib import batch, device, dicom_seg, dicom_sr, io, model_import, outputs
+    from NoduleMTLLib.apps import batch
+    from NoduleMTLLib.core import device, io
     from NoduleMTLLib.detection import preprocess
+    from NoduleMTLLib.models import model_import
+    from NoduleMTLLib.outputs import dicom_seg, dicom_sr
+    from NoduleMTLLib.outputs import files as outputs
     homes = {io: ["InputError"], batch: ["BatchError"], registry: ["WeightsError"], calibration: ["CalibrationError"],
              device: ["DeviceError"], safe_output: ["OutputError", "OutputLocked"], outputs: ["OutputsError"],
              dicom_seg: ["DicomSegError"], dicom_sr: ["DicomSrError"], model_import: ["ModelImportError"],
@@ -152,7 +160,7 @@ def test_no_json_writer_allows_nan(tmp_path):
                 kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 assert kw.get("allow_nan") == "False", f"{path.relative_to(REPO)}:{node.lineno}"
     ct = sitk.ReadImage(str(SAMPLE))
-    from NoduleMTLLib.io import CTVolume
+    from NoduleMTLLib.core.io import CTVolume
     vol = CTVolume(ct, str(SAMPLE))
     res = AnalysisResult(input=vol.describe(), run={"networks": ["lnmsnet"]}, nodules=[
         NoduleResult(id=1, point_lps_mm=(0.0, 0.0, 0.0), found=False, malignancy_probability=float("nan"))])
@@ -287,7 +295,7 @@ def test_points_csv_rows_must_match_the_header(tmp_path, capsys, monkeypatch):
         pts.write_text(text)
         _refused(["batch", str(lst), "--points", str(pts), *out], capsys, tmp_path, BatchError, *frags)
     # a case without a row: the message says that the whole scan was searched instead
-    from NoduleMTLLib import analysis
+    from NoduleMTLLib.service import analysis
 
     def no_lung(*a, **k):
         raise NoLungError("No plausible lung in this CT")
@@ -330,7 +338,7 @@ def test_thick_slices_note_and_no_category_for_small_nodules(tmp_path, capsys):
 
 def test_slices_over_2_5_mm_get_a_note_but_keep_a_large_nodules_category():
     ct = sitk.ReadImage(str(SAMPLE))
-    from NoduleMTLLib.io import CTVolume
+    from NoduleMTLLib.core.io import CTVolume
     for dz, size, category in ((3.0, 9.0, "4A"), (5.0, 16.0, "4B"), (5.0, 9.0, None), (2.5, 9.0, "4A")):
         vol = CTVolume(_resampled(ct, dz))
         n = NoduleResult(id=1, point_lps_mm=(0.0, 0.0, 0.0), found=True, diameter_mm=size,
@@ -432,9 +440,10 @@ _DRIVER = textwrap.dedent('''
     import contextlib, hashlib, io, json, os, subprocess, sys
     from pathlib import Path
     root, sample, pt = Path(sys.argv[1]), sys.argv[2], sys.argv[3:6]
-    from NoduleMTLLib import cli, pipeline
-    from NoduleMTLLib.results import AnalysisResult, NoduleResult
-    from NoduleMTLLib.safe_output import visible_entries
+    from NoduleMTLLib.apps import cli
+    from NoduleMTLLib.inference import pipeline
+    from NoduleMTLLib.core.results import AnalysisResult, NoduleResult
+    from NoduleMTLLib.core.safe_output import visible_entries
 
     def fake(ct, points_lps, network_ids=("lnmsnet",), **kw):
         return AnalysisResult(input=ct.describe(), run={"networks": list(network_ids), "device": "cpu"},
@@ -593,7 +602,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, shared_data):
     # idle machine can finish between its first progress line and the signal).
     out = tmp_path / "o"
     ct = shared_data / "whole_ct" / "lidc" / "LIDC-IDRI-0003" / "ct.nrrd"
-    p = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "analyze", str(ct), "--detect", "--networks", "none",
+    p = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.apps.cli", "analyze", str(ct), "--detect", "--networks", "none",
                           "--device", "cpu", "--progress-format", "lines", "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                          # a terminal's default: a suite started as a background job (`cmd &`) inherits SIGINT ignored

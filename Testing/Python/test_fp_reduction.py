@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from NoduleMTLLib.detection import fp_reduction as fpr
+from NoduleMTLLib.core.io import CTVolume
 from NoduleMTLLib.detection import infer
-from NoduleMTLLib.io import CTVolume
+from NoduleMTLLib.models.networks import fpr25d as fpr
 from training import detection_matching as ev
 
 REPO = Path(__file__).resolve().parents[2]

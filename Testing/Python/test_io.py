@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib.io import InputError, ijk_to_lps_matrix, ijk_to_ras_matrix, image_from_array, lps_to_ras, ras_to_lps, read_ct
+from NoduleMTLLib.core.io import InputError, ijk_to_lps_matrix, ijk_to_ras_matrix, image_from_array, lps_to_ras, ras_to_lps, read_ct
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_refuses_missing_and_corrupt(tmp_path, sample):
 
 
 def _result_from_labels(lab: np.ndarray, ids) -> "object":
-    from NoduleMTLLib.results import AnalysisResult, NoduleResult
+    from NoduleMTLLib.core.results import AnalysisResult, NoduleResult
 
     nods = []
     for i in ids:
@@ -118,8 +118,8 @@ def test_segmentation_dict_fast_path_equals_slicerio_add_segment(repo_dir):
     nodules take slicerio's layered path."""
     import slicerio
 
-    from NoduleMTLLib.io import read_ct
-    from NoduleMTLLib.outputs import segmentation_dict
+    from NoduleMTLLib.core.io import read_ct
+    from NoduleMTLLib.outputs.files import segmentation_dict
 
     d = repo_dir / "Resources" / "SampleData"
     ct = read_ct(d / "LIDC-IDRI-0003_crop.nrrd")

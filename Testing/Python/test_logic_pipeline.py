@@ -11,9 +11,10 @@ from test_cli import MIN_DICE, NODULE2_RAS, NODULE3_RAS  # noqa: E402
 from test_mrml import app, build_app_scene, load_volume_from_file, slicer_share, vtk_errors  # noqa: E402,F401
 
 import NoduleMTLMRML  # noqa: E402
-from NoduleMTLLib import DEFAULT_NETWORKS, cli  # noqa: E402
-from NoduleMTLLib.metrics import dice  # noqa: E402
-from NoduleMTLLib.pipeline import analyze_points  # noqa: E402
+from NoduleMTLLib import DEFAULT_NETWORKS  # noqa: E402
+from NoduleMTLLib.apps import cli  # noqa: E402
+from NoduleMTLLib.core.metrics import dice  # noqa: E402
+from NoduleMTLLib.inference.pipeline import analyze_points  # noqa: E402
 
 pytestmark = pytest.mark.slow  # analyses on a real MRML scene
 
@@ -70,7 +71,7 @@ def test_cli_seg_nrrd_reads_in_slicer(app, sample_paths, tmp_path):
 
 
 def _click_networks_with_weights():
-    from NoduleMTLLib import registry
+    from NoduleMTLLib.models import registry
 
     ids = []
     for nid in registry.available_networks():

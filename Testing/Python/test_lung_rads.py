@@ -1,4 +1,4 @@
-"""Lung-RADS v2022 baseline rules (NoduleMTLLib.lung_rads): a guideline table at every cut
+"""Lung-RADS v2022 baseline rules (NoduleMTLLib.clinical.lung_rads): a guideline table at every cut
 point of every type, the size rounding v2022 prescribes, and the HU measurements (solid
 component, calcification, 4X suggestion) on small hand-made CT volumes."""
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib import lung_rads as lr
-from NoduleMTLLib.io import CTVolume
-from NoduleMTLLib.results import NetworkOutput, NoduleResult
+from NoduleMTLLib.clinical import lung_rads as lr
+from NoduleMTLLib.core.io import CTVolume
+from NoduleMTLLib.core.results import NetworkOutput, NoduleResult
 
 # (type, mean diameter mm, solid component mm, expected category, expected rule key)
 GUIDELINE_TABLE = [
@@ -96,7 +96,7 @@ def _ball(shape, centre, radius):
 
 
 def _nodule(mask, ct, ntype, networks=None):
-    from NoduleMTLLib.postprocess import measure_nodule
+    from NoduleMTLLib.core.postprocess import measure_nodule
 
     m = measure_nodule(mask, ct)
     assert m["type"] == ntype, m

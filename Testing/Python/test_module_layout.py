@@ -217,8 +217,9 @@ def test_parameter_node_attributes_exist():
 def test_module_uses_only_existing_library_and_mrml_functions():
     """``_runner().<name>`` / ``_analysis().<name>`` (or ``analysis.<name>``) / ``_text().<name>`` /
     ``NoduleMTLMRML.<name>`` name functions that exist in
-    NoduleMTLLib/runner.py, NoduleMTLLib/analysis.py, NoduleMTLText.py and NoduleMTLMRML.py."""
-    sources = {"_runner": LIB_DIR / "runner.py", "_analysis": LIB_DIR / "analysis.py", "_worker": LIB_DIR / "worker.py",
+    NoduleMTLLib/apps/runner.py, NoduleMTLLib/service/analysis.py, NoduleMTLText.py and NoduleMTLMRML.py."""
+    sources = {"_runner": LIB_DIR / "apps" / "runner.py", "_analysis": LIB_DIR / "service" / "analysis.py",
+               "_worker": LIB_DIR / "apps" / "worker.py",
                "_text": MODULE_DIR / "NoduleMTLText.py", "NoduleMTLMRML": MRML_PY}
     aliases = {"runner": "_runner", "analysis": "_analysis"}  # runner = _runner(), analysis = _analysis()
     used = {k: set() for k in sources}
@@ -303,7 +304,7 @@ def test_imports_of_nodulemtllib_exist(path):
 
 def test_logic_calls_the_analysis_service_with_its_signature():
     """NoduleMTL.py calls ``analysis.analyze(ct, points, network_ids=, device=, progress=, ...)``."""
-    funcs = {n.name: n for n in _tree(LIB_DIR / "analysis.py").body if isinstance(n, ast.FunctionDef)}
+    funcs = {n.name: n for n in _tree(LIB_DIR / "service" / "analysis.py").body if isinstance(n, ast.FunctionDef)}
     assert "analyze" in funcs
     params = {a.arg for a in funcs["analyze"].args.args + funcs["analyze"].args.kwonlyargs}
     calls = [n for n in ast.walk(_tree(MODULE_PY)) if isinstance(n, ast.Call)
@@ -633,35 +634,36 @@ def _constants(tree: ast.AST) -> set[str]:
 
 
 def test_output_file_names_are_defined_in_one_module():
-    from NoduleMTLLib import filenames
+    from NoduleMTLLib.core import filenames
 
     names = {n for n in filenames.MANAGED_FILES if "." in n}  # "pictures" is also an option name
     offenders = {p.relative_to(REPO).as_posix(): sorted(_constants(_tree(p)) & names) for p in _code_files()
-                 if p.name != "filenames.py"}
-    assert {k: v for k, v in offenders.items() if v} == {}, "output file names outside NoduleMTLLib/filenames.py"
+                 if p != LIB_DIR / "core" / "filenames.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}, "output file names outside NoduleMTLLib/core/filenames.py"
 
 
 def test_the_result_set_has_one_writer():
-    """Only NoduleMTLLib/writer.py calls the file writers of a result set (the CLI, reclassify,
+    """Only NoduleMTLLib/outputs/writer.py calls the file writers of a result set (the CLI, reclassify,
     batch and the Slicer export go through ``writer.write_result_set``)."""
     only_writer = {"write_seg_into_output_dir", "write_sr_into_output_dir", "write_pictures", "write_report_html",
                    "write_segmentation", "write_core_files", "write_files"}
     offenders = {p.relative_to(REPO).as_posix(): sorted(_calls(_tree(p)) & only_writer) for p in _code_files()
-                 if p.name != "writer.py"}
+                 if p != LIB_DIR / "outputs" / "writer.py"}
     assert {k: v for k, v in offenders.items() if v} == {}
     users = {p.name for p in _code_files() if "write_result_set" in _calls(_tree(p))}
     assert {"cli.py", "batch.py", "NoduleMTLMRML.py"} <= users
 
 
 def test_the_reported_fields_are_declared_once():
-    """The titles of the reported fields appear only in NoduleMTLLib/fields.py: every presenter
+    """The titles of the reported fields appear only in NoduleMTLLib/outputs/fields.py: every presenter
     (CSV, seg.nrrd and Slicer tags, Slicer table, panel, report.html, pictures, CLI line) reads them."""
-    from NoduleMTLLib.fields import REPORTED_FIELDS
+    from NoduleMTLLib.outputs.fields import REPORTED_FIELDS
 
     titles = {f.title for f in REPORTED_FIELDS} | {f.heading for f in REPORTED_FIELDS}
     offenders = {p.relative_to(REPO).as_posix(): sorted(_constants(_tree(p)) & titles) for p in _code_files()
-                 if p.name != "fields.py"}
+                 if p != LIB_DIR / "outputs" / "fields.py"}
     assert {k: v for k, v in offenders.items() if v} == {}
-    readers = {p.name for p in _code_files() if "NoduleMTLLib.fields" in p.read_text() or "from .fields" in p.read_text()}
-    assert {"outputs.py", "report_html.py", "pictures.py", "cli.py", "NoduleMTLMRML.py", "NoduleMTLText.py",
+    readers = {p.name for p in _code_files()
+               if "NoduleMTLLib.outputs.fields" in p.read_text() or re.search(r"from \.+(outputs\.)?fields import", p.read_text())}
+    assert {"files.py", "report_html.py", "pictures.py", "cli.py", "NoduleMTLMRML.py", "NoduleMTLText.py",
             "dicom_seg.py"} <= readers

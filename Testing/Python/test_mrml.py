@@ -30,8 +30,8 @@ vtk = pytest.importorskip("vtk")
 sitk = pytest.importorskip("SimpleITK")
 
 import NoduleMTLMRML as M  # noqa: E402  (conftest puts NoduleMTL/ on sys.path)
-from NoduleMTLLib.io import InputError, ijk_to_ras_matrix, read_ct  # noqa: E402
-from NoduleMTLLib.results import NODULE_TERMINOLOGY, AnalysisResult, NetworkOutput, NoduleResult  # noqa: E402
+from NoduleMTLLib.core.io import InputError, ijk_to_ras_matrix, read_ct  # noqa: E402
+from NoduleMTLLib.core.results import NODULE_TERMINOLOGY, AnalysisResult, NetworkOutput, NoduleResult  # noqa: E402
 
 CASE = "whole_ct/lidc/LIDC-IDRI-0003"
 CENTER_LPS = (72.5, 77.2, -190.4)  # nodule 2 of LIDC-IDRI-0003
@@ -566,7 +566,7 @@ def test_box_masks_give_the_same_segments_as_full_masks(app, crop):
     """Nodules holding their masks as bounding boxes (``MaskBox``, what the whole-scan search
     stores) give exactly the segments of the same masks held as full-grid arrays (real CT
     crop, overlapping masks included); a box on another grid is refused like a full mask."""
-    from NoduleMTLLib.consensus import MaskBox
+    from NoduleMTLLib.core.consensus import MaskBox
 
     volume = add_volume_from_array(app.scene, crop.ct)
     full = make_result(crop)
@@ -860,8 +860,8 @@ SAMPLE_POINTS_RAS = [(-72.5, -77.2, -190.4), (-23.5, 47.6, -172.3)]
 def clicked_scene(app, repo_dir):
     """The sample CT loaded by Slicer's reader, the click path run on its two nodules
     (LNMSNet, CPU) and the result added to the scene."""
-    from NoduleMTLLib.io import ras_to_lps
-    from NoduleMTLLib.pipeline import analyze_points
+    from NoduleMTLLib.core.io import ras_to_lps
+    from NoduleMTLLib.inference.pipeline import analyze_points
 
     volume = load_volume_from_file(app.scene, repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd",
                                    name="LIDC-IDRI-0003 crop")
@@ -912,7 +912,7 @@ def _row(table_node, name, row):
 
 @pytest.mark.slow
 def test_reclassify_segment_follows_user_edit_and_keeps_it(app, clicked_scene):
-    from NoduleMTLLib.refine import reclassify_from_mask
+    from NoduleMTLLib.inference.refine import reclassify_from_mask
 
     volume, ct, result, seg_node, table_node = clicked_scene
     segmentation = seg_node.GetSegmentation()

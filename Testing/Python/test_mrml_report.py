@@ -20,11 +20,11 @@ sitk = pytest.importorskip("SimpleITK")
 from test_mrml import app, crop, load_volume_from_file, make_result, slicer_share, vtk_errors  # noqa: E402,F401
 
 import NoduleMTLMRML as M  # noqa: E402
-from NoduleMTLLib.assessment import annotate_result  # noqa: E402
-from NoduleMTLLib.brock import PatientInfo  # noqa: E402
-from NoduleMTLLib.io import InputError, read_ct  # noqa: E402
-from NoduleMTLLib.postprocess import measure_nodule  # noqa: E402
-from NoduleMTLLib.results import AnalysisResult, NetworkOutput, NoduleResult  # noqa: E402
+from NoduleMTLLib.clinical.brock import PatientInfo  # noqa: E402
+from NoduleMTLLib.core.io import InputError, read_ct  # noqa: E402
+from NoduleMTLLib.core.postprocess import measure_nodule  # noqa: E402
+from NoduleMTLLib.core.results import AnalysisResult, NetworkOutput, NoduleResult  # noqa: E402
+from NoduleMTLLib.service.assessment import annotate_result  # noqa: E402
 
 SERIES = "lung_pet_ct_dx_A0002_dicom"
 

@@ -1,8 +1,8 @@
-"""The network contract (``NoduleMTLLib.contract``) and the registry as the one list of ids.
+"""The network contract (``NoduleMTLLib.models.contract``) and the registry as the one list of ids.
 
 A sixth network is added the way the contract says - one network file (here this test module,
 which declares the class and its ``INPUT_SPEC``) plus one registry entry - and runs through
-the analysis service (``NoduleMTLLib.analysis.analyze``) on the real sample CT, without an
+the analysis service (``NoduleMTLLib.service.analysis.analyze``) on the real sample CT, without an
 edit anywhere else.
 """
 
@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from NoduleMTLLib import analysis, registry
-from NoduleMTLLib.contract import ClickNetwork, ClickNetworkBase, WholeScanDetector
-from NoduleMTLLib.io import ras_to_lps, read_ct
+from NoduleMTLLib.core.io import ras_to_lps, read_ct
+from NoduleMTLLib.models import registry
+from NoduleMTLLib.models.contract import ClickNetwork, ClickNetworkBase, WholeScanDetector
+from NoduleMTLLib.service import analysis
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -125,7 +126,7 @@ def test_a_sixth_network_runs_through_the_analysis_service(tiny_registered):
 
 
 def test_analyze_checks_its_inputs():
-    from NoduleMTLLib.io import InputError
+    from NoduleMTLLib.core.io import InputError
 
     ct = read_ct(SAMPLE_CT)
     with pytest.raises(InputError, match="No points"):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from NoduleMTLLib.metrics import binary_classification_stats, dice, iou, roc_auc
-from NoduleMTLLib.networks.lnmsnet import LNMSNet, MSConv
+from NoduleMTLLib.core.metrics import binary_classification_stats, dice, iou, roc_auc
+from NoduleMTLLib.models.networks.lnmsnet import LNMSNet, MSConv
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def real_nodules(shared_data):
 @pytest.mark.slow
 def test_training_steps_reduce_loss_on_real_batch(real_nodules):
     """Ten optimiser steps on one real batch (8 slices) lower the joint loss: gradients flow through both heads."""
-    from NoduleMTLLib.preprocessing import normalize_slices
+    from NoduleMTLLib.inference.preprocessing import normalize_slices
     from training.augment import sample_batch
     from training.losses import masked_bce, seg_loss
     torch.manual_seed(0)
@@ -127,8 +127,8 @@ def test_joint_loss_uses_each_networks_own_loss(real_nodules):
     a finite scalar whose gradient reaches the network.  Regression: since the click-network
     contract gave every network ``forward_click``, LNMSNet went down DSMT-Net's multi-head
     branch and training it failed (``no attribute 'main_head'``)."""
-    from NoduleMTLLib.preprocessing import normalize_slices
-    from NoduleMTLLib.registry import available_networks, build_network
+    from NoduleMTLLib.inference.preprocessing import normalize_slices
+    from NoduleMTLLib.models.registry import available_networks, build_network
     from training.augment import sample_batch
     from training.click2d import joint_loss
     from training.losses import masked_bce, seg_loss

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from NoduleMTLLib.networks.detguided import (
+from NoduleMTLLib.models.networks.detguided import (
     SIZE_CLASSES,
     DetGuidedNet,
     build_detguided,
@@ -19,7 +19,7 @@ from NoduleMTLLib.networks.detguided import (
     size_class_from_mask,
     spatial_regularization,
 )
-from NoduleMTLLib.networks.dsmtnet import (
+from NoduleMTLLib.models.networks.dsmtnet import (
     DEFAULT_HEADS,
     KNOWN_HEADS,
     LIDC_HEAD_RULES,
@@ -31,7 +31,7 @@ from NoduleMTLLib.networks.dsmtnet import (
     lidc_head_label,
     stage_parameters,
 )
-from NoduleMTLLib.networks.mtnet import AlignedXceptionEncoder, ClassNet, build_mtnet, init_4th_channel_from_rgb_mean
+from NoduleMTLLib.models.networks.mtnet import AlignedXceptionEncoder, ClassNet, build_mtnet, init_4th_channel_from_rgb_mean
 from training.losses import dice_loss, hybrid_seg_loss, masked_cross_entropy, mtnet_loss, multi_head_bce, rank_loss
 
 torch.set_num_threads(1)
@@ -424,7 +424,7 @@ def real_slices(shared_data):
 def test_dual_scale_crops_on_real_nodule(real_slices):
     """Local (32 mm) and context (64 mm) crops of a real LIDC stack share the centre and the
     pixel grid: the nodule covers ~4x more pixels in the local crop (pixels half as wide)."""
-    from NoduleMTLLib.preprocessing import normalize_slices
+    from NoduleMTLLib.inference.preprocessing import normalize_slices
     nd = max((n for n in real_slices if len(n.image) >= 5), key=lambda n: n.consensus.sum())
     s = len(nd.image)
     spacing = (nd.slice_thickness_mm or 1.0, nd.spacing_mm, nd.spacing_mm)
@@ -451,7 +451,7 @@ def test_dual_scale_crops_on_real_nodule(real_slices):
 def test_training_steps_on_real_batch(real_slices):
     """A few optimiser steps on one real batch: every network gets gradients in all its parts
     from its losses, and MT-Net's hybrid loss goes down."""
-    from NoduleMTLLib.preprocessing import normalize_slices
+    from NoduleMTLLib.inference.preprocessing import normalize_slices
     from training.augment import sample_batch
     from training.losses import masked_bce, seg_loss
     torch.manual_seed(0)

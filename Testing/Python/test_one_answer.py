@@ -31,9 +31,9 @@ import pytest
 import SimpleITK as sitk
 from test_mrml import app, load_volume_from_file, slicer_share  # noqa: F401  (real slicer-core MRML scene)
 
-from NoduleMTLLib import cli
-from NoduleMTLLib.colors import probability_color
-from NoduleMTLLib.registry import DEFAULT_NETWORKS
+from NoduleMTLLib.apps import cli
+from NoduleMTLLib.models.registry import DEFAULT_NETWORKS
+from NoduleMTLLib.outputs.colors import probability_color
 
 NODULE3_RAS = (-23.5, 47.6, -172.3)  # 4 readers, ~13 mm
 NET = DEFAULT_NETWORKS[0]
@@ -92,8 +92,8 @@ def test_every_output_of_one_run_has_the_same_reported_probability(run):
     cells = re.findall(r"<td>([^<]*)</td>", html.split("<h2>Results</h2>")[1].split("</table>")[0])
     assert f"{p:.2f}" in cells and cat in cells
     # the picture header (the same key figures)
-    from NoduleMTLLib.outputs import read_outputs
-    from NoduleMTLLib.pictures import key_figures
+    from NoduleMTLLib.outputs.files import read_outputs
+    from NoduleMTLLib.outputs.pictures import key_figures
     back = read_outputs(out)
     assert f"P(malignant) {p:.2f}" in key_figures(back.nodules[0])[1]
     # seg.nrrd: tag and colour from the reported probability
@@ -111,8 +111,8 @@ def test_every_output_of_one_run_has_the_same_reported_probability(run):
 @pytest.mark.slow
 def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  # noqa: F811 (fixture)
     import NoduleMTLMRML as M
-    from NoduleMTLLib import worker
-    from NoduleMTLLib.outputs import read_outputs
+    from NoduleMTLLib.apps import worker
+    from NoduleMTLLib.outputs.files import read_outputs
 
     base, ct_path, p, cat = run["base"], run["ct"], run["p"], run["category"]
     labels = sitk.ReadImage(str(run["out"] / "labels.nrrd"))
@@ -129,8 +129,8 @@ def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  #
     answers["cli reclassify"] = re_js["nodules"][0]
 
     # the worker's request loop (typed JSON protocol; one process, networks kept in its ModelCache)
-    from NoduleMTLLib.io import ras_to_lps
-    from NoduleMTLLib.protocol import AnalysisRequest
+    from NoduleMTLLib.apps.protocol import AnalysisRequest
+    from NoduleMTLLib.core.io import ras_to_lps
     req = AnalysisRequest(mode="analyze", ct=str(ct_path), out=str(base / "w"), points_lps=[list(ras_to_lps(NODULE3_RAS))],
                           device="cpu")
     events = io.StringIO()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from NoduleMTLLib import cli, pacs
+from NoduleMTLLib.apps import cli, pacs
 
 USER, PASSWORD = "nodulemtl", "test-password-1"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"

@@ -1,4 +1,4 @@
-"""Refinement loop (NoduleMTLLib.refine, training.data.load_user_cases) on the real sample CT.
+"""Refinement loop (NoduleMTLLib.inference.refine, training.data.load_user_cases) on the real sample CT.
 
 Data: ``Resources/SampleData/LIDC-IDRI-0003_crop.nrrd`` (real LIDC-IDRI-0003 CT, cropped)
 with its two nodules clicked as in the README; the "user edit" is a morphological
@@ -16,10 +16,16 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage as ndi
 
-from NoduleMTLLib.io import CTVolume, InputError, ras_to_lps, read_ct
-from NoduleMTLLib.pipeline import analyze_points
-from NoduleMTLLib.postprocess import measure_nodule
-from NoduleMTLLib.refine import LABELS_CSV_COLUMNS, RECLASSIFIED_MESSAGE, export_for_training, malignancy_label, reclassify_from_mask
+from NoduleMTLLib.core.io import CTVolume, InputError, ras_to_lps, read_ct
+from NoduleMTLLib.core.postprocess import measure_nodule
+from NoduleMTLLib.inference.pipeline import analyze_points
+from NoduleMTLLib.inference.refine import (
+    LABELS_CSV_COLUMNS,
+    RECLASSIFIED_MESSAGE,
+    export_for_training,
+    malignancy_label,
+    reclassify_from_mask,
+)
 
 POINTS_RAS = [(-72.5, -77.2, -190.4), (-23.5, 47.6, -172.3)]
 
@@ -79,7 +85,7 @@ def test_mtnet_classnet_receives_the_edited_mask(sample_ct, click):
     """A network with a mask-taking classifier (MT-Net Class-net, randomly initialised here:
     no trained weights yet) gets the edited mask as its 2nd input channel, and its own
     segmentation branch is not run."""
-    from NoduleMTLLib.networks.mtnet import build_mtnet
+    from NoduleMTLLib.models.networks.mtnet import build_mtnet
 
     torch.manual_seed(0)
     model = build_mtnet("narrow").eval()

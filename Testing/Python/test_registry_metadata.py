@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from NoduleMTLLib import contract, registry
-from NoduleMTLLib.detection import fp_reduction as fpr
-from NoduleMTLLib.io import InputError
+from NoduleMTLLib.core.io import InputError
+from NoduleMTLLib.models import contract, registry
+from NoduleMTLLib.models.networks import fpr25d as fpr
 
 REPO = Path(__file__).resolve().parents[2]
 #: Documents that quote the operating points: the README, docs/, the model cards and the training results.
@@ -50,7 +50,7 @@ def test_network_ids_are_validated_only_in_the_registry():
     copies = [p.relative_to(REPO).as_posix() for p in (REPO / "NoduleMTLLib").rglob("*.py")
               if p.name != "registry.py" and re.search(r"if \w+ not in NETWORKS", p.read_text(encoding="utf-8"))]
     assert copies == []
-    for rel in ("pipeline.py", "detection/infer.py", "refine.py", "batch.py", "pacs.py"):
+    for rel in ("inference/pipeline.py", "detection/infer.py", "inference/refine.py", "apps/batch.py", "apps/pacs.py"):
         assert "check_network_ids(" in (REPO / "NoduleMTLLib" / rel).read_text(encoding="utf-8"), rel
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from NoduleMTLLib.metrics import roc_auc
+from NoduleMTLLib.core.metrics import roc_auc
 from training import cli as train_cli
 from training.report import ReportError, roc_curve, summarize, write_report
 
@@ -109,7 +109,7 @@ def test_evaluate_nodules_mtnet_metrics(shared_data):
     """Per-nodule Jaccard = D / (2 - D) and pixel sums = all pixels, on real held-out LIDC slices."""
     import torch
 
-    from NoduleMTLLib.registry import load_network
+    from NoduleMTLLib.models.registry import load_network
     from training.click2d import evaluate_nodules
     from training.data import load_slice_nodules, load_split
 

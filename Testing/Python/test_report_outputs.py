@@ -26,9 +26,9 @@ import pytest
 hd = pytest.importorskip("highdicom")
 from pydicom.sr.codedict import codes  # noqa: E402
 
-from NoduleMTLLib import cli  # noqa: E402
-from NoduleMTLLib.errors import InputError  # noqa: E402
-from NoduleMTLLib.report_html import DISCLAIMER  # noqa: E402
+from NoduleMTLLib.apps import cli  # noqa: E402
+from NoduleMTLLib.core.errors import InputError  # noqa: E402
+from NoduleMTLLib.outputs.report_html import DISCLAIMER  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -86,7 +86,7 @@ def test_a0002_writes_every_report_output_and_is_4b(a0002):
     png = (out / "pictures" / "nodule_1.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     # one probability everywhere: the DICOM SEG's colour is the reported probability's (not the raw output's)
-    from NoduleMTLLib.colors import probability_color
+    from NoduleMTLLib.outputs.colors import probability_color
     p = n["malignancy_probability"]
     assert p is not None and float(row["malignancy_probability"]) == p
     lab = pydicom.dcmread(out / "segmentation.dcm").SegmentSequence[0].RecommendedDisplayCIELabValue
@@ -215,12 +215,12 @@ def test_found_nodules_of_a_search_get_the_fields_and_a_count_note():
     """Whole-scan candidates: same records, and the nodule count's source says it counts candidates."""
     import SimpleITK as sitk
 
-    from NoduleMTLLib.assessment import annotate_result
-    from NoduleMTLLib.brock import PatientInfo
-    from NoduleMTLLib.io import CTVolume
-    from NoduleMTLLib.outputs import csv_rows
-    from NoduleMTLLib.postprocess import measure_nodule
-    from NoduleMTLLib.results import AnalysisResult, NoduleResult
+    from NoduleMTLLib.clinical.brock import PatientInfo
+    from NoduleMTLLib.core.io import CTVolume
+    from NoduleMTLLib.core.postprocess import measure_nodule
+    from NoduleMTLLib.core.results import AnalysisResult, NoduleResult
+    from NoduleMTLLib.outputs.files import csv_rows
+    from NoduleMTLLib.service.assessment import annotate_result
 
     hu = np.full((30, 60, 60), -850, np.int16)
     z, y, x = np.ogrid[:30, :60, :60]

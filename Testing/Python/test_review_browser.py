@@ -66,7 +66,7 @@ def server(tmp_path_factory):
     reference = _start_reference(ct_folder, work)
     port = _free_port()
     log = (work / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.cli", "review", str(ct_folder), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "NoduleMTLLib.apps.cli", "review", str(ct_folder), "--port", str(port),
                              "--allow", str(work), "--device", "cpu"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}/"
@@ -136,10 +136,10 @@ def _rows(page):
 
 def _start_reference(ct, tmp) -> tuple[subprocess.Popen, Path]:
     """``nodulemtl analyze`` at the 30 mm nodule with the app's default network (runs beside the server)."""
-    from NoduleMTLLib.registry import DEFAULT_NETWORK
+    from NoduleMTLLib.models.registry import DEFAULT_NETWORK
 
     out = tmp / "reference"
-    cmd = [sys.executable, "-m", "NoduleMTLLib.cli", "analyze", str(ct), "--point", *[repr(v) for v in NODULE_30MM_RAS],
+    cmd = [sys.executable, "-m", "NoduleMTLLib.apps.cli", "analyze", str(ct), "--point", *[repr(v) for v in NODULE_30MM_RAS],
            "--networks", DEFAULT_NETWORK, "--device", "cpu", "--out", str(out), "--quiet", "--no-pictures"]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 

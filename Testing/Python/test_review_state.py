@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from NoduleMTLLib.io import InputError
+from NoduleMTLLib.core.io import InputError
 from NoduleMTLReview.state import (
     ACCEPTED,
     REJECTED,
@@ -123,9 +123,9 @@ def _sample_result(ct_path):
     """The sample's two four-reader nodules as an AnalysisResult (readers' masks, measured)."""
     import SimpleITK as sitk
 
-    from NoduleMTLLib.io import read_ct
-    from NoduleMTLLib.postprocess import measure_nodule
-    from NoduleMTLLib.results import AnalysisResult, NetworkOutput, NoduleResult
+    from NoduleMTLLib.core.io import read_ct
+    from NoduleMTLLib.core.postprocess import measure_nodule
+    from NoduleMTLLib.core.results import AnalysisResult, NetworkOutput, NoduleResult
 
     ct = read_ct(ct_path)
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(LABELS)))
@@ -170,7 +170,7 @@ def test_export_selection(sample_result):
 
 def test_export_writes_only_accepted_and_never_overwrites(sample_result, tmp_path):
     slicerio = pytest.importorskip("slicerio")
-    from NoduleMTLLib.safe_output import OutputError
+    from NoduleMTLLib.core.safe_output import OutputError
     from NoduleMTLReview.export import write_review_outputs
 
     ct, res = sample_result
@@ -189,7 +189,7 @@ def test_export_writes_only_accepted_and_never_overwrites(sample_result, tmp_pat
 
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nrrd")))  # every finding: the review reopens
     assert set(np.unique(labels)) == {0, 1, 2} and (labels == 1).sum() == res.nodules[0].mask.sum()
-    from NoduleMTLLib.outputs import read_outputs
+    from NoduleMTLLib.outputs.files import read_outputs
 
     assert [n.id for n in read_outputs(out).nodules] == [1, 2]
     html = (out / "report.html").read_text()
@@ -206,7 +206,7 @@ def test_export_from_dicom_writes_seg_and_sr_of_accepted_only(tmp_path):
     hd = pytest.importorskip("highdicom")
     import SimpleITK as sitk
 
-    from NoduleMTLLib.io import read_ct
+    from NoduleMTLLib.core.io import read_ct
     from NoduleMTLReview.export import write_review_outputs
 
     folder = write_sample_dicom(tmp_path / "dicom")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from NoduleMTLLib.io import CTVolume, read_ct
-from NoduleMTLLib.postprocess import axial_diameters, component_near, measure_nodule, nodule_type
-from NoduleMTLLib.preprocessing import PAD_HU, normalize_slices
-from NoduleMTLLib.roi import PatchGrid, extract_patch, patch_to_ct_region
+from NoduleMTLLib.core.io import CTVolume, read_ct
+from NoduleMTLLib.core.postprocess import axial_diameters, component_near, measure_nodule, nodule_type
+from NoduleMTLLib.inference.preprocessing import PAD_HU, normalize_slices
+from NoduleMTLLib.inference.roi import PatchGrid, extract_patch, patch_to_ct_region
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_patch_back_to_ct_grid(sample):
     patch = sitk.GetArrayFromImage(sitk.Resample(mimg, g.reference(), sitk.Transform(), sitk.sitkLinear, 0.0))
     region, sl = patch_to_ct_region(patch, g, ct)
     back = np.zeros_like(m); back[sl] = region > 0.5
-    from NoduleMTLLib.metrics import dice
+    from NoduleMTLLib.core.metrics import dice
     assert dice(back, m) > 0.9
 
 
@@ -176,7 +176,7 @@ def test_normalisation_is_affine_invariant(sample):
 def test_truncate_axial_leak_keeps_tips_and_cuts_tubes():
     """Per-slice areas 0,1,2,9,9,9,1,1,1 from slice 4: downwards the tapering tip (2, 1) stays;
     upwards the thin tube (1, 1, 1: < 20 % of 9 on consecutive slices) is cut after its first slice."""
-    from NoduleMTLLib.postprocess import truncate_axial_leak
+    from NoduleMTLLib.core.postprocess import truncate_axial_leak
     c = np.zeros((9, 3, 3), bool)
     for z, a in enumerate([0, 1, 2, 9, 9, 9, 1, 1, 1]):
         c[z].flat[:a] = True
@@ -198,7 +198,7 @@ def _disk_stack(radii, centers=None, n=64):
 def test_cut_at_neck_cuts_regrowth_beyond_a_neck():
     """A mass (slices 4-8) joined through a one-slice neck (slice 3) to a wide, displaced structure
     (slices 0-2, like A0001's hilum): cut after the neck; the mass and the neck are kept."""
-    from NoduleMTLLib.postprocess import cut_at_neck
+    from NoduleMTLLib.core.postprocess import cut_at_neck
 
     radii = [9, 10, 9, 3, 10, 12, 12, 10, 6]
     centers = [(32, 22)] * 3 + [(32, 28)] + [(32, 32)] * 5
@@ -211,7 +211,7 @@ def test_cut_at_neck_cuts_regrowth_beyond_a_neck():
 def test_cut_at_neck_spares_tapering_nodules_and_small_dropouts():
     """A nodule tapering both ways is untouched; so is a small nodule whose mask has a one-slice
     dropout (regrowth of a few mm^2, below the size floor, as LIDC-IDRI-0794 nodule 2)."""
-    from NoduleMTLLib.postprocess import cut_at_neck
+    from NoduleMTLLib.core.postprocess import cut_at_neck
 
     c = _disk_stack([1, 3, 6, 8, 9, 8, 6, 3, 1])
     np.testing.assert_array_equal(cut_at_neck(c, 4, pixel_area_mm2=0.64), c)
@@ -224,7 +224,7 @@ def test_cut_at_neck_spares_tapering_nodules_and_small_dropouts():
 
 def test_measure_nodule_on_its_box_equals_the_whole_grid(sample):
     """Measurements are computed on the mask's bounding box: same figures as on the whole grid."""
-    from NoduleMTLLib.postprocess import SOLID_HU, bounding_box
+    from NoduleMTLLib.core.postprocess import SOLID_HU, bounding_box
 
     ct, lab = sample
     for n in (2, 3):

@@ -1,9 +1,9 @@
-"""Background runner of the Slicer module (``NoduleMTLLib.runner``), the progress protocol
-(``NoduleMTLLib.progress``), device probing and CPU fallback (``NoduleMTLLib.device``), the
-output reader (``NoduleMTLLib.outputs.read_outputs``), the panel's text (``NoduleMTLText``)
-and model import (``NoduleMTLLib.model_import``), without Qt or Slicer.
+"""Background runner of the Slicer module (``NoduleMTLLib.apps.runner``), the progress protocol
+(``NoduleMTLLib.core.progress``), device probing and CPU fallback (``NoduleMTLLib.core.device``), the
+output reader (``NoduleMTLLib.outputs.files.read_outputs``), the panel's text (``NoduleMTLText``)
+and model import (``NoduleMTLLib.models.model_import``), without Qt or Slicer.
 
-The process tests start real child processes (``python -m NoduleMTLLib.cli analyze``) on the
+The process tests start real child processes (``python -m NoduleMTLLib.apps.cli analyze``) on the
 real sample CT shipped in ``Resources/SampleData`` (LIDC-IDRI-0003, cropped) with the sample
 points of the README, and compare with a direct ``pipeline.analyze_points`` call.
 """
@@ -22,15 +22,18 @@ import pytest
 import torch
 
 import NoduleMTLText as panel_text
-from NoduleMTLLib import analysis, device, progress, registry, runner
-from NoduleMTLLib.io import InputError, ras_to_lps, read_ct
-from NoduleMTLLib.model_import import ModelImportError, identify_weights_file, import_weights_file
-from NoduleMTLLib.outputs import OutputsError, write_outputs
-from NoduleMTLLib.outputs import read_outputs as load_outputs
-from NoduleMTLLib.pipeline import analyze_points
-from NoduleMTLLib.progress import ProgressEvent
-from NoduleMTLLib.runner import AnalysisProcess
-from NoduleMTLLib.worker import Worker
+from NoduleMTLLib.apps import runner
+from NoduleMTLLib.apps.runner import AnalysisProcess
+from NoduleMTLLib.apps.worker import Worker
+from NoduleMTLLib.core import device, progress
+from NoduleMTLLib.core.io import InputError, ras_to_lps, read_ct
+from NoduleMTLLib.core.progress import ProgressEvent
+from NoduleMTLLib.inference.pipeline import analyze_points
+from NoduleMTLLib.models import registry
+from NoduleMTLLib.models.model_import import ModelImportError, identify_weights_file, import_weights_file
+from NoduleMTLLib.outputs.files import OutputsError, write_outputs
+from NoduleMTLLib.outputs.files import read_outputs as load_outputs
+from NoduleMTLLib.service import analysis
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
@@ -47,7 +50,7 @@ def sample_ct():
 
 @pytest.fixture(scope="module")
 def direct_result(sample_ct):
-    from NoduleMTLLib.analysis import analyze  # the service, as the background run: raw outputs, calibrated, assessed
+    from NoduleMTLLib.service.analysis import analyze  # the service, as the background run: raw outputs, calibrated, assessed
 
     return analyze(sample_ct, SAMPLE_POINTS_LPS, network_ids=("lnmsnet",), device="cpu")
 
@@ -80,7 +83,7 @@ def test_background_run_matches_direct_analysis(sample_ct, direct_result, tmp_pa
     proc = AnalysisProcess(sample_ct, SAMPLE_POINTS_LPS, networks=["lnmsnet"], device="cpu", temp_root=tmp_path)
     proc.start()
     assert proc.running and proc.work_dir.is_dir() and (proc.work_dir / "input.nrrd").is_file()
-    assert proc.command[1:4] == ["-m", "NoduleMTLLib.cli", "analyze"] and "--progress-format" in proc.command
+    assert proc.command[1:4] == ["-m", "NoduleMTLLib.apps.cli", "analyze"] and "--progress-format" in proc.command
     state = proc.wait(timeout=RUN_TIMEOUT_S, callback=events.append)
     assert state == "succeeded", proc.details
 
@@ -185,7 +188,7 @@ def test_constructor_checks_arguments():
         AnalysisProcess(str(SAMPLE_CT), [(1.0, float("nan"), 2.0)])
     cmd = runner.build_command("ct.nrrd", "out", detect=True, networks="lnmsnet,detguided", device="cuda",
                                python_executable="PythonSlicer")
-    assert cmd[:5] == ["PythonSlicer", "-m", "NoduleMTLLib.cli", "analyze", "ct.nrrd"]
+    assert cmd[:5] == ["PythonSlicer", "-m", "NoduleMTLLib.apps.cli", "analyze", "ct.nrrd"]
     assert "--detect" in cmd and "--point" not in cmd and cmd[cmd.index("--networks") + 1] == "lnmsnet,detguided"
     cmd = runner.build_command("ct.nrrd", "out", [(1.5, -2.0, 3.25)])
     i = cmd.index("--point")
@@ -205,7 +208,7 @@ def test_persistent_worker_runs_again_at_once_cancels_and_restarts(sample_ct, di
 
     try:
         first = job().start()
-        assert first.command[1:3] == ["-m", "NoduleMTLLib.worker"] and first.request.mode == "analyze"
+        assert first.command[1:3] == ["-m", "NoduleMTLLib.apps.worker"] and first.request.mode == "analyze"
         assert first.wait(timeout=RUN_TIMEOUT_S) == "succeeded", first.details
         for got, want in zip(first.result().nodules, direct_result.nodules):
             assert np.array_equal(got.mask, want.mask)
@@ -232,7 +235,7 @@ def test_persistent_worker_runs_again_at_once_cancels_and_restarts(sample_ct, di
                                worker=worker, masks=[mask], nodule_ids=[2]).start()
         assert recl.request.mode == "reclassify" and recl.wait(timeout=RUN_TIMEOUT_S) == "succeeded", recl.details
         (got,) = recl.result().nodules
-        from NoduleMTLLib.analysis import reclassify  # the service: raw outputs, calibrated, assessed
+        from NoduleMTLLib.service.analysis import reclassify  # the service: raw outputs, calibrated, assessed
         want = reclassify(sample_ct, [mask], nodule_ids=[2], points_lps=[SAMPLE_POINTS_LPS[1]], network_ids=["lnmsnet"],
                           device="cpu").nodules[0]
         assert worker.pid == pid and got.to_dict() == want.to_dict() and np.array_equal(got.mask, mask)

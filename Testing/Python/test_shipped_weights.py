@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from NoduleMTLLib import registry
+from NoduleMTLLib.models import registry
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "Resources" / "Weights"
 MANIFEST = json.loads((WEIGHTS / "models.json").read_text())["networks"]

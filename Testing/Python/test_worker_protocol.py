@@ -1,7 +1,7 @@
-"""The worker protocol (``NoduleMTLLib.protocol``), the worker's request handling
-(``NoduleMTLLib.worker``) and the public runner API (``NoduleMTLLib.runner.Runner``).
+"""The worker protocol (``NoduleMTLLib.apps.protocol``), the worker's request handling
+(``NoduleMTLLib.apps.worker``) and the public runner API (``NoduleMTLLib.apps.runner.Runner``).
 
-The process test starts a real worker (``python -m NoduleMTLLib.worker``) and sends it real
+The process test starts a real worker (``python -m NoduleMTLLib.apps.worker``) and sends it real
 requests on the sample CT shipped in ``Resources/SampleData`` (LIDC-IDRI-0003, cropped).
 """
 
@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from NoduleMTLLib import analysis, protocol
-from NoduleMTLLib.errors import InputError
-from NoduleMTLLib.io import ras_to_lps
-from NoduleMTLLib.protocol import AnalysisRequest, Error, Message, Progress, ProtocolError, Result
-from NoduleMTLLib.runner import Runner
-from NoduleMTLLib.worker import handle
+from NoduleMTLLib.apps import protocol
+from NoduleMTLLib.apps.protocol import AnalysisRequest, Error, Message, Progress, ProtocolError, Result
+from NoduleMTLLib.apps.runner import Runner
+from NoduleMTLLib.apps.worker import handle
+from NoduleMTLLib.core.errors import InputError
+from NoduleMTLLib.core.io import ras_to_lps
+from NoduleMTLLib.service import analysis
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd"
