@@ -48,13 +48,14 @@ from pathlib import Path
 
 import numpy as np
 
-from NoduleMTLLib.models.networks.fpr25d import HIGH_SENSITIVITY_THRESHOLD
+from NoduleMTLLib.models.registry import operating_points
 
 REPO = Path(__file__).resolve().parents[1]
 LIDC_SCANS = ("LIDC-IDRI-0003", "LIDC-IDRI-0005")
 PET_SCANS = ("lung_pet_ct_dx_A0001.nrrd", "lung_pet_ct_dx_A0002_dicom")
 #: Thresholds reported by default: the operating point ("default"), every candidate (the paper's
 #: adaptive merge threshold), the README's high-sensitivity setting and 0.5.
+HIGH_SENSITIVITY_THRESHOLD = operating_points()["high_sensitivity"]  # the manifest's, read at import
 DEFAULT_THRESHOLDS = ("default", "adaptive", HIGH_SENSITIVITY_THRESHOLD, 0.5)
 #: Validation whole scans (training/splits/lidc_wholescan_split.json, built into the cache by
 #: ``nodulemtl-train wholescan``): reported separately, never mixed with the test scans.

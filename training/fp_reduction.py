@@ -42,7 +42,7 @@ out-of-fold training scans, and picks the lowest threshold with at most 2 false 
 per scan over all of them (FP = a candidate hitting no nodule and no excluded mark) - the
 shipped default operating point - and with at most 8 (the high-sensitivity setting); ``manifest
 --select-report RUN/select_val.json`` writes both into the weights' manifest entry, where the
-library reads them (:func:`NoduleMTLLib.models.networks.fpr25d.operating_points`); it also reports the pooled FROC and each nodule's rank
+library reads them (:func:`NoduleMTLLib.models.registry.operating_points`); it also reports the pooled FROC and each nodule's rank
 (``RUN/select_val.json``).  The test scans are never used to choose anything.
 """
 
@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from NoduleMTLLib.models.registry import DEFAULT_FP_REDUCER
+from NoduleMTLLib.models.registry import DEFAULT_FP_REDUCER, OPERATING_POINT_KEYS, operating_points
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "training" / "configs" / f"{DEFAULT_FP_REDUCER}.json"
@@ -589,7 +589,7 @@ def write_manifest_entry(report: Path, config: Path = CONFIG, select_report: Pat
     report was measured with another FPR file).
 
     The operating points (``operating_threshold``, ``high_sensitivity_threshold``; the library
-    reads them from here at run time, ``fp_reduction.operating_points``) come from
+    reads them from here at run time, ``registry.operating_points``) come from
     ``select_report`` (``select``'s ``select_val.json``: ``operating_point`` and
     ``high_sensitivity_8fp``, rounded to 4 decimals) when given, else they are kept from the
     current entry.
@@ -598,7 +598,6 @@ def write_manifest_entry(report: Path, config: Path = CONFIG, select_report: Pat
         ValueError: the report's FPR sha256 is not the shipped file's; no operating points
             (neither a select report nor a current entry with them).
     """
-    from NoduleMTLLib.models.networks import fpr25d as fpr
     from NoduleMTLLib.models.registry import sha256_of
     from training.cli import base_entry, lung_pet_summary, write_manifest
 
@@ -631,8 +630,8 @@ def write_manifest_entry(report: Path, config: Path = CONFIG, select_report: Pat
         points = {"default": sel["operating_point"]["threshold"], "high_sensitivity": sel["high_sensitivity_8fp"]["threshold"]}
         points = {k: round(float(v), 4) for k, v in points.items()}
     else:
-        points = fpr.operating_points()  # the current entry's (ValueError-like WeightsError when absent)
-    for name, key in fpr.OPERATING_POINT_KEYS.items():
+        points = operating_points()  # the current entry's (ValueError-like WeightsError when absent)
+    for name, key in OPERATING_POINT_KEYS.items():
         entry[key] = points[name]
     man["networks"][DEFAULT_FP_REDUCER] = entry
     write_manifest(mpath, man)

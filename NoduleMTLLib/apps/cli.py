@@ -50,21 +50,12 @@ def _progress_bar(disable: bool, progress_format: str = "bar"):
     return bar, cb
 
 
-def _threshold_arg(text: str):
-    """argparse type of ``--threshold``: 'default', 'adaptive' or a float in [0, 1]."""
-    from ..detection.infer import parse_threshold
-
-    try:
-        return parse_threshold(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ..core.device import DEVICE_CHOICES
     from ..core.safe_output import out_dir_arg
     from ..models.registry import DEFAULT_DETECTOR, DEFAULT_NETWORKS
     from ..service.analysis import MASK_CHOICES
+    from .options import threshold_arg
 
     ap = argparse.ArgumentParser(prog="nodulemtl", description="Pulmonary nodule segmentation and characterisation on chest CT.")
     ap.add_argument("--version", action="version", version=f"NoduleMTL {__import__('NoduleMTLLib').__version__}")
@@ -78,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detect", action="store_true",
                    help=f"search the whole scan for nodules ({DEFAULT_DETECTOR}) instead of analysing clicked points; "
                         "--networks then classifies each found nodule ('none': detection only)")
-    a.add_argument("--threshold", default="default", type=_threshold_arg,
+    a.add_argument("--threshold", default="default", type=threshold_arg,
                    help="--detect: 'default' (the two-stage search's operating point, chosen on validation scans for "
                         "<= 2 false positives per scan), 'adaptive' (every candidate of the detector's adaptive "
                         "threshold: highest sensitivity) or a minimum score in [0, 1]")
@@ -113,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
     b.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
     b.add_argument("--overwrite", action="store_true", help="recompute cases whose outputs already exist")
-    b.add_argument("--threshold", default="default", type=_threshold_arg,
+    b.add_argument("--threshold", default="default", type=threshold_arg,
                    help="cases without points (whole-scan search): 'default' (operating point), 'adaptive' "
                         "(every candidate) or a minimum score in [0, 1]")
     b.add_argument("--dicom-seg", action="store_true",
@@ -181,6 +172,55 @@ def _reclassify(args, models=None) -> int:
         return e.exit_code
     print_summary(res)
     return 0
+
+
+def _batch(args) -> int:
+    """Handler of ``nodulemtl batch`` (``args`` from the argparse subparser; the cases run by
+    :class:`.batch.BatchRun`, in this process or as Dask tasks of :mod:`.cluster`); returns the exit code."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ..core.errors import NoduleMTLError
+    from ..models.registry import check_network_ids
+    from ..service.analysis import split_networks
+    from . import batch, cluster
+
+    out = Path(args.out)
+    try:
+        from ..core.safe_output import check_out_dir
+        check_out_dir(out, [args.input], overwrite=True)  # not the input; case folders are checked one by one
+        cases = batch.find_cases(args.input, exclude=[out])
+        points = batch.read_points_csv(args.points, lps=args.lps) if args.points else {}
+        unused = [k for k in points if not any(batch.points_for(c, {k: [1]}) for c in cases)]
+        if unused:
+            print(f"nodulemtl: warning: points for unknown case(s) ignored: {', '.join(unused)}", file=sys.stderr)
+        nets = tuple(split_networks(args.networks))
+        check_network_ids(nets, allow_empty=False, error=batch.BatchError)
+        run = batch.BatchRun(cases, out, points, nets, args.device, args.overwrite, dicom_seg=bool(args.dicom_seg),
+                             threshold=args.threshold, report_options=args)
+        bar = tqdm(total=len(cases), unit="case", disable=args.quiet, file=sys.stderr)
+
+        def on_case(i, case, r):
+            bar.set_postfix_str(f"{case.name}: {r.status}")
+            bar.update(1)
+            if not args.quiet:
+                bar.write(cluster.status_line(r), file=sys.stderr)
+
+        try:  # --workers N / --scheduler: each case a Dask task (NoduleMTLLib.apps.cluster)
+            results = cluster.main(run, args, on_case, say=lambda m: bar.write(m, file=sys.stderr)) \
+                if cluster.wanted(args) else run.run(on_case)
+        finally:
+            bar.close()
+    except NoduleMTLError as e:  # every library error; programming errors keep their traceback
+        print(f"nodulemtl: error: {batch._one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped", "done-before")}
+    for r in results:
+        if r.status == "failed":
+            print(f"{r.case}: failed: {r.message}", file=sys.stderr)
+    print(f"{len(results)} cases: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" -> {out / batch.SUMMARY_FILE}")
+    return 1 if counts["failed"] else 0
 
 
 def _review(argv) -> int:
@@ -270,8 +310,7 @@ def _main(argv, models) -> int:
     from . import reporting
     reporting.prepare(args)  # --dicom-sr implies --dicom-seg
     if args.cmd == "batch":
-        from . import batch
-        return batch.main(args)
+        return _batch(args)
     if args.cmd == "pacs":
         from . import pacs
         return pacs.main(args)

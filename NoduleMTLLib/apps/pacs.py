@@ -600,8 +600,8 @@ def add_parser(sub) -> None:
     p.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)})")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="compute device (default auto: CUDA if present)")
-    from .cli import _threshold_arg
-    p.add_argument("--threshold", default="default", type=_threshold_arg,
+    from .options import threshold_arg
+    p.add_argument("--threshold", default="default", type=threshold_arg,
                    help="--detect: 'default' (operating point), 'adaptive' or a minimum score in [0, 1]")
     p.add_argument("--no-pictures", action="store_true", help="no pictures/nodule_<id>.png in the study folders")
     p.add_argument("--quiet", action="store_true", help="no per-study messages")

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from ..core.io import CTVolume, InputError
-from ..models.registry import DEFAULT_DETECTOR, DEFAULT_FP_REDUCER
+from ..models.registry import DEFAULT_DETECTOR, DEFAULT_FP_REDUCER, operating_points
 from . import merge as mg
 from . import preprocess as pp
 
@@ -218,7 +218,7 @@ def parse_threshold(value) -> float | str:
     """``"default"``, ``"adaptive"`` or a float in [0, 1].
 
     * ``"default"``: the operating point of the two-stage search (combined score >=
-      :data:`~.fp_reduction.OPERATING_THRESHOLD`, chosen on the validation scans); without
+      :func:`NoduleMTLLib.models.registry.operating_points`, chosen on the validation scans); without
       the ``fpr25d`` weights it falls back to ``"adaptive"``.
     * ``"adaptive"``: every candidate above the paper's adaptive detector threshold (30th
       percentile of the scan's slice scores clipped to [0.1, 0.5], section 3.5): the
@@ -796,7 +796,7 @@ def select_nodules(sd: SliceDetections, ct: CTVolume, score_threshold: float | s
         merged.nodules = group_scales(list(merged.nodules) + coarse_nodules(sd, ct, fpr.CANDIDATE_THRESHOLD, fpr_model,
                                                                             device))
     merged.nodules.sort(key=lambda nd: -nd.score)
-    cut = fpr.operating_points()["default"] if mode == "default" else 0.0 if mode == "adaptive" else mode
+    cut = operating_points()["default"] if mode == "default" else 0.0 if mode == "adaptive" else mode
     return merged, [n for n in merged.nodules if n.score >= cut], float(cut)
 
 

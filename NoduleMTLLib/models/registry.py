@@ -332,6 +332,33 @@ def manifest_entry(network_id: str) -> dict:
     return dict((manifest().get("networks") or {}).get(network_id) or {})
 
 
+#: Manifest keys (entry ``fpr25d`` of ``Resources/Weights/models.json``) of the operating points,
+#: which belong to the shipped weights and are read at run time (:func:`operating_points`).
+OPERATING_POINT_KEYS = {"default": "operating_threshold", "high_sensitivity": "high_sensitivity_threshold"}
+
+
+def operating_points(network_id: str = DEFAULT_FP_REDUCER) -> dict[str, float]:
+    """The shipped false-positive reducer's (``fpr25d``) operating points, read from its weights'
+    manifest entry now (no copy in code).
+
+    ``"default"``: the combined-score threshold for <= 2 false positives per scan on six
+    non-test scans (the validation scans LIDC-IDRI-0004 / -0007 and the four training scans
+    scored out of fold: ``python -m training.fp_reduction cv``, then ``select``; model card);
+    ``"high_sensitivity"``: <= 8 false positives per scan on the same scans.
+
+    Raises:
+        WeightsError: the manifest has no entry for ``network_id`` or no number in (0, 1) for a point.
+    """
+    entry = manifest_entry(network_id)
+    out = {}
+    for name, key in OPERATING_POINT_KEYS.items():
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise WeightsError(f"Resources/Weights/models.json: entry {network_id!r} has no valid {key!r} (got {value!r})")
+        out[name] = float(value)
+    return out
+
+
 def find_weights(network_id: str) -> Path:
     """Path of a network's weights file. Raises WeightsError naming the file and the folders searched."""
     spec = get_spec(network_id)

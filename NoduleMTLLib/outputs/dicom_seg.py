@@ -198,7 +198,7 @@ def write_seg_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir, dic
         InputError: the CT was not read from a DICOM series, or the series does not match it.
         NoduleMTLLib.outputs.files.OutputError: the SEG cannot be built or written.
     """
-    from .files import OutputError
+    from ..core.errors import OutputError
 
     path = Path(out_dir) / SEG_FILE
     if not any(n.found and n.mask_box is not None for n in result.nodules):

@@ -214,8 +214,8 @@ def write_sr_into_output_dir(result: AnalysisResult, ct: CTVolume, out_dir, dico
         InputError: the CT was not read from a DICOM series.
         NoduleMTLLib.outputs.files.OutputError: the SR cannot be built or written.
     """
+    from ..core.errors import OutputError
     from .dicom_seg import SEG_FILE
-    from .files import OutputError
 
     path = Path(out_dir) / SR_FILE
     seg_path = Path(out_dir) / SEG_FILE

@@ -144,18 +144,6 @@ def segmentation_dict(result: AnalysisResult, ct: CTVolume) -> dict:
     return seg
 
 
-def write_outputs(result: AnalysisResult, ct: CTVolume, out_dir: str | os.PathLike) -> list[Path]:
-    """Write the four outputs all-or-nothing with :func:`NoduleMTLLib.outputs.writer.write_result_set`
-    (no report), replacing NoduleMTL's files of an earlier run in ``out_dir`` (library use; the
-    command line refuses that without ``--overwrite``).  Returns their paths.
-
-    Raises OutputError if the folder cannot be written (or another run holds its lock).
-    """
-    from .writer import WriteOptions, write_result_set
-
-    return write_result_set(result, ct, out_dir, WriteOptions(overwrite=True, report=False))
-
-
 def _masks_from_seg_nrrd(path: Path, ct_ijk_to_lps, shape_zyx) -> dict | None:
     """Per-nodule masks from ``segmentation.seg.nrrd`` (segments ``nodule_<id>``, overlaps
     kept in layers) as :class:`~NoduleMTLLib.core.consensus.MaskBox` on the CT grid ``shape_zyx``
@@ -193,7 +181,7 @@ def _masks_from_seg_nrrd(path: Path, ct_ijk_to_lps, shape_zyx) -> dict | None:
 def read_outputs(out_dir: str | os.PathLike) -> AnalysisResult:
     """Read an output folder of ``nodulemtl analyze`` back into an ``AnalysisResult``.
 
-    The reader of :func:`write_outputs`.  ``nodules.json`` gives the records (``from_dict``
+    The reader of :func:`NoduleMTLLib.outputs.writer.write_outputs`.  ``nodules.json`` gives the records (``from_dict``
     of :class:`~NoduleMTLLib.core.results.AnalysisResult`, ``NoduleResult``, ``NetworkOutput``,
     :class:`~NoduleMTLLib.core.consensus.Consensus`); masks are bool arrays on the CT grid, shape
     ``(z, y, x)`` of ``labels.nrrd`` (held as :class:`~NoduleMTLLib.core.consensus.MaskBox`,

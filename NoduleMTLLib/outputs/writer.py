@@ -178,3 +178,13 @@ def _write_staged(result, ct, outset, options, warn) -> list[Path]:
     written = write_files(result, ct, stage, options, warn, shown=outset.out)
     outset.commit()
     return [outset.out / p.relative_to(stage) for p in written]
+
+
+def write_outputs(result, ct, out_dir: str | os.PathLike) -> list[Path]:
+    """Write the four outputs all-or-nothing with :func:`write_result_set`
+    (no report), replacing NoduleMTL's files of an earlier run in ``out_dir`` (library use; the
+    command line refuses that without ``--overwrite``).  Returns their paths.
+
+    Raises OutputError if the folder cannot be written (or another run holds its lock).
+    """
+    return write_result_set(result, ct, out_dir, WriteOptions(overwrite=True, report=False))

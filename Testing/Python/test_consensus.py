@@ -20,7 +20,8 @@ from NoduleMTLLib.core.consensus import (
 )
 from NoduleMTLLib.core.io import InputError, ras_to_lps, read_ct
 from NoduleMTLLib.core.metrics import dice
-from NoduleMTLLib.outputs.files import CONSENSUS_COLUMNS, write_outputs
+from NoduleMTLLib.outputs.files import CONSENSUS_COLUMNS
+from NoduleMTLLib.outputs.writer import write_outputs
 
 SHAPE = (2, 3, 10)
 

@@ -27,7 +27,8 @@ from NoduleMTLLib.core.safe_output import visible_entries
 from NoduleMTLLib.detection import infer
 from NoduleMTLLib.detection import merge as mg
 from NoduleMTLLib.detection import preprocess as pp
-from NoduleMTLLib.outputs.files import OUTPUT_FILES, write_outputs
+from NoduleMTLLib.outputs.files import OUTPUT_FILES
+from NoduleMTLLib.outputs.writer import write_outputs
 from training import detection_matching as ev
 
 pytestmark = pytest.mark.slow  # whole-scan searches on real CTs

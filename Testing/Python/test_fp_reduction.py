@@ -12,6 +12,7 @@ import torch
 
 from NoduleMTLLib.core.io import CTVolume
 from NoduleMTLLib.detection import infer
+from NoduleMTLLib.models import registry
 from NoduleMTLLib.models.networks import fpr25d as fpr
 from training import detection_matching as ev
 
@@ -95,7 +96,7 @@ def test_two_stage_selection_and_records(slab3, slab_detections):
     _, kept, cut = infer.select_nodules(slab_detections, slab3, t, model)
     assert cut == t and [n.score for n in kept] == [n.score for n in allc if n.score >= t]
     _, dflt, cut = infer.select_nodules(slab_detections, slab3, "default", model)
-    assert cut == fpr.OPERATING_THRESHOLD and all(n.score >= cut for n in dflt)
+    assert cut == registry.operating_points()["default"] and all(n.score >= cut for n in dflt)
     rec = infer.detection_record(allc[0], cut)
     assert rec["score"] == round(allc[0].score, 4)
     assert rec["detector_score"] == round(allc[0].detector_score, 4)
@@ -119,7 +120,7 @@ def test_shipped_fpr_drops_most_candidates_and_keeps_the_test_nodules(slab3, sla
         pytest.skip("fpr25d weights not shipped")
     single = infer.result_from_detections(slab3, slab_detections, "adaptive", fpr_model=None)
     dflt = infer.result_from_detections(slab3, slab_detections, "default")
-    assert dflt.run["fp_reduction"] == "fpr25d" and dflt.run["score_threshold"] == fpr.OPERATING_THRESHOLD
+    assert dflt.run["fp_reduction"] == "fpr25d" and dflt.run["score_threshold"] == registry.operating_points()["default"]
     res = infer.result_from_detections(slab3, slab_detections, 0.5)
     assert len(dflt.nodules) <= len(res.nodules) < len(single.nodules) / 2
     for r in (res, dflt):
@@ -309,7 +310,7 @@ def test_panel_threshold_box_states_the_shipped_operating_points(tmp_path):
     props = {p.get("name"): p[0].text for p in box.findall("property")}
     assert int(props["decimals"]) >= 4
     assert not re.search(r"0\.\d{3}", props["toolTip"]), props["toolTip"]
-    points = fpr.operating_points()
+    points = registry.operating_points()
     tip = NoduleMTLText.detection_threshold_tooltip(REPO / "Resources" / "Weights" / "models.json")
     assert f"default: {points['default']:.4f}" in tip and f"{points['high_sensitivity']:.4f} = high sensitivity" in tip
     assert NoduleMTLText.detection_threshold_tooltip(tmp_path / "missing.json") == NoduleMTLText.THRESHOLD_TOOLTIP_FALLBACK

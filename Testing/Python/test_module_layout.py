@@ -667,3 +667,162 @@ def test_the_reported_fields_are_declared_once():
                if "NoduleMTLLib.outputs.fields" in p.read_text() or re.search(r"from \.+(outputs\.)?fields import", p.read_text())}
     assert {"files.py", "report_html.py", "pictures.py", "cli.py", "NoduleMTLMRML.py", "NoduleMTLText.py",
             "dicom_seg.py"} <= readers
+
+
+# ---------------------------------------------------------------------------
+# layout by concern (issue 24): packages depend one way, no module import cycle
+# ---------------------------------------------------------------------------
+
+#: The library's packages and the packages each may import (at any depth, lazy imports
+#: included).  The order is core <- models <- clinical <- inference <- detection <- service <- apps,
+#: with outputs on core only; the root package (``__version__``, ``DEFAULT_NETWORKS``) is free to all.
+ALLOWED_PACKAGE_IMPORTS = {
+    "core": set(),
+    "models": {"core"},
+    "clinical": {"core", "models"},
+    "inference": {"core", "models", "clinical"},
+    "detection": {"core", "models", "clinical", "inference"},
+    "service": {"core", "models", "clinical", "inference", "detection"},
+    "outputs": {"core"},
+    "apps": {"core", "models", "clinical", "inference", "detection", "service", "outputs"},
+}
+#: Packages that import without torch (also run where torch is not installed: the Slicer module
+#: before its PyTorch install, report tools).
+TORCH_FREE_PACKAGES = ("core", "clinical", "outputs")
+
+
+def _lib_modules() -> dict[str, Path]:
+    """Dotted name -> file of every module of NoduleMTLLib (packages by their ``__init__``)."""
+    out = {}
+    for p in LIB_DIR.rglob("*.py"):
+        if _ignored(p.relative_to(REPO)):
+            continue
+        parts = list(p.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> NoduleMTLLib modules it imports, from the sources (``ast``): every import
+    statement at any depth (function-level imports are dependencies too), relative ones resolved."""
+    modules = _lib_modules()
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(_tree(path)):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names]
+            for t in targets:
+                if t.split(".")[0] == "NoduleMTLLib" and (k := known(t)) and k != name:
+                    deps.add(k)
+        graph[name] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), i.e. the import cycles."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _package(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_every_library_module_lives_in_a_package_by_concern():
+    flat = sorted(m for m in _lib_modules() if m.count(".") == 1 and _package(m) not in ALLOWED_PACKAGE_IMPORTS)
+    assert flat == [], f"modules outside the packages {sorted(ALLOWED_PACKAGE_IMPORTS)}: {flat}"
+
+
+def test_the_import_graph_is_acyclic():
+    graph = _import_graph()
+    assert len(graph) > 50 and graph["NoduleMTLLib.service.analysis"]  # the graph is really built
+    assert _cycles(graph) == []
+    # the test finds a cycle when there is one
+    assert _cycles({**graph, "NoduleMTLLib.core.io": graph["NoduleMTLLib.core.io"] | {"NoduleMTLLib.apps.cli"}})
+
+
+def test_packages_depend_one_way():
+    wrong = sorted(f"{m} -> {d}" for m, deps in _import_graph().items() for d in deps
+                   if _package(m) and _package(d) and _package(d) != _package(m)
+                   and _package(d) not in ALLOWED_PACKAGE_IMPORTS[_package(m)])
+    assert wrong == [], "imports against the layering (ALLOWED_PACKAGE_IMPORTS):\n" + "\n".join(wrong)
+    # the allowed sets are themselves one way (no two packages may import each other)
+    for p, allowed in ALLOWED_PACKAGE_IMPORTS.items():
+        assert all(p not in ALLOWED_PACKAGE_IMPORTS[q] for q in allowed), p
+
+
+def test_torch_free_packages_import_without_torch():
+    """Every module of core, clinical and outputs imports in a fresh interpreter where torch,
+    torchvision and timm cannot be imported."""
+    import subprocess
+    import sys
+
+    modules = sorted(m for m in _lib_modules() if _package(m) in TORCH_FREE_PACKAGES)
+    assert len(modules) > 20
+    # a finder that refuses them (not sys.modules[name] = None: scipy probes sys.modules["torch"]
+    # for torch arrays and fails on None, which is no statement about NoduleMTLLib)
+    code = ("import importlib, importlib.abc, sys\n"
+            "class Blocked(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'torchvision', 'timm'):\n"
+            "            raise ImportError(f'{name} is blocked')\n"
+            "sys.meta_path.insert(0, Blocked())\n"
+            f"for m in {modules!r}:\n"
+            "    importlib.import_module(m)\n"
+            "assert not any(m.split('.')[0] in ('torch', 'torchvision', 'timm') for m in sys.modules)\n"
+            "print('ok', len([m for m in sys.modules if m.startswith('NoduleMTLLib')]))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+def test_detector_input_channels_match_its_stacks():
+    """The models layer does not import detection: the detector's input channel count and the
+    stacks of ``detection.preprocess`` are two figures that must agree."""
+    from NoduleMTLLib.detection import preprocess
+    from NoduleMTLLib.models.networks import maskrcnn25d
+
+    assert maskrcnn25d.STACK_SIZE == preprocess.STACK_SIZE == maskrcnn25d.INPUT_SPEC["channels"]

@@ -14,7 +14,6 @@ import pytest
 
 from NoduleMTLLib.core.io import InputError
 from NoduleMTLLib.models import contract, registry
-from NoduleMTLLib.models.networks import fpr25d as fpr
 
 REPO = Path(__file__).resolve().parents[2]
 #: Documents that quote the operating points: the README, docs/, the model cards and the training results.
@@ -45,12 +44,12 @@ def test_check_network_ids():
 
 
 def test_network_ids_are_validated_only_in_the_registry():
-    """The former copies (pipeline, detection.infer twice, refine, batch, pacs) call
+    """The former copies (pipeline, detection.infer twice, refine, batch - now the batch command in cli -, pacs) call
     ``registry.check_network_ids``; no library module filters ids against NETWORKS by hand."""
     copies = [p.relative_to(REPO).as_posix() for p in (REPO / "NoduleMTLLib").rglob("*.py")
               if p.name != "registry.py" and re.search(r"if \w+ not in NETWORKS", p.read_text(encoding="utf-8"))]
     assert copies == []
-    for rel in ("inference/pipeline.py", "detection/infer.py", "inference/refine.py", "apps/batch.py", "apps/pacs.py"):
+    for rel in ("inference/pipeline.py", "detection/infer.py", "inference/refine.py", "apps/cli.py", "apps/pacs.py"):
         assert "check_network_ids(" in (REPO / "NoduleMTLLib" / rel).read_text(encoding="utf-8"), rel
 
 
@@ -69,18 +68,17 @@ def test_input_specs_come_from_the_manifest_and_match_the_network_files():
 
 def test_operating_points_are_read_from_the_manifest(monkeypatch):
     entry = registry.manifest_entry("fpr25d")
-    points = fpr.operating_points()
+    points = registry.operating_points()
     assert points == {"default": entry["operating_threshold"], "high_sensitivity": entry["high_sensitivity_threshold"]}
     assert 0 < points["high_sensitivity"] < points["default"] < 1
-    assert fpr.OPERATING_THRESHOLD == points["default"] and fpr.HIGH_SENSITIVITY_THRESHOLD == points["high_sensitivity"]
     shipped = registry.manifest()
     changed = json.loads(json.dumps(shipped))
     changed["networks"]["fpr25d"]["operating_threshold"] = 0.9123
     monkeypatch.setattr(registry, "manifest", lambda: changed)
-    assert fpr.operating_points()["default"] == 0.9123  # read at call time, no copy in code
+    assert registry.operating_points()["default"] == 0.9123  # read at call time, no copy in code
     del changed["networks"]["fpr25d"]["high_sensitivity_threshold"]
     with pytest.raises(registry.WeightsError, match="high_sensitivity_threshold"):
-        fpr.operating_points()
+        registry.operating_points()
 
 
 def _sentences(path: Path) -> list[str]:
@@ -102,7 +100,7 @@ def operating_point_problems(paths, root: Path = REPO) -> list[str]:
     naming the high-sensitivity setting with a score in it must contain the manifest's value; a
     score right after "default" / "operating point" must be the default; a 4-decimal
     ``--threshold`` value must be one of the two."""
-    points = fpr.operating_points()
+    points = registry.operating_points()
     default, high = f"{points['default']:.4f}", f"{points['high_sensitivity']:.4f}"
     problems = []
     for path in paths:

@@ -31,8 +31,9 @@ from NoduleMTLLib.core.progress import ProgressEvent
 from NoduleMTLLib.inference.pipeline import analyze_points
 from NoduleMTLLib.models import registry
 from NoduleMTLLib.models.model_import import ModelImportError, identify_weights_file, import_weights_file
-from NoduleMTLLib.outputs.files import OutputsError, write_outputs
+from NoduleMTLLib.outputs.files import OutputsError
 from NoduleMTLLib.outputs.files import read_outputs as load_outputs
+from NoduleMTLLib.outputs.writer import write_outputs
 from NoduleMTLLib.service import analysis
 
 REPO = Path(__file__).resolve().parents[2]

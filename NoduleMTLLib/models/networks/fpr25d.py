@@ -27,7 +27,7 @@ neighbourhood:
   FPR probability, sqrt(s_det * p_fpr): a candidate must convince both stages.  The
   reported score of a found nodule is the combined one; ``nodules.json`` keeps both
   (``detection.detector_score``, ``detection.fp_reduction_score``, ``detection.score``).
-* **Operating point** (:func:`operating_points`, read from the weights' manifest entry): the
+* **Operating point** (:func:`NoduleMTLLib.models.registry.operating_points`, read from the weights' manifest entry): the
   combined-score threshold for at most 2 false positives per scan, chosen on six non-test whole scans - the validation scans
   (LIDC-IDRI-0004, -0007) and the four training scans scored by cross-validation folds that
   did not train on them - never the test scans (``training/fp_reduction.py``, model card
@@ -58,43 +58,6 @@ CONTEXT_FIELD_MM = 48.0
 #: ``FPR25D()`` with this default.)
 SHIPPED_CONTEXT = True
 HU_WINDOW = (-1000.0, 400.0)
-#: Manifest keys (entry ``fpr25d`` of ``Resources/Weights/models.json``) of the operating points,
-#: which belong to the shipped weights and are read at run time (:func:`operating_points`).
-OPERATING_POINT_KEYS = {"default": "operating_threshold", "high_sensitivity": "high_sensitivity_threshold"}
-
-
-def operating_points() -> dict[str, float]:
-    """The shipped ``fpr25d`` weights' operating points, read from their manifest entry now.
-
-    ``"default"``: the combined-score threshold for <= 2 false positives per scan on six
-    non-test scans (the validation scans LIDC-IDRI-0004 / -0007 and the four training scans
-    scored out of fold: ``python -m training.fp_reduction cv``, then ``select``; model card);
-    ``"high_sensitivity"``: <= 8 false positives per scan on the same scans.  The module
-    attributes ``OPERATING_THRESHOLD`` / ``HIGH_SENSITIVITY_THRESHOLD`` give the same values.
-
-    Raises:
-        WeightsError: the manifest has no ``fpr25d`` entry or no number in (0, 1) for a point.
-    """
-    from ..registry import WeightsError, manifest_entry
-
-    entry = manifest_entry(FPR_ID)
-    out = {}
-    for name, key in OPERATING_POINT_KEYS.items():
-        value = entry.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise WeightsError(f"Resources/Weights/models.json: entry {FPR_ID!r} has no valid {key!r} (got {value!r})")
-        out[name] = float(value)
-    return out
-
-
-def __getattr__(name: str):
-    """``OPERATING_THRESHOLD`` / ``HIGH_SENSITIVITY_THRESHOLD``: :func:`operating_points` (the manifest's)."""
-    if name == "OPERATING_THRESHOLD":
-        return operating_points()["default"]
-    if name == "HIGH_SENSITIVITY_THRESHOLD":
-        return operating_points()["high_sensitivity"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 #: Input of the shipped :class:`FPR25D` (read by the registry, ``NetworkSpec.input_spec``):
 #: float32 (N, 6, 32, 32) inputs of :func:`candidate_input` and a float32 (N,) scalar.
 INPUT_SPEC = {"dims": 2.5, "channels": 6 if SHIPPED_CONTEXT else 3, "size_px": PATCH_PX, "field_mm": FIELD_MM,
