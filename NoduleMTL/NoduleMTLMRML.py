@@ -290,17 +290,17 @@ def _set_segment_terminology(segment) -> None:
 def _set_segment_result_tags(segment, nodule: NoduleResult) -> None:
     """The nodule's id, label value and point, then the tags of the field list
     (:func:`NoduleMTLLib.outputs.fields.segment_tags`, the same as in ``segmentation.seg.nrrd``).  Tags
-    of reported fields the nodule no longer has are removed."""
-    from NoduleMTLLib.outputs.fields import REPORTED_FIELDS, segment_tags
+    of reported fields (and of a size correction) the nodule no longer has are removed."""
+    from NoduleMTLLib.outputs.fields import REPORTED_FIELDS, SIZE_CORRECTION_TAGS, segment_tags
 
     p = SEGMENT_TAG_PREFIX
     segment.SetTag(p + "id", str(nodule.id))
     segment.SetTag(p + "label_value", str(nodule.label_value))
     segment.SetTag(p + "point_ras_mm", ",".join(_fmt(v, 8) for v in nodule.point_ras_mm))
     tags = segment_tags(nodule)
-    for f in REPORTED_FIELDS:
-        if p + f.key not in tags:
-            segment.RemoveTag(p + f.key)
+    for key in [p + f.key for f in REPORTED_FIELDS] + [f"{p}size_correction.{k}" for k in SIZE_CORRECTION_TAGS]:
+        if key not in tags:
+            segment.RemoveTag(key)
     for key, value in tags.items():
         segment.SetTag(key, value)
 
@@ -1063,15 +1063,17 @@ def _set_report_cells(tableNode, segmentId: str, nodule: NoduleResult) -> None:
 def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume | None = None) -> AnalysisResult:
     """The nodules of a NoduleMTL segmentation as they are now (masks possibly edited).
 
-    Masks from the segments on the reference grid, measurements recomputed on them, the
+    Masks from the segments on the reference grid, measurements recomputed on them (with the run's
+    size correction while a segment's mask is unedited: :func:`NoduleMTLLib.core.postprocess.measure_again`), the
     networks' probabilities and the point from the segment tags (what the run or the last
     re-classification wrote), the run from the node's ``NoduleMTL.run`` attribute.
 
     Raises:
         ValueError: no segmentation / volume, or no non-empty NoduleMTL segment.
     """
-    from NoduleMTLLib.core.postprocess import measure_nodule
+    from NoduleMTLLib.core.postprocess import measure_again
     from NoduleMTLLib.core.results import NetworkOutput
+    from NoduleMTLLib.outputs.fields import SIZE_CORRECTION_TAGS
 
     if segmentationNode is None or referenceVolumeNode is None:
         raise ValueError("Segmentation node and reference volume node are required")
@@ -1089,7 +1091,9 @@ def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume
         mask = label_array_from_segmentation(segmentationNode, sid, referenceVolumeNode)
         if nid is None or not mask.any():
             continue
-        m = measure_nodule(mask, ct)
+        corr = {k: _get_tag(segment, f"{SEGMENT_TAG_PREFIX}size_correction.{k}") for k in SIZE_CORRECTION_TAGS}
+        corr = {k: float(v) for k, v in corr.items() if v is not None} or None
+        m = measure_again(mask, ct, corr)  # the run's size correction while the mask is unedited
         nets = {}
         p = SEGMENT_TAG_PREFIX + "malignancy_probability."
         for net in _run_networks(segmentationNode) or []:
@@ -1105,7 +1109,7 @@ def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume
         r = [float(v) for v in ras.split(",")] if ras else [-c for c in m["centroid_lps_mm"][:2]] + [m["centroid_lps_mm"][2]]
         nd = NoduleResult(id=int(nid), point_lps_mm=(-r[0], -r[1], r[2]), found=True, mask=mask, networks=nets,
                           **{k: m[k] for k in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "solid_fraction",
-                                               "type", "centroid_lps_mm")})
+                                               "type", "centroid_lps_mm", "size_correction")})
         nodules.append(nd)
         segment_ids[nd.id] = sid
     if not nodules:

@@ -217,19 +217,23 @@ def bootstrap_auc_ci(y, s, groups, n: int = 2000, seed: int = SEED) -> tuple[flo
 
 
 # --- fitting (numpy / scipy; no scikit-learn) ---------------------------------------------------
-def fit_logistic(X, y, l2: float = 0.0) -> tuple[np.ndarray, float]:
-    """L2-penalised logistic regression: minimise mean log-loss + l2 / 2 * |w|^2 (intercept free).
+def fit_logistic(X, y, l2: float = 0.0, sample_weight=None) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression: minimise the (weighted) mean log-loss + l2 / 2 * |w|^2
+    (intercept free).
 
-    Args: X (N, K) float, y (N,) 0/1.  Returns (w (K,), intercept).  L-BFGS with the exact gradient.
+    Args: X (N, K) float, y (N,) 0/1, sample_weight (N,) >= 0 or None (all 1; the weighted mean
+    divides by the weights' sum).  Returns (w (K,), intercept).  L-BFGS with the exact gradient.
     """
     X, y = np.asarray(X, float), np.asarray(y, float)
+    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, float)
+    sw = sw / sw.sum()
 
     def f(theta):
         w, c = theta[:-1], theta[-1]
         z = X @ w + c
-        loss = np.mean(np.logaddexp(0, z) - y * z) + 0.5 * l2 * w @ w
-        g = sigmoid(z) - y
-        return loss, np.concatenate([X.T @ g / len(y) + l2 * w, [g.mean()]])
+        loss = np.sum(sw * (np.logaddexp(0, z) - y * z)) + 0.5 * l2 * w @ w
+        g = sw * (sigmoid(z) - y)
+        return loss, np.concatenate([X.T @ g + l2 * w, [g.sum()]])
 
     r = minimize(f, np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B")
     return r.x[:-1], float(r.x[-1])

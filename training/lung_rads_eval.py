@@ -63,6 +63,7 @@ def evaluate(split: str, data_dir=None, limit: int | None = None, log=print) -> 
     from NoduleMTLLib.core.metrics import dice
     from NoduleMTLLib.inference.pipeline import analyze_points
     from NoduleMTLLib.models.registry import load_network
+    from NoduleMTLLib.service.analysis import complete_result
 
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
@@ -80,6 +81,7 @@ def evaluate(split: str, data_dir=None, limit: int | None = None, log=print) -> 
             skipped.append(f"{r['patient_id']}_{r['nodule_id']}")
             continue
         res = analyze_points(ct, [c], network_ids=DEFAULT_NETWORKS, device="cpu", networks=nets)
+        complete_result(res, ct, assess=False)  # the reported (calibrated) probability, as the service adds it
         run = res.run
         n = res.nodules[0]
         typ = classify_nodule(n, ct)  # as NoduleMTLLib.service.assessment.annotate_result does

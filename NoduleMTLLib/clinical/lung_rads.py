@@ -25,11 +25,16 @@ What is implemented (parenchymal nodules, **baseline rules only**):
   pixels across gets a note (too small to measure reliably).
 * **Size**: the mask is the default network's at its measured threshold (clinical.json
   ``mask_threshold``: chosen on validation patients so that the long axis matches the
-  readers' consensus masks; 0.5 under-measured by ~10 %).
+  readers' consensus masks without lowering the Dice; 0.5 under-measured by ~10 %), and its
+  long / short axis carry the network's measured size correction (clinical.json
+  ``size_correction``, :func:`size_correction`: the remaining median bias against the readers'
+  masks, 0.95x, over training + validation patients), applied by
+  :func:`NoduleMTLLib.core.postprocess.measure_nodule` and recorded in ``NoduleResult.size_correction``.
 * **Benign calcification** -> category 1 by a *measured* rule (:func:`benign_calcification`:
-  DSMT-Net's calcification head and / or the fraction of voxels >= 200 HU, chosen on
-  validation patients against the LIDC calcification rating popcorn / laminated / solid /
-  central); the reason is given in the notes.  Without the head or clinical.json: only a
+  the fraction of voxels >= 200 HU and where those voxels lie (:func:`calcification_pattern`:
+  an eccentric calcification is not benign), chosen on training + validation patients against
+  the LIDC calcification rating popcorn / laminated / solid / central); the reason is given in
+  the notes.  Without the head or clinical.json: only a
   completely calcified nodule (mean >= 200 HU and >= 50 % of voxels >= 200 HU).  Other
   calcified voxels give a note to check the pattern.
 * **4X** ("category 3 or 4 nodules with additional features or imaging findings that
@@ -144,6 +149,27 @@ def mask_threshold(network_id: str, default: float) -> float:
     return float(((d or {}).get("mask_threshold") or {}).get(network_id, default))
 
 
+def size_correction(network_id: str) -> dict | None:
+    """The measured size correction of a click network's mask (``clinical.json`` ``size_correction``),
+    or None (no file, unreadable file, or no correction for that network: axes reported as measured).
+
+    Returns ``{"long_axis_factor", "short_axis_factor", "network", "fitted_on"}``: the factors
+    (dimensionless, > 0) by which :func:`NoduleMTLLib.core.postprocess.measure_nodule` multiplies the
+    long / short axis of that network's mask at its measured threshold (:func:`mask_threshold`):
+    the inverse of the median ratio of the mask's axis to the LIDC readers' consensus mask's
+    (``python -m training.clinical fit``, training + validation patients).
+    """
+    try:
+        d = load_clinical()
+    except ValueError:
+        return None
+    c = ((d or {}).get("size_correction") or {}).get(network_id)
+    if not c:
+        return None
+    return {"long_axis_factor": float(c["long_axis_factor"]), "short_axis_factor": float(c["short_axis_factor"]),
+            "network": network_id, "fitted_on": c.get("fitted_on", "")}
+
+
 def round1(value_mm: float) -> float:
     """``value_mm`` to one decimal, halves rounded up (how Lung-RADS reports sizes; not banker's rounding)."""
     return float(Decimal(repr(float(value_mm))).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
@@ -236,6 +262,51 @@ def solid_component_axes(mask: np.ndarray, ct, threshold_hu: float = SOLID_COMPO
 
 #: HU percentiles of the mask used as nodule-type features.
 HU_PERCENTILES = (10, 25, 50, 75, 90)
+#: Normalised depth (distance to the mask's edge / the mask's largest such distance) at and above
+#: which a voxel belongs to the nodule's central part (calcification pattern features).
+CENTRAL_DEPTH = 0.5
+
+
+def calcification_pattern(mask: np.ndarray, ct) -> dict:
+    """Where the calcified voxels (>= :data:`CALCIFIED_HU`) of a nodule mask lie: the features that
+    separate benign patterns (diffuse / solid, central, laminated, popcorn) from eccentric calcification
+    or bone caught at the mask's edge.
+
+    Depth of a mask voxel = its physical distance (mm, :func:`scipy.ndimage.distance_transform_edt`
+    with the CT spacing, in 3D) to the nearest voxel outside the mask, divided by the largest depth
+    of the mask (so 1 at the nodule's core, ~0 at its edge).  The central part is depth >=
+    :data:`CENTRAL_DEPTH`.
+
+    Args:
+        mask: bool (z, y, x) on the grid of ``ct`` (:class:`NoduleMTLLib.core.io.CTVolume` or a box of it; HU).
+
+    Returns:
+        dict of floats in [0, 1]: ``calc_central_fraction`` (fraction of the calcified voxels in the
+        central part; 0 without calcified voxels), ``central_calcified_fraction`` (fraction of the
+        central part that is calcified), ``calc_mean_depth`` (mean normalised depth of the calcified
+        voxels; 0 without any), ``calc_offset`` (distance between the centroids of the calcified voxels
+        and of the mask, mm, divided by the mask's equivalent-sphere radius, capped at 1; 1 without
+        calcified voxels).  An empty mask gives the no-calcification values.
+    """
+    from scipy import ndimage
+
+    m = np.asarray(mask, bool)
+    none = {"calc_central_fraction": 0.0, "central_calcified_fraction": 0.0, "calc_mean_depth": 0.0, "calc_offset": 1.0}
+    if not m.any():
+        return none
+    sp = (float(ct.spacing[2]), float(ct.spacing[1]), float(ct.spacing[0]))  # z, y, x
+    depth = ndimage.distance_transform_edt(np.pad(m, 1), sampling=sp)[1:-1, 1:-1, 1:-1]
+    depth = depth / max(float(depth[m].max()), 1e-9)
+    calc = m & (np.asarray(ct.array, np.float32) >= CALCIFIED_HU)
+    if not calc.any():
+        return none
+    central = m & (depth >= CENTRAL_DEPTH)
+    idx_m, idx_c = np.argwhere(m) * sp, np.argwhere(calc) * sp
+    radius = (3 * m.sum() * float(np.prod(sp)) / (4 * np.pi)) ** (1 / 3)
+    off = float(np.linalg.norm(idx_c.mean(0) - idx_m.mean(0))) / max(radius, 1e-9)
+    return {"calc_central_fraction": float((calc & central).sum() / calc.sum()),
+            "central_calcified_fraction": float((calc & central).sum() / max(central.sum(), 1)),
+            "calc_mean_depth": float(depth[calc].mean()), "calc_offset": float(min(off, 1.0))}
 
 
 def mask_measurements(mask: np.ndarray, ct) -> dict:
@@ -251,7 +322,7 @@ def mask_measurements(mask: np.ndarray, ct) -> dict:
         ``frac_ge_-300`` / ``frac_ge_-100`` / ``frac_ge_200`` (fractions of voxels at or above
         those HU), ``solid_long_axis_mm`` / ``solid_short_axis_mm`` / ``solid_mean_diameter_mm``
         (largest connected part >= :data:`SOLID_COMPONENT_HU`, :func:`solid_component_axes`),
-        ``n_voxels``.  Empty mask: ``{"n_voxels": 0}``.
+        the calcification pattern features of :func:`calcification_pattern`, ``n_voxels``.  Empty mask: ``{"n_voxels": 0}``.
     """
     from ..core.postprocess import axial_diameters, bounding_box
 
@@ -270,6 +341,7 @@ def mask_measurements(mask: np.ndarray, ct) -> dict:
            "solid_long_axis_mm": sl, "solid_short_axis_mm": ss, "solid_mean_diameter_mm": mean_diameter_mm(sl, ss)}
     for q, v in zip(HU_PERCENTILES, np.percentile(hu, HU_PERCENTILES)):
         out[f"hu_p{q}"] = float(v)
+    out.update(calcification_pattern(mb, _BoxCT(ct, box)))
     return out
 
 
@@ -370,18 +442,29 @@ def nodule_type_of(features: dict, clinical: dict | None) -> dict:
 
 def benign_calcification(meas: dict, p_head: float | None, clinical: dict | None) -> tuple[bool, str | None]:
     """Benign calcification (Lung-RADS 1) by the measured rule of ``clinical.json`` (``calcification``):
-    ``rule`` "head" (DSMT-Net calcification head >= ``head_min``), "hu" (fraction of voxels >= 200 HU
-    >= ``hu200_fraction_min``), "and" / "or" of both.  Without that file, or when the rule needs the
-    head and the run has none, the HU rule of complete calcification (module docstring).
+    ``rule`` "hu_central" (fraction of voxels >= 200 HU >= ``hu200_fraction_min`` **and** either the
+    fraction of those calcified voxels in the nodule's central part >= ``central_fraction_min``
+    (:func:`calcification_pattern`: a central / laminated / popcorn pattern, not an eccentric one) or
+    a diffuse calcification, fraction >= ``diffuse_fraction_min`` (default
+    :data:`COMPLETE_CALCIFICATION_FRACTION`: the calcified voxels fill the nodule, its core only a
+    small part of them)), "head" (DSMT-Net calcification head >= ``head_min``), "hu" (fraction >= 200 HU only),
+    "and" / "or" of head and fraction.  Without that file, or when the rule needs the head and the
+    run has none, the HU rule of complete calcification (module docstring).
 
+    Args:
+        meas: :func:`mask_measurements` of the nodule's mask; p_head: DSMT-Net's calcification
+            probability or None; clinical: :func:`load_clinical`.
     Returns (benign, reason: the figures that decided, or None when not benign).
     """
     frac = float(meas.get("frac_ge_200", 0.0))
     rule = (clinical or {}).get("calcification")
-    if rule and (p_head is not None or rule["rule"] in ("hu", "or")):
+    if rule and (p_head is not None or rule["rule"] in ("hu", "or", "hu_central")):
         h = p_head is not None and rule.get("head_min") is not None and p_head >= float(rule["head_min"])
         f = rule.get("hu200_fraction_min") is not None and frac >= float(rule["hu200_fraction_min"])
-        hit = {"head": h, "hu": f, "and": h and f, "or": h or f}[rule["rule"]]
+        central = float(meas.get("calc_central_fraction", 0.0))
+        c = rule.get("central_fraction_min") is not None and central >= float(rule["central_fraction_min"])
+        diffuse = frac >= float(rule.get("diffuse_fraction_min") or COMPLETE_CALCIFICATION_FRACTION)
+        hit = {"head": h, "hu": f, "and": h and f, "or": h or f, "hu_central": f and (c or diffuse)}[rule["rule"]]
         if not hit:
             return False, None
         why = []
@@ -389,6 +472,12 @@ def benign_calcification(meas: dict, p_head: float | None, clinical: dict | None
             why.append(f"calcification probability {p_head:.2f} >= {float(rule['head_min']):.2f} (DSMT-Net)")
         if f:
             why.append(f"{100 * frac:.0f} % of voxels >= {CALCIFIED_HU:.0f} HU (>= {100 * float(rule['hu200_fraction_min']):.0f} %)")
+        if rule["rule"] == "hu_central" and c:
+            why.append(f"{100 * central:.0f} % of them in the nodule's central part (>= "
+                       f"{100 * float(rule['central_fraction_min']):.0f} %: not eccentric)")
+        elif rule["rule"] == "hu_central":
+            why.append(f"diffuse (>= {100 * float(rule.get('diffuse_fraction_min') or COMPLETE_CALCIFICATION_FRACTION):.0f} "
+                       "% of the voxels: complete calcification)")
         return True, "benign calcification by the measured rule (clinical.json): " + " and ".join(why)
     mean = float(meas.get("mean_hu", -1000.0))
     if mean >= COMPLETE_CALCIFICATION_MEAN_HU and frac >= COMPLETE_CALCIFICATION_FRACTION:
@@ -463,8 +552,10 @@ def assess_nodule(nodule, ct, type_result: dict | None = None) -> dict | None:
         w = [f"{100 * meas['frac_ge_200']:.0f} % of voxels >= {CALCIFIED_HU:.0f} HU"]
         if p_calc is not None:
             w.append(f"calcification probability {p_calc:.2f} ({calc_net})")
+        if "calc_central_fraction" in meas and meas["frac_ge_200"] > 0:
+            w.append(f"{100 * meas['calc_central_fraction']:.0f} % of the calcified voxels in the central part")
         notes.append("calcification present (" + "; ".join(w) + ") but not called benign: if central, popcorn, "
-                     "laminated or diffuse, category 1 applies")
+                     "laminated or diffuse, category 1 applies; eccentric calcification is not benign")
     base = {"size_mm": size, "long_axis_mm": round1(long_ax), "short_axis_mm": round1(short_ax), "type": ntype,
             "type_probability": typ["probability"], "type_probabilities": typ["probabilities"], "type_method": typ["method"],
             "solid_component": solid, "solid_component_mm": solid_mm, "calcification": calc, "version": VERSION}

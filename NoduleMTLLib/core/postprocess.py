@@ -120,16 +120,26 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     return (slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1))
 
 
-def measure_nodule(mask, ct: CTVolume) -> dict:
+def measure_nodule(mask, ct: CTVolume, size_correction: dict | None = None) -> dict:
     """Measurements of a nodule mask on the CT grid.
 
     Args:
         mask: bool (z, y, x) on the CT grid, or a :class:`~NoduleMTLLib.core.consensus.MaskBox`
             (bounding box + offset on that grid; same figures, no full-grid array).
         ct: the CT (HU, geometry).
+        size_correction: the measured size correction of the network whose mask this is
+            (:func:`NoduleMTLLib.clinical.lung_rads.size_correction`: ``long_axis_factor``,
+            ``short_axis_factor``, dimensionless, > 0), or None to report the mask's axes as
+            measured.  The correction removes the long / short axis bias of a click network's
+            mask against the LIDC readers' consensus masks (fitted by ``python -m training.clinical
+            fit`` on training + validation patients); it changes the reported axes only, not the
+            mask (whose Dice it would lower) nor the volume.
 
-    Returns dict: diameter_mm, short_axis_mm, volume_mm3, mean_hu, solid_fraction, type,
-    centroid_lps_mm.  Raises ValueError for an empty mask.
+    Returns dict: diameter_mm, short_axis_mm (corrected when ``size_correction`` is given),
+    volume_mm3, mean_hu, solid_fraction, type, centroid_lps_mm, size_correction (None, or the
+    factors applied with the axes as measured on the mask: ``measured_long_axis_mm``,
+    ``measured_short_axis_mm``, and the correction's ``network`` / ``fitted_on`` when given).
+    Raises ValueError for an empty mask or a factor that is not a finite number > 0.
     """
     from .consensus import MaskBox
 
@@ -145,14 +155,47 @@ def measure_nodule(mask, ct: CTVolume) -> dict:
     hu = np.asarray(ct.array[box])[m].astype(np.float64)
     vox = float(np.prod(ct.spacing)) * abs(float(np.linalg.det(np.asarray(ct.image.GetDirection()).reshape(3, 3))))
     long_ax, short_ax = axial_diameters(m, ct)  # chord lengths: the same on the box as on the grid
+    corr = None
+    if size_correction is not None:
+        fl, fs = float(size_correction["long_axis_factor"]), float(size_correction["short_axis_factor"])
+        if not (np.isfinite(fl) and np.isfinite(fs) and fl > 0 and fs > 0):
+            raise ValueError(f"size correction factors must be finite and > 0, got {fl!r}, {fs!r}")
+        corr = {"long_axis_factor": fl, "short_axis_factor": fs,
+                "measured_long_axis_mm": round(long_ax, 2), "measured_short_axis_mm": round(short_ax, 2)}
+        corr.update({k: size_correction[k] for k in ("network", "fitted_on") if k in size_correction})
+        long_ax, short_ax = long_ax * fl, short_ax * fs
     solid = float((hu >= SOLID_HU).mean())
     c = np.array(np.nonzero(m)).mean(1) + [sl.start for sl in box]  # z, y, x on the CT grid
     centroid = ct.image.TransformContinuousIndexToPhysicalPoint([float(c[2]), float(c[1]), float(c[0])])
     return {
         "diameter_mm": long_ax, "short_axis_mm": short_ax, "volume_mm3": float(m.sum()) * vox,
         "mean_hu": float(hu.mean()), "solid_fraction": solid, "type": nodule_type(solid),
-        "centroid_lps_mm": tuple(float(v) for v in centroid),
+        "centroid_lps_mm": tuple(float(v) for v in centroid), "size_correction": corr,
     }
+
+
+def measure_again(mask, ct: CTVolume, size_correction: dict | None = None) -> dict:
+    """:func:`measure_nodule` of a mask read back (a Slicer segment, a saved segmentation), keeping the
+    size correction it was reported with only while the mask is unchanged.
+
+    Args:
+        mask: as :func:`measure_nodule`.
+        size_correction: the correction the nodule was reported with (``NoduleResult.size_correction``
+            or its segment tags: ``long_axis_factor``, ``short_axis_factor``, ``measured_long_axis_mm``,
+            ``measured_short_axis_mm``), or None.
+
+    Returns :func:`measure_nodule`'s dict: corrected when the mask's axes still measure
+    ``measured_long_axis_mm`` / ``measured_short_axis_mm`` (within 0.01 mm: the mask was not
+    edited), as measured (``size_correction`` None) otherwise: an edited outline is the user's.
+    """
+    m = measure_nodule(mask, ct)
+    c = size_correction or {}
+    keys = ("long_axis_factor", "short_axis_factor", "measured_long_axis_mm", "measured_short_axis_mm")
+    if all(c.get(k) is not None for k in keys) \
+            and abs(m["diameter_mm"] - float(c["measured_long_axis_mm"])) <= 0.01 \
+            and abs(m["short_axis_mm"] - float(c["measured_short_axis_mm"])) <= 0.01:
+        return measure_nodule(mask, ct, c)
+    return m
 
 
 def _slice_areas_and_start(comp: np.ndarray, start_z: int) -> tuple[np.ndarray, int | None]:

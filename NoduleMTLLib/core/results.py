@@ -81,6 +81,12 @@ class NoduleResult:
             ``dicom_seg.segment_pixels``).
         diameter_mm: longest axial diameter (mm) over all axial slices.
         short_axis_mm: longest diameter perpendicular to it on the same slice (mm).
+            Both axes are the mask's, times the network's measured size correction when
+            ``size_correction`` is set (click path, first network's mask; see
+            :func:`NoduleMTLLib.core.postprocess.measure_nodule`).
+        size_correction: None (axes as measured on the mask), or the factors applied to them
+            and the axes as measured (``long_axis_factor``, ``short_axis_factor``,
+            ``measured_long_axis_mm``, ``measured_short_axis_mm``, ``network``, ``fitted_on``).
         volume_mm3: segmented volume (mm^3).
         mean_hu: mean CT value inside the mask (HU).
         solid_fraction: fraction of mask voxels >= -300 HU.
@@ -127,6 +133,7 @@ class NoduleResult:
     detection: dict[str, Any] | None = None
     lung_rads: dict[str, Any] | None = None
     brock: dict[str, Any] | None = None
+    size_correction: dict[str, Any] | None = None
 
     @property
     def label_value(self) -> int:
@@ -167,6 +174,7 @@ class NoduleResult:
             "centroid_lps_mm": None if self.centroid_lps_mm is None else [round(float(v), 3) for v in self.centroid_lps_mm],
             "diameter_mm": _r(self.diameter_mm),
             "short_axis_mm": _r(self.short_axis_mm),
+            "size_correction": self.size_correction,
             "volume_mm3": _r(self.volume_mm3),
             "mean_hu": _r(self.mean_hu),
             "solid_fraction": _r(self.solid_fraction, 3),
@@ -191,7 +199,8 @@ class NoduleResult:
 
         tup = lambda v: None if v is None else tuple(float(x) for x in v)  # noqa: E731
         return cls(id=int(d["id"]), point_lps_mm=tup(d["point_lps_mm"]), found=bool(d["found"]), mask=mask,
-                   diameter_mm=d.get("diameter_mm"), short_axis_mm=d.get("short_axis_mm"), volume_mm3=d.get("volume_mm3"),
+                   diameter_mm=d.get("diameter_mm"), short_axis_mm=d.get("short_axis_mm"),
+                   size_correction=d.get("size_correction"), volume_mm3=d.get("volume_mm3"),
                    mean_hu=d.get("mean_hu"), solid_fraction=d.get("solid_fraction"), type=d.get("type"),
                    malignancy_probability=d.get("malignancy_probability"),
                    centroid_lps_mm=tup(d.get("centroid_lps_mm")),

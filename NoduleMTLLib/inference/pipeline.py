@@ -260,7 +260,9 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
             the first network's (default), or ``"consensus"`` the consensus of the networks
             that found the nodule (``NoduleMTLLib.core.consensus``: voxels of at least half of
             them; with two networks their union).  Every nodule carries every network's own mask
-            (``network_masks``) and the consensus figures (``consensus``) either way.
+            (``network_masks``) and the consensus figures (``consensus``) either way.  With
+            ``"first"`` the long / short axis carry the first network's measured size correction
+            (:func:`NoduleMTLLib.clinical.lung_rads.size_correction`; ``NoduleResult.size_correction``).
         tta: left-right mirrored test-time augmentation in every network (:class:`Click2DNetwork`).
 
     Returns:
@@ -281,6 +283,7 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
         raise InputError("No points given: click at least one nodule")
     if mask not in ("first", "consensus"):
         raise InputError(f"Unknown mask choice {mask!r}: use 'first' or 'consensus'")
+    from ..clinical.lung_rads import size_correction
     from ..core.consensus import box_dice, compute_consensus
     check_network_ids(network_ids)
     pts = [tuple(float(v) for v in p) for p in points_lps]
@@ -313,7 +316,9 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
                            network_masks=boxes, consensus=cons, reported_mask=mask)
         if reported is not None:
             res.mask = reported
-            for k, v in measure_nodule(reported, ct).items():
+            # the first network's own mask: its measured size correction (none for a consensus mask)
+            corr = size_correction(network_ids[0]) if mask == "first" else None
+            for k, v in measure_nodule(reported, ct, corr).items():
                 setattr(res, k, v)
         for nid, o in outs.items():
             dwf = None

@@ -83,9 +83,12 @@ def _split_key(key: str) -> list[str]:
 
 #: The reported fields, in presentation order.
 REPORTED_FIELDS: tuple[Field, ...] = (
-    Field("diameter_mm", "Long axis", "mm", "{:.1f}", "Longest axial diameter", summary=True),
+    Field("diameter_mm", "Long axis", "mm", "{:.1f}",
+          "Longest axial diameter (a click network's own mask: times its measured size correction, see size_correction)",
+          summary=True),
     Field("short_axis_mm", "Short axis", "mm", "{:.1f}",
-          "Longest diameter perpendicular to the long axis on the same slice", summary=True),
+          "Longest diameter perpendicular to the long axis on the same slice (size-corrected as the long axis)",
+          summary=True),
     Field("volume_mm3", "Volume", "mm3", "{:.0f}", "Segmented volume", summary=True),
     Field("mean_hu", "Mean", "HU", "{:.0f}", "Mean CT value inside the mask", summary=True),
     Field("solid_fraction", "Solid fraction", "", "{:.2f}", "Fraction of mask voxels >= -300 HU"),
@@ -148,7 +151,8 @@ def segment_tags(record) -> dict[str, str]:
     """The segment tags of a nodule (``segmentation.seg.nrrd`` and the Slicer segments): every
     reported field present (``NoduleMTL.<key>``), and the networks' raw outputs
     (``NoduleMTL.malignancy_probability.<id>``, ``NoduleMTL.sign_probability.<id>.<sign>``,
-    ``NoduleMTL.dice_with_final.<id>``), the consensus and the detection score.  Values as text
+    ``NoduleMTL.dice_with_final.<id>``), the consensus, the detection score and the size correction
+    (:data:`SIZE_CORRECTION_TAGS`).  Values as text
     (8 significant digits)."""
     d = record if isinstance(record, Mapping) else record.to_dict()
     p = TAG_PREFIX
@@ -173,7 +177,15 @@ def segment_tags(record) -> dict[str, str]:
                 tags[f"{p}consensus.{k}"] = _tag(cons[k])
     if d.get("detection"):
         tags[p + "detection.score"] = _tag(d["detection"]["score"])
+    for k, v in (d.get("size_correction") or {}).items():
+        if k in SIZE_CORRECTION_TAGS:
+            tags[f"{p}size_correction.{k}"] = _tag(float(v))
     return tags
+
+
+#: The numbers of a nodule's size correction kept as segment tags (``NoduleMTL.size_correction.<key>``):
+#: a segment whose mask still measures ``measured_*`` gets the same correction back on re-reading.
+SIZE_CORRECTION_TAGS = ("long_axis_factor", "short_axis_factor", "measured_long_axis_mm", "measured_short_axis_mm")
 
 
 def _tag(v) -> str:

@@ -92,7 +92,7 @@ def test_shipped_rules_load_and_set_the_default_networks_mask_threshold():
     assert Click2DNetwork("lnmsnet", None, "cpu").threshold == d["mask_threshold"].get("lnmsnet", THRESHOLD)
     for key in ("nodule_type", "nodule_type_hu_only"):
         assert {"subsolid", "ground_glass", "subsolid_threshold", "ground_glass_threshold"} <= set(d[key])
-    assert d["calcification"]["rule"] in ("head", "hu", "and", "or")
+    assert d["calcification"]["rule"] in ("head", "hu", "and", "or", "hu_central")
 
 
 def test_bad_clinical_file_is_a_clear_error(tmp_path, monkeypatch):
@@ -149,3 +149,134 @@ def test_click_on_a_calcified_granuloma_gives_category_1_with_its_reason(shared_
     rec = lr.assess_nodule(n, ct, lr.classify_nodule(n, ct))
     assert rec["category"] == "1" and rec["calcification"]["benign"]
     assert rec["notes"][0].startswith("category 1: benign calcification") and "HU" in rec["notes"][0]
+
+
+# --- size correction (issue 22 item 2, second round) ---------------------------------------------------
+
+def test_measure_nodule_applies_a_size_correction_to_the_axes_only():
+    from NoduleMTLLib.core.postprocess import axial_diameters, measure_again, measure_nodule
+
+    shape = (20, 40, 40)
+    ball = _ball(shape, (10, 20, 20), 6)
+    ct = _ct(np.where(ball, 20, -850))
+    raw = measure_nodule(ball, ct)
+    assert raw["size_correction"] is None and (raw["diameter_mm"], raw["short_axis_mm"]) == pytest.approx(axial_diameters(ball, ct))
+    corr = {"long_axis_factor": 1.05, "short_axis_factor": 1.01, "network": "dsmtnet", "fitted_on": "test"}
+    m = measure_nodule(ball, ct, corr)
+    assert m["diameter_mm"] == pytest.approx(1.05 * raw["diameter_mm"]) and m["short_axis_mm"] == pytest.approx(1.01 * raw["short_axis_mm"])
+    assert m["volume_mm3"] == raw["volume_mm3"] and m["mean_hu"] == raw["mean_hu"]  # the mask is not changed
+    sc = m["size_correction"]
+    assert sc["measured_long_axis_mm"] == pytest.approx(raw["diameter_mm"], abs=0.005) and sc["network"] == "dsmtnet"
+    # read back: the same mask keeps its correction, an edited one is measured as drawn
+    assert measure_again(ball, ct, sc)["diameter_mm"] == pytest.approx(m["diameter_mm"], abs=0.01)
+    edited = ball & _ball(shape, (10, 20, 20), 4)
+    assert measure_again(edited, ct, sc)["size_correction"] is None
+    with pytest.raises(ValueError, match="finite and > 0"):
+        measure_nodule(ball, ct, {"long_axis_factor": 0.0, "short_axis_factor": 1.0})
+
+
+def test_shipped_size_correction_is_the_measured_median_bias():
+    d = lr.load_clinical()["size_correction"]["dsmtnet"]
+    tv = d["train_val_measured"]
+    assert d["long_axis_factor"] == pytest.approx(1 / tv["long_axis_ratio_median"], abs=1e-3)
+    assert d["short_axis_factor"] == pytest.approx(1 / tv["short_axis_ratio_median"], abs=1e-3)
+    assert 1.0 < d["long_axis_factor"] < 1.15 and d["train_val_corrected"]["long_axis_ratio_median"] == pytest.approx(1.0, abs=0.01)
+    assert d["mask_threshold"] == lr.load_clinical()["mask_threshold"]["dsmtnet"]
+    assert lr.size_correction("dsmtnet")["long_axis_factor"] == d["long_axis_factor"]
+    assert lr.size_correction("lnmsnet") is None  # no correction measured: axes as measured
+
+
+def _voi(shared_data, patient, nodule):
+    import csv
+
+    d = shared_data / "lidc_vois"
+    row = next(r for r in csv.DictReader(open(d / "labels.csv")) if r["patient_id"] == patient and r["nodule_id"] == nodule)
+    ct = CTVolume(sitk.ReadImage(str(d / row["image"])))
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(d / row["mask"]))) > 0
+    return row, ct, ref, (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]))
+
+
+def test_click_path_reports_the_size_corrected_axes(shared_data):
+    """Real CT: LIDC-IDRI-0375 nodule 1 (a validation patient).  The default click path reports
+    DSMT-Net's mask axes times the shipped factors, says so in the record (and nodules.json), and
+    the Lung-RADS size uses them; the consensus mask (no correction measured) is reported as measured."""
+    from NoduleMTLLib import DEFAULT_NETWORKS
+    from NoduleMTLLib.core.postprocess import axial_diameters
+    from NoduleMTLLib.inference.pipeline import analyze_points
+
+    _row, ct, _ref, c = _voi(shared_data, "LIDC-IDRI-0375", "1")
+    n = analyze_points(ct, [c], network_ids=DEFAULT_NETWORKS, device="cpu").nodules[0]
+    assert n.found and DEFAULT_NETWORKS[0] == "dsmtnet"
+    f = lr.size_correction("dsmtnet")
+    la, sa = axial_diameters(n.mask, ct)
+    assert n.diameter_mm == pytest.approx(la * f["long_axis_factor"]) and n.short_axis_mm == pytest.approx(sa * f["short_axis_factor"])
+    assert n.size_correction["measured_long_axis_mm"] == pytest.approx(la, abs=0.005)
+    assert n.to_dict()["size_correction"]["long_axis_factor"] == f["long_axis_factor"]
+    rec = lr.assess_nodule(n, ct, lr.classify_nodule(n, ct))
+    assert rec["long_axis_mm"] == lr.round1(n.diameter_mm)
+    assert rec["size_mm"] == lr.mean_diameter_mm(n.diameter_mm, n.short_axis_mm)
+    both = analyze_points(ct, [c], network_ids=["dsmtnet", "lnmsnet"], device="cpu", mask="consensus").nodules[0]
+    assert both.size_correction is None
+    assert both.diameter_mm == pytest.approx(axial_diameters(both.mask, ct)[0])
+
+
+# --- pattern-aware benign calcification (issue 22 item 3, second round) --------------------------------
+
+def test_calcification_pattern_central_versus_eccentric():
+    shape = (20, 40, 40)
+    ball = _ball(shape, (10, 20, 20), 7)
+    hu = np.where(ball, 30, -850)
+    central = hu.copy()
+    central[_ball(shape, (10, 20, 20), 3)] = 600
+    ecc = hu.copy()
+    ecc[_ball(shape, (10, 20, 26), 2) & ball] = 600
+    pc = lr.calcification_pattern(ball, _ct(central))
+    pe = lr.calcification_pattern(ball, _ct(ecc))
+    assert pc["calc_central_fraction"] > 0.9 and pc["calc_offset"] < 0.1
+    assert pe["calc_central_fraction"] < 0.1 and pe["calc_offset"] > 0.5
+    assert lr.calcification_pattern(ball, _ct(hu)) == {"calc_central_fraction": 0.0, "central_calcified_fraction": 0.0,
+                                                       "calc_mean_depth": 0.0, "calc_offset": 1.0}
+    rule = {"calcification": {"rule": "hu_central", "head_min": None, "hu200_fraction_min": 0.01, "central_fraction_min": 0.3}}
+    ok, why = lr.benign_calcification(lr.mask_measurements(ball, _ct(central)), None, rule)
+    assert ok and "central part" in why
+    assert lr.benign_calcification(lr.mask_measurements(ball, _ct(ecc)), None, rule) == (False, None)
+    # a completely calcified nodule: few of its calcified voxels lie in the core, but it is diffuse
+    full = lr.mask_measurements(ball, _ct(np.where(ball, 600, -850)))
+    assert full["calc_central_fraction"] < 0.3
+    ok, why = lr.benign_calcification(full, None, rule)
+    assert ok and "diffuse" in why
+
+
+def test_shipped_calcification_rule_uses_the_pattern_and_keeps_sensitivity():
+    c = lr.load_clinical()["calcification"]
+    assert c["rule"] == "hu_central" and 0 < c["central_fraction_min"] < 1
+    assert c["train_val"]["sensitivity"] >= c["train_val_previous_rule"]["sensitivity"]
+    assert c["train_val"]["false_benign"] < c["train_val_previous_rule"]["false_benign"]
+
+
+def test_eccentric_calcification_on_real_ct_is_not_called_benign(shared_data):
+    """Real CT, training patients, the default click path + the shipped rules:
+    LIDC-IDRI-0181 nodule 8 (calcification rated absent; 16 % of the mask's voxels >= 200 HU, almost
+    all at its edge: the previous rule, >= 10 % of voxels, called it benign -> category 1) is not
+    benign and gets the note; LIDC-IDRI-0281 nodule 1 (rated solid calcification) stays category 1."""
+    from NoduleMTLLib import DEFAULT_NETWORKS
+    from NoduleMTLLib.inference.pipeline import analyze_points
+
+    recs = {}
+    for patient, nodule in (("LIDC-IDRI-0181", "8"), ("LIDC-IDRI-0281", "1")):
+        _row, ct, _ref, c = _voi(shared_data, patient, nodule)
+        n = analyze_points(ct, [c], network_ids=DEFAULT_NETWORKS, device="cpu").nodules[0]
+        assert n.found
+        recs[patient] = lr.assess_nodule(n, ct, lr.classify_nodule(n, ct))
+    ecc, solid = recs["LIDC-IDRI-0181"], recs["LIDC-IDRI-0281"]
+    assert ecc["calcification"]["calcified_fraction"] >= 0.1  # the previous rule's call
+    assert not ecc["calcification"]["benign"] and ecc["category"] != "1"
+    assert any("eccentric calcification is not benign" in x and "central part" in x for x in ecc["notes"])
+    assert solid["category"] == "1" and "central part" in solid["calcification"]["reason"]
+
+
+def test_shipped_type_classifier_chosen_by_grouped_cv():
+    t = lr.load_clinical()["nodule_type"]
+    cv = t["cv"]
+    assert cv["cv_recall"] >= 0.75 and cv["cv_solid_called_solid"] >= 0.9 and cv["n_subsolid"] >= 90
+    assert "patient-grouped CV" in t["fitted_on"] and "validation_in_sample" in t

@@ -1050,3 +1050,31 @@ def test_export_segment_for_training_round_trip(app, clicked_scene, tmp_path):
     assert case.label == 0 and case.ratings == {"spiculation": 1.0}
     with pytest.raises(InputError, match="already"):
         M.export_segment_for_training(seg_node, seg_id, volume, tmp_path, {"malignancy": 2})
+
+
+@pytest.mark.slow
+def test_size_correction_survives_the_scene_until_the_mask_is_edited(app, repo_dir):
+    """The default network's click result (size-corrected axes, issue 22) added to the scene and read back
+    (:func:`result_from_segmentation`, what the report export measures): the same corrected axes while the
+    segment is unedited; after a Margin-like erosion the outline is the user's and is measured as drawn."""
+    from NoduleMTLLib.core.io import ras_to_lps
+    from NoduleMTLLib.core.postprocess import axial_diameters
+    from NoduleMTLLib.inference.pipeline import analyze_points
+
+    volume = load_volume_from_file(app.scene, repo_dir / "Resources" / "SampleData" / "LIDC-IDRI-0003_crop.nrrd",
+                                   name="LIDC-IDRI-0003 crop")
+    ct = M.volume_node_to_ct(volume)
+    result = analyze_points(ct, [ras_to_lps(SAMPLE_POINTS_RAS[1])], ["dsmtnet"], device="cpu")
+    n = result.nodules[0]
+    assert n.found and n.size_correction is not None
+    seg_node, _table = M.add_result_to_scene(app.scene, result, volume)
+    seg_id = seg_node.GetSegmentation().GetNthSegmentID(0)
+    segment = seg_node.GetSegmentation().GetSegment(seg_id)
+    assert float(_get_tag(segment, "NoduleMTL.size_correction.long_axis_factor")) == pytest.approx(n.size_correction["long_axis_factor"])
+    back = M.result_from_segmentation(seg_node, volume).nodules[0]
+    assert back.diameter_mm == pytest.approx(n.diameter_mm, abs=0.01) and back.short_axis_mm == pytest.approx(n.short_axis_mm, abs=0.01)
+    assert back.size_correction["long_axis_factor"] == pytest.approx(n.size_correction["long_axis_factor"])
+    _erode_segment_like_margin_effect(seg_node, seg_id)
+    edited = M.result_from_segmentation(seg_node, volume).nodules[0]
+    assert edited.size_correction is None
+    assert edited.diameter_mm == pytest.approx(axial_diameters(M.label_array_from_segmentation(seg_node, seg_id, volume), ct)[0])
