@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -115,7 +117,39 @@ def _excluded_marks(folder: Path, ct) -> list:
             for i, e in enumerate(json.loads(f.read_text())["excluded"])]
 
 
-def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None, click=None, **search) -> dict:
+def slice_detections(ct, name: str, model, device="cpu", detections_cache=None, weights_sha=None, **search):
+    """:func:`~NoduleMTLLib.detection.infer.run_slice_detections`, or the pickled result of an
+    earlier run on the same scan with the same weights (sha256) and search options.
+
+    The network pass is the slow part of the evaluation (minutes per scan on 2 CPU cores)
+    and does not depend on the merge / FPR / outline / mass rules applied afterwards; with
+    ``detections_cache`` (a folder of this tool's own pickles) it runs once per scan and
+    weights.  Without ``weights_sha`` (random init) nothing is cached.
+
+    Returns:
+        (:class:`~NoduleMTLLib.detection.infer.SliceDetections`, True when read from the cache).
+    """
+    from NoduleMTLLib.detection.infer import run_slice_detections
+
+    if detections_cache is None or weights_sha is None:
+        return run_slice_detections(ct, model, device, **search), False
+    key = hashlib.sha256(json.dumps({"weights": weights_sha, "search": search, "shape": list(ct.shape_zyx)},
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    f = Path(detections_cache) / f"{name}.{key}.pkl"
+    if f.exists():
+        with open(f, "rb") as fh:
+            return pickle.load(fh), True
+    sd = run_slice_detections(ct, model, device, **search)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        pickle.dump(sd, fh)
+    tmp.replace(f)
+    return sd, False
+
+
+def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None, click=None, cache_args=None,
+                  mass_rule="shipped", **search) -> dict:
     """One whole LIDC scan: slice detections once, then matching per threshold and FROC candidates.
 
     Returns:
@@ -123,7 +157,7 @@ def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None,
         :class:`~training.detection_matching.FROCScan` and ``"_match"``: {threshold:
         :class:`~training.detection_matching.NoduleMatchResult`} (removed before writing).
     """
-    from NoduleMTLLib.detection.infer import merge_detections, run_slice_detections, select_nodules
+    from NoduleMTLLib.detection.infer import merge_detections, select_nodules
     from training import detection_matching as ev
 
     ct, refs = ev.load_lidc_whole_ct_references(folder)
@@ -132,9 +166,10 @@ def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None,
     excluded = excluded + marks
     any_reader = [r for r in refs if r.diameter_mm >= ev.LUNA16_MIN_DIAMETER_MM]
     t0 = time.perf_counter()
-    sd = run_slice_detections(ct, model, device, **search)
+    sd, cached = slice_detections(ct, folder.name, model, device, **(cache_args or {}), **search)
     t_search = time.perf_counter() - t0
-    out = {"scan": folder.name, "shape_zyx": list(ct.shape_zyx), "spacing_mm": [round(v, 4) for v in ct.spacing],
+    out = {"scan": folder.name, "slice_detections_cached": cached,
+           "shape_zyx": list(ct.shape_zyx), "spacing_mm": [round(v, 4) for v in ct.spacing],
            "n_slices_searched": len(sd.slices_searched), "n_slice_detections": len(sd.detections),
            "seconds": {k: round(v, 2) for k, v in {**sd.timing_s, "search_total": t_search}.items()},
            "references": [{"nodule": r.nodule_id, "n_readers": r.n_readers, "diameter_mm": round(r.diameter_mm, 1),
@@ -142,7 +177,7 @@ def evaluate_lidc(model, folder: Path, thresholds, device="cpu", fpr_model=None,
            "thresholds": {}, "_match": {}}
     out["n_excluded_marks"] = len(marks)
     for thr in thresholds:
-        merged, nodules, cut = reported_nodules(sd, ct, thr, fpr_model, device, click)
+        merged, nodules, cut = reported_nodules(sd, ct, thr, fpr_model, device, click, mass_rule)
         m = ev.match_nodules(nodules, included, excluded)
         found = {included[ri].nodule_id for _, ri in m.pairs}
         # single-reader nodules: found by the same rule, reported but not counted
@@ -224,16 +259,26 @@ def click_outliner(device="cpu"):
     return click
 
 
-def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None):
+def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None, mass_rule="shipped",
+                     territory_ml="shipped"):
     """(merge result, reported nodules, threshold) as ``nodulemtl analyze --detect`` reports them:
     :func:`~NoduleMTLLib.detection.infer.select_nodules`, then, at :data:`OUTLINE_THRESHOLDS`
     and with ``click``, the click outline of each nodule and its fragments folded
-    (:func:`~NoduleMTLLib.detection.infer.outline_with_click`)."""
-    from NoduleMTLLib.detection.infer import MAX_NODULES, outline_with_click, select_nodules
+    (:func:`~NoduleMTLLib.detection.infer.outline_with_click`), with the size-aware acceptance of
+    masses (``mass_rule``: "shipped" = ``infer.MASS_RULE``, None = off, or a ``MassRule``) and mass
+    territories (``territory_ml``: "shipped" = ``infer.MASS_TERRITORY_ML``, None = off, or mL)."""
+    from NoduleMTLLib.detection.infer import MASS_RULE, MASS_TERRITORY_ML, MAX_NODULES, mass_candidates, outline_with_click, select_nodules
 
+    if mass_rule == "shipped":
+        mass_rule = MASS_RULE
+    if territory_ml == "shipped":
+        territory_ml = MASS_TERRITORY_ML
     merged, nodules, cut = select_nodules(sd, ct, thr, fpr_model, device)
     if click is not None and any(thr == t for t in OUTLINE_THRESHOLDS):
-        nodules = outline_with_click(nodules, ct, click, max_kept=MAX_NODULES)[0]
+        masses = mass_candidates(merged, cut, fpr_model is not None, mass_rule)
+        nodules = outline_with_click(nodules + masses, ct, click, max_kept=MAX_NODULES, cut=cut,
+                                     mass_rule=mass_rule if masses else None, lung=sd.lung,
+                                     territory_ml=territory_ml)[0]
     return merged, nodules, cut
 
 
@@ -256,25 +301,25 @@ def inside_box_fraction(nod, k: int, box_ij, margin: int = BOX_MARGIN_PX) -> flo
 
 
 def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu", fpr_model=None, click=None,
-                 **search) -> dict:
+                 cache_args=None, mass_rule="shipped", **search) -> dict:
     """One Lung-PET-CT-Dx scan: per tumour box found? (mask voxel in the box on its slice), the
     nodules overlapping the tumour, each one's inside-box fraction (+ :data:`BOX_MARGIN_PX`)
     on every annotated slice its outline touches, detections elsewhere."""
     from NoduleMTLLib.core.io import read_ct
-    from NoduleMTLLib.detection.infer import run_slice_detections
     from NoduleMTLLib.detection.merge import box_iou_np
 
     ct = read_ct(path)
     t0 = time.perf_counter()
-    sd = run_slice_detections(ct, model, device, **search)
+    sd, cached = slice_detections(ct, path.name, model, device, **(cache_args or {}), **search)
     t_search = time.perf_counter() - t0
-    out = {"scan": path.name, "shape_zyx": list(ct.shape_zyx), "spacing_mm": [round(v, 4) for v in ct.spacing],
+    out = {"scan": path.name, "slice_detections_cached": cached,
+           "shape_zyx": list(ct.shape_zyx), "spacing_mm": [round(v, 4) for v in ct.spacing],
            "thick_slices": sd.report.thick_slices, "n_slices_searched": len(sd.slices_searched),
            "n_slice_detections": len(sd.detections),
            "seconds": {k: round(v, 2) for k, v in {**sd.timing_s, "search_total": t_search}.items()},
            "n_boxes": len(boxes), "thresholds": {}}
     for thr in thresholds:
-        _, nodules, cut = reported_nodules(sd, ct, thr, fpr_model, device, click)
+        _, nodules, cut = reported_nodules(sd, ct, thr, fpr_model, device, click, mass_rule)
         per_box = []
         touching = set()
         for b in boxes:
@@ -300,7 +345,8 @@ def evaluate_pet(model, path: Path, boxes: list[dict], thresholds, device="cpu",
             fr = {str(b["k"]): inside_box_fraction(nod, b["k"], b["box"]) for b in boxes}
             fr = {k: round(v, 3) for k, v in fr.items() if v is not None}
             on_tumour.append({"rank": n + 1, "score": _r(nod.score), "search_scale": nod.scale,
-                              "fragments_absorbed": nod.absorbed, "inside_box_fraction": fr,
+                              "fragments_absorbed": nod.absorbed, "accepted_as": nod.accepted_as,
+                              "outline_features": nod.features, "inside_box_fraction": fr,
                               "min_inside_box_fraction": min(fr.values()) if fr else None})
         out["thresholds"][_thr_key(thr)] = {
             "score_threshold": _r(cut), "n_detections": len(nodules), "outlined_by_click": bool(
@@ -321,14 +367,15 @@ def _froc_json(f) -> dict:
             "curve": {"fps_per_scan": [_r(v) for v in f.fps_per_scan], "sensitivity": [_r(v) for v in f.sensitivity]}}
 
 
-def _lidc_group(model, folders, thresholds, device, fpr_model, log, click=None, **search) -> dict:
+def _lidc_group(model, folders, thresholds, device, fpr_model, log, click=None, cache_args=None, mass_rule="shipped",
+                **search) -> dict:
     """Evaluate a group of whole LIDC scans; totals per threshold and FROC for both references."""
     from training import detection_matching as ev
 
     group = {"scans": [], "totals": {}, "froc": None, "froc_any_reader": None}
     froc_scans, froc_any, totals = [], [], {}
     for folder in folders:
-        r = evaluate_lidc(model, folder, thresholds, device, fpr_model, click, **search)
+        r = evaluate_lidc(model, folder, thresholds, device, fpr_model, click, cache_args, mass_rule, **search)
         froc_scans.append(r.pop("_froc"))
         froc_any.append(r.pop("_froc_any"))
         for key, m in r.pop("_match").items():
@@ -375,7 +422,7 @@ def plot_froc(report: dict, path: Path) -> None:
 
 
 def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="cpu", log=print, fpr_model=None,
-                      cache=None, click=None, **search) -> dict:
+                      cache=None, click=None, cache_args=None, mass_rule="shipped", **search) -> dict:
     """Test scans, validation scans and the Lung-PET-CT-Dx tumours; see the module docstring.
 
     Args:
@@ -388,6 +435,10 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
         cache: whole-scan cache holding the validation scans (default
             :func:`training.wholescan.default_cache`); skipped with a note when absent.
         click: click outliner (:func:`click_outliner`) applied at :data:`OUTLINE_THRESHOLDS`, or None.
+        cache_args: {"detections_cache": folder, "weights_sha": sha256} to reuse slice detections
+            (:func:`slice_detections`), or None.
+        mass_rule: "shipped" (``infer.MASS_RULE``), None (off) or a ``MassRule``
+            (:func:`reported_nodules`).
         **search: options of :func:`~NoduleMTLLib.detection.infer.run_slice_detections`.
 
     Returns:
@@ -410,12 +461,12 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
               "search": {k: v for k, v in search.items()}, "lung_pet_ct_dx": []}
     log("test scans:")
     report["test"] = _lidc_group(model, [d / "lidc" / p for p in LIDC_SCANS], thresholds, device, fpr_model, log, click,
-                                 **search)
+                                 cache_args, mass_rule, **search)
     cache = Path(cache or default_cache())
     if all((cache / p / "ct.nrrd").exists() for p in VAL_SCANS):
         log("validation scans:")
         report["val"] = _lidc_group(model, [cache / p for p in VAL_SCANS], thresholds, device, fpr_model, log, click,
-                                    **search)
+                                    cache_args, mass_rule, **search)
     else:
         report["val"] = None
         log(f"validation scans skipped: build them with nodulemtl-train wholescan (cache {cache})")
@@ -424,7 +475,8 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
     report["froc"] = report["test"]["froc"]
     boxes = _pet_boxes(d / "lung_pet_ct_dx_boxes.csv")
     for name in PET_SCANS:
-        r = evaluate_pet(model, d / name, boxes.get(name, []), thresholds, device, fpr_model, click, **search)
+        r = evaluate_pet(model, d / name, boxes.get(name, []), thresholds, device, fpr_model, click, cache_args, mass_rule,
+                         **search)
         report["lung_pet_ct_dx"].append(r)
         log(f"{name}: " + "; ".join(f"thr {k}: tumour {'found' if v['tumour_found'] else 'MISSED'} "
                                      f"({v['boxes_found']}/{r['n_boxes']} boxes), {v['n_detections']} detections, "
@@ -490,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", type=Path, default=None, help="whole-scan cache with the validation scans")
     ap.add_argument("--no-outline", action="store_true", help="report the detector's masks (no click outlines)")
     ap.add_argument("--coarse", action="store_true", help="multi-scale search: add the 2x coarse pass (off by default)")
+    ap.add_argument("--no-mass-rule", action="store_true",
+                    help="report only candidates at or above the threshold (no size-aware acceptance of masses)")
+    ap.add_argument("--detections-cache", type=Path, default=None,
+                    help="folder for this tool's pickled slice detections: the network runs once per scan and weights")
     return ap
 
 
@@ -513,10 +569,12 @@ def load_fpr_model(weights: Path | None, device="cpu"):
 
 def run(weights=None, random_init=False, data=None, out=None, thresholds=None, device="auto", threads=2,
         input_scale=1.0, log=print, fpr_weights=None, no_fpr=False, cache=None, no_outline=False,
-        coarse=False) -> dict:
+        coarse=False, mass_rule=True, detections_cache=None) -> dict:
     """Load the model, evaluate, write the JSON report; returns it.  ``no_outline``: keep the
     detector's masks (no click outlines); ``coarse``: add the 2x coarse pass of the multi-scale
-    search (``infer.COARSE_FACTORS``, off by default)."""
+    search (``infer.COARSE_FACTORS``, off by default); ``mass_rule``: the size-aware acceptance of
+    masses (``infer.MASS_RULE``; False = off); ``detections_cache``: reuse slice detections
+    (:func:`slice_detections`)."""
     import torch
 
     from NoduleMTLLib.core.device import resolve_device
@@ -531,8 +589,16 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     search = {"input_scale": float(input_scale)}
     if coarse:
         search["coarse_factors"] = (2.0,)
+    cache_args = None if detections_cache is None else {"detections_cache": detections_cache, "weights_sha": sha}
     rep = evaluate_whole_ct(model, data, tuple(thresholds or DEFAULT_THRESHOLDS), dev, log=log, fpr_model=fpr,
-                            cache=cache, click=click, **search)
+                            cache=cache, click=click, cache_args=cache_args,
+                            mass_rule="shipped" if mass_rule else None, **search)
+    if mass_rule and click is not None and fpr is not None:
+        from NoduleMTLLib.detection.infer import MASS_RULE
+        rep["mass_rule"] = {k: getattr(MASS_RULE, k) for k in ("min_score", "min_volume_ml", "min_mean_hu",
+                                                                "min_lung_share")}
+    else:
+        rep["mass_rule"] = None
     rep["outlines"] = "click network at each reported nodule's centre" if click is not None else "detector masks"
     fdesc = None
     if fpr is not None:
@@ -558,7 +624,7 @@ def main(argv=None) -> int:
     try:
         run(a.weights, a.random_init, a.data, a.out, a.threshold, a.device, a.threads, a.input_scale,
             fpr_weights=a.fpr_weights, no_fpr=a.no_fpr, cache=a.cache, no_outline=a.no_outline,
-            coarse=a.coarse)
+            coarse=a.coarse, mass_rule=not a.no_mass_rule, detections_cache=a.detections_cache)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"evaluate_detection: error: {e}", file=sys.stderr)
         return 1

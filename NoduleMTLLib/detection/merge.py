@@ -109,6 +109,10 @@ class MergedNodule:
             in-plane (multi-scale search of masses, :mod:`.infer`).
         absorbed: how many other candidates were found to be the same lesion and folded
             into this one (scales grouped, or fragments inside its click outline).
+        accepted_as: why it is reported: "score" (combined score at or above the operating
+            point) or "mass" (below it, accepted by the size-aware rule ``infer.MassRule``).
+        features: the click outline's :func:`~.infer.outline_features` when the mass rule
+            looked at it, else None.
     """
 
     score: float
@@ -125,6 +129,8 @@ class MergedNodule:
     fp_reduction_score: float | None = None
     scale: float = 1.0
     absorbed: int = 0
+    accepted_as: str = "score"
+    features: dict | None = None
 
     @property
     def centre_slice(self) -> int:

@@ -535,6 +535,102 @@ def test_outline_with_click_one_lesion_one_answer():
     assert infer.outline_with_click([frag, other, top], ct, click, max_kept=1)[0] == [top]
 
 
+def test_outline_with_click_accepts_masses_below_the_cut_and_folds_overlapping_outlines():
+    from NoduleMTLLib.core.consensus import MaskBox
+    from NoduleMTLLib.detection import infer
+    from NoduleMTLLib.inference.pipeline import ClickOutput
+
+    img = sitk.Image(120, 120, 40, sitk.sitkInt16) + 40  # soft tissue everywhere, 1 mm voxels
+    ct = CTVolume(img)
+    mass = np.ones((30, 30, 30), bool)  # 27 mL outline at i/j 10-39, k 5-34
+    small = np.ones((4, 6, 6), bool)  # 0.14 mL
+    wide = np.ones((30, 30, 40), bool)  # a fragment's outline: 3/4 inside the mass's
+
+    def click(ct_, point):
+        i, j, k = point
+        if i < 40 and j < 40:
+            return ClickOutput(MaskBox((5, 10, 10), mass, ct_.shape_zyx), 0.9, {}, 2.0)
+        if 40 <= i < 50 and j < 40:
+            return ClickOutput(MaskBox((5, 10, 20), wide, ct_.shape_zyx), 0.9, {}, 2.0)
+        return ClickOutput(MaskBox((10, 90, 90), small, ct_.shape_zyx), 0.5, {}, 1.0)
+
+    rule = infer.MassRule(min_score=0.7, min_volume_ml=10.0, min_mean_hu=-300.0, min_lung_share=0.0)
+    big = _nod(0.8, (20, 20, 18, 30, 30, 22), (25.0, 25.0, 20.0))  # below the cut, mass outline
+    frag = _nod(0.75, (42, 20, 18, 48, 30, 22), (45.0, 25.0, 20.0))  # centre outside, outline mostly inside
+    vessel = _nod(0.78, (88, 88, 10, 96, 96, 14), (92.0, 92.0, 12.0))  # below the cut, small outline
+    low = _nod(0.5, (100, 10, 5, 105, 15, 8), (102.0, 12.0, 6.0))  # below the rule's score
+    top = _nod(0.95, (90, 90, 10, 97, 97, 14), (93.0, 93.0, 12.0))  # above the cut
+    kept, outs = infer.outline_with_click([frag, vessel, low, big, top], ct, click, cut=0.9, mass_rule=rule)
+    assert kept == [top, big]
+    assert big.accepted_as == "mass" and top.accepted_as == "score"
+    assert big.features["volume_ml"] == pytest.approx(27.0) and big.features["mean_hu"] == pytest.approx(40.0)
+    assert big.features["lung_share"] == 1.0 and big.features["long_mm"] >= 30.0
+    assert big.absorbed == 1 and top.absorbed == 1  # frag by its outline, vessel by its centre in top's outline
+    assert big.box_voxel == (10, 10, 5, 40, 40, 35)
+    # without the rule, candidates below the cut are never reported
+    for n in (frag, vessel, big, top):
+        n.absorbed = 0
+    assert infer.outline_with_click([frag, vessel, big, top], ct, click, cut=0.9)[0] == [top]
+    # the lung share gate: the same mass outside the lung mask is refused
+    lung = pp.LungMask(np.zeros(ct.shape_zyx, np.uint8), (1.0, 1.0, 1.0), (0.0,), 1)
+    strict = infer.MassRule(0.7, 10.0, -300.0, 0.5)
+    big.absorbed = 0
+    assert infer.outline_with_click([big], ct, click, cut=0.9, mass_rule=strict, lung=lung)[0] == []
+    # only two-stage searches look below the cut
+    res = mg.MergeResult([top, big, vessel, low], 0.1, 10, 10)
+    assert infer.mass_candidates(res, 0.9, True, rule) == [big, vessel]
+    assert infer.mass_candidates(res, 0.9, False, rule) == [] and infer.mass_candidates(res, 0.6, True, rule) == []
+
+
+def test_mass_outlined_in_pieces_is_one_nodule_through_its_territory():
+    from NoduleMTLLib.core.consensus import MaskBox
+    from NoduleMTLLib.detection import infer
+    from NoduleMTLLib.inference.pipeline import ClickOutput
+
+    hu = np.full((40, 120, 120), -850, np.int16)  # aerated lung, 1 mm voxels
+    hu[10:30, 20:40, 10:70] = 40  # a 60 mm solid mass, outlined as i 10-29 and i 35-69
+    hu[10:14, 90:94, 60:64] = 40  # a small nodule 50 mm away
+    ct = CTVolume(sitk.GetImageFromArray(hu))
+
+    def click(ct_, point):  # the click network outlines the mass in two pieces
+        i, j, k = point
+        if i < 35 and j < 50:
+            return ClickOutput(MaskBox((10, 20, 10), np.ones((20, 20, 20), bool), ct_.shape_zyx), 0.9, {}, 1.0)
+        if i >= 35 and j < 50:
+            return ClickOutput(MaskBox((10, 20, 35), np.ones((20, 20, 35), bool), ct_.shape_zyx), 0.9, {}, 1.0)
+        return ClickOutput(MaskBox((10, 90, 60), np.ones((4, 4, 4), bool), ct_.shape_zyx), 0.5, {}, 1.0)
+
+    def cands():
+        return [_nod(0.95, (15, 25, 15, 25, 35, 25), (20.0, 30.0, 20.0)), _nod(0.93, (45, 25, 15, 65, 35, 25), (55.0, 30.0, 20.0)),
+                _nod(0.92, (60, 90, 10, 64, 94, 14), (62.0, 92.0, 12.0))]
+
+    kept = infer.outline_with_click(cands(), ct, click)[0]
+    assert [n.score for n in kept] == [0.95, 0.93, 0.92]  # outlines alone: two pieces, two nodules
+    kept = infer.outline_with_click(cands(), ct, click, territory_ml=10.0)[0]
+    assert [n.score for n in kept] == [0.95, 0.92] and kept[0].absorbed == 1  # the 14 mL piece's territory
+    assert kept[0].box_voxel == (10, 20, 10, 30, 40, 30)  # the host keeps its own click outline
+    t = infer.mass_territory(MaskBox((10, 20, 35), np.ones((20, 20, 35), bool), ct.shape_zyx), ct, margin_mm=10.0)
+    assert t.offset_zyx == (10, 20, 25) and t.array.shape == (20, 20, 45) and t.array.all()  # the solid tissue within 10 mm
+    assert infer.outline_with_click(cands(), ct, click, territory_ml=20.0)[0][1].score == 0.93  # below the volume: no territory
+
+
+def test_outline_features_of_a_real_nodule(lidc3, lidc3_lung):
+    """Reference nodule 3 of LIDC-IDRI-0003 as an outline: its volume, long axis and HU, inside the lung mask."""
+    from NoduleMTLLib.core.consensus import MaskBox
+    from NoduleMTLLib.core.postprocess import measure_nodule
+    from NoduleMTLLib.detection import infer
+
+    ct, refs, labels = lidc3
+    box = MaskBox.from_full(labels == 3)
+    f = infer.outline_features(box, ct, lidc3_lung)
+    m = measure_nodule(box, ct)
+    assert f["volume_ml"] == pytest.approx(m["volume_mm3"] / 1000.0)
+    assert f["long_mm"] == pytest.approx(m["diameter_mm"]) and f["mean_hu"] == pytest.approx(m["mean_hu"])
+    assert f["lung_share"] > 0.9  # a nodule inside the lung: hole-filled into the mask
+    assert infer.outline_features(None, ct) is None
+    assert infer.outline_features(box, ct)["lung_share"] == 1.0  # no lung mask given
+
+
 def test_little_aerated_lung_gives_a_note_not_an_error():
     from NoduleMTLLib.detection import infer
 
