@@ -213,9 +213,11 @@ def analyze(ct: CTVolume, points_lps: Sequence[Sequence[float]] | None = None, *
                                   networks=models.networks_on(dev), mask=mask)
 
     result = with_cpu_fallback(run, device, notify=notify)
-    if not detect:  # clicks on one nodule -> one nodule (before Brock counts them)
+    if not detect:
         from .duplicates import merge_duplicate_clicks
-        merge_duplicate_clicks(result, ct)
+        from .mediastinum import refuse_mediastinal_clicks
+        refuse_mediastinal_clicks(result, ct)  # a click on the heart / aorta / hilum: no nodule at this point
+        merge_duplicate_clicks(result, ct)  # clicks on one nodule -> one nodule (before Brock counts them)
     complete_result(result, ct, patient, assess=assess)
     return result
 

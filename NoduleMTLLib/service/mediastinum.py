@@ -1,0 +1,226 @@
+"""Clicks in the mediastinum: "no nodule at this point" instead of the whole heart (issue 22, item 7).
+
+The click networks segment whatever soft-tissue blob lies under the click.  In the lung that
+blob is a nodule (or a vessel: a small mask); between the lungs it is the heart, the aorta or a
+hilar vessel, and the click path used to return the whole structure (the heart as a 108 mm
+"nodule").  :func:`mediastinal_refusal` turns such an answer into "no nodule at this point".
+
+The rule (not from a paper; a classical lung-mask test, thresholds measured on training scans,
+``training/mediastinum_eval.py``, figures in ``training/RESULTS.md``):
+
+1. Masks of at most :data:`SMALL_MASK_MM` long axis and :data:`SMALL_MASK_MM3` volume are left
+   alone: an honest small mask (a vessel cross-section, a small nodule) is never refused.
+2. The lung mask (:func:`NoduleMTLLib.detection.preprocess.compute_lung_mask`: aerated lung,
+   per lung hole-filled and closed with a 10 mm disk, so nodules inside the lung and
+   juxtapleural / juxtamediastinal nodules up to about 2 cm are inside it) is computed on a slab
+   of whole axial slices around the click (the mask's slices within :data:`SLAB_HALF_MM` of the
+   click, plus :data:`SLAB_MARGIN_MM`), on a coarse grid (:data:`WORK_PIXEL_MM`,
+   :data:`WORK_SLICE_MM`): about 0.1-0.5 s, spent only on masks larger than step 1's.
+3. The click is refused when all of these hold:
+
+   * the click voxel is outside the lung mask (a nodule inside the lung, however large, is
+     inside its hole-filled lung);
+   * the click lies between the lungs: inside the convex hull of the lung mask on the click's
+     axial slice (the mediastinum, hila, heart and great vessels; the chest wall and the
+     abdomen are outside that hull and keep their current behaviour);
+   * less than :data:`MIN_LUNG_FRACTION` of the mask's voxels (on the slab) lie in the lung
+     mask: the mask is mostly mediastinal tissue;
+   * and the mask is not shaped like a lesion: it continues beyond what a nodule or mass
+     spans - its axial long axis is at least :data:`MIN_STRUCTURE_MM` (the heart, a great
+     vessel's length in-plane), or it runs along the slices: its extent across the slices
+     (first to last slice centre) is at least :data:`MIN_Z_RATIO` times its axial long axis
+     (a vessel: the aorta, the superior vena cava, a pulmonary artery running along z).
+
+   The last condition keeps lung masses that abut or invade the mediastinum: they lie mostly
+   outside the lung mask too (the 6 cm adenocarcinoma of Lung-PET-CT-Dx A0001 has 17 % of its
+   mask in it), but they are bounded (A0001: 65 mm across, as long in z as across).  The cost
+   is that a compact mediastinal blob under 10 cm - a hilar vessel segment, part of the heart,
+   a lymph node - keeps its mask (training scans: 29 of 84 such mediastinal clicks refused, 0
+   of 12 juxtamediastinal nodules; ``training/RESULTS.md``).
+
+Where: the analysis service (:func:`NoduleMTLLib.service.analysis.analyze`, every product entry point:
+``nodulemtl analyze`` / ``batch``, the Slicer module, the worker) applies
+:func:`refuse_mediastinal_clicks` to the click path's raw result; the engine
+(``pipeline.analyze_points``, used as such by the VOI evaluations) is unchanged.
+
+When the test cannot be made it is skipped and the answer is left as the networks gave it: a
+field of view narrower than :data:`MIN_FOV_MM` (a crop: the lungs touch the image border and
+the lung mask cannot be computed), or no lung found in the slab (:class:`NoLungError`).
+
+Arrays are numpy (z, y, x) on the CT grid; the slice axis is the array's first axis (as in
+:func:`NoduleMTLLib.inference.pipeline.check_point`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..core.consensus import MaskBox
+from ..core.io import CTVolume
+from ..core.results import AnalysisResult, NetworkOutput
+
+#: Masks up to this long axis (mm) and volume (mm^3) are never refused (an honest small mask;
+#: the bound of ``Testing/Python/test_bad_clicks.py``).
+SMALL_MASK_MM, SMALL_MASK_MM3 = 10.0, 300.0
+#: Refuse only when under this fraction of the mask lies in the lung mask.  Chosen on training
+#: scans (``training/mediastinum_eval.py``): the largest multiple of 0.05 below the smallest
+#: fraction of a juxtamediastinal nodule's mask (0.238).
+MIN_LUNG_FRACTION = 0.2
+#: ... and the mask's axial long axis is at least this (mm): a clinical bound, not fitted (the
+#: training nodules reach 35 mm, the training heart masks 92-162 mm; lung masses up to about
+#: 10 cm must keep their outline) ...
+MIN_STRUCTURE_MM = 100.0
+#: ... or its extent across the slices is at least this many times its axial long axis.  Chosen
+#: on training scans: the smallest multiple of 0.1 at least 0.15 above the largest ratio of a
+#: juxtamediastinal nodule (1.02).
+MIN_Z_RATIO = 1.2
+#: The slab of slices whose lung mask is computed: the mask's slices within this distance (mm)
+#: of the click ...
+SLAB_HALF_MM = 40.0
+#: ... grown by this margin (mm) on both sides.
+SLAB_MARGIN_MM = 10.0
+#: Coarse grid of the lung mask (mm): in-plane pixel and slice spacing.
+WORK_PIXEL_MM, WORK_SLICE_MM = 3.0, 2.5
+#: Smallest lung volume (mL) in the slab for the test to be made.
+MIN_SLAB_LUNG_ML = 20.0
+#: The test needs the whole axial body section: skipped below this field of view (mm).
+MIN_FOV_MM = 150.0
+#: Below this HU a voxel next to the mask is aerated lung (``air_contact`` of :func:`mediastinal_features`).
+AIR_CONTACT_HU = -400.0
+#: The answer of a refused click (the same "no nodule" wording as the click path's).
+MESSAGE = "no nodule at this point: the click is in the mediastinum (heart/aorta/hilum)"
+
+
+def mediastinal_features(ct: CTVolume, point_lps, mask: MaskBox) -> dict | None:
+    """The figures the rule reads, for one click and its mask.
+
+    Args:
+        ct: the CT (HU, LPS geometry).
+        point_lps: the click, world LPS mm.
+        mask: the mask the click path would report (:class:`~NoduleMTLLib.core.consensus.MaskBox`
+            on ``ct``'s grid).
+
+    Returns:
+        ``{"click_in_lung": bool, "between_lungs": bool, "lung_fraction": float in [0, 1],
+        "air_contact": float in [0, 1] (share of the mask's in-plane outer ring below
+        :data:`AIR_CONTACT_HU`), "click_to_lung_mm": float (in-plane, on the click's slice),
+        "z_extent_mm": float (first to last slice centre), "slab": (k0, k1)}``, or None when the test cannot be made (field of view under
+        :data:`MIN_FOV_MM`, click off the grid, no lung in the slab).
+    """
+    from skimage.morphology import convex_hull_image
+
+    from ..core.io import ijk_to_lps_matrix
+    from ..detection.preprocess import NoLungError, compute_lung_mask
+
+    sx, sy, sz = (float(v) for v in ct.spacing)
+    nz, ny, nx = ct.shape_zyx
+    if nx * sx < MIN_FOV_MM or ny * sy < MIN_FOV_MM:
+        return None
+    i, j, k = (int(round(v)) for v in ct.world_lps_to_index(point_lps))
+    if not (0 <= i < nx and 0 <= j < ny and 0 <= k < nz):
+        return None
+    half = int(math.ceil(SLAB_HALF_MM / sz))
+    margin = int(math.ceil(SLAB_MARGIN_MM / sz))
+    m0, m1 = mask.offset_zyx[0], mask.offset_zyx[0] + mask.array.shape[0]
+    k0 = max(0, min(k, max(m0, k - half)) - margin)
+    k1 = min(nz, max(k + 1, min(m1, k + half + 1)) + margin)
+    try:
+        lung = compute_lung_mask(np.asarray(ct.array[k0:k1]), (sz, sy, sx), ijk_to_lps=ijk_to_lps_matrix(ct.image),
+                                 min_lung_volume_ml=MIN_SLAB_LUNG_ML, work_pixel_mm=WORK_PIXEL_MM,
+                                 work_slice_mm=WORK_SLICE_MM).labels > 0
+    except NoLungError:
+        return None
+    on_slice = lung[k - k0]
+    between = bool(on_slice.any() and convex_hull_image(on_slice)[j, i])
+    # the mask's voxels on the slab
+    z0, z1 = max(m0, k0), min(m1, k1)
+    oy, ox = mask.offset_zyx[1:]
+    part = mask.array[z0 - m0:z1 - m0]
+    inside = lung[z0 - k0:z1 - k0, oy:oy + part.shape[1], ox:ox + part.shape[2]][part]
+    frac = float(inside.mean()) if inside.size else 0.0
+    # what surrounds the mask in-plane: the share of its outer ring (1 voxel) that is aerated (< AIR_CONTACT_HU)
+    box = np.pad(mask.array, ((0, 0), (1, 1), (1, 1)))
+    ring = ndi.binary_dilation(box, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)) & ~box
+    y0, x0 = oy - 1, ox - 1
+    hu = np.asarray(ct.array[m0:m1, max(0, y0):oy + mask.array.shape[1] + 1, max(0, x0):ox + mask.array.shape[2] + 1])
+    ring = ring[:, max(0, y0) - y0:, max(0, x0) - x0:][:, :hu.shape[1], :hu.shape[2]]
+    contact = float((hu[ring] < AIR_CONTACT_HU).mean()) if ring.any() else 0.0
+    dist = ndi.distance_transform_edt(~on_slice, sampling=(sy, sx))[j, i] if on_slice.any() else float("inf")
+    return {"click_in_lung": bool(on_slice[j, i]), "between_lungs": between, "lung_fraction": frac,
+            "air_contact": contact, "click_to_lung_mm": float(dist),
+            "z_extent_mm": float((mask.array.shape[0] - 1) * sz), "slab": (k0, k1)}
+
+
+def is_small(diameter_mm: float, volume_mm3: float) -> bool:
+    """True for a mask the rule leaves alone (long axis <= :data:`SMALL_MASK_MM` mm and volume
+    <= :data:`SMALL_MASK_MM3` mm^3, the long axis rounded to 0.1 mm as reported)."""
+    return round(float(diameter_mm) + 1e-9, 1) <= SMALL_MASK_MM and float(volume_mm3) <= SMALL_MASK_MM3
+
+
+def mediastinal_refusal(ct: CTVolume, point_lps, mask: MaskBox | None, diameter_mm: float,
+                        volume_mm3: float) -> str | None:
+    """The rule of the module docstring: why the click's mask is refused, or None to keep it.
+
+    Args:
+        ct: the CT (HU, LPS geometry).
+        point_lps: the click, world LPS mm.
+        mask: the mask the click path would report (MaskBox on ``ct``'s grid), or None.
+        diameter_mm, volume_mm3: its long axis (mm) and volume (mm^3), as measured by
+            :func:`NoduleMTLLib.core.postprocess.measure_nodule`.
+
+    Returns:
+        :data:`MESSAGE` when the click is refused, else None (also when the test cannot be made).
+    """
+    if mask is None or is_small(diameter_mm, volume_mm3):
+        return None
+    f = mediastinal_features(ct, point_lps, mask)
+    if f is None:
+        return None
+    return MESSAGE if refuses(f, diameter_mm) else None
+
+
+def refuses(features: dict, diameter_mm: float) -> bool:
+    """The decision of the rule (module docstring, step 3) on :func:`mediastinal_features`'
+    figures and the mask's axial long axis (mm)."""
+    f = features
+    if f["click_in_lung"] or not f["between_lungs"] or f["lung_fraction"] >= MIN_LUNG_FRACTION:
+        return False
+    return float(diameter_mm) >= MIN_STRUCTURE_MM or f["z_extent_mm"] >= MIN_Z_RATIO * float(diameter_mm)
+
+
+def refuse_mediastinal_clicks(result: AnalysisResult, ct: CTVolume) -> list[int]:
+    """Apply :func:`mediastinal_refusal` to every found nodule of a click-path result, in place.
+
+    A refused nodule becomes "not found" with :data:`MESSAGE`, like a click where nothing was
+    segmented: no mask, no measurements, every network's answer dropped (no mask, no
+    probability: the networks' outputs describe the heart or the aorta, not a nodule).
+
+    Args:
+        result: :class:`~NoduleMTLLib.core.results.AnalysisResult` of ``pipeline.analyze_points``
+            (raw outputs, before calibration and assessment).
+        ct: the CT it was computed on.
+
+    Returns:
+        the ids of the refused nodules.
+    """
+    from ..core.consensus import compute_consensus
+
+    refused = []
+    for n in result.nodules:
+        box = n.mask_box if n.found else None
+        if box is None or mediastinal_refusal(ct, n.point_lps_mm, box, n.diameter_mm, n.volume_mm3) is None:
+            continue
+        refused.append(n.id)
+        ids = list(n.networks) or list(n.network_masks)
+        n.found, n.mask, n.message = False, None, MESSAGE
+        for k in ("diameter_mm", "short_axis_mm", "volume_mm3", "mean_hu", "solid_fraction", "type",
+                  "malignancy_probability", "centroid_lps_mm"):
+            setattr(n, k, None)
+        n.networks = {nid: NetworkOutput(nid, None, {}, None) for nid in ids}
+        n.network_masks = {nid: None for nid in ids}
+        if n.consensus is not None and ids:
+            n.consensus = compute_consensus(n.network_masks, {nid: None for nid in ids})
+    return refused

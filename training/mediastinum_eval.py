@@ -1,0 +1,301 @@
+"""Measure the mediastinal-click rule (``NoduleMTLLib.service.mediastinum``, issue 22 item 7) on whole
+training scans, and choose its lung-fraction threshold there.
+
+Clicks, per whole scan of the chosen role (``training/splits/lidc_wholescan_split.json``; train by
+default, never the test scans):
+
+* **mediastinal clicks** (should be refused or small): on 6 random axial slices in the middle
+  of the lungs' z-range (20-85 %), 2 random soft-tissue pixels (-50..250 HU) between the lungs
+  (inside the convex hull of the lung mask, outside it) at >= 10 mm from the lung ("deep":
+  heart, great vessels) and 2 at 2-10 mm ("near": hila, mediastinal borders);
+* **labelled nodules**: the readers' nodules of the scan (``nodules.csv``), clicked at their centre;
+* **inserted juxtamediastinal nodules** (should be kept): training patients' ``lidc_vois``
+  nodules (8-30 mm, scaled 1-2x below 20 mm, 0.8-1.3x above) pasted with
+  ``training.insertion.paste_nodule`` next to the mediastinal lung border, alternately with
+  the centre 0.4-0.9 x the radius inside the lung ("juxta") and at most 0.3 x the radius
+  inside it ("abut": half of the nodule merges with the mediastinum, like a mass abutting it),
+  clicked at the pasted mask's centroid; the lung mask the rule computes is the one of the scan
+  with the nodules in it.
+
+Every click runs the click path's engine (``pipeline.analyze_points``, the default networks; the
+rule is applied after it by the analysis service) and records the rule's features, so the figures
+of the rule at any threshold follow from one run.  The fitted constants (:func:`choose`), over the
+nodule clicks "at stake" (a non-small mask, the click outside the lung mask and between the
+lungs): the lung fraction - the largest multiple of 0.05 below the smallest nodule's; the z ratio
+(extent across the slices / axial long axis) - the smallest multiple of 0.1 at least 0.15 above
+the largest nodule's.  ``MIN_STRUCTURE_MM`` (10 cm) is a clinical bound, not fitted: no training
+nodule is larger than 35 mm.
+
+``--vois train val`` instead runs the analysis service on those splits' ``lidc_vois`` VOIs and
+counts the clicks the rule refuses (they are in-lung nodules: the answer should be 0).
+
+Output: one JSON line per click (``--out``, default ``training/reports/mediastinum_<role>.jsonl``)
+and a summary on stdout.  Run: ``OMP_NUM_THREADS=1 uv run --frozen python -m
+training.mediastinum_eval --role train`` (about 10 min on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cache_root() -> Path:
+    import os
+    return Path(os.environ.get("NODULEMTL_CACHE") or REPO.parent / "cache") / "wholescan"
+
+
+def mediastinal_points(lung: np.ndarray, hu: np.ndarray, spacing_xyz, rng: np.random.Generator,
+                       n_slices: int = 6, per_kind: int = 2) -> list[tuple[str, tuple[int, int, int]]]:
+    """Random soft-tissue clicks between the lungs (module docstring): [(kind, (i, j, k))]."""
+    from skimage.morphology import convex_hull_image
+
+    zs = np.nonzero(lung.any((1, 2)))[0]
+    z0, z1 = int(zs.min()), int(zs.max())
+    out = []
+    ks = rng.choice(np.arange(int(z0 + 0.2 * (z1 - z0)), int(z0 + 0.85 * (z1 - z0))), n_slices, replace=False)
+    for k in sorted(int(v) for v in ks):
+        lk = lung[k]
+        d = ndi.distance_transform_edt(~lk, sampling=(spacing_xyz[1], spacing_xyz[0]))
+        soft = convex_hull_image(lk) & ~lk & (hu[k] > -50) & (hu[k] < 250)
+        for kind, ok in (("mediastinum-deep", soft & (d >= 10)), ("mediastinum-near", soft & (d >= 2) & (d < 10))):
+            jj, ii = np.nonzero(ok)
+            for n in rng.choice(jj.size, min(per_kind, jj.size), replace=False):
+                out.append((kind, (int(ii[n]), int(jj[n]), k)))
+    return out
+
+
+def insert_juxtamediastinal(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray | None, spacing_zyx,
+                            rng: np.random.Generator, n: int = 10, tries: int = 400) -> list[dict]:
+    """Paste training VOI nodules next to the mediastinal lung border of ``hu`` (float32, in place).
+
+    Returns:
+        [{"kind": "juxta" | "abut", "mask": bool (z, y, x), "source": str, "size_mm": float}].
+    """
+    from skimage.morphology import convex_hull_image
+
+    from training.insertion import InsertionError, load_vois, paste_nodule, transform_voi
+
+    vois = load_vois(min_diameter_mm=8.0, max_diameter_mm=30.0)
+    sz, sy, sx = spacing_zyx
+    zs = np.nonzero(lung.any((1, 2)))[0]
+    z0, z1 = int(zs.min()), int(zs.max())
+    used, placed = [], []
+    for _ in range(tries):
+        if len(placed) >= n:
+            break
+        voi = vois[int(rng.integers(len(vois)))]
+        scale = float(rng.uniform(1.0, 2.0)) if voi.diameter_mm < 20 else float(rng.uniform(0.8, 1.3))
+        try:
+            nod = transform_voi(voi, (sz, sy, sx), scale, float(rng.uniform(0, 360)),
+                                tuple(bool(b) for b in rng.integers(0, 2, 3)))
+        except InsertionError:
+            continue
+        r = voi.diameter_mm * scale / 2
+        k = int(rng.integers(int(z0 + 0.2 * (z1 - z0)), int(z0 + 0.85 * (z1 - z0))))
+        if any(abs(k - u) * sz < 2 * r + 15 for u in used):
+            continue
+        lk = lung[k]
+        med = ndi.binary_opening(convex_hull_image(lk) & ~lk, iterations=2)
+        d = ndi.distance_transform_edt(lk, sampling=(sy, sx))
+        dm = ndi.distance_transform_edt(~med, sampling=(sy, sx))
+        kind = ("juxta", "abut")[len(placed) % 2]
+        ok = lk & (d >= 0.4 * r) & (d <= 0.9 * r) & (dm <= r + 2) if kind == "juxta" \
+            else lk & (d <= 0.3 * r) & (dm <= 0.3 * r + 2)
+        jj, ii = np.nonzero(ok)
+        if jj.size == 0:
+            continue
+        c = int(rng.integers(jj.size))
+        backup = hu.copy() if labels is not None else None
+        m = paste_nodule(hu, nod, (k, int(jj[c]), int(ii[c])), lung=lung)
+        if labels is not None and (ndi.binary_dilation(m, iterations=2) & (labels > 0)).any():
+            hu[...] = backup  # touches a readers' nodule: undo
+            continue
+        used.append(k)
+        placed.append({"kind": kind, "mask": m, "source": nod.source["voi"], "size_mm": round(voi.diameter_mm * scale, 1)})
+    return placed
+
+
+def evaluate_scan(folder: Path, seed: int, networks: dict, log=print) -> list[dict]:
+    """Every click of the module docstring on one whole scan -> one record per click."""
+    import SimpleITK as sitk
+
+    from NoduleMTLLib import DEFAULT_NETWORKS
+    from NoduleMTLLib.core.io import CTVolume, read_ct
+    from NoduleMTLLib.core.metrics import dice
+    from NoduleMTLLib.detection.preprocess import lung_mask_from_ct
+    from NoduleMTLLib.inference import pipeline
+    from NoduleMTLLib.service import mediastinum
+
+    ct = read_ct(folder / "ct.nrrd")
+    rng = np.random.default_rng(seed)
+    lung = lung_mask_from_ct(ct).labels > 0
+    hu = np.asarray(ct.array)
+    lab_path = folder / "nodules_labels.nrrd"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(lab_path))) if lab_path.exists() else None
+    clicks = [(kind, ijk, None, {}) for kind, ijk in mediastinal_points(lung, hu, ct.spacing, rng)]
+    for r in csv.DictReader(open(folder / "nodules.csv")):
+        p = (float(r["center_lps_x"]), float(r["center_lps_y"]), float(r["center_lps_z"]))
+        clicks.append(("labelled-nodule", tuple(int(round(v)) for v in ct.world_lps_to_index(p)), None,
+                       {"size_mm": round(float(r["diameter_mm"]), 1)}))
+    # the inserted nodules live in a copy of the scan (its own lung mask)
+    hu2 = hu.astype(np.float32)
+    placed = insert_juxtamediastinal(hu2, lung, labels, tuple(ct.spacing[::-1]), rng)
+    img = sitk.GetImageFromArray(hu2)
+    img.CopyInformation(ct.image)
+    ct2 = CTVolume(img, source=str(folder / "ct.nrrd") + " + inserted nodules")
+    for pl in placed:
+        c = np.array(np.nonzero(pl["mask"])).mean(1).round().astype(int)
+        if not pl["mask"][tuple(c)]:
+            c = np.argwhere(pl["mask"])[len(np.argwhere(pl["mask"])) // 2]
+        clicks.append((f"inserted-{pl['kind']}", (int(c[2]), int(c[1]), int(c[0])), pl["mask"],
+                       {"size_mm": pl["size_mm"], "source": pl["source"]}))
+
+    rows = []
+    for kind, (i, j, k), truth, extra in clicks:
+        c_ = ct2 if truth is not None else ct
+        p = c_.image.TransformIndexToPhysicalPoint((i, j, k))
+        # the engine's answer (the service applies the rule after it: NoduleMTLLib.service.analysis.analyze)
+        n = pipeline.analyze_points(c_, [p], network_ids=DEFAULT_NETWORKS, device="cpu", networks=networks).nodules[0]
+        row = {"scan": folder.name, "kind": kind, "ijk": [i, j, k], **extra, "found": n.found, "message": n.message}
+        if n.found:
+            f = mediastinum.mediastinal_features(c_, p, n.mask_box)
+            row.update(diameter_mm=round(n.diameter_mm, 1), volume_mm3=round(n.volume_mm3),
+                       small=mediastinum.is_small(n.diameter_mm, n.volume_mm3),
+                       features=None if f is None else {k_: round(v, 4) if isinstance(v, float) else v for k_, v in f.items()})
+            if truth is not None:
+                row["dice"] = round(float(dice(n.mask_box.to_full(), truth)), 3)
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def at_stake(r: dict) -> bool:
+    """A click whose answer the rule decides on: a non-small mask, the click outside the lung
+    mask and between the lungs."""
+    f = r.get("features")
+    return bool(r.get("found") and not r.get("small") and f and not f["click_in_lung"] and f["between_lungs"])
+
+
+def refused(r: dict) -> bool:
+    """Whether the rule (``NoduleMTLLib.service.mediastinum.refuses``, its current constants) refuses this recorded click."""
+    from NoduleMTLLib.service import mediastinum
+
+    return at_stake(r) and mediastinum.refuses(r["features"], r["diameter_mm"])
+
+
+def choose(rows: list[dict]) -> dict:
+    """The rule's fitted constants from the nodule clicks at stake (``NoduleMTLLib.service.mediastinum``):
+    the lung fraction - the largest multiple of 0.05 below the smallest nodule's; the z ratio - the
+    smallest multiple of 0.1 at least 0.15 above the largest nodule's."""
+    nod = [r for r in rows if not r["kind"].startswith("mediastinum") and at_stake(r)]
+    fr = min(r["features"]["lung_fraction"] for r in nod)
+    zr = max(r["features"]["z_extent_mm"] / r["diameter_mm"] for r in nod)
+    return {"nodules_at_stake": len(nod), "smallest_nodule_lung_fraction": round(fr, 4),
+            "largest_nodule_z_ratio": round(zr, 3), "min_lung_fraction": round(np.ceil(fr / 0.05 - 1) * 0.05, 2),
+            "min_z_ratio": round(np.ceil((zr + 0.15) / 0.1 - 1e-9) * 0.1, 1)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Counts per kind under the rule's current constants, and the constants the rows choose."""
+    from NoduleMTLLib.service import mediastinum
+
+    out = {"rule": {"min_lung_fraction": mediastinum.MIN_LUNG_FRACTION, "min_z_ratio": mediastinum.MIN_Z_RATIO,
+                    "min_structure_mm": mediastinum.MIN_STRUCTURE_MM}, "chosen_here": choose(rows)}
+    for kind in sorted({r["kind"] for r in rows}):
+        rs = [r for r in rows if r["kind"] == kind]
+        big = [r for r in rs if r["found"] and not r.get("small")]
+        out[kind] = {"clicks": len(rs), "not_found": sum(not r["found"] for r in rs),
+                     "small_mask": sum(bool(r["found"] and r.get("small")) for r in rs),
+                     "larger_mask": len(big), "at_stake": sum(at_stake(r) for r in rs),
+                     "refused": sum(refused(r) for r in rs), "larger_kept": sum(not refused(r) for r in big)}
+        d = [r["dice"] for r in rs if "dice" in r]
+        if d:
+            out[kind]["dice_median"] = round(float(np.median(d)), 3)
+    return out
+
+
+def voi_refusals(splits=("train", "val"), data_dir=None, log=print) -> dict:
+    """Run the analysis service (``NoduleMTLLib.service.analysis.analyze``, default networks) on every
+    ``lidc_vois`` VOI of the click split's ``splits`` patients, clicked at the labelled centre; count
+    the clicks the mediastinal rule refuses (its message), those where it could apply at all (field
+    of view >= ``mediastinum.MIN_FOV_MM``), and the Dice median against the readers' mask."""
+    import SimpleITK as sitk
+
+    from NoduleMTLLib.core.io import CTVolume
+    from NoduleMTLLib.core.metrics import dice
+    from NoduleMTLLib.service import analysis, mediastinum
+    from training.data import default_data_dir, load_split
+
+    d = Path(data_dir or default_data_dir()) / "lidc_vois"
+    split = load_split()
+    models = analysis.ModelCache()
+    out = {}
+    for name in splits:
+        patients = set(split[name])
+        rows = [r for r in csv.DictReader(open(d / "labels.csv")) if r["patient_id"] in patients]
+        n = refused = applicable = found = 0
+        dices = []
+        for r in rows:
+            img = sitk.ReadImage(str(d / r["image"]))
+            ct = CTVolume(img, source=r["image"])
+            c = (float(r["coordX"]), float(r["coordY"]), float(r["coordZ"]))
+            if not ct.contains_lps(c):
+                continue
+            ref = sitk.GetArrayFromImage(sitk.ReadImage(str(d / r["mask"]))) > 0
+            res = analysis.analyze(ct, [c], device="cpu", models=models, assess=False).nodules[0]
+            n += 1
+            found += int(res.found)
+            refused += int(res.message == mediastinum.MESSAGE)
+            sx, sy, _ = ct.spacing
+            applicable += int(img.GetSize()[0] * sx >= mediastinum.MIN_FOV_MM and img.GetSize()[1] * sy >= mediastinum.MIN_FOV_MM)
+            dices.append(dice(res.mask_box.to_full() if res.found else np.zeros_like(ref), ref))
+        out[name] = {"vois": n, "found": found, "refused_as_mediastinal": refused, "rule_applicable_fov": applicable,
+                     "dice_median": round(float(np.median(dices)), 4)}
+        log(json.dumps({name: out[name]}))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--role", default="train", choices=("train", "val"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--summary-only", action="store_true", help="summarize an existing --out file")
+    ap.add_argument("--vois", nargs="+", choices=("train", "val"),
+                    help="instead: count the rule's refusals on these splits' lidc_vois through the analysis service")
+    a = ap.parse_args(argv)
+    if a.vois:
+        voi_refusals(a.vois)
+        return 0
+    from NoduleMTLLib import DEFAULT_NETWORKS
+    from NoduleMTLLib.models.registry import load_network
+    from training.wholescan import load_split
+
+    out = a.out or REPO / "training" / "reports" / f"mediastinum_{a.role}.jsonl"
+    if not a.summary_only:
+        scans = load_split()[a.role]  # never "test"
+        nets = {n: load_network(n, "cpu") for n in DEFAULT_NETWORKS}
+        rows = []
+        with open(out, "w") as fh:
+            for seed in a.seeds:
+                for s in scans:
+                    for r in evaluate_scan(_cache_root() / s, seed * 1000 + int(s[-4:]), nets, log=lambda m: None):
+                        fh.write(json.dumps(r) + "\n")
+                        fh.flush()
+                        rows.append(r)
+    rows = [json.loads(line) for line in open(out)]
+    print(json.dumps(summarize(rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
