@@ -3,8 +3,12 @@
 One analysis of the 13 mm sample nodule with the default network, then:
 
 * every output of that run - the CLI line, nodules.json, nodules.csv, report.html, the picture
-  header, the seg.nrrd tags and colour - carries the same reported (calibrated) probability
-  and Lung-RADS category;
+  header, the seg.nrrd tags and colour, the Slicer segment's tag and colour, the Slicer results
+  table and the panel's summary - carries the same reported (calibrated) probability and
+  Lung-RADS category;
+* the DICOM outputs, which need a DICOM input (a second run, on the Lung-PET-CT-Dx A0002 series
+  with ``--dicom-sr``): the SR's first "Probability of cancer" and the DICOM SEG's colour, with
+  the CLI line, nodules.json, nodules.csv and report.html of that run;
 * every entry point gives that answer for the same mask: ``nodulemtl reclassify`` with the
   unchanged mask ``analyze`` wrote (it used to report null), ``nodulemtl batch``, the worker's
   request loop, and the Slicer Logic's re-classification of the segment on a real
@@ -153,6 +157,16 @@ def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  #
     sid = seg_node.GetSegmentation().GetNthSegmentID(0)
     segment = seg_node.GetSegmentation().GetSegment(sid)
     assert float(M._get_tag(segment, "NoduleMTL.malignancy_probability")) == pytest.approx(p)
+    assert segment.GetColor() == pytest.approx(probability_color(p))
+    # the Slicer results table: the reported column holds p; the network's own output only in its raw column
+    assert table.GetTable().GetColumnByName("malignancy_probability").GetValue(0) == pytest.approx(p)
+    raw = run["json"]["nodules"][0]["networks"][NET]["malignancy_probability"]
+    assert table.GetTable().GetColumnByName(f"networks.{NET}.malignancy_probability").GetValue(0) == pytest.approx(raw)
+    # the panel's summary: the reported P(malignant) in the nodule's line, the raw output labelled raw
+    from NoduleMTLText import summary_html
+    panel = summary_html(run["json"]).split("<br>")
+    line = next(ln for ln in panel if ln.startswith("<b>Nodule 1</b>"))
+    assert f"P(malignant) {p:.2f}" in line and any(f"raw network output {NET}" in ln for ln in panel)
     new = M.reclassify_segment(app.scene, seg_node, sid, volume, device="cpu")
     answers["slicer reclassify"] = new.to_dict()
     assert segment.GetColor() == pytest.approx(probability_color(new.malignancy_probability))
@@ -166,3 +180,44 @@ def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  #
     # the click entry points (CLI, worker, batch) run the same analysis: exactly the same number
     for where in ("worker", "batch"):
         assert answers[where]["malignancy_probability"] == p, where
+
+
+@pytest.mark.slow
+def test_dicom_sr_and_seg_carry_the_same_reported_probability(shared_data, tmp_path):
+    """The default network on the real A0002 DICOM series (a click in its adenocarcinoma): the SR
+    and the DICOM SEG carry the reported probability of nodules.json, as the other outputs do."""
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    folder = shared_data / "whole_ct" / "lung_pet_ct_dx_A0002_dicom"
+    with open(shared_data / "whole_ct" / "lung_pet_ct_dx_boxes.csv", newline="") as f:
+        rows = sorted((r for r in csv.DictReader(f) if r["volume"] == folder.name), key=lambda r: int(r["slice_index_k"]))
+    m = rows[len(rows) // 2]
+    ras = (-(float(m["lps_min_x"]) + float(m["lps_max_x"])) / 2, -(float(m["lps_min_y"]) + float(m["lps_max_y"])) / 2,
+           float(m["lps_z"]))
+    out = tmp_path / "out"
+    buf = io.StringIO()
+    from contextlib import redirect_stdout
+    with redirect_stdout(buf):
+        rc = cli.main(["analyze", str(folder), *_pt(ras), "--dicom-sr", "--out", str(out), "--quiet", "--device", "cpu"])
+    assert rc == 0
+    n = json.loads((out / "nodules.json").read_text())["nodules"][0]
+    p, cat = n["malignancy_probability"], n["lung_rads"]["category"]
+    assert n["found"] and p is not None
+    line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("Nodule 1:"))
+    assert f"P(malignant) {p:.2f}" in line and f"Lung-RADS {cat}" in line
+    assert float(next(csv.DictReader(open(out / "nodules.csv")))["malignancy_probability"]) == pytest.approx(p)
+    cells = re.findall(r"<td>([^<]*)</td>", (out / "report.html").read_text().split("<h2>Results</h2>")[1].split("</table>")[0])
+    assert f"{p:.2f}" in cells
+    # SR (TID 1500): the reported probability first, then the network's raw output (then Brock)
+    g = hd.sr.srread(out / "report.sr.dcm").content.get_volumetric_roi_measurement_groups()[0]
+    probs = [float(x.value) for x in g.get_measurements(name=codes.DCM.ProbabilityOfCancer)]
+    assert probs[0] == pytest.approx(p, abs=1e-4) and probs[1] == pytest.approx(n["networks"][NET]["malignancy_probability"], abs=1e-4)
+    # DICOM SEG colour (CIELab, rounded) and seg.nrrd colour follow the reported probability
+    lab = pydicom.dcmread(out / "segmentation.dcm").SegmentSequence[0].RecommendedDisplayCIELabValue
+    np.testing.assert_allclose(np.asarray(hd.color.CIELabColor.from_dicom_value(lab).to_rgb()) / 255,
+                               probability_color(p), atol=0.02)
+    import slicerio
+    seg = slicerio.read_segmentation(str(out / "segmentation.seg.nrrd"))
+    np.testing.assert_allclose(seg["segments"][0]["color"], probability_color(p), atol=1e-6)
