@@ -15,7 +15,9 @@ The rule (not from a paper; a classical lung-mask test, thresholds measured on t
    juxtapleural / juxtamediastinal nodules up to about 2 cm are inside it) is computed on a slab
    of whole axial slices around the click (the mask's slices within :data:`SLAB_HALF_MM` of the
    click, plus :data:`SLAB_MARGIN_MM`), on a coarse grid (:data:`WORK_PIXEL_MM`,
-   :data:`WORK_SLICE_MM`): about 0.1-0.5 s, spent only on masks larger than step 1's.
+   :data:`WORK_SLICE_MM`): about 0.2-0.5 s on 2 CPU cores, spent only on masks larger than step
+   1's whose shape already passes the last condition of step 3 (a nodule clicked in the lung
+   usually does not: no lung mask is computed for it).
 3. The click is refused when all of these hold:
 
    * the click voxel is outside the lung mask (a nodule inside the lung, however large, is
@@ -176,10 +178,19 @@ def mediastinal_refusal(ct: CTVolume, point_lps, mask: MaskBox | None, diameter_
     """
     if mask is None or is_small(diameter_mm, volume_mm3):
         return None
+    if not lesion_shape_exceeded(ct, mask, diameter_mm):  # decided without the lung mask (most nodules)
+        return None
     f = mediastinal_features(ct, point_lps, mask)
     if f is None:
         return None
     return MESSAGE if refuses(f, diameter_mm) else None
+
+
+def lesion_shape_exceeded(ct: CTVolume, mask: MaskBox, diameter_mm: float) -> bool:
+    """The shape part of the rule: axial long axis >= :data:`MIN_STRUCTURE_MM`, or extent across
+    the slices (first to last slice centre, mm) >= :data:`MIN_Z_RATIO` x the long axis."""
+    z_extent = (mask.array.shape[0] - 1) * float(ct.spacing[2])
+    return float(diameter_mm) >= MIN_STRUCTURE_MM or z_extent >= MIN_Z_RATIO * float(diameter_mm)
 
 
 def refuses(features: dict, diameter_mm: float) -> bool:
