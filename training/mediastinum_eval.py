@@ -168,8 +168,9 @@ def evaluate_scan(folder: Path, seed: int, networks: dict, log=print) -> list[di
         row = {"scan": folder.name, "kind": kind, "ijk": [i, j, k], **extra, "found": n.found, "message": n.message}
         if n.found:
             f = mediastinum.mediastinal_features(c_, p, n.mask_box)
-            row.update(diameter_mm=round(n.diameter_mm, 1), volume_mm3=round(n.volume_mm3),
-                       small=mediastinum.is_small(n.diameter_mm, n.volume_mm3),
+            d_mm = mediastinum.measured_long_axis(n)  # the mask's own long axis (no reported size correction)
+            row.update(diameter_mm=round(d_mm, 1), volume_mm3=round(n.volume_mm3),
+                       small=mediastinum.is_small(d_mm, n.volume_mm3),
                        features=None if f is None else {k_: round(v, 4) if isinstance(v, float) else v for k_, v in f.items()})
             if truth is not None:
                 row["dice"] = round(float(dice(n.mask_box.to_full(), truth)), 3)

@@ -170,7 +170,8 @@ def mediastinal_refusal(ct: CTVolume, point_lps, mask: MaskBox | None, diameter_
         ct: the CT (HU, LPS geometry).
         point_lps: the click, world LPS mm.
         mask: the mask the click path would report (MaskBox on ``ct``'s grid), or None.
-        diameter_mm, volume_mm3: its long axis (mm) and volume (mm^3), as measured by
+        diameter_mm, volume_mm3: its long axis (mm, as measured on the mask: without the
+            reported size correction, :func:`measured_long_axis`) and volume (mm^3), from
             :func:`NoduleMTLLib.core.postprocess.measure_nodule`.
 
     Returns:
@@ -202,6 +203,14 @@ def refuses(features: dict, diameter_mm: float) -> bool:
     return float(diameter_mm) >= MIN_STRUCTURE_MM or f["z_extent_mm"] >= MIN_Z_RATIO * float(diameter_mm)
 
 
+def measured_long_axis(nodule) -> float:
+    """The long axis (mm) of the nodule's mask as measured, before the reported size correction
+    (``NoduleResult.size_correction``, a bias correction of the reported axes that leaves the mask
+    as it is): the rule's sizes are sizes of the mask."""
+    corr = getattr(nodule, "size_correction", None) or {}
+    return float(corr.get("measured_long_axis_mm", nodule.diameter_mm))
+
+
 def refuse_mediastinal_clicks(result: AnalysisResult, ct: CTVolume) -> list[int]:
     """Apply :func:`mediastinal_refusal` to every found nodule of a click-path result, in place.
 
@@ -222,7 +231,7 @@ def refuse_mediastinal_clicks(result: AnalysisResult, ct: CTVolume) -> list[int]
     refused = []
     for n in result.nodules:
         box = n.mask_box if n.found else None
-        if box is None or mediastinal_refusal(ct, n.point_lps_mm, box, n.diameter_mm, n.volume_mm3) is None:
+        if box is None or mediastinal_refusal(ct, n.point_lps_mm, box, measured_long_axis(n), n.volume_mm3) is None:
             continue
         refused.append(n.id)
         ids = list(n.networks) or list(n.network_masks)

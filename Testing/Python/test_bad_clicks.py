@@ -67,10 +67,12 @@ def _assert_small_or_none(n, where):
         assert n.message  # says why nothing was segmented
         assert n.malignancy_probability is None
         return
-    # the long axis as reported (Lung-RADS: one decimal); a lower mask threshold grows vessel masks
-    # (the left-lung vessel measured 10.0 mm / 197 mm^3 at 0.2, issue 22)
-    assert round1(n.diameter_mm) <= SMALL_MM and n.volume_mm3 <= SMALL_MM3, \
-        f"{where}: {n.diameter_mm:.1f} mm, {n.volume_mm3:.0f} mm^3 is not a small mask"
+    # the mask's long axis (one decimal, as reported) before the reported size correction, which
+    # rescales the axes of nodules, not the mask (the left-lung vessel: 10.0 mm measured, 10.5 mm
+    # reported with DSMT-Net's x1.053; 10.0 mm / 197 mm^3 at the mask threshold 0.2, issue 22)
+    d = (n.size_correction or {}).get("measured_long_axis_mm", n.diameter_mm)
+    assert round1(d) <= SMALL_MM and n.volume_mm3 <= SMALL_MM3, \
+        f"{where}: {d:.1f} mm (reported {n.diameter_mm:.1f} mm), {n.volume_mm3:.0f} mm^3 is not a small mask"
 
 
 @pytest.mark.slow
