@@ -1,14 +1,19 @@
-"""Measured clinical rules of the click path (issue 22): mask threshold (size), nodule type,
-benign calcification, from the DSMT-Net cache of ``training.clinical_cache``.
+"""Measured clinical rules of the click path (issue 22): mask threshold and size correction
+(size), nodule type, benign calcification, from the DSMT-Net cache of ``training.clinical_cache``.
 
     python -m training.clinical table --threshold T     # per-VOI features at mask threshold T (cache)
     python -m training.clinical fit [--write] [--test]  # choose on train + val; --test: score test once
 
 Everything is chosen on **training + validation patients** (their ``lidc_vois`` VOIs, 3D HU
 click path at the labelled centre); the test patients are scored once with the chosen rules.
-DSMT-Net was trained on the training patients: its heads are in-sample there, so the type
-classifier is *fitted* on training patients and *chosen* (feature set, threshold) on
-validation patients, whose outputs the network never saw.
+DSMT-Net was trained on the training patients: its heads are in-sample there.  First round:
+the type classifier was *fitted* on training patients and *chosen* (feature set, threshold) on
+validation patients, whose outputs the network never saw.  Second round (shipped): its stage 1 is
+chosen by patient-grouped CV over training + validation (:func:`fit_subsolid_cv`: 13 subsolid
+nodules in validation alone are too few for a threshold), the size correction
+(:func:`fit_size_correction`) and the pattern-aware calcification rule (:func:`fit_calcification`)
+on training + validation pooled; the in-sample head is reported as a caveat, not used by the
+calcification rule.
 
 References (per VOI, from ``lidc_vois/labels.csv`` and the consensus mask):
 
