@@ -141,6 +141,9 @@ def main(argv=None) -> int:
                    help="detectors: whole-scan evaluation on ../shared/data/whole_ct (LIDC test patients 0003/0005: "
                         "P/R/F1, FROC/CPM; Lung-PET-CT-Dx A0001/A0002 tumour boxes), see training/evaluate_detection.py")
     e.add_argument("--limit-nodules", type=int, default=None, help="detectors: first N nodules of the split only")
+    e.add_argument("--detections-cache", type=Path, default=None,
+                   help="with --whole-ct: folder that keeps each scan's slice detections (per weights), so the network "
+                        "runs once per scan (training/evaluate_detection.py slice_detections)")
     e.add_argument("--layout", choices=["centred", "jitter"], default=None,
                    help="detector crop evaluation: tile layout of the mosaics (default: the config's tile_layout; "
                         "centred = whole 128 px fields, the nodule in the middle of each; jitter = moved windows)")
@@ -248,7 +251,7 @@ def main(argv=None) -> int:
             if a.network not in detectors:
                 ap.error(f"--whole-ct is for the whole-scan detectors ({', '.join(detectors)})")
             from training import evaluate_detection
-            evaluate_detection.run(a.weights, data=a.data, out=a.out)
+            evaluate_detection.run(a.weights, data=a.data, out=a.out, detections_cache=a.detections_cache)
             return 0
         if a.network in detectors:
             from NoduleMTLLib.models.registry import sha256_of

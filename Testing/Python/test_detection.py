@@ -678,3 +678,27 @@ def test_too_large_ct_is_refused_up_front_with_the_limit(monkeypatch):
     with pytest.raises(InputError, match=r"11 slices of 512 x 512 .*at most 3 M voxels \(10 slices of 512 x 512\)"):
         infer.detect_nodules(big, model=torch.nn.Identity(), device="cpu")
     infer.check_size(CTVolume(sitk.Image(512, 512, 10, sitk.sitkInt16)))  # at the limit: accepted
+
+
+def test_evaluation_reuses_cached_slice_detections(tmp_path, monkeypatch):
+    """evaluate_detection.slice_detections: the network runs once per scan, weights and options."""
+    from NoduleMTLLib.detection import infer
+    from training import evaluate_detection as E
+
+    ct = CTVolume(sitk.Image(32, 32, 8, sitk.sitkInt16))
+    calls = []
+
+    def fake(ct_, model, device, **search):
+        calls.append(search)
+        return infer.SliceDetections([infer.SliceDetection(3, np.array([1.0, 2.0, 5.0, 6.0]), 0.7)], ct_.shape_zyx, [3],
+                                     (0, 32, 0, 32), None, pp.check_detection_input(ct_, warn=False))
+
+    monkeypatch.setattr(infer, "run_slice_detections", fake)
+    a, cached_a = E.slice_detections(ct, "scan", None, detections_cache=tmp_path, weights_sha="ab" * 32, input_scale=1.0)
+    b, cached_b = E.slice_detections(ct, "scan", None, detections_cache=tmp_path, weights_sha="ab" * 32, input_scale=1.0)
+    assert (cached_a, cached_b) == (False, True) and len(calls) == 1
+    assert b.detections[0].score == 0.7 and b.detections[0].box.tolist() == [1.0, 2.0, 5.0, 6.0]
+    E.slice_detections(ct, "scan", None, detections_cache=tmp_path, weights_sha="cd" * 32, input_scale=1.0)  # other weights
+    E.slice_detections(ct, "scan", None, detections_cache=tmp_path, weights_sha="ab" * 32, input_scale=0.5)  # other options
+    E.slice_detections(ct, "scan", None, detections_cache=tmp_path, weights_sha=None)  # random init: never cached
+    assert len(calls) == 4 and len(list(tmp_path.glob("scan.*.pkl"))) == 3
