@@ -596,7 +596,7 @@ def test_slicer_requirements_cover_the_runtime_dependencies():
     SimpleITK come with Slicer)."""
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     names = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower() for d in deps}
     tree = _tree(MODULE_PY)
     reqs = next(n.value for n in tree.body if isinstance(n, ast.Assign)
@@ -664,7 +664,7 @@ def test_the_reported_fields_are_declared_once():
                  if p != LIB_DIR / "outputs" / "fields.py"}
     assert {k: v for k, v in offenders.items() if v} == {}
     readers = {p.name for p in _code_files()
-               if "NoduleMTLLib.outputs.fields" in p.read_text() or re.search(r"from \.+(outputs\.)?fields import", p.read_text())}
+               if "NoduleMTLLib.outputs.fields" in p.read_text(encoding="utf-8") or re.search(r"from \.+(outputs\.)?fields import", p.read_text(encoding="utf-8"))}
     assert {"files.py", "report_html.py", "pictures.py", "cli.py", "NoduleMTLMRML.py", "NoduleMTLText.py",
             "dicom_seg.py"} <= readers
 
