@@ -106,6 +106,9 @@ def replay_network(npz, threshold: float):
             self.zoom = zoom
             return super().grid(ct, point_lps, zoom)
 
+        def _run(self, hu_zyx):  # patch slices the cache lacks (the final mask classified on a slice not run)
+            return _live_network()._run(hu_zyx)
+
         def run_patch(self, hu_zyx, first_half_width=4, step=8, threshold=None):
             k = f"z{self.zoom:g}"
             if f"{k}_prob" not in npz:  # a lower threshold can need a zoom the cached run did not: run the network

@@ -20,6 +20,7 @@ from ..core.postprocess import component_near, cut_at_neck, measure_nodule, trun
 from ..core.results import AnalysisResult, NetworkOutput, NoduleResult, run_record
 from ..models.registry import DEFAULT_NETWORKS, NETWORKS, check_network_ids, load_network
 from .aggregation import nodule_logit_from_slices, sigmoid
+from .classify import classify_mask
 from .preprocessing import normalize_slices
 from .roi import PatchGrid, extract_patch, patch_to_ct_region, slice_axis_spacing
 
@@ -50,6 +51,9 @@ class ClickOutput:
     sign_probabilities: dict
     zoom: float
     message: str = ""
+    #: ``{zoom: slice logits (z, 1 + n_signs), NaN where not computed}`` of the patches run at the
+    #: click (reused when another mask is classified on the same grids: :func:`.classify.classify_mask`)
+    logits_by_zoom: dict | None = None
 
 
 def hu_center(ct: CTVolume, point_lps, radius_mm: float = 2.0) -> np.ndarray:
@@ -170,9 +174,11 @@ class Click2DNetwork:
         grid; the same voxels as :meth:`analyze`'s full-grid mask) or None."""
         from ..core.consensus import MaskBox
 
+        computed = {}  # zoom -> slice logits of that patch (reused to classify the final mask)
         for zoom in ZOOMS:
             g = self.grid(ct, point_lps, zoom)
             prob, logits = self.run_patch(extract_patch(ct, g))
+            computed[zoom] = logits
             center = tuple((n - 1) / 2 for n in g.size_xyz[::-1])
             comp = component_near(prob > self.threshold, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
             if not comp.any():
@@ -180,7 +186,7 @@ class Click2DNetwork:
                 # zoom out while the click lies in soft tissue.
                 if zoom != ZOOMS[-1] and np.median(hu_center(ct, point_lps)) >= SOLID_TISSUE_HU:
                     continue
-                return ClickOutput(None, float("nan"), {}, zoom, "no nodule segmented at this point")
+                return ClickOutput(None, float("nan"), {}, zoom, "no nodule segmented at this point", computed)
             comp = truncate_axial_leak(comp, len(comp) // 2)
             comp = cut_at_neck(comp, len(comp) // 2, g.spacing_xyz[0] * g.spacing_xyz[1])
             comp = component_near(comp, center, g.spacing_xyz[::-1], MAX_CLICK_DISTANCE_MM)
@@ -206,15 +212,19 @@ class Click2DNetwork:
             if box is not None:
                 mask = MaskBox(tuple(int(o + a) for o, a in zip(box.offset_zyx, lo)), box.array,
                                tuple(int(v) for v in ct.shape_zyx))
-        areas = comp.reshape(len(comp), -1).sum(1)
-        computed = ~np.isnan(logits[:, 0])
-        p = float(sigmoid(nodule_logit_from_slices(logits[computed, 0], areas[computed])))
-        signs = {name: round(float(sigmoid(nodule_logit_from_slices(logits[computed, 1 + k], areas[computed]))), 4)
-                 for k, name in enumerate(self.sign_names)}
+        if mask is not None:  # the answer for the mask this network reports, exactly as re-classifying it gives
+            cls = classify_mask(self, ct, mask, point_lps, ZOOMS, computed)
+            p, signs = cls["malignancy_probability"], cls["sign_probabilities"]
+        else:  # nothing on the CT grid: the patch component's slice areas
+            areas = comp.reshape(len(comp), -1).sum(1)
+            done = ~np.isnan(logits[:, 0])
+            p = float(sigmoid(nodule_logit_from_slices(logits[done, 0], areas[done])))
+            signs = {name: round(float(sigmoid(nodule_logit_from_slices(logits[done, 1 + k], areas[done]))), 4)
+                     for k, name in enumerate(self.sign_names)}
         msg = "" if mask is not None else "segmentation vanished when resampled to the CT grid (nodule smaller than a voxel?)"
         if touches:
             msg = "nodule reaches the border of the largest patch; mask may be clipped"
-        return ClickOutput(mask, p, signs, zoom, msg)
+        return ClickOutput(mask, p, signs, zoom, msg, computed)
 
 
 def check_point(ct: CTVolume, point_lps) -> None:
@@ -312,6 +322,14 @@ def analyze_points(ct: CTVolume, points_lps: Sequence[Sequence[float]], network_
             msg = "; ".join(f"{nid}: {o.message}" for nid, o in outs.items() if o.message)
             if reported is None and cons.n_found:
                 msg = "no voxel is segmented by a majority of the networks" + (f" ({msg})" if msg else "")
+        if reported is not None and any(o.mask is not reported for o in outs.values()):
+            # every network classifies the reported mask (the one written), as re-classifying it does
+            for nid, o in outs.items():
+                if o.mask is not reported:
+                    cls = classify_mask(models[nid], ct, reported, p, ZOOMS, o.logits_by_zoom)
+                    o.malignancy_probability, o.sign_probabilities = cls["malignancy_probability"], cls["sign_probabilities"]
+            cons = compute_consensus(boxes, {nid: o.malignancy_probability for nid, o in outs.items()},
+                                     {nid: o.sign_probabilities for nid, o in outs.items()})
         res = NoduleResult(id=n, point_lps_mm=p, found=reported is not None, message=msg,
                            network_masks=boxes, consensus=cons, reported_mask=mask)
         if reported is not None:

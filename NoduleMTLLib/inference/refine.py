@@ -10,10 +10,15 @@ networks.
 How the classification follows the edited mask (issue 5, item 5; not specified in the
 papers, which classify their own segmentations - our design):
 
+The click path classifies the mask it reports with the same function
+(:func:`NoduleMTLLib.inference.classify.classify_mask`), so re-classifying an unchanged mask with
+its original click gives the analysis' answer back (issue 24).
+
 * Every network sees the same axial patch grid as in the click path
-  (:meth:`NoduleMTLLib.inference.pipeline.Click2DNetwork.grid`), centred on the edited mask's
-  centroid, at the smallest zoom of :data:`NoduleMTLLib.inference.pipeline.ZOOMS` at which the mask
-  does not touch the patch border (so it is not clipped).
+  (:meth:`NoduleMTLLib.inference.pipeline.Click2DNetwork.grid`), centred on the original
+  click when it is given, else on the edited mask's centroid, at the smallest zoom of
+  :data:`NoduleMTLLib.inference.pipeline.ZOOMS` at which the mask does not touch the patch
+  border (so it is not clipped).
 * The edited mask is resampled onto that grid (linear, threshold 0.5); the network runs on
   the patch slices the mask covers, and the slice malignancy logits are aggregated with
   :func:`NoduleMTLLib.inference.aggregation.nodule_logit_from_slices`, weighted by the edited mask's
@@ -39,15 +44,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..core.consensus import MaskBox
 from ..core.device import resolve_device
 from ..core.io import CTVolume, InputError
 from ..core.postprocess import measure_nodule
 from ..core.results import NetworkOutput, NoduleResult
 from ..models.registry import DEFAULT_NETWORKS, NETWORKS, check_network_ids, load_network
-from .aggregation import nodule_logit_from_slices, sigmoid
-from .pipeline import THRESHOLD, ZOOMS, Click2DNetwork
-from .preprocessing import normalize_slices
-from .roi import extract_patch
+from .classify import classify_mask, model_device
+from .pipeline import ZOOMS, Click2DNetwork
 
 #: Input grid used for a network given through ``networks=`` that is not (yet) registered:
 #: the house input of the click networks (96 x 96 px at 0.8 mm, ``networks.lnmsnet``).
@@ -79,84 +83,20 @@ def _check_mask(ct: CTVolume, mask) -> np.ndarray:
     return mask
 
 
-def _mask_on_grid(ct: CTVolume, mask: np.ndarray, grid) -> np.ndarray:
-    """Linear resampling of a CT-grid bool mask onto a patch grid -> float32 (z, y, x) in [0, 1]."""
-    src = sitk.GetImageFromArray(mask.astype(np.float32))
-    src.CopyInformation(ct.image)
-    out = sitk.Resample(src, grid.reference(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out)
-
-
-def _touches_border(m: np.ndarray, border_px: int = 0) -> bool:
-    b = border_px
-    return bool(m[:, b, :].any() or m[:, -1 - b, :].any() or m[:, :, b].any() or m[:, :, -1 - b].any()
-                or m[0].any() or m[-1].any())
-
-
-def _model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return fallback
-
-
-@torch.inference_mode()
-def _classnet_logits(model: torch.nn.Module, hu_zyx: np.ndarray, mask_zyx: np.ndarray, device, batch: int = 32) -> np.ndarray:
-    """MT-Net Class-net logits (S,) of HU slices (S, H, W) with the given mask (S, H, W) as 2nd channel."""
-    x = torch.from_numpy(np.ascontiguousarray(hu_zyx, dtype=np.float32))[:, None]
-    m = torch.from_numpy(np.ascontiguousarray(mask_zyx, dtype=np.float32))[:, None]
-    out = []
-    for i in range(0, len(x), batch):
-        xb = normalize_slices(x[i:i + batch]).to(device)
-        out.append(model.classnet(torch.cat([xb, m[i:i + batch].to(device, xb.dtype)], dim=1)).float().cpu())
-    return torch.cat(out).numpy()
-
-
 def classify_mask_with_network(net: Click2DNetwork, ct: CTVolume, mask: np.ndarray, center_lps) -> dict:
     """One network's malignancy (and sign) probabilities for a fixed mask (no segmentation used).
 
     Args:
         net: the network wrapper (input grid, model in eval mode, device).
         ct: the CT (HU, LPS).
-        mask: bool (z, y, x) on the CT grid, not empty.
+        mask: bool (z, y, x) on the CT grid (or a :class:`~NoduleMTLLib.core.consensus.MaskBox`), not empty.
         center_lps: patch centre (world LPS mm), normally the mask centroid.
 
     Returns:
-        dict ``malignancy_probability`` (float in [0, 1]), ``sign_probabilities`` ({name: p}),
-        ``zoom`` (patch zoom used), ``slices`` (number of patch slices run), ``mask_input``
-        (True when the classifier took the mask as an input channel), ``clipped`` (True when
-        the mask touches the border of the largest patch).
+        :func:`NoduleMTLLib.inference.classify.classify_mask`'s dict (the click path classifies
+        the mask it reports with the same function: an unchanged mask gets the same answer).
     """
-    border = int(net.model.seg_border_px)
-    for zoom in ZOOMS:
-        grid = net.grid(ct, center_lps, zoom)
-        m = _mask_on_grid(ct, mask, grid)
-        clipped = _touches_border(m > 0, border)
-        if not clipped or zoom == ZOOMS[-1]:
-            break
-    binary = m >= THRESHOLD
-    if not binary.any():  # a mask thinner than a patch pixel: keep every partially covered pixel
-        binary = m > 0
-    areas = binary.reshape(len(binary), -1).sum(1).astype(float)
-    covered = np.nonzero(areas > 0)[0]
-    hu = extract_patch(ct, grid)[covered]
-    device = _model_device(net.model, net.device)
-    mask_input = bool(net.model.classifies_mask)
-    signs: dict[str, float] = {}
-    if mask_input:  # MT-Net: Class-net gets the edited mask as its 2nd input channel
-        mal = _classnet_logits(net.model, hu, binary[covered], device)
-    else:
-        _, logits = net._run(hu)
-        logits = np.asarray(logits, dtype=np.float64)
-        if logits.ndim == 1:
-            logits = logits[:, None]
-        mal = logits[:, 0]
-        names = tuple(net.model.sign_heads)
-        for k, name in enumerate(names[: logits.shape[1] - 1]):
-            signs[name] = round(float(sigmoid(nodule_logit_from_slices(logits[:, 1 + k], areas[covered]))), 4)
-    p = float(sigmoid(nodule_logit_from_slices(mal, areas[covered])))
-    return {"malignancy_probability": p, "sign_probabilities": signs, "zoom": zoom, "slices": int(len(covered)),
-            "mask_input": mask_input, "clipped": clipped}
+    return classify_mask(net, ct, mask, center_lps, ZOOMS)
 
 
 def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str] = DEFAULT_NETWORKS, device="auto",
@@ -196,6 +136,7 @@ def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str]
     given = networks or {}
     check_network_ids(ids, extra=given)
     meas = measure_nodule(mask, ct)
+    box = MaskBox.from_full(mask)  # the mask's bounding box: resampled without a CT-sized image
     # the patch is centred where the click path centred it (the original click) when it is known,
     # so an unchanged mask is classified on the click path's own patch grid; else on the centroid
     center = tuple(float(v) for v in point_lps) if point_lps is not None else meas["centroid_lps_mm"]
@@ -208,8 +149,8 @@ def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str]
     for nid in ids:
         model = given.get(nid) or load_network(nid, dev)
         spec = NETWORKS[nid].input_spec if nid in NETWORKS else DEFAULT_INPUT_SPEC
-        net = _PatchNetwork(nid, model, _model_device(model, dev), spec["size_px"], spec["spacing_mm"])
-        out = classify_mask_with_network(net, ct, mask, center)
+        net = _PatchNetwork(nid, model, model_device(model, dev), spec["size_px"], spec["spacing_mm"])
+        out = classify_mask_with_network(net, ct, box, center)
         p = out["malignancy_probability"]
         res.networks[nid] = NetworkOutput(nid, None if math.isnan(p) else round(p, 4), out["sign_probabilities"], None)
         if out["clipped"]:
