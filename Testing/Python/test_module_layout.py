@@ -21,6 +21,8 @@ LIB_DIR = REPO / "NoduleMTLLib"
 RESOURCES_DIR = REPO / "Resources"
 MODULE_PY = MODULE_DIR / "NoduleMTL.py"
 MRML_PY = MODULE_DIR / "NoduleMTLMRML.py"
+#: The MRML layer: the entry module and the three it re-exports (nodes, scene, export).
+MRML_FILES = sorted(MODULE_DIR.glob("NoduleMTLMRML*.py"))
 UI_FILE = RESOURCES_DIR / "UI" / "NoduleMTL.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 TOP_CMAKE = REPO / "CMakeLists.txt"
@@ -285,7 +287,7 @@ def _top_level_names(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", [MODULE_PY, MRML_PY], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [MODULE_PY, *(p for p in MRML_FILES if p != MRML_PY)], ids=lambda p: p.name)
 def test_imports_of_nodulemtllib_exist(path):
     """Only existing NoduleMTLLib modules and names are imported (at any depth)."""
     checked = 0
@@ -316,14 +318,28 @@ def test_logic_calls_the_analysis_service_with_its_signature():
         assert len(call.args) == 2
 
 
-def test_mrml_layer_is_gui_free():
-    """NoduleMTLMRML.py imports no qt/ctk and touches no slicer.app / modules / mrmlScene."""
-    for module, _names in _imports(MRML_PY):
+@pytest.mark.parametrize("path", MRML_FILES, ids=lambda p: p.name)
+def test_mrml_layer_is_gui_free(path):
+    """NoduleMTLMRML*.py import no qt/ctk and touch no slicer.app / modules / mrmlScene."""
+    for module, _names in _imports(path):
         assert module.split(".")[0] not in {"qt", "ctk", "PythonQt"}, module
         assert not module.startswith("slicer.ScriptedLoadableModule"), module
-    for node in ast.walk(_tree(MRML_PY)):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
             assert node.attr not in {"app", "modules", "mrmlScene", "qMRMLUtils"}, f"slicer.{node.attr}"
+
+
+def test_mrml_layer_is_split_by_responsibility():
+    """NoduleMTLMRML.py is the thin entry point (re-exports only); nodes <- scene <- export import one way."""
+    assert [p.name for p in MRML_FILES] == ["NoduleMTLMRML.py", "NoduleMTLMRMLExport.py", "NoduleMTLMRMLNodes.py",
+                                            "NoduleMTLMRMLScene.py"]
+    entry = _tree(MRML_PY)
+    assert not [n for n in entry.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], "logic belongs in the split modules"
+    order = ["NoduleMTLMRMLNodes", "NoduleMTLMRMLScene", "NoduleMTLMRMLExport"]
+    for i, name in enumerate(order):
+        imported = {m for m, _ in _imports(MODULE_DIR / f"{name}.py") if m.startswith("NoduleMTLMRML")}
+        assert imported <= set(order[:i]), (name, imported)
+        assert len((MODULE_DIR / f"{name}.py").read_text(encoding="utf-8").splitlines()) < 700, name
 
 
 def test_module_classes_follow_the_template():
@@ -651,7 +667,7 @@ def test_the_result_set_has_one_writer():
                  if p != LIB_DIR / "outputs" / "writer.py"}
     assert {k: v for k, v in offenders.items() if v} == {}
     users = {p.name for p in _code_files() if "write_result_set" in _calls(_tree(p))}
-    assert {"cli.py", "batch.py", "NoduleMTLMRML.py"} <= users
+    assert {"cli.py", "batch.py", "NoduleMTLMRMLExport.py"} <= users
 
 
 def test_the_reported_fields_are_declared_once():
@@ -664,8 +680,9 @@ def test_the_reported_fields_are_declared_once():
                  if p != LIB_DIR / "outputs" / "fields.py"}
     assert {k: v for k, v in offenders.items() if v} == {}
     readers = {p.name for p in _code_files()
-               if "NoduleMTLLib.outputs.fields" in p.read_text(encoding="utf-8") or re.search(r"from \.+(outputs\.)?fields import", p.read_text(encoding="utf-8"))}
-    assert {"files.py", "report_html.py", "pictures.py", "cli.py", "NoduleMTLMRML.py", "NoduleMTLText.py",
+               if "NoduleMTLLib.outputs.fields" in p.read_text(encoding="utf-8")
+               or re.search(r"from \.+(outputs\.)?fields import", p.read_text(encoding="utf-8"))}
+    assert {"files.py", "report_html.py", "pictures.py", "cli.py", "NoduleMTLMRMLScene.py", "NoduleMTLText.py",
             "dicom_seg.py"} <= readers
 
 

@@ -29,6 +29,8 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML in plain P
 vtk = pytest.importorskip("vtk")
 sitk = pytest.importorskip("SimpleITK")
 
+import NoduleMTLMRMLScene  # noqa: E402  (the module state of the terminology context)
+
 import NoduleMTLMRML as M  # noqa: E402  (conftest puts NoduleMTL/ on sys.path)
 from NoduleMTLLib.core.io import InputError, ijk_to_ras_matrix, read_ct  # noqa: E402
 from NoduleMTLLib.core.results import NODULE_TERMINOLOGY, AnalysisResult, NetworkOutput, NoduleResult  # noqa: E402
@@ -801,7 +803,7 @@ def registered_terminology(app):
     logic = app.logics["Terminologies"]
     name = M.register_terminology(logic)
     yield logic, name
-    M._registered_context = None  # module state: do not leak into other tests
+    NoduleMTLMRMLScene._registered_context = None  # module state: do not leak into other tests
 
 
 def test_terminology_resource_loaded_and_used(app, crop, registered_terminology, tmp_path, repo_dir):
@@ -843,7 +845,7 @@ def test_terminology_resource_loaded_and_used(app, crop, registered_terminology,
 
 
 def test_terminology_without_registration_is_general_anatomy():
-    assert M._registered_context is None
+    assert NoduleMTLMRMLScene._registered_context is None
     assert M.nodule_terminology_entry() == NODULE_TERMINOLOGY
     with pytest.raises(ValueError):
         M.register_terminology(None)
