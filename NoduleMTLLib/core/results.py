@@ -7,7 +7,7 @@ used internally) and RAS (3D Slicer convention) millimetres.  RAS = (-L, -P, S).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -32,6 +32,84 @@ NODULE_TERMINOLOGY = (
     "~SCT^39607008^Lung"
     "~^^"
 )
+
+
+class _DetectionRecordKeys(TypedDict):
+    """The keys every ``DetectionRecord`` has (the schema's ``required``)."""
+
+    score: float
+    box_ijk: list[int]
+
+
+class DetectionRecord(_DetectionRecordKeys, total=False):
+    """``NoduleResult.detection`` (whole-scan search; ``nodules.schema.json`` ``$defs/detection``),
+    built by :func:`NoduleMTLLib.detection.infer.detection_record`.  Scores in [0, 1]; boxes
+    half-open voxel (i0, j0, k0, i1, j1, k1); world positions LPS / RAS mm."""
+
+    detector: str
+    detector_score: float
+    fp_reduction_score: float | None
+    score_threshold: float
+    box_xyxy_px: list[float]
+    box_lps_min_mm: list[float] | None
+    box_lps_max_mm: list[float] | None
+    centre_ijk: list[float]
+    centre_lps_mm: list[float] | None
+    centre_ras_mm: list[float] | None
+    centre_slice: int
+    slices: list[int]
+    n_slice_detections: int
+    search_scale: float
+    fragments_absorbed: int
+
+
+class _LungRadsRecordKeys(TypedDict):
+    """The keys every ``LungRadsRecord`` has (the schema's ``required``)."""
+
+    category: str | None
+    size_mm: float | None
+    rule: str | None
+    version: str
+
+
+class LungRadsRecord(_LungRadsRecordKeys, total=False):
+    """``NoduleResult.lung_rads`` (``$defs/lung_rads``), built by
+    :func:`NoduleMTLLib.clinical.lung_rads.assess_nodule` (notes added by
+    :mod:`NoduleMTLLib.clinical.thick_slices`).  ``category`` "1" .. "4X" or None (not categorised:
+    ``rule`` says why); sizes in mm (one decimal, Lung-RADS rounding)."""
+
+    long_axis_mm: float
+    short_axis_mm: float
+    type: str
+    type_probability: float | None
+    type_probabilities: dict[str, float] | None
+    type_method: str
+    solid_component: dict[str, Any]
+    solid_component_mm: float | None
+    calcification: dict[str, Any]
+    notes: list[str]
+    suggestions: list[str]
+
+
+class _BrockRecordKeys(TypedDict):
+    """The keys every ``BrockRecord`` has (the schema's ``required``)."""
+
+    probability: float | None
+    complete: bool
+    inputs: dict[str, Any]
+    sources: dict[str, Any]
+    assumed: list[str]
+    missing: list[str]
+
+
+class BrockRecord(_BrockRecordKeys, total=False):
+    """``NoduleResult.brock`` (``$defs/brock``), built by :func:`NoduleMTLLib.clinical.brock.assess_nodule`:
+    the Brock (PanCan) probability in [0, 1] or None (inputs missing), whether every input was known,
+    the inputs and where each came from, the assumed and missing ones."""
+
+    model: str
+    lower_bound: bool
+    notes: list[str]
 
 
 @dataclass
@@ -130,9 +208,9 @@ class NoduleResult:
     network_masks: dict[str, Any] = field(default_factory=dict)
     consensus: Any = None
     reported_mask: str = "first"
-    detection: dict[str, Any] | None = None
-    lung_rads: dict[str, Any] | None = None
-    brock: dict[str, Any] | None = None
+    detection: DetectionRecord | None = None
+    lung_rads: LungRadsRecord | None = None
+    brock: BrockRecord | None = None
     size_correction: dict[str, Any] | None = None
 
     @property

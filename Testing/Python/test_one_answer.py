@@ -81,6 +81,12 @@ def test_every_output_of_one_run_has_the_same_reported_probability(run):
     n = js["nodules"][0]
     raw = n["networks"][NET]["malignancy_probability"]
     assert p is not None and 0 <= p <= 1 and cat
+    # the clinical records have the typed records' keys (NoduleMTLLib.core.results)
+    import typing
+
+    from NoduleMTLLib.core.results import BrockRecord, LungRadsRecord
+    for key, record in (("lung_rads", LungRadsRecord), ("brock", BrockRecord)):
+        assert set(record.__required_keys__) <= set(n[key]) <= set(typing.get_type_hints(record)), key
     assert raw is not None  # the default calibration may be the identity (issue 22): raw and reported can agree
     # the CLI line: the reported probability first, the raw output only labelled as such
     line = next(ln for ln in run["stdout"].splitlines() if ln.startswith("Nodule 1:"))
