@@ -61,6 +61,10 @@ class DetectionRecord(_DetectionRecordKeys, total=False):
     n_slice_detections: int
     search_scale: float
     fragments_absorbed: int
+    #: why it is reported: "score" (combined score at or above the operating point) or "mass" (the size-aware mass rule)
+    accepted_as: str
+    #: the outline's features the mass rule read (volume_ml, mean_hu, ...), None when not computed
+    outline_features: dict[str, float] | None
 
 
 class _LungRadsRecordKeys(TypedDict):
