@@ -702,3 +702,21 @@ def test_evaluation_reuses_cached_slice_detections(tmp_path, monkeypatch):
     E.slice_detections(ct, "scan", None, detections_cache=tmp_path, weights_sha="ab" * 32, input_scale=0.5)  # other options
     E.slice_detections(ct, "scan", None, detections_cache=tmp_path, weights_sha=None)  # random init: never cached
     assert len(calls) == 4 and len(list(tmp_path.glob("scan.*.pkl"))) == 3
+
+
+def test_mass_territory_of_half_a_real_nodule_claims_its_other_half_only(lidc3):
+    """LIDC-IDRI-0003 nodule 2 (30 mm, 4 readers) outlined in two halves: the territory of one half
+    (tissue >= -300 HU within 20 mm) holds the other half's centre, and no other nodule's."""
+    from NoduleMTLLib.core.consensus import MaskBox
+    from NoduleMTLLib.detection import infer
+
+    ct, refs, labels = lidc3
+    m = labels == 2
+    left = m.copy()
+    left[:, :, int(np.median(np.nonzero(m)[2])):] = False
+    right = m & ~left
+    t = infer.mass_territory(MaskBox.from_full(left), ct, 20.0)
+    assert infer._in_maskbox(t, tuple(int(round(v)) for v in np.array(np.nonzero(right)).mean(1))[::-1])
+    assert t.array[tuple(np.array(np.nonzero(left)) - np.array(t.offset_zyx)[:, None])].all()  # contains its outline
+    for r in refs:
+        assert infer._in_maskbox(t, tuple(int(round(v)) for v in r.centre_ijk)) == (r.nodule_id == 2)
