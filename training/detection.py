@@ -73,7 +73,10 @@ candidates and online hard-negative mining every ``mine_every`` iterations
 (:mod:`training.detection_wholeslice`); the mining pool is saved in ``last.pt``.  With
 ``val_random_slices`` > 0 the evaluation also runs on whole slices of the val scans
 (``val_ws_*``) and ``best.pt`` is chosen on the F1 over val mosaics and val whole slices
-together (``val_f1_combined``).
+together (``val_f1_combined``).  Nodule insertion (issue 27, config
+``maskrcnn25d_insert.json``): with ``wholeslice.p_insert`` > 0 that share of the whole
+slices carries training patients' ``lidc_vois`` nodules pasted into the lungs
+(:mod:`training.insertion`, read from ``data_dir``); its counters are saved in ``last.pt``.
 
 CPU note: with two OpenMP threads on a 2-core machine shared with other processes,
 libgomp's default busy-waiting made an iteration 8x slower than with one thread in our
@@ -669,7 +672,7 @@ def train(cfg: dict, out_dir: Path, data_dir=None, limit_nodules: int | None = N
     if cfg.get("wholeslice"):  # whole-slice samples + hard-negative mining (training/detection_wholeslice.py)
         from training.detection_wholeslice import build_sampler
 
-        ws = build_sampler(cfg, emit)
+        ws = build_sampler(cfg, emit, data_dir)
         ws_val = ws.validation_samples()
 
     from NoduleMTLLib.core.device import resolve_device

@@ -38,11 +38,15 @@ candidates``).  Training uses only the split's train patients
   dropped.  Excluded marks are never targets; they are kept out of the negatives only
   where slices are chosen *for* a negative (hard negatives, mined detections): random and
   positive slices may contain them (the simplest rule the issue allows).
-* **Sampling** (:meth:`WholeSliceSampler.draw`): a positive slice with probability
-  ``p_positive`` (a nodule drawn uniformly, then one of its labelled slices), a hard
-  negative with probability ``p_hard_negative`` (:class:`HardNegativePool`: an entry drawn
-  with probability proportional to score ** ``hard_negative_power``, a slice of its slice
-  range), else a uniform slice of the search plan.  Augmentation as ``make_tile``: random
+* **Sampling** (:meth:`WholeSliceSampler.draw`): with probability ``p_insert`` (issue 27,
+  default 0) a uniform search-plan slice with training patients' ``lidc_vois`` nodules
+  pasted into it (:func:`training.insertion.inserted_sample`, settings ``wholeslice.insert``
+  over :data:`training.insertion.DEFAULTS`; optionally on simulated thick slices), a
+  positive slice with probability ``p_positive`` (a nodule drawn uniformly, then one of its
+  labelled slices), a hard negative with probability ``p_hard_negative``
+  (:class:`HardNegativePool`: an entry drawn with probability proportional to score **
+  ``hard_negative_power``, a slice of its slice range), else a uniform slice of the search
+  plan.  Augmentation as ``make_tile``: random
   left/right and up/down flips and a random reversal of the slice order (probability
   ``p_flip`` / ``p_reverse``).
 * **Hard-negative pool**: initialised with the ``hard_negative_top_k`` highest-scoring
@@ -96,6 +100,9 @@ DEFAULTS = {
     "p_flip": 0.5,
     "p_reverse": 0.5,
     "val_random_slices": 0,
+    "p_insert": 0.0,
+    "insert": None,
+    "insert_limit_vois": None,
     "cache": None,
     "patients": None,
     "val_patients": None,
@@ -104,10 +111,12 @@ DEFAULTS = {
 
 def wholeslice_config(cfg: dict) -> dict:
     """``cfg["wholeslice"]`` over :data:`DEFAULTS`, plus the top-level ``use_clahe``,
-    ``use_lung_mask`` and ``min_component_px``.
+    ``use_lung_mask`` and ``min_component_px``; with ``p_insert`` > 0 (or an ``insert``
+    section) ``insert`` becomes :func:`training.insertion.insertion_config`'s output.
 
     Raises:
-        ValueError: unknown key, or probabilities outside [0, 1] / summing above 1.
+        ValueError: unknown key (also in ``insert``), or probabilities outside [0, 1] /
+        ``p_insert + p_positive + p_hard_negative`` above 1.
     """
     ws = dict(cfg.get("wholeslice") or {})
     unknown = sorted(set(ws) - set(DEFAULTS) - {"note"})
@@ -115,11 +124,15 @@ def wholeslice_config(cfg: dict) -> dict:
         raise ValueError(f"unknown wholeslice keys {unknown}; known: {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **ws, "use_clahe": cfg.get("use_clahe", True), "use_lung_mask": cfg.get("use_lung_mask", True),
            "min_component_px": cfg.get("min_component_px", 3)}
-    for key in ("p", "p_positive", "p_hard_negative", "p_flip", "p_reverse"):
+    for key in ("p", "p_positive", "p_hard_negative", "p_insert", "p_flip", "p_reverse"):
         if not 0.0 <= float(out[key]) <= 1.0:
             raise ValueError(f"wholeslice.{key} = {out[key]} is not a probability")
-    if out["p_positive"] + out["p_hard_negative"] > 1.0 + 1e-9:
-        raise ValueError("wholeslice.p_positive + p_hard_negative must not exceed 1")
+    if out["p_insert"] + out["p_positive"] + out["p_hard_negative"] > 1.0 + 1e-9:
+        raise ValueError("wholeslice.p_insert + p_positive + p_hard_negative must not exceed 1")
+    if out["p_insert"] > 0 or out["insert"]:
+        from training.insertion import insertion_config
+
+        out["insert"] = insertion_config(out)  # validates wholeslice.insert
     return out
 
 
@@ -428,11 +441,21 @@ class WholeSliceSampler:
         wcfg: :func:`wholeslice_config` output.
         candidates: {patient: candidate dicts} (``training.candidates`` format).
         val_scans: validation :class:`WholeScan` list (may be empty).
+        inserter: :class:`training.insertion.Inserter` (training patients' VOIs), required
+            when ``wcfg["p_insert"]`` > 0.
+
+    Raises:
+        ValueError: no scan, or ``p_insert`` > 0 without an inserter.
     """
 
-    def __init__(self, scans: list[WholeScan], wcfg: dict, candidates: dict | None = None, val_scans=()):
+    def __init__(self, scans: list[WholeScan], wcfg: dict, candidates: dict | None = None, val_scans=(),
+                 inserter=None):
         if not scans:
             raise ValueError("no whole scan to train on")
+        if float(wcfg.get("p_insert", 0.0)) > 0 and inserter is None:
+            raise ValueError("wholeslice.p_insert > 0 needs an Inserter (training.insertion)")
+        self.inserter = inserter
+        self.n_factor = {}  # thick-slice factor -> inserted samples
         self.scans = {s.patient: s for s in scans}
         self.val_scans = list(val_scans)
         self.cfg = wcfg
@@ -467,6 +490,15 @@ class WholeSliceSampler:
         """One augmented training :class:`~training.detection.Sample` (module docstring, "Sampling")."""
         c = self.cfg
         u = rng.random()
+        p_ins = float(c.get("p_insert", 0.0))
+        if u < p_ins:
+            from training.insertion import inserted_sample
+
+            patient, k = self.all_slices[int(rng.integers(len(self.all_slices)))]
+            sample, info = inserted_sample(self.scans[patient], k, self.inserter, c, rng)
+            self.n_factor[info["factor"]] = self.n_factor.get(info["factor"], 0) + 1
+            return sample
+        u -= p_ins
         if u < c["p_positive"] and self.positives:
             patient, n = self.positives[int(rng.integers(len(self.positives)))]
             scan = self.scans[patient]
@@ -533,29 +565,50 @@ class WholeSliceSampler:
         self.n_refreshes += 1
         return {"event": "mine", "iteration": iteration, "slices": len(picks), "detections": n_det,
                 "false_positives": len(fps), "pushed": len(push), **res,
-                "pushed_scores": [round(e["score"], 3) for e in push], **self.pool.summary(),
+                "pushed_scores": [round(e["score"], 3) for e in push], **self.pool.summary(), **self.insert_summary(),
                 "preprocess_s": round(sum(s.prep.seconds for s in self.scans.values()), 1),
                 "slices_cached": sum(len(s.prep.cache) for s in self.scans.values()),
                 "mine_s": round(time.perf_counter() - t0, 1)}
 
     # -- resume
 
+    def insert_summary(self) -> dict:
+        """Counts of the inserted samples so far (empty without an inserter): samples,
+        nodules pasted, placements that failed, per placement kind and per thick-slice
+        factor (1 = native slices)."""
+        if self.inserter is None:
+            return {}
+        return {**self.inserter.summary(), "insert_factors": {str(k): v for k, v in sorted(self.n_factor.items())}}
+
     def state_dict(self) -> dict:
-        """Checkpoint-safe state (plain values): the pool and the refresh count."""
-        return {"pool": self.pool.state_dict(), "n_refreshes": self.n_refreshes}
+        """Checkpoint-safe state (plain values): the pool, the refresh count and the
+        insertion counters."""
+        return {"pool": self.pool.state_dict(), "n_refreshes": self.n_refreshes, "insert": self.insert_summary()}
 
     def load_state_dict(self, state: dict) -> None:
         self.pool.load_state_dict(state["pool"])
         self.n_refreshes = int(state.get("n_refreshes", 0))
+        ins = state.get("insert") or {}
+        if self.inserter is not None and ins:
+            self.inserter.n_samples = int(ins.get("insert_samples", 0))
+            self.inserter.n_inserted = int(ins.get("inserted", 0))
+            self.inserter.n_failed = int(ins.get("insert_failed", 0))
+            self.inserter.kinds.update({k: int(v) for k, v in (ins.get("insert_kinds") or {}).items()})
+            self.n_factor = {int(k): int(v) for k, v in (ins.get("insert_factors") or {}).items()}
 
 
-def build_sampler(cfg: dict, log=None) -> WholeSliceSampler:
+def build_sampler(cfg: dict, log=None, data_dir=None) -> WholeSliceSampler:
     """The sampler of a training config with a ``"wholeslice"`` section.
 
     Patients: ``wholeslice.patients`` (default the whole-scan split's train patients) and
     ``wholeslice.val_patients`` (default its val patients; read only when
     ``val_random_slices`` > 0 or explicitly listed); cache: ``wholeslice.cache`` (default
-    :func:`training.wholescan.default_cache`).
+    :func:`training.wholescan.default_cache`).  With ``p_insert`` > 0 the ``lidc_vois``
+    nodules of the insertion patients (:func:`training.insertion.insertion_patients`: the
+    click split's train patients, minus the whole-scan split's val / test patients and the
+    reserved ones) are read from ``data_dir`` (default
+    :func:`training.insertion.default_data_root`), diameters 3-30 mm, at most
+    ``insert_limit_vois`` (smoke runs).
 
     Raises:
         WholeScanError: reserved patient; ValueError: a patient of the wrong split role
@@ -576,12 +629,21 @@ def build_sampler(cfg: dict, log=None) -> WholeSliceSampler:
     t0 = time.perf_counter()
     scans = [load_scan(cache / p, wcfg["use_clahe"], wcfg["use_lung_mask"]) for p in train_p]
     val = [load_scan(cache / p, wcfg["use_clahe"], wcfg["use_lung_mask"]) for p in val_p]
-    sampler = WholeSliceSampler(scans, wcfg, {p: load_candidates(cache, p) for p in train_p}, val)
+    inserter, ins_log = None, {}
+    if wcfg["p_insert"] > 0:
+        from training.insertion import Inserter, load_vois
+
+        t1 = time.perf_counter()
+        vois = load_vois(data_dir, limit=wcfg["insert_limit_vois"])
+        inserter = Inserter(vois, wcfg["insert"])
+        ins_log = {"insert_vois": len(vois), "insert_voi_patients": len({v.patient for v in vois}),
+                   "insert_load_s": round(time.perf_counter() - t1, 1)}
+    sampler = WholeSliceSampler(scans, wcfg, {p: load_candidates(cache, p) for p in train_p}, val, inserter)
     if log:
         log({"event": "wholeslice_data", "cache": str(cache), "train_scans": train_p, "val_scans": val_p,
              "lung_slices": len(sampler.all_slices), "positive_nodules": len(sampler.positives),
              "positive_slices": sum(len(v) for s in scans for v in s.nodule_slices.values()),
-             "load_s": {s.patient: s.load_s for s in scans + val}, **sampler.pool_initial,
+             "load_s": {s.patient: s.load_s for s in scans + val}, **sampler.pool_initial, **ins_log,
              "seconds": round(time.perf_counter() - t0, 1)})
     return sampler
 

@@ -2,6 +2,7 @@
 
     python -m training.evaluate_detection [--weights PATH | --random-init] [--data DIR]
                                           [--out JSON] [--threshold adaptive|0.x ...]
+                                          [--scans all|val]
     nodulemtl-train evaluate maskrcnn25d --whole-ct [--weights PATH]
 
 Runs :func:`NoduleMTLLib.detection.infer.run_slice_detections` once per scan (the same
@@ -28,6 +29,10 @@ score threshold.  Scans (``../shared/data/whole_ct``, or ``$NODULEMTL_DATA``):
   (``lung_pet_ct_dx_boxes.csv``, pixel box, inclusive): per box, whether a detected
   nodule's *mask* has a voxel in the box on that slice, and the best 2D IoU of a nodule box
   covering that slice; per scan, the number of detections and how many touch no box.
+
+With ``--scans val`` only the validation whole scans (:data:`VAL_SCANS`, from the
+whole-scan cache) are evaluated: no test scan and no Lung-PET-CT-Dx scan is opened, so
+checkpoints and recipes can be compared on validation before any test figure exists.
 
 Only two LIDC scans with five counted nodules: the figures show whether the pipeline
 works on whole scans and how many false positives it gives, they are no estimate of
@@ -422,7 +427,8 @@ def plot_froc(report: dict, path: Path) -> None:
 
 
 def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="cpu", log=print, fpr_model=None,
-                      cache=None, click=None, cache_args=None, mass_rule="shipped", **search) -> dict:
+                      cache=None, click=None, cache_args=None, mass_rule="shipped", scans: str = "all",
+                      **search) -> dict:
     """Test scans, validation scans and the Lung-PET-CT-Dx tumours; see the module docstring.
 
     Args:
@@ -439,6 +445,8 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
             (:func:`slice_detections`), or None.
         mass_rule: "shipped" (``infer.MASS_RULE``), None (off) or a ``MassRule``
             (:func:`reported_nodules`).
+        scans: "all" (test, validation and Lung-PET-CT-Dx scans) or "val" (the validation
+            scans only; ``test`` is None and ``lung_pet_ct_dx`` empty: no test scan is read).
         **search: options of :func:`~NoduleMTLLib.detection.infer.run_slice_detections`.
 
     Returns:
@@ -447,9 +455,15 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
         ``lung_pet_ct_dx``; ``lidc_total`` / ``froc`` repeat the test group's (older readers).
 
     Raises:
-        FileNotFoundError: a scan is missing; ValueError: an LIDC scan of a non-test patient.
+        FileNotFoundError: a scan is missing (with ``scans="val"``: a validation scan absent
+        from the cache); ValueError: an LIDC scan of a non-test patient, unknown ``scans``.
     """
     from training.wholescan import default_cache
+
+    if scans not in ("all", "val"):
+        raise ValueError(f"scans must be 'all' or 'val', got {scans!r}")
+    if scans == "val":
+        return _evaluate_val_only(model, thresholds, device, log, fpr_model, cache, click, cache_args, mass_rule, **search)
 
     d = data_dir(data) / "whole_ct"
     test = test_split_patients()
@@ -482,6 +496,24 @@ def evaluate_whole_ct(model, data=None, thresholds=DEFAULT_THRESHOLDS, device="c
                                      f"({v['boxes_found']}/{r['n_boxes']} boxes), {v['n_detections']} detections, "
                                      f"{v['n_other_detections']} elsewhere" for k, v in r["thresholds"].items())
             + f"; {r['seconds']['search_total']} s")
+    return report
+
+
+def _evaluate_val_only(model, thresholds, device, log, fpr_model, cache, click, cache_args=None, mass_rule="shipped",
+                       **search) -> dict:
+    """:func:`evaluate_whole_ct` with ``scans="val"``: the validation group only."""
+    from training.wholescan import default_cache
+
+    cache = Path(cache or default_cache())
+    missing = [p for p in VAL_SCANS if not (cache / p / "ct.nrrd").exists()]
+    if missing:
+        raise FileNotFoundError(f"validation scans {missing} not in the whole-scan cache {cache} (nodulemtl-train wholescan)")
+    report = {"protocol": "see training/evaluate_detection.py", "scans": "val", "thresholds": [_thr_key(t) for t in thresholds],
+              "search_stages": "maskrcnn25d + fpr25d" if fpr_model is not None else "maskrcnn25d only",
+              "search": {k: v for k, v in search.items()}, "lung_pet_ct_dx": [], "test": None}
+    log("validation scans:")
+    report["val"] = _lidc_group(model, [cache / p for p in VAL_SCANS], thresholds, device, fpr_model, log, click,
+                                cache_args, mass_rule, **search)
     return report
 
 
@@ -546,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report only candidates at or above the threshold (no size-aware acceptance of masses)")
     ap.add_argument("--detections-cache", type=Path, default=None,
                     help="folder for this tool's pickled slice detections: the network runs once per scan and weights")
+    ap.add_argument("--scans", choices=["all", "val"], default="all",
+                    help="all: test, validation and Lung-PET-CT-Dx scans; val: the validation whole scans only "
+                         "(LIDC-IDRI-0004/-0007 from the cache; no test scan is read)")
     return ap
 
 
@@ -569,12 +604,13 @@ def load_fpr_model(weights: Path | None, device="cpu"):
 
 def run(weights=None, random_init=False, data=None, out=None, thresholds=None, device="auto", threads=2,
         input_scale=1.0, log=print, fpr_weights=None, no_fpr=False, cache=None, no_outline=False,
-        coarse=False, mass_rule=True, detections_cache=None) -> dict:
+        coarse=False, mass_rule=True, detections_cache=None, scans="all") -> dict:
     """Load the model, evaluate, write the JSON report; returns it.  ``no_outline``: keep the
     detector's masks (no click outlines); ``coarse``: add the 2x coarse pass of the multi-scale
     search (``infer.COARSE_FACTORS``, off by default); ``mass_rule``: the size-aware acceptance of
     masses (``infer.MASS_RULE``; False = off); ``detections_cache``: reuse slice detections
-    (:func:`slice_detections`)."""
+    (:func:`slice_detections`); ``scans``: "all" or "val" (the validation whole scans only,
+    :func:`evaluate_whole_ct`)."""
     import torch
 
     from NoduleMTLLib.core.device import resolve_device
@@ -591,7 +627,7 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
         search["coarse_factors"] = (2.0,)
     cache_args = None if detections_cache is None else {"detections_cache": detections_cache, "weights_sha": sha}
     rep = evaluate_whole_ct(model, data, tuple(thresholds or DEFAULT_THRESHOLDS), dev, log=log, fpr_model=fpr,
-                            cache=cache, click=click, cache_args=cache_args,
+                            cache=cache, click=click, cache_args=cache_args, scans=scans,
                             mass_rule="shipped" if mass_rule else None, **search)
     if mass_rule and click is not None and fpr is not None:
         from NoduleMTLLib.detection.infer import MASS_RULE
@@ -624,7 +660,7 @@ def main(argv=None) -> int:
     try:
         run(a.weights, a.random_init, a.data, a.out, a.threshold, a.device, a.threads, a.input_scale,
             fpr_weights=a.fpr_weights, no_fpr=a.no_fpr, cache=a.cache, no_outline=a.no_outline,
-            coarse=a.coarse, mass_rule=not a.no_mass_rule, detections_cache=a.detections_cache)
+            coarse=a.coarse, mass_rule=not a.no_mass_rule, detections_cache=a.detections_cache, scans=a.scans)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"evaluate_detection: error: {e}", file=sys.stderr)
         return 1
