@@ -1161,12 +1161,14 @@ class NoduleMTLLogic(ScriptedLoadableModuleLogic):
                                                            list(networks) if networks else None)
                     for segmentId in segmentIds]
         points = [r["point_lps"] for r in requests]
+        corrections = [r["size_correction"] for r in requests]  # the run's, kept while a mask is unedited
         ct = NoduleMTLMRML.volume_node_to_ct(referenceVolumeNode)
         job = _runner().AnalysisProcess(ct, points if all(p is not None for p in points) else None,
                                         networks=requests[0]["network_ids"], device=device,
                                         python_executable=self.pythonExecutable(), temp_root=slicer.app.temporaryPath,
                                         worker=self.backgroundWorker(), masks=[r["mask"] for r in requests],
-                                        nodule_ids=[r["nodule_id"] for r in requests])
+                                        nodule_ids=[r["nodule_id"] for r in requests],
+                                        options={"size_corrections": corrections} if any(corrections) else None)
         job.reclassification = (segmentationNode, list(segmentIds), [r["table"] for r in requests], requests[0]["network_ids"])
         job.start()
         logging.info(f"NoduleMTL: started {job.request.to_json()}")

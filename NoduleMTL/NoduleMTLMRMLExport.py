@@ -63,7 +63,8 @@ def reclassify_segment(scene, segmentationNode, segmentId: str, referenceVolumeN
     ct = volume_node_to_ct(referenceVolumeNode)
     # the analysis service: raw outputs, then the reported (calibrated) probability and Lung-RADS / Brock
     result = reclassify(ct, [request["mask"]], nodule_ids=[request["nodule_id"]], points_lps=[request["point_lps"]],
-                        network_ids=request["network_ids"], device=device, models=ModelCache(networks=networks)).nodules[0]
+                        network_ids=request["network_ids"], device=device, models=ModelCache(networks=networks),
+                        size_corrections=[request["size_correction"]]).nodules[0]
     apply_reclassification(segmentationNode, segmentId, request["table"], result, request["network_ids"])
     return result
 
@@ -75,7 +76,9 @@ def reclassification_request(scene, segmentationNode, segmentId: str, referenceV
 
     Returns:
         ``{"mask": bool (z, y, x) on the reference grid, "network_ids": [...], "nodule_id": int,
-        "point_lps": (x, y, z) or None, "table": the results table node or None}``.
+        "point_lps": (x, y, z) or None, "size_correction": the run's size correction of the segment
+        (``NoduleMTL.size_correction.*`` tags; kept by the service while the mask is unchanged) or None,
+        "table": the results table node or None}``.
 
     Raises:
         ValueError / InputError: as :func:`reclassify_segment`.
@@ -105,7 +108,16 @@ def reclassification_request(scene, segmentationNode, segmentId: str, referenceV
     mask = label_array_from_segmentation(segmentationNode, segmentId, referenceVolumeNode)
     if not mask.any():
         raise InputError(f"Segment '{segment.GetName()}' is empty: nothing to re-classify")
-    return {"mask": mask, "network_ids": ids, "nodule_id": nodule_id, "point_lps": point_lps, "table": tableNode}
+    return {"mask": mask, "network_ids": ids, "nodule_id": nodule_id, "point_lps": point_lps,
+            "size_correction": _size_correction_tags(segment), "table": tableNode}
+
+
+def _size_correction_tags(segment) -> dict | None:
+    """The ``NoduleMTL.size_correction.*`` tags of a segment as numbers (None when it has none)."""
+    from NoduleMTLLib.outputs.fields import SIZE_CORRECTION_TAGS
+
+    corr = {k: _get_tag(segment, f"{SEGMENT_TAG_PREFIX}size_correction.{k}") for k in SIZE_CORRECTION_TAGS}
+    return {k: float(v) for k, v in corr.items() if v is not None} or None
 
 
 def apply_reclassification(segmentationNode, segmentId: str, tableNode, result: NoduleResult, network_ids) -> None:
@@ -201,7 +213,6 @@ def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume
     """
     from NoduleMTLLib.core.postprocess import measure_again
     from NoduleMTLLib.core.results import NetworkOutput
-    from NoduleMTLLib.outputs.fields import SIZE_CORRECTION_TAGS
 
     if segmentationNode is None or referenceVolumeNode is None:
         raise ValueError("Segmentation node and reference volume node are required")
@@ -219,9 +230,7 @@ def result_from_segmentation(segmentationNode, referenceVolumeNode, ct: CTVolume
         mask = label_array_from_segmentation(segmentationNode, sid, referenceVolumeNode)
         if nid is None or not mask.any():
             continue
-        corr = {k: _get_tag(segment, f"{SEGMENT_TAG_PREFIX}size_correction.{k}") for k in SIZE_CORRECTION_TAGS}
-        corr = {k: float(v) for k, v in corr.items() if v is not None} or None
-        m = measure_again(mask, ct, corr)  # the run's size correction while the mask is unedited
+        m = measure_again(mask, ct, _size_correction_tags(segment))  # the run's size correction while the mask is unedited
         nets = {}
         p = SEGMENT_TAG_PREFIX + "malignancy_probability."
         for net in _run_networks(segmentationNode) or []:

@@ -544,7 +544,8 @@ class ReviewApp(TrameApp):
                 ct = NoduleMTLMRML.volume_node_to_ct(self.volume)
                 job = AnalysisProcess(ct, [req["point_lps"]] if req["point_lps"] is not None else None,
                                       networks=req["network_ids"], device=self.device, temp_root=self._tmp,
-                                      worker=self.worker, masks=[req["mask"]], nodule_ids=[req["nodule_id"]])
+                                      worker=self.worker, masks=[req["mask"]], nodule_ids=[req["nodule_id"]],
+                                      options={"size_corrections": [req["size_correction"]]} if req.get("size_correction") else None)
             elif kind == "detect":
                 job = AnalysisProcess(str(self.ct_path), None, detect=True, networks=nets, device=self.device,
                                       temp_root=self._tmp, worker=self.worker, options={"pictures": False})

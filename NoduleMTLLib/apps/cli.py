@@ -8,7 +8,7 @@
                     [--networks dsmtnet] [--device auto] [--overwrite]
                     [--workers N | --scheduler tcp://HOST:8786]
     nodulemtl pacs --url URL (--study UID ... | --since YYYY-MM-DD) [--points CSV] [--detect] --out DIR [--store]
-    nodulemtl reclassify CT --mask MASK [--mask ...] [--id N ...] [--point X Y Z ...]
+    nodulemtl reclassify CT --mask MASK [--mask ...] [--id N ...] [--point X Y Z ...] [--result NODULES_JSON]
                          [--networks dsmtnet] [--device auto] --out DIR
 
 CT is an image file (NRRD, NIfTI, MetaImage) or a DICOM series folder.  Points are world
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="world point (mm, RAS unless --lps) of each --mask, in order (the original click; default: "
                         "the mask centroid)")
     r.add_argument("--lps", action="store_true", help="points are LPS (DICOM/ITK) instead of RAS (Slicer)")
+    r.add_argument("--result", metavar="NODULES_JSON",
+                   help="nodules.json of the analysis the masks come from: each nodule (matched by id) keeps the "
+                        "size correction it was reported with while its mask is unchanged")
     r.add_argument("--allow-non-ct", action="store_true", help=ALLOW_NON_CT_HELP)
     r.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
                    help=f"comma-separated network ids (default {','.join(DEFAULT_NETWORKS)}: the measured default)")
@@ -158,11 +161,13 @@ def _reclassify(args, models=None) -> int:
             points = [tuple(p) if args.lps else ras_to_lps(p) for p in args.point] if args.point else None
             # on the CT's grid (size, spacing, origin, direction); a multi-label mask: one nodule per label
             masks, ids, points = read_masks(args.mask, ct, args.id, points)
+            corrections = _size_corrections(args.result, ids or list(range(1, len(masks) + 1))) if args.result else None
             bar, cb = _progress_bar(args.quiet, args.progress_format)
             try:
                 res = reclassify(ct, masks, nodule_ids=ids, points_lps=points, network_ids=split_networks(args.networks),
                                  device=args.device, progress=cb, models=models, patient=reporting.patient_options(args),
-                                 notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True))
+                                 notify=lambda m: print(f"nodulemtl: warning: {m}", file=sys.stderr, flush=True),
+                                 size_corrections=corrections)
             finally:
                 bar.close()
             # the same result set as analyze (labels, seg.nrrd, JSON, CSV, report, pictures)
@@ -172,6 +177,27 @@ def _reclassify(args, models=None) -> int:
         return e.exit_code
     print_summary(res)
     return 0
+
+
+def _size_corrections(path, ids) -> list:
+    """Each nodule id's ``size_correction`` in the analysis' ``nodules.json`` (None for an id it lacks).
+
+    Raises:
+        InputError: the file cannot be read or is not a NoduleMTL result.
+    """
+    import json
+
+    from ..core.io import InputError
+
+    try:
+        record = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as e:
+        raise InputError(f"--result {path}: not a readable nodules.json ({e})") from None
+    nodules = record.get("nodules") if isinstance(record, dict) else None
+    if not isinstance(nodules, list) or not all(isinstance(n, dict) and isinstance(n.get("id"), int) for n in nodules):
+        raise InputError(f"--result {path}: not a NoduleMTL nodules.json (no list of nodules with ids)")
+    by_id = {n["id"]: n.get("size_correction") for n in nodules}
+    return [by_id.get(int(i)) for i in ids]
 
 
 def _batch(args) -> int:

@@ -84,6 +84,8 @@ class AnalysisRequest:
             ``family_history``, ``emphysema``).
         masks: ``reclassify``: mask files on the CT grid (non-zero = nodule), one per nodule.
         nodule_ids: ``reclassify``: the id of each mask (default 1..N).
+        size_corrections: ``reclassify``: the size correction each nodule was reported with
+            (``nodules.json``'s ``size_correction``) or None, one per mask; kept while the mask is unchanged.
         overwrite, dicom_seg, dicom_sr, pictures: output options as the CLI's ``--overwrite``,
             ``--dicom-seg``, ``--dicom-sr`` (implies ``dicom_seg``) and not ``--no-pictures``.
         request_id: echoed in every event (the runner sets a fresh one when empty).
@@ -102,6 +104,7 @@ class AnalysisRequest:
     patient: dict[str, Any] = field(default_factory=dict, metadata=_service("patient"))
     masks: list[str] = field(default_factory=list)
     nodule_ids: list[int] | None = field(default=None, metadata=_service("nodule_ids"))
+    size_corrections: list[dict[str, Any] | None] | None = field(default=None, metadata=_service("size_corrections"))
     overwrite: bool = False
     dicom_seg: bool = False
     dicom_sr: bool = False

@@ -47,7 +47,7 @@ import torch
 from ..core.consensus import MaskBox
 from ..core.device import resolve_device
 from ..core.io import CTVolume, InputError
-from ..core.postprocess import measure_nodule
+from ..core.postprocess import measure_again
 from ..core.results import NetworkOutput, NoduleResult
 from ..models.registry import DEFAULT_NETWORKS, NETWORKS, check_network_ids, load_network
 from .classify import classify_mask, model_device
@@ -100,7 +100,8 @@ def classify_mask_with_network(net: Click2DNetwork, ct: CTVolume, mask: np.ndarr
 
 
 def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str] = DEFAULT_NETWORKS, device="auto",
-                         networks: dict | None = None, nodule_id: int = 1, point_lps=None) -> NoduleResult:
+                         networks: dict | None = None, nodule_id: int = 1, point_lps=None,
+                         size_correction: dict | None = None) -> NoduleResult:
     """Measurements and network probabilities of a given (e.g. user-edited) nodule mask.
 
     No segmentation is run: the mask is taken as it is.  See the module docstring for how
@@ -116,6 +117,10 @@ def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str]
         nodule_id: ``id`` of the returned result.
         point_lps: the original click (world LPS mm) to keep in the result; default the
             mask centroid.
+        size_correction: the size correction the nodule was reported with
+            (``NoduleResult.size_correction``); kept only while the mask is unchanged (its axes
+            still measure the recorded ones: :func:`NoduleMTLLib.core.postprocess.measure_again`),
+            so the unchanged mask gets the analysis' sizes back and an edited one its own.
 
     Returns:
         :class:`NoduleResult` with ``found=True``, ``mask`` (the input mask, bool, not a
@@ -135,7 +140,7 @@ def reclassify_from_mask(ct: CTVolume, mask_zyx_bool, network_ids: Sequence[str]
         raise InputError("No networks given: choose at least one network to re-classify with")
     given = networks or {}
     check_network_ids(ids, extra=given)
-    meas = measure_nodule(mask, ct)
+    meas = measure_again(mask, ct, size_correction)
     box = MaskBox.from_full(mask)  # the mask's bounding box: resampled without a CT-sized image
     # the patch is centred where the click path centred it (the original click) when it is known,
     # so an unchanged mask is classified on the click path's own patch grid; else on the centroid

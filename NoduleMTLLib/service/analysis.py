@@ -269,7 +269,8 @@ def assess_result(result: AnalysisResult, ct: CTVolume, patient=None) -> None:
 def reclassify(ct: CTVolume, masks: Sequence, *, nodule_ids: Sequence[int] | None = None,
                points_lps: Sequence[Sequence[float] | None] | None = None, network_ids: Sequence[str] | None = None,
                device: str = "auto", progress: Progress | None = None, notify: Callable[[str], None] | None = None,
-               models: ModelCache | None = None, assess: bool = True, patient=None) -> AnalysisResult:
+               models: ModelCache | None = None, assess: bool = True, patient=None,
+               size_corrections: Sequence[dict | None] | None = None) -> AnalysisResult:
     """Measure and classify given (e.g. user-edited) nodule masks without segmenting
     (:func:`NoduleMTLLib.inference.refine.reclassify_from_mask` for each), with the CPU fallback, then
     calibrate and assess as :func:`analyze` (:func:`complete_result`): the unchanged mask of an
@@ -280,6 +281,8 @@ def reclassify(ct: CTVolume, masks: Sequence, *, nodule_ids: Sequence[int] | Non
         masks: bool (z, y, x) arrays of shape ``ct.shape_zyx``, one per nodule.
         nodule_ids: id of each nodule (default 1..N).
         points_lps: the original click of each nodule (world LPS mm) or None (mask centroid).
+        size_corrections: the size correction each nodule was reported with (``NoduleResult.size_correction``)
+            or None; kept while its mask is unchanged (``refine.reclassify_from_mask``).
         network_ids, device, progress, notify, models, assess, patient: as :func:`analyze`.
 
     Returns:
@@ -301,18 +304,20 @@ def reclassify(ct: CTVolume, masks: Sequence, *, nodule_ids: Sequence[int] | Non
     ids = tuple(network_ids) if network_ids else registry.DEFAULT_NETWORKS
     nodule_ids = list(nodule_ids) if nodule_ids is not None else list(range(1, len(masks) + 1))
     points = list(points_lps) if points_lps is not None else [None] * len(masks)
-    if not masks or not len(masks) == len(nodule_ids) == len(points):
-        raise InputError(f"Give one mask per nodule: {len(masks)} masks, {len(nodule_ids)} ids, {len(points)} points")
+    corrections = list(size_corrections) if size_corrections is not None else [None] * len(masks)
+    if not masks or not len(masks) == len(nodule_ids) == len(points) == len(corrections):
+        raise InputError(f"Give one mask per nodule: {len(masks)} masks, {len(nodule_ids)} ids, {len(points)} points, "
+                         f"{len(corrections)} size corrections")
     models = models if models is not None else ModelCache()
     progress = progress or (lambda f, m: None)
 
     def run(dev):
         dev, t0 = _device(dev), time.perf_counter()
         out = []
-        for k, (mask, nid, point) in enumerate(zip(masks, nodule_ids, points)):
+        for k, (mask, nid, point, corr) in enumerate(zip(masks, nodule_ids, points, corrections)):
             progress(k / len(masks), f"re-classifying nodule {nid} ({k + 1}/{len(masks)})")
             out.append(reclassify_from_mask(ct, mask, ids, device=dev, networks=models.networks_on(dev), nodule_id=int(nid),
-                                            point_lps=point))
+                                            point_lps=point, size_correction=corr))
         progress(1.0, "done")
         run_info = run_record("reclassify", ids, dev, "given", {"total": round(time.perf_counter() - t0, 3)})
         return AnalysisResult(input=ct.describe(), run=run_info, nodules=out)

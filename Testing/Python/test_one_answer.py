@@ -131,7 +131,7 @@ def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  #
 
     # nodulemtl reclassify with the unchanged mask (and the original click): same answer, full result set
     rc = cli.main(["reclassify", str(ct_path), "--mask", str(mask_path), *_pt(NODULE3_RAS), "--out", str(base / "re"),
-                   "--quiet", "--device", "cpu"])
+                   "--quiet", "--device", "cpu", "--result", str(run["out"] / "nodules.json")])
     assert rc == 0
     re_js = json.loads((base / "re" / "nodules.json").read_text())
     assert re_js["run"]["mode"] == "reclassify" and (base / "re" / "report.html").is_file()
@@ -146,6 +146,14 @@ def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  #
     worker.serve(io.StringIO(req.to_json() + "\n"), stdout=events)
     assert '"result"' in events.getvalue(), events.getvalue()[-500:]
     answers["worker"] = json.loads((base / "w" / "nodules.json").read_text())["nodules"][0]
+    # ... and its re-classification request (what the Slicer module sends: the mask, the click, the run's size correction)
+    req = AnalysisRequest(mode="reclassify", ct=str(ct_path), out=str(base / "wr"), masks=[str(mask_path)],
+                          points_lps=[list(ras_to_lps(NODULE3_RAS))], device="cpu", pictures=False,
+                          size_corrections=[run["json"]["nodules"][0]["size_correction"]])
+    events = io.StringIO()
+    worker.serve(io.StringIO(req.to_json() + "\n"), stdout=events)
+    assert '"result"' in events.getvalue(), events.getvalue()[-500:]
+    answers["worker reclassify"] = json.loads((base / "wr" / "nodules.json").read_text())["nodules"][0]
 
     # nodulemtl batch (a points CSV for the one case)
     case_dir = base / "cases"
@@ -187,6 +195,23 @@ def test_every_entry_point_gives_the_same_answer_for_the_same_mask(run, app):  #
     # the click entry points (CLI, worker, batch) run the same analysis: exactly the same number
     for where in ("worker", "batch"):
         assert answers[where]["malignancy_probability"] == p, where
+    # the same sizes: the unchanged mask keeps the size correction it was reported with (issue 22's
+    # correction of DSMT-Net's axes; the CLI reads it from --result, the Slicer layer from the segment tags)
+    n0 = run["json"]["nodules"][0]
+    assert n0["size_correction"] is not None
+    for where, n in answers.items():
+        assert (n["diameter_mm"], n["short_axis_mm"]) == pytest.approx((n0["diameter_mm"], n0["short_axis_mm"])), where
+        assert n["lung_rads"]["size_mm"] == n0["lung_rads"]["size_mm"], where
+        assert n["size_correction"]["long_axis_factor"] == n0["size_correction"]["long_axis_factor"], where
+    # an edited mask is the user's outline: measured as it is (no correction) even with --result
+    from scipy import ndimage
+    edited = sitk.GetImageFromArray(ndimage.binary_erosion(sitk.GetArrayFromImage(labels == 1) > 0).astype(np.uint8))
+    edited.CopyInformation(labels)
+    sitk.WriteImage(edited, str(base / "edited.nrrd"))
+    assert cli.main(["reclassify", str(ct_path), "--mask", str(base / "edited.nrrd"), *_pt(NODULE3_RAS), "--out",
+                     str(base / "ed"), "--quiet", "--device", "cpu", "--no-pictures",
+                     "--result", str(run["out"] / "nodules.json")]) == 0
+    assert json.loads((base / "ed" / "nodules.json").read_text())["nodules"][0]["size_correction"] is None
 
 
 @pytest.mark.slow
