@@ -55,20 +55,31 @@ from .worker import Worker, _exit_text, _reader, _terminate_process_tree, child_
 #: Files a successful ``nodulemtl analyze`` run leaves in its output folder.
 REQUIRED_OUTPUTS = (LABELS_FILE, JSON_FILE)
 
+#: Request fields (``options=``) that the per-run child takes too (as command-line arguments;
+#: every other option needs the persistent worker).
+CHILD_OPTIONS = ("size_corrections",)
+
+#: File in the work folder that carries ``size_corrections`` to a per-run ``nodulemtl reclassify``
+#: (its ``--result``: ``{"nodules": [{"id": ..., "size_correction": ...}, ...]}``).
+SIZE_CORRECTIONS_FILE = "reported_sizes.json"
+
 
 def build_command(ct_path: str | os.PathLike, out_dir: str | os.PathLike, points_lps: Sequence[Sequence[float]] | None = None,
                   detect: bool = False, networks: Sequence[str] | str | None = None, device: str = "auto",
                   python_executable: str | None = None, extra_args: Sequence[str] = (), masks: Sequence[str] = (),
-                  nodule_ids: Sequence[int] = ()) -> list[str]:
+                  nodule_ids: Sequence[int] = (), result_json: str | os.PathLike | None = None) -> list[str]:
     """Command line of the child: ``[python, "-m", "NoduleMTLLib.apps.cli", "analyze", CT, ...]``.
 
     Points are passed as ``--lps --point X Y Z`` (world LPS mm, what
     ``NoduleMTLMRML.markups_to_points_lps`` gives); ``detect`` adds ``--detect`` (whole-scan
     detection, then points are optional).  With ``masks`` (files on the CT grid) the command
-    is ``nodulemtl reclassify CT --mask M [--id N] ...`` instead (points optional, one per mask).
+    is ``nodulemtl reclassify CT --mask M [--id N] ...`` instead (points optional, one per mask);
+    ``result_json`` (re-classify only) adds ``--result FILE``: a ``nodules.json`` whose nodules,
+    matched by id, keep the size correction they were reported with while their mask is unchanged.
 
     Raises:
-        ValueError: neither points nor ``detect`` nor masks, no network, or a non-finite coordinate.
+        ValueError: neither points nor ``detect`` nor masks, no network, a non-finite coordinate,
+            or ``result_json`` without masks.
     """
     points = [tuple(float(v) for v in p) for p in (points_lps or [])]
     if masks and (detect or len(points) not in (0, len(masks)) or len(nodule_ids) not in (0, len(masks))):
@@ -77,12 +88,16 @@ def build_command(ct_path: str | os.PathLike, out_dir: str | os.PathLike, points
         raise ValueError("No points given: place one point on each nodule (or use whole-scan detection)")
     if any(len(p) != 3 or not all(math.isfinite(v) for v in p) for p in points):
         raise ValueError(f"Points must be three finite coordinates each: {points}")
+    if result_json is not None and not masks:
+        raise ValueError("result_json (the reported size corrections) belongs to a re-classification (masks)")
     nets = None if networks is None else split_networks(networks)
     if nets is not None and not nets and not detect:
         raise ValueError("Select at least one network")
     cmd = [python_executable or sys.executable, "-m", "NoduleMTLLib.apps.cli", "reclassify" if masks else "analyze", str(ct_path)]
     for k, mask in enumerate(masks):
         cmd += ["--mask", str(mask)] + (["--id", str(int(nodule_ids[k]))] if nodule_ids else [])
+    if result_json is not None:
+        cmd += ["--result", str(result_json)]
     if points:
         cmd.append("--lps")
         for p in points:
@@ -315,15 +330,20 @@ class AnalysisProcess:
             a :class:`Job`) instead of a command line; :attr:`pid` is the worker's, cancel
             stops the worker (the next run starts another), and a worker that had stopped by
             itself is restarted with a message.
-        options: with ``worker``: more request fields (``threshold``, ``patient``,
-            ``pictures``, ...; :class:`~NoduleMTLLib.apps.protocol.AnalysisRequest`), checked now.
+        options: more request fields (``threshold``, ``patient``, ``pictures``, ...;
+            :class:`~NoduleMTLLib.apps.protocol.AnalysisRequest`), checked now; they need ``worker``,
+            except :data:`CHILD_OPTIONS`: ``size_corrections`` (re-classify: the size correction
+            each mask's nodule was reported with, or None, one per mask), which the per-run
+            child gets as ``nodulemtl reclassify --result`` (a file :data:`SIZE_CORRECTIONS_FILE`
+            in the work folder, nodules matched by ``nodule_ids``, default 1..N).
         masks, nodule_ids: re-classify these bool (z, y, x) masks on the grid of ``ct`` (a
             ``CTVolume``; written to the work folder) instead of segmenting
             (``nodulemtl reclassify``); ``points_lps`` then optional, one per mask.
 
     Raises (constructor):
         ValueError: as :func:`build_command` (no points and no detection, no network);
-            ``extra_args`` with a worker or ``options`` without one;
+            ``extra_args`` with a worker or ``options`` other than :data:`CHILD_OPTIONS` without one;
+            ``size_corrections`` not one per mask;
             :class:`~NoduleMTLLib.apps.protocol.ProtocolError` for a bad option.
     """
 
@@ -354,10 +374,14 @@ class AnalysisProcess:
                       masks=[f"MASK{k}" for k in range(len(self.masks))], nodule_ids=self.nodule_ids)
         if worker is not None and self.extra_args:
             raise ValueError("extra_args are command-line arguments of the per-run child: give options= with a worker")
-        if worker is None and self.options:
-            raise ValueError("options= are request fields of the worker: give worker= (or extra_args for the per-run child)")
-        if worker is not None:
-            self._request("CT", "OUT", [f"MASK{k}" for k in range(len(self.masks))])
+        if worker is None and set(self.options) - set(CHILD_OPTIONS):
+            raise ValueError(f"options= other than {', '.join(CHILD_OPTIONS)} are request fields of the worker: "
+                             "give worker= (or extra_args for the per-run child)")
+        corrections = self.options.get("size_corrections")
+        if corrections is not None and len(corrections) != len(self.masks):
+            raise ValueError(f"size_corrections: one per mask ({len(corrections)} for {len(self.masks)} masks)")
+        if worker is not None or self.options:
+            self._request("CT", "OUT", [f"MASK{k}" for k in range(len(self.masks))])  # checks the options
 
         self.state = "created"
         self.work_dir: Path | None = None
@@ -430,7 +454,8 @@ class AnalysisProcess:
                 self._start_in_worker(ct_path, masks)
                 return self
             self.command = build_command(ct_path, self.out_dir, self.points_lps, self.detect, self.networks, self.device,
-                                         self.python_executable, self.extra_args, masks, self.nodule_ids)
+                                         self.python_executable, self.extra_args, masks, self.nodule_ids,
+                                         self._write_size_corrections())
             self._proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, cwd=str(self.work_dir), env=child_env(self.extra_env),
                                           text=True, encoding="utf-8", errors="replace", bufsize=1, **group_kwargs())
@@ -494,6 +519,19 @@ class AnalysisProcess:
             paths.append(str(self.work_dir / f"mask_{k + 1}.nrrd"))
             sitk.WriteImage(image, paths[-1], True)
         return paths
+
+    def _write_size_corrections(self) -> str | None:
+        """The ``size_corrections`` option as the per-run child's ``--result`` file (None without it)."""
+        import json
+
+        corrections = self.options.get("size_corrections")
+        if corrections is None or not self.masks:
+            return None
+        ids = self.nodule_ids or list(range(1, len(self.masks) + 1))  # the CLI's ids of the masks
+        path = self.work_dir / SIZE_CORRECTIONS_FILE
+        path.write_text(json.dumps({"nodules": [{"id": int(i), "size_correction": c} for i, c in zip(ids, corrections)]}),
+                        encoding="utf-8")
+        return str(path)
 
     def _write_input(self) -> str:
         ct = self.ct

@@ -135,6 +135,35 @@ def test_cancel_right_after_start(tmp_path):
 
 
 @pytest.mark.slow
+def test_per_run_child_reclassify_keeps_the_size_correction(sample_ct, direct_result, tmp_path):
+    """The one-off child (no persistent worker) gets ``size_corrections`` as ``nodulemtl reclassify
+    --result`` and answers as the service with the same corrections: the unchanged mask keeps the
+    correction it was reported with (the worker request's field; test_one_answer checks the worker)."""
+    from NoduleMTLLib.clinical.lung_rads import size_correction
+    from NoduleMTLLib.core.postprocess import measure_nodule
+    from NoduleMTLLib.service.analysis import reclassify
+
+    mask = direct_result.nodules[1].mask
+    # lnmsnet ships no correction: DSMT-Net's shipped factors with this mask's own axes stand in for
+    # "the correction the nodule was reported with" (what the Slicer module reads from the segment tags)
+    corr = measure_nodule(mask, sample_ct, size_correction("dsmtnet"))["size_correction"]
+    assert corr is not None and corr["long_axis_factor"] != 1.0
+    proc = AnalysisProcess(sample_ct, [SAMPLE_POINTS_LPS[1]], networks=["lnmsnet"], device="cpu", temp_root=tmp_path,
+                           masks=[mask], nodule_ids=[2], options={"size_corrections": [corr]}).start()
+    i = proc.command.index("--result")
+    assert proc.command[3] == "reclassify" and proc.command[i + 1] == str(proc.work_dir / runner.SIZE_CORRECTIONS_FILE)
+    assert proc.wait(timeout=RUN_TIMEOUT_S) == "succeeded", proc.details
+    (got,) = proc.result().nodules
+    want = reclassify(sample_ct, [mask], nodule_ids=[2], points_lps=[SAMPLE_POINTS_LPS[1]], network_ids=["lnmsnet"],
+                      device="cpu", size_corrections=[corr]).nodules[0]
+    assert got.size_correction is not None and got.size_correction["long_axis_factor"] == corr["long_axis_factor"]
+    assert got.diameter_mm == pytest.approx(corr["measured_long_axis_mm"] * corr["long_axis_factor"], abs=0.01)
+    assert got.to_dict() == want.to_dict()
+    proc.cleanup()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_cancel_while_the_network_runs(tmp_path):
     """Cancel once the child reports progress (torch imported, weights loading / running)."""
     proc = AnalysisProcess(str(SAMPLE_CT), SAMPLE_POINTS_LPS, device="cpu", temp_root=tmp_path).start()
@@ -187,6 +216,14 @@ def test_constructor_checks_arguments():
         AnalysisProcess(str(SAMPLE_CT), SAMPLE_POINTS_LPS, networks=" , ")
     with pytest.raises(ValueError, match="finite"):
         AnalysisProcess(str(SAMPLE_CT), [(1.0, float("nan"), 2.0)])
+    with pytest.raises(ValueError, match="worker"):  # request fields the per-run child has no argument for
+        AnalysisProcess(str(SAMPLE_CT), SAMPLE_POINTS_LPS, options={"pictures": False})
+    with pytest.raises(ValueError, match="one per mask"):
+        AnalysisProcess(str(SAMPLE_CT), None, masks=[np.ones((1, 1, 1), bool)], options={"size_corrections": [None, None]})
+    cmd = runner.build_command("ct.nrrd", "out", masks=["m1.nrrd"], nodule_ids=[3], result_json="sizes.json")
+    assert cmd[3] == "reclassify" and cmd[cmd.index("--result") + 1] == "sizes.json"
+    with pytest.raises(ValueError, match="re-classification"):
+        runner.build_command("ct.nrrd", "out", [(1.5, -2.0, 3.25)], result_json="sizes.json")
     cmd = runner.build_command("ct.nrrd", "out", detect=True, networks="lnmsnet,detguided", device="cuda",
                                python_executable="PythonSlicer")
     assert cmd[:5] == ["PythonSlicer", "-m", "NoduleMTLLib.apps.cli", "analyze", "ct.nrrd"]
