@@ -309,11 +309,13 @@ def calcification_pattern(mask: np.ndarray, ct) -> dict:
             "calc_mean_depth": float(depth[calc].mean()), "calc_offset": float(min(off, 1.0))}
 
 
-def mask_measurements(mask: np.ndarray, ct) -> dict:
+def mask_measurements(mask, ct) -> dict:
     """Lung-RADS size and HU composition figures of one nodule mask (the type / calcification features).
 
     Args:
-        mask: bool (z, y, x) on the grid of ``ct`` (:class:`NoduleMTLLib.core.io.CTVolume`, HU).
+        mask: bool (z, y, x) on the grid of ``ct`` (:class:`NoduleMTLLib.core.io.CTVolume`, HU), or a
+            :class:`~NoduleMTLLib.core.consensus.MaskBox` on that grid (box + offset: the same
+            figures, no full-grid array; what :func:`classify_nodule` / :func:`assess_nodule` pass).
 
     Returns:
         dict of floats: ``long_axis_mm`` / ``short_axis_mm`` (axial, same slice,
@@ -324,13 +326,19 @@ def mask_measurements(mask: np.ndarray, ct) -> dict:
         (largest connected part >= :data:`SOLID_COMPONENT_HU`, :func:`solid_component_axes`),
         the calcification pattern features of :func:`calcification_pattern`, ``n_voxels``.  Empty mask: ``{"n_voxels": 0}``.
     """
+    from ..core.consensus import MaskBox
     from ..core.postprocess import axial_diameters, bounding_box
 
-    m = np.asarray(mask, bool)
-    box = bounding_box(m)
-    if box is None:
-        return {"n_voxels": 0}
-    mb = m[box]
+    if isinstance(mask, MaskBox):  # every figure below is computed on the mask's box
+        box, mb = mask.slices, np.asarray(mask.array, bool)
+        if not mb.any():
+            return {"n_voxels": 0}
+    else:
+        m = np.asarray(mask, bool)
+        box = bounding_box(m)
+        if box is None:
+            return {"n_voxels": 0}
+        mb = m[box]
     hu = np.asarray(ct.array[box], np.float32)[mb]
     la, sa = axial_diameters(mb, ct)
     sl, ss = solid_component_axes(mb, _BoxCT(ct, box))
@@ -485,19 +493,28 @@ def benign_calcification(meas: dict, p_head: float | None, clinical: dict | None
     return False, None
 
 
+def _mask_of(nodule):
+    """The nodule's mask as its :class:`~NoduleMTLLib.core.consensus.MaskBox` (``NoduleResult.mask_box``:
+    no full-grid array is built), or ``nodule.mask`` for an object without one; None when it has none."""
+    if hasattr(nodule, "mask_box"):
+        return nodule.mask_box
+    return getattr(nodule, "mask", None)
+
+
 def classify_nodule(nodule, ct, measurements: dict | None = None) -> dict | None:
-    """Type of a found nodule (:func:`nodule_type_of` on :func:`mask_measurements` of its mask and
-    DSMT-Net's ``subsolid`` head when the run has it); None when not found.
+    """Type of a found nodule (:func:`nodule_type_of` on :func:`mask_measurements` of its mask, read
+    as its MaskBox, and DSMT-Net's ``subsolid`` head when the run has it); None when not found.
 
     Returns ``{"type", "probability", "probabilities", "method", "measurements"}``.
     """
-    if not nodule.found or nodule.mask is None:
+    mask = _mask_of(nodule) if nodule.found else None
+    if mask is None:
         return None
     try:
         clinical = load_clinical()
     except ValueError:
         clinical = None
-    meas = measurements if measurements is not None else mask_measurements(nodule.mask, ct)
+    meas = measurements if measurements is not None else mask_measurements(mask, ct)
     signs = {}
     p, _ = _sign(dsmt_only(nodule), "subsolid")
     if p is not None:
@@ -509,7 +526,7 @@ def assess_nodule(nodule, ct, type_result: dict | None = None) -> dict | None:
     """``lung_rads`` record of one analysed nodule (:class:`NoduleMTLLib.core.results.NoduleResult`).
 
     Args:
-        nodule: the analysed nodule (mask on the grid of ``ct``).
+        nodule: the analysed nodule (mask on the grid of ``ct``; read as its MaskBox, ``mask_box``).
         ct: :class:`NoduleMTLLib.core.io.CTVolume` (HU).
         type_result: :func:`classify_nodule` of this nodule (what :func:`NoduleMTLLib.service.assessment.annotate_result`
             passes, after setting ``nodule.type`` from it); None = take ``nodule.type`` as given.
@@ -524,13 +541,14 @@ def assess_nodule(nodule, ct, type_result: dict | None = None) -> dict | None:
     ``calcified_fraction``, ``head_probability``), ``rule`` (the guideline sentence that
     fired), ``notes``, ``suggestions`` (4X, with its reason; never applied), ``version``.
     """
-    if not nodule.found or nodule.mask is None or nodule.diameter_mm is None:
+    mask = _mask_of(nodule) if nodule.found else None
+    if mask is None or nodule.diameter_mm is None:
         return None
     try:
         clinical = load_clinical()
     except ValueError:
         clinical = None
-    meas = (type_result or {}).get("measurements") or mask_measurements(nodule.mask, ct)
+    meas = (type_result or {}).get("measurements") or mask_measurements(mask, ct)
     long_ax, short_ax = float(nodule.diameter_mm), float(nodule.short_axis_mm or 0.0)
     size = mean_diameter_mm(long_ax, short_ax)
     typ = type_result or {"type": nodule.type, "probability": None, "probabilities": None, "method": "given"}

@@ -220,6 +220,35 @@ def test_click_path_reports_the_size_corrected_axes(shared_data):
     assert both.diameter_mm == pytest.approx(axial_diameters(both.mask, ct)[0])
 
 
+
+def test_lung_rads_reads_the_mask_box_with_the_full_grid_answer(shared_data, monkeypatch):
+    """Real CT, the readers' masks of LIDC-IDRI-0375 nodule 2 (validation patient, solid, spiculated) and
+    LIDC-IDRI-0281 nodule 1 (training patient, calcified): classify_nodule / assess_nodule read
+    ``NoduleResult.mask_box`` (issue 24 item 2: no full-grid array is built) and give exactly the
+    measurements, type and category that the full-grid mask gives."""
+    from types import SimpleNamespace
+
+    from NoduleMTLLib.core.postprocess import measure_nodule
+
+    categories = {}
+    for patient, nodule in (("LIDC-IDRI-0375", "2"), ("LIDC-IDRI-0281", "1")):
+        _row, ct, ref, c = _voi(shared_data, patient, nodule)
+        m = measure_nodule(ref, ct)
+        fields = {"diameter_mm": m["diameter_mm"], "short_axis_mm": m["short_axis_mm"], "type": m["type"]}
+        full = SimpleNamespace(found=True, mask=ref, networks={}, **fields)  # no mask_box: the full-grid path
+        want_meas = lr.mask_measurements(ref, ct)
+        want = lr.assess_nodule(full, ct, lr.classify_nodule(full, ct))
+        n = NoduleResult(id=1, point_lps_mm=c, found=True, mask=ref, **fields)
+        assert lr.mask_measurements(n.mask_box, ct) == want_meas
+        monkeypatch.setattr(NoduleResult, "mask", property(lambda self: pytest.fail("full-grid mask built")))
+        typ = lr.classify_nodule(n, ct)
+        got = lr.assess_nodule(n, ct, typ)
+        monkeypatch.undo()
+        assert typ["measurements"] == want_meas and got == want
+        categories[patient] = got["category"]
+    assert categories == {"LIDC-IDRI-0375": "2", "LIDC-IDRI-0281": "1"}, categories
+
+
 # --- pattern-aware benign calcification (issue 22 item 3, second round) --------------------------------
 
 def test_calcification_pattern_central_versus_eccentric():
