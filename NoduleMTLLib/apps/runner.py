@@ -529,7 +529,8 @@ class AnalysisProcess:
             return None
         ids = self.nodule_ids or list(range(1, len(self.masks) + 1))  # the CLI's ids of the masks
         path = self.work_dir / SIZE_CORRECTIONS_FILE
-        path.write_text(json.dumps({"nodules": [{"id": int(i), "size_correction": c} for i, c in zip(ids, corrections)]}),
+        path.write_text(json.dumps({"nodules": [{"id": int(i), "size_correction": c} for i, c in zip(ids, corrections)]},
+                                   allow_nan=False),
                         encoding="utf-8")
         return str(path)
 
