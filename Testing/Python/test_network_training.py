@@ -68,7 +68,7 @@ def test_split_is_by_patient_and_fixed(repo_dir):
 @pytest.fixture(scope="module")
 def real_nodules(shared_data):
     from training.data import load_slice_nodules
-    return load_slice_nodules(shared_data, {"LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0004", "LIDC-IDRI-0007"})
+    return load_slice_nodules(shared_data, {"LIDC-IDRI-0002", "LIDC-IDRI-0004", "LIDC-IDRI-0007"})
 
 
 @pytest.mark.slow

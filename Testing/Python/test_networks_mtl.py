@@ -414,7 +414,7 @@ def test_size_class_from_mask():
 @pytest.fixture(scope="module")
 def real_slices(shared_data):
     from training.data import load_slice_nodules
-    nds = load_slice_nodules(shared_data, {"LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0004", "LIDC-IDRI-0007"})
+    nds = load_slice_nodules(shared_data, {"LIDC-IDRI-0002", "LIDC-IDRI-0004", "LIDC-IDRI-0007"})
     nds = [n for n in nds if n.consensus.any()]
     assert len(nds) >= 4
     return nds
