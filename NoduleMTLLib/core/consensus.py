@@ -115,16 +115,28 @@ def _union_box(boxes):
     return lo, tuple(h - low for h, low in zip(hi, lo))
 
 
-def box_dice(a: MaskBox, b: MaskBox) -> float:
-    """Dice 2|A∩B| / (|A| + |B|) of two non-empty masks on the same grid (in [0, 1]).
+def box_intersection(a: MaskBox, b: MaskBox) -> int:
+    """Number of voxels in both masks (|A∩B|), computed on the overlap of their boxes only.
 
     Raises ValueError if the grids differ.
     """
     if a.shape_zyx != b.shape_zyx:
         raise ValueError(f"masks on different grids: {a.shape_zyx} vs {b.shape_zyx}")
-    lo, shape = _union_box([a, b])
-    inter = np.logical_and(a.paste(lo, shape), b.paste(lo, shape)).sum()
-    return float(2.0 * inter / (a.voxels + b.voxels))
+    lo = tuple(max(oa, ob) for oa, ob in zip(a.offset_zyx, b.offset_zyx))
+    hi = tuple(min(oa + sa, ob + sb) for oa, sa, ob, sb in zip(a.offset_zyx, a.array.shape, b.offset_zyx, b.array.shape))
+    if any(h <= low for low, h in zip(lo, hi)):
+        return 0
+    sa = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, a.offset_zyx))
+    sb = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, b.offset_zyx))
+    return int(np.count_nonzero(np.logical_and(a.array[sa], b.array[sb])))
+
+
+def box_dice(a: MaskBox, b: MaskBox) -> float:
+    """Dice 2|A∩B| / (|A| + |B|) of two non-empty masks on the same grid (in [0, 1]).
+
+    Raises ValueError if the grids differ.
+    """
+    return float(2.0 * box_intersection(a, b) / (a.voxels + b.voxels))
 
 
 def majority_mask(boxes: list[MaskBox], include_ties: bool = INCLUDE_TIES) -> MaskBox | None:

@@ -780,21 +780,15 @@ def outline_features(outline, ct: CTVolume, lung: pp.LungMask | None = None) -> 
     dz, dy, dx = arr.shape
     sl = (slice(k0, k0 + dz), slice(j0, j0 + dy), slice(i0, i0 + dx))
     share = 1.0 if lung is None else float(np.count_nonzero(lung.labels[sl][arr])) / n
-    return {"volume_ml": n * float(np.prod(ct.spacing)) / 1000.0, "long_mm": float(axial_diameters(arr, ct)[0]),
+    return {"volume_ml": _volume_ml(outline, ct), "long_mm": float(axial_diameters(arr, ct)[0]),
             "mean_hu": float(np.asarray(ct.array[sl], np.float64)[arr].mean()), "lung_share": share}
 
 
 def _overlap_share(a, b) -> float:
     """Fraction of MaskBox ``a``'s voxels that lie inside MaskBox ``b``."""
-    (ak, aj, ai), A = a.offset_zyx, np.asarray(a.array, bool)
-    (bk, bj, bi), B = b.offset_zyx, np.asarray(b.array, bool)
-    lo = (max(ak, bk), max(aj, bj), max(ai, bi))
-    hi = (min(ak + A.shape[0], bk + B.shape[0]), min(aj + A.shape[1], bj + B.shape[1]), min(ai + A.shape[2], bi + B.shape[2]))
-    if any(b1 <= b0 for b0, b1 in zip(lo, hi)):
-        return 0.0
-    sa = tuple(slice(b0 - o, b1 - o) for b0, b1, o in zip(lo, hi, (ak, aj, ai)))
-    sb = tuple(slice(b0 - o, b1 - o) for b0, b1, o in zip(lo, hi, (bk, bj, bi)))
-    return float(np.count_nonzero(A[sa] & B[sb])) / max(1, int(A.sum()))
+    from ..core.consensus import box_intersection
+
+    return box_intersection(a, b) / max(1, a.voxels)
 
 
 #: Mass territory (:func:`mass_territory`): outlines of at least this volume (mL) claim the soft
