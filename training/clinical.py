@@ -114,6 +114,10 @@ TYPE_FEATURE_SETS = {
                 "hu_p90", "solid_ratio"],
     "head+hu_small": ["logit_subsolid", "frac_ge_-300", "mean_hu", "hu_p50", "solid_ratio"],
 }
+#: Third round (issue 22): the HU sets with the mask's log volume (``lung_rads.type_features``'s
+#: ``log_volume_mm3``: a small nodule's partial-volume rim lowers its HU figures).
+TYPE_FEATURE_SETS["hu+size"] = TYPE_FEATURE_SETS["hu"] + ["log_volume_mm3"]
+TYPE_FEATURE_SETS["head+hu+size"] = TYPE_FEATURE_SETS["head+hu"] + ["log_volume_mm3"]
 L2_GRID = (0.01, 0.1, 1.0)
 
 
@@ -279,12 +283,17 @@ def _balanced(y, yhat) -> float:
     return float((np.mean(yhat[y]) + np.mean(~yhat[~y])) / 2)
 
 
-def _grouped_oof(recs, feats, y, l2, k=5, seed=0, balanced=False):
+def _patient_folds(recs, k=5, seed=0) -> np.ndarray:
+    """Fold index (0 .. k-1) of every record, all records of a patient in one fold (seeded shuffle)."""
     groups = np.array([r["patient_id"] for r in recs])
     ug = np.unique(groups)
     rng = np.random.default_rng(seed)
     fold = dict(zip(ug[rng.permutation(len(ug))], np.arange(len(ug)) % k))
-    fid = np.array([fold[g] for g in groups])
+    return np.array([fold[g] for g in groups])
+
+
+def _grouped_oof(recs, feats, y, l2, k=5, seed=0, balanced=False):
+    fid = _patient_folds(recs, k, seed)
     X = _xy(recs, feats)
     p = np.empty(len(y))
     for f in range(k):
@@ -302,7 +311,10 @@ SUBSOLID_CV_REPEATS = 5
 #: above the done-when's 0.90, because the validation rows of the same CV came out ~0.02 below the pooled
 #: figure (their solid nodules are less dense).
 SUBSOLID_CV_SPECIFICITY = 0.93
-SUBSOLID_CV_SETS = ("hu", "head+hu", "head+hu_small")
+SUBSOLID_CV_SETS = ("hu", "head+hu", "head+hu_small", "hu+size", "head+hu+size")
+#: Second round's shipped type choice (stage 1 features / L2 / class weighting; stage 2 the same), the
+#: comparison a new choice must beat out-of-fold (:func:`type_lung_rads_cv`).
+SECOND_ROUND_TYPE = {"stage1": ("head+hu", 0.1, False), "stage2": ("head+hu", 0.01, False)}
 
 
 def fit_subsolid_cv(tab: list[dict], sets: tuple[str, ...] = SUBSOLID_CV_SETS) -> dict:
@@ -348,14 +360,24 @@ def fit_subsolid_cv(tab: list[dict], sets: tuple[str, ...] = SUBSOLID_CV_SETS) -
             "specificity_target": SUBSOLID_CV_SPECIFICITY, "repeats": SUBSOLID_CV_REPEATS}
 
 
-def fit_type(tab: list[dict], sets: tuple[str, ...] = tuple(TYPE_FEATURE_SETS), stage1_cv: bool = True) -> dict:
+#: Stage 2 (ground-glass | subsolid) choice, third round: class weighting none / balanced, the CV
+#: repeated (the second round had one unweighted 5-fold split).
+STAGE2_WEIGHTS = (False, True)
+STAGE2_REPEATS = 5
+
+
+def fit_type(tab: list[dict], sets: tuple[str, ...] = tuple(TYPE_FEATURE_SETS), stage1_cv: bool = True,
+             stage2_weights: tuple[bool, ...] = STAGE2_WEIGHTS, stage2_repeats: int = STAGE2_REPEATS) -> dict:
     """Two-stage nodule-type classifier (module docstring).  Stage 1 P(subsolid): with ``stage1_cv``
     (shipped since issue 22 item 3) :func:`fit_subsolid_cv` (patient-grouped CV over training +
     validation, class weights, threshold at a fixed out-of-fold solid specificity); without it, the
     first round's rule, kept as the comparison (``stage1_previous``): fitted on training patients,
     feature set / L2 / threshold chosen on validation patients by balanced accuracy.
-    P(ground-glass | subsolid) chosen by patient-grouped 5-fold CV over training + validation subsolid
-    nodules (too few in validation alone: 13) and fitted on all of them."""
+    P(ground-glass | subsolid) chosen by patient-grouped 5-fold CV (``stage2_repeats`` repeats) over
+    training + validation subsolid nodules (too few in validation alone: 13): feature set x L2 x class
+    weighting (``stage2_weights``; balanced = both classes the same total weight, third round: 22
+    part-solid vs 73 ground-glass nodules), the highest mean out-of-fold balanced accuracy at 0.5
+    (ties: AUC), then fitted on all of them."""
     from NoduleMTLLib.core.metrics import roc_auc
     from NoduleMTLLib.core.postprocess import nodule_type
 
@@ -392,14 +414,22 @@ def fit_type(tab: list[dict], sets: tuple[str, ...] = tuple(TYPE_FEATURE_SETS), 
     c2 = []
     for name, feats in ((k, TYPE_FEATURE_SETS[k]) for k in sets):
         for l2 in L2_GRID:
-            p = _grouped_oof(sub, feats, yg, l2)
-            c2.append({"features": name, "l2": l2, "cv_auc": roc_auc(yg, p), "cv_balanced_accuracy": _balanced(yg, p >= 0.5)})
-    top2 = max(c2, key=lambda c: (c["cv_balanced_accuracy"], c["cv_auc"]))
-    m2 = _fit_stack(_xy(sub, TYPE_FEATURE_SETS[top2["features"]]), yg, TYPE_FEATURE_SETS[top2["features"]], top2["l2"])
+            for bal in stage2_weights:
+                P = [_grouped_oof(sub, feats, yg, l2, seed=sd, balanced=bal) for sd in range(stage2_repeats)]
+                c2.append({"features": name, "l2": l2, "class_weight": "balanced" if bal else None,
+                           "cv_auc": float(np.mean([roc_auc(yg, p) for p in P])),
+                           "cv_balanced_accuracy": float(np.mean([_balanced(yg, p >= 0.5) for p in P])),
+                           "cv_part_solid_right": float(np.mean([(p[yg == 0] < 0.5).mean() for p in P])),
+                           "cv_ground_glass_right": float(np.mean([(p[yg == 1] >= 0.5).mean() for p in P]))})
+    top2 = max(c2, key=lambda c: (round(c["cv_balanced_accuracy"], 4), c["cv_auc"]))
+    m2 = _fit_stack(_xy(sub, TYPE_FEATURE_SETS[top2["features"]]), yg, TYPE_FEATURE_SETS[top2["features"]], top2["l2"],
+                    top2["class_weight"] == "balanced")
     hu2 = np.array([nodule_type(r["pred"]["frac_ge_-300"]) == "ground-glass" for r in sub])
-    stage2 = {"features": top2["features"], "l2": top2["l2"], "threshold": 0.5, "n": len(sub), "n_ground_glass": int(yg.sum()),
+    stage2 = {"features": top2["features"], "l2": top2["l2"], "class_weight": top2["class_weight"], "threshold": 0.5,
+              "repeats": stage2_repeats, "n": len(sub), "n_ground_glass": int(yg.sum()),
               "hu_rule_balanced_accuracy": _balanced(yg, hu2), "candidates": c2,
-              "cv_auc": top2["cv_auc"], "cv_balanced_accuracy": top2["cv_balanced_accuracy"]}
+              "cv_auc": top2["cv_auc"], "cv_balanced_accuracy": top2["cv_balanced_accuracy"],
+              "cv_part_solid_right": top2["cv_part_solid_right"], "cv_ground_glass_right": top2["cv_ground_glass_right"]}
     return {"subsolid": stage1_model, "ground_glass": m2, "stage1": stage1, "stage2": stage2}
 
 
@@ -464,6 +494,87 @@ def calcification_call(kind, a, b, head, frac, e=None, central=None):
     return {"head": h, "hu": f, "and": h & f, "or": h | f, "hu_central": f & (c | diffuse)}[kind]
 
 
+CATEGORY_INDEX = {c: i for i, c in enumerate(("1", "2", "3", "4A", "4B"))}
+
+
+def _categories(types, size_mm, solid_mm, benign) -> list[str]:
+    from NoduleMTLLib.clinical.lung_rads import categorize
+
+    return [categorize(t, s, c if t == "part-solid" else None, bool(b))[0] for t, s, c, b in zip(types, size_mm, solid_mm, benign)]
+
+
+def type_lung_rads_cv(tab: list[dict], stage1: tuple, stage2: tuple, corr: dict | None, calc_rule: dict | None,
+                      repeats: int = SUBSOLID_CV_REPEATS, specificity: float = SUBSOLID_CV_SPECIFICITY) -> dict:
+    """Out-of-fold nodule types of one two-stage choice and their Lung-RADS cost, on the found nodules of
+    the training + validation patients (patient-grouped 5-fold CV, ``repeats`` seeds: the folds of
+    :func:`fit_subsolid_cv`).
+
+    In every fold both stages are fitted on the other folds (stage 2 on their reference-subsolid
+    nodules) and applied to the held-out fold; per repeat the subsolid threshold is the ``specificity``
+    quantile of the out-of-fold P(subsolid) of the solid nodules (as :func:`fit_subsolid_cv`).  The
+    category is ``lung_rads.categorize`` on the mask's size-corrected mean diameter (``corr``, the
+    in-sample factors of :func:`fit_size_correction`; None: as measured), its solid component (part-solid)
+    and the benign-calcification rule ``calc_rule`` (:func:`fit_calcification`'s ``chosen``; None: no
+    benign call); the reference: the same on the readers' consensus mask, texture and calcification
+    ratings (``training.lung_rads_eval.reference_category``).
+
+    Args:
+        stage1, stage2: (feature set name of :data:`TYPE_FEATURE_SETS`, L2, balanced class weights: bool).
+    Returns:
+        dict of means over the repeats: ``solid_called_solid``, ``subsolid_recall``,
+        ``part_solid_recall`` (texture 3 called part-solid or ground-glass), ``split_right`` (of the
+        subsolid nodules called subsolid), ``part_solid_called_part_solid``, ``lung_rads_exact``,
+        ``under_calls``, ``over_calls`` (shares of the nodules), ``under_calls_n`` (mean count), ``n``,
+        ``n_subsolid``, ``n_part_solid``.
+    """
+    from NoduleMTLLib.clinical.lung_rads import mean_diameter_mm
+
+    pool = [r for r in _split(tab, "train", "val") if r["found"]]
+    ref_t = np.array([texture_class(r["texture"]) for r in pool])
+    y, yg = (ref_t != "solid").astype(float), (ref_t == "ground-glass").astype(float)
+    f1, f2 = TYPE_FEATURE_SETS[stage1[0]], TYPE_FEATURE_SETS[stage2[0]]
+    X1, X2 = _xy(pool, f1), _xy(pool, f2)
+    ref_cat = _categories(ref_t, [r["ref"]["mean_diameter_mm"] for r in pool], [r["ref"]["solid_mean_diameter_mm"] for r in pool],
+                          [r["calcification_rating"] in BENIGN_CALCIFICATION for r in pool])
+    fl, fs = (corr["long_axis_factor"], corr["short_axis_factor"]) if corr else (1.0, 1.0)
+    size = [mean_diameter_mm(fl * r["pred"]["long_axis_mm"], fs * r["pred"]["short_axis_mm"]) for r in pool]
+    solid = [r["pred"]["solid_mean_diameter_mm"] for r in pool]
+    if calc_rule:
+        benign = calcification_call(calc_rule["rule"], calc_rule["head_min"], calc_rule["hu200_fraction_min"],
+                                    [r["signs"].get("calcification", 0.0) for r in pool], [r["pred"]["frac_ge_200"] for r in pool],
+                                    calc_rule["central_fraction_min"], [r["pred"].get("calc_central_fraction", 0.0) for r in pool])
+    else:
+        benign = np.zeros(len(pool), bool)
+    keys = ("solid_called_solid", "subsolid_recall", "part_solid_recall", "split_right", "part_solid_called_part_solid",
+            "lung_rads_exact", "under_calls", "over_calls", "under_calls_n")
+    acc = {k: [] for k in keys}
+    for seed in range(repeats):
+        fid = _patient_folds(pool, 5, seed)
+        ps, pg = np.empty(len(pool)), np.empty(len(pool))
+        for f in range(5):
+            te, tr = fid == f, fid != f
+            ps[te] = _fit_stack(X1[tr], y[tr], f1, stage1[1], stage1[2])(X1[te])
+            sub = tr & (y == 1)
+            pg[te] = _fit_stack(X2[sub], yg[sub], f2, stage2[1], stage2[2])(X2[te])
+        th = float(np.quantile(ps[y == 0], specificity))
+        types = np.where(ps < th, "solid", np.where(pg >= 0.5, "ground-glass", "part-solid"))
+        cats = _categories(types, size, solid, benign)
+        d = np.array([CATEGORY_INDEX[b] - CATEGORY_INDEX[a] for a, b in zip(ref_cat, cats)])
+        called = (types != "solid") & (y == 1)
+        acc["solid_called_solid"].append(float(np.mean(types[y == 0] == "solid")))
+        acc["subsolid_recall"].append(float(np.mean(types[y == 1] != "solid")))
+        acc["part_solid_recall"].append(float(np.mean(types[ref_t == "part-solid"] != "solid")))
+        acc["part_solid_called_part_solid"].append(float(np.mean(types[ref_t == "part-solid"] == "part-solid")))
+        acc["split_right"].append(float(np.mean(types[called] == ref_t[called])) if called.any() else float("nan"))
+        acc["lung_rads_exact"].append(float(np.mean(d == 0)))
+        acc["under_calls"].append(float(np.mean(d < 0)))
+        acc["over_calls"].append(float(np.mean(d > 0)))
+        acc["under_calls_n"].append(float(np.sum(d < 0)))
+    return {**{k: float(np.mean(v)) for k, v in acc.items()}, "n": len(pool), "n_subsolid": int(y.sum()),
+            "n_part_solid": int((ref_t == "part-solid").sum()), "repeats": repeats, "specificity_target": specificity,
+            "stage1": list(stage1), "stage2": list(stage2)}
+
+
 def type_model_dict(fit: dict, networks: list[str]) -> dict:
     return {"networks": networks, "subsolid": fit["subsolid"].to_dict(), "subsolid_threshold": fit["stage1"]["threshold"],
             "ground_glass": fit["ground_glass"].to_dict(), "ground_glass_threshold": fit["stage2"]["threshold"]}
@@ -490,8 +601,14 @@ def type_figures(recs: list[dict], types: list[str]) -> dict:
             "confusion": {g: {t: sum(1 for a, b in zip(types, ref) if a == t and b == g) for t in classes} for g in classes}}
 
 
-def _cv_summary(stage1: dict) -> dict:
-    return {k: v for k, v in stage1.items() if k.startswith("cv_") or k in ("features", "l2", "class_weight", "n", "n_subsolid")}
+def _cv_summary(stage: dict) -> dict:
+    return {k: v for k, v in stage.items() if k.startswith("cv_") or k in ("features", "l2", "class_weight", "n", "n_subsolid",
+                                                                           "n_ground_glass", "repeats")}
+
+
+def _stage_key(stage: dict) -> tuple:
+    """(feature set, L2, balanced) of a stage's choice, as :func:`type_lung_rads_cv` takes it."""
+    return stage["features"], stage["l2"], stage.get("class_weight") == "balanced"
 
 
 def fit_main(write: bool, test: bool = False) -> int:
@@ -505,8 +622,12 @@ def fit_main(write: bool, test: bool = False) -> int:
     size_fig[thr]["train"] = size_figures(_split(tab, "train"))
     corr = fit_size_correction(tab)
     typ = fit_type(tab)
-    typ_hu = fit_type(tab, ("hu",))
+    typ_hu = fit_type(tab, ("hu", "hu+size"))
     calc = fit_calcification(tab)
+    lr_cv = {"second_round": type_lung_rads_cv(tab, SECOND_ROUND_TYPE["stage1"], SECOND_ROUND_TYPE["stage2"], corr, calc["chosen"]),
+             "chosen": type_lung_rads_cv(tab, _stage_key(typ["stage1"]), _stage_key(typ["stage2"]), corr, calc["chosen"]),
+             "chosen_hu_only": type_lung_rads_cv(tab, _stage_key(typ_hu["stage1"]), _stage_key(typ_hu["stage2"]), corr,
+                                                 calc["chosen"])}
     model = type_model_dict(typ, ["dsmtnet"])
     model_hu = type_model_dict(typ_hu, [])
     splits = ("val", "test") if test else ("val",)
@@ -531,6 +652,7 @@ def fit_main(write: bool, test: bool = False) -> int:
         rep["size"]["test_at_0.5"] = size_figures(load_table(0.5, ("test",)))
     rep["type"]["stage1"], rep["type"]["stage2"] = typ["stage1"], typ["stage2"]
     rep["type"]["stage1_hu_only"], rep["type"]["stage2_hu_only"] = typ_hu["stage1"], typ_hu["stage2"]
+    rep["type"]["lung_rads_cv"] = lr_cv
     rep["calcification"]["choice"] = calc
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
     (REPORT_DIR / ("clinical_fit.json" if test else "clinical_fit_trainval.json")).write_text(
@@ -544,6 +666,8 @@ def fit_main(write: bool, test: bool = False) -> int:
         print(split, "calcification", rep["calcification"][split])
     print("stage1", {k: v for k, v in typ["stage1"].items() if k != "candidates"})
     print("stage2", {k: v for k, v in typ["stage2"].items() if k != "candidates"})
+    for k, v in lr_cv.items():
+        print("type + Lung-RADS out-of-fold", k, {a: (round(b, 4) if isinstance(b, float) else b) for a, b in v.items()})
     print("calc", calc["chosen"])
     print("calc previous", calc["previous"])
     if write:
@@ -565,11 +689,14 @@ def fit_main(write: bool, test: bool = False) -> int:
                  "validation_corrected": rep["size_correction"]["val_corrected"]}},
              "nodule_type": {**model, "fitted_on": "subsolid: training + validation patients, feature set / L2 / class "
                              "weighting / threshold by patient-grouped CV (threshold at out-of-fold solid specificity "
-                             f"{SUBSOLID_CV_SPECIFICITY}); ground-glass: training + validation subsolid nodules (" + fitted + ")",
-                             "cv": _cv_summary(typ["stage1"]),
+                             f"{SUBSOLID_CV_SPECIFICITY}); ground-glass: training + validation subsolid nodules, feature set / "
+                             "L2 / class weighting by patient-grouped CV (" + fitted + ")",
+                             "cv": _cv_summary(typ["stage1"]), "stage2_cv": _cv_summary(typ["stage2"]),
+                             "lung_rads_cv": lr_cv["chosen"], "lung_rads_cv_second_round": lr_cv["second_round"],
                              "validation_in_sample": rep["type"]["val"]["classifier"]},
              "nodule_type_hu_only": {**model_hu, "fitted_on": "as nodule_type, HU features only (runs without DSMT-Net)",
-                                     "cv": _cv_summary(typ_hu["stage1"]),
+                                     "cv": _cv_summary(typ_hu["stage1"]), "stage2_cv": _cv_summary(typ_hu["stage2"]),
+                                     "lung_rads_cv": lr_cv["chosen_hu_only"],
                                      "validation_in_sample": rep["type"]["val"]["classifier_hu_only"]},
              "calcification": {"rule": calc["chosen"]["rule"], "head_min": calc["chosen"]["head_min"],
                                "hu200_fraction_min": calc["chosen"]["hu200_fraction_min"],

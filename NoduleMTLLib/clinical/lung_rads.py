@@ -353,15 +353,38 @@ def mask_measurements(mask, ct) -> dict:
     return out
 
 
+#: Smallest volume (mm3) the ``log_volume_mm3`` type feature takes (a one-voxel mask of a fine grid
+#: is ~0.2 mm3; the floor keeps the log finite for an empty or degenerate measurement).
+LOG_VOLUME_FLOOR_MM3 = 1.0
+
+
 def type_features(measurements: dict, signs: dict | None = None) -> dict:
-    """Named features of the nodule-type classifier: every number of :func:`mask_measurements`,
-    ``solid_ratio`` (solid component mean diameter / nodule mean diameter, 0 for an empty
-    component) and, when the run has DSMT-Net's ``subsolid`` head, ``logit_subsolid``."""
+    """Named features of the nodule-type classifier.
+
+    Every number of :func:`mask_measurements`, plus:
+
+    * ``solid_ratio``: solid component mean diameter / nodule mean diameter (0 for an empty
+      component or an empty mask);
+    * ``log_volume_mm3``: natural log of the mask's volume (mm3, floored at
+      :data:`LOG_VOLUME_FLOOR_MM3`; present when ``volume_mm3`` is).  Issue 22, third round: the same
+      HU histogram means less for a small nodule, whose partial-volume rim (voxels half lung) lowers
+      its HU figures; with the volume beside them the subsolid model separates small solid nodules
+      from subsolid ones better (patient-grouped CV, ``docs/clinical_rules.md``);
+    * ``logit_subsolid``: logit of DSMT-Net's ``subsolid`` head, when the run has it.
+
+    Args:
+        measurements: :func:`mask_measurements` (dict of floats; non-numbers are skipped).
+        signs: sign probabilities in [0, 1] by name, or None.
+    Returns:
+        dict name -> float.
+    """
     from ..models.calibration import logit
 
     f = {k: float(v) for k, v in measurements.items() if isinstance(v, (int, float))}
     md = float(measurements.get("mean_diameter_mm") or 0.0)
     f["solid_ratio"] = float(measurements.get("solid_mean_diameter_mm") or 0.0) / md if md > 0 else 0.0
+    if isinstance(measurements.get("volume_mm3"), (int, float)):
+        f["log_volume_mm3"] = float(np.log(max(float(measurements["volume_mm3"]), LOG_VOLUME_FLOOR_MM3)))
     p = (signs or {}).get("subsolid")
     if p is not None:
         f["logit_subsolid"] = float(logit(float(p)))

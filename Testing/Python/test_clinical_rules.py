@@ -246,7 +246,10 @@ def test_lung_rads_reads_the_mask_box_with_the_full_grid_answer(shared_data, mon
         monkeypatch.undo()
         assert typ["measurements"] == want_meas and got == want
         categories[patient] = got["category"]
-    assert categories == {"LIDC-IDRI-0375": "2", "LIDC-IDRI-0281": "1"}, categories
+    # 0375/2 (rated solid, 12.0 mm on the readers' mask, no DSMT-Net head: the HU-only model): the second
+    # round's model called it ground-glass (category 2); the third round's calls it part-solid with a
+    # 6.0 mm solid component, 4A, the category its solid rating gives
+    assert categories == {"LIDC-IDRI-0375": "4A", "LIDC-IDRI-0281": "1"}, categories
 
 
 # --- pattern-aware benign calcification (issue 22 item 3, second round) --------------------------------
@@ -309,3 +312,49 @@ def test_shipped_type_classifier_chosen_by_grouped_cv():
     cv = t["cv"]
     assert cv["cv_recall"] >= 0.75 and cv["cv_solid_called_solid"] >= 0.9 and cv["n_subsolid"] >= 90
     assert "patient-grouped CV" in t["fitted_on"] and "validation_in_sample" in t
+
+
+def test_type_features_log_volume():
+    f = lr.type_features({"volume_mm3": 268.0, "mean_diameter_mm": 8.0, "solid_mean_diameter_mm": 4.0})
+    assert f["log_volume_mm3"] == pytest.approx(np.log(268.0)) and f["solid_ratio"] == pytest.approx(0.5)
+    assert lr.type_features({"volume_mm3": 0.0})["log_volume_mm3"] == pytest.approx(np.log(lr.LOG_VOLUME_FLOOR_MM3))
+    assert "log_volume_mm3" not in lr.type_features({"mean_hu": -500.0})  # no volume: the feature is missing
+    # a model that needs it cannot run without it (None), rather than guessing
+    model = {**MODEL, "subsolid": _stack("log_volume_mm3", 1.0)}
+    assert lr.classify_type({"logit_subsolid": 0.0, "frac_ge_-300": 0.5}, model) is None
+
+
+def test_shipped_type_classifier_third_round_beats_the_second_out_of_fold():
+    """Issue 22, third round: stage 1 with the mask's log volume, stage 2 class-weighted, chosen by
+    patient-grouped CV on training + validation; its out-of-fold types and Lung-RADS categories (both
+    stages refitted per fold) against the second round's choice on the same folds."""
+    t = lr.load_clinical()["nodule_type"]
+    assert "log_volume_mm3" in t["subsolid"]["features"] and "logit_subsolid" in t["subsolid"]["features"]
+    assert t["stage2_cv"]["class_weight"] == "balanced" and t["stage2_cv"]["cv_part_solid_right"] >= 0.7
+    new, old = t["lung_rads_cv"], t["lung_rads_cv_second_round"]
+    assert new["n"] == old["n"] >= 700 and new["specificity_target"] == old["specificity_target"] == 0.93
+    assert new["solid_called_solid"] >= 0.92 and new["subsolid_recall"] > old["subsolid_recall"]
+    assert new["part_solid_recall"] > old["part_solid_recall"] and new["split_right"] >= 0.7
+    assert new["under_calls"] < old["under_calls"] and new["lung_rads_exact"] >= old["lung_rads_exact"]
+    hu = lr.load_clinical()["nodule_type_hu_only"]
+    assert "logit_subsolid" not in hu["subsolid"]["features"] + hu["ground_glass"]["features"]
+
+
+def test_large_part_solid_nodule_on_real_ct_is_called_part_solid(shared_data):
+    """Real CT, a training patient (in the fit: a check that the shipped model and the click path agree,
+    not a held-out figure): LIDC-IDRI-0194 nodule 1, rated part-solid (texture 3), ~30 mm, which the
+    second round's classifier called solid (category by its whole size).  The default click path and
+    the shipped classifier call it part-solid, and its category comes from its solid component."""
+    from NoduleMTLLib import DEFAULT_NETWORKS
+    from NoduleMTLLib.inference.pipeline import analyze_points
+
+    row, ct, _ref, c = _voi(shared_data, "LIDC-IDRI-0194", "1")
+    assert float(row["Texture_value"]) == 3
+    n = analyze_points(ct, [c], network_ids=DEFAULT_NETWORKS, device="cpu").nodules[0]
+    assert n.found
+    typ = lr.classify_nodule(n, ct)
+    assert typ["type"] == "part-solid" and typ["method"].startswith("measured classifier (DSMT-Net")
+    assert typ["measurements"]["volume_mm3"] > 1000
+    rec = lr.assess_nodule(n, ct, typ)
+    assert rec["type"] == "part-solid" and rec["rule"].startswith(rec["category"] + ": part-solid")
+    assert rec["solid_component_mm"] == rec["solid_component"]["mean_diameter_mm"] > 0
