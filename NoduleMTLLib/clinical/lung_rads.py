@@ -14,10 +14,10 @@ What is implemented (parenchymal nodules, **baseline rules only**):
   in the axial plane only.
 * **Type** solid / part-solid / non-solid (ground-glass) from a *measured* two-stage
   logistic classifier (:func:`classify_type`; coefficients in ``Resources/Weights/clinical.json``,
-  fitted by ``python -m training.clinical fit`` on the LIDC texture ratings of training
-  patients and chosen on validation patients): DSMT-Net's ``subsolid`` head and HU
-  histogram features of the mask (:func:`type_features`); runs without DSMT-Net use the
-  HU-only model; without clinical.json, the HU rule of
+  fitted by ``python -m training.clinical fit`` on the LIDC texture ratings of training +
+  validation patients, chosen by patient-grouped CV over them): DSMT-Net's ``subsolid`` head,
+  HU histogram features and the log volume of the mask (:func:`type_features`); runs without
+  DSMT-Net use the HU-only model; without clinical.json, the HU rule of
   :func:`NoduleMTLLib.core.postprocess.nodule_type`.  The type comes with its probability.
 * **Solid component** (every type; the category uses it for part-solid nodules): the
   largest 26-connected component of the mask's voxels >= -300 HU, its long / short axis and
