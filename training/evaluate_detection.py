@@ -574,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", type=Path, default=None, help="whole-scan cache with the validation scans")
     ap.add_argument("--no-outline", action="store_true", help="report the detector's masks (no click outlines)")
     ap.add_argument("--coarse", action="store_true", help="multi-scale search: add the 2x coarse pass (off by default)")
+    pm = ap.add_mutually_exclusive_group()
+    pm.add_argument("--pleural-masses", dest="pleural_masses", action="store_true", default=None,
+                    help="put pleural masses back into the detector's input mask (default: infer.PLEURAL_MASSES)")
+    pm.add_argument("--no-pleural-masses", dest="pleural_masses", action="store_false",
+                    help="the lung mask alone as the detector's input mask")
     ap.add_argument("--no-mass-rule", action="store_true",
                     help="report only candidates at or above the threshold (no size-aware acceptance of masses)")
     ap.add_argument("--detections-cache", type=Path, default=None,
@@ -604,13 +609,14 @@ def load_fpr_model(weights: Path | None, device="cpu"):
 
 def run(weights=None, random_init=False, data=None, out=None, thresholds=None, device="auto", threads=2,
         input_scale=1.0, log=print, fpr_weights=None, no_fpr=False, cache=None, no_outline=False,
-        coarse=False, mass_rule=True, detections_cache=None, scans="all") -> dict:
+        coarse=False, mass_rule=True, detections_cache=None, scans="all", pleural_masses=None) -> dict:
     """Load the model, evaluate, write the JSON report; returns it.  ``no_outline``: keep the
     detector's masks (no click outlines); ``coarse``: add the 2x coarse pass of the multi-scale
     search (``infer.COARSE_FACTORS``, off by default); ``mass_rule``: the size-aware acceptance of
     masses (``infer.MASS_RULE``; False = off); ``detections_cache``: reuse slice detections
     (:func:`slice_detections`); ``scans``: "all" or "val" (the validation whole scans only,
-    :func:`evaluate_whole_ct`)."""
+    :func:`evaluate_whole_ct`); ``pleural_masses``: put pleural masses back into the detector's
+    input mask (``preprocess.add_pleural_masses``; None: ``infer.PLEURAL_MASSES``)."""
     import torch
 
     from NoduleMTLLib.core.device import resolve_device
@@ -625,6 +631,11 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     search = {"input_scale": float(input_scale)}
     if coarse:
         search["coarse_factors"] = (2.0,)
+    from NoduleMTLLib.detection.infer import PLEURAL_MASSES
+
+    pm = PLEURAL_MASSES if pleural_masses is None else bool(pleural_masses)
+    if pm or PLEURAL_MASSES:  # absent (the cache key of the searches before it) when off and off by default
+        search["pleural_masses"] = pm
     cache_args = None if detections_cache is None else {"detections_cache": detections_cache, "weights_sha": sha}
     rep = evaluate_whole_ct(model, data, tuple(thresholds or DEFAULT_THRESHOLDS), dev, log=log, fpr_model=fpr,
                             cache=cache, click=click, cache_args=cache_args, scans=scans,
@@ -660,7 +671,8 @@ def main(argv=None) -> int:
     try:
         run(a.weights, a.random_init, a.data, a.out, a.threshold, a.device, a.threads, a.input_scale,
             fpr_weights=a.fpr_weights, no_fpr=a.no_fpr, cache=a.cache, no_outline=a.no_outline,
-            coarse=a.coarse, mass_rule=not a.no_mass_rule, detections_cache=a.detections_cache, scans=a.scans)
+            coarse=a.coarse, mass_rule=not a.no_mass_rule, detections_cache=a.detections_cache, scans=a.scans,
+            pleural_masses=a.pleural_masses)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         print(f"evaluate_detection: error: {e}", file=sys.stderr)
         return 1

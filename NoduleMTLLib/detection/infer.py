@@ -103,6 +103,9 @@ LOW_LUNG_RATIO = 0.25
 #: stays under 3 GB (measured, ``training/RESULTS.md``); larger scans are refused up front
 #: (:func:`check_size`) instead of running out of memory half-way.
 MAX_VOXELS = 1100 * 512 * 512
+#: Put broad-based pleural masses back into the detector's input mask
+#: (:func:`~.preprocess.add_pleural_masses`; issue 27).
+PLEURAL_MASSES = False
 #: Size-aware acceptance of masses (:class:`MassRule`, issue 27): the lowest combined score a
 #: mass-like candidate may have and its click outline's minimum volume (mL).  Chosen on the
 #: six non-test whole scans (no false positive added at the default) and 12 synthetic 44-69 mm
@@ -413,7 +416,8 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
                          batch_slices: int = BATCH_SLICES, input_scale: float = 1.0, channels_last: bool = False,
                          num_threads: int | None = None, lung: pp.LungMask | None = None,
                          progress: Progress | None = None, mask_threshold: float = mg.MASK_THRESHOLD,
-                         crop_per_batch: bool = True, coarse_factors: Sequence[float] = COARSE_FACTORS) -> SliceDetections:
+                         crop_per_batch: bool = True, coarse_factors: Sequence[float] = COARSE_FACTORS,
+                         pleural_masses: bool | None = None) -> SliceDetections:
     """Run the 2.5D network over the lung slices of a CT (steps 1-4 of the module docstring).
 
     Args:
@@ -444,6 +448,9 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
             with its stacks shrunk by each factor f (bilinear, to ``input_scale / f``), its
             detections mapped back to native pixels into ``SliceDetections.coarse[f]``.
             () = native scale only.
+        pleural_masses: with the lung mask applied, put broad-based pleural masses back into
+            the detector's input mask (:func:`~.preprocess.add_pleural_masses`; None:
+            :data:`PLEURAL_MASSES`).  ``SliceDetections.lung`` stays the lung mask.
 
     Returns:
         :class:`SliceDetections`.
@@ -468,13 +475,16 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
     if lung is None and (use_lung_mask or restrict_to_lungs):
         progress(0.01, "lung mask")
         lung = pp.lung_mask_from_ct(ct)
-    timing["lung_mask"] = time.perf_counter() - t
-    slices, crop = search_plan(lung, ct.shape_zyx, restrict_to_lungs)
-    y0, y1, x0, x1 = crop
-    nz = ct.shape_zyx[0]
     d = np.asarray(ct.image.GetDirection(), float).reshape(3, 3)
     reverse = bool(d[2, 2] < 0)  # channel 0 = most inferior slice, as preprocess_ct
-    prep = _SlicePreprocessor(ct, lung, crop, use_clahe, use_lung_mask)
+    search_lung, added_ml = lung, 0.0
+    if use_lung_mask and lung is not None and (PLEURAL_MASSES if pleural_masses is None else pleural_masses):
+        search_lung, added_ml = pp.add_pleural_masses(ct.array, lung, k_to_feet=1 if reverse else -1)
+    timing["lung_mask"] = time.perf_counter() - t
+    slices, crop = search_plan(search_lung, ct.shape_zyx, restrict_to_lungs)
+    y0, y1, x0, x1 = crop
+    nz = ct.shape_zyx[0]
+    prep = _SlicePreprocessor(ct, search_lung, crop, use_clahe, use_lung_mask)
 
     model.eval().to(device)
     if channels_last:
@@ -489,7 +499,7 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
             ks = slices[b0:b0 + int(batch_slices)]
             prep.drop_below(ks[0] - pp.STACK_SIZE // 2)
             idx = [pp.stack_indices(k, nz, reverse=reverse) for k in ks]
-            by0, by1, bx0, bx1 = batch_crop(lung, np.unique(np.concatenate(idx)), crop) if per_batch else crop
+            by0, by1, bx0, bx1 = batch_crop(search_lung, np.unique(np.concatenate(idx)), crop) if per_batch else crop
             stacks = [np.stack([prep.get(int(j))[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0] for j in ji]) for ji in idx]
             x_in = torch.from_numpy(np.stack(stacks)).to(device)
             h, w = by1 - by0, bx1 - bx0
@@ -523,7 +533,8 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
                 "input_scale": float(input_scale), "channels_last": bool(channels_last),
                 "crop_per_batch": per_batch, "network_pixels": int(n_pixels),
                 "threads": torch.get_num_threads() if num_threads is None else int(num_threads),
-                "slices_preprocessed": prep.n_computed, "coarse_factors": list(coarse_factors)}
+                "slices_preprocessed": prep.n_computed, "coarse_factors": list(coarse_factors),
+                "pleural_masses_ml": round(float(added_ml), 1)}
     coarse = {f: SliceDetections(coarse_dets[f], ct.shape_zyx, slices, crop, lung, report, {}, settings)
               for f in coarse_factors}
     return SliceDetections(dets, ct.shape_zyx, slices, crop, lung, report, timing, settings, coarse)

@@ -444,6 +444,185 @@ def lung_mask_from_ct(ct: CTVolume, **kwargs) -> LungMask:
     return compute_lung_mask(ct.array, (sz, sy, sx), ijk_to_lps=ijk_to_lps_matrix(ct.image), **kwargs)
 
 
+# --- pleural masses in the search mask (issue 27; not from the paper) ---
+#: In-plane closing radius (mm) per lung that brings a broad-based pleural mass (a concavity
+#: up to about 2 x this wide in the lung's outline) into the detector's input mask.
+MASS_CLOSING_MM = 40.0
+#: Soft tissue a mass is made of (HU): air, fat-free lung and bone are left out.
+MASS_HU = (-300.0, 300.0)
+#: Smallest connected soft-tissue region (mL) added: mass-sized (the mass rule's
+#: :data:`~NoduleMTLLib.detection.infer.MASS_MIN_ML`); smaller concavities are the
+#: :data:`CLOSING_RADIUS_MM` closing's business.
+MASS_MIN_ML = 10.0
+#: Margin (mm) around the zone between the two lungs (mediastinum, heart, spine) in
+#: which nothing is added.
+INTER_LUNG_MARGIN_MM = 5.0
+#: A region is the top of the liver or spleen under a lung base (a "dome"), not a mass, when at
+#: least this share of its inferior surface has soft tissue outside the lung (or the scan's
+#: end) 5 mm further towards the feet.  Measured on the non-test whole scans and synthetic
+#: masses: domes 0.93-1.0, masses 0.0-0.84.
+DOME_SHARE = 0.9
+#: Voxels below this HU in a lung label are airway or other gas, not parenchyma (about -850 HU;
+#: -930 HU in severe emphysema): they neither bound the zone between the lungs nor count as
+#: the lung a mass borders.
+AIRWAY_HU = -960.0
+#: The zone between the lungs also covers this far (mm) along y beyond the last row that holds
+#: both lungs (near the apices and the heart one lung's rows continue past the other's).
+ZONE_ROW_MM = 20.0
+#: Shortest run of lung along an image row (mm) that bounds the zone between the lungs.
+MIN_LUNG_RUN_MM = 10.0
+#: Aerated parenchyma (HU).  A region whose box holds "lung" with less than
+#: :data:`MIN_PARENCHYMA_SHARE` of it in this range borders bowel or stomach (gas and
+#: contents) taken into a lung label at the bases, not lung.
+PARENCHYMA_HU = (-950.0, -500.0)
+MIN_PARENCHYMA_SHARE = 0.5
+#: Working pixel size (mm) of :func:`add_pleural_masses`: masses are >= 3 cm.
+MASS_WORK_PIXEL_MM = 3.0
+
+
+def _inter_lung_zone(labels2d: np.ndarray, min_run: int = 1) -> np.ndarray:
+    """bool (y, x): per image row holding both lungs, the pixels between their facing edges.
+
+    Only runs of at least ``min_run`` pixels count as lung (partial-volume rims of airways
+    assigned to a lung are shorter).
+    """
+    zone = np.zeros(labels2d.shape, bool)
+    for j in np.flatnonzero((labels2d == 1).any(axis=1) & (labels2d == 2).any(axis=1)):
+        row = labels2d[j]
+        ext = {}
+        for v in (1, 2):
+            m = np.concatenate([[False], row == v, [False]])
+            edges = np.flatnonzero(m[1:] != m[:-1]).reshape(-1, 2)  # [start, stop) per run
+            edges = edges[edges[:, 1] - edges[:, 0] >= min_run]
+            if len(edges):
+                ext[v] = (int(edges[0, 0]), int(edges[-1, 1]) - 1)
+        if len(ext) < 2:
+            continue
+        (a0, a1), (b0, b1) = ext[1], ext[2]
+        if a1 < b0:
+            zone[j, a1 + 1:b0] = True
+        elif b1 < a0:
+            zone[j, b1 + 1:a0] = True
+    return zone
+
+
+def _dome_share(comp: np.ndarray, c: int, outside: np.ndarray, step: int, feet: int) -> float:
+    """Share of region ``c``'s inferior surface voxels (no voxel of ``c`` next to them towards
+    the feet) with ``outside`` (or the scan's end) ``step`` slices towards the feet."""
+    zs = np.flatnonzero((comp == c).any(axis=(1, 2)))
+    total = soft = 0
+    nz = comp.shape[0]
+    for z in range(int(zs[0]), int(zs[-1]) + 1):
+        m = comp[z] == c
+        nb = z + feet
+        if 0 <= nb < nz:
+            m &= comp[nb] != c
+        n = int(np.count_nonzero(m))
+        if not n:
+            continue
+        total += n
+        zb = z + feet * step
+        soft += n if not 0 <= zb < nz else int(np.count_nonzero(outside[zb] & m))
+    return soft / total if total else 0.0
+
+
+def add_pleural_masses(hu: np.ndarray, lung: LungMask, *, closing_mm: float = MASS_CLOSING_MM,
+                       hu_range: tuple[float, float] = MASS_HU, min_ml: float = MASS_MIN_ML,
+                       margin_mm: float = INTER_LUNG_MARGIN_MM, dome_share: float = DOME_SHARE,
+                       k_to_feet: int = -1, work_pixel_mm: float = MASS_WORK_PIXEL_MM,
+                       work_slice_mm: float = WORK_SLICE_MM) -> tuple[LungMask, float]:
+    """The lung mask with broad-based pleural masses put back, for the detector's input.
+
+    The paper multiplies the input by the lung mask (section 3.2 step 3).  A 4-8 cm mass
+    against the chest wall is not aerated lung: :func:`compute_lung_mask` leaves most of it
+    out (the 10 mm closing fills concavities up to about 2 cm), so the detector sees only a
+    sliver of it.  This adds, per lung and slice, the soft tissue (``hu_range``) that an
+    in-plane closing with a disk of ``closing_mm`` brings into the lung's outline, except in
+    the zone between the two lungs (mediastinum, heart, spine; :func:`_inter_lung_zone`
+    grown by ``margin_mm``), and keeps only connected regions (3D, 6-connectivity) of at
+    least ``min_ml`` (mass-sized) that are not the top of the liver or spleen under a lung
+    base: a region with soft tissue outside the lung 5 mm below at least ``dome_share`` of
+    its inferior surface is a dome.  Not from the paper; the values were chosen on synthetic
+    masses pasted into the non-test whole scans and on those scans' false positives
+    (``training/RESULTS.md``, issue 27).
+
+    Args:
+        hu: (z, y, x) HU array of the CT the mask belongs to.
+        lung: its :func:`compute_lung_mask` result.
+        closing_mm, hu_range, min_ml, margin_mm, dome_share: see the module constants.
+        k_to_feet: the array's k step towards the patient's feet (-1 when k runs from feet
+            to head, as LPS with a positive z direction; +1 otherwise).
+        work_pixel_mm, work_slice_mm: working grid, as :func:`compute_lung_mask`.
+
+    Returns:
+        (:class:`LungMask` whose labels include the added regions, each with the label of
+        the lung whose closing added it (``volumes_ml`` unchanged: lung volumes), the volume
+        added in mL).
+
+    Raises:
+        ValueError: ``hu`` and ``lung`` shapes differ.
+    """
+    hu = np.asarray(hu)
+    if hu.shape != lung.labels.shape:
+        raise ValueError(f"CT shape {hu.shape} != lung mask shape {lung.labels.shape}")
+    sz, sy, sx = (float(v) for v in lung.spacing_zyx)
+    f = max(1, int(np.floor(work_pixel_mm / min(sy, sx) + 0.5)))
+    fz = max(1, int(np.floor(work_slice_mm / sz + 0.5)))
+    lab = lung.labels[::fz, ::f, ::f]
+    work = hu[::fz, ::f, ::f]
+    wz, wy, wx = sz * fz, sy * f, sx * f
+    soft = (work >= hu_range[0]) & (work <= hu_range[1]) & (lab == 0)
+    zone = np.zeros(lab.shape, bool)
+    if lung.n_lungs == 2:
+        tissue = work >= AIRWAY_HU  # airways (trachea, main bronchi) are in a lung's label but not lung
+        min_run = max(1, int(round(MIN_LUNG_RUN_MM / wx)))
+        for z in range(lab.shape[0]):
+            zone[z] = _inter_lung_zone(lab[z] * tissue[z], min_run)
+        if zone.any():  # rows near the zone's ends hold one lung only (apex, heart)
+            zone = ndi.distance_transform_edt(~zone, sampling=(1e6, wy / ZONE_ROW_MM, wx / max(margin_mm, 1e-6))) <= 1.0
+    add = np.zeros(lab.shape, np.uint8)
+    rad_px = int(np.ceil(closing_mm / min(wy, wx))) + 1
+    for v in range(1, lung.n_lungs + 1):
+        m = lab == v
+        if not m.any():
+            continue
+        box = _grow(_bbox(m), (0, rad_px, rad_px), m.shape)
+        sl = (slice(box[0], box[1]), slice(box[2], box[3]), slice(box[4], box[5]))
+        big = _inplane_closing(m[sl], closing_mm, wy, wx)
+        big = ndi.binary_fill_holes(big, structure=_inplane_structure())
+        bite = big & soft[sl] & ~zone[sl]
+        region = add[sl]
+        region[bite & (region == 0)] = v
+    comp, n = ndi.label(add > 0)
+    added_ml = 0.0
+    if n:
+        vox_ml = wz * wy * wx / 1000.0
+        vol = np.bincount(comp.ravel(), minlength=n + 1) * vox_ml
+        keep = vol >= min_ml
+        keep[0] = False
+        step = max(1, int(round(5.0 / wz)))
+        outside = (work >= hu_range[0]) & (lab == 0) & (add == 0)  # soft tissue, not lung, not added
+        objs = ndi.find_objects(comp)
+        for c in np.flatnonzero(keep):
+            if _dome_share(comp, int(c), outside, step, int(np.sign(k_to_feet) or -1)) >= dome_share:
+                keep[c] = False
+                continue
+            sl = tuple(slice(max(0, a.start - 1), a.stop + 1) for a in objs[c - 1])
+            near = work[sl][lab[sl] > 0]
+            if near.size and float(np.mean((near >= PARENCHYMA_HU[0]) & (near < PARENCHYMA_HU[1]))) < MIN_PARENCHYMA_SHARE:
+                keep[c] = False  # the "lung" around it is bowel or stomach (gas and contents), not parenchyma
+        add[~keep[comp]] = 0
+        added_ml = float(vol[keep].sum())
+    if not add.any():
+        return lung, 0.0
+    out = lung.labels.copy()
+    for z in range(out.shape[0]):
+        a = np.repeat(np.repeat(add[z // fz], f, axis=0), f, axis=1)[: out.shape[1], : out.shape[2]]
+        sl = out[z]
+        sl[(a > 0) & (sl == 0)] = a[(a > 0) & (sl == 0)]
+    return LungMask(labels=out, spacing_zyx=lung.spacing_zyx, volumes_ml=lung.volumes_ml, n_lungs=lung.n_lungs), added_ml
+
+
 def lung_bounds(lung: LungMask | np.ndarray, spacing_zyx=None, margin_mm=BOUNDS_MARGIN_MM) -> LungBounds:
     """z-range and in-plane bounding box of the lungs, grown by a margin, so the nodule
     search can skip slices and pixels outside the lungs.
