@@ -265,14 +265,22 @@ def click_outliner(device="cpu"):
 
 
 def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None, mass_rule="shipped",
-                     territory_ml="shipped"):
+                     territory_ml="shipped", shapes=None):
     """(merge result, reported nodules, threshold) as ``nodulemtl analyze --detect`` reports them:
     :func:`~NoduleMTLLib.detection.infer.select_nodules`, then, at :data:`OUTLINE_THRESHOLDS`
     and with ``click``, the click outline of each nodule and its fragments folded
     (:func:`~NoduleMTLLib.detection.infer.outline_with_click`), with the size-aware acceptance of
     masses (``mass_rule``: "shipped" = ``infer.MASS_RULE``, None = off, or a ``MassRule``) and mass
-    territories (``territory_ml``: "shipped" = ``infer.MASS_TERRITORY_ML``, None = off, or mL)."""
-    from NoduleMTLLib.detection.infer import MASS_RULE, MASS_TERRITORY_ML, MAX_NODULES, mass_candidates, outline_with_click, select_nodules
+    territories (``territory_ml``: "shipped" = ``infer.MASS_TERRITORY_ML``, None = off, or mL); ``shapes``:
+    masses found by their shape (``infer.mass_shape_candidates``; None = ``infer.MASS_SHAPES``)."""
+    from NoduleMTLLib.detection.infer import (
+        MASS_RULE,
+        MASS_TERRITORY_ML,
+        MAX_NODULES,
+        below_cut_candidates,
+        outline_with_click,
+        select_nodules,
+    )
 
     if mass_rule == "shipped":
         mass_rule = MASS_RULE
@@ -280,7 +288,7 @@ def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None, mass
         territory_ml = MASS_TERRITORY_ML
     merged, nodules, cut = select_nodules(sd, ct, thr, fpr_model, device)
     if click is not None and any(thr == t for t in OUTLINE_THRESHOLDS):
-        masses = mass_candidates(merged, cut, fpr_model is not None, mass_rule)
+        masses = below_cut_candidates(sd, ct, merged, cut, fpr_model is not None, mass_rule, shapes)
         nodules = outline_with_click(nodules + masses, ct, click, max_kept=MAX_NODULES, cut=cut,
                                      mass_rule=mass_rule if masses else None, lung=sd.lung,
                                      territory_ml=territory_ml)[0]

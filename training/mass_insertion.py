@@ -183,14 +183,16 @@ def mass_outcome(nodules, mask: np.ndarray, margin: int = 10) -> dict:
 
 
 def evaluate_masses(scans, n_per_scan: int = 2, thresholds=("default",), seed: int = 0, cache=None, log=print,
-                    pleural_masses: bool = False) -> dict:
+                    pleural_masses: bool | str = False, shapes: bool = False) -> dict:
     """Paste ``n_per_scan`` masses into each scan, search each slab, report :func:`mass_outcome`
     with the shipped rules (mass rule and territory) and without them.
 
     With ``pleural_masses`` each slab is also searched with the pleural masses put back into
     the detector's input mask (:func:`NoduleMTLLib.detection.preprocess.add_pleural_masses`);
     those outcomes carry the suffix ``|pm`` (the search without it: no suffix), and a slab
-    where nothing is added reuses the first search (same input, same detections).
+    where nothing is added reuses the first search (same input, same detections);
+    ``pleural_masses="only"`` runs that search alone.  With ``shapes`` every outcome is also
+    reported with the mass-shape candidates (``infer.mass_shape_candidates``; suffix ``+shapes``).
 
     Raises:
         ValueError: a test or reserved scan.
@@ -221,28 +223,32 @@ def evaluate_masses(scans, n_per_scan: int = 2, thresholds=("default",), seed: i
         for _ in range(n_per_scan):
             t0 = time.perf_counter()
             sm = paste_mass(ct, lung, labels, vois, rng, name)
-            with torch.inference_mode():
-                sd = run_slice_detections(sm.ct, model, "cpu", pleural_masses=False)
             rec = dict(sm.record)
-            runs = {"": sd}
-            if sd.lung is not None:  # how much of the mass the search's lung mask (recomputed on the slab) holds
-                rec["mass_lung_share"] = round(float(sd.lung.mask[sm.mask].mean()), 3)
-                if pleural_masses:
-                    d = np.asarray(sm.ct.image.GetDirection(), float).reshape(3, 3)
-                    ext, added = pp.add_pleural_masses(sm.ct.array, sd.lung, k_to_feet=1 if d[2, 2] < 0 else -1)
-                    rec["pm_added_ml"] = round(added, 1)
-                    rec["pm_mass_share"] = round(float(ext.mask[sm.mask].mean()), 3)
-                    if added > 0:
-                        with torch.inference_mode():
-                            runs["|pm"] = run_slice_detections(sm.ct, model, "cpu", lung=sd.lung, pleural_masses=True)
-                    else:
-                        runs["|pm"] = sd
+            lung = pp.lung_mask_from_ct(sm.ct)  # as the search computes it, on the slab
+            rec["mass_lung_share"] = round(float(lung.mask[sm.mask].mean()), 3)
+            runs = {}
+            if pleural_masses != "only":
+                with torch.inference_mode():
+                    runs[""] = run_slice_detections(sm.ct, model, "cpu", lung=lung, pleural_masses=False)
+            if pleural_masses:
+                d = np.asarray(sm.ct.image.GetDirection(), float).reshape(3, 3)
+                ext, added = pp.add_pleural_masses(sm.ct.array, lung, k_to_feet=1 if d[2, 2] < 0 else -1)
+                rec["pm_added_ml"] = round(added, 1)
+                rec["pm_mass_share"] = round(float(ext.mask[sm.mask].mean()), 3)
+                if added > 0 or "" not in runs:
+                    with torch.inference_mode():
+                        runs["|pm"] = run_slice_detections(sm.ct, model, "cpu", lung=lung, pleural_masses=True)
+                else:
+                    runs["|pm"] = runs[""]
             for suffix, sdr in runs.items():
                 for thr in thresholds:
                     for rules in ("shipped", "off"):
-                        kw = {} if rules == "shipped" else {"mass_rule": None, "territory_ml": None}
-                        nods = reported_nodules(sdr, sm.ct, thr, fpr, "cpu", click, **kw)[1]  # fresh merge each call
-                        rec[f"{thr}|{rules}{suffix}"] = mass_outcome(nods, sm.mask)
+                        for shp in (False, True) if shapes else (False,):
+                            if shp and rules == "off":
+                                continue
+                            kw = {} if rules == "shipped" else {"mass_rule": None, "territory_ml": None}
+                            nods = reported_nodules(sdr, sm.ct, thr, fpr, "cpu", click, shapes=shp, **kw)[1]  # fresh merge
+                            rec[f"{thr}|{rules}{suffix}{'+shapes' if shp else ''}"] = mass_outcome(nods, sm.mask)
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             out["masses"].append(rec)
             log(json.dumps(rec))
@@ -261,14 +267,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=None, help="whole-scan cache (default $NODULEMTL_CACHE/wholescan)")
     ap.add_argument("--out", type=Path, default=Path("runs/maskrcnn25d/masses.json"))
-    ap.add_argument("--pleural-masses", action="store_true",
-                    help="also search each slab with pleural masses put back into the input mask (suffix |pm)")
+    ap.add_argument("--pleural-masses", nargs="?", const="both", default=None, choices=["both", "only"],
+                    help="also (both) or only (only) search each slab with pleural masses put back into the input "
+                         "mask (suffix |pm)")
+    ap.add_argument("--shapes", action="store_true", help="also report with the mass-shape candidates (+shapes)")
     a = ap.parse_args(argv)
     try:
         from training.evaluate_detection import HIGH_SENSITIVITY_THRESHOLD
 
         rep = evaluate_masses(a.scans, a.n, ("default", HIGH_SENSITIVITY_THRESHOLD), a.seed, a.cache,
-                              pleural_masses=a.pleural_masses)
+                              pleural_masses={"both": True, "only": "only", None: False}[a.pleural_masses],
+                              shapes=a.shapes)
     except (ValueError, FileNotFoundError) as e:
         print(f"mass_insertion: error: {e}", file=sys.stderr)
         return 1

@@ -106,6 +106,15 @@ MAX_VOXELS = 1100 * 512 * 512
 #: Put broad-based pleural masses back into the detector's input mask
 #: (:func:`~.preprocess.add_pleural_masses`; issue 27).
 PLEURAL_MASSES = False
+#: Look for masses the detector missed by their shape (:func:`mass_shape_candidates`; issue 27).
+MASS_SHAPES = False
+#: Soft tissue at least this deep (mm, in-plane distance to the nearest non-tissue pixel) inside
+#: the search mask is a mass-shape candidate: a region >= 2 x this across in every direction.
+MASS_SHAPE_DEPTH_MM = 10.0
+#: ... on slices spanning at least this much (mm).
+MASS_SHAPE_MIN_Z_MM = 10.0
+#: Working pixel size (mm) of the shape search.
+MASS_SHAPE_PIXEL_MM = 3.0
 #: Size-aware acceptance of masses (:class:`MassRule`, issue 27): the lowest combined score a
 #: mass-like candidate may have and its click outline's minimum volume (mL).  Chosen on the
 #: six non-test whole scans (no false positive added at the default) and 12 synthetic 44-69 mm
@@ -479,7 +488,7 @@ def run_slice_detections(ct: CTVolume, model: torch.nn.Module, device: torch.dev
     reverse = bool(d[2, 2] < 0)  # channel 0 = most inferior slice, as preprocess_ct
     search_lung, added_ml = lung, 0.0
     if use_lung_mask and lung is not None and (PLEURAL_MASSES if pleural_masses is None else pleural_masses):
-        search_lung, added_ml = pp.add_pleural_masses(ct.array, lung, k_to_feet=1 if reverse else -1)
+        search_lung, added_ml = pp.add_pleural_masses(ct.array, lung, k_to_feet=_k_to_feet(ct))
     timing["lung_mask"] = time.perf_counter() - t
     slices, crop = search_plan(search_lung, ct.shape_zyx, restrict_to_lungs)
     y0, y1, x0, x1 = crop
@@ -859,6 +868,70 @@ FOLD_OUTLINE_SHARE = 0.5
 MASS_RULE = MassRule(MASS_MIN_SCORE, MASS_MIN_ML, MASS_MIN_HU, MASS_MIN_LUNG_SHARE)
 
 
+def mass_shape_candidates(ct: CTVolume, lung: pp.LungMask, k_to_feet: int = -1, *,
+                          depth_mm: float = MASS_SHAPE_DEPTH_MM, min_z_mm: float = MASS_SHAPE_MIN_Z_MM,
+                          work_pixel_mm: float = MASS_SHAPE_PIXEL_MM) -> list[mg.MergedNodule]:
+    """Masses found by their shape, for the click network to judge (issue 27; not from the paper).
+
+    The detector and ``fpr25d`` learned nodules of at most 30 mm and can miss a 4-8 cm mass
+    that lies inside the search mask.  Inside the search mask (lung with filled holes and,
+    with :data:`PLEURAL_MASSES`, pleural masses) no normal structure is thick soft tissue:
+    vessels are at most about 2 cm across near the hilum.  A 3D region of soft tissue
+    (>= -300 HU) at least ``depth_mm`` deep in-plane on slices spanning ``min_z_mm`` is a
+    candidate, unless it is the top of the liver or spleen enclosed by a lung base
+    (:func:`~.preprocess._dome_share` >= :data:`~.preprocess.DOME_SHARE`).  Its click point is
+    its deepest voxel.  The candidates carry no score (0) and ``accepted_as = "mass_shape"``;
+    :func:`outline_with_click` reports one only when its click outline is a mass by
+    :class:`MassRule` (volume, density, lung share; the score gate does not apply) and it is
+    no fragment of a nodule already kept.
+
+    Args:
+        ct: the CT (HU, LPS geometry).
+        lung: the search mask (:class:`~.preprocess.LungMask` on ``ct``'s grid).
+        k_to_feet: the array's k step towards the feet (-1 when k runs feet to head).
+        depth_mm, min_z_mm, work_pixel_mm: see the module constants.
+
+    Returns:
+        list of :class:`~.merge.MergedNodule` (1-voxel boxes at the click point), deepest first.
+
+    Raises:
+        ValueError: the mask's shape differs from the CT's.
+    """
+    from scipy import ndimage as ndi
+
+    if lung.labels.shape != tuple(ct.shape_zyx):
+        raise ValueError(f"lung mask shape {lung.labels.shape} != CT shape {ct.shape_zyx}")
+    sx, sy, sz = ct.spacing
+    f = max(1, int(np.floor(work_pixel_mm / min(sy, sx) + 0.5)))
+    hu = ct.array[:, ::f, ::f]
+    lab = lung.labels[:, ::f, ::f]
+    wy, wx = sy * f, sx * f
+    tissue = (hu >= pp.MASS_HU[0]) & (lab > 0)
+    depth = ndi.distance_transform_edt(tissue, sampling=(1e6, wy, wx))  # in-plane: z spacing huge
+    core = depth >= depth_mm
+    comp, n = ndi.label(core)
+    if not n:
+        return []
+    outside = (hu >= pp.MASS_HU[0]) & (lab == 0)
+    step = max(1, int(round(5.0 / sz)))
+    out = []
+    for c, sl in enumerate(ndi.find_objects(comp), start=1):
+        if (sl[0].stop - sl[0].start) * sz < min_z_mm:
+            continue
+        if pp._dome_share(comp, c, outside, step, int(np.sign(k_to_feet) or -1)) >= pp.DOME_SHARE:
+            continue
+        d = np.where(comp[sl] == c, depth[sl], 0.0)
+        kk, jj, ii = np.unravel_index(int(np.argmax(d)), d.shape)
+        k, j, i = kk + sl[0].start, (jj + sl[1].start) * f, (ii + sl[2].start) * f
+        lps = tuple(float(v) for v in ct.image.TransformContinuousIndexToPhysicalPoint([float(i), float(j), float(k)]))
+        out.append((float(d.max()), mg.MergedNodule(
+            score=0.0, slices=[int(k)], box_xyxy=(float(i), float(j), float(i + 1), float(j + 1)),
+            box_voxel=(int(i), int(j), int(k), int(i) + 1, int(j) + 1, int(k) + 1),
+            centre_ijk=(float(i), float(j), float(k)), centre_lps=lps, box_lps_min=lps, box_lps_max=lps,
+            accepted_as="mass_shape")))
+    return [m for _, m in sorted(out, key=lambda t: -t[0])]
+
+
 def mass_candidates(merged: mg.MergeResult, cut: float, two_stage: bool,
                     rule: MassRule | None = MASS_RULE) -> list[mg.MergedNodule]:
     """Candidates the mass rule looks at: combined score in [``rule.min_score``, ``cut``).
@@ -869,6 +942,27 @@ def mass_candidates(merged: mg.MergeResult, cut: float, two_stage: bool,
     if rule is None or not two_stage or cut <= rule.min_score:
         return []
     return [n for n in merged.nodules if rule.min_score <= n.score < cut]
+
+
+def _k_to_feet(ct: CTVolume) -> int:
+    """The array's k step towards the patient's feet (LPS: +z is towards the head)."""
+    return 1 if float(np.asarray(ct.image.GetDirection(), float).reshape(3, 3)[2, 2]) < 0 else -1
+
+
+def below_cut_candidates(sd: SliceDetections, ct: CTVolume, merged: mg.MergeResult, cut: float, two_stage: bool,
+                         rule: MassRule | None = MASS_RULE, shapes: bool | None = None) -> list[mg.MergedNodule]:
+    """Everything the mass rule judges below the operating point: :func:`mass_candidates` and,
+    with ``shapes`` (None: :data:`MASS_SHAPES`), :func:`mass_shape_candidates` on the search
+    mask (the lung mask, with the pleural masses the search added, :data:`PLEURAL_MASSES`).
+    [] without a rule or for a single-stage search."""
+    out = mass_candidates(merged, cut, two_stage, rule)
+    if rule is None or not two_stage or sd.lung is None or not (MASS_SHAPES if shapes is None else shapes):
+        return out
+    feet = _k_to_feet(ct)
+    mask = sd.lung
+    if (sd.settings or {}).get("pleural_masses_ml"):
+        mask = pp.add_pleural_masses(ct.array, sd.lung, k_to_feet=feet)[0]
+    return out + mass_shape_candidates(ct, mask, feet)
 
 
 def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
@@ -917,8 +1011,9 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
     for n in sorted(nodules, key=lambda nd: -nd.score):
         if max_kept is not None and len(kept) >= max_kept:
             break
+        shape = n.accepted_as == "mass_shape"  # mass_shape_candidates: no score, judged by the outline
         below = cut is not None and n.score < cut
-        if below and (mass_rule is None or n.score < mass_rule.min_score):
+        if below and (mass_rule is None or (n.score < mass_rule.min_score and not shape)):
             continue
         c = tuple(int(round(v)) for v in n.centre_ijk)
         host = next((kept[i] for i, t in enumerate(terr) if t is not None and _in_maskbox(t, c)), None)
@@ -942,9 +1037,10 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
                 continue
         if below:
             n.features = outline_features(om, ct, lung)
-            if not mass_rule.accepts(n.score, n.features):
+            if not mass_rule.accepts(max(n.score, mass_rule.min_score) if shape else n.score, n.features):
                 continue
-            n.accepted_as = "mass"
+            if not shape:
+                n.accepted_as = "mass"
         if om is not None:
             (k0, j0, i0), arr = om.offset_zyx, om.array
             dz, dy, dx = arr.shape
@@ -1053,7 +1149,7 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
         messages.append("single-stage search: the false-positive-reduction weights (fpr25d) are not installed")
     t = time.perf_counter()
     nets, done = {}, {}
-    masses = mass_candidates(merged, cut, fpr_model is not None) if classify_with else []
+    masses = below_cut_candidates(sd, ct, merged, cut, fpr_model is not None) if classify_with else []
     if classify_with and (found or masses):
         from ..inference.pipeline import Click2DNetwork, check_point
 

@@ -100,3 +100,49 @@ def test_shape_mismatch_is_refused(scan):
     ct, lung = scan
     with pytest.raises(ValueError, match="shape"):
         pp.add_pleural_masses(ct.array[:-1], lung)
+
+
+# --- masses found by their shape (infer.mass_shape_candidates) ---
+
+
+@pytest.fixture(scope="module")
+def free_mass(scan, shared_data):
+    """The first free mass (seeds 0, 1, ...) pasted into LIDC-IDRI-0003, with its slab's lung mask."""
+    ct, lung = scan
+    vois = mi.solid_vois(shared_data)
+    labels = np.zeros(ct.shape_zyx, np.uint8)
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        sm = mi.paste_mass(ct, lung.mask, labels, vois, rng, "LIDC-IDRI-0003")
+        if sm.record["kind"] == "free":
+            return sm, pp.lung_mask_from_ct(sm.ct)
+    pytest.fail("no free placement in 60 seeds")
+
+
+def test_no_mass_shape_on_a_scan_without_a_mass(scan):
+    from NoduleMTLLib.detection import infer
+
+    ct, lung = scan
+    assert infer.mass_shape_candidates(ct, lung, _feet(ct)) == []
+
+
+def test_a_pasted_mass_is_a_mass_shape_and_its_outline_decides(free_mass):
+    from NoduleMTLLib.detection import infer
+    from training.evaluate_detection import click_outliner
+
+    sm, lung = free_mass
+    cands = infer.mass_shape_candidates(sm.ct, lung, _feet(sm.ct))
+    on = [c for c in cands if sm.mask[tuple(int(v) for v in (c.centre_ijk[2], c.centre_ijk[1], c.centre_ijk[0]))]]
+    assert len(on) == 1 and on[0].score == 0.0 and on[0].accepted_as == "mass_shape"
+    # judged by its click outline (DSMT-Net, the CLI's click path): a mass, so reported
+    kept, outs = infer.outline_with_click(on, sm.ct, click_outliner("cpu"), cut=0.8891, mass_rule=infer.MASS_RULE,
+                                          lung=lung, territory_ml=infer.MASS_TERRITORY_ML)
+    assert len(kept) == 1 and kept[0].features["volume_ml"] >= infer.MASS_MIN_ML
+    assert (kept[0].full_mask(sm.ct.shape_zyx) & sm.mask).sum() >= 0.5 * kept[0].full_mask(sm.ct.shape_zyx).sum()
+    # a rule asking for a larger outline than the mass's rejects it: the outline decides, not the shape
+    big = infer.MassRule(infer.MASS_MIN_SCORE, kept[0].features["volume_ml"] * 2, -1000.0, 0.0)
+    fresh = infer.mass_shape_candidates(sm.ct, lung, _feet(sm.ct))
+    fresh = [c for c in fresh if sm.mask[tuple(int(v) for v in (c.centre_ijk[2], c.centre_ijk[1], c.centre_ijk[0]))]]
+    assert infer.outline_with_click(fresh, sm.ct, click_outliner("cpu"), cut=0.8891, mass_rule=big, lung=lung)[0] == []
+    # without a mass rule (or without an operating point's cut) nothing below the cut is reported
+    assert infer.outline_with_click(fresh, sm.ct, click_outliner("cpu"), cut=0.8891, mass_rule=None, lung=lung)[0] == []
