@@ -8,6 +8,10 @@ default, never the test scans):
   of the lungs' z-range (20-85 %), 2 random soft-tissue pixels (-50..250 HU) between the lungs
   (inside the convex hull of the lung mask, outside it) at >= 10 mm from the lung ("deep":
   heart, great vessels) and 2 at 2-10 mm ("near": hila, mediastinal borders);
+* **hilar clicks** (should be refused or small; own random generator, added with the
+  continuation signal, so the clicks above are unchanged): on 6 random slices, 2 random pixels
+  of 0-250 HU *inside* the lung mask within 15 mm of the mediastinum (the opened convex hull of
+  the slice's lung minus the lung), away from the readers' nodules: hilar vessels and bronchial walls;
 * **labelled nodules**: the readers' nodules of the scan (``nodules.csv``), clicked at their centre;
 * **inserted juxtamediastinal nodules** (should be kept): training patients' ``lidc_vois``
   nodules (8-30 mm, scaled 1-2x below 20 mm, 0.8-1.3x above) pasted with
@@ -23,8 +27,11 @@ of the rule at any threshold follow from one run.  The fitted constants (:func:`
 nodule clicks "at stake" (a non-small mask, the click outside the lung mask and between the
 lungs): the lung fraction - the largest multiple of 0.05 below the smallest nodule's; the z ratio
 (extent across the slices / axial long axis) - the smallest multiple of 0.1 at least 0.15 above
-the largest nodule's.  ``MIN_STRUCTURE_MM`` (10 cm) is a clinical bound, not fitted: no training
-nodule is larger than 35 mm.
+the largest nodule's; the continuation (``mediastinum.continuation``, which also decides the
+in-lung hilar clicks, so over every nodule click with a larger mask) - the smallest multiple of 0.1
+at least 0.15 above the largest nodule's.  ``MIN_STRUCTURE_MM`` (10 cm) is a clinical bound, not
+fitted: no training nodule is larger than 35 mm.  ``--dump DIR`` saves the larger masks with their
+HU (npz) to compute other features offline.
 
 ``--vois train val`` instead runs the analysis service on those splits' ``lidc_vois`` VOIs and
 counts the clicks the rule refuses (they are in-lung nodules: the answer should be 0).
@@ -51,6 +58,31 @@ REPO = Path(__file__).resolve().parents[1]
 def _cache_root() -> Path:
     import os
     return Path(os.environ.get("NODULEMTL_CACHE") or REPO.parent / "cache") / "wholescan"
+
+
+def hilum_points(lung: np.ndarray, hu: np.ndarray, spacing_xyz, rng: np.random.Generator, avoid: np.ndarray | None,
+                 n_slices: int = 6, per_slice: int = 2) -> list[tuple[str, tuple[int, int, int]]]:
+    """Random soft-tissue clicks (0..250 HU: hilar vessels, bronchial walls) inside the lung mask
+    within 15 mm of the mediastinum (the opened convex hull of the slice's lung minus the lung),
+    on ``n_slices`` random slices in 20-85 % of the lungs' z-range, away from ``avoid`` (bool
+    (z, y, x): the readers' nodules grown by 8 voxels) -> [("hilum", (i, j, k))]."""
+    from skimage.morphology import convex_hull_image
+
+    zs = np.nonzero(lung.any((1, 2)))[0]
+    z0, z1 = int(zs.min()), int(zs.max())
+    out = []
+    ks = rng.choice(np.arange(int(z0 + 0.2 * (z1 - z0)), int(z0 + 0.85 * (z1 - z0))), n_slices, replace=False)
+    for k in sorted(int(v) for v in ks):
+        lk = lung[k]
+        med = ndi.binary_opening(convex_hull_image(lk) & ~lk, iterations=2)
+        dm = ndi.distance_transform_edt(~med, sampling=(spacing_xyz[1], spacing_xyz[0]))
+        ok = lk & (hu[k] > 0) & (hu[k] < 250) & (dm <= 15)
+        if avoid is not None:
+            ok &= ~avoid[k]
+        jj, ii = np.nonzero(ok)
+        for n in rng.choice(jj.size, min(per_slice, jj.size), replace=False):
+            out.append(("hilum", (int(ii[n]), int(jj[n]), k)))
+    return out
 
 
 def mediastinal_points(lung: np.ndarray, hu: np.ndarray, spacing_xyz, rng: np.random.Generator,
@@ -124,8 +156,78 @@ def insert_juxtamediastinal(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray
     return placed
 
 
-def evaluate_scan(folder: Path, seed: int, networks: dict, log=print) -> list[dict]:
-    """Every click of the module docstring on one whole scan -> one record per click."""
+def shape_features(ct, mask) -> dict:
+    """Figures of the mask alone (no lung mask), recorded to look for vessel signals: how it ends
+    across the slices and what it holds (only ``continuation`` is used by the rule).
+
+    Args:
+        ct: the CT (HU, LPS geometry); mask: a non-empty :class:`~NoduleMTLLib.core.consensus.MaskBox`
+            on its grid.
+
+    Returns:
+        ``{"end_ratio_min", "end_ratio_max": float in [0, 1]`` (area of the mask's first and last
+        slice over its largest slice area: the smaller and the larger of the two; a nodule tapers
+        to small end slices, a tube cut across keeps a full cross-section at its ends),
+        ``"area_cv": float`` (coefficient of variation of the non-empty slice areas),
+        ``"fill": float`` (volume / volume of the sphere whose diameter is the mask's 3D extent
+        along its first principal axis), ``"elong": float`` (sqrt of the ratio of the two largest
+        principal variances, mm), ``"solidity": float in [0, 1]`` (largest slice's area over its
+        convex hull's), ``"hu_mean", "hu_std", "hu_p10", "hu_p90": float`` (HU of the mask's voxels
+        eroded in-plane by one pixel; the whole mask when the erosion is empty),
+        ``"n_slices": int``}.
+    """
+    import math
+
+    from skimage.morphology import convex_hull_image
+
+    from NoduleMTLLib.service import mediastinum
+
+    sx, sy, sz = (float(v) for v in ct.spacing)
+    m = mask.array
+    areas = m.reshape(len(m), -1).sum(1).astype(float)
+    nzs = np.nonzero(areas)[0]
+    a = areas[nzs[0]:nzs[-1] + 1]
+    amax = float(a.max())
+    ends = sorted((a[0] / amax, a[-1] / amax))
+    big = int(np.argmax(areas))
+    hull = convex_hull_image(m[big])
+    pts = np.argwhere(m).astype(float) * np.array([sz, sy, sx])
+    pts -= pts.mean(0)
+    if len(pts) > 20000:
+        pts = pts[:: len(pts) // 20000 + 1]
+    ev, vec = np.linalg.eigh(np.cov(pts.T)) if len(pts) > 3 else (np.ones(3), np.eye(3))
+    ev = np.clip(ev, 1e-6, None)
+    proj = pts @ vec[:, -1]
+    length = float(proj.max() - proj.min()) + max(sx, sz)
+    vol = float(m.sum()) * sx * sy * sz
+    er = ndi.binary_erosion(m, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool))
+    z0, y0, x0 = mask.offset_zyx
+    hu = np.asarray(ct.array[z0:z0 + m.shape[0], y0:y0 + m.shape[1], x0:x0 + m.shape[2]], dtype=np.float32)
+    v = hu[er] if er.any() else hu[m]
+    p10, p90 = np.percentile(v, [10, 90])
+    return {"continuation": mediastinum.continuation(ct, mask), "end_ratio_min": float(ends[0]), "end_ratio_max": float(ends[1]),
+            "area_cv": float(a[a > 0].std() / a[a > 0].mean()), "fill": vol / (math.pi / 6 * length ** 3),
+            "elong": float(math.sqrt(ev[-1] / ev[-2])), "solidity": float(areas[big] / hull.sum()),
+            "hu_mean": float(v.mean()), "hu_std": float(v.std()), "hu_p10": float(p10), "hu_p90": float(p90),
+            "n_slices": int(len(a))}
+
+
+def _dump_mask(folder: Path, row: dict, ct, box) -> None:
+    """Save a click's mask box and the HU under it (+ 4 voxels) to ``folder`` (npz), for offline features."""
+    folder.mkdir(parents=True, exist_ok=True)
+    o = np.array(box.offset_zyx)
+    lo = np.maximum(o - 4, 0)
+    hi = np.minimum(o + np.array(box.array.shape) + 4, ct.shape_zyx)
+    hu = np.asarray(ct.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).astype(np.int16)
+    name = f"{row['scan']}_{row['kind']}_{'_'.join(map(str, row['ijk']))}.npz"
+    np.savez_compressed(folder / name, mask=box.array, offset=o, hu=hu, hu_offset=lo,
+                        spacing=np.array(ct.spacing, float))
+    row["dump"] = name
+
+
+def evaluate_scan(folder: Path, seed: int, networks: dict, log=print, dump: Path | None = None) -> list[dict]:
+    """Every click of the module docstring on one whole scan -> one record per click (``dump``: a
+    folder where the non-small masks are saved, :func:`_dump_mask`)."""
     import SimpleITK as sitk
 
     from NoduleMTLLib import DEFAULT_NETWORKS
@@ -141,6 +243,7 @@ def evaluate_scan(folder: Path, seed: int, networks: dict, log=print) -> list[di
     hu = np.asarray(ct.array)
     lab_path = folder / "nodules_labels.nrrd"
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(lab_path))) if lab_path.exists() else None
+    avoid = None if labels is None else ndi.binary_dilation(labels > 0, iterations=8)
     clicks = [(kind, ijk, None, {}) for kind, ijk in mediastinal_points(lung, hu, ct.spacing, rng)]
     for r in csv.DictReader(open(folder / "nodules.csv")):
         p = (float(r["center_lps_x"]), float(r["center_lps_y"]), float(r["center_lps_z"]))
@@ -159,6 +262,9 @@ def evaluate_scan(folder: Path, seed: int, networks: dict, log=print) -> list[di
         clicks.append((f"inserted-{pl['kind']}", (int(c[2]), int(c[1]), int(c[0])), pl["mask"],
                        {"size_mm": pl["size_mm"], "source": pl["source"]}))
 
+    # in-lung hilar clicks (own generator: the clicks above are those of the first version of this evaluation)
+    clicks += [(kind, ijk, None, {}) for kind, ijk in
+               hilum_points(lung, hu, ct.spacing, np.random.default_rng(seed + 7_000_000), avoid)]
     rows = []
     for kind, (i, j, k), truth, extra in clicks:
         c_ = ct2 if truth is not None else ct
@@ -171,7 +277,10 @@ def evaluate_scan(folder: Path, seed: int, networks: dict, log=print) -> list[di
             d_mm = mediastinum.measured_long_axis(n)  # the mask's own long axis (no reported size correction)
             row.update(diameter_mm=round(d_mm, 1), volume_mm3=round(n.volume_mm3),
                        small=mediastinum.is_small(d_mm, n.volume_mm3),
-                       features=None if f is None else {k_: round(v, 4) if isinstance(v, float) else v for k_, v in f.items()})
+                       features=None if f is None else {k_: round(v, 4) if isinstance(v, float) else v for k_, v in f.items()},
+                       shape={k_: round(v, 4) for k_, v in shape_features(c_, n.mask_box).items()})
+            if dump is not None and not row["small"]:
+                _dump_mask(dump, row, c_, n.mask_box)
             if truth is not None:
                 row["dice"] = round(float(dice(n.mask_box.to_full(), truth)), 3)
         rows.append(row)
@@ -190,19 +299,32 @@ def refused(r: dict) -> bool:
     """Whether the rule (``NoduleMTLLib.service.mediastinum.refuses``, its current constants) refuses this recorded click."""
     from NoduleMTLLib.service import mediastinum
 
-    return at_stake(r) and mediastinum.refuses(r["features"], r["diameter_mm"])
+    return bool(r.get("found") and not r.get("small") and r.get("features")
+                and mediastinum.refuses(r["features"], r["diameter_mm"]))
+
+
+def is_nodule(r: dict) -> bool:
+    """A click on a nodule (the readers' or a pasted one), as opposed to a mediastinal or hilar click."""
+    return r["kind"] == "labelled-nodule" or r["kind"].startswith("inserted")
 
 
 def choose(rows: list[dict]) -> dict:
     """The rule's fitted constants from the nodule clicks at stake (``NoduleMTLLib.service.mediastinum``):
     the lung fraction - the largest multiple of 0.05 below the smallest nodule's; the z ratio - the
     smallest multiple of 0.1 at least 0.15 above the largest nodule's."""
-    nod = [r for r in rows if not r["kind"].startswith("mediastinum") and at_stake(r)]
+    nod = [r for r in rows if is_nodule(r) and at_stake(r)]
     fr = min(r["features"]["lung_fraction"] for r in nod)
     zr = max(r["features"]["z_extent_mm"] / r["diameter_mm"] for r in nod)
-    return {"nodules_at_stake": len(nod), "smallest_nodule_lung_fraction": round(fr, 4),
-            "largest_nodule_z_ratio": round(zr, 3), "min_lung_fraction": round(np.ceil(fr / 0.05 - 1) * 0.05, 2),
-            "min_z_ratio": round(np.ceil((zr + 0.15) / 0.1 - 1e-9) * 0.1, 1)}
+    out = {"nodules_at_stake": len(nod), "smallest_nodule_lung_fraction": round(fr, 4),
+           "largest_nodule_z_ratio": round(zr, 3), "min_lung_fraction": round(np.ceil(fr / 0.05 - 1) * 0.05, 2),
+           "min_z_ratio": round(np.ceil((zr + 0.15) / 0.1 - 1e-9) * 0.1, 1)}
+    big = [r for r in rows if is_nodule(r) and r.get("found") and not r.get("small") and r.get("features")
+           and "continuation" in r["features"]]
+    if big:  # the continuation applies to in-lung (hilar) clicks too: every nodule click with a larger mask
+        c = max(r["features"]["continuation"] for r in big)
+        out.update(nodules_with_larger_mask=len(big), largest_nodule_continuation=round(c, 4),
+                   min_continuation=round(np.ceil((c + 0.15) / 0.1 - 1e-9) * 0.1, 1))
+    return out
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -210,7 +332,9 @@ def summarize(rows: list[dict]) -> dict:
     from NoduleMTLLib.service import mediastinum
 
     out = {"rule": {"min_lung_fraction": mediastinum.MIN_LUNG_FRACTION, "min_z_ratio": mediastinum.MIN_Z_RATIO,
-                    "min_structure_mm": mediastinum.MIN_STRUCTURE_MM}, "chosen_here": choose(rows)}
+                    "min_structure_mm": mediastinum.MIN_STRUCTURE_MM, "min_continuation": mediastinum.MIN_CONTINUATION,
+                    "hilum_mm": mediastinum.HILUM_MM, "hilar_branch": mediastinum.HILAR_BRANCH},
+           "chosen_here": choose(rows)}
     for kind in sorted({r["kind"] for r in rows}):
         rs = [r for r in rows if r["kind"] == kind]
         big = [r for r in rs if r["found"] and not r.get("small")]
@@ -224,11 +348,14 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def voi_refusals(splits=("train", "val"), data_dir=None, log=print) -> dict:
+def voi_refusals(splits=("train", "val"), data_dir=None, log=print, records=None) -> dict:
     """Run the analysis service (``NoduleMTLLib.service.analysis.analyze``, default networks) on every
     ``lidc_vois`` VOI of the click split's ``splits`` patients, clicked at the labelled centre; count
     the clicks the mediastinal rule refuses (its message), those where it could apply at all (field
-    of view >= ``mediastinum.MIN_FOV_MM``), and the Dice median against the readers' mask."""
+    of view >= ``mediastinum.MIN_FOV_MM``), and the Dice median against the readers' mask.
+    ``records`` (an open text file, optional): one JSON line per found VOI with the mask's size and
+    :func:`shape_features` (on these tight crops the continuation is 0 when the mask reaches the crop's
+    first or last slice: not informative)."""
     import SimpleITK as sitk
 
     from NoduleMTLLib.core.io import CTVolume
@@ -259,6 +386,14 @@ def voi_refusals(splits=("train", "val"), data_dir=None, log=print) -> dict:
             sx, sy, _ = ct.spacing
             applicable += int(img.GetSize()[0] * sx >= mediastinum.MIN_FOV_MM and img.GetSize()[1] * sy >= mediastinum.MIN_FOV_MM)
             dices.append(dice(res.mask_box.to_full() if res.found else np.zeros_like(ref), ref))
+            if records is not None and res.found:
+                d_mm = mediastinum.measured_long_axis(res)
+                records.write(json.dumps({
+                    "split": name, "image": r["image"], "diameter_mm": round(d_mm, 1), "volume_mm3": round(res.volume_mm3),
+                    "small": mediastinum.is_small(d_mm, res.volume_mm3), "z_extent_mm": round(
+                        (res.mask_box.array.shape[0] - 1) * float(ct.spacing[2]), 2),
+                    "shape": {k: round(v, 4) for k, v in shape_features(ct, res.mask_box).items()}}) + "\n")
+                records.flush()
         out[name] = {"vois": n, "found": found, "refused_as_mediastinal": refused, "rule_applicable_fov": applicable,
                      "dice_median": round(float(np.median(dices)), 4)}
         log(json.dumps({name: out[name]}))
@@ -271,11 +406,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--summary-only", action="store_true", help="summarize an existing --out file")
+    ap.add_argument("--dump", type=Path, help="save the non-small masks and their HU here (npz per click)")
     ap.add_argument("--vois", nargs="+", choices=("train", "val"),
                     help="instead: count the rule's refusals on these splits' lidc_vois through the analysis service")
     a = ap.parse_args(argv)
     if a.vois:
-        voi_refusals(a.vois)
+        if a.out:
+            with open(a.out, "w") as fh:
+                voi_refusals(a.vois, records=fh)
+        else:
+            voi_refusals(a.vois)
         return 0
     from NoduleMTLLib import DEFAULT_NETWORKS
     from NoduleMTLLib.models.registry import load_network
@@ -289,7 +429,8 @@ def main(argv=None) -> int:
         with open(out, "w") as fh:
             for seed in a.seeds:
                 for s in scans:
-                    for r in evaluate_scan(_cache_root() / s, seed * 1000 + int(s[-4:]), nets, log=lambda m: None):
+                    for r in evaluate_scan(_cache_root() / s, seed * 1000 + int(s[-4:]), nets, log=lambda m: None,
+                                           dump=a.dump):
                         fh.write(json.dumps(r) + "\n")
                         fh.flush()
                         rows.append(r)

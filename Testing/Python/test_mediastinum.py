@@ -5,7 +5,11 @@ body (40 HU) in air, two aerated lungs (-850 HU) left and right with 90 mm of me
 them, and one soft-tissue object per phantom: a "heart" (an ellipsoid 110 x 80 mm across, 50 mm
 high, between the lungs), a "vessel" (a 20 mm tube through every slice, between the lungs), a
 40 mm "mass" centred on the medial border of the left lung (half of it in the mediastinum, like
-a mass abutting it), or a 16 mm nodule inside the right lung.  The real-CT clicks (heart, aorta,
+a mass abutting it), or a 16 mm nodule inside the right lung; and two vessels whose mask covers
+only a piece (the networks stop while the vessel runs on): an "aorta" segment (a 30 mm tube
+through every slice between the lungs, masked on 10 slices: compact, not longer than wide) and a
+"hilar" vessel (a 12 mm tube through the lung slices inside the left lung, 10 mm from the
+mediastinum, masked on 9 slices: the click is in the hole-filled lung mask).  The real-CT clicks (heart, aorta,
 hilar artery, juxtamediastinal nodules, the adenocarcinomas) are in test_bad_clicks.py,
 test_cli.py and test_one_answer.py.
 """
@@ -25,7 +29,10 @@ from NoduleMTLLib.service import mediastinum
 
 SHAPE = (64, 200, 200)
 SPACING_XYZ = (1.5, 1.5, 2.5)
-CENTRE = {"heart": (32, 100, 100), "vessel": (32, 100, 100), "mass": (40, 100, 130), "nodule": (32, 100, 45)}
+CENTRE = {"heart": (32, 100, 100), "vessel": (32, 100, 100), "mass": (40, 100, 130), "nodule": (32, 100, 45),
+          "aorta": (32, 100, 100), "hilar": (32, 100, 138)}
+#: The slices a piece-of-vessel phantom's mask covers (the vessel itself runs through the phantom).
+MASKED_Z = {"aorta": (27, 37), "hilar": (28, 37)}
 
 
 def _object(kind):
@@ -36,6 +43,10 @@ def _object(kind):
         return (dz / 25.0) ** 2 + (dy / 55.0) ** 2 + (dx / 40.0) ** 2 <= 1
     if kind == "vessel":
         return np.broadcast_to(dy ** 2 + dx ** 2 <= 10.0 ** 2, SHAPE)
+    if kind == "aorta":
+        return np.broadcast_to(dy ** 2 + dx ** 2 <= 15.0 ** 2, SHAPE)
+    if kind == "hilar":  # inside the left lung (x 130..180), within the lung's slices
+        return (dy ** 2 + dx ** 2 <= 6.0 ** 2) & (z >= 4) & (z < 60)
     return dz ** 2 + dy ** 2 + dx ** 2 <= (20.0 if kind == "mass" else 8.0) ** 2
 
 
@@ -52,6 +63,10 @@ def _build(kind):
     hu[obj] = 40
     img = sitk.GetImageFromArray(hu)
     img.SetSpacing(SPACING_XYZ)
+    if kind in MASKED_Z:  # the mask covers a piece of the vessel
+        obj = obj.copy()
+        z0, z1 = MASKED_Z[kind]
+        obj[:z0] = obj[z1:] = False
     return kind, CTVolume(img), MaskBox.from_full(obj)
 
 
@@ -70,14 +85,37 @@ def test_heart_and_vessel_are_refused_mass_and_nodule_kept(phantom):
     m = measure_nodule(box, ct)
     f = mediastinum.mediastinal_features(ct, p, box)
     why = mediastinum.mediastinal_refusal(ct, p, box, m["diameter_mm"], m["volume_mm3"])
-    if kind in ("heart", "vessel"):
+    if kind in ("heart", "vessel", "aorta"):
         assert not f["click_in_lung"] and f["between_lungs"] and f["lung_fraction"] < 0.05
         assert why == mediastinum.MESSAGE, (kind, m["diameter_mm"], f)
+        if kind == "aorta":  # compact: refused because the tube runs on past the mask, not by its shape
+            assert not mediastinum.lesion_shape_exceeded(ct, box, m["diameter_mm"])
+            assert f["continuation"] >= mediastinum.MIN_CONTINUATION
+    elif kind == "hilar":  # in the lung mask, next to the mediastinum, running on past the mask
+        assert f["click_in_lung"] and f["click_to_mediastinum_mm"] <= mediastinum.HILUM_MM
+        assert f["continuation"] == 1.0 and why == mediastinum.MESSAGE, (m["diameter_mm"], f)
     elif kind == "mass":  # mostly outside the lung mask, but bounded: keeps its mask
         assert not f["click_in_lung"] and f["lung_fraction"] < mediastinum.MIN_LUNG_FRACTION
+        assert f["continuation"] < mediastinum.MIN_CONTINUATION
         assert why is None, (m["diameter_mm"], f)
-    else:  # a nodule inside the lung is in its hole-filled lung mask
+    else:  # a nodule inside the lung is in its hole-filled lung mask; lung past both its ends
         assert f["click_in_lung"] and f["lung_fraction"] > 0.95 and why is None
+        assert f["continuation"] == 0.0
+
+
+def test_continuation_of_a_piece_of_tube():
+    """A piece of a tube continues at both ends (1.0); the same piece with air past one end does
+    not (0.0); a mask reaching the CT's first or last slice gives no evidence at that end (0.0:
+    a nodule cut by a partial scan must not look like a vessel)."""
+    kind, ct, box = _build("vessel")  # the tube's mask runs through every slice
+    assert mediastinum.continuation(ct, box) == 0.0
+    _, ct, box = _build("aorta")
+    assert mediastinum.continuation(ct, box) == 1.0
+    hu = sitk.GetArrayFromImage(ct.image)
+    hu[MASKED_Z["aorta"][1]:] = -1000  # the tube ends with the mask's last slice
+    img = sitk.GetImageFromArray(hu)
+    img.CopyInformation(ct.image)
+    assert mediastinum.continuation(CTVolume(img), box) == 0.0
 
 
 def test_small_masks_and_crops_are_left_alone():
