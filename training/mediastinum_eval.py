@@ -273,7 +273,7 @@ def evaluate_scan(folder: Path, seed: int, networks: dict, log=print, dump: Path
         n = pipeline.analyze_points(c_, [p], network_ids=DEFAULT_NETWORKS, device="cpu", networks=networks).nodules[0]
         row = {"scan": folder.name, "kind": kind, "ijk": [i, j, k], **extra, "found": n.found, "message": n.message}
         if n.found:
-            f = mediastinum.mediastinal_features(c_, p, n.mask_box)
+            f = mediastinum.mediastinal_features(c_, p, n.mask_box, mediastinum.continuation(c_, n.mask_box))
             d_mm = mediastinum.measured_long_axis(n)  # the mask's own long axis (no reported size correction)
             row.update(diameter_mm=round(d_mm, 1), volume_mm3=round(n.volume_mm3),
                        small=mediastinum.is_small(d_mm, n.volume_mm3),
@@ -295,12 +295,13 @@ def at_stake(r: dict) -> bool:
     return bool(r.get("found") and not r.get("small") and f and not f["click_in_lung"] and f["between_lungs"])
 
 
-def refused(r: dict) -> bool:
-    """Whether the rule (``NoduleMTLLib.service.mediastinum.refuses``, its current constants) refuses this recorded click."""
+def refused(r: dict, continuation_signal: bool | None = None) -> bool:
+    """Whether the rule (``NoduleMTLLib.service.mediastinum.refuses``, its current constants; the
+    continuation signal as shipped, or on / off) refuses this recorded click."""
     from NoduleMTLLib.service import mediastinum
 
     return bool(r.get("found") and not r.get("small") and r.get("features")
-                and mediastinum.refuses(r["features"], r["diameter_mm"]))
+                and mediastinum.refuses(r["features"], r["diameter_mm"], continuation_signal))
 
 
 def is_nodule(r: dict) -> bool:
@@ -333,7 +334,7 @@ def summarize(rows: list[dict]) -> dict:
 
     out = {"rule": {"min_lung_fraction": mediastinum.MIN_LUNG_FRACTION, "min_z_ratio": mediastinum.MIN_Z_RATIO,
                     "min_structure_mm": mediastinum.MIN_STRUCTURE_MM, "min_continuation": mediastinum.MIN_CONTINUATION,
-                    "hilum_mm": mediastinum.HILUM_MM, "hilar_branch": mediastinum.HILAR_BRANCH},
+                    "hilum_mm": mediastinum.HILUM_MM, "continuation_signal": mediastinum.CONTINUATION_SIGNAL},
            "chosen_here": choose(rows)}
     for kind in sorted({r["kind"] for r in rows}):
         rs = [r for r in rows if r["kind"] == kind]
@@ -341,7 +342,8 @@ def summarize(rows: list[dict]) -> dict:
         out[kind] = {"clicks": len(rs), "not_found": sum(not r["found"] for r in rs),
                      "small_mask": sum(bool(r["found"] and r.get("small")) for r in rs),
                      "larger_mask": len(big), "at_stake": sum(at_stake(r) for r in rs),
-                     "refused": sum(refused(r) for r in rs), "larger_kept": sum(not refused(r) for r in big)}
+                     "refused": sum(refused(r) for r in rs), "larger_kept": sum(not refused(r) for r in big),
+                     "refused_with_continuation": sum(refused(r, True) for r in rs)}
         d = [r["dice"] for r in rs if "dice" in r]
         if d:
             out[kind]["dice_median"] = round(float(np.median(d)), 3)

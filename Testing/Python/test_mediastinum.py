@@ -79,21 +79,29 @@ def _point(ct, zyx):
     return ct.image.TransformIndexToPhysicalPoint([int(v) for v in zyx[::-1]])
 
 
-def test_heart_and_vessel_are_refused_mass_and_nodule_kept(phantom):
+@pytest.mark.parametrize("signal", [False, True], ids=["shipped", "continuation-signal-on"])
+def test_heart_and_vessel_are_refused_mass_and_nodule_kept(phantom, signal, monkeypatch):
+    """As shipped (continuation signal off) the pieces of vessel keep their masks; with the signal
+    on they are refused; the heart, the through-running vessel, the mass and the nodule do not depend on it."""
+    monkeypatch.setattr(mediastinum, "CONTINUATION_SIGNAL", signal)
     kind, ct, box = phantom
     p = _point(ct, CENTRE[kind])
     m = measure_nodule(box, ct)
-    f = mediastinum.mediastinal_features(ct, p, box)
+    f = mediastinum.mediastinal_features(ct, p, box, mediastinum.continuation(ct, box))
+    assert (mediastinum.mediastinal_features(ct, p, box)["continuation"] is None) == (not signal)  # computed only when used
     why = mediastinum.mediastinal_refusal(ct, p, box, m["diameter_mm"], m["volume_mm3"])
     if kind in ("heart", "vessel", "aorta"):
         assert not f["click_in_lung"] and f["between_lungs"] and f["lung_fraction"] < 0.05
-        assert why == mediastinum.MESSAGE, (kind, m["diameter_mm"], f)
-        if kind == "aorta":  # compact: refused because the tube runs on past the mask, not by its shape
+        if kind == "aorta":  # compact: refused only because the tube runs on past the mask, not by its shape
             assert not mediastinum.lesion_shape_exceeded(ct, box, m["diameter_mm"])
             assert f["continuation"] >= mediastinum.MIN_CONTINUATION
+            assert why == (mediastinum.MESSAGE if signal else None), (m["diameter_mm"], f)
+        else:
+            assert why == mediastinum.MESSAGE, (kind, m["diameter_mm"], f)
     elif kind == "hilar":  # in the lung mask, next to the mediastinum, running on past the mask
         assert f["click_in_lung"] and f["click_to_mediastinum_mm"] <= mediastinum.HILUM_MM
-        assert f["continuation"] == 1.0 and why == mediastinum.MESSAGE, (m["diameter_mm"], f)
+        assert f["continuation"] == 1.0
+        assert why == (mediastinum.MESSAGE if signal else None), (m["diameter_mm"], f)
     elif kind == "mass":  # mostly outside the lung mask, but bounded: keeps its mask
         assert not f["click_in_lung"] and f["lung_fraction"] < mediastinum.MIN_LUNG_FRACTION
         assert f["continuation"] < mediastinum.MIN_CONTINUATION
