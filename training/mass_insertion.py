@@ -224,20 +224,20 @@ def evaluate_masses(scans, n_per_scan: int = 2, thresholds=("default",), seed: i
             t0 = time.perf_counter()
             sm = paste_mass(ct, lung, labels, vois, rng, name)
             rec = dict(sm.record)
-            lung = pp.lung_mask_from_ct(sm.ct)  # as the search computes it, on the slab
-            rec["mass_lung_share"] = round(float(lung.mask[sm.mask].mean()), 3)
+            slab_lung = pp.lung_mask_from_ct(sm.ct)  # as the search computes it, on the slab
+            rec["mass_lung_share"] = round(float(slab_lung.mask[sm.mask].mean()), 3)
             runs = {}
             if pleural_masses != "only":
                 with torch.inference_mode():
-                    runs[""] = run_slice_detections(sm.ct, model, "cpu", lung=lung, pleural_masses=False)
+                    runs[""] = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=False)
             if pleural_masses:
                 d = np.asarray(sm.ct.image.GetDirection(), float).reshape(3, 3)
-                ext, added = pp.add_pleural_masses(sm.ct.array, lung, k_to_feet=1 if d[2, 2] < 0 else -1)
+                ext, added = pp.add_pleural_masses(sm.ct.array, slab_lung, k_to_feet=1 if d[2, 2] < 0 else -1)
                 rec["pm_added_ml"] = round(added, 1)
                 rec["pm_mass_share"] = round(float(ext.mask[sm.mask].mean()), 3)
                 if added > 0 or "" not in runs:
                     with torch.inference_mode():
-                        runs["|pm"] = run_slice_detections(sm.ct, model, "cpu", lung=lung, pleural_masses=True)
+                        runs["|pm"] = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=True)
                 else:
                     runs["|pm"] = runs[""]
             for suffix, sdr in runs.items():

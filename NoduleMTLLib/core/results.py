@@ -61,7 +61,8 @@ class DetectionRecord(_DetectionRecordKeys, total=False):
     n_slice_detections: int
     search_scale: float
     fragments_absorbed: int
-    #: why it is reported: "score" (combined score at or above the operating point) or "mass" (the size-aware mass rule)
+    #: why it is reported: "score" (combined score at or above the operating point), "mass" (the size-aware
+    #: mass rule) or "mass_shape" (a thick soft-tissue region the detector missed, judged by its click outline)
     accepted_as: str
     #: the outline's features the mass rule read (volume_ml, mean_hu, ...), None when not computed
     outline_features: dict[str, float] | None

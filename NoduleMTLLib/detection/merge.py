@@ -110,7 +110,9 @@ class MergedNodule:
         absorbed: how many other candidates were found to be the same lesion and folded
             into this one (scales grouped, or fragments inside its click outline).
         accepted_as: why it is reported: "score" (combined score at or above the operating
-            point) or "mass" (below it, accepted by the size-aware rule ``infer.MassRule``).
+            point), "mass" (below it, accepted by the size-aware rule ``infer.MassRule``) or
+            "mass_shape" (no detection: a thick soft-tissue region, ``infer.mass_shape_candidates``,
+            whose click outline the same rule accepted).
         features: the click outline's :func:`~.infer.outline_features` when the mass rule
             looked at it, else None.
     """

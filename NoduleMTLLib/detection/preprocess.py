@@ -296,7 +296,8 @@ def compute_lung_mask(hu: np.ndarray, spacing_zyx, *, ijk_to_lps: np.ndarray | N
     can handle (about 2 x ``closing_radius_mm``) are only partly inside the mask; the
     6 cm adenocarcinoma of Lung-PET-CT-Dx A0001 has 24-62 % of its box inside, per slice.
     (A slice-wise convex hull, tried, brings in the mediastinum up to the trachea, which
-    stays in the lung label.)  Use ``use_lung_mask=False`` (bounds only) when masses matter.
+    stays in the lung label.)  The nodule search adds such masses to its input mask with
+    :func:`add_pleural_masses`.
 
     Args:
         hu: (z, y, x) HU array (int16 or float).
