@@ -60,6 +60,14 @@ def _cache_root() -> Path:
     return Path(os.environ.get("NODULEMTL_CACHE") or REPO.parent / "cache") / "wholescan"
 
 
+def _random_slices(lung: np.ndarray, rng: np.random.Generator, n_slices: int) -> list[int]:
+    """``n_slices`` distinct random slices k in 20-85 % of the lungs' z-range, ascending."""
+    zs = np.nonzero(lung.any((1, 2)))[0]
+    z0, z1 = int(zs.min()), int(zs.max())
+    ks = rng.choice(np.arange(int(z0 + 0.2 * (z1 - z0)), int(z0 + 0.85 * (z1 - z0))), n_slices, replace=False)
+    return sorted(int(v) for v in ks)
+
+
 def hilum_points(lung: np.ndarray, hu: np.ndarray, spacing_xyz, rng: np.random.Generator, avoid: np.ndarray | None,
                  n_slices: int = 6, per_slice: int = 2) -> list[tuple[str, tuple[int, int, int]]]:
     """Random soft-tissue clicks (0..250 HU: hilar vessels, bronchial walls) inside the lung mask
@@ -68,11 +76,8 @@ def hilum_points(lung: np.ndarray, hu: np.ndarray, spacing_xyz, rng: np.random.G
     (z, y, x): the readers' nodules grown by 8 voxels) -> [("hilum", (i, j, k))]."""
     from skimage.morphology import convex_hull_image
 
-    zs = np.nonzero(lung.any((1, 2)))[0]
-    z0, z1 = int(zs.min()), int(zs.max())
     out = []
-    ks = rng.choice(np.arange(int(z0 + 0.2 * (z1 - z0)), int(z0 + 0.85 * (z1 - z0))), n_slices, replace=False)
-    for k in sorted(int(v) for v in ks):
+    for k in _random_slices(lung, rng, n_slices):
         lk = lung[k]
         med = ndi.binary_opening(convex_hull_image(lk) & ~lk, iterations=2)
         dm = ndi.distance_transform_edt(~med, sampling=(spacing_xyz[1], spacing_xyz[0]))
@@ -90,11 +95,8 @@ def mediastinal_points(lung: np.ndarray, hu: np.ndarray, spacing_xyz, rng: np.ra
     """Random soft-tissue clicks between the lungs (module docstring): [(kind, (i, j, k))]."""
     from skimage.morphology import convex_hull_image
 
-    zs = np.nonzero(lung.any((1, 2)))[0]
-    z0, z1 = int(zs.min()), int(zs.max())
     out = []
-    ks = rng.choice(np.arange(int(z0 + 0.2 * (z1 - z0)), int(z0 + 0.85 * (z1 - z0))), n_slices, replace=False)
-    for k in sorted(int(v) for v in ks):
+    for k in _random_slices(lung, rng, n_slices):
         lk = lung[k]
         d = ndi.distance_transform_edt(~lk, sampling=(spacing_xyz[1], spacing_xyz[0]))
         soft = convex_hull_image(lk) & ~lk & (hu[k] > -50) & (hu[k] < 250)
