@@ -914,7 +914,7 @@ def mass_shape_candidates(ct: CTVolume, lung: pp.LungMask, k_to_feet: int = -1, 
     lab = lung.labels[:, ::f, ::f]
     wy, wx = sy * f, sx * f
     tissue = (hu >= pp.MASS_HU[0]) & (lab > 0)
-    depth = ndi.distance_transform_edt(tissue, sampling=(1e6, wy, wx))  # in-plane: z spacing huge
+    depth = pp._inplane_edt(tissue, wy, wx)
     core = depth >= depth_mm
     comp, n = ndi.label(core)
     if not n:

@@ -225,15 +225,28 @@ def _grow(box, margin, shape):
             max(0, x0 - mx), min(shape[2], x1 + mx))
 
 
+def _inplane_edt(mask: np.ndarray, sy: float, sx: float) -> np.ndarray:
+    """float32 (z, y, x): per slice, the in-plane distance (mm) from each True pixel to the nearest
+    False one (0 on False pixels; inf on a slice without any False pixel).  Slice by slice, so the
+    temporaries are one slice's, not the volume's (memory flat in slice count, issue 27)."""
+    out = np.zeros(mask.shape, np.float32)
+    for z in range(mask.shape[0]):
+        m = mask[z]
+        if m.all():
+            out[z] = np.inf
+        elif m.any():
+            out[z] = ndi.distance_transform_edt(m, sampling=(sy, sx))
+    return out
+
+
 def _inplane_closing(mask: np.ndarray, radius_mm: float, sy: float, sx: float) -> np.ndarray:
     """Binary closing with an in-plane disk of ``radius_mm`` (exact, via distance transforms), slice by slice."""
     if radius_mm <= 0:
         return mask
     pad = int(np.ceil(radius_mm / min(sy, sx))) + 1
     m = np.pad(mask, ((0, 0), (pad, pad), (pad, pad)))
-    samp = (1e6, sy, sx)  # huge z spacing: distances never cross slices
-    dil = ndi.distance_transform_edt(~m, sampling=samp) <= radius_mm
-    clo = ndi.distance_transform_edt(dil, sampling=samp) > radius_mm
+    dil = _inplane_edt(~m, sy, sx) <= radius_mm
+    clo = _inplane_edt(dil, sy, sx) > radius_mm
     return clo[:, pad:-pad, pad:-pad] | mask
 
 
@@ -580,7 +593,7 @@ def add_pleural_masses(hu: np.ndarray, lung: LungMask, *, closing_mm: float = MA
         for z in range(lab.shape[0]):
             zone[z] = _inter_lung_zone(lab[z] * tissue[z], min_run)
         if zone.any():  # rows near the zone's ends hold one lung only (apex, heart)
-            zone = ndi.distance_transform_edt(~zone, sampling=(1e6, wy / ZONE_ROW_MM, wx / max(margin_mm, 1e-6))) <= 1.0
+            zone = _inplane_edt(~zone, wy / ZONE_ROW_MM, wx / max(margin_mm, 1e-6)) <= 1.0
     add = np.zeros(lab.shape, np.uint8)
     rad_px = int(np.ceil(closing_mm / min(wy, wx))) + 1
     for v in range(1, lung.n_lungs + 1):
