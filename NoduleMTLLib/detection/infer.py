@@ -890,7 +890,8 @@ def mass_shape_candidates(ct: CTVolume, lung: pp.LungMask, k_to_feet: int = -1, 
     its deepest voxel.  The candidates carry no score (0) and ``accepted_as = "mass_shape"``;
     :func:`outline_with_click` reports one only when its click outline is a mass by
     :class:`MassRule` (volume, density, lung share; the score gate does not apply) and it is
-    no fragment of a nodule already kept.
+    no fragment of a nodule already kept.  Only with two separated lungs (``lung.n_lungs == 2``):
+    a single label's filled holes may hold the mediastinum between joined lungs.
 
     Args:
         ct: the CT (HU, LPS geometry).
@@ -908,6 +909,8 @@ def mass_shape_candidates(ct: CTVolume, lung: pp.LungMask, k_to_feet: int = -1, 
 
     if lung.labels.shape != tuple(ct.shape_zyx):
         raise ValueError(f"lung mask shape {lung.labels.shape} != CT shape {ct.shape_zyx}")
+    if lung.n_lungs != 2:  # one label: its filled holes may hold the mediastinum between joined lungs
+        return []
     sx, sy, sz = ct.spacing
     f = max(1, int(np.floor(work_pixel_mm / min(sy, sx) + 0.5)))
     hu = ct.array[:, ::f, ::f]

@@ -558,7 +558,8 @@ def add_pleural_masses(hu: np.ndarray, lung: LungMask, *, closing_mm: float = MA
     base: a region with soft tissue outside the lung 5 mm below at least ``dome_share`` of
     its inferior surface is a dome.  Not from the paper; the values were chosen on synthetic
     masses pasted into the non-test whole scans and on those scans' false positives
-    (``training/RESULTS.md``, issue 27).
+    (``training/RESULTS.md``, issue 27).  A mask with one lung label (lungs not separated, or
+    one lung only) is returned unchanged: the mediastinum could not be kept out.
 
     Args:
         hu: (z, y, x) HU array of the CT the mask belongs to.
@@ -579,6 +580,8 @@ def add_pleural_masses(hu: np.ndarray, lung: LungMask, *, closing_mm: float = MA
     hu = np.asarray(hu)
     if hu.shape != lung.labels.shape:
         raise ValueError(f"CT shape {hu.shape} != lung mask shape {lung.labels.shape}")
+    if lung.n_lungs != 2:  # without two lungs there is no zone between them to keep out
+        return lung, 0.0
     sz, sy, sx = (float(v) for v in lung.spacing_zyx)
     f = max(1, int(np.floor(work_pixel_mm / min(sy, sx) + 0.5)))
     fz = max(1, int(np.floor(work_slice_mm / sz + 0.5)))

@@ -146,3 +146,14 @@ def test_a_pasted_mass_is_a_mass_shape_and_its_outline_decides(free_mass):
     assert infer.outline_with_click(fresh, sm.ct, click_outliner("cpu"), cut=0.8891, mass_rule=big, lung=lung)[0] == []
     # without a mass rule (or without an operating point's cut) nothing below the cut is reported
     assert infer.outline_with_click(fresh, sm.ct, click_outliner("cpu"), cut=0.8891, mass_rule=None, lung=lung)[0] == []
+
+
+def test_one_lung_label_adds_nothing_and_gives_no_shape(scan, juxtapleural):
+    """Lungs not separated (one label): the zone between them is unknown, so neither step runs."""
+    from NoduleMTLLib.detection import infer
+
+    sm, lung = juxtapleural[0]
+    one = pp.LungMask((lung.labels > 0).astype(np.uint8), lung.spacing_zyx, (lung.volume_ml,), 1)
+    ext, added = pp.add_pleural_masses(sm.ct.array, one, k_to_feet=_feet(sm.ct))
+    assert ext is one and added == 0.0
+    assert infer.mass_shape_candidates(sm.ct, one, _feet(sm.ct)) == []
