@@ -11,7 +11,7 @@ import json
 import math
 import re
 
-from NoduleMTLLib.outputs.fields import summary_line
+from NoduleMTLLib.outputs.fields import detection_phrase, summary_line
 
 #: Shown under every summary.
 DISCLAIMER = "Research use only: not for clinical diagnosis."
@@ -105,8 +105,8 @@ def summary_html(result, disclaimer: str = DISCLAIMER) -> str:
         if not n.get("found"):
             lines.append(f"<b>{name}</b>: no nodule found at the point. {html.escape(n.get('message') or '')}".strip())
             continue
-        det = n.get("detection") or {}
-        score = f", detection score {det['score']:.2f}" if isinstance(det, dict) and det.get("score") is not None else ""
+        found_by = detection_phrase(n.get("detection"))
+        score = f", {html.escape(found_by)}" if found_by else ""
         lines.append(f"<b>{name}</b>: {html.escape(summary_line(n) or 'size n/a')}{score}")
         for nid, out in (n.get("networks") or {}).items():
             out = out or {}

@@ -47,7 +47,7 @@ def finding_row(nodule, network_order=()) -> dict[str, Any]:
         ``{"id": int, "axes": "long × short mm" text, "long_mm", "short_mm", "volume_mm3",
         "type", "lung_rads", "p_malignant" (reported, calibrated when available; None
         unknown), "signs" (comma-separated signs with probability >= 0.5), "disagreement"
-        (consensus "low"/"high", "" with one network), "detection_score" (None for a click),
+        (consensus "low"/"high", "" with one network), "detection_score" (None for a click or a nodule found by its shape),
         "point_ras" (the analysed point, R, A, S mm)}``.
     """
     from NoduleMTLLib.outputs.colors import reported_probability
@@ -73,7 +73,7 @@ def finding_row(nodule, network_order=()) -> dict[str, Any]:
         "p_malignant": _num(p),
         "signs": ", ".join(signs),
         "disagreement": (getattr(cons, "disagreement", None) or "") if cons is not None else "",
-        "detection_score": _num(det.get("score")),
+        "detection_score": None if det.get("accepted_as") == "mass_shape" else _num(det.get("score")),
         "point_ras": [round(float(v), 3) for v in nodule.point_ras_mm],
     }
 

@@ -277,7 +277,7 @@ def _warn(message: str) -> None:
 def print_summary(res) -> None:
     """One line per nodule on stdout, from the reported fields (:func:`NoduleMTLLib.outputs.fields.summary_line`;
     the networks' raw outputs labelled as such), then the per-scan Lung-RADS category."""
-    from ..outputs.fields import raw_network_fields, summary_line
+    from ..outputs.fields import detection_phrase, raw_network_fields, summary_line
 
     for m in res.messages:
         print(f"nodulemtl: note: {m}", file=sys.stderr)
@@ -289,7 +289,7 @@ def print_summary(res) -> None:
         d = n.to_dict()
         head = f"Nodule {n.id}: "
         if n.detection is not None:
-            head += f"score {n.detection['score']:.2f}, RAS {tuple(round(v, 1) for v in n.point_ras_mm)}, "
+            head += f"{detection_phrase(n.detection)}, RAS {tuple(round(v, 1) for v in n.point_ras_mm)}, "
         line = head + summary_line(d)
         raws = ", ".join(f"{f.key.split('.')[1]} {f.text(d)}" for f in raw if f.text(d))
         if raws:

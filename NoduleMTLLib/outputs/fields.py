@@ -143,6 +143,28 @@ def summary_line(record, fields: Sequence[Field] = REPORTED_FIELDS) -> str:
     return ", ".join(parts)
 
 
+def detection_phrase(detection: Mapping | None) -> str:
+    """How Find nodules found a nodule, for the CLI line and the Slicer panel ("" for a click).
+
+    ``detection`` is ``NoduleResult.detection`` (``detection_record``): "detection score 0.95"
+    at or above the operating point; "detection score 0.84, below the operating point 0.89:
+    reported as a mass (236 mL outline)" for the mass rule; "found as a mass by its shape (no
+    detector score; 91 mL outline)" for ``accepted_as == "mass_shape"``, whose score 0 is no score.
+    """
+    if not isinstance(detection, Mapping) or detection.get("score") is None:
+        return ""
+    how = detection.get("accepted_as")
+    feats = detection.get("outline_features") or {}
+    ml = f"; {feats['volume_ml']:.0f} mL outline" if isinstance(feats.get("volume_ml"), (int, float)) else ""
+    if how == "mass_shape":
+        return f"found as a mass by its shape (no detector score{ml})"
+    text = f"detection score {float(detection['score']):.2f}"
+    if how == "mass" and detection.get("score_threshold") is not None:
+        text += (f", below the operating point {float(detection['score_threshold']):.2f}: reported as a mass"
+                 f"{' (' + ml[2:] + ')' if ml else ''}")
+    return text
+
+
 #: Prefix of every segment tag NoduleMTL writes (seg.nrrd and Slicer segments).
 TAG_PREFIX = "NoduleMTL."
 

@@ -49,3 +49,17 @@ def test_builders_return_the_typed_keys():
     lib = REPO / "NoduleMTLLib"
     assert _returned_dict_keys(lib / "detection" / "infer.py", "detection_record") == _keys(DetectionRecord)
     assert _returned_dict_keys(lib / "clinical" / "brock.py", "assess_nodule") == _keys(BrockRecord)
+
+
+def test_detection_phrase_says_how_find_nodules_found_it():
+    """A mass found by its shape carries score 0: no "score 0.00" may reach the radiologist."""
+    from NoduleMTLLib.outputs.fields import detection_phrase
+
+    assert detection_phrase(None) == "" and detection_phrase({}) == ""
+    assert detection_phrase({"score": 0.9512, "accepted_as": "score", "score_threshold": 0.8891}) == "detection score 0.95"
+    mass = detection_phrase({"score": 0.844, "accepted_as": "mass", "score_threshold": 0.8891,
+                             "outline_features": {"volume_ml": 236.4}})
+    assert mass == "detection score 0.84, below the operating point 0.89: reported as a mass (236 mL outline)"
+    shape = detection_phrase({"score": 0.0, "accepted_as": "mass_shape", "score_threshold": 0.8891,
+                              "outline_features": {"volume_ml": 91.5}})
+    assert shape == "found as a mass by its shape (no detector score; 92 mL outline)" and "0.00" not in shape
