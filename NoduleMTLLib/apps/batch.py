@@ -108,10 +108,16 @@ class CaseResult:
     message: str = ""
 
     def row(self) -> dict:
-        d = {k: getattr(self, k) for k in SUMMARY_COLUMNS}
-        if isinstance(d["seconds"], float):
-            d["seconds"] = f"{d['seconds']:.2f}"
-        return d
+        return summary_row(self, SUMMARY_COLUMNS)
+
+
+def summary_row(record, columns) -> dict:
+    """``record``'s attributes named by ``columns`` as one summary.csv row (seconds to 2 decimals);
+    shared by ``nodulemtl batch`` and ``nodulemtl pacs``."""
+    d = {k: getattr(record, k) for k in columns}
+    if isinstance(d.get("seconds"), float):
+        d["seconds"] = f"{d['seconds']:.2f}"
+    return d
 
 
 # ---------------------------------------------------------------- finding cases

@@ -398,10 +398,9 @@ class StudyResult:
     message: str = ""
 
     def row(self) -> dict:
-        d = {k: getattr(self, k) for k in SUMMARY_COLUMNS}
-        if isinstance(d["seconds"], float):
-            d["seconds"] = f"{d['seconds']:.2f}"
-        return d
+        from .batch import summary_row
+
+        return summary_row(self, SUMMARY_COLUMNS)
 
 
 def write_summary(path: Path, rows: list[StudyResult]) -> None:

@@ -112,6 +112,25 @@ def build_command(ct_path: str | os.PathLike, out_dir: str | os.PathLike, points
     return cmd
 
 
+
+def _poll_until_finished(run, timeout: float | None, callback, interval: float, what: str) -> None:
+    """Poll ``run`` (``.poll()`` -> events, ``.finished``) until it ends, passing every event to
+    ``callback``; shared by the worker request's and the one-off child's ``wait``.
+
+    Raises:
+        TimeoutError: still running after ``timeout`` s (it keeps running).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        for event in run.poll():
+            if callback is not None:
+                callback(event)
+        if run.finished:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{what} is still running after {timeout} s")
+        time.sleep(interval)
+
 class Job:
     """One :class:`~NoduleMTLLib.apps.protocol.AnalysisRequest` running in a :class:`~NoduleMTLLib.apps.worker.Worker`.
 
@@ -206,16 +225,8 @@ class Job:
         Raises:
             TimeoutError: still running after ``timeout`` s (it keeps running).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for event in self.poll():
-                if callback is not None:
-                    callback(event)
-            if self.finished:
-                return self.terminal
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"The request is still running after {timeout} s")
-            time.sleep(interval)
+        _poll_until_finished(self, timeout, callback, interval, "The request")
+        return self.terminal
 
     def load_result(self):
         """The :class:`~NoduleMTLLib.core.results.AnalysisResult` in the succeeded request's output
@@ -612,16 +623,8 @@ class AnalysisProcess:
         """
         if self.state == "created":
             raise RuntimeError("The analysis was not started")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for event in self.poll():
-                if callback is not None:
-                    callback(event)
-            if self.finished:
-                return self.state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"The analysis is still running after {timeout} s")
-            time.sleep(interval)
+        _poll_until_finished(self, timeout, callback, interval, "The analysis")
+        return self.state
 
     def cancel(self, timeout: float = 5.0) -> None:
         """Stop the child and delete the work folder: SIGTERM to its process group, SIGKILL
