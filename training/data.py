@@ -93,6 +93,29 @@ class SliceNodule:
     ratings: dict
 
 
+def reader_consensus(readers: np.ndarray) -> np.ndarray:
+    """The readers' >= 50 % consensus mask: voxels marked by at least half of the given readers (ties
+    included: 1 of 1, 1 of 2 = union, 2 of 3, 2 of 4), as ``pylidc.utils.consensus(clevel=0.5)``.
+
+    The rule of the ``lidc_slices`` segmentation target (:func:`load_slice_nodules`), of the whole-scan
+    labels (``training.wholescan``) and of the readers' consensus that ``training.lung_rads_eval``
+    scores against.
+
+    Args:
+        readers: (R, ...) bool, one mask per reader who marked the nodule, R >= 1.
+
+    Returns:
+        bool array of shape ``readers.shape[1:]``.
+
+    Raises:
+        ValueError: no reader (R = 0).
+    """
+    r = np.asarray(readers, bool)
+    if r.ndim < 1 or len(r) == 0:
+        raise ValueError("a consensus needs at least one reader's mask")
+    return r.sum(0, dtype=np.int32) * 2 >= len(r)
+
+
 RATINGS = ("subtlety", "internalStructure", "calcification", "sphericity", "margin", "lobulation", "spiculation", "texture")
 
 
@@ -110,7 +133,7 @@ def load_slice_nodules(data_dir: Path | None = None, patients: set | None = None
             readers = readers[readers.reshape(4, -1).any(1)]
             if len(readers) == 0:
                 continue
-            consensus = readers.sum(0) * 2 >= len(readers)
+            consensus = reader_consensus(readers)
             mal = float(r["malignancy_median"])
             out.append(SliceNodule(
                 patient_id=r["patient_id"], nodule=r["nodule"], image=img, consensus=consensus, readers=readers,
