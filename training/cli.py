@@ -130,8 +130,9 @@ def main(argv=None) -> int:
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="detectors: training device (default auto: CUDA with mixed precision when a GPU is present)")
     e = sub.add_parser("evaluate", help="evaluate weights on a split; writes a JSON report "
-                                        "('lung-rads': Lung-RADS agreement of the default click path, training/lung_rads_eval.py)")
-    e.add_argument("network", choices=[*ids, "lung-rads"])
+                                        "('lung-rads': Lung-RADS agreement of the default click path, training/lung_rads_eval.py; "
+                                        "'reader-agreement': one LIDC reader against the others, training/reader_agreement.py)")
+    e.add_argument("network", choices=[*ids, "lung-rads", "reader-agreement"])
     e.add_argument("--weights", type=Path, default=None, help="checkpoint (.pt) or shipped .safetensors (default: shipped)")
     e.add_argument("--split", choices=["val", "test"], default="val")
     e.add_argument("--data", type=Path, default=None)
@@ -246,6 +247,10 @@ def main(argv=None) -> int:
         if a.network == "lung-rads":
             from training import lung_rads_eval
             lung_rads_eval.run(a.split, a.data, a.out)
+            return 0
+        if a.network == "reader-agreement":  # every eligible nodule, all patient groups; --split is not used
+            from training import reader_agreement
+            reader_agreement.run(a.data, a.out, a.limit_nodules)
             return 0
         if a.whole_ct:
             if a.network not in detectors:
