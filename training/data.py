@@ -97,9 +97,9 @@ def reader_consensus(readers: np.ndarray) -> np.ndarray:
     """The readers' >= 50 % consensus mask: voxels marked by at least half of the given readers (ties
     included: 1 of 1, 1 of 2 = union, 2 of 3, 2 of 4), as ``pylidc.utils.consensus(clevel=0.5)``.
 
-    The rule of the ``lidc_slices`` segmentation target (:func:`load_slice_nodules`), of the whole-scan
-    labels (``training.wholescan``) and of the readers' consensus that ``training.lung_rads_eval``
-    scores against.
+    The rule of the ``lidc_slices`` segmentation target (:func:`load_slice_nodules`) and of the whole-scan
+    labels (``training.wholescan``).  Not the rule of the ``lidc_vois`` masks: those are the union of
+    the readers' masks (measured by ``training.reader_agreement``).
 
     Args:
         readers: (R, ...) bool, one mask per reader who marked the nodule, R >= 1.

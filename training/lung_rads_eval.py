@@ -7,7 +7,9 @@
 with the **reference category**: the same :func:`NoduleMTLLib.clinical.lung_rads.categorize` applied to
 
 * the size of the readers' consensus mask (long / short axis with
-  :func:`NoduleMTLLib.core.postprocess.axial_diameters`, Lung-RADS mean diameter);
+  :func:`NoduleMTLLib.core.postprocess.axial_diameters`, Lung-RADS mean diameter); the ``lidc_vois``
+  mask, which is the **union** of the readers' masks (Dice 1.000 with the readers' union on 771
+  registered nodules, ``training.reader_agreement``), not their >= 50 % consensus;
 * the type from the median LIDC texture rating (<= 2 ground-glass, 3 part-solid, >= 4 solid),
   the solid component of a part-solid nodule measured on the consensus mask (largest connected
   part >= -300 HU, as in the product);
