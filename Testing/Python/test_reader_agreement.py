@@ -130,3 +130,13 @@ def test_share_ci_by_patient():
     share, ci = ra.share_ci(ok, np.ones(8, bool), inv, counts)
     assert share == 0.5 and ci[0] == 0.0 and ci[1] == 1.0  # resampling patients, not pairs
     assert ra.share_ci(ok, np.zeros(8, bool), inv, counts) == (None, None)
+
+
+def test_half_rule_is_the_training_target(shared_data, nodules):
+    from training.data import load_slice_nodules, reader_consensus
+
+    loaded = {n.nodule: n for n in load_slice_nodules(shared_data, patients={"LIDC-IDRI-0003"})}
+    n = nodules[0]
+    assert np.array_equal(loaded[n["nodule"]].consensus, ra.consensus_of(n["readers"], "half"))
+    assert np.array_equal(reader_consensus(n["readers"][:2]), n["readers"][:2].any(0))  # 1 of 2 counts
+    assert not np.array_equal(ra.consensus_of(n["readers"], "half"), ra.consensus_of(n["readers"], "union"))
