@@ -265,18 +265,21 @@ def click_outliner(device="cpu"):
 
 
 def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None, mass_rule="shipped",
-                     territory_ml="shipped", shapes=None):
+                     territory_ml="shipped", shapes=None, recentre_ml="shipped"):
     """(merge result, reported nodules, threshold) as ``nodulemtl analyze --detect`` reports them:
     :func:`~NoduleMTLLib.detection.infer.select_nodules`, then, at :data:`OUTLINE_THRESHOLDS`
     and with ``click``, the click outline of each nodule and its fragments folded
     (:func:`~NoduleMTLLib.detection.infer.outline_with_click`), with the size-aware acceptance of
     masses (``mass_rule``: "shipped" = ``infer.MASS_RULE``, None = off, or a ``MassRule``) and mass
     territories (``territory_ml``: "shipped" = ``infer.MASS_TERRITORY_ML``, None = off, or mL); ``shapes``:
-    masses found by their shape (``infer.mass_shape_candidates``; None = ``infer.MASS_SHAPES``)."""
+    masses found by their shape (``infer.mass_shape_candidates``; None = ``infer.MASS_SHAPES``);
+    ``recentre_ml``: large outlines clicked again at their deepest voxel ("shipped" =
+    ``infer.RECENTRE_ML``, None = off, or mL)."""
     from NoduleMTLLib.detection.infer import (
         MASS_RULE,
         MASS_TERRITORY_ML,
         MAX_NODULES,
+        RECENTRE_ML,
         below_cut_candidates,
         outline_with_click,
         select_nodules,
@@ -286,12 +289,14 @@ def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None, mass
         mass_rule = MASS_RULE
     if territory_ml == "shipped":
         territory_ml = MASS_TERRITORY_ML
+    if recentre_ml == "shipped":
+        recentre_ml = RECENTRE_ML
     merged, nodules, cut = select_nodules(sd, ct, thr, fpr_model, device)
     if click is not None and any(thr == t for t in OUTLINE_THRESHOLDS):
         masses = below_cut_candidates(sd, ct, merged, cut, fpr_model is not None, mass_rule, shapes)
         nodules = outline_with_click(nodules + masses, ct, click, max_kept=MAX_NODULES, cut=cut,
                                      mass_rule=mass_rule if masses else None, lung=sd.lung,
-                                     territory_ml=territory_ml)[0]
+                                     territory_ml=territory_ml, recentre_ml=recentre_ml)[0]
     return merged, nodules, cut
 
 

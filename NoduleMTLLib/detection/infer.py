@@ -868,6 +868,38 @@ def mass_territory(outline, ct: CTVolume, margin_mm: float = MASS_TERRITORY_MM, 
                    np.ascontiguousarray(terr[zz[0]:zz[-1] + 1, yy[0]:yy[-1] + 1, xx[0]:xx[-1] + 1]), ct.shape_zyx)
 
 
+#: Masses outlined again from their own centre (issue 27, item 1), **off as shipped** (None): a
+#: candidate whose click outline (at the detection's centre, often at one edge of a mass that the
+#: detector saw in fragments) holds at least this volume (mL) would be clicked again at the
+#: outline's deepest voxel (:func:`deepest_point`), and that click's outline and point reported.
+#: Measured on 24 synthetic masses (seed 2, ``training/reports/maskrcnn25d/issue27/recentre``): one
+#: nodule >= 80 % inside its box on every slice 12 -> 12, found 20 -> 19; not shipped.
+RECENTRE_ML: float | None = None
+
+
+def deepest_point(outline, ct: CTVolume) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+    """The voxel of a click outline farthest from its edge (3D Euclidean distance in mm, the CT's
+    spacing; ties: the first in C order) - a lesion's centre that does not depend on where the
+    detector's fragments lay.
+
+    Args:
+        outline: non-empty :class:`~NoduleMTLLib.core.consensus.MaskBox` on the CT grid.
+        ct: the CT (spacing, geometry).
+
+    Returns:
+        (point in world LPS mm, voxel index (i, j, k)).
+    """
+    from scipy import ndimage as ndi
+
+    arr = np.pad(np.asarray(outline.array, bool), 1)
+    sx, sy, sz = ct.spacing
+    d = ndi.distance_transform_edt(arr, sampling=(sz, sy, sx))
+    kz, jy, ix = np.unravel_index(int(np.argmax(d)), d.shape)
+    k0, j0, i0 = outline.offset_zyx
+    ijk = (int(i0 + ix - 1), int(j0 + jy - 1), int(k0 + kz - 1))
+    return tuple(float(v) for v in ct.image.TransformIndexToPhysicalPoint(ijk)), ijk
+
+
 #: A clicked candidate whose outline lies at least this much (fraction of its voxels) inside
 #: the outline of a higher-scoring kept nodule is a fragment of that lesion and is folded.
 FOLD_OUTLINE_SHARE = 0.5
@@ -979,7 +1011,8 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
                        max_kept: int | None = None, *, cut: float | None = None, mass_rule: MassRule | None = None,
                        lung: pp.LungMask | None = None,
                        territory_ml: float | None = None,
-                       territory_mm: float | None = None) -> tuple[list[mg.MergedNodule], list]:
+                       territory_mm: float | None = None,
+                       recentre_ml: float | None = None) -> tuple[list[mg.MergedNodule], list]:
     """One lesion, one answer: each nodule's outline comes from the click path at its centre.
 
     By descending score, the click network runs at each nodule's centre
@@ -1010,6 +1043,9 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
         territory_ml: outline volume (mL) from which a nodule claims its mass territory
             (None: outlines only; the search uses :data:`MASS_TERRITORY_ML`); territory_mm: its
             margin (None: :data:`MASS_TERRITORY_MM`).
+        recentre_ml: a click outline of at least this volume (mL) is replaced by the outline of
+            a click at its :func:`deepest_point` (when that click segments something), and the
+            nodule's centre becomes that point (None: off; the search uses :data:`RECENTRE_ML`).
 
     Returns:
         (kept nodules by descending score, their click outputs (None where the click
@@ -1034,6 +1070,12 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
         om = o.mask if o is not None else None
         if om is not None and not np.asarray(om.array).any():
             om = None
+        if om is not None and recentre_ml is not None and _volume_ml(om, ct) >= recentre_ml:
+            p, ijk = deepest_point(om, ct)
+            o2 = click(ct, p)
+            if o2 is not None and o2.mask is not None and np.asarray(o2.mask.array).any():
+                o, om = o2, o2.mask
+                n.centre_lps, n.centre_ijk = p, tuple(float(v) for v in ijk)
         t_n = om
         if om is not None:
             host = next((kept[i] for i, t in enumerate(terr) if t is not None
@@ -1177,7 +1219,7 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
         n_found = len(found)
         found, outs = outline_with_click(found + masses, ct, click, max_kept=max_nodules, cut=cut,
                                          mass_rule=MASS_RULE if masses else None, lung=sd.lung,
-                                         territory_ml=MASS_TERRITORY_ML)
+                                         territory_ml=MASS_TERRITORY_ML, recentre_ml=RECENTRE_ML)
         done = {id(nod): o for nod, o in zip(found, outs) if o is not None}
         if len(found) >= max_nodules and n_found > max_nodules:
             messages.append(f"more than {max_nodules} lesions above the score threshold {cut:.3f}; "

@@ -720,3 +720,35 @@ def test_mass_territory_of_half_a_real_nodule_claims_its_other_half_only(lidc3):
     assert t.array[tuple(np.array(np.nonzero(left)) - np.array(t.offset_zyx)[:, None])].all()  # contains its outline
     for r in refs:
         assert infer._in_maskbox(t, tuple(int(round(v)) for v in r.centre_ijk)) == (r.nodule_id == 2)
+
+
+def test_recentre_clicks_a_large_outline_again_at_its_deepest_voxel():
+    """``outline_with_click(recentre_ml=...)`` (measured, off as shipped: ``infer.RECENTRE_ML`` None):
+    an outline of at least ``recentre_ml`` mL is replaced by the click at its deepest voxel."""
+    from NoduleMTLLib.core.consensus import MaskBox
+    from NoduleMTLLib.detection import infer
+    from NoduleMTLLib.inference.pipeline import ClickOutput
+
+    ct = CTVolume(sitk.Image(100, 100, 40, sitk.sitkInt16))  # 1 mm voxels
+    edge = np.ones((30, 30, 30), bool)  # the click at the mass's edge: an outline at i/j/k 10-39
+    whole = np.ones((20, 40, 40), bool)  # the click at its centre: the whole mass
+    seen = []
+
+    def click(ct_, point):
+        seen.append(tuple(round(v) for v in point))
+        if point == (24.0, 24.0, 24.0):
+            return ClickOutput(MaskBox((10, 30, 30), whole, ct_.shape_zyx), 0.9, {}, 2.0)
+        return ClickOutput(MaskBox((10, 10, 10), edge, ct_.shape_zyx), 0.9, {}, 2.0)
+
+    p, ijk = infer.deepest_point(MaskBox((10, 10, 10), edge, ct.shape_zyx), ct)
+    assert ijk == (24, 24, 24) and p == (24.0, 24.0, 24.0)  # identity geometry: LPS = ijk
+    assert infer.RECENTRE_ML is None  # off as shipped
+    n = _nod(0.9, (10, 10, 10, 20, 20, 20), (12.0, 12.0, 12.0))
+    kept, _ = infer.outline_with_click([n], ct, click)
+    assert kept[0].box_voxel == (10, 10, 10, 40, 40, 40) and len(seen) == 1
+    n = _nod(0.9, (10, 10, 10, 20, 20, 20), (12.0, 12.0, 12.0))
+    kept, outs = infer.outline_with_click([n], ct, click, recentre_ml=10.0)
+    assert seen[-1] == (24, 24, 24) and kept[0].box_voxel == (30, 30, 10, 70, 70, 30)
+    assert kept[0].centre_lps == (24.0, 24.0, 24.0) and outs[0].mask.array.shape == (20, 40, 40)
+    n = _nod(0.9, (10, 10, 10, 20, 20, 20), (12.0, 12.0, 12.0))
+    assert infer.outline_with_click([n], ct, click, recentre_ml=30.0)[0][0].box_voxel == (10, 10, 10, 40, 40, 40)  # 27 mL < 30
