@@ -3,6 +3,7 @@
 
     python -m training.clinical table --threshold T     # per-VOI features at mask threshold T (cache)
     python -m training.clinical fit [--write] [--test]  # choose on train + val; --test: score test once
+    python -m training.clinical size-tradeoff           # threshold vs CV-refitted size correction (train + val)
 
 Everything is chosen on **training + validation patients** (their ``lidc_vois`` VOIs, 3D HU
 click path at the labelled centre); the test patients are scored once with the chosen rules.
@@ -234,19 +235,64 @@ def fit_size_correction(tab: list[dict]) -> dict:
     return {"long_axis_factor": float(1 / np.median(rl)), "short_axis_factor": float(1 / np.median(rs)), "n": len(f)}
 
 
-def corrected_size_figures(recs: list[dict], corr: dict | None) -> dict:
-    """Long / short axis and Lung-RADS mean-diameter ratios to the readers' masks with a size correction
-    (None: as measured): median and share within 15 %."""
+def oof_size_correction(recs: list[dict], k: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold size-correction factors: for every row of ``recs`` the (long, short) factors of
+    :func:`fit_size_correction` fitted on the rows of the other folds (patient-grouped,
+    :func:`_patient_folds` with ``k`` and ``seed``: the folds of :func:`type_lung_rads_cv`).
+
+    Args:
+        recs: training / validation table rows (:func:`table_row`); rows of other splits are
+            ignored by the fit (they still get factors).
+    Returns:
+        (long factors, short factors): float64 arrays of shape (len(recs),).
+    """
+    fid = _patient_folds(recs, k, seed)
+    fl, fs = np.empty(len(recs)), np.empty(len(recs))
+    for f in range(k):
+        c = fit_size_correction([r for r, i in zip(recs, fid) if i != f])
+        fl[fid == f], fs[fid == f] = c["long_axis_factor"], c["short_axis_factor"]
+    return fl, fs
+
+
+def corrected_size_ratios(recs: list[dict], corr=None) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Per found nodule of ``recs`` with a reference mask: its long / short axis and Lung-RADS
+    mean-diameter ratio to the readers' consensus mask's, with a size correction.
+
+    Args:
+        recs: table rows (:func:`table_row`).
+        corr: None (as measured), one correction ``{"long_axis_factor", "short_axis_factor"}``
+            (:func:`fit_size_correction`) for every row, or a pair of arrays (long, short factors),
+            one value per row of ``recs`` (e.g. :func:`oof_size_correction`'s out-of-fold factors).
+    Returns:
+        (the rows kept, {"long_axis", "short_axis", "mean_diameter": float64 arrays, one ratio per row kept}).
+    Raises:
+        ValueError: factor arrays whose length is not ``len(recs)``.
+    """
     from NoduleMTLLib.clinical.lung_rads import mean_diameter_mm
 
-    fl, fs = (corr["long_axis_factor"], corr["short_axis_factor"]) if corr else (1.0, 1.0)
-    f = [r for r in recs if r["found"] and r["ref"].get("n_voxels")]
-    la = np.array([fl * r["pred"]["long_axis_mm"] / r["ref"]["long_axis_mm"] for r in f])
-    sa = np.array([fs * r["pred"]["short_axis_mm"] / max(r["ref"]["short_axis_mm"], 1e-6) for r in f])
-    md = np.array([mean_diameter_mm(fl * r["pred"]["long_axis_mm"], fs * r["pred"]["short_axis_mm"])
-                   / max(r["ref"]["mean_diameter_mm"], 0.1) for r in f])
-    out = {"n": len(f)}
-    for k, v in (("long_axis", la), ("short_axis", sa), ("mean_diameter", md)):
+    keep = np.array([bool(r["found"] and r["ref"].get("n_voxels")) for r in recs], bool)
+    if corr is None:
+        fl = fs = np.ones(len(recs))
+    elif isinstance(corr, dict):
+        fl, fs = np.full(len(recs), corr["long_axis_factor"]), np.full(len(recs), corr["short_axis_factor"])
+    else:
+        fl, fs = (np.asarray(c, float) for c in corr)
+        if fl.shape != (len(recs),) or fs.shape != (len(recs),):
+            raise ValueError(f"factor arrays of shape {fl.shape} / {fs.shape}, expected ({len(recs)},)")
+    f = [(r, a, b) for r, a, b, k in zip(recs, fl, fs, keep) if k]
+    la = np.array([a * r["pred"]["long_axis_mm"] / r["ref"]["long_axis_mm"] for r, a, b in f])
+    sa = np.array([b * r["pred"]["short_axis_mm"] / max(r["ref"]["short_axis_mm"], 1e-6) for r, a, b in f])
+    md = np.array([mean_diameter_mm(a * r["pred"]["long_axis_mm"], b * r["pred"]["short_axis_mm"])
+                   / max(r["ref"]["mean_diameter_mm"], 0.1) for r, a, b in f])
+    return [r for r, _, _ in f], {"long_axis": la, "short_axis": sa, "mean_diameter": md}
+
+
+def corrected_size_figures(recs: list[dict], corr=None) -> dict:
+    """Long / short axis and Lung-RADS mean-diameter ratios to the readers' masks with a size correction
+    (``corr`` as :func:`corrected_size_ratios`'s; None: as measured): median and share within 15 %."""
+    kept, ratios = corrected_size_ratios(recs, corr)
+    out = {"n": len(kept)}
+    for k, v in ratios.items():
         out[f"{k}_ratio_median"] = float(np.median(v))
         out[f"{k}_within_15pct"] = float(np.mean(np.abs(v - 1) <= 0.15))
     return out
@@ -555,7 +601,7 @@ def _categories(types, size_mm, solid_mm, benign) -> list[str]:
     return [categorize(t, s, c if t == "part-solid" else None, bool(b))[0] for t, s, c, b in zip(types, size_mm, solid_mm, benign)]
 
 
-def type_lung_rads_cv(tab: list[dict], stage1: tuple, stage2: tuple, corr: dict | None, calc_rule: dict | None,
+def type_lung_rads_cv(tab: list[dict], stage1: tuple, stage2: tuple, corr: dict | str | None, calc_rule: dict | None,
                       repeats: int = SUBSOLID_CV_REPEATS, specificity: float = SUBSOLID_CV_SPECIFICITY) -> dict:
     """Out-of-fold nodule types of one two-stage choice and their Lung-RADS cost, on the found nodules of
     the training + validation patients (patient-grouped 5-fold CV, ``repeats`` seeds: the folds of
@@ -565,7 +611,8 @@ def type_lung_rads_cv(tab: list[dict], stage1: tuple, stage2: tuple, corr: dict 
     nodules) and applied to the held-out fold; per repeat the subsolid threshold is the ``specificity``
     quantile of the out-of-fold P(subsolid) of the solid nodules (as :func:`fit_subsolid_cv`).  The
     category is ``lung_rads.categorize`` on the mask's size-corrected mean diameter (``corr``, the
-    in-sample factors of :func:`fit_size_correction`; None: as measured), its solid component (part-solid)
+    in-sample factors of :func:`fit_size_correction`; ``"cv"``: refitted on the training folds of every
+    fold, :func:`oof_size_correction`; None: as measured), its solid component (part-solid)
     and the benign-calcification rule ``calc_rule`` (:func:`fit_calcification`'s ``chosen``; None: no
     benign call); the reference: the same on the readers' consensus mask, texture and calcification
     ratings (``training.lung_rads_eval.reference_category``).
@@ -588,8 +635,16 @@ def type_lung_rads_cv(tab: list[dict], stage1: tuple, stage2: tuple, corr: dict 
     X1, X2 = _xy(pool, f1), _xy(pool, f2)
     ref_cat = _categories(ref_t, [r["ref"]["mean_diameter_mm"] for r in pool], [r["ref"]["solid_mean_diameter_mm"] for r in pool],
                           [r["calcification_rating"] in BENIGN_CALCIFICATION for r in pool])
-    fl, fs = (corr["long_axis_factor"], corr["short_axis_factor"]) if corr else (1.0, 1.0)
-    size = [mean_diameter_mm(fl * r["pred"]["long_axis_mm"], fs * r["pred"]["short_axis_mm"]) for r in pool]
+    def sizes(fl, fs):
+        return np.array([mean_diameter_mm(a * r["pred"]["long_axis_mm"], b * r["pred"]["short_axis_mm"])
+                         for r, a, b in zip(pool, np.broadcast_to(fl, len(pool)), np.broadcast_to(fs, len(pool)))])
+
+    if corr is not None and not isinstance(corr, dict) and corr != "cv":
+        raise ValueError(f"corr must be None, a size correction or 'cv', got {corr!r}")
+    if isinstance(corr, dict):
+        size = sizes(corr["long_axis_factor"], corr["short_axis_factor"])
+    elif corr is None:
+        size = sizes(1.0, 1.0)
     solid = [r["pred"]["solid_mean_diameter_mm"] for r in pool]
     if calc_rule:
         benign = calcification_call(calc_rule["rule"], calc_rule["head_min"], calc_rule["hu200_fraction_min"],
@@ -602,6 +657,8 @@ def type_lung_rads_cv(tab: list[dict], stage1: tuple, stage2: tuple, corr: dict 
     acc = {k: [] for k in keys}
     for seed in range(repeats):
         fid = _patient_folds(pool, 5, seed)
+        if corr == "cv":  # the size correction refitted on the same training folds
+            size = sizes(*oof_size_correction(pool, 5, seed))
         ps, pg = np.empty(len(pool)), np.empty(len(pool))
         for f in range(5):
             te, tr = fid == f, fid != f
@@ -625,6 +682,117 @@ def type_lung_rads_cv(tab: list[dict], stage1: tuple, stage2: tuple, corr: dict 
     return {**{k: float(np.mean(v)) for k, v in acc.items()}, "n": len(pool), "n_subsolid": int(y.sum()),
             "n_part_solid": int((ref_t == "part-solid").sum()), "repeats": repeats, "specificity_target": specificity,
             "stage1": list(stage1), "stage2": list(stage2)}
+
+
+#: Mask thresholds of the size trade-off study (issue 22: is the lower threshold still needed once the
+#: axes carry a size correction?).
+TRADEOFF_THRESHOLDS = (0.5, 0.45, 0.4, 0.35, 0.3)
+TRADEOFF_REPORT = REPORT_DIR / "size_tradeoff_trainval.json"
+
+
+def shipped_rules(weights_file: Path = WEIGHTS_FILE) -> tuple[tuple, tuple, dict]:
+    """The shipped type choice and calcification rule of ``clinical.json``, in :func:`type_lung_rads_cv`'s
+    form: (stage 1 (feature set, L2, balanced), stage 2 (same), calcification rule dict)."""
+    d = json.loads(Path(weights_file).read_text())
+    cv = d["nodule_type"]["lung_rads_cv"]
+    calc = {k: d["calcification"][k] for k in ("rule", "head_min", "hu200_fraction_min", "central_fraction_min")}
+    return tuple(cv["stage1"]), tuple(cv["stage2"]), calc
+
+
+def _mean_dicts(ds: list[dict]) -> dict:
+    return {k: float(np.mean([d[k] for d in ds])) for k in ds[0]}
+
+
+def size_tradeoff(tables: dict[float, list[dict]] | None = None, thresholds=TRADEOFF_THRESHOLDS,
+                  repeats: int = SUBSOLID_CV_REPEATS, n_boot: int = 2000, lung_rads: bool = True) -> dict:
+    """Mask threshold vs size with the size correction refitted (issue 22), on **training + validation
+    patients only** (rows of other splits are dropped).
+
+    For every threshold: the constant size correction (:func:`fit_size_correction`, 1 / median ratio per
+    axis) refitted by patient-grouped 5-fold CV, ``repeats`` seeds (:func:`oof_size_correction`), and the
+    out-of-fold long-axis / mean-diameter ratios to the readers' consensus masks
+    (:func:`corrected_size_figures`; means over the repeats; also on the validation rows alone, whose
+    masks are out-of-sample for DSMT-Net) and the difference of the shares within 15 % to the first
+    threshold's (paired per nodule, patient-bootstrap 95 % interval); with ``lung_rads``, the out-of-fold Lung-RADS agreement with the
+    shipped type choice and calcification rule (:func:`shipped_rules`; both type stages and the size
+    correction refitted per fold, :func:`type_lung_rads_cv` with ``corr="cv"``); the validation Dice
+    (of the mask: independent of the correction; a VOI not found counts 0) and its median's difference
+    to the first threshold's, with a patient-bootstrap 95 % interval (paired: same resamples of patients).
+
+    Args:
+        tables: {threshold: table rows}; None: :func:`load_table` (threshold, ("train", "val")).
+        thresholds: mask thresholds; the first is the reference of the Dice differences.
+    Returns: {"thresholds", "repeats", "rules", "by_threshold": {"0.50": {...}, ...}}.
+    """
+    from training.metric_noise import patient_bootstrap
+
+    s1, s2, calc = shipped_rules()
+    out = {"thresholds": list(thresholds), "repeats": repeats, "folds": 5, "splits": ["train", "val"],
+           "rules": {"stage1": list(s1), "stage2": list(s2), "calcification": calc}, "by_threshold": {}}
+    dice0 = within0 = None
+    for t in thresholds:
+        tab = _split(tables[t] if tables is not None else load_table(t, ("train", "val")), "train", "val")
+        pool = [r for r in tab if r["found"] and r["ref"].get("n_voxels")]
+        isval = np.array([r["split"] == "val" for r in pool])
+        oof, oof_val, within = [], [], {}
+        for seed in range(repeats):
+            fl, fs = oof_size_correction(pool, 5, seed)
+            oof.append({**corrected_size_figures(pool, (fl, fs)), "long_axis_factor": float(fl.mean()),
+                        "short_axis_factor": float(fs.mean())})
+            oof_val.append(corrected_size_figures([r for r, v in zip(pool, isval) if v], (fl[isval], fs[isval])))
+            kept, ratios = corrected_size_ratios(pool, (fl, fs))
+            for r, a, b in zip(kept, ratios["long_axis"], ratios["mean_diameter"]):
+                w = within.setdefault((r["patient_id"], r["nodule_id"]), [0.0, 0.0])
+                w[0], w[1] = w[0] + (abs(a - 1) <= 0.15) / repeats, w[1] + (abs(b - 1) <= 0.15) / repeats
+        within0 = within0 or within
+        pw = [{"patient_id": k[0], "w": v, "w0": within0[k]} for k, v in within.items() if k in within0]
+
+        def dwithin(rows, i):
+            return float(np.mean([r["w"][i] - r["w0"][i] for r in rows]))
+        val = _split(tab, "val")
+        dice = {(r["patient_id"], r["nodule_id"]): r["dice"] for r in val}
+        dice0 = dice0 or dice
+        paired = [{"patient_id": k[0], "d0": dice0[k], "d": v} for k, v in dice.items() if k in dice0]
+
+        def dmed(rows):
+            return float(np.median([r["d"] for r in rows]) - np.median([r["d0"] for r in rows]))
+
+        sf = size_figures(val)
+        rec = {"threshold": t, "n": len(tab), "n_found": len(pool), "n_val": len(val),
+               "in_sample_correction": fit_size_correction(tab),
+               "measured": corrected_size_figures(pool, None),
+               "oof_corrected": _mean_dicts(oof), "oof_corrected_val_rows": _mean_dicts(oof_val),
+               "val_dice_mean": sf["dice_mean"], "val_dice_median": sf["dice_median"],
+               "val_dice_median_minus_first": dmed(paired),
+               "val_dice_median_minus_first_ci95": list(patient_bootstrap(paired, dmed, n_boot)) if n_boot else None,
+               "train_val_dice_median": float(np.median([r["dice"] for r in tab])),
+               "oof_long_axis_within_15pct_minus_first": dwithin(pw, 0),
+               "oof_mean_diameter_within_15pct_minus_first": dwithin(pw, 1)}
+        if n_boot:
+            rec["oof_long_axis_within_15pct_minus_first_ci95"] = list(patient_bootstrap(pw, lambda x: dwithin(x, 0), n_boot))
+            rec["oof_mean_diameter_within_15pct_minus_first_ci95"] = list(patient_bootstrap(pw, lambda x: dwithin(x, 1), n_boot))
+        if lung_rads:
+            rec["lung_rads_oof"] = type_lung_rads_cv(tab, s1, s2, "cv", calc, repeats)
+        out["by_threshold"][f"{t:.2f}"] = rec
+    return out
+
+
+def tradeoff_markdown(rep: dict) -> str:
+    """The table of :func:`size_tradeoff`'s report (markdown)."""
+    rows = ["| mask threshold | val Dice median (- 0.5's, 95 % CI) | val Dice mean | OOF factor long / short "
+            "| OOF long-axis ratio median | OOF long axis within 15 % | OOF mean diameter within 15 % "
+            "| as measured: long-axis median / within 15 % | OOF Lung-RADS exact / under-calls |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for k, v in rep["by_threshold"].items():
+        o, m, ci = v["oof_corrected"], v["measured"], v["val_dice_median_minus_first_ci95"]
+        lr_ = v.get("lung_rads_oof")
+        rows.append(f"| {k} | {v['val_dice_median']:.3f} ({v['val_dice_median_minus_first']:+.3f}"
+                    + (f", [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f") | {v['val_dice_mean']:.3f} "
+                    f"| {o['long_axis_factor']:.3f} / {o['short_axis_factor']:.3f} | {o['long_axis_ratio_median']:.3f} "
+                    f"| {o['long_axis_within_15pct']:.3f} | {o['mean_diameter_within_15pct']:.3f} "
+                    f"| {m['long_axis_ratio_median']:.3f} / {m['long_axis_within_15pct']:.3f} | "
+                    + (f"{lr_['lung_rads_exact']:.3f} / {lr_['under_calls']:.3f} |" if lr_ else "- |"))
+    return "\n".join(rows)
 
 
 def type_model_dict(fit: dict, networks: list[str]) -> dict:
@@ -783,6 +951,9 @@ def main(argv=None) -> int:
     f = sub.add_parser("fit")
     f.add_argument("--write", action="store_true", help=f"write {WEIGHTS_FILE.relative_to(REPO)}")
     f.add_argument("--test", action="store_true", help="also score the test patients (once, at the end)")
+    st = sub.add_parser("size-tradeoff", help="mask threshold vs size with the size correction refitted by CV "
+                        "(training + validation only)")
+    st.add_argument("--thresholds", type=float, nargs="+", default=list(TRADEOFF_THRESHOLDS))
     sub.add_parser("nested", help="nested CV of the stage-1 choice, second-round sets vs all (training + validation)")
     a = ap.parse_args(argv)
     if a.cmd == "table":
@@ -796,6 +967,13 @@ def main(argv=None) -> int:
         for k, v in st.items():
             print(k, {a_: round(b, 4) for a_, b in v.items()})
         print("chosen:", choose_size_correction(st))
+        return 0
+    if a.cmd == "size-tradeoff":
+        rep = size_tradeoff(thresholds=tuple(a.thresholds))
+        REPORT_DIR.mkdir(parents=True, exist_ok=True)
+        TRADEOFF_REPORT.write_text(json.dumps(rep, indent=1) + "\n")
+        print(tradeoff_markdown(rep))
+        print(f"wrote {TRADEOFF_REPORT.relative_to(REPO)}")
         return 0
     if a.cmd == "nested":
         tab = load_table(fit_threshold())

@@ -358,3 +358,54 @@ def test_large_part_solid_nodule_on_real_ct_is_called_part_solid(shared_data):
     rec = lr.assess_nodule(n, ct, typ)
     assert rec["type"] == "part-solid" and rec["rule"].startswith(rec["category"] + ": part-solid")
     assert rec["solid_component_mm"] == rec["solid_component"]["mean_diameter_mm"] > 0
+
+
+def test_out_of_fold_size_correction_leaves_each_patients_own_nodules_out():
+    """training.clinical.oof_size_correction (issue 22 size trade-off): with 5 patients in 5 folds each
+    nodule's factor is 1 / the median ratio of the *other* four patients, so a patient far from the rest
+    is not corrected towards itself, and the out-of-fold share within 15 % is below the in-sample one."""
+    from training.clinical import corrected_size_figures, fit_size_correction, oof_size_correction
+
+    ratios = {"A": 0.8, "B": 0.9, "C": 1.0, "D": 1.1, "E": 2.0}
+    recs = [{"patient_id": p, "split": "train", "found": True,
+             "ref": {"n_voxels": 50, "long_axis_mm": 10.0, "short_axis_mm": 8.0, "mean_diameter_mm": 9.0},
+             "pred": {"long_axis_mm": 10.0 * q, "short_axis_mm": 8.0}} for p, q in ratios.items()]
+    fl, fs = oof_size_correction(recs, k=5, seed=3)
+    others = {p: np.median([q for o, q in ratios.items() if o != p]) for p in ratios}
+    np.testing.assert_allclose(fl, [1 / others[p] for p in ratios])
+    np.testing.assert_allclose(fs, 1.0)
+    oof = corrected_size_figures(recs, (fl, fs))
+    ins = corrected_size_figures(recs, fit_size_correction(recs))  # factor 1 / 1.0
+    assert oof["n"] == ins["n"] == 5
+    assert oof["long_axis_within_15pct"] == pytest.approx(0.4) and ins["long_axis_within_15pct"] == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        corrected_size_figures(recs, (fl[:4], fs[:4]))
+
+
+def test_size_tradeoff_drops_test_rows_and_pairs_the_dice():
+    """training.clinical.size_tradeoff on two synthetic tables: test-split rows never enter; the
+    validation Dice difference is paired per nodule; a constant bias is corrected out of fold; the
+    shipped rules it uses are clinical.json's."""
+    from training.clinical import TYPE_FEATURE_SETS, shipped_rules, size_tradeoff, tradeoff_markdown
+
+    def rows(q, dice):
+        out = [{"patient_id": f"P{i}", "nodule_id": "1", "split": "train" if i < 5 else "val", "found": True,
+                "dice": dice + 0.01 * i, "ref": {"n_voxels": 50, "long_axis_mm": 10.0, "short_axis_mm": 8.0,
+                                                  "mean_diameter_mm": 9.0},
+                "pred": {"long_axis_mm": 10.0 * q, "short_axis_mm": 8.0 * q, "mean_diameter_mm": 9.0 * q}}
+               for i in range(10)]
+        return out + [{**out[0], "patient_id": "T0", "split": "test", "dice": 0.0}]
+
+    rep = size_tradeoff({0.5: rows(0.8, 0.80), 0.3: rows(0.9, 0.78)}, thresholds=(0.5, 0.3), repeats=2, n_boot=50,
+                        lung_rads=False)
+    lo, hi = rep["by_threshold"]["0.50"], rep["by_threshold"]["0.30"]
+    assert lo["n"] == hi["n"] == 10 and lo["n_val"] == 5
+    assert lo["val_dice_median"] == pytest.approx(0.87) and hi["val_dice_median_minus_first"] == pytest.approx(-0.02)
+    assert hi["in_sample_correction"]["long_axis_factor"] == pytest.approx(1 / 0.9)
+    assert lo["oof_corrected"]["long_axis_ratio_median"] == pytest.approx(1.0)
+    assert lo["oof_corrected"]["long_axis_within_15pct"] == 1.0 and lo["measured"]["long_axis_within_15pct"] == 0.0
+    assert "lung_rads_oof" not in lo and "| 0.30 | 0.850 (-0.020" in tradeoff_markdown(rep)
+    s1, s2, calc = shipped_rules()
+    t = lr.load_clinical()
+    assert TYPE_FEATURE_SETS[s1[0]] == list(t["nodule_type"]["subsolid"]["features"])
+    assert calc["rule"] == t["calcification"]["rule"]
