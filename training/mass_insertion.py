@@ -19,6 +19,10 @@ mass), the number of reported nodules touching it, and for each the minimum over
 slices it touches of the fraction of its outline inside the mass's box + 10 px (the criterion
 of the Lung-PET-CT-Dx boxes, ``evaluate_detection.inside_box_fraction``).
 
+``paste_mass(..., placement="juxtamediastinal")`` instead places the mass against the mediastinum
+(:func:`mediastinal_centre`); ``training/mediastinum_eval.py --masses N`` uses such 30-80 mm masses as
+the protected class of the mediastinal-click rule (issue 22 item 7).
+
 The session that chose ``infer.MASS_RULE`` ran the same procedure through the drivers in
 ``training/reports/maskrcnn25d/issue27/detfp`` (``synth.py``: the random draws there differ
 from this module's).  Cost: 1-6 min per mass on 2 loaded CPU cores.
@@ -76,8 +80,48 @@ def solid_vois(data_root=None) -> list:
             if float(v.hu[v.mask].mean()) > VOI_MIN_MEAN_HU]
 
 
+def mediastinal_centre(lung2d: np.ndarray, spacing_yx, radius_mm: float, rng: np.random.Generator,
+                       depth=(0.2, 0.9)) -> tuple[int, int] | None:
+    """An in-plane centre (j, i) for a mass against the mediastinum on one axial slice.
+
+    The mediastinum of the slice is the convex hull of its lung mask minus the lung, opened by 2
+    pixels (as ``NoduleMTLLib.service.mediastinum.mediastinal_features``).  The centre lies in the
+    lung at ``depth`` x the radius from the lung border (the low end: the mass merges with the
+    mediastinum, like a mass abutting or invading it; the high end: it touches it) and within the
+    radius + 2 mm of the mediastinum (the border it touches is the mediastinal one, not the chest
+    wall), with the depth drawn uniformly per call.
+
+    Args:
+        lung2d: bool (y, x) lung mask of the slice; spacing_yx: pixel size (mm);
+        radius_mm: the mass's in-plane radius; rng: random generator; depth: (low, high) factors.
+
+    Returns:
+        (j, i) integer pixel index, or None when the slice has no such place (one lung, no
+        mediastinum between the lungs, or no lung pixel at that depth near it).
+    """
+    from scipy import ndimage as ndi
+    from skimage.morphology import convex_hull_image
+
+    if not lung2d.any():
+        return None
+    med = ndi.binary_opening(convex_hull_image(lung2d) & ~lung2d, iterations=2)
+    if not med.any():
+        return None
+    d = ndi.distance_transform_edt(lung2d, sampling=spacing_yx)
+    dm = ndi.distance_transform_edt(~med, sampling=spacing_yx)
+    f = float(rng.uniform(*depth))
+    tol = max(spacing_yx) + 0.1 * radius_mm
+    ok = lung2d & (np.abs(d - f * radius_mm) <= tol) & (dm <= f * radius_mm + 2.0 + tol)
+    jj, ii = np.nonzero(ok)
+    if jj.size == 0:
+        return None
+    n = int(rng.integers(jj.size))
+    return int(jj[n]), int(ii[n])
+
+
 def paste_mass(ct, lung: np.ndarray, labels: np.ndarray, vois: list, rng: np.random.Generator, name: str = "",
-               tries: int = 40) -> SyntheticMass:
+               tries: int = 40, placement: str | None = None, target_mm=TARGET_MM,
+               min_lung_share: float = 0.5) -> SyntheticMass:
     """Paste one synthetic mass into a whole scan and cut the slab around it.
 
     Args:
@@ -88,13 +132,19 @@ def paste_mass(ct, lung: np.ndarray, labels: np.ndarray, vois: list, rng: np.ran
         rng: random generator.
         name: scan name for the record.
         tries: placements tried.
+        placement: None (the default draw: free with probability :data:`P_FREE`, else
+            juxtapleural) or ``"juxtamediastinal"`` (against the mediastinum,
+            :func:`mediastinal_centre`; used by ``training/mediastinum_eval.py`` as the masses a
+            mediastinal-click rule must keep).
+        target_mm: (low, high) range of the mass diameter (mm), uniform.
+        min_lung_share: a placement is refused when less than this share of the mass lies in ``lung``.
 
     Returns:
         :class:`SyntheticMass`.
 
     Raises:
-        training.insertion.InsertionError: no placement found (half of the mass in the lung,
-            off the scan's nodules) in ``tries`` draws.
+        training.insertion.InsertionError: no placement found (``min_lung_share`` of the mass in
+            the lung, off the scan's nodules) in ``tries`` draws; unknown ``placement``.
     """
     import SimpleITK as sitk
 
@@ -103,7 +153,9 @@ def paste_mass(ct, lung: np.ndarray, labels: np.ndarray, vois: list, rng: np.ran
 
     sx, sy, sz = ct.spacing
     area = lung.reshape(len(lung), -1).sum(1)
-    target = float(rng.uniform(*TARGET_MM))
+    if placement not in (None, "juxtamediastinal"):
+        raise ins.InsertionError(f"unknown mass placement {placement!r}")
+    target = float(rng.uniform(*target_mm))
     thick = bool(rng.random() < P_THICK)
     for _ in range(tries):
         v = vois[int(rng.integers(len(vois)))]
@@ -117,9 +169,15 @@ def paste_mass(ct, lung: np.ndarray, labels: np.ndarray, vois: list, rng: np.ran
         if not len(ks):
             continue
         k = int(ks[rng.integers(len(ks))])
-        kind = "free" if rng.random() < P_FREE else "juxtapleural"
-        hu_k = np.asarray(ct.array[k])
-        ji = ins.sample_centre(lung[k], hu_k, (sy, sx), radius, kind, rng)
+        if placement == "juxtamediastinal":
+            kind = placement
+            ji = mediastinal_centre(lung[k], (sy, sx), radius, rng)
+            if ji is None:
+                continue
+        else:
+            kind = "free" if rng.random() < P_FREE else "juxtapleural"
+            hu_k = np.asarray(ct.array[k])
+            ji = ins.sample_centre(lung[k], hu_k, (sy, sx), radius, kind, rng)
         if ji is None and kind == "free":
             kind = "juxtapleural"
             ji = ins.sample_centre(lung[k], hu_k, (sy, sx), radius, kind, rng)
@@ -130,7 +188,7 @@ def paste_mass(ct, lung: np.ndarray, labels: np.ndarray, vois: list, rng: np.ran
         z0, z1 = max(0, k - hz - SLAB_MARGIN), min(len(lung), k + hz + SLAB_MARGIN + 1)
         hu = np.asarray(ct.array[z0:z1], np.float32).copy()
         pm = ins.paste_nodule(hu, nod, (k + cz - mz - z0, ji[0] + cy - my, ji[1] + cx - mx), lung[z0:z1])
-        if lung[z0:z1][pm].mean() < 0.5 or (labels[z0:z1] > 0)[pm].any():
+        if lung[z0:z1][pm].mean() < min_lung_share or (labels[z0:z1] > 0)[pm].any():
             continue
         break
     else:

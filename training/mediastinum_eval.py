@@ -19,7 +19,14 @@ default, never the test scans):
   the centre 0.4-0.9 x the radius inside the lung ("juxta") and at most 0.3 x the radius
   inside it ("abut": half of the nodule merges with the mediastinum, like a mass abutting it),
   clicked at the pasted mask's centroid; the lung mask the rule computes is the one of the scan
-  with the nodules in it.
+  with the nodules in it;
+* **synthetic masses against the mediastinum** (should be kept; ``--masses N`` per scan and seed,
+  own random generator, so the clicks above are unchanged): training patients' solid ``lidc_vois``
+  nodules scaled to 30-80 mm and pasted against the mediastinal lung border
+  (``training.mass_insertion.paste_mass``, placement ``"juxtamediastinal"``: centre in the lung at
+  0.2-0.9 x the radius from its border, near the mediastinum; at least 0.4 of the mass in the lung
+  mask; half of them on ~5 mm slices), each clicked at its centroid (``mass-mediastinal``) and at a
+  random inner voxel (``mass-mediastinal-off``), on the slab that ``paste_mass`` cuts around the mass.
 
 Every click runs the click path's engine (``pipeline.analyze_points``, the default networks; the
 rule is applied after it by the analysis service) and records the rule's features, so the figures
@@ -30,7 +37,9 @@ lungs): the lung fraction - the largest multiple of 0.05 below the smallest nodu
 the largest nodule's; the continuation (``mediastinum.continuation``, which also decides the
 in-lung hilar clicks, so over every nodule click with a larger mask) - the smallest multiple of 0.1
 at least 0.15 above the largest nodule's.  ``MIN_STRUCTURE_MM`` (10 cm) is a clinical bound, not
-fitted: no training nodule is larger than 35 mm.  ``--dump DIR`` saves the larger masks with their
+fitted: no training nodule is larger than 35 mm.  The synthetic masses join the protected class of
+the continuation; :func:`tube_study` measures the vessel signals of :func:`tube_features`
+(third round) the same way.  ``--dump DIR`` saves the larger masks with their
 HU (npz) to compute other features offline.
 
 ``--vois train val`` instead runs the analysis service on those splits' ``lidc_vois`` VOIs and
@@ -46,6 +55,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -178,8 +188,6 @@ def shape_features(ct, mask) -> dict:
         eroded in-plane by one pixel; the whole mask when the erosion is empty),
         ``"n_slices": int``}.
     """
-    import math
-
     from skimage.morphology import convex_hull_image
 
     from NoduleMTLLib.service import mediastinum
@@ -214,6 +222,142 @@ def shape_features(ct, mask) -> dict:
             "n_slices": int(len(a))}
 
 
+def tube_features(ct, mask) -> dict:
+    """Figures that tell a piece of a vessel or of the heart from a bounded lesion (issue 22 item 7,
+    third round; measured by ``training/mediastinum_eval.py``, not from a paper).
+
+    Args:
+        ct: the CT (HU); mask: a non-empty :class:`~NoduleMTLLib.core.consensus.MaskBox` on its grid.
+
+    Returns:
+        ``{"continuation": float in [0, 1]`` (:func:`~NoduleMTLLib.service.mediastinum.continuation`),
+        ``"continuation_core": float in [0, 1]`` (the same on the end slices' core pixels only,
+        :data:`~NoduleMTLLib.service.mediastinum.CORE_MM` from their edge: a curving vessel's rim leaves its lumen),
+        ``"end_fill": float >= 0`` (the smaller end slice's area over the median slice area: a
+        tube cut across keeps a full cross-section at its ends, a lesion tapers; 1 for one slice),
+        ``"roundness": float in [0, 1]`` (median over the slices of >= 10 pixels of
+        sqrt(minor / major principal variance) of the slice's pixels in mm; 1 for a disk),
+        ``"area_cv": float >= 0`` (coefficient of variation of the slice areas, first to last slice),
+        ``"same_hu_contact": float in [0, 1]`` (share of the mask's outer 6-neighbour shell, inside
+        the CT, whose HU lies in the core's band of :func:`~NoduleMTLLib.service.mediastinum.continuation`: a piece cut out of a
+        longer structure touches more of itself than a lesion in lung or fat),
+        ``"side_same_hu": float in [0, 1]`` (the same on the in-plane shell only),
+        ``"lung_contact": float in [0, 1]`` (share of the shell below :data:`mediastinum.AIR_CONTACT_HU`),
+        ``"end_tube_ratio", "end_tube_ratio_o2", "end_tube_ratio_o4": float >= 0`` (:func:`end_tube_ratio`
+        with ``open_mm`` 0, 2 and 4), ``"band_lo", "band_hi": float`` (the core's HU band, HU)}.
+    """
+    from NoduleMTLLib.service import mediastinum
+
+    sx, sy, sz = (float(v) for v in ct.spacing)
+    m = mask.array
+    z0, y0, x0 = mask.offset_zyx
+    nz, ny, nx = ct.shape_zyx
+    cont, (lo, hi) = mediastinum._continuation(ct, mask)
+    cont_core = mediastinum._continuation(ct, mask, core_only=True)[0]
+    areas = m.reshape(len(m), -1).sum(1).astype(float)
+    zs = np.nonzero(areas)[0]
+    a = areas[zs[0]:zs[-1] + 1]
+    end_fill = float(min(a[0], a[-1]) / np.median(a[a > 0]))
+    rounds = []
+    for k in range(len(m)):
+        if areas[k] >= 10:
+            yy, xx = np.nonzero(m[k])
+            ev = np.linalg.eigvalsh(np.cov(np.stack([yy * sy, xx * sx])))
+            rounds.append(math.sqrt(max(ev[0], 0.0) / max(ev[1], 1e-9)))
+    # the outer shell, on the box grown by one voxel and cut to the CT
+    g0 = np.array([z0, y0, x0]) - 1
+    g1 = np.array([z0, y0, x0]) + np.array(m.shape) + 1
+    c0, c1 = np.maximum(g0, 0), np.minimum(g1, (nz, ny, nx))
+    box = np.pad(m, 1)
+    six = ndi.generate_binary_structure(3, 1)
+    shell = ndi.binary_dilation(box, six) & ~box
+    side = ndi.binary_dilation(box, np.array([np.zeros((3, 3)), six[1], np.zeros((3, 3))], bool)) & ~box
+    sl = tuple(slice(int(p - q), int(r - q)) for p, q, r in zip(c0, g0, c1))
+    hu = np.asarray(ct.array[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]], dtype=np.float32)
+    sh, sd = hu[shell[sl]], hu[side[sl]]
+
+    def share(v, lo_, hi_):
+        return float(((v >= lo_) & (v <= hi_)).mean()) if v.size else 0.0
+
+    return {"continuation": cont, "continuation_core": cont_core, "end_fill": end_fill,
+            "roundness": float(np.median(rounds)) if rounds else 1.0,
+            "area_cv": float(a.std() / a.mean()) if a.mean() > 0 else 0.0,
+            "same_hu_contact": share(sh, lo, hi), "side_same_hu": share(sd, lo, hi),
+            "lung_contact": float((sh < mediastinum.AIR_CONTACT_HU).mean()) if sh.size else 0.0,
+            "end_tube_ratio": end_tube_ratio(ct, mask, (lo, hi)),
+            "end_tube_ratio_o2": end_tube_ratio(ct, mask, (lo, hi), 2.0),
+            "end_tube_ratio_o4": end_tube_ratio(ct, mask, (lo, hi), 4.0), "band_lo": lo, "band_hi": hi}
+
+
+#: In-plane margin (mm) of the window in which :func:`end_tube_ratio` follows the structure past the mask's ends.
+TUBE_WINDOW_MM = 20.0
+#: :func:`end_tube_ratio`'s value for an end with no bounded structure (it reaches the window's edge,
+#: or the look-up slice lies outside the CT).
+UNBOUNDED = 99.0
+
+
+def end_tube_ratio(ct, mask, band: tuple[float, float] | None = None, open_mm: float = 0.0) -> float:
+    """Whether what runs on past the mask's ends is a tube of the mask's calibre.
+
+    For each end slice of the mask, on the slice :data:`mediastinum.CONT_DIST_MM` past it (as
+    :func:`~NoduleMTLLib.service.mediastinum.continuation`), the pixels in the core's HU band are split into 4-connected components
+    inside the mask's in-plane box grown by :data:`TUBE_WINDOW_MM`; the components that overlap the
+    end slice's mask are that end's continuing structure.  The end's ratio is their area over the
+    end slice's mask area: about 1 for a vessel cut across (the same cross-section goes on), 0 when
+    nothing goes on (a lesion's rounded end in lung or fat), :data:`UNBOUNDED` when the structure
+    reaches the window's edge (the heart, the mediastinum en bloc beside a mass) or the look-up slice
+    lies outside the CT.  Not from a paper (issue 22 item 7, third round).
+
+    Args:
+        ct: the CT (HU); mask: a non-empty :class:`~NoduleMTLLib.core.consensus.MaskBox` on its grid;
+        band: the core's HU band (low, high) when already computed.
+        open_mm: before splitting, the in-band pixels are opened with a disk of this radius (mm;
+            0: not opened), which cuts bridges narrower than its diameter (soft tissue touching
+            the vessel across a thin fat plane).
+
+    Returns:
+        the larger of the two ends' ratios, float >= 0.
+    """
+    from NoduleMTLLib.service import mediastinum
+
+    sx, sy, sz = (float(v) for v in ct.spacing)
+    m = mask.array
+    z0, y0, x0 = mask.offset_zyx
+    nz, ny, nx = ct.shape_zyx
+    if band is None:
+        hu = np.asarray(ct.array[z0:z0 + m.shape[0], y0:y0 + m.shape[1], x0:x0 + m.shape[2]], dtype=np.float32)
+        band = mediastinum._core_band(hu, m, (sy, sx))
+    lo, hi = band
+    step = max(1, int(math.ceil(mediastinum.CONT_DIST_MM / sz - 1e-6)))
+    wy, wx = int(math.ceil(TUBE_WINDOW_MM / sy)), int(math.ceil(TUBE_WINDOW_MM / sx))
+    a0, a1 = max(0, y0 - wy), min(ny, y0 + m.shape[1] + wy)
+    b0, b1 = max(0, x0 - wx), min(nx, x0 + m.shape[2] + wx)
+    zs = np.nonzero(m.reshape(len(m), -1).any(1))[0]
+    ratios = []
+    for end, d in ((int(zs[0]), -1), (int(zs[-1]), 1)):
+        b = z0 + end + d * step
+        if not 0 <= b < nz:
+            ratios.append(UNBOUNDED)
+            continue
+        h = np.asarray(ct.array[b, a0:a1, b0:b1], dtype=np.float32)
+        inb = (h >= lo) & (h <= hi)
+        if open_mm > 0:
+            ry, rx = open_mm / sy, open_mm / sx
+            yy, xx = np.ogrid[-int(ry):int(ry) + 1, -int(rx):int(rx) + 1]
+            inb = ndi.binary_opening(inb, structure=(yy / max(ry, 1e-6)) ** 2 + (xx / max(rx, 1e-6)) ** 2 <= 1)
+        lab, _ = ndi.label(inb)
+        e = np.zeros(h.shape, bool)
+        e[y0 - a0:y0 - a0 + m.shape[1], x0 - b0:x0 - b0 + m.shape[2]] = m[end]
+        ids = np.unique(lab[e & (lab > 0)])
+        if not ids.size:
+            ratios.append(0.0)
+            continue
+        comp = np.isin(lab, ids)
+        edge = comp[0].any() or comp[-1].any() or comp[:, 0].any() or comp[:, -1].any()
+        ratios.append(UNBOUNDED if edge else float(comp.sum()) / float(m[end].sum()))
+    return max(ratios)
+
+
 def _dump_mask(folder: Path, row: dict, ct, box) -> None:
     """Save a click's mask box and the HU under it (+ 4 voxels) to ``folder`` (npz), for offline features."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -227,9 +371,49 @@ def _dump_mask(folder: Path, row: dict, ct, box) -> None:
     row["dump"] = name
 
 
-def evaluate_scan(folder: Path, seed: int, networks: dict, log=print, dump: Path | None = None) -> list[dict]:
+def mass_clicks(ct, lung: np.ndarray, labels: np.ndarray | None, vois: list, rng: np.random.Generator, n: int,
+                name: str = "") -> list[tuple]:
+    """``n`` synthetic masses against the mediastinum (``training.mass_insertion.paste_mass``,
+    placement ``"juxtamediastinal"``, :data:`MASS_MM`, at least :data:`MASS_MIN_LUNG_SHARE` of the
+    mass in the lung mask), each clicked twice: at the mask's centroid (``mass-mediastinal``) and at
+    a random voxel of its inner part (``mass-mediastinal-off``: at least 0.3 x the largest depth
+    from the mask's edge) -> [(kind, (i, j, k), truth mask, extra, slab CT)]."""
+    from training.insertion import InsertionError
+    from training.mass_insertion import paste_mass
+
+    lab = labels if labels is not None else np.zeros(lung.shape, np.uint8)
+    out = []
+    for _ in range(n):
+        try:
+            sm = paste_mass(ct, lung, lab, vois, rng, name, placement="juxtamediastinal", target_mm=MASS_MM,
+                            min_lung_share=MASS_MIN_LUNG_SHARE)
+        except InsertionError:
+            continue
+        m = sm.mask
+        extra = {k: sm.record[k] for k in ("target_mm", "thick_factor", "slice_mm", "voi", "mass_ml") if k in sm.record}
+        c = np.array(np.nonzero(m)).mean(1).round().astype(int)
+        if not m[tuple(c)]:
+            c = np.argwhere(m)[len(np.argwhere(m)) // 2]
+        sx, sy, sz = sm.ct.spacing
+        dep = ndi.distance_transform_edt(m, sampling=(sz, sy, sx))
+        cand = np.argwhere(dep >= 0.3 * dep.max())
+        o = cand[int(rng.integers(len(cand)))]
+        for kind, v in (("mass-mediastinal", c), ("mass-mediastinal-off", o)):
+            out.append((kind, (int(v[2]), int(v[1]), int(v[0])), m, dict(extra), sm.ct))
+    return out
+
+
+#: Synthetic masses of :func:`mass_clicks`: diameter range (mm) and smallest share in the lung mask.
+MASS_MM = (30.0, 80.0)
+MASS_MIN_LUNG_SHARE = 0.4
+
+
+def evaluate_scan(folder: Path, seed: int, networks: dict, log=print, dump: Path | None = None,
+                  n_masses: int = 0, vois: list | None = None) -> list[dict]:
     """Every click of the module docstring on one whole scan -> one record per click (``dump``: a
-    folder where the non-small masks are saved, :func:`_dump_mask`)."""
+    folder where the non-small masks are saved, :func:`_dump_mask`; ``n_masses``: synthetic masses
+    against the mediastinum, :func:`mass_clicks`, from ``vois`` = ``training.mass_insertion.solid_vois()``,
+    with their own random generator, so the other clicks are unchanged)."""
     import SimpleITK as sitk
 
     from NoduleMTLLib import DEFAULT_NETWORKS
@@ -267,9 +451,11 @@ def evaluate_scan(folder: Path, seed: int, networks: dict, log=print, dump: Path
     # in-lung hilar clicks (own generator: the clicks above are those of the first version of this evaluation)
     clicks += [(kind, ijk, None, {}) for kind, ijk in
                hilum_points(lung, hu, ct.spacing, np.random.default_rng(seed + 7_000_000), avoid)]
+    clicks = [c + ((ct2 if c[2] is not None else ct),) for c in clicks]
+    if n_masses:
+        clicks += mass_clicks(ct, lung, labels, vois, np.random.default_rng(seed + 8_000_000), n_masses, folder.name)
     rows = []
-    for kind, (i, j, k), truth, extra in clicks:
-        c_ = ct2 if truth is not None else ct
+    for kind, (i, j, k), truth, extra, c_ in clicks:
         p = c_.image.TransformIndexToPhysicalPoint((i, j, k))
         # the engine's answer (the service applies the rule after it: NoduleMTLLib.service.analysis.analyze)
         n = pipeline.analyze_points(c_, [p], network_ids=DEFAULT_NETWORKS, device="cpu", networks=networks).nodules[0]
@@ -280,7 +466,8 @@ def evaluate_scan(folder: Path, seed: int, networks: dict, log=print, dump: Path
             row.update(diameter_mm=round(d_mm, 1), volume_mm3=round(n.volume_mm3),
                        small=mediastinum.is_small(d_mm, n.volume_mm3),
                        features=None if f is None else {k_: round(v, 4) if isinstance(v, float) else v for k_, v in f.items()},
-                       shape={k_: round(v, 4) for k_, v in shape_features(c_, n.mask_box).items()})
+                       shape={k_: round(v, 4) for k_, v in shape_features(c_, n.mask_box).items()},
+                       tube={k_: round(v, 4) for k_, v in tube_features(c_, n.mask_box).items()})
             if dump is not None and not row["small"]:
                 _dump_mask(dump, row, c_, n.mask_box)
             if truth is not None:
@@ -307,37 +494,121 @@ def refused(r: dict, continuation_signal: bool | None = None) -> bool:
 
 
 def is_nodule(r: dict) -> bool:
-    """A click on a nodule (the readers' or a pasted one), as opposed to a mediastinal or hilar click."""
-    return r["kind"] == "labelled-nodule" or r["kind"].startswith("inserted")
+    """A click on a nodule or mass (the readers', a pasted nodule or a synthetic mass), as opposed to
+    a mediastinal or hilar click."""
+    return r["kind"] == "labelled-nodule" or r["kind"].startswith(("inserted", "mass"))
 
 
 def choose(rows: list[dict]) -> dict:
-    """The rule's fitted constants from the nodule clicks at stake (``NoduleMTLLib.service.mediastinum``):
-    the lung fraction - the largest multiple of 0.05 below the smallest nodule's; the z ratio - the
-    smallest multiple of 0.1 at least 0.15 above the largest nodule's."""
-    nod = [r for r in rows if is_nodule(r) and at_stake(r)]
+    """The rule's fitted constants (``NoduleMTLLib.service.mediastinum``).
+
+    From the nodule clicks at stake (readers' and pasted nodules, the protected class these two
+    were chosen on): the lung fraction - the largest multiple of 0.05 below the smallest nodule's;
+    the z ratio - the smallest multiple of 0.1 at least 0.15 above the largest nodule's.  From every
+    protected click with a larger mask (nodules and, when present, the synthetic masses: the
+    continuation also decides in-lung hilar clicks): the continuation - the smallest multiple of 0.1
+    at least 0.15 above the largest.  The synthetic masses' own figures are reported beside them
+    (``masses_*``): they lie mostly outside the lung mask by design of the rule (only the shape and
+    the continuation protect them), so the lung fraction is not re-fitted on them."""
+    nod = [r for r in rows if is_nodule(r) and not r["kind"].startswith("mass") and at_stake(r)]
     fr = min(r["features"]["lung_fraction"] for r in nod)
     zr = max(r["features"]["z_extent_mm"] / r["diameter_mm"] for r in nod)
     out = {"nodules_at_stake": len(nod), "smallest_nodule_lung_fraction": round(fr, 4),
            "largest_nodule_z_ratio": round(zr, 3), "min_lung_fraction": round(np.ceil(fr / 0.05 - 1) * 0.05, 2),
            "min_z_ratio": round(np.ceil((zr + 0.15) / 0.1 - 1e-9) * 0.1, 1)}
+    ms = [r for r in rows if r["kind"].startswith("mass") and at_stake(r)]
+    if ms:
+        zs = sorted((r["features"]["z_extent_mm"] / r["diameter_mm"], r.get("dice")) for r in ms)
+        out.update(masses_at_stake=len(ms),
+                   masses_under_min_lung_fraction=sum(r["features"]["lung_fraction"] < 0.2 for r in ms),
+                   masses_largest_z_ratios_with_dice=[[round(z, 3), d] for z, d in zs[-3:]])
     big = [r for r in rows if is_nodule(r) and r.get("found") and not r.get("small") and r.get("features")
            and "continuation" in r["features"]]
-    if big:  # the continuation applies to in-lung (hilar) clicks too: every nodule click with a larger mask
+    if big:  # the continuation applies to in-lung (hilar) clicks too: every protected click with a larger mask
         c = max(r["features"]["continuation"] for r in big)
         out.update(nodules_with_larger_mask=len(big), largest_nodule_continuation=round(c, 4),
                    min_continuation=round(np.ceil((c + 0.15) / 0.1 - 1e-9) * 0.1, 1))
     return out
 
 
+#: Figures of :func:`tube_features` studied as vessel / heart signals (third round), and
+#: the sense in which each points to a vessel (+1: higher; -1: lower).
+TUBE_FEATURES = {"continuation": 1, "continuation_core": 1, "same_hu_contact": 1, "side_same_hu": 1,
+                 "end_fill": 1, "roundness": 1, "area_cv": -1, "lung_contact": -1}
+#: The tube signal (the ratio of :func:`end_tube_ratio`), fixed before the data were seen: a tube of the
+#: mask's calibre goes on past both ends (ratio at most this) ...
+TUBE_RATIO = 2.0
+#: ... and the protected clicks that decide its continuation threshold are those with a ratio up to
+#: this factor x :data:`TUBE_RATIO` (the margin on the ratio) ...
+TUBE_RATIO_MARGIN = 1.5
+#: ... the threshold being at least this (most of the end slices goes on).
+TUBE_MIN_CONTINUATION = 0.5
+
+
+def eligible(r: dict) -> bool:
+    """A click the rule can refuse with a vessel signal: outside the lung mask, between the lungs,
+    under ``MIN_LUNG_FRACTION`` of the mask in the lung mask; or inside it within ``HILUM_MM`` of
+    the mediastinum."""
+    from NoduleMTLLib.service import mediastinum
+
+    f = r["features"]
+    if f["click_in_lung"]:
+        return f.get("click_to_mediastinum_mm", float("inf")) <= mediastinum.HILUM_MM
+    return bool(f["between_lungs"] and f["lung_fraction"] < mediastinum.MIN_LUNG_FRACTION)
+
+
+def tube_study(rows: list[dict], margin: float = 0.15) -> dict:
+    """Each :data:`TUBE_FEATURES` figure as a one-feature vessel signal, chosen as the continuation
+    was: the threshold is the nearest multiple of 0.1 at least ``margin`` beyond the most vessel-like
+    value of a protected click (readers' nodule, pasted nodule or synthetic mass) with a larger mask,
+    in or out of the lung; then the mediastinal / hilar clicks with a larger mask that it would
+    refuse on top of the shipped rule (``eligible`` and not refused as shipped), and those >= 40 mm.
+    Rows without ``tube`` figures (records of the earlier rounds) are skipped."""
+    big = [r for r in rows if r.get("found") and not r.get("small") and r.get("features") and r.get("tube")]
+    prot = [r for r in big if is_nodule(r)]
+    other = [r for r in big if not is_nodule(r) and eligible(r) and not refused(r)]
+    out = {"protected_larger": len(prot), "mediastinal_hilar_eligible_kept": len(other)}
+    for f, sense in TUBE_FEATURES.items():
+        if not prot:
+            break
+        worst = max(sense * r["tube"][f] for r in prot)
+        thr = float(np.ceil((worst + margin) / 0.1 - 1e-9) * 0.1)
+        hit = [r for r in other if sense * r["tube"][f] >= thr - 1e-9]
+        out[f] = {"most_vessel_like_protected": round(sense * worst, 4), "threshold": round(sense * thr, 1),
+                  "more_refused": len(hit), "more_refused_ge_40mm": sum(r["diameter_mm"] >= 40 for r in hit)}
+    for key in ("end_tube_ratio", "end_tube_ratio_o2", "end_tube_ratio_o4"):
+        if not prot or not all(key in r["tube"] for r in big):
+            continue
+        # the tube signal: continuation >= c and the ratio <= TUBE_RATIO; c from the protected
+        # clicks with a ratio <= TUBE_RATIO_MARGIN x TUBE_RATIO (margin 0.15 as above)
+        near = [r for r in prot if r["tube"][key] <= TUBE_RATIO_MARGIN * TUBE_RATIO]
+        worst = max([r["tube"]["continuation"] for r in near] or [0.0])
+        thr = max(TUBE_MIN_CONTINUATION, float(np.ceil((worst + margin) / 0.1 - 1e-9) * 0.1))
+        hit = [r for r in other if r["tube"]["continuation"] >= thr - 1e-9 and r["tube"][key] <= TUBE_RATIO]
+        out[f"tube_signal_{key}"] = {"max_ratio": TUBE_RATIO, "protected_within_ratio_margin": len(near),
+                              "their_largest_continuation": round(worst, 4), "min_continuation": round(thr, 1),
+                              "more_refused": len(hit), "more_refused_ge_40mm": sum(r["diameter_mm"] >= 40 for r in hit),
+                              "more_refused_not_by_continuation_alone": sum(
+                                  r["tube"]["continuation"] < mediastinum_min_continuation() for r in hit)}
+    return out
+
+
+def mediastinum_min_continuation() -> float:
+    """``mediastinum.MIN_CONTINUATION`` (the continuation signal's own threshold)."""
+    from NoduleMTLLib.service import mediastinum
+
+    return mediastinum.MIN_CONTINUATION
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Counts per kind under the rule's current constants, and the constants the rows choose."""
+    """Counts per kind under the rule's current constants, the constants the rows choose, and
+    :func:`tube_study`."""
     from NoduleMTLLib.service import mediastinum
 
     out = {"rule": {"min_lung_fraction": mediastinum.MIN_LUNG_FRACTION, "min_z_ratio": mediastinum.MIN_Z_RATIO,
                     "min_structure_mm": mediastinum.MIN_STRUCTURE_MM, "min_continuation": mediastinum.MIN_CONTINUATION,
                     "hilum_mm": mediastinum.HILUM_MM, "continuation_signal": mediastinum.CONTINUATION_SIGNAL},
-           "chosen_here": choose(rows)}
+           "chosen_here": choose(rows), "tube_study": tube_study(rows)}
     for kind in sorted({r["kind"] for r in rows}):
         rs = [r for r in rows if r["kind"] == kind]
         big = [r for r in rs if r["found"] and not r.get("small")]
@@ -410,6 +681,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--summary-only", action="store_true", help="summarize an existing --out file")
+    ap.add_argument("--masses", type=int, default=0,
+                    help="synthetic masses against the mediastinum per scan and seed (mass_clicks; protected class)")
     ap.add_argument("--dump", type=Path, help="save the non-small masks and their HU here (npz per click)")
     ap.add_argument("--vois", nargs="+", choices=("train", "val"),
                     help="instead: count the rule's refusals on these splits' lidc_vois through the analysis service")
@@ -429,12 +702,16 @@ def main(argv=None) -> int:
     if not a.summary_only:
         scans = load_split()[a.role]  # never "test"
         nets = {n: load_network(n, "cpu") for n in DEFAULT_NETWORKS}
+        vois = None
+        if a.masses:
+            from training.mass_insertion import solid_vois
+            vois = solid_vois()
         rows = []
         with open(out, "w") as fh:
             for seed in a.seeds:
                 for s in scans:
                     for r in evaluate_scan(_cache_root() / s, seed * 1000 + int(s[-4:]), nets, log=lambda m: None,
-                                           dump=a.dump):
+                                           dump=a.dump, n_masses=a.masses, vois=vois):
                         fh.write(json.dumps(r) + "\n")
                         fh.flush()
                         rows.append(r)

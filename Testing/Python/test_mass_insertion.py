@@ -77,3 +77,30 @@ def test_mass_outcome_counts_nodules_and_inside_fractions():
 def test_no_mass_is_pasted_into_a_test_scan():
     with pytest.raises(ValueError, match="test / reserved"):
         mi.evaluate_masses(["LIDC-IDRI-0003"])
+
+
+def test_juxtamediastinal_mass_touches_the_mediastinum(pasted):
+    """``placement="juxtamediastinal"`` (the masses ``training/mediastinum_eval.py`` protects): the
+    mass lies against the mediastinum of its slices (the opened convex hull of the slice's lung
+    minus the lung, as the mediastinal rule defines it), partly in the lung; an unknown placement
+    is an error."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import convex_hull_image
+
+    from training.insertion import InsertionError
+
+    ct, lung, vois, _ = pasted
+    labels = np.zeros(lung.shape, np.uint8)
+    sm = mi.paste_mass(ct, lung, labels, vois, np.random.default_rng(5), TRAIN_SCAN, placement="juxtamediastinal",
+                       target_mm=(30.0, 80.0), min_lung_share=0.4)
+    r = sm.record
+    assert r["kind"] == "juxtamediastinal" and 30.0 <= r["target_mm"] <= 80.0
+    f, z0 = r["thick_factor"], r["slab_z0"]
+    ks = np.nonzero(sm.mask.any((1, 2)))[0]
+    k = int(ks[len(ks) // 2])  # the mass's middle (thick) slice -> its first native slice
+    lk = lung[z0 + k * f]
+    med = ndi.binary_opening(convex_hull_image(lk) & ~lk, iterations=2)
+    dm = ndi.distance_transform_edt(~med, sampling=ct.spacing[1::-1])
+    assert dm[sm.mask[k]].min() <= 10.0  # reaches the mediastinum (placement tolerance: 0.1 x radius + 1 pixel)
+    with pytest.raises(InsertionError):
+        mi.paste_mass(ct, lung, labels, vois, np.random.default_rng(5), TRAIN_SCAN, placement="hilum")

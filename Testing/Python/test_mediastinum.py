@@ -126,6 +126,28 @@ def test_continuation_of_a_piece_of_tube():
     assert mediastinum.continuation(CTVolume(img), box) == 0.0
 
 
+def test_tube_features_of_a_piece_of_tube_and_of_lesions():
+    """``training.mediastinum_eval.tube_features`` (third round, measured there, not shipped):
+    the piece of the hilar tube goes on past both ends with its own calibre (continuation 1, end
+    tube ratio 1, full end slices); the nodule and the mass end (nothing in their band past their
+    ends: ratio 0, tapered end slices); the nodule is wrapped in lung; the heart's and the aorta's
+    continuation is the body's soft tissue, which reaches the window's edge (unbounded: this
+    phantom has no fat around its vessels); a mask through every slice has no look-up slice
+    (unbounded, continuation 0: no evidence)."""
+    from training.mediastinum_eval import UNBOUNDED, tube_features
+
+    f = {k: tube_features(*_build(k)[1:]) for k in CENTRE}
+    assert f["hilar"]["continuation"] == 1.0 and f["hilar"]["end_tube_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert f["hilar"]["end_fill"] == pytest.approx(1.0) and f["hilar"]["roundness"] > 0.9
+    for k in ("nodule", "mass"):
+        assert f[k]["continuation"] == 0.0 and f[k]["end_tube_ratio"] == 0.0 and f[k]["end_fill"] < 0.2, (k, f[k])
+    assert f["nodule"]["lung_contact"] > 0.95 and f["nodule"]["same_hu_contact"] == 0.0
+    assert 0.3 < f["mass"]["lung_contact"] < 0.7  # half in the lung, half against the mediastinum
+    for k in ("heart", "aorta", "vessel"):
+        assert f[k]["end_tube_ratio"] == UNBOUNDED and f[k]["lung_contact"] == 0.0, (k, f[k])
+    assert f["vessel"]["continuation"] == 0.0
+
+
 def test_small_masks_and_crops_are_left_alone():
     kind, ct, box = _build("heart")
     p = _point(ct, CENTRE[kind])
