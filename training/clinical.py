@@ -16,13 +16,13 @@ nodules in validation alone are too few for a threshold), the size correction
 on training + validation pooled; the in-sample head is reported as a caveat, not used by the
 calcification rule.
 
-References (per VOI, from ``lidc_vois/labels.csv`` and the consensus mask):
+References (per VOI, from ``lidc_vois/labels.csv`` and the readers' mask: the union of their outlines):
 
 * type from the median LIDC texture rating: <= 2 ground-glass, 3 part-solid, >= 4 solid
   ("subsolid" = texture <= 3);
 * benign calcification from the LIDC calcification rating: 1 popcorn, 2 laminated, 3 solid,
   5 central (Lung-RADS v2022 benign patterns); 4 non-central and 6 absent are not benign;
-* long / short axis and Lung-RADS mean diameter of the readers' consensus mask with the same
+* long / short axis and Lung-RADS mean diameter of the readers' (union) mask with the same
   function as the product (``NoduleMTLLib.core.postprocess.axial_diameters``).
 """
 
@@ -127,7 +127,7 @@ def _split(tab, *names):
 
 
 def size_figures(tab: list[dict]) -> dict:
-    """Long-axis / mean-diameter ratios of the found nodules' masks to the readers' consensus masks, and Dice."""
+    """Long-axis / mean-diameter ratios of the found nodules' masks to the readers' (union) masks, and Dice."""
     f = [r for r in tab if r["found"] and r["ref"].get("n_voxels")]
     la = np.array([r["pred"]["long_axis_mm"] / r["ref"]["long_axis_mm"] for r in f])
     md = np.array([r["pred"]["mean_diameter_mm"] / max(r["ref"]["mean_diameter_mm"], 0.1) for r in f])
@@ -224,7 +224,7 @@ def choose_threshold(tables: dict[float, list[dict]]) -> tuple[float, dict]:
 
 def fit_size_correction(tab: list[dict]) -> dict:
     """Size correction of the network's mask at the chosen threshold: per axis, the inverse of the
-    median ratio (mask's axis / readers' consensus mask's axis, both with
+    median ratio (mask's axis / readers' (union) mask's axis, both with
     ``postprocess.axial_diameters``) over the found nodules of the training + validation patients.
     A multiplicative factor per axis: a log-linear function of the measured size, or added short-axis,
     volume and HU terms, did not raise the share within 15 % in patient-grouped 5-fold CV
@@ -256,7 +256,7 @@ def oof_size_correction(recs: list[dict], k: int = 5, seed: int = 0) -> tuple[np
 
 def corrected_size_ratios(recs: list[dict], corr=None) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Per found nodule of ``recs`` with a reference mask: its long / short axis and Lung-RADS
-    mean-diameter ratio to the readers' consensus mask's, with a size correction.
+    mean-diameter ratio to the readers' (union) mask's, with a size correction.
 
     Args:
         recs: table rows (:func:`table_row`).
@@ -614,7 +614,7 @@ def type_lung_rads_cv(tab: list[dict], stage1: tuple, stage2: tuple, corr: dict 
     in-sample factors of :func:`fit_size_correction`; ``"cv"``: refitted on the training folds of every
     fold, :func:`oof_size_correction`; None: as measured), its solid component (part-solid)
     and the benign-calcification rule ``calc_rule`` (:func:`fit_calcification`'s ``chosen``; None: no
-    benign call); the reference: the same on the readers' consensus mask, texture and calcification
+    benign call); the reference: the same on the readers' (union) mask, texture and calcification
     ratings (``training.lung_rads_eval.reference_category``).
 
     Args:
@@ -710,7 +710,7 @@ def size_tradeoff(tables: dict[float, list[dict]] | None = None, thresholds=TRAD
 
     For every threshold: the constant size correction (:func:`fit_size_correction`, 1 / median ratio per
     axis) refitted by patient-grouped 5-fold CV, ``repeats`` seeds (:func:`oof_size_correction`), and the
-    out-of-fold long-axis / mean-diameter ratios to the readers' consensus masks
+    out-of-fold long-axis / mean-diameter ratios to the readers' (union) masks
     (:func:`corrected_size_figures`; means over the repeats; also on the validation rows alone, whose
     masks are out-of-sample for DSMT-Net) and the difference of the shares within 15 % to the first
     threshold's (paired per nodule, patient-bootstrap 95 % interval); with ``lung_rads``, the out-of-fold Lung-RADS agreement with the

@@ -6,12 +6,12 @@
 ``lidc_vois`` nodule of the split (3D HU click path), and compares its Lung-RADS v2022 category
 with the **reference category**: the same :func:`NoduleMTLLib.clinical.lung_rads.categorize` applied to
 
-* the size of the readers' consensus mask (long / short axis with
+* the size of the readers' mask (the union of their outlines) (long / short axis with
   :func:`NoduleMTLLib.core.postprocess.axial_diameters`, Lung-RADS mean diameter); the ``lidc_vois``
   mask, which is the **union** of the readers' masks (Dice 1.000 with the readers' union on 771
   registered nodules, ``training.reader_agreement``), not their >= 50 % consensus;
 * the type from the median LIDC texture rating (<= 2 ground-glass, 3 part-solid, >= 4 solid),
-  the solid component of a part-solid nodule measured on the consensus mask (largest connected
+  the solid component of a part-solid nodule measured on the readers' (union) mask (largest connected
   part >= -300 HU, as in the product);
 * benign calcification from the LIDC calcification rating (1 popcorn, 2 laminated, 3 solid,
   5 central -> category 1).
@@ -47,7 +47,7 @@ def texture_class(texture: float) -> str:
 
 
 def reference_category(ref_mask: np.ndarray, ct, texture: float, calcification_rating: int) -> dict:
-    """Reference Lung-RADS category from the readers' consensus mask and ratings (module docstring)."""
+    """Reference Lung-RADS category from the readers' mask (the union of their outlines) and ratings (module docstring)."""
     from NoduleMTLLib.clinical import lung_rads
 
     m = lung_rads.mask_measurements(ref_mask, ct)
@@ -156,7 +156,7 @@ def markdown(ev: dict) -> str:
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"Lung-RADS v2022 (baseline) on the {ev['split']} patients' HU VOIs, default click path "
              f"({', '.join(ev['networks'])}; mask thresholds {ev['mask_thresholds']}), "
-             f"click at the labelled centre; reference = same rules on the readers' consensus mask + texture + calcification ratings.", "",
+             f"click at the labelled centre; reference = same rules on the readers' (union) mask + texture + calcification ratings.", "",
              f"- exact agreement **{s['exact']:.3f}** ({round(s['exact'] * s['n'])}/{s['n']}); under-calls {s['under_calls']:.3f} "
              f"({s['n_under']}), over-calls {s['over_calls']:.3f} ({s['n_over']})",
              f"- benign calcification (rating 1/2/3/5): {s['benign_calcification_called_1']}/{s['benign_calcification_reference']} "

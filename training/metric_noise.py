@@ -108,16 +108,21 @@ def _auc(rows):
     return roc_auc(y, [r["probability"] for r in rows])
 
 
+def _pred_cat(r):
+    return (r.get("predicted") or {}).get("category")
+
+
 def _exact(rows):
-    return float(np.mean([r["predicted"]["category"] == r["reference"]["category"] for r in rows]))
+    return float(np.mean([_pred_cat(r) == r["reference"]["category"] for r in rows]))
 
 
 def _under(rows):
-    return float(np.mean([_rank(r["predicted"]["category"]) < _rank(r["reference"]["category"]) for r in rows]))
+    return float(np.mean([_pred_cat(r) is not None and _rank(_pred_cat(r)) < _rank(r["reference"]["category"])
+                          for r in rows]))
 
 
 def _within(rows):
-    v = [abs(r["predicted"]["long_axis_mm"] / r["reference"]["long_axis_mm"] - 1.0) <= 0.15 for r in rows]
+    v = [abs(r["predicted"]["long_axis_mm"] / max(r["reference"]["long_axis_mm"], 1e-6) - 1.0) <= 0.15 for r in rows]
     return float(np.mean(v)) if v else None
 
 
@@ -129,12 +134,17 @@ def analyse(ev: dict, n_boot: int = N_BOOT, n_draws: int = N_DRAWS) -> dict:
         "long_axis_within_15pct", "type", "targets"}; every figure as {"value", "ci95"} (ECE also
         with the calibrated model's distribution).
     """
+    from training.lung_rads_eval import texture_class
+
+    # the same rows and denominators as lung_rads_eval.summarize: categories over every nodule (a
+    # nodule without a prediction is neither exact nor an under-call), axes and types over the
+    # assessed ones, malignancy over the labelled ones with a probability, Dice over all (0 if missed)
     nod = ev["nodules"]
-    found = [r for r in nod if r.get("found") and r.get("predicted") and r.get("reference")]
-    lab = [r for r in found if r.get("label") in (0, 1) and r.get("probability") is not None]
-    cats = [r for r in found if r["predicted"].get("category") and r["reference"].get("category")]
-    axes = [r for r in found if r["predicted"].get("long_axis_mm") and r["reference"].get("long_axis_mm")]
-    dice = [r for r in nod if r.get("dice") is not None]
+    found = [r for r in nod if r.get("predicted")]
+    lab = [r for r in nod if r.get("label") in (0, 1) and r.get("probability") is not None]
+    cats = nod
+    axes = found
+    dice = nod
 
     from training.calibration import ece
 
@@ -156,10 +166,10 @@ def analyse(ev: dict, n_boot: int = N_BOOT, n_draws: int = N_DRAWS) -> dict:
     out["lung_rads"] = {"n": len(cats), "exact": {"value": _exact(cats), "ci95": patient_bootstrap(cats, _exact, n_boot)},
                         "under_calls": {"value": _under(cats), "ci95": patient_bootstrap(cats, _under, n_boot)}}
     out["long_axis_within_15pct"] = {"n": len(axes), "value": _within(axes), "ci95": patient_bootstrap(axes, _within, n_boot)}
-    solid = [r for r in found if r["reference"].get("type") == "solid"]
-    sub = [r for r in found if r["reference"].get("type") in ("part-solid", "ground-glass")]
+    solid = [r for r in found if texture_class(r["texture"]) == "solid"]
+    sub = [r for r in found if texture_class(r["texture"]) != "solid"]
     ks = sum(r["predicted"]["type"] == "solid" for r in solid)
-    kb = sum(r["predicted"]["type"] in ("part-solid", "ground-glass") for r in sub)
+    kb = sum(r["predicted"]["type"] != "solid" for r in sub)
     out["type"] = {"solid_called_solid": {"k": ks, "n": len(solid), "value": ks / max(1, len(solid)),
                                           "ci95": wilson(ks, len(solid)) if solid else None},
                    "subsolid_called_subsolid": {"k": kb, "n": len(sub), "value": kb / max(1, len(sub)),

@@ -25,7 +25,7 @@ What is implemented (parenchymal nodules, **baseline rules only**):
   pixels across gets a note (too small to measure reliably).
 * **Size**: the mask is the default network's at its measured threshold (clinical.json
   ``mask_threshold``: chosen on validation patients so that the long axis matches the
-  readers' consensus masks without lowering the Dice; 0.5 under-measured by ~10 %), and its
+  readers' masks (the union of their outlines) without lowering the Dice; 0.5 under-measured by ~10 %), and its
   long / short axis carry the network's measured size correction (clinical.json
   ``size_correction``, :func:`size_correction`: the remaining median bias against the readers'
   masks, 0.95x, over training + validation patients), applied by
@@ -156,7 +156,7 @@ def size_correction(network_id: str) -> dict | None:
     Returns ``{"long_axis_factor", "short_axis_factor", "network", "fitted_on"}``: the factors
     (dimensionless, > 0) by which :func:`NoduleMTLLib.core.postprocess.measure_nodule` multiplies the
     long / short axis of that network's mask at its measured threshold (:func:`mask_threshold`):
-    the inverse of the median ratio of the mask's axis to the LIDC readers' consensus mask's
+    the inverse of the median ratio of the mask's axis to the LIDC readers' mask's (the union of their outlines)
     (``python -m training.clinical fit``, training + validation patients).
     """
     try:

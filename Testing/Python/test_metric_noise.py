@@ -50,3 +50,20 @@ def test_figures_agree_with_the_evaluators_summary():
     assert a["type"]["subsolid_called_subsolid"]["value"] == pytest.approx(s["type"]["subsolid_called_subsolid"])
     lo, hi = a["malignancy"]["auc"]["ci95"]
     assert lo <= s["malignancy"]["auc"] <= hi
+
+
+@pytest.mark.skipif(not REPORT.exists(), reason="no committed lung-rads test report")
+def test_a_missed_nodule_counts_as_the_evaluator_counts_it():
+    """A nodule without a prediction stays in the category denominator (neither exact nor an
+    under-call), as in ``lung_rads_eval.summarize``."""
+    from training.lung_rads_eval import summarize
+
+    ev = json.loads(REPORT.read_text())
+    recs = [dict(r) for r in ev["nodules"]]
+    recs[0] = dict(recs[0], predicted=None, found=False, dice=0.0)
+    a = mn.analyse(dict(ev, nodules=recs), n_boot=20, n_draws=20)
+    s = summarize(recs)
+    assert a["lung_rads"]["exact"]["value"] == pytest.approx(s["exact"])
+    assert a["lung_rads"]["under_calls"]["value"] == pytest.approx(s["under_calls"])
+    assert a["dice_median"]["value"] == pytest.approx(s["dice_median"])
+    assert a["type"]["solid_called_solid"]["n"] + a["type"]["subsolid_called_subsolid"]["n"] == len(recs) - 1
