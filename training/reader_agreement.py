@@ -391,6 +391,8 @@ def pair_records(nod: dict, hu: np.ndarray | None = None, rule: str = "union") -
         (la_c, sa_c), (la_r, sa_r) = axial_diameters(cand, ct), axial_diameters(ref, ct)
         c_nh, r_nh = category_no_hu(cand, ct, tex_r, cal_r), category_no_hu(ref, ct, tex_o, cal_o)
         s_nh = category_no_hu(cand, ct, tex_o, cal_o)  # size only: the reader's mask, the others' ratings
+        if not ref.any():  # an empty reference (>= 50 % rule, disjoint others): no category on either path
+            c_nh, r_nh, s_nh = (dict(x, category=None) for x in (c_nh, r_nh, s_nh))
         rec = {"patient_id": nod["patient_id"], "nodule": nod["nodule"], "reader": r, "n_others": len(nod["readers"]) - 1,
                "texture_reader": tex_r, "texture_others": tex_o, "calcification_reader": cal_r, "calcification_others": cal_o,
                "type_reader": texture_class(tex_r), "type_others": texture_class(tex_o),

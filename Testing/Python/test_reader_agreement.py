@@ -140,3 +140,22 @@ def test_half_rule_is_the_training_target(shared_data, nodules):
     assert np.array_equal(loaded[n["nodule"]].consensus, ra.consensus_of(n["readers"], "half"))
     assert np.array_equal(reader_consensus(n["readers"][:2]), n["readers"][:2].any(0))  # 1 of 2 counts
     assert not np.array_equal(ra.consensus_of(n["readers"], "half"), ra.consensus_of(n["readers"], "union"))
+
+
+def test_an_empty_reference_gets_no_category_on_either_path():
+    """Four readers with disjoint outlines: under the >= 50 % rule the other three leave nothing, and
+    neither the no-HU nor the HU path categorizes a 0 mm reference."""
+    from training import reader_agreement as ra
+
+    readers = np.zeros((4, 3, 128, 128), bool)
+    for r in range(4):
+        readers[r, :, 20 + 25 * r:35 + 25 * r, 50:65] = True
+    nod = {"patient_id": "P", "nodule": 1, "image": np.zeros((3, 128, 128), np.uint8), "readers": readers,
+           "texture": np.array([5.0, 5.0, 5.0, 5.0]), "calcification": np.array([6.0, 6.0, 6.0, 6.0]),
+           "spacing_mm": 0.7, "thickness_mm": 2.5}
+    recs = ra.pair_records(nod, hu=np.full((3, 128, 128), -800.0, np.float32), rule="half")
+    assert len(recs) == 4
+    for rec in recs:
+        assert rec["category_others"] is None and rec["category_reader"] is None and rec["category_hu_others"] is None
+    union = ra.pair_records(nod, rule="union")
+    assert all(rec["category_others"] is not None for rec in union)  # the union of the others is never empty here
