@@ -174,14 +174,20 @@ def load_vois(data_root=None, patients=None, min_diameter_mm: float = 3.0, max_d
         ValueError: a requested patient that is not a training patient (reserved, val,
             test) - before any image is read.  FileNotFoundError: missing folder / file.
     """
-    import SimpleITK as sitk
-
     allowed = insertion_patients()
     if patients is None:
         patients = allowed
     bad = sorted(set(patients) - allowed)
     if bad:
         raise ValueError(f"{bad[:5]} are not training patients of the split: their nodules are never inserted")
+    return _read_vois(data_root, patients, min_diameter_mm, max_diameter_mm, limit)
+
+
+def _read_vois(data_root, patients, min_diameter_mm: float, max_diameter_mm: float, limit: int | None) -> list[VOI]:
+    """Read the ``lidc_vois`` nodules of ``patients`` (no split check: callers check first,
+    :func:`load_vois` and ``training.small_insertion.load_validation_vois``)."""
+    import SimpleITK as sitk
+
     root = Path(data_root or default_data_root()) / "lidc_vois"
     with open(root / "labels.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["patient_id"] in patients
