@@ -269,6 +269,11 @@ def search_slab(ct, p: dict, lung: np.ndarray, thr: float, model, fpr, name: str
     cands = merged.nodules
     rec = {"lung_share": round(float(slab_lung.mask[pm].mean()), 3), "pasted_eq_diameter_mm": round(d_eq, 2),
            "slab_z0": int(z0), "slab_slices": int(z1 - z0), "n_candidates": len(cands)}
+    if cands:  # diagnostics: the nearest candidate of any score, whether or not it hits
+        dist = np.linalg.norm((np.array([n.centre_ijk for n in cands], float) - (ii, jj, kk)) * np.asarray(ct.spacing),
+                              axis=1)
+        rec["nearest_candidate_mm"] = round(float(dist.min()), 2)
+        rec["nearest_candidate_score"] = round(float(cands[int(dist.argmin())].score), 4)
     hits = hit_index([n.centre_ijk for n in cands], ct.spacing, (ii, jj, kk), radius)
     if not hits:
         return {**rec, "hit": False, "score": None, "fpr": None, "combined": None, "fpr_tta": None,
