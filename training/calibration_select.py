@@ -63,11 +63,21 @@ def oof(y, p, groups, method: str, repeats: int = REPEATS) -> np.ndarray:
 
 
 def boot_ci(values_fn, groups, n: int = N_BOOT, seed: int = SEED) -> tuple[float, float]:
-    """95 % percentile interval of ``values_fn(index array)`` resampling patients."""
+    """95 % percentile interval of ``values_fn(index array)`` resampling patients (``groups``) with
+    replacement; resamples where ``values_fn`` is undefined (None or NaN, e.g. an AUC of one class)
+    are skipped.
+
+    Raises:
+        ValueError: no resample gave a value.
+    """
+    groups = np.asarray(groups)
     ug = np.unique(groups)
     idx = {g: np.flatnonzero(groups == g) for g in ug}
     rng = np.random.default_rng(seed)
     vals = [values_fn(np.concatenate([idx[g] for g in rng.choice(ug, len(ug))])) for _ in range(n)]
+    vals = [v for v in vals if v is not None and np.isfinite(v)]
+    if not vals:
+        raise ValueError("the statistic is undefined on every resample")
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 

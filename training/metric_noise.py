@@ -69,22 +69,11 @@ def patient_bootstrap(rows: list[dict], stat: Callable[[list[dict]], float], n_b
     are skipped.
 
     Raises:
-        ValueError: no resample gave a value.
+        ValueError: no resample gave a value (:func:`training.calibration_select.boot_ci`).
     """
-    by = {}
-    for r in rows:
-        by.setdefault(r["patient_id"], []).append(r)
-    ids = sorted(by)
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n_boot):
-        v = stat([r for i in rng.choice(len(ids), len(ids)) for r in by[ids[i]]])
-        if v is not None and np.isfinite(v):
-            vals.append(v)
-    if not vals:
-        raise ValueError("the statistic is undefined on every resample")
-    lo, hi = np.quantile(vals, [0.025, 0.975])
-    return float(lo), float(hi)
+    from training.calibration_select import boot_ci
+
+    return boot_ci(lambda i: stat([rows[j] for j in i]), [r["patient_id"] for r in rows], n_boot, seed)
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:

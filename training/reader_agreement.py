@@ -82,9 +82,9 @@ from PIL import Image
 
 from training.data import REPO, default_data_dir, load_split, reader_consensus
 from training.lung_rads_eval import BENIGN_CALCIFICATION, CATEGORIES, reference_category, texture_class
+from training.wholescan import RESERVED
 
 OUT_DIR = REPO / "training" / "reports" / "lung_rads"
-RESERVED = ("LIDC-IDRI-0001", "LIDC-IDRI-0009")
 #: A VOI registers to a PNG stack when its middle slice's best normalised cross-correlation is at
 #: least this (:mod:`training.calibrate_slices` found a median of 0.9998 for true matches) ...
 MIN_NCC = 0.98

@@ -223,7 +223,7 @@ def slab_ct(ct, hu: np.ndarray, z0: int, name: str):
 
 def mirrored_fpr(model, hu: np.ndarray, spacing_xyz, items) -> np.ndarray:
     """``fpr25d`` averaged over the volume as is, mirrored left-right and mirrored front-back
-    (as ``training/reports/maskrcnn25d/issue27/combine/combine_variants.py``); float64 (N,)."""
+    (also used by ``training/reports/maskrcnn25d/issue27/combine/combine_variants.py``); float64 (N,)."""
     from NoduleMTLLib.models.networks.fpr25d import score_candidates
 
     _, ny, nx = hu.shape
@@ -328,20 +328,12 @@ def real_scans(cache: Path, cv_run: Path, tta: bool = True) -> list[dict]:
     return scans
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (low, high) of a proportion k / n (n > 0)."""
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return float(max(0.0, c - h)), float(min(1.0, c + h))
-
-
 def summarise(nodules: list[dict], scans: list[dict], key: str = "combined") -> dict:
     """Shares of inserted nodules at or above the shipped operating points and the synthetic FROC
     for score field ``key`` ("combined" or "combined_tta"), overall and by size, placement and
     texture ("any_candidate": a hitting candidate at the merge threshold)."""
     from training.fp_reduction import select_threshold
+    from training.metric_noise import wilson
 
     pooled = [{**s, "candidates": [{**cd, "combined": cd[key]} for cd in s["candidates"]]} for s in scans]
     pts = {f"{r:g} FP/scan": select_threshold(pooled, r) for r in FP_RATES}

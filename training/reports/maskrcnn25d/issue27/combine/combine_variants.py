@@ -20,6 +20,7 @@ torch.set_num_threads(1)
 from NoduleMTLLib.detection.infer import load_fpr  # noqa: E402
 from NoduleMTLLib.models.networks.fpr25d import score_candidates  # noqa: E402
 from training.fp_reduction import load_trained, nodule_ranks, pooled_froc, select_threshold  # noqa: E402
+from training.small_insertion import mirrored_fpr  # noqa: E402
 from training.wholescan import default_cache, load_split  # noqa: E402
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -31,14 +32,8 @@ def fpr_scores(model, patient, cands, tta):
     vol = sitk.GetArrayFromImage(img)
     sp = img.GetSpacing()
     items = [(c["centre_ijk"], c["slices"]) for c in cands]
-    ps = [score_candidates(model, vol, sp, items)]
-    if tta:
-        nz, ny, nx = vol.shape
-        ps.append(score_candidates(model, np.ascontiguousarray(vol[:, :, ::-1]), sp,
-                                   [((nx - 1 - i, j, k), s) for (i, j, k), s in items]))
-        ps.append(score_candidates(model, np.ascontiguousarray(vol[:, ::-1, :]), sp,
-                                   [((i, ny - 1 - j, k), s) for (i, j, k), s in items]))
-    return np.mean(ps, axis=0), ps[0]
+    plain = score_candidates(model, vol, sp, items)
+    return (mirrored_fpr(model, vol, sp, items) if tta else plain), plain
 
 
 scans = []
