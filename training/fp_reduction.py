@@ -550,6 +550,54 @@ def out_of_fold_scans(run: Path, cfg: dict) -> list[dict]:
     return scans
 
 
+def rescored_out_of_fold(run: Path, cache: Path) -> list[dict]:
+    """The training scans' candidates of ``cache/candidates`` (another detector's, e.g. a new
+    fine-tune's, from ``training.candidates --cache``) scored by the ``cv`` fold models of ``run``:
+    each scan by the fold trained without it, so the scores stay out of fold whatever detector
+    made the candidates (the :func:`scan_scores` format).
+
+    Raises:
+        FileNotFoundError: a fold's ``best.pt`` / ``config.json`` or a scan's candidates missing.
+    """
+    from training.wholescan import load_split
+
+    out = []
+    for scan in sorted(load_split()["train"]):
+        fold = run / f"cv_{scan}"
+        for f in (fold / "best.pt", fold / "config.json"):
+            if not f.exists():
+                raise FileNotFoundError(f"{f} is missing: run `fp_reduction cv --out {run}` first")
+        out.append(scan_scores(load_trained(fold / "best.pt", fold / "config.json"), scan, Path(cache)))
+    return out
+
+
+def operating_point_interval(scans: list[dict], max_fp_per_scan: float = 2.0, n_boot: int = 2000,
+                             seed: int = 0) -> dict:
+    """How firm the :func:`select_threshold` operating point is: the threshold chosen again on
+    ``n_boot`` resamples of the scans (with replacement, one scan = one unit, as the selection
+    pools scans).  Returns the point estimate, the 2.5 / 50 / 97.5 percentiles (combined score)
+    and the share of resamples whose threshold lies at or below each reference nodule's best
+    combined score (how often it would be found at a re-chosen default)."""
+    rng = np.random.default_rng(seed)
+    n = len(scans)
+    thr = []
+    for _ in range(n_boot):
+        pick = [dict(scans[i], scan=f"{scans[i]['scan']}#{j}") for j, i in enumerate(rng.integers(0, n, n))]
+        thr.append(select_threshold(pick, max_fp_per_scan)["threshold"])
+    thr = np.asarray(thr)
+    best = {}
+    for c in scans:
+        for r in c["references"]:
+            hs = [cd["combined"] for cd in c["candidates"] if cd["hit"] == r["nodule"]]
+            if r["n_readers"] >= 3:
+                best[f"{c['scan']}#{r['nodule']}"] = max(hs) if hs else None
+    return {"max_fp_per_scan": max_fp_per_scan, "n_boot": n_boot, "unit": "scan",
+            "threshold": select_threshold(scans, max_fp_per_scan)["threshold"],
+            "percentiles_2.5_50_97.5": [round(float(np.percentile(thr, q)), 4) for q in (2.5, 50, 97.5)],
+            "share_found_at_resampled_threshold_3_readers": {
+                k: (None if v is None else round(float(np.mean(thr <= round(v, 4))), 3)) for k, v in best.items()}}
+
+
 def cross_validate(config: Path, run: Path, resume: bool = False, log=print) -> list[Path]:
     """Leave-one-scan-out over the whole training scans: for each, train on the recipe with that
     scan and its patient's VOIs held out (``held_out_scans``), score the held-out scan's
@@ -702,6 +750,10 @@ def main(argv=None) -> int:
     ap.add_argument("--select-report", type=Path, default=None,
                     help="manifest: take the operating points from this select_val.json (default: keep the manifest's)")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/fpr25d)")
+    ap.add_argument("--candidates-cache", type=Path, default=None,
+                    help="select: whole-scan cache whose candidates/ come from another detector (training.candidates "
+                         "--cache --weights); its training scans are scored by the run's cv fold models")
+    ap.add_argument("--select-out", type=Path, default=None, help="select: report path (default RUN/select_val.json)")
     a = ap.parse_args(argv)
     run = a.out or REPO / "runs" / DEFAULT_FP_REDUCER
     if a.command == "train":
@@ -720,9 +772,12 @@ def main(argv=None) -> int:
         return 0
     if a.command == "select":
         m = load_trained(a.weights or run / "best.pt", a.config)
-        val_scans = [scan_scores(m, p, cache) for p in load_split()["val"]]
+        cc = Path(a.candidates_cache) if a.candidates_cache else cache
+        val_scans = [scan_scores(m, p, cc) for p in load_split()["val"]]
         val_only = select_threshold(val_scans, a.max_fp)
-        oof = out_of_fold_scans(run, cfg)  # out-of-fold scores of the training scans (``cv``)
+        # out-of-fold scores of the training scans (``cv``); another detector's candidates are
+        # scored again by the same fold models
+        oof = rescored_out_of_fold(run, cc) if a.candidates_cache else out_of_fold_scans(run, cfg)
         scans = val_scans + oof
         sel = select_threshold(scans, a.max_fp)
         hs = select_threshold(scans, 8.0)
@@ -730,14 +785,17 @@ def main(argv=None) -> int:
                "fp_per_scan_at_operating_point": {
                    s["scan"]: sum(1 for cd in s["candidates"] if cd["combined"] >= sel["threshold"]
                                   and cd["hit"] is None and not cd["excluded"]) for s in scans},
+               "candidates": str(cc / "candidates"),
                "operating_point": sel, "high_sensitivity_8fp": hs, "operating_point_validation_scans_only": val_only,
+               "operating_point_interval": operating_point_interval(scans, a.max_fp),
                "pooled_froc": [pooled_froc(scans, 3), pooled_froc(scans, 1)], "nodules": nodule_ranks(scans),
                "per_scan": [{"scan": s["scan"], "n_candidates": len(s["candidates"]),
                              "references": s["references"],
                              "hits": [{"nodule": cd["hit"], "detector": round(cd["score"], 4), "fpr": round(cd["fpr"], 4),
                                        "combined": round(cd["combined"], 4)} for cd in s["candidates"] if cd["hit"] is not None]}
                             for s in scans]}
-        out = run / "select_val.json"
+        out = a.select_out or run / "select_val.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rep, indent=1) + "\n")
         print(json.dumps({k: rep[k] for k in ("operating_point", "high_sensitivity_8fp")}, indent=1))
         return 0

@@ -290,9 +290,12 @@ def search_slab(ct, p: dict, lung: np.ndarray, thr: float, model, fpr, name: str
             "combined_tta": round(combined_score(hc[bt].detector_score, tta[bt]), 4)}
 
 
-def real_scans(cache: Path, cv_run: Path, tta: bool = True) -> list[dict]:
+def real_scans(cache: Path, cv_run: Path, tta: bool = True, candidates_cache: Path | None = None) -> list[dict]:
     """The six scans' real candidates with ``combined`` (and ``combined_tta``) scores, pooled as
-    ``fp_reduction select`` pools them (module docstring)."""
+    ``fp_reduction select`` pools them (module docstring).  ``candidates_cache``: another
+    detector's candidates (``training.candidates --cache DIR --weights W``); its training scans
+    are then scored again by the ``cv_run`` fold models (``fp_reduction.rescored_out_of_fold``)
+    instead of read from ``cv_run/cv_scores``."""
     import SimpleITK as sitk
 
     from NoduleMTLLib.detection.infer import load_fpr
@@ -315,12 +318,17 @@ def real_scans(cache: Path, cv_run: Path, tta: bool = True) -> list[dict]:
                 cd["combined_tta"] = combined_score(cd["score"], g)
 
     shipped = load_fpr("cpu")
+    cc = Path(candidates_cache) if candidates_cache else cache
     for name in ws["val"]:
-        c = json.loads((cache / "candidates" / f"{name}.json").read_text())
+        c = json.loads((cc / "candidates" / f"{name}.json").read_text())
         _score(shipped, name, c, False)
         scans.append(c)
+    if candidates_cache:
+        from training.fp_reduction import rescored_out_of_fold
+
+        rescored = {c["scan"]: c for c in rescored_out_of_fold(cv_run, cc)}
     for name in ws["train"]:
-        c = json.loads((cv_run / "cv_scores" / f"{name}.json").read_text())
+        c = rescored[name] if candidates_cache else json.loads((cv_run / "cv_scores" / f"{name}.json").read_text())
         if tta:
             fold = cv_run / f"cv_{name}"
             _score(load_trained(fold / "best.pt", fold / "config.json"), name, c, True)
@@ -362,8 +370,10 @@ def summarise(nodules: list[dict], scans: list[dict], key: str = "combined") -> 
 
 
 def evaluate(scans=HOSTS, per_scan: int = 10, seed: int = 0, cache=None, cv_run: Path = DEFAULT_CV_RUN,
-             log=print) -> dict:
-    """Paste, search, score and summarise (module docstring).
+             log=print, weights: Path | None = None, candidates_cache: Path | None = None) -> dict:
+    """Paste, search, score and summarise (module docstring).  ``weights``: another detector
+    (checkpoint or safetensors; default the shipped one), with ``candidates_cache`` holding its
+    candidates of the six scans (the real false-positive side, :func:`real_scans`).
 
     Raises:
         ValueError: a test / reserved host scan, or a VOI of a non-validation patient.
@@ -377,11 +387,19 @@ def evaluate(scans=HOSTS, per_scan: int = 10, seed: int = 0, cache=None, cv_run:
     from training.wholescan import default_cache
 
     check_hosts(scans)
+    if weights is not None and candidates_cache is None:
+        raise ValueError("another detector's weights need its candidates too (candidates_cache)")
     torch.set_num_threads(1)
     cache = Path(cache or default_cache())
     vois = load_validation_vois()
     tex = textures()
-    model, fpr = load_detector("cpu"), load_fpr("cpu")
+    if weights is None:
+        model = load_detector("cpu")
+    else:
+        from training.evaluate_detection import load_model
+
+        model = load_model(Path(weights))[0]
+    fpr = load_fpr("cpu")
     rng = np.random.default_rng(seed)
     out = {"protocol": "training/small_insertion.py", "seed": seed, "per_scan": per_scan, "n_vois": len(vois),
            "n_voi_patients": len({v.patient for v in vois}), "hosts": list(scans), "nodules": []}
@@ -400,7 +418,9 @@ def evaluate(scans=HOSTS, per_scan: int = 10, seed: int = 0, cache=None, cv_run:
             rec["seconds"] = round(time.perf_counter() - t0, 1)
             out["nodules"].append(rec)
             log(json.dumps(rec), flush=True)
-    real = real_scans(cache, cv_run)
+    if weights is not None:
+        out["weights"] = str(weights)
+    real = real_scans(cache, cv_run, candidates_cache=candidates_cache)
     out["shipped"] = summarise(out["nodules"], real, "combined")
     out["fpr_mirror_average_info_only"] = summarise(out["nodules"], real, "combined_tta")
     return out
@@ -414,9 +434,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="whole-scan cache (default $NODULEMTL_CACHE/wholescan)")
     ap.add_argument("--cv-run", type=Path, default=DEFAULT_CV_RUN, help="fp_reduction cv run (cv_scores/, cv_<scan>/)")
     ap.add_argument("--out", type=Path, default=Path("runs/maskrcnn25d/small_insertion.json"))
+    ap.add_argument("--weights", type=Path, default=None, help="another detector (default: the shipped one)")
+    ap.add_argument("--candidates-cache", type=Path, default=None,
+                    help="with --weights: cache whose candidates/ that detector made (training.candidates --cache)")
     a = ap.parse_args(argv)
     try:
-        rep = evaluate(a.scans, a.per_scan, a.seed, a.cache, a.cv_run, log=print)
+        rep = evaluate(a.scans, a.per_scan, a.seed, a.cache, a.cv_run, log=print, weights=a.weights,
+                       candidates_cache=a.candidates_cache)
     except (ValueError, FileNotFoundError) as e:
         print(f"small_insertion: error: {e}", file=sys.stderr)
         return 1

@@ -361,3 +361,19 @@ def test_out_of_fold_scores_must_match_the_recipe_and_the_training_scans(tmp_pat
     (d / "LIDC-IDRI-0003.json").write_text(json.dumps(dict(_scan("LIDC-IDRI-0003", [], []), recipe=recipe_key(cfg))))
     with pytest.raises(ValueError, match="expected exactly the training scans"):
         out_of_fold_scans(tmp_path, cfg)
+
+
+def test_operating_point_interval_resamples_scans():
+    """The bootstrap over scans brackets the chosen threshold; a nodule above every false positive
+    is found at every resampled threshold, one below all of them at none."""
+    from training.fp_reduction import operating_point_interval, select_threshold
+
+    scans = [_scan("A", [(1, 4)], [(0.99, 1, False), (0.9, None, False), (0.8, None, False), (0.3, None, False)]),
+             _scan("B", [(1, 3)], [(0.95, None, False), (0.7, None, False), (0.2, 1, False)]),
+             _scan("C", [], [(0.85, None, False), (0.6, None, False)])]
+    iv = operating_point_interval(scans, 1.0, n_boot=300, seed=1)
+    lo, mid, hi = iv["percentiles_2.5_50_97.5"]
+    assert iv["threshold"] == select_threshold(scans, 1.0)["threshold"]
+    assert lo <= mid <= hi and lo < hi  # the resamples do not all agree
+    assert lo <= iv["threshold"] <= hi
+    assert iv["share_found_at_resampled_threshold_3_readers"] == {"A#1": 1.0, "B#1": 0.0}

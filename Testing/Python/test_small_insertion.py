@@ -47,3 +47,10 @@ def test_hit_rule_is_centre_within_radius_in_mm():
     assert si.hit_index(centres, sp, (10, 10, 4), 2.5) == [0, 2, 3]
     assert si.hit_index(centres, sp, (10, 10, 4), 3.0) == [0, 1, 2, 3]
     assert si.hit_index([], sp, (10, 10, 4), 5.0) == []
+
+
+def test_another_detector_needs_its_own_candidates(tmp_path):
+    """Scoring another detector against the shipped one's false positives would mix two score
+    distributions: refused before anything is read."""
+    with pytest.raises(ValueError, match="candidates"):
+        si.evaluate(si.HOSTS[:1], per_scan=1, weights=tmp_path / "other.pt")
