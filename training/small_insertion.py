@@ -370,7 +370,7 @@ def summarise(nodules: list[dict], scans: list[dict], key: str = "combined") -> 
 
 
 def evaluate(scans=HOSTS, per_scan: int = 10, seed: int = 0, cache=None, cv_run: Path = DEFAULT_CV_RUN,
-             log=print, weights: Path | None = None, candidates_cache: Path | None = None) -> dict:
+             log=print, weights: Path | None = None, candidates_cache: Path | None = None, threads: int = 1) -> dict:
     """Paste, search, score and summarise (module docstring).  ``weights``: another detector
     (checkpoint or safetensors; default the shipped one), with ``candidates_cache`` holding its
     candidates of the six scans (the real false-positive side, :func:`real_scans`).
@@ -389,7 +389,7 @@ def evaluate(scans=HOSTS, per_scan: int = 10, seed: int = 0, cache=None, cv_run:
     check_hosts(scans)
     if weights is not None and candidates_cache is None:
         raise ValueError("another detector's weights need its candidates too (candidates_cache)")
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     cache = Path(cache or default_cache())
     vois = load_validation_vois()
     tex = textures()
@@ -437,10 +437,11 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", type=Path, default=None, help="another detector (default: the shipped one)")
     ap.add_argument("--candidates-cache", type=Path, default=None,
                     help="with --weights: cache whose candidates/ that detector made (training.candidates --cache)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     a = ap.parse_args(argv)
     try:
         rep = evaluate(a.scans, a.per_scan, a.seed, a.cache, a.cv_run, log=print, weights=a.weights,
-                       candidates_cache=a.candidates_cache)
+                       candidates_cache=a.candidates_cache, threads=a.threads)
     except (ValueError, FileNotFoundError) as e:
         print(f"small_insertion: error: {e}", file=sys.stderr)
         return 1
