@@ -580,11 +580,18 @@ def operating_point_interval(scans: list[dict], max_fp_per_scan: float = 2.0, n_
     combined score (how often it would be found at a re-chosen default)."""
     rng = np.random.default_rng(seed)
     n = len(scans)
-    thr = []
-    for _ in range(n_boot):
-        pick = [dict(scans[i], scan=f"{scans[i]['scan']}#{j}") for j, i in enumerate(rng.integers(0, n, n))]
-        thr.append(select_threshold(pick, max_fp_per_scan)["threshold"])
-    thr = np.asarray(thr)
+    # select_threshold's rule, vectorised: the lowest candidate score (4 decimals) or 1.0 at which
+    # the false positives scoring at least as high are <= max_fp_per_scan per scan
+    fps = [np.array([cd["combined"] for cd in s["candidates"] if cd["hit"] is None and not cd["excluded"]])
+           for s in scans]
+    grid = [np.array([round(cd["combined"], 4) for cd in s["candidates"]]) for s in scans]
+    thr = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = rng.integers(0, n, n)
+        t = np.unique(np.concatenate([grid[i] for i in pick] + [np.ones(1)]))
+        f = np.sort(np.concatenate([fps[i] for i in pick]))
+        ok = (len(f) - np.searchsorted(f, t, side="left")) / n <= max_fp_per_scan
+        thr[b] = t[np.argmax(ok)] if ok.any() else 1.0
     best = {}
     for c in scans:
         for r in c["references"]:
