@@ -3,7 +3,11 @@ default and at 0.7428 with the shipped search (pleural masses, mass rule, territ
 click outline of large candidates taken at the detection's centre (recentre off) or again at the outline's
 deepest voxel (infer.RECENTRE_ML = 10 mL).  The slab's slice detections are pickled (one search per mass).
 
-usage: python masses_recentre.py SEED OUT.json [SD_DIR]
+usage: python masses_recentre.py SEED OUT.json [SD_DIR] [WEIGHTS]
+
+WEIGHTS: another detector file (the 2026-12-07 small-nodule fine-tune, ../small_detector/): the search at
+the manifest's operating points (set them to that detector's in a scratch checkout), outlines at the
+detection's centre only.
 """
 import json
 import pickle
@@ -19,7 +23,7 @@ torch.set_num_threads(1)
 from NoduleMTLLib.core.io import read_ct  # noqa: E402
 from NoduleMTLLib.detection import preprocess as pp  # noqa: E402
 from NoduleMTLLib.detection.infer import load_detector, load_fpr, run_slice_detections  # noqa: E402
-from training.evaluate_detection import click_outliner, reported_nodules  # noqa: E402
+from training.evaluate_detection import HIGH_SENSITIVITY_THRESHOLD, click_outliner, load_model, reported_nodules  # noqa: E402
 from training.mass_insertion import mass_outcome, paste_mass, solid_vois  # noqa: E402
 from training.wholescan import default_cache  # noqa: E402
 
@@ -28,7 +32,10 @@ seed, out = int(sys.argv[1]), Path(sys.argv[2])
 sd_dir = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("/work/i27/recentre_sd")
 sd_dir.mkdir(parents=True, exist_ok=True)
 cache = Path(default_cache())
-model, fpr, click = load_detector("cpu"), load_fpr("cpu"), click_outliner("cpu")
+weights = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+model = load_model(weights)[0] if weights else load_detector("cpu")
+fpr, click = load_fpr("cpu"), click_outliner("cpu")
+recentre = (None,) if weights else (None, 10.0)
 vois = solid_vois()
 rng = np.random.default_rng(seed)
 rows = []
@@ -48,8 +55,8 @@ for name in SCANS:
             with torch.inference_mode():
                 sd = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=True)
             pickle.dump(sd, open(f, "wb"))
-        for thr in ("default", 0.7428):
-            for rc in (None, 10.0):
+        for thr in ("default", HIGH_SENSITIVITY_THRESHOLD):
+            for rc in recentre:
                 nods = reported_nodules(sd, sm.ct, thr, fpr, "cpu", click, shapes=True, recentre_ml=rc)[1]
                 o = mass_outcome(nods, sm.mask)
                 o["long_mm"] = [round(float(n.features["long_mm"]), 1) if n.features else None for n in nods
