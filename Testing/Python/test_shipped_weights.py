@@ -31,7 +31,7 @@ def test_shipped_file_verifies_loads_and_has_a_card(network_id):
     registry.load_weights_into(model, path, network_id)  # strict: every tensor has its place
     card = WEIGHTS / entry["model_card"]
     assert card.is_file(), f"{network_id}: model card {card.name} missing"
-    text = card.read_text()
+    text = card.read_text(encoding="utf-8")
     for section in ("Data", "Training", "Measured"):
         assert section in text, f"{network_id}: model card has no '{section}' section"
     # measured metrics recorded for held-out patients only
