@@ -294,8 +294,7 @@ def real_scans(cache: Path, cv_run: Path, tta: bool = True, candidates_cache: Pa
     """The six scans' real candidates with ``combined`` (and ``combined_tta``) scores, pooled as
     ``fp_reduction select`` pools them (module docstring).  ``candidates_cache``: another
     detector's candidates (``training.candidates --cache DIR --weights W``); its training scans
-    are then scored again by the ``cv_run`` fold models (``fp_reduction.rescored_out_of_fold``)
-    instead of read from ``cv_run/cv_scores``."""
+    are then scored by the ``cv_run`` fold models instead of read from ``cv_run/cv_scores``."""
     import SimpleITK as sitk
 
     from NoduleMTLLib.detection.infer import load_fpr
@@ -323,15 +322,14 @@ def real_scans(cache: Path, cv_run: Path, tta: bool = True, candidates_cache: Pa
         c = json.loads((cc / "candidates" / f"{name}.json").read_text())
         _score(shipped, name, c, False)
         scans.append(c)
-    if candidates_cache:
-        from training.fp_reduction import rescored_out_of_fold
-
-        rescored = {c["scan"]: c for c in rescored_out_of_fold(cv_run, cc)}
     for name in ws["train"]:
-        c = rescored[name] if candidates_cache else json.loads((cv_run / "cv_scores" / f"{name}.json").read_text())
-        if tta:
-            fold = cv_run / f"cv_{name}"
-            _score(load_trained(fold / "best.pt", fold / "config.json"), name, c, True)
+        fold = cv_run / f"cv_{name}"
+        # another detector's candidates are scored by the fold model here (out of fold, as
+        # fp_reduction.rescored_out_of_fold does); the shipped one's come scored in cv_scores
+        src = cc / "candidates" if candidates_cache else cv_run / "cv_scores"
+        c = json.loads((src / f"{name}.json").read_text())
+        if tta or candidates_cache:
+            _score(load_trained(fold / "best.pt", fold / "config.json"), name, c, not candidates_cache)
         scans.append(c)
     return scans
 
