@@ -151,4 +151,4 @@ def test_joint_loss_uses_each_networks_own_loss(real_nodules):
     m = build_network("lnmsnet").eval()  # deterministic (no dropout / batch statistics)
     seg, cls = m(x)
     expected = seg_loss(seg, y) + 0.5 * masked_bce(cls, lab)
-    assert float(joint_loss(m, x, y, lab, cfg)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(joint_loss(m, x, y, lab, cfg).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
