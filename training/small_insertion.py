@@ -61,8 +61,16 @@ SLAB_MARGIN = 7
 MIN_RADIUS_MM = 2.5
 #: Real FPs per scan of the synthetic FROC.
 FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-#: The shipped operating points (combined score): default (<= 2 FPs / scan) and high sensitivity (8).
-SHIPPED_POINTS = {"default_0.8891": 0.8891, "8fp_0.7428": 0.7428}
+
+
+def shipped_points() -> dict[str, float]:
+    """The manifest's operating points (combined score), keyed "default_<t>" and
+    "high_sensitivity_<t>" (read at call time: reports name the points they used)."""
+    from NoduleMTLLib.models.registry import operating_points
+
+    p = operating_points()
+    return {f"default_{p['default']:.4f}": p["default"], f"high_sensitivity_{p['high_sensitivity']:.4f}": p["high_sensitivity"]}
+
 SIZE_BINS = {"3-6 mm": (3.0, 6.0), "6-10 mm": (6.0, 10.0 + 1e-9)}
 HOSTS = ("LIDC-IDRI-0002", "LIDC-IDRI-0006", "LIDC-IDRI-0008", "LIDC-IDRI-0010", "LIDC-IDRI-0004", "LIDC-IDRI-0007")
 DEFAULT_CV_RUN = Path("/work/runs/fpr25d_cv")
@@ -343,7 +351,8 @@ def summarise(nodules: list[dict], scans: list[dict], key: str = "combined") -> 
 
     pooled = [{**s, "candidates": [{**cd, "combined": cd[key]} for cd in s["candidates"]]} for s in scans]
     pts = {f"{r:g} FP/scan": select_threshold(pooled, r) for r in FP_RATES}
-    thr = {**SHIPPED_POINTS, **{k: v["threshold"] for k, v in pts.items()}}
+    shipped = shipped_points()
+    thr = {**shipped, **{k: v["threshold"] for k, v in pts.items()}}
 
     def share(sub):
         if not sub:
@@ -352,7 +361,7 @@ def summarise(nodules: list[dict], scans: list[dict], key: str = "combined") -> 
         for k, t in thr.items():
             n_at = sum(1 for x in sub if x["hit"] and x[key] >= t)
             out[k] = round(n_at / len(sub), 3)
-            if k in SHIPPED_POINTS:
+            if k in shipped:
                 out[f"{k} wilson95"] = [round(v, 3) for v in wilson(n_at, len(sub))]
         return out
 

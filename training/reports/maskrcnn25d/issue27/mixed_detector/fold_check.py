@@ -1,0 +1,75 @@
+"""RULE.md, second question: fold a candidate when half of either outline lies in the other
+(``infer.FOLD_EITHER_WAY``), on non-test data only, with the shipped detector and points.
+
+1. The six non-test whole scans (``evaluate_detection.evaluate_lidc``, the CLI's search options;
+   slice detections cached in SD_CACHE): nodules found (>= 1 reader) and FPs at the default and
+   the high-sensitivity point, fold off / on.
+2. The 24 synthetic masses of seed 2 (``training.mass_insertion``'s draws; slab detections pickled
+   by ``recentre/masses_recentre.py`` in MASS_SD): ``mass_outcome`` at the default, off / on.
+
+    PYTHONPATH=. python training/reports/maskrcnn25d/issue27/mixed_detector/fold_check.py OUT.json SD_CACHE MASS_SD
+"""
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+torch.set_num_threads(1)
+from NoduleMTLLib.core.io import read_ct  # noqa: E402
+from NoduleMTLLib.detection import infer  # noqa: E402
+from NoduleMTLLib.detection import preprocess as pp  # noqa: E402
+from NoduleMTLLib.models.registry import operating_points, sha256_of  # noqa: E402
+from training.evaluate_detection import click_outliner, evaluate_lidc, load_model, reported_nodules  # noqa: E402
+from training.mass_insertion import mass_outcome, paste_mass, solid_vois  # noqa: E402
+from training.wholescan import default_cache  # noqa: E402
+
+SCANS = ["LIDC-IDRI-0004", "LIDC-IDRI-0007", "LIDC-IDRI-0002", "LIDC-IDRI-0006", "LIDC-IDRI-0008", "LIDC-IDRI-0010"]
+out, sd_cache, mass_sd = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+cache = Path(default_cache())
+model, _, sha = load_model(None)
+fpr, click = infer.load_fpr("cpu"), click_outliner("cpu")
+hs = operating_points()["high_sensitivity"]
+search = {"input_scale": 1.0, **({"pleural_masses": True} if infer.PLEURAL_MASSES else {})}
+res = {"weights_sha256": sha, "points": operating_points(), "real": {}, "masses": {}}
+for name in SCANS:
+    for fold in (False, True):
+        infer.FOLD_EITHER_WAY = fold
+        r = evaluate_lidc(model, cache / name, ("default", hs), "cpu", fpr, click,
+                          {"detections_cache": sd_cache, "weights_sha": sha}, **search)
+        res["real"].setdefault(name, {})[f"fold_either_way={fold}"] = {
+            k: {f: v[f] for f in ("n_detections", "tp", "fp", "fn", "found")} for k, v in r["thresholds"].items()}
+    print(name, json.dumps(res["real"][name]), flush=True)
+vois = solid_vois()
+rng = np.random.default_rng(2)
+rows = []
+for name in SCANS:
+    ct = read_ct(cache / name / "ct.nrrd")
+    lung = pp.lung_mask_from_ct(ct).mask
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(cache / name / "nodules_labels.nrrd")))
+    for _ in range(4):
+        sm = paste_mass(ct, lung, labels, vois, rng, name)
+        sd = pickle.load(open(mass_sd / f"seed2_{len(rows):02d}.pkl", "rb"))
+        rec = {"i": len(rows), "scan": name, "kind": sm.record["kind"], "target_mm": sm.record["target_mm"]}
+        for fold in (False, True):
+            infer.FOLD_EITHER_WAY = fold
+            rec[f"fold_either_way={fold}"] = mass_outcome(
+                reported_nodules(sd, sm.ct, "default", fpr, "cpu", click, shapes=True)[1], sm.mask)
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+for fold in (False, True):
+    k = f"fold_either_way={fold}"
+    v = [r[k] for r in rows]
+    res["masses"][k] = {"found": sum(x["found"] for x in v), "one": sum(x["n_on_mass"] == 1 for x in v),
+                        "one_inside_80": sum(x["one_inside_80"] for x in v), "n_elsewhere": sum(x["n_elsewhere"] for x in v),
+                        "n": len(v)}
+    res["real"][k] = {t: {"tp": sum(res["real"][s][k][t]["tp"] for s in SCANS), "fp": sum(res["real"][s][k][t]["fp"] for s in SCANS),
+                          "found": sorted(f"{s}#{i}" for s in SCANS for i in res["real"][s][k][t]["found"])}
+                      for t in res["real"][SCANS[0]][k]}
+res["mass_rows"] = rows
+json.dump(res, open(out, "w"), indent=1)
+print(json.dumps({k: v for k, v in res.items() if k != "mass_rows" and k != "real"}, indent=1))
+print(json.dumps({k: v for k, v in res["real"].items() if k.startswith("fold")}, indent=1))
