@@ -240,6 +240,46 @@ def mass_outcome(nodules, mask: np.ndarray, margin: int = 10) -> dict:
             "n_elsewhere": len(nodules) - len(on)}
 
 
+def check_mass_hosts(scans) -> None:
+    """Raise ValueError when ``scans`` name a test or reserved scan: no mass is pasted into them."""
+    from training.wholescan import RESERVED
+    from training.wholescan import load_split as scan_split
+
+    bad = sorted(set(scans) & (set(RESERVED) | set(scan_split().get("test", []))))
+    if bad:
+        raise ValueError(f"{bad} are test / reserved scans: no mass is pasted into them")
+
+
+def pasted_masses(scans, n_per_scan: int, seed: int, cache=None, vois: list | None = None):
+    """The synthetic masses of ``seed``: ``n_per_scan`` :func:`paste_mass` draws in each of
+    ``scans`` (whole-scan cache folders), in this order and from one generator, so that a seed
+    always gives the same masses (the drivers under ``training/reports/maskrcnn25d/issue27``
+    rely on it).
+
+    Yields:
+        (scan name, :class:`SyntheticMass`-like result of :func:`paste_mass`).
+
+    Raises:
+        ValueError: a test or reserved scan (before anything is read).
+    """
+    import SimpleITK as sitk
+
+    from NoduleMTLLib.core.io import read_ct
+    from NoduleMTLLib.detection import preprocess as pp
+    from training.wholescan import default_cache
+
+    check_mass_hosts(scans)
+    cache = Path(cache or default_cache())
+    vois = solid_vois() if vois is None else vois
+    rng = np.random.default_rng(seed)
+    for name in scans:
+        ct = read_ct(cache / name / "ct.nrrd")
+        lung = pp.lung_mask_from_ct(ct).mask
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(cache / name / "nodules_labels.nrrd")))
+        for _ in range(n_per_scan):
+            yield name, paste_mass(ct, lung, labels, vois, rng, name)
+
+
 def evaluate_masses(scans, n_per_scan: int = 2, thresholds=("default",), seed: int = 0, cache=None, log=print,
                     pleural_masses: bool | str = False, shapes: bool = False) -> dict:
     """Paste ``n_per_scan`` masses into each scan, search each slab, report :func:`mass_outcome`
@@ -255,61 +295,47 @@ def evaluate_masses(scans, n_per_scan: int = 2, thresholds=("default",), seed: i
     Raises:
         ValueError: a test or reserved scan.
     """
-    import SimpleITK as sitk
     import torch
 
-    from NoduleMTLLib.core.io import read_ct
     from NoduleMTLLib.detection import preprocess as pp
     from NoduleMTLLib.detection.infer import load_detector, load_fpr, run_slice_detections
     from training.evaluate_detection import click_outliner, reported_nodules
-    from training.wholescan import RESERVED, default_cache
-    from training.wholescan import load_split as scan_split
 
-    banned = set(RESERVED) | set(scan_split().get("test", []))
-    bad = sorted(set(scans) & banned)
-    if bad:
-        raise ValueError(f"{bad} are test / reserved scans: no mass is pasted into them")
-    cache = Path(cache or default_cache())
+    check_mass_hosts(scans)
     model, fpr, click = load_detector("cpu"), load_fpr("cpu"), click_outliner("cpu")
     vois = solid_vois()
-    rng = np.random.default_rng(seed)
     out = {"protocol": "training/mass_insertion.py", "seed": seed, "n_vois": len(vois), "masses": []}
-    for name in scans:
-        ct = read_ct(cache / name / "ct.nrrd")
-        lung = pp.lung_mask_from_ct(ct).mask
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(cache / name / "nodules_labels.nrrd")))
-        for _ in range(n_per_scan):
-            t0 = time.perf_counter()
-            sm = paste_mass(ct, lung, labels, vois, rng, name)
-            rec = dict(sm.record)
-            slab_lung = pp.lung_mask_from_ct(sm.ct)  # as the search computes it, on the slab
-            rec["mass_lung_share"] = round(float(slab_lung.mask[sm.mask].mean()), 3)
-            runs = {}
-            if pleural_masses != "only":
+    for _name, sm in pasted_masses(scans, n_per_scan, seed, cache, vois):
+        t0 = time.perf_counter()
+        rec = dict(sm.record)
+        slab_lung = pp.lung_mask_from_ct(sm.ct)  # as the search computes it, on the slab
+        rec["mass_lung_share"] = round(float(slab_lung.mask[sm.mask].mean()), 3)
+        runs = {}
+        if pleural_masses != "only":
+            with torch.inference_mode():
+                runs[""] = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=False)
+        if pleural_masses:
+            d = np.asarray(sm.ct.image.GetDirection(), float).reshape(3, 3)
+            ext, added = pp.add_pleural_masses(sm.ct.array, slab_lung, k_to_feet=1 if d[2, 2] < 0 else -1)
+            rec["pm_added_ml"] = round(added, 1)
+            rec["pm_mass_share"] = round(float(ext.mask[sm.mask].mean()), 3)
+            if added > 0 or "" not in runs:
                 with torch.inference_mode():
-                    runs[""] = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=False)
-            if pleural_masses:
-                d = np.asarray(sm.ct.image.GetDirection(), float).reshape(3, 3)
-                ext, added = pp.add_pleural_masses(sm.ct.array, slab_lung, k_to_feet=1 if d[2, 2] < 0 else -1)
-                rec["pm_added_ml"] = round(added, 1)
-                rec["pm_mass_share"] = round(float(ext.mask[sm.mask].mean()), 3)
-                if added > 0 or "" not in runs:
-                    with torch.inference_mode():
-                        runs["|pm"] = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=True)
-                else:
-                    runs["|pm"] = runs[""]
-            for suffix, sdr in runs.items():
-                for thr in thresholds:
-                    for rules in ("shipped", "off"):
-                        for shp in (False, True) if shapes else (False,):
-                            if shp and rules == "off":
-                                continue
-                            kw = {} if rules == "shipped" else {"mass_rule": None, "territory_ml": None}
-                            nods = reported_nodules(sdr, sm.ct, thr, fpr, "cpu", click, shapes=shp, **kw)[1]  # fresh merge
-                            rec[f"{thr}|{rules}{suffix}{'+shapes' if shp else ''}"] = mass_outcome(nods, sm.mask)
-            rec["seconds"] = round(time.perf_counter() - t0, 1)
-            out["masses"].append(rec)
-            log(json.dumps(rec))
+                    runs["|pm"] = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=True)
+            else:
+                runs["|pm"] = runs[""]
+        for suffix, sdr in runs.items():
+            for thr in thresholds:
+                for rules in ("shipped", "off"):
+                    for shp in (False, True) if shapes else (False,):
+                        if shp and rules == "off":
+                            continue
+                        kw = {} if rules == "shipped" else {"mass_rule": None, "territory_ml": None}
+                        nods = reported_nodules(sdr, sm.ct, thr, fpr, "cpu", click, shapes=shp, **kw)[1]  # fresh merge
+                        rec[f"{thr}|{rules}{suffix}{'+shapes' if shp else ''}"] = mass_outcome(nods, sm.mask)
+        rec["seconds"] = round(time.perf_counter() - t0, 1)
+        out["masses"].append(rec)
+        log(json.dumps(rec))
     for key in [k for k in out["masses"][0] if "|" in k] if out["masses"] else []:
         v = [m[key] for m in out["masses"]]
         out.setdefault("summary", {})[key] = {"found": sum(x["found"] for x in v), "one": sum(x["n_on_mass"] == 1 for x in v),

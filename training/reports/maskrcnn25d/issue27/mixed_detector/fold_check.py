@@ -14,17 +14,13 @@ import pickle
 import sys
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 import torch
 
 torch.set_num_threads(1)
-from NoduleMTLLib.core.io import read_ct  # noqa: E402
 from NoduleMTLLib.detection import infer  # noqa: E402
-from NoduleMTLLib.detection import preprocess as pp  # noqa: E402
-from NoduleMTLLib.models.registry import operating_points, sha256_of  # noqa: E402
+from NoduleMTLLib.models.registry import operating_points  # noqa: E402
 from training.evaluate_detection import click_outliner, evaluate_lidc, load_model, reported_nodules  # noqa: E402
-from training.mass_insertion import mass_outcome, paste_mass, solid_vois  # noqa: E402
+from training.mass_insertion import mass_outcome, pasted_masses  # noqa: E402
 from training.wholescan import default_cache  # noqa: E402
 
 SCANS = ["LIDC-IDRI-0004", "LIDC-IDRI-0007", "LIDC-IDRI-0002", "LIDC-IDRI-0006", "LIDC-IDRI-0008", "LIDC-IDRI-0010"]
@@ -43,23 +39,16 @@ for name in SCANS:
         res["real"].setdefault(name, {})[f"fold_either_way={fold}"] = {
             k: {f: v[f] for f in ("n_detections", "tp", "fp", "fn", "found")} for k, v in r["thresholds"].items()}
     print(name, json.dumps(res["real"][name]), flush=True)
-vois = solid_vois()
-rng = np.random.default_rng(2)
 rows = []
-for name in SCANS:
-    ct = read_ct(cache / name / "ct.nrrd")
-    lung = pp.lung_mask_from_ct(ct).mask
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(cache / name / "nodules_labels.nrrd")))
-    for _ in range(4):
-        sm = paste_mass(ct, lung, labels, vois, rng, name)
-        sd = pickle.load(open(mass_sd / f"seed2_{len(rows):02d}.pkl", "rb"))
-        rec = {"i": len(rows), "scan": name, "kind": sm.record["kind"], "target_mm": sm.record["target_mm"]}
-        for fold in (False, True):
-            infer.FOLD_EITHER_WAY = fold
-            rec[f"fold_either_way={fold}"] = mass_outcome(
-                reported_nodules(sd, sm.ct, "default", fpr, "cpu", click, shapes=True)[1], sm.mask)
-        rows.append(rec)
-        print(json.dumps(rec), flush=True)
+for name, sm in pasted_masses(SCANS, 4, 2, cache):
+    sd = pickle.load(open(mass_sd / f"seed2_{len(rows):02d}.pkl", "rb"))
+    rec = {"i": len(rows), "scan": name, "kind": sm.record["kind"], "target_mm": sm.record["target_mm"]}
+    for fold in (False, True):
+        infer.FOLD_EITHER_WAY = fold
+        rec[f"fold_either_way={fold}"] = mass_outcome(
+            reported_nodules(sd, sm.ct, "default", fpr, "cpu", click, shapes=True)[1], sm.mask)
+    rows.append(rec)
+    print(json.dumps(rec), flush=True)
 for fold in (False, True):
     k = f"fold_either_way={fold}"
     v = [r[k] for r in rows]

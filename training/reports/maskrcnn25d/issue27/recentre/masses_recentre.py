@@ -15,16 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 import torch
 
 torch.set_num_threads(1)
-from NoduleMTLLib.core.io import read_ct  # noqa: E402
 from NoduleMTLLib.detection import preprocess as pp  # noqa: E402
 from NoduleMTLLib.detection.infer import load_detector, load_fpr, run_slice_detections  # noqa: E402
 from training.evaluate_detection import HIGH_SENSITIVITY_THRESHOLD, click_outliner, load_model, reported_nodules  # noqa: E402
-from training.mass_insertion import mass_outcome, paste_mass, solid_vois  # noqa: E402
+from training.mass_insertion import mass_outcome, pasted_masses  # noqa: E402
 from training.wholescan import default_cache  # noqa: E402
 
 SCANS = ["LIDC-IDRI-0004", "LIDC-IDRI-0007", "LIDC-IDRI-0002", "LIDC-IDRI-0006", "LIDC-IDRI-0008", "LIDC-IDRI-0010"]
@@ -36,36 +33,29 @@ weights = Path(sys.argv[4]) if len(sys.argv) > 4 else None
 model = load_model(weights)[0] if weights else load_detector("cpu")
 fpr, click = load_fpr("cpu"), click_outliner("cpu")
 recentre = (None,) if weights else (None, 10.0)
-vois = solid_vois()
-rng = np.random.default_rng(seed)
 rows = []
-for name in SCANS:
-    ct = read_ct(cache / name / "ct.nrrd")
-    lung = pp.lung_mask_from_ct(ct).mask
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(cache / name / "nodules_labels.nrrd")))
-    for _ in range(4):
-        t0 = time.perf_counter()
-        sm = paste_mass(ct, lung, labels, vois, rng, name)
-        rec = dict(sm.record)
-        f = sd_dir / f"seed{seed}_{len(rows):02d}.pkl"
-        if f.exists():
-            sd = pickle.load(open(f, "rb"))
-        else:
-            slab_lung = pp.lung_mask_from_ct(sm.ct)
-            with torch.inference_mode():
-                sd = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=True)
-            pickle.dump(sd, open(f, "wb"))
-        for thr in ("default", HIGH_SENSITIVITY_THRESHOLD):
-            for rc in recentre:
-                nods = reported_nodules(sd, sm.ct, thr, fpr, "cpu", click, shapes=True, recentre_ml=rc)[1]
-                o = mass_outcome(nods, sm.mask)
-                o["long_mm"] = [round(float(n.features["long_mm"]), 1) if n.features else None for n in nods
-                                if n.mask is not None and (n.mask & sm.mask[n.box_voxel[2]:n.box_voxel[5], n.box_voxel[1]:n.box_voxel[4],
-                                                                              n.box_voxel[0]:n.box_voxel[3]]).any()]
-                rec[f"{thr}|recentre={rc}"] = o
-        rec["seconds"] = round(time.perf_counter() - t0, 1)
-        rows.append(rec)
-        print(json.dumps(rec), flush=True)
+for _name, sm in pasted_masses(SCANS, 4, seed, cache):  # the same draws for a seed
+    t0 = time.perf_counter()
+    rec = dict(sm.record)
+    f = sd_dir / f"seed{seed}_{len(rows):02d}.pkl"
+    if f.exists():
+        sd = pickle.load(open(f, "rb"))
+    else:
+        slab_lung = pp.lung_mask_from_ct(sm.ct)
+        with torch.inference_mode():
+            sd = run_slice_detections(sm.ct, model, "cpu", lung=slab_lung, pleural_masses=True)
+        pickle.dump(sd, open(f, "wb"))
+    for thr in ("default", HIGH_SENSITIVITY_THRESHOLD):
+        for rc in recentre:
+            nods = reported_nodules(sd, sm.ct, thr, fpr, "cpu", click, shapes=True, recentre_ml=rc)[1]
+            o = mass_outcome(nods, sm.mask)
+            o["long_mm"] = [round(float(n.features["long_mm"]), 1) if n.features else None for n in nods
+                            if n.mask is not None and (n.mask & sm.mask[n.box_voxel[2]:n.box_voxel[5], n.box_voxel[1]:n.box_voxel[4],
+                                                                          n.box_voxel[0]:n.box_voxel[3]]).any()]
+            rec[f"{thr}|recentre={rc}"] = o
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rows.append(rec)
+    print(json.dumps(rec), flush=True)
 summary = {}
 for key in [k for k in rows[0] if "|" in k]:
     v = [m[key] for m in rows]
