@@ -1,13 +1,18 @@
-"""RULE.md, second question: fold a candidate when half of either outline lies in the other
-(``infer.FOLD_EITHER_WAY``), on non-test data only, with the shipped detector and points.
+"""RULE.md, second and third questions: a setting of the search's fold / territory rules, on
+non-test data only, with the shipped detector and points.  VARIANT:
+
+* ``fold``: fold a candidate when half of either outline lies in the other
+  (``infer.FOLD_EITHER_WAY`` False / True; ``fold_check.json``);
+* ``territory``: the outline volume from which a nodule claims its mass territory
+  (``infer.MASS_TERRITORY_ML`` 10 (shipped) / 5 / 2 mL; ``territory_check.json``).
 
 1. The six non-test whole scans (``evaluate_detection.evaluate_lidc``, the CLI's search options;
    slice detections cached in SD_CACHE): nodules found (>= 1 reader) and FPs at the default and
-   the high-sensitivity point, fold off / on.
+   the high-sensitivity point, per setting.
 2. The 24 synthetic masses of seed 2 (``training.mass_insertion``'s draws; slab detections pickled
-   by ``recentre/masses_recentre.py`` in MASS_SD): ``mass_outcome`` at the default, off / on.
+   by ``recentre/masses_recentre.py`` in MASS_SD): ``mass_outcome`` at the default, per setting.
 
-    PYTHONPATH=. python training/reports/maskrcnn25d/issue27/mixed_detector/fold_check.py OUT.json SD_CACHE MASS_SD
+    PYTHONPATH=. python training/reports/maskrcnn25d/issue27/mixed_detector/variant_check.py VARIANT OUT.json SD_CACHE MASS_SD
 """
 import json
 import pickle
@@ -24,7 +29,11 @@ from training.mass_insertion import mass_outcome, pasted_masses  # noqa: E402
 from training.wholescan import default_cache  # noqa: E402
 
 SCANS = ["LIDC-IDRI-0004", "LIDC-IDRI-0007", "LIDC-IDRI-0002", "LIDC-IDRI-0006", "LIDC-IDRI-0008", "LIDC-IDRI-0010"]
-out, sd_cache, mass_sd = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+#: VARIANT -> (module constant of ``infer``, its settings, the key prefix of the output)
+VARIANTS = {"fold": ("FOLD_EITHER_WAY", (False, True), "fold_either_way"),
+            "territory": ("MASS_TERRITORY_ML", (10.0, 5.0, 2.0), "territory_ml")}
+attr, settings, prefix = VARIANTS[sys.argv[1]]
+out, sd_cache, mass_sd = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 cache = Path(default_cache())
 model, _, sha = load_model(None)
 fpr, click = infer.load_fpr("cpu"), click_outliner("cpu")
@@ -32,25 +41,25 @@ hs = operating_points()["high_sensitivity"]
 search = {"input_scale": 1.0, **({"pleural_masses": True} if infer.PLEURAL_MASSES else {})}
 res = {"weights_sha256": sha, "points": operating_points(), "real": {}, "masses": {}}
 for name in SCANS:
-    for fold in (False, True):
-        infer.FOLD_EITHER_WAY = fold
+    for value in settings:
+        setattr(infer, attr, value)
         r = evaluate_lidc(model, cache / name, ("default", hs), "cpu", fpr, click,
                           {"detections_cache": sd_cache, "weights_sha": sha}, **search)
-        res["real"].setdefault(name, {})[f"fold_either_way={fold}"] = {
+        res["real"].setdefault(name, {})[f"{prefix}={value}"] = {
             k: {f: v[f] for f in ("n_detections", "tp", "fp", "fn", "found")} for k, v in r["thresholds"].items()}
     print(name, json.dumps(res["real"][name]), flush=True)
 rows = []
 for name, sm in pasted_masses(SCANS, 4, 2, cache):
     sd = pickle.load(open(mass_sd / f"seed2_{len(rows):02d}.pkl", "rb"))
     rec = {"i": len(rows), "scan": name, "kind": sm.record["kind"], "target_mm": sm.record["target_mm"]}
-    for fold in (False, True):
-        infer.FOLD_EITHER_WAY = fold
-        rec[f"fold_either_way={fold}"] = mass_outcome(
+    for value in settings:
+        setattr(infer, attr, value)
+        rec[f"{prefix}={value}"] = mass_outcome(
             reported_nodules(sd, sm.ct, "default", fpr, "cpu", click, shapes=True)[1], sm.mask)
     rows.append(rec)
     print(json.dumps(rec), flush=True)
-for fold in (False, True):
-    k = f"fold_either_way={fold}"
+for value in settings:
+    k = f"{prefix}={value}"
     v = [r[k] for r in rows]
     res["masses"][k] = {"found": sum(x["found"] for x in v), "one": sum(x["n_on_mass"] == 1 for x in v),
                         "one_inside_80": sum(x["one_inside_80"] for x in v), "n_elsewhere": sum(x["n_elsewhere"] for x in v),
@@ -61,4 +70,4 @@ for fold in (False, True):
 res["mass_rows"] = rows
 json.dump(res, open(out, "w"), indent=1)
 print(json.dumps({k: v for k, v in res.items() if k != "mass_rows" and k != "real"}, indent=1))
-print(json.dumps({k: v for k, v in res["real"].items() if k.startswith("fold")}, indent=1))
+print(json.dumps({k: v for k, v in res["real"].items() if k.startswith(prefix)}, indent=1))
