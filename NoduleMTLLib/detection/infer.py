@@ -903,12 +903,6 @@ def deepest_point(outline, ct: CTVolume) -> tuple[tuple[float, float, float], tu
 #: A clicked candidate whose outline lies at least this much (fraction of its voxels) inside
 #: the outline of a higher-scoring kept nodule is a fragment of that lesion and is folded.
 FOLD_OUTLINE_SHARE = 0.5
-#: Also fold a candidate whose outline covers at least :data:`FOLD_OUTLINE_SHARE` of a kept
-#: nodule's own click outline (the share either way): two outlines sharing half of either are
-#: one lesion.  Off: measured on 24 synthetic masses and the six non-test scans it changed no
-#: mass and removed one false positive at the high-sensitivity point (issue 27;
-#: training/reports/maskrcnn25d/issue27/mixed_detector/fold_check.json), short of its rule.
-FOLD_EITHER_WAY = False
 #: The shipped mass rule (module constants above).
 MASS_RULE = MassRule(MASS_MIN_SCORE, MASS_MIN_ML, MASS_MIN_HU, MASS_MIN_LUNG_SHARE)
 
@@ -1085,9 +1079,7 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
         t_n = om
         if om is not None:
             host = next((kept[i] for i, t in enumerate(terr) if t is not None
-                         and (_overlap_share(om, t) >= FOLD_OUTLINE_SHARE
-                              or (FOLD_EITHER_WAY and outs[i] is not None and outs[i].mask is not None
-                                  and _overlap_share(outs[i].mask, om) >= FOLD_OUTLINE_SHARE))), None)
+                         and _overlap_share(om, t) >= FOLD_OUTLINE_SHARE), None)
             if host is None and territory_ml is not None and _volume_ml(om, ct) >= territory_ml:
                 t_n = mass_territory(om, ct, MASS_TERRITORY_MM if territory_mm is None else territory_mm)
                 host = next((kept[i] for i, ok in enumerate(outs) if ok is not None and ok.mask is not None

@@ -1,8 +1,9 @@
 """RULE.md, second and third questions: a setting of the search's fold / territory rules, on
 non-test data only, with the shipped detector and points.  VARIANT:
 
-* ``fold``: fold a candidate when half of either outline lies in the other
-  (``infer.FOLD_EITHER_WAY`` False / True; ``fold_check.json``);
+* ``fold`` (``fold_check.json``): fold a candidate when half of either outline lies in the other.
+  It was measured with an ``infer.FOLD_EITHER_WAY`` switch that was removed from the library after
+  it failed its rule; run it from commit d140c9c;
 * ``territory``: the outline volume from which a nodule claims its mass territory
   (``infer.MASS_TERRITORY_ML`` 10 (shipped) / 5 / 2 mL; ``territory_check.json``).
 
@@ -30,8 +31,7 @@ from training.wholescan import default_cache  # noqa: E402
 
 SCANS = ["LIDC-IDRI-0004", "LIDC-IDRI-0007", "LIDC-IDRI-0002", "LIDC-IDRI-0006", "LIDC-IDRI-0008", "LIDC-IDRI-0010"]
 #: VARIANT -> (module constant of ``infer``, its settings, the key prefix of the output)
-VARIANTS = {"fold": ("FOLD_EITHER_WAY", (False, True), "fold_either_way"),
-            "territory": ("MASS_TERRITORY_ML", (10.0, 5.0, 2.0), "territory_ml")}
+VARIANTS = {"territory": ("MASS_TERRITORY_ML", (10.0, 5.0, 2.0), "territory_ml")}
 attr, settings, prefix = VARIANTS[sys.argv[1]]
 out, sd_cache, mass_sd = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 cache = Path(default_cache())
