@@ -1028,13 +1028,7 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
     tests above, and such a candidate is also folded into a kept nodule whose outline
     touches its territory.  A kept
     nodule takes the outline as its mask, voxel box and in-plane box (its centre stays the
-    click point); when the click segments nothing it keeps the detector's mask, and that mask
-    is its outline in the fold tests above (a host without a click outline would otherwise
-    be invisible to them: issue 27, ``training/reports/maskrcnn25d/issue27/hosts``).  When a
-    candidate folds into such a host and the candidate's click outline holds at least
-    :data:`FOLD_OUTLINE_SHARE` of the host's detector mask, the host takes that click outline
-    and that click's point as its centre, so that every reported lesion is the answer of a
-    click at its centre.
+    click point); when the click segments nothing it keeps the detector's mask.
 
     Masses (issue 27): with ``cut`` and ``mass_rule``, candidates scoring below ``cut``
     (and at least ``mass_rule.min_score``) are kept only when their outline is a mass
@@ -1059,22 +1053,7 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
     """
     kept: list[mg.MergedNodule] = []
     outs: list = []
-    terr: list = []  # per kept nodule: its click outline or mass territory, else its detector mask (None: no mask)
-    shown: list = []  # per kept nodule: the mask it reports (click outline, else detector mask; None: none)
-    det_only: list[bool] = []  # per kept nodule: True while it reports the detector's mask (no click outline)
-
-    def fold(i: int, n: mg.MergedNodule, o, om) -> None:
-        host = kept[i]
-        host.absorbed += 1 + n.absorbed
-        if det_only[i] and om is not None and shown[i] is not None \
-                and _overlap_share(shown[i], om) >= FOLD_OUTLINE_SHARE:
-            host.centre_lps, host.centre_ijk = n.centre_lps, n.centre_ijk
-            _take_outline(host, om, ct)
-            t = om  # as for a nodule kept with this outline: a large one claims its territory
-            if territory_ml is not None and _volume_ml(om, ct) >= territory_ml:
-                t = mass_territory(om, ct, MASS_TERRITORY_MM if territory_mm is None else territory_mm)
-            outs[i], terr[i], shown[i], det_only[i] = o, t, om, False
-
+    terr: list = []  # per kept nodule: its click outline, or its mass territory (None: no outline)
     for n in sorted(nodules, key=lambda nd: -nd.score):
         if max_kept is not None and len(kept) >= max_kept:
             break
@@ -1083,9 +1062,9 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
         if below and (mass_rule is None or (n.score < mass_rule.min_score and not shape)):
             continue
         c = tuple(int(round(v)) for v in n.centre_ijk)
-        i_host = next((i for i, t in enumerate(terr) if t is not None and _in_maskbox(t, c)), None)
-        if i_host is not None:
-            fold(i_host, n, None, None)
+        host = next((kept[i] for i, t in enumerate(terr) if t is not None and _in_maskbox(t, c)), None)
+        if host is not None:
+            host.absorbed += 1 + n.absorbed
             continue
         o = click(ct, n.centre_lps)
         om = o.mask if o is not None else None
@@ -1099,14 +1078,14 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
                 n.centre_lps, n.centre_ijk = p, tuple(float(v) for v in ijk)
         t_n = om
         if om is not None:
-            i_host = next((i for i, t in enumerate(terr) if t is not None
-                           and _overlap_share(om, t) >= FOLD_OUTLINE_SHARE), None)
-            if i_host is None and territory_ml is not None and _volume_ml(om, ct) >= territory_ml:
+            host = next((kept[i] for i, t in enumerate(terr) if t is not None
+                         and _overlap_share(om, t) >= FOLD_OUTLINE_SHARE), None)
+            if host is None and territory_ml is not None and _volume_ml(om, ct) >= territory_ml:
                 t_n = mass_territory(om, ct, MASS_TERRITORY_MM if territory_mm is None else territory_mm)
-                i_host = next((i for i, m in enumerate(shown) if m is not None
-                               and _overlap_share(m, t_n) > 0.0), None)
-            if i_host is not None:
-                fold(i_host, n, o, om)
+                host = next((kept[i] for i, ok in enumerate(outs) if ok is not None and ok.mask is not None
+                             and _overlap_share(ok.mask, t_n) > 0.0), None)
+            if host is not None:
+                host.absorbed += 1 + n.absorbed
                 continue
         if below:
             n.features = outline_features(om, ct, lung)
@@ -1115,32 +1094,20 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
             if not shape:
                 n.accepted_as = "mass"
         if om is not None:
-            _take_outline(n, om, ct)
-            shown_n = om
-        else:
-            shown_n = n.mask_box(ct.shape_zyx) if n.mask is not None and np.asarray(n.mask).any() else None
-            t_n = shown_n
+            (k0, j0, i0), arr = om.offset_zyx, om.array
+            dz, dy, dx = arr.shape
+            n.mask, n.box_voxel = arr, (i0, j0, k0, i0 + dx, j0 + dy, k0 + dz)
+            n.box_xyxy = (float(i0), float(j0), float(i0 + dx), float(j0 + dy))
+            n.slices = sorted(set(n.slices) | {int(k) for k in np.flatnonzero(arr.any(axis=(1, 2))) + k0})
+            img = ct.image
+            corners = np.array([img.TransformContinuousIndexToPhysicalPoint([a - 0.5, b - 0.5, z - 0.5])
+                                for a in (i0, i0 + dx) for b in (j0, j0 + dy) for z in (k0, k0 + dz)])
+            n.box_lps_min = tuple(float(v) for v in corners.min(0))
+            n.box_lps_max = tuple(float(v) for v in corners.max(0))
         kept.append(n)
         outs.append(o)
         terr.append(t_n)
-        shown.append(shown_n)
-        det_only.append(om is None)
     return kept, outs
-
-
-def _take_outline(n: mg.MergedNodule, om, ct: CTVolume) -> None:
-    """Give nodule ``n`` the click outline ``om`` (MaskBox) as its mask, voxel box, in-plane box,
-    slices and LPS box."""
-    (k0, j0, i0), arr = om.offset_zyx, om.array
-    dz, dy, dx = arr.shape
-    n.mask, n.box_voxel = arr, (i0, j0, k0, i0 + dx, j0 + dy, k0 + dz)
-    n.box_xyxy = (float(i0), float(j0), float(i0 + dx), float(j0 + dy))
-    n.slices = sorted(set(n.slices) | {int(k) for k in np.flatnonzero(arr.any(axis=(1, 2))) + k0})
-    img = ct.image
-    corners = np.array([img.TransformContinuousIndexToPhysicalPoint([a - 0.5, b - 0.5, z - 0.5])
-                        for a in (i0, i0 + dx) for b in (j0, j0 + dy) for z in (k0, k0 + dz)])
-    n.box_lps_min = tuple(float(v) for v in corners.min(0))
-    n.box_lps_max = tuple(float(v) for v in corners.max(0))
 
 
 def _in_maskbox(box, c_ijk) -> bool:

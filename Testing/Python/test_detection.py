@@ -614,50 +614,6 @@ def test_mass_outlined_in_pieces_is_one_nodule_through_its_territory():
     assert infer.outline_with_click(cands(), ct, click, territory_ml=20.0)[0][1].score == 0.93  # below the volume: no territory
 
 
-def test_a_nodule_without_click_outline_is_a_host_through_its_detector_mask():
-    """Issue 27 (``training/reports/maskrcnn25d/issue27/hosts``): a kept nodule whose click segments
-    nothing still folds later candidates through its detector mask, and takes the click outline
-    (and click point) of a folded candidate whose outline holds half of that mask."""
-    from NoduleMTLLib.core.consensus import MaskBox
-    from NoduleMTLLib.detection import infer
-    from NoduleMTLLib.inference.pipeline import ClickOutput
-
-    hu = np.full((40, 120, 120), -850, np.int16)
-    hu[10:30, 20:60, 10:70] = 40  # a 60 x 40 x 20 mm solid mass, 1 mm voxels
-    ct = CTVolume(sitk.GetImageFromArray(hu))
-    whole = MaskBox((10, 20, 10), np.ones((20, 40, 60), bool), ct.shape_zyx)  # 48 mL: the whole mass
-    part = MaskBox((10, 20, 50), np.ones((20, 40, 20), bool), ct.shape_zyx)  # 16 mL: its right third
-
-    def click(ct_, point):
-        i, j, k = point
-        if i < 30:  # the top candidate's click segments nothing
-            return ClickOutput(None, float("nan"), {}, 4.0)
-        return ClickOutput(whole if i < 50 else part, 0.9, {}, 2.0)
-
-    def top():
-        n = _nod(0.95, (12, 22, 12, 40, 58, 28), (20.0, 40.0, 20.0))
-        n.mask = np.ones((16, 36, 28), bool)  # its detector mask: i 12-39, the left half of the mass
-        return n
-
-    inside = _nod(0.9, (30, 30, 15, 38, 38, 20), (35.0, 35.0, 17.0))  # centre inside the detector mask
-    kept = infer.outline_with_click([top(), inside], ct, click)[0]
-    assert len(kept) == 1 and kept[0].absorbed == 1 and kept[0].box_voxel == (12, 22, 12, 40, 58, 28)
-    # a candidate outlining the whole mass folds into it (its outline holds the detector mask) and
-    # the lesion becomes that click's answer: outline and centre
-    mid = _nod(0.85, (40, 25, 12, 48, 55, 28), (45.0, 40.0, 20.0))
-    kept, outs = infer.outline_with_click([top(), mid], ct, click, territory_ml=10.0)
-    assert len(kept) == 1 and kept[0].absorbed == 1
-    assert kept[0].box_voxel == (10, 20, 10, 70, 60, 30) and kept[0].centre_ijk == (45.0, 40.0, 20.0)
-    assert outs[0].mask is whole
-    # a candidate outlining another piece folds through its territory; the host keeps its mask
-    right = _nod(0.85, (55, 25, 12, 65, 55, 28), (60.0, 40.0, 20.0))
-    kept, outs = infer.outline_with_click([top(), right], ct, click, territory_ml=10.0)
-    assert len(kept) == 1 and kept[0].absorbed == 1 and kept[0].box_voxel == (12, 22, 12, 40, 58, 28)
-    assert outs[0].mask is None
-    # without the territory test the piece stays a second nodule
-    assert len(infer.outline_with_click([top(), right], ct, click)[0]) == 2
-
-
 def test_outline_features_of_a_real_nodule(lidc3, lidc3_lung):
     """Reference nodule 3 of LIDC-IDRI-0003 as an outline: its volume, long axis and HU, inside the lung mask."""
     from NoduleMTLLib.core.consensus import MaskBox
