@@ -593,6 +593,7 @@ class WholeSliceSampler:
             self.inserter.n_samples = int(ins.get("insert_samples", 0))
             self.inserter.n_inserted = int(ins.get("inserted", 0))
             self.inserter.n_failed = int(ins.get("insert_failed", 0))
+            self.inserter.n_masses = int(ins.get("insert_masses", 0))
             self.inserter.kinds.update({k: int(v) for k, v in (ins.get("insert_kinds") or {}).items()})
             self.n_factor = {int(k): int(v) for k, v in (ins.get("insert_factors") or {}).items()}
 

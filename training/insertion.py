@@ -84,6 +84,10 @@ DEFAULTS = {
     "p_thick": 0.3,
     "thick_mm": [2.5, 8.0],
     "tries": 12,
+    # masses (issue 27): share of inserted samples whose first pasted lesion is a mass, and its
+    # diameter range (mm); the sources are solid training VOIs (training.mass_insertion's choice)
+    "p_mass": 0.0,
+    "mass_mm": [35.0, 70.0],
 }
 
 KINDS = ("free", "juxtapleural", "juxtavascular")
@@ -422,6 +426,10 @@ def insertion_config(ws: dict) -> dict:
         raise ValueError("insert.n_min / n_max must satisfy 1 <= min <= max")
     if set(out["p_kind"]) - set(KINDS) or sum(out["p_kind"].values()) <= 0:
         raise ValueError(f"insert.p_kind must weight {KINDS}")
+    if not 0.0 <= out["p_mass"] <= 1.0:
+        raise ValueError("insert.p_mass must lie in [0, 1]")
+    if not 0 < out["mass_mm"][0] <= out["mass_mm"][1]:
+        raise ValueError("insert.mass_mm must be [low, high] with 0 < low <= high")
     return out
 
 
@@ -442,11 +450,22 @@ class Inserter:
         self.n_samples = 0
         self.n_inserted = 0
         self.n_failed = 0
+        self.n_masses = 0
         self.kinds = {k: 0 for k in KINDS}
+        from training.mass_insertion import VOI_DIAMETER_MM, VOI_MIN_MEAN_HU
 
-    def _random_nodule(self, spacing_zyx, rng: np.random.Generator) -> Nodule:
+        #: mass sources: solid VOIs of 12-30 mm (as ``training.mass_insertion.solid_vois``)
+        self.mass_vois = [v for v in vois if VOI_DIAMETER_MM[0] <= v.diameter_mm <= VOI_DIAMETER_MM[1]
+                          and float(v.hu[v.mask].mean()) > VOI_MIN_MEAN_HU]
+
+    def _random_nodule(self, spacing_zyx, rng: np.random.Generator, mass: bool = False) -> Nodule:
         c = self.cfg
         for _ in range(c["tries"]):
+            if mass:  # one size drawn in mass_mm, as training.mass_insertion.paste_mass
+                v = self.mass_vois[int(rng.integers(len(self.mass_vois)))]
+                s = float(rng.uniform(*c["mass_mm"])) / v.diameter_mm
+                return transform_voi(v, spacing_zyx, s, float(rng.uniform(0, 360)), tuple(rng.random(3) < 0.5),
+                                     c["edge_sigma_mm"])
             v = self.vois[int(rng.integers(len(self.vois)))]
             lo = max(c["scale_min"], c["min_diameter_mm"] / v.diameter_mm)
             hi = min(c["scale_max"], c["max_diameter_mm"] / v.diameter_mm)
@@ -461,9 +480,11 @@ class Inserter:
         raise InsertionError("no VOI fits the diameter range")
 
     def insert(self, hu: np.ndarray, labels: np.ndarray, lung: np.ndarray, k: int, spacing_zyx,
-               rng: np.random.Generator, region=None, n: int | None = None) -> list[dict]:
+               rng: np.random.Generator, region=None, n: int | None = None, mass: bool = False) -> list[dict]:
         """Paste ``n`` (default uniform in [n_min, n_max]) nodules whose centre lies on
-        slice k (+- a quarter of their extent in z) into a volume, in place.
+        slice k (+- a quarter of their extent in z) into a volume, in place.  With ``mass``
+        the first is a mass (``mass_mm``, placed free or juxtapleural as
+        ``training.mass_insertion``: P_FREE free), the others nodules.
 
         Args:
             hu: float32 (z, y, x) HU (a slab of the scan), modified in place.
@@ -483,12 +504,18 @@ class Inserter:
         kinds, p = zip(*c["p_kind"].items())
         p = np.asarray(p, float) / sum(p)
         out = []
+        from training.mass_insertion import P_FREE
+
         for m in range(n):
             done = False
+            is_mass = mass and m == 0 and bool(self.mass_vois)
             for _ in range(c["tries"]):
-                kind = kinds[int(rng.choice(len(kinds), p=p))]
+                if is_mass:
+                    kind = "free" if rng.random() < P_FREE else "juxtapleural"
+                else:
+                    kind = kinds[int(rng.choice(len(kinds), p=p))]
                 try:
-                    nod = self._random_nodule(spacing_zyx, rng)
+                    nod = self._random_nodule(spacing_zyx, rng, is_mass)
                 except InsertionError:
                     break
                 zz = np.nonzero(nod.mask.any((1, 2)))[0]
@@ -520,8 +547,9 @@ class Inserter:
                 lab = INSERTED_LABEL0 + m
                 labels[pasted] = lab
                 out.append({"label": lab, "kind": kind, "centre_zyx": [int(v) for v in centre],
-                            "n_voxels": int(pasted.sum()), **nod.source})
+                            "n_voxels": int(pasted.sum()), "mass": is_mass, **nod.source})
                 self.kinds[kind] += 1
+                self.n_masses += is_mass
                 done = True
                 break
             self.n_inserted += done
@@ -531,7 +559,7 @@ class Inserter:
 
     def summary(self) -> dict:
         return {"insert_samples": self.n_samples, "inserted": self.n_inserted, "insert_failed": self.n_failed,
-                "insert_kinds": dict(self.kinds)}
+                "insert_masses": self.n_masses, "insert_kinds": dict(self.kinds)}
 
 
 def inserted_sample(scan, k: int, inserter: Inserter, wcfg: dict, rng: np.random.Generator, n: int | None = None):
@@ -567,12 +595,15 @@ def inserted_sample(scan, k: int, inserter: Inserter, wcfg: dict, rng: np.random
     groups = thick_groups(int(k), nz, factor, pp.STACK_SIZE)
     z0, z1 = int(groups.min()), int(groups.max()) + 1
     pad = 8  # room for a nodule's z extent around the stack
+    mass = c["p_mass"] > 0 and bool(inserter.mass_vois) and rng.random() < c["p_mass"]
+    if mass:  # a mass reaches 3/4 of its extent past slice k (its centre moves +- 1/4)
+        pad = max(pad, int(math.ceil(0.75 * c["mass_mm"][1] / spacing_zyx[0])) + 2)
     s0, s1 = max(0, z0 - pad), min(nz, z1 + pad)
     hu = scan.ct.array[s0:s1].astype(np.float32)
     lab = scan.labels[s0:s1].copy()
     lung = scan.lung.labels[s0:s1] > 0
     y0, y1, x0, x1 = scan.crop_of(int(k))
-    info = inserter.insert(hu, lab, lung, int(k) - s0, spacing_zyx, rng, (y0, y1, x0, x1), n)
+    info = inserter.insert(hu, lab, lung, int(k) - s0, spacing_zyx, rng, (y0, y1, x0, x1), n, mass)
     chans = []
     for g in groups:
         s = pp.hu_window(hu[g - s0].mean(0))

@@ -178,3 +178,26 @@ def test_thick_sample_averages_slices(scan, vois):
     assert info["factor"] in ins.thick_factors(_spacing_zyx(scan)[0])
     assert s.tiles[0].endswith(f"x{info['factor']}")
     assert tuple(s.image.shape[1:]) == scan.image(scan.slices[len(scan.slices) // 2])[0].shape[1:]
+
+
+def test_mass_sample_has_one_mass_sized_target(scan, shared_data):
+    """``insert.p_mass`` (issue 27): the first pasted lesion is a solid VOI scaled to ``mass_mm``,
+    and it becomes one target whose box spans the mass (the detector learns a mass as one object)."""
+    from training.detection_wholeslice import wholeslice_config
+
+    wcfg = wholeslice_config({"wholeslice": {"p_flip": 0.0, "p_reverse": 0.0}})
+    inserter = ins.Inserter(ins.load_vois(shared_data, limit=60, min_diameter_mm=12.0),
+                            {**ins.insertion_config({"insert": {"p_mass": 1.0, "mass_mm": [35.0, 40.0]}}), "p_thick": 0.0})
+    assert inserter.mass_vois and all(v.diameter_mm >= 12.0 for v in inserter.mass_vois)
+    sy = _spacing_zyx(scan)[1]
+    k = scan.slices[len(scan.slices) // 2]
+    for seed in range(8):
+        s, info = ins.inserted_sample(scan, k, inserter, wcfg, np.random.default_rng(seed), n=1)
+        if info["inserted"]:
+            break
+    assert info["inserted"] and info["inserted"][0]["mass"] and inserter.summary()["insert_masses"] == 1
+    boxes = s.target["boxes"].numpy()
+    widest = float(np.max(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))) * sy
+    assert widest >= 20.0  # a 35-40 mm mass's cross-section on a slice near its centre
+    with pytest.raises(ValueError, match="p_mass"):
+        ins.insertion_config({"insert": {"p_mass": 1.5}})
