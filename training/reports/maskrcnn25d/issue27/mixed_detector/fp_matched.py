@@ -6,7 +6,11 @@ validation false positives are <= the shipped detector's at its shipped points (
 0.7428 -> high sensitivity), and the validation nodules found there (>= 3 and >= 1 readers).
 
     PYTHONPATH=. python training/reports/maskrcnn25d/issue27/mixed_detector/fp_matched.py OUT.json \
-        shipped=/work/cache/wholescan mixed=/work/cache_mixed/wholescan
+        shipped=/work/cache/wholescan mixed=/work/cache_mixed/wholescan [points=DEFAULT,HIGH_SENSITIVITY]
+
+``points=``: the shipped detector's points when they are not :data:`PREVIOUS_POINTS` (the
+mass-insertion fine-tune, ``../mass_detector/RULE.md``, is matched to 0.9421,0.8094; its cache is
+named ``masses=``).
 """
 import json
 import sys
@@ -29,6 +33,8 @@ def fp_and_hits(scans, t, min_readers):
 
 
 def main(out, caches):
+    if "points" in caches:
+        PREVIOUS_POINTS.update(zip(("default", "high_sensitivity"), (float(v) for v in caches.pop("points").split(","))))
     model = load_trained(Path("Resources/Weights/fpr25d.safetensors"))
     val = sorted(load_split()["val"])
     scored = {name: [scan_scores(model, s, Path(c)) for s in val] for name, c in caches.items()}
