@@ -40,6 +40,13 @@ nodule mask lies in the lung mask (the detector's targets drop such instances, a
 ``training.detection.mosaic``), or when its mask (grown 2 px) touches a labelled nodule
 or a nodule pasted before.
 
+Masses (``insert.p_mass``, ``insert.mass_mm``): in that share of inserted samples the first lesion
+is a mass, a solid training VOI of 12-30 mm (mean HU > -250) scaled to a diameter drawn uniformly in
+``mass_mm`` (35-70 mm), placed free or juxtapleural, with the slab around slice k grown to hold 3/4
+of the largest mass's extent; its cross-section on the sample's slice is one target, so that the
+detector learns a 4-8 cm mass as one object (issue 27; the same synthesis as
+:mod:`training.mass_insertion`, which evaluates masses).
+
 Thick slices (:func:`thick_groups`): the 2.5D input stacks 5 adjacent slices (k-2..k+2,
 ``NoduleMTLLib.detection.preprocess.stack_indices``); a scan reconstructed at ``f`` times
 the slice spacing is simulated by averaging ``f`` adjacent thin slices per channel (HU
