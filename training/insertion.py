@@ -459,11 +459,10 @@ class Inserter:
         self.n_failed = 0
         self.n_masses = 0
         self.kinds = {k: 0 for k in KINDS}
-        from training.mass_insertion import VOI_DIAMETER_MM, VOI_MIN_MEAN_HU
+        from training.mass_insertion import is_mass_source
 
         #: mass sources: solid VOIs of 12-30 mm (as ``training.mass_insertion.solid_vois``)
-        self.mass_vois = [v for v in vois if VOI_DIAMETER_MM[0] <= v.diameter_mm <= VOI_DIAMETER_MM[1]
-                          and float(v.hu[v.mask].mean()) > VOI_MIN_MEAN_HU]
+        self.mass_vois = [v for v in vois if is_mass_source(v)]
 
     def _random_nodule(self, spacing_zyx, rng: np.random.Generator, mass: bool = False) -> Nodule:
         c = self.cfg
@@ -471,14 +470,13 @@ class Inserter:
             if mass:  # one size drawn in mass_mm, as training.mass_insertion.paste_mass
                 v = self.mass_vois[int(rng.integers(len(self.mass_vois)))]
                 s = float(rng.uniform(*c["mass_mm"])) / v.diameter_mm
-                return transform_voi(v, spacing_zyx, s, float(rng.uniform(0, 360)), tuple(rng.random(3) < 0.5),
-                                     c["edge_sigma_mm"])
-            v = self.vois[int(rng.integers(len(self.vois)))]
-            lo = max(c["scale_min"], c["min_diameter_mm"] / v.diameter_mm)
-            hi = min(c["scale_max"], c["max_diameter_mm"] / v.diameter_mm)
-            if lo > hi:
-                continue
-            s = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            else:
+                v = self.vois[int(rng.integers(len(self.vois)))]
+                lo = max(c["scale_min"], c["min_diameter_mm"] / v.diameter_mm)
+                hi = min(c["scale_max"], c["max_diameter_mm"] / v.diameter_mm)
+                if lo > hi:
+                    continue
+                s = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
             try:
                 return transform_voi(v, spacing_zyx, s, float(rng.uniform(0, 360)), tuple(rng.random(3) < 0.5),
                                      c["edge_sigma_mm"])

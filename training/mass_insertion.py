@@ -77,7 +77,13 @@ def solid_vois(data_root=None) -> list:
     from training import insertion as ins
 
     return [v for v in ins.load_vois(data_root, min_diameter_mm=VOI_DIAMETER_MM[0], max_diameter_mm=VOI_DIAMETER_MM[1])
-            if float(v.hu[v.mask].mean()) > VOI_MIN_MEAN_HU]
+            if is_mass_source(v)]
+
+
+def is_mass_source(voi) -> bool:
+    """Whether a :class:`training.insertion.VOI` may become a mass: :data:`VOI_DIAMETER_MM` and mean
+    HU above :data:`VOI_MIN_MEAN_HU` (solid)."""
+    return VOI_DIAMETER_MM[0] <= voi.diameter_mm <= VOI_DIAMETER_MM[1] and float(voi.hu[voi.mask].mean()) > VOI_MIN_MEAN_HU
 
 
 def mediastinal_centre(lung2d: np.ndarray, spacing_yx, radius_mm: float, rng: np.random.Generator,
