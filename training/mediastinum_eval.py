@@ -222,6 +222,26 @@ def shape_features(ct, mask) -> dict:
             "n_slices": int(len(a))}
 
 
+def continuation_core_only(ct, mask) -> float:
+    """:func:`NoduleMTLLib.service.mediastinum.continuation`, looking only at each end slice's pixels
+    at least ``mediastinum.CORE_MM`` from that slice mask's edge (all of them when none is): a
+    training-time feature, float in [0, 1]."""
+    from NoduleMTLLib.service import mediastinum
+
+    sx, sy = (float(v) for v in ct.spacing[:2])
+    ends, (lo, hi) = mediastinum.continuation_ends(ct, mask)
+    shares = []
+    for e in ends:
+        if e is None:
+            shares.append(0.0)
+            continue
+        sel, h = e
+        c = ndi.distance_transform_edt(np.pad(sel, 1), sampling=(sy, sx))[1:-1, 1:-1] >= mediastinum.CORE_MM
+        sel = c if c.any() else sel
+        shares.append(float(((h[sel] >= lo) & (h[sel] <= hi)).mean()))
+    return min(shares)
+
+
 def tube_features(ct, mask) -> dict:
     """Figures that tell a piece of a vessel or of the heart from a bounded lesion (issue 22 item 7,
     third round; measured by ``training/mediastinum_eval.py``, not from a paper).
@@ -253,7 +273,7 @@ def tube_features(ct, mask) -> dict:
     z0, y0, x0 = mask.offset_zyx
     nz, ny, nx = ct.shape_zyx
     cont, (lo, hi) = mediastinum._continuation(ct, mask)
-    cont_core = mediastinum._continuation(ct, mask, core_only=True)[0]
+    cont_core = continuation_core_only(ct, mask)
     areas = m.reshape(len(m), -1).sum(1).astype(float)
     zs = np.nonzero(areas)[0]
     a = areas[zs[0]:zs[-1] + 1]

@@ -242,30 +242,39 @@ def _core_band(hu: np.ndarray, m: np.ndarray, spacing_yx) -> tuple[float, float]
     return float(p10 - CONT_BAND_HU), float(p90 + CONT_BAND_HU)
 
 
-def _continuation(ct: CTVolume, mask: MaskBox, core_only: bool = False) -> tuple[float, tuple[float, float]]:
-    """:func:`continuation` and the core's HU band; ``core_only``: look only at the end slices'
-    pixels at least :data:`CORE_MM` from the slice mask's edge (all of them when none is)."""
+def continuation_ends(ct: CTVolume, mask: MaskBox) -> tuple[list, tuple[float, float]]:
+    """The two ends looked at by :func:`continuation`, and the core's HU band.
+
+    Args:
+        ct: the CT (HU); mask: a non-empty :class:`~NoduleMTLLib.core.consensus.MaskBox` on its grid.
+
+    Returns:
+        ``(ends, (low, high))``: ``ends`` holds, for the first and the last slice of the mask,
+        ``(end_mask, lookup_hu)`` with ``end_mask`` bool (y, x) on the mask's box (that slice's
+        mask) and ``lookup_hu`` float32 (y, x) (the CT slice :data:`CONT_DIST_MM` past it, on the
+        same box), or None when that slice lies outside the CT; ``low``/``high`` in HU.
+    """
     sx, sy, sz = (float(v) for v in ct.spacing)
     m = mask.array
     z0, y0, x0 = mask.offset_zyx
     nz_ct = ct.shape_zyx[0]
     arr = ct.array
     hu = np.asarray(arr[z0:z0 + m.shape[0], y0:y0 + m.shape[1], x0:x0 + m.shape[2]], dtype=np.float32)
-    lo, hi = _core_band(hu, m, (sy, sx))
+    band = _core_band(hu, m, (sy, sx))
     step = max(1, int(math.ceil(CONT_DIST_MM / sz - 1e-6)))
     zs = np.nonzero(m.reshape(len(m), -1).any(1))[0]
-    shares = []
+    ends = []
     for end, d in ((int(zs[0]), -1), (int(zs[-1]), 1)):
         b = z0 + end + d * step
-        if not 0 <= b < nz_ct:
-            shares.append(0.0)
-            continue
-        sel = m[end]
-        if core_only:
-            c = ndi.distance_transform_edt(np.pad(sel, 1), sampling=(sy, sx))[1:-1, 1:-1] >= CORE_MM
-            sel = c if c.any() else sel
-        h = np.asarray(arr[b, y0:y0 + m.shape[1], x0:x0 + m.shape[2]], dtype=np.float32)[sel]
-        shares.append(float(((h >= lo) & (h <= hi)).mean()))
+        ends.append((m[end], np.asarray(arr[b, y0:y0 + m.shape[1], x0:x0 + m.shape[2]], dtype=np.float32))
+                    if 0 <= b < nz_ct else None)
+    return ends, band
+
+
+def _continuation(ct: CTVolume, mask: MaskBox) -> tuple[float, tuple[float, float]]:
+    """:func:`continuation` and the core's HU band (low, high)."""
+    ends, (lo, hi) = continuation_ends(ct, mask)
+    shares = [0.0 if e is None else float(((e[1][e[0]] >= lo) & (e[1][e[0]] <= hi)).mean()) for e in ends]
     return min(shares), (lo, hi)
 
 

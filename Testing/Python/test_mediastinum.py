@@ -126,6 +126,20 @@ def test_continuation_of_a_piece_of_tube():
     assert mediastinum.continuation(CTVolume(img), box) == 0.0
 
 
+def test_continuation_ends_give_the_look_up_slices():
+    """``continuation_ends``: a mask through every slice has no look-up slice at either end
+    (None, None); the aorta piece has both, each the end slice's mask and a look-up slice of the
+    mask box's in-plane shape, and ``continuation`` is the smaller end share in the core's band."""
+    _, ct, box = _build("vessel")
+    assert mediastinum.continuation_ends(ct, box)[0] == [None, None]
+    _, ct, box = _build("aorta")
+    ends, (lo, hi) = mediastinum.continuation_ends(ct, box)
+    assert lo < hi and all(e is not None for e in ends)
+    for sel, hu in ends:
+        assert sel.dtype == bool and sel.any() and hu.shape == sel.shape == box.array.shape[1:]
+    assert mediastinum.continuation(ct, box) == min(float(((h[s] >= lo) & (h[s] <= hi)).mean()) for s, h in ends)
+
+
 def test_tube_features_of_a_piece_of_tube_and_of_lesions():
     """``training.mediastinum_eval.tube_features`` (third round, measured there, not shipped):
     the piece of the hilar tube goes on past both ends with its own calibre (continuation 1, end
