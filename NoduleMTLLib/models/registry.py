@@ -480,11 +480,13 @@ def load_network(network_id: str, device: torch.device | str = "cpu") -> torch.n
     return model.eval().to(device)
 
 
-def export_weights(network_id: str, checkpoint: Path, out: Path, int8: bool = False) -> None:
+def export_weights(network_id: str, checkpoint: Path | str, out: Path | str, int8: bool = False) -> None:
     """Write a checkpoint's state dict as fp16 safetensors (integer buffers kept as they are),
     or with ``int8`` in :func:`quantize_int8` storage.  ``checkpoint``: a torch checkpoint or a
-    safetensors file (e.g. a shipped fp16 file, to convert it)."""
+    safetensors file (e.g. a shipped fp16 file, to convert it); both paths may be ``str`` or
+    :class:`~pathlib.Path`.  Only ``out`` is written (atomically); no manifest is touched."""
     from safetensors.torch import save_file
+    checkpoint, out = Path(checkpoint), Path(out)
     sd = read_state_dict(Path(checkpoint))  # weights_only=True: a crafted checkpoint cannot run code
     model = build_network(network_id)
     model.load_state_dict(sd)

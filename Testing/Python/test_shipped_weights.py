@@ -66,3 +66,18 @@ def test_int8_storage_round_trip(tmp_path):
         assert back[k].dtype == torch.float32
         assert ((back[k] - sd[k].float()).abs() <= step / 2 + 1e-7).all(), k
     model.load_state_dict(back, strict=True)
+
+
+def test_export_weights_takes_str_paths_and_writes_only_its_file(tmp_path):
+    """``export_weights`` accepts ``str`` paths (as from a shell script) and writes the one
+    safetensors file, never a manifest: exporting a candidate cannot change what is shipped."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    ck = tmp_path / "run" / "last.pt"
+    ck.parent.mkdir()
+    torch.save({"model": registry.build_network("lnmsnet").state_dict(), "iteration": 1}, ck)
+    out = tmp_path / "cand" / "lnmsnet_int8.safetensors"
+    registry.export_weights("lnmsnet", str(ck), str(out), int8=True)
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    back = registry.read_state_dict(out)
+    assert sorted(back) == sorted(registry.build_network("lnmsnet").state_dict())
