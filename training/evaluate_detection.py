@@ -586,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-fpr", action="store_true", help="single-stage search (no false-positive reduction)")
     ap.add_argument("--cache", type=Path, default=None, help="whole-scan cache with the validation scans")
     ap.add_argument("--no-outline", action="store_true", help="report the detector's masks (no click outlines)")
-    ap.add_argument("--coarse", action="store_true", help="multi-scale search: add the 2x coarse pass (off by default)")
+    ap.add_argument("--coarse", nargs="*", type=float, default=None, metavar="FACTOR",
+                    help="multi-scale search: add coarse passes shrunk by these factors (no factor: 2; "
+                         "default: infer.COARSE_FACTORS)")
     pm = ap.add_mutually_exclusive_group()
     pm.add_argument("--pleural-masses", dest="pleural_masses", action="store_true", default=None,
                     help="put pleural masses back into the detector's input mask (default: infer.PLEURAL_MASSES)")
@@ -600,6 +602,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="all: test, validation and Lung-PET-CT-Dx scans; val: the validation whole scans only "
                          "(LIDC-IDRI-0004/-0007 from the cache; no test scan is read)")
     return ap
+
+
+def coarse_factors_option(coarse) -> tuple[float, ...] | None:
+    """The multi-scale search's coarse factors from :func:`run`'s ``coarse``: True or ``[]``
+    (``--coarse`` alone) -> (2.0,); a sequence of factors -> those; None / False -> None
+    (``infer.COARSE_FACTORS``, the library's default, applies)."""
+    if coarse is None or coarse is False:
+        return None
+    if coarse is True or len(coarse) == 0:
+        return (2.0,)
+    return tuple(float(f) for f in coarse)
 
 
 def load_fpr_model(weights: Path | None, device="cpu"):
@@ -624,8 +637,8 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
         input_scale=1.0, log=print, fpr_weights=None, no_fpr=False, cache=None, no_outline=False,
         coarse=False, mass_rule=True, detections_cache=None, scans="all", pleural_masses=None) -> dict:
     """Load the model, evaluate, write the JSON report; returns it.  ``no_outline``: keep the
-    detector's masks (no click outlines); ``coarse``: add the 2x coarse pass of the multi-scale
-    search (``infer.COARSE_FACTORS``, off by default); ``mass_rule``: the size-aware acceptance of
+    detector's masks (no click outlines); ``coarse``: the coarse passes of the multi-scale
+    search (:func:`coarse_factors_option`); ``mass_rule``: the size-aware acceptance of
     masses (``infer.MASS_RULE``; False = off); ``detections_cache``: reuse slice detections
     (:func:`slice_detections`); ``scans``: "all" or "val" (the validation whole scans only,
     :func:`evaluate_whole_ct`); ``pleural_masses``: put pleural masses back into the detector's
@@ -642,8 +655,9 @@ def run(weights=None, random_init=False, data=None, out=None, thresholds=None, d
     t0 = time.perf_counter()
     click = None if no_outline else click_outliner(dev)
     search = {"input_scale": float(input_scale)}
-    if coarse:
-        search["coarse_factors"] = (2.0,)
+    factors = coarse_factors_option(coarse)
+    if factors is not None:
+        search["coarse_factors"] = factors
     from NoduleMTLLib.detection.infer import PLEURAL_MASSES
 
     pm = PLEURAL_MASSES if pleural_masses is None else bool(pleural_masses)

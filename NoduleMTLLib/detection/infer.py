@@ -86,8 +86,10 @@ BATCH_SLICES = 4
 #: (``training/RESULTS.md``): on 2x shrunk input the shipped detector's fused scores saturate
 #: at 0.461 (combined score <= 0.68, below both operating points), so the coarse pass cannot
 #: report anything at the default while it costs 70-80 % of the native pass's time (the
-#: region heads' cost does not shrink with the image).  Off until a detector is trained on
-#: shrunk fields.
+#: region heads' cost does not shrink with the image).  On 48 synthetic masses (2026-12-07,
+#: ``training/reports/maskrcnn25d/issue27/coarse/RULE.md``) (2.0, 4.0) gives 3 more masses as one
+#: nodule but doubles the validation scans' false positives and costs 46 R50-FPN forwards end to
+#: end on LIDC-IDRI-0010 (target 40): off.
 COARSE_FACTORS: tuple[float, ...] = ()
 #: A coarse-scale candidate is kept only when its in-plane box spans at least this many mm:
 #: smaller lesions are the native scale's (chosen on the training / validation scans,

@@ -510,6 +510,20 @@ def test_group_scales_folds_fragments_into_the_coarse_lesion_only():
     assert infer.group_scales([frag_a, small, twin]) == [frag_a, small, twin]
 
 
+def test_evaluation_coarse_option_gives_the_factors():
+    """``training.evaluate_detection --coarse [FACTOR ...]``: alone the 2x pass, with factors
+    those (e.g. 2 4), absent the library's default."""
+    from training import evaluate_detection as ed
+
+    ap = ed.build_parser()
+    assert ed.coarse_factors_option(ap.parse_args(["--coarse"]).coarse) == (2.0,)
+    assert ed.coarse_factors_option(ap.parse_args(["--coarse", "2", "4"]).coarse) == (2.0, 4.0)
+    assert ed.coarse_factors_option(ap.parse_args([]).coarse) is None
+    assert ed.coarse_factors_option(True) == (2.0,) and ed.coarse_factors_option(False) is None
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--coarse", "two"])
+
+
 def test_outline_with_click_one_lesion_one_answer():
     from NoduleMTLLib.core.consensus import MaskBox
     from NoduleMTLLib.detection import infer
