@@ -91,6 +91,10 @@ BATCH_SLICES = 4
 #: nodule but doubles the validation scans' false positives and costs 46 R50-FPN forwards end to
 #: end on LIDC-IDRI-0010 (target 40): off.
 COARSE_FACTORS: tuple[float, ...] = ()
+#: With coarse passes on: a candidate from a coarse pass is reported only as a mass (through
+#: the mass rule, :class:`MassRule`, whatever its score), never as a nodule at the operating point.
+#: An option under measurement (``training/reports/maskrcnn25d/issue27/coarse/RULE.md``); off.
+COARSE_ONLY_AS_MASSES = False
 #: A coarse-scale candidate is kept only when its in-plane box spans at least this many mm:
 #: smaller lesions are the native scale's (chosen on the training / validation scans,
 #: ``training/RESULTS.md``).
@@ -1060,7 +1064,7 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
         if max_kept is not None and len(kept) >= max_kept:
             break
         shape = n.accepted_as == "mass_shape"  # mass_shape_candidates: no score, judged by the outline
-        below = cut is not None and n.score < cut
+        below = cut is not None and (n.score < cut or (COARSE_ONLY_AS_MASSES and n.scale != 1.0))
         if below and (mass_rule is None or (n.score < mass_rule.min_score and not shape)):
             continue
         c = tuple(int(round(v)) for v in n.centre_ijk)
