@@ -93,7 +93,8 @@ BATCH_SLICES = 4
 COARSE_FACTORS: tuple[float, ...] = ()
 #: With coarse passes on: a candidate from a coarse pass is reported only as a mass (through
 #: the mass rule, :class:`MassRule`, whatever its score), never as a nodule at the operating point.
-#: An option under measurement (``training/reports/maskrcnn25d/issue27/coarse/RULE.md``); off.
+#: Measured with factors (2, 4) on masses and the validation scans and not adopted
+#: (``training/reports/maskrcnn25d/issue27/coarse/RULE.md``); off.
 COARSE_ONLY_AS_MASSES = False
 #: A coarse-scale candidate is kept only when its in-plane box spans at least this many mm:
 #: smaller lesions are the native scale's (chosen on the training / validation scans,
@@ -1224,7 +1225,7 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
 
         n_found = len(found)
         found, outs = outline_with_click(found + masses, ct, click, max_kept=max_nodules, cut=cut,
-                                         mass_rule=MASS_RULE if masses else None, lung=sd.lung,
+                                         mass_rule=MASS_RULE if masses or COARSE_ONLY_AS_MASSES else None, lung=sd.lung,
                                          territory_ml=MASS_TERRITORY_ML, recentre_ml=RECENTRE_ML)
         done = {id(nod): o for nod, o in zip(found, outs) if o is not None}
         if len(found) >= max_nodules and n_found > max_nodules:
