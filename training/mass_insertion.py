@@ -246,6 +246,19 @@ def mass_outcome(nodules, mask: np.ndarray, margin: int = 10) -> dict:
             "n_elsewhere": len(nodules) - len(on)}
 
 
+def summarise_outcomes(rows: list[dict]) -> dict:
+    """Totals of :func:`mass_outcome` records over masses: for every key of ``rows[0]`` holding
+    a "|" (one setting, e.g. ``"default|shipped"``), {"found", "one" (exactly one nodule on the
+    mass), "one_inside_80", "n_elsewhere", "n"} summed over ``rows``; {} for no rows."""
+    out = {}
+    for key in [k for k in rows[0] if "|" in k] if rows else []:
+        v = [m[key] for m in rows]
+        out[key] = {"found": sum(x["found"] for x in v), "one": sum(x["n_on_mass"] == 1 for x in v),
+                    "one_inside_80": sum(x["one_inside_80"] for x in v),
+                    "n_elsewhere": sum(x["n_elsewhere"] for x in v), "n": len(v)}
+    return out
+
+
 def check_mass_hosts(scans) -> None:
     """Raise ValueError when ``scans`` name a test or reserved scan: no mass is pasted into them."""
     from training.wholescan import RESERVED
@@ -342,10 +355,8 @@ def evaluate_masses(scans, n_per_scan: int = 2, thresholds=("default",), seed: i
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         out["masses"].append(rec)
         log(json.dumps(rec))
-    for key in [k for k in out["masses"][0] if "|" in k] if out["masses"] else []:
-        v = [m[key] for m in out["masses"]]
-        out.setdefault("summary", {})[key] = {"found": sum(x["found"] for x in v), "one": sum(x["n_on_mass"] == 1 for x in v),
-                                              "one_inside_80": sum(x["one_inside_80"] for x in v), "n": len(v)}
+    if out["masses"]:
+        out["summary"] = summarise_outcomes(out["masses"])
     return out
 
 

@@ -104,3 +104,17 @@ def test_juxtamediastinal_mass_touches_the_mediastinum(pasted):
     assert dm[sm.mask[k]].min() <= 10.0  # reaches the mediastinum (placement tolerance: 0.1 x radius + 1 pixel)
     with pytest.raises(InsertionError):
         mi.paste_mass(ct, lung, labels, vois, np.random.default_rng(5), TRAIN_SCAN, placement="hilum")
+
+
+def test_summarise_outcomes_gives_the_recorded_totals():
+    """``summarise_outcomes`` reproduces the totals recorded with the multi-scale masses run
+    (computed there by the script's own loop), and is empty for no masses."""
+    import json
+
+    from training.mass_insertion import summarise_outcomes
+
+    rec = Path(__file__).resolve().parents[2] / "training/reports/maskrcnn25d/issue27/coarse/masses_coarse_seed2.json"
+    d = json.loads(rec.read_text())
+    assert summarise_outcomes(d["masses"]) == d["summary"]
+    assert d["summary"]["default|coarse=none"]["one_inside_80"] == 15
+    assert summarise_outcomes([]) == {}

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 from NoduleMTLLib.detection import infer  # noqa: E402
 from NoduleMTLLib.detection.infer import load_fpr  # noqa: E402
 from training.evaluate_detection import HIGH_SENSITIVITY_THRESHOLD, click_outliner, reported_nodules  # noqa: E402
-from training.mass_insertion import mass_outcome, pasted_masses  # noqa: E402
+from training.mass_insertion import mass_outcome, pasted_masses, summarise_outcomes  # noqa: E402
 from training.wholescan import default_cache  # noqa: E402
 
 SCANS = ["LIDC-IDRI-0004", "LIDC-IDRI-0007", "LIDC-IDRI-0002", "LIDC-IDRI-0006", "LIDC-IDRI-0008", "LIDC-IDRI-0010"]
@@ -32,11 +32,6 @@ for _name, sm in pasted_masses(SCANS, 4, seed, Path(default_cache())):
         rec[f"{thr}|coarse=2,4|as_masses"] = mass_outcome(nods, sm.mask)
     rows.append(rec)
     print(json.dumps(rec), flush=True)
-summary = {}
-for key in [k for k in rows[0] if "|" in k]:
-    v = [m[key] for m in rows]
-    summary[key] = {"found": sum(x["found"] for x in v), "one": sum(x["n_on_mass"] == 1 for x in v),
-                    "one_inside_80": sum(x["one_inside_80"] for x in v), "n_elsewhere": sum(x["n_elsewhere"] for x in v),
-                    "n": len(v)}
+summary = summarise_outcomes(rows)
 print(json.dumps(summary, indent=1))
 json.dump({"seed": seed, "masses": rows, "summary": summary}, open(out, "w"), indent=1)
