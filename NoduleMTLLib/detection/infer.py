@@ -736,6 +736,7 @@ def group_scales(nodules: Sequence[mg.MergedNodule]) -> list[mg.MergedNodule]:
             if any((t.scale != 1.0 or n.scale != 1.0)
                    and (_inside(n.centre_ijk, t.box_voxel) or _inside(t.centre_ijk, n.box_voxel)) for t in territory):
                 host.absorbed += 1 + n.absorbed
+                host.folded.append(n)
                 territory.append(n)
                 break
         else:
@@ -1061,12 +1062,22 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
     kept: list[mg.MergedNodule] = []
     outs: list = []
     terr: list = []  # per kept nodule: its click outline, or its mass territory (None: no outline)
-    for n in sorted(nodules, key=lambda nd: -nd.score):
+    todo = sorted(nodules, key=lambda nd: -nd.score)
+
+    def refuse(nd) -> None:
+        # a coarse candidate reported only as a mass and refused: what it folded is judged on its own
+        if COARSE_ONLY_AS_MASSES and nd.scale != 1.0 and nd.folded:
+            todo.extend(nd.folded)
+            todo.sort(key=lambda x: -x.score)
+
+    while todo:
+        n = todo.pop(0)
         if max_kept is not None and len(kept) >= max_kept:
             break
         shape = n.accepted_as == "mass_shape"  # mass_shape_candidates: no score, judged by the outline
         below = cut is not None and (n.score < cut or (COARSE_ONLY_AS_MASSES and n.scale != 1.0))
         if below and (mass_rule is None or (n.score < mass_rule.min_score and not shape)):
+            refuse(n)
             continue
         c = tuple(int(round(v)) for v in n.centre_ijk)
         host = next((kept[i] for i, t in enumerate(terr) if t is not None and _in_maskbox(t, c)), None)
@@ -1097,6 +1108,7 @@ def outline_with_click(nodules: Sequence[mg.MergedNodule], ct: CTVolume, click,
         if below:
             n.features = outline_features(om, ct, lung)
             if not mass_rule.accepts(max(n.score, mass_rule.min_score) if shape else n.score, n.features):
+                refuse(n)
                 continue
             if not shape:
                 n.accepted_as = "mass"

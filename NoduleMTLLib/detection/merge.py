@@ -115,6 +115,8 @@ class MergedNodule:
             whose click outline the same rule accepted).
         features: the click outline's :func:`~.infer.outline_features` when the mass rule
             looked at it, else None.
+        folded: the candidates :func:`~.infer.group_scales` folded into this one (each with
+            its own ``folded``), kept so that a coarse candidate refused later can release them.
     """
 
     score: float
@@ -133,6 +135,7 @@ class MergedNodule:
     absorbed: int = 0
     accepted_as: str = "score"
     features: dict | None = None
+    folded: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def centre_slice(self) -> int:

@@ -549,6 +549,37 @@ def test_outline_with_click_one_lesion_one_answer():
     assert infer.outline_with_click([frag, other, top], ct, click, max_kept=1)[0] == [top]
 
 
+def test_coarse_only_as_masses_refused_coarse_candidate_releases_what_it_folded(monkeypatch):
+    """``infer.COARSE_ONLY_AS_MASSES``: a coarse candidate above the cut goes through the mass
+    rule; refused (a small outline), the native candidate ``group_scales`` folded into it is
+    judged on its own and reported at its score.  Off (the default): the coarse one is reported."""
+    from NoduleMTLLib.core.consensus import MaskBox
+    from NoduleMTLLib.detection import infer
+    from NoduleMTLLib.inference.pipeline import ClickOutput
+
+    ct = CTVolume(sitk.Image(100, 100, 20, sitk.sitkInt16) + 40)
+    small = np.ones((3, 5, 5), bool)  # 0.075 mL: not a mass
+
+    def click(ct_, point):
+        i, j, k = (int(round(v)) for v in point)
+        return ClickOutput(MaskBox((max(0, k - 1), max(0, j - 2), max(0, i - 2)), small, ct_.shape_zyx), 0.9, {}, 1.0)
+
+    def candidates():
+        coarse = _nod(0.97, (10, 10, 2, 90, 90, 18), (50.0, 50.0, 10.0), scale=2.0)
+        native = _nod(0.95, (40, 40, 8, 50, 50, 11), (45.0, 45.0, 9.0))
+        grouped = infer.group_scales([coarse, native])
+        assert grouped == [coarse] and coarse.folded == [native]
+        return coarse, native, grouped
+
+    rule = infer.MassRule(min_score=0.7, min_volume_ml=10.0)
+    coarse, native, grouped = candidates()
+    assert infer.outline_with_click(grouped, ct, click, cut=0.9, mass_rule=rule)[0] == [coarse]
+    monkeypatch.setattr(infer, "COARSE_ONLY_AS_MASSES", True)
+    coarse, native, grouped = candidates()
+    kept = infer.outline_with_click(grouped, ct, click, cut=0.9, mass_rule=rule)[0]
+    assert kept == [native] and native.accepted_as == "score"
+
+
 def test_outline_with_click_accepts_masses_below_the_cut_and_folds_overlapping_outlines():
     from NoduleMTLLib.core.consensus import MaskBox
     from NoduleMTLLib.detection import infer

@@ -3,6 +3,8 @@ and ``infer.COARSE_ONLY_AS_MASSES`` on: coarse candidates reported only through 
 Rule: RULE.md ("Follow-up variant").
 
 usage: python masses_coarse_as_masses.py SEED OUT.json SD_DIR
+
+(Follow-up 2, variant B, is the same command since refused coarse candidates release what they folded.)
 """
 import json
 import pickle
