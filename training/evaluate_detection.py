@@ -275,7 +275,6 @@ def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None, mass
     masses found by their shape (``infer.mass_shape_candidates``; None = ``infer.MASS_SHAPES``);
     ``recentre_ml``: large outlines clicked again at their deepest voxel ("shipped" =
     ``infer.RECENTRE_ML``, None = off, or mL)."""
-    from NoduleMTLLib.detection import infer
     from NoduleMTLLib.detection.infer import (
         MASS_RULE,
         MASS_TERRITORY_ML,
@@ -296,7 +295,7 @@ def reported_nodules(sd, ct, thr, fpr_model=None, device="cpu", click=None, mass
     if click is not None and any(thr == t for t in OUTLINE_THRESHOLDS):
         masses = below_cut_candidates(sd, ct, merged, cut, fpr_model is not None, mass_rule, shapes)
         nodules = outline_with_click(nodules + masses, ct, click, max_kept=MAX_NODULES, cut=cut,
-                                     mass_rule=mass_rule if masses or infer.COARSE_ONLY_AS_MASSES else None, lung=sd.lung,
+                                     mass_rule=mass_rule, lung=sd.lung,
                                      territory_ml=territory_ml, recentre_ml=recentre_ml)[0]
     return merged, nodules, cut
 

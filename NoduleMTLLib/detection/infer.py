@@ -1237,7 +1237,7 @@ def result_from_detections(ct: CTVolume, sd: SliceDetections, score_threshold: f
 
         n_found = len(found)
         found, outs = outline_with_click(found + masses, ct, click, max_kept=max_nodules, cut=cut,
-                                         mass_rule=MASS_RULE if masses or COARSE_ONLY_AS_MASSES else None, lung=sd.lung,
+                                         mass_rule=MASS_RULE, lung=sd.lung,
                                          territory_ml=MASS_TERRITORY_ML, recentre_ml=RECENTRE_ML)
         done = {id(nod): o for nod, o in zip(found, outs) if o is not None}
         if len(found) >= max_nodules and n_found > max_nodules:

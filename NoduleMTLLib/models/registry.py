@@ -487,7 +487,7 @@ def export_weights(network_id: str, checkpoint: Path | str, out: Path | str, int
     :class:`~pathlib.Path`.  Only ``out`` is written (atomically); no manifest is touched."""
     from safetensors.torch import save_file
     checkpoint, out = Path(checkpoint), Path(out)
-    sd = read_state_dict(Path(checkpoint))  # weights_only=True: a crafted checkpoint cannot run code
+    sd = read_state_dict(checkpoint)  # weights_only=True: a crafted checkpoint cannot run code
     model = build_network(network_id)
     model.load_state_dict(sd)
     if int8:
